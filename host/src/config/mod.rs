@@ -1,0 +1,5 @@
+//! `config.kdl` → a typed, validated [`Config`].
+
+mod model;
+
+pub use model::*;

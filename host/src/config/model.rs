@@ -1,0 +1,171 @@
+//! The typed configuration. Every value here has been validated: code that
+//! holds a [`Config`] never re-checks it. These structs double as the
+//! reference for `config.kdl` (see `docs/config.md`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Uri;
+use ipnet::IpNet;
+
+/// One validated configuration snapshot.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this snapshot was read from; `None` for the built-in default.
+    pub source: Option<PathBuf>,
+    /// Plaintext proxy listeners. Never empty.
+    pub listeners: Vec<Listener>,
+    /// Where and how the replica is kept.
+    pub store: StoreConfig,
+    /// Forward-proxy behaviour (absolute-form requests, CONNECT, transparent).
+    pub forward: ForwardConfig,
+    /// Mirror blocks, in file order. Prefixes are unique.
+    pub mirrors: Vec<MirrorConfig>,
+    /// Rate limits.
+    pub limits: LimitsConfig,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Whether to revalidate and whether to connect at all.
+    pub mode: CacheMode,
+    /// Trust for upstream TLS connections.
+    pub upstream_tls: UpstreamTls,
+}
+
+/// A plaintext listener for proxy traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Address to bind; port 0 picks a free port (tests use this).
+    pub addr: SocketAddr,
+}
+
+/// How the replica is laid out on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `root/host:port/path`, like HTTP Replicator and `wget -r`.
+    HostPort,
+    /// Every file directly in `root/`; files with the same name replace each
+    /// other (HTTP Replicator's `--flat`).
+    Flat,
+}
+
+/// Where the replica lives and how big it may grow.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The browsable replica tree. Created if missing.
+    pub root: PathBuf,
+    /// Metadata, partial files and the index, kept out of the browsable tree.
+    /// Defaults to the root's path with `.cistern` appended
+    /// (`./replica` → `./replica.cistern`).
+    pub state: PathBuf,
+    /// Replica layout.
+    pub layout: Layout,
+    /// Upper bound on the bytes of complete replicas; least recently used
+    /// files are evicted past it. `None` means unbounded.
+    pub max_size: Option<u64>,
+}
+
+/// Forward-proxy settings.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    /// Serve absolute-form requests (`GET http://host/path`) and CONNECT.
+    pub enabled: bool,
+    /// Serve origin-form requests whose `Host` is not ours by fetching from
+    /// that host (iptables REDIRECT set-ups).
+    pub transparent: bool,
+    /// Client networks allowed to use the forward proxy, CONNECT and
+    /// transparent mode. Defaults to loopback only, so Cistern is never an
+    /// open proxy by accident.
+    pub allow: Vec<IpNet>,
+    /// Ports a CONNECT may reach. Defaults to 443.
+    pub connect_ports: Vec<u16>,
+}
+
+/// A `mirror NAME { … }` block: a path prefix on our side served from an
+/// ordered set of upstreams.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// The block's name, used in logs and the admin UI.
+    pub name: String,
+    /// Path prefix on our side; starts and ends with `/`.
+    pub prefix: String,
+    /// Upstream base URLs (http or https), each ending with `/`, tried in
+    /// order on connect errors and 5xx. Never empty. The first one names the
+    /// replica directory (`root/host:port/...`).
+    pub upstreams: Vec<Uri>,
+}
+
+/// Rate limits (governor).
+#[derive(Debug, Clone, Default)]
+pub struct LimitsConfig {
+    /// Requests per client address; excess requests get 429 + Retry-After.
+    pub requests_per_client: Option<RequestRate>,
+    /// Cap on upstream download bandwidth in bytes per second, shared by all
+    /// fetches.
+    pub download_bytes_per_sec: Option<u64>,
+}
+
+/// A request rate: `count` requests per `period`, with bursts up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestRate {
+    /// Requests allowed per period. Non-zero.
+    pub count: u32,
+    /// The period. Non-zero.
+    pub period: Duration,
+    /// Largest burst; at least 1. Defaults to `count`.
+    pub burst: u32,
+}
+
+/// Timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Inactivity on a client or upstream connection before it is dropped
+    /// (HTTP Replicator's `--timeout`, default 15 s).
+    pub idle: Duration,
+    /// Connecting to an upstream, default 10 s.
+    pub connect: Duration,
+    /// How long a fetch whose clients have all gone keeps filling the replica
+    /// (default 10 min); past it the partial is kept for a later resume.
+    pub orphan_fill: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            idle: Duration::from_secs(15),
+            connect: Duration::from_secs(10),
+            orphan_fill: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Revalidation and connection behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// RFC 9111 shared-cache behaviour.
+    #[default]
+    Normal,
+    /// Anything in the replica is served without revalidation
+    /// (HTTP Replicator's `--static`).
+    Static,
+    /// Never connect upstream; 504 for what is not in the replica.
+    Offline,
+}
+
+/// Trust anchors for https upstreams.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// Use the operating system's root certificates.
+    pub system_roots: bool,
+    /// Extra PEM CA files to trust (tests name their generated CA here).
+    pub ca_files: Vec<PathBuf>,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> Self {
+        UpstreamTls {
+            system_roots: true,
+            ca_files: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! Cistern: a caching edge proxy that keeps a plain, browsable replica on
+//! disk, merges concurrent downloads of one file into one upstream fetch, and
+//! lets WebAssembly policies steer its decisions.
+//!
+//! # Layout
+//! The modules follow a request through the proxy:
+//!
+//! - [`config`]: `config.kdl` → a typed, validated [`config::Config`], with
+//!   diagnostics that name file, line and column.
+//! - [`server`]: listeners, HTTP/1.1 and HTTP/2 (h2c) connections, timeouts
+//!   and graceful drain.
+//! - [`route`]: decides what a request is: forward proxy, CONNECT tunnel,
+//!   transparent, a mirror path, or local.
+//! - [`proxy`]: the request pipeline; asks the store, the fetch engine and the
+//!   limiter, and writes the access log.
+//! - [`serve`]: answers a request from a replica file (complete or still
+//!   filling): ranges, conditionals, `Age`, `Cache-Status`, digests.
+//! - [`cache`]: the RFC 9111 rules (freshness, storability, revalidation),
+//!   on top of `http-cache-semantics`.
+//! - [`fetch`]: the coalescing fetch engine, the upstream client and mirror
+//!   sets.
+//! - [`store`]: the replica tree, its metadata, partial files, the index
+//!   rebuilt from disk, the digest index and LRU eviction.
+//! - [`limit`]: per-client request limits and the upstream bandwidth cap.
+//! - [`tunnel`]: CONNECT tunnelling.
+//! - [`clock`]: wall-clock time behind a seam, so freshness can be tested
+//!   without sleeping.
+
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod fetch;
+pub mod limit;
+pub mod proxy;
+pub mod route;
+pub mod serve;
+pub mod server;
+pub mod store;
+pub mod tunnel;
