@@ -30,6 +30,11 @@ pub struct Config {
     pub mode: CacheMode,
     /// Trust for upstream TLS connections.
     pub upstream_tls: UpstreamTls,
+    /// WebAssembly policies declared once (`policy NAME path=… { … }`), used
+    /// by name from the forward proxy and mirror blocks.
+    pub policies: Vec<PolicyDecl>,
+    /// Named rate limiters that policies may ask for a verdict.
+    pub limiters: Vec<NamedLimiter>,
 }
 
 /// A plaintext listener for proxy traffic.
@@ -79,6 +84,9 @@ pub struct ForwardConfig {
     pub allow: Vec<IpNet>,
     /// Ports a CONNECT may reach. Defaults to 443.
     pub connect_ports: Vec<u16>,
+    /// Policies run, in order, on forward and transparent requests (names of
+    /// [`PolicyDecl`]s).
+    pub policies: Vec<String>,
 }
 
 /// A `mirror NAME { … }` block: a path prefix on our side served from an
@@ -93,6 +101,9 @@ pub struct MirrorConfig {
     /// order on connect errors and 5xx. Never empty. The first one names the
     /// replica directory (`root/host:port/...`).
     pub upstreams: Vec<Uri>,
+    /// Policies run, in order, on this mirror's requests (names of
+    /// [`PolicyDecl`]s).
+    pub policies: Vec<String>,
 }
 
 /// Rate limits (governor).
@@ -168,4 +179,61 @@ impl Default for UpstreamTls {
             ca_files: Vec::new(),
         }
     }
+}
+
+/// A `policy NAME path=… { … }` declaration.
+#[derive(Debug, Clone)]
+pub struct PolicyDecl {
+    /// The name routes refer to.
+    pub name: String,
+    /// Where the module comes from.
+    pub source: PolicySource,
+    /// What happens when the policy traps, times out or hits a limit.
+    pub on_error: OnError,
+    /// Whether an instance is reused across requests.
+    pub isolation: Isolation,
+    /// Wall-clock budget of one hook call.
+    pub deadline: Duration,
+    /// Cap on the guest's linear memory, in bytes.
+    pub memory_limit: u64,
+    /// `param KEY VALUE` children, in file order, readable by the guest.
+    pub params: Vec<(String, String)>,
+}
+
+/// Where a policy's module comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// A `.wasm` (or `.wat`) file, resolved relative to the config file.
+    File(PathBuf),
+    /// A policy built into the binary from `policies/` (`path="builtin:distro"`).
+    Builtin(String),
+}
+
+/// Failure mode of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Carry on as if the policy were absent (fail open).
+    #[default]
+    Pass,
+    /// Answer 503 (fail closed).
+    Deny,
+}
+
+/// Instance reuse of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// One instance per policy per worker, reused until it traps or grows.
+    #[default]
+    Reuse,
+    /// A fresh instance for every hook call.
+    Fresh,
+}
+
+/// A `limiter NAME rate=… per=… burst=…` declaration.
+#[derive(Debug, Clone)]
+pub struct NamedLimiter {
+    /// The name policies use.
+    pub name: String,
+    /// The rate per key.
+    pub rate: RequestRate,
 }
