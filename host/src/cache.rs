@@ -1,1 +1,345 @@
-//! TODO
+//! The RFC 9111 rules: may a response be stored, is a stored one fresh for
+//! this request, and what a 304 does to it.
+//!
+//! The rules themselves come from `http-cache-semantics` (shared-cache mode),
+//! a maintained port of the widely used JavaScript library of the same name:
+//! `no-store`, `private`, `Authorization`, `s-maxage`/`max-age`/`Expires`,
+//! the heuristic, `Vary`, `no-cache`, `must-revalidate` and the request's own
+//! directives are all its job. This module adds what is Cistern's: static
+//! and offline modes, policy overrides (immutable, TTL), and the key under
+//! which several URLs share one replica.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy, RequestLike};
+
+use crate::config::CacheMode;
+use crate::store::ObjectMeta;
+use crate::store::meta::{from_unix_secs, unix_secs};
+
+/// A request as the cache rules see it: its URI is the cache key, so that
+/// mirrors and store-ids that share a replica also share its policy.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheRequest<'a> {
+    /// The cache key as a URI.
+    pub key: &'a Uri,
+    /// The client's method.
+    pub method: &'a Method,
+    /// The client's headers.
+    pub headers: &'a HeaderMap,
+}
+
+impl RequestLike for CacheRequest<'_> {
+    fn uri(&self) -> Uri {
+        self.key.clone()
+    }
+    fn is_same_uri(&self, other: &Uri) -> bool {
+        self.key == other
+    }
+    fn method(&self) -> &Method {
+        self.method
+    }
+    fn headers(&self) -> &HeaderMap {
+        self.headers
+    }
+}
+
+/// What the cache can do for a request with a stored replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Freshness {
+    /// Serve the replica as is.
+    Fresh,
+    /// Ask the upstream first, with these validators (may be empty: then a
+    /// full fetch).
+    Stale(HeaderMap),
+    /// The replica is another variant (Vary) or otherwise unusable for
+    /// this request: fetch without touching it.
+    Mismatch,
+}
+
+/// The shared-cache options Cistern uses everywhere.
+pub fn options() -> CacheOptions {
+    CacheOptions {
+        shared: true,
+        ..CacheOptions::default()
+    }
+}
+
+/// The RFC 9111 state for a fresh upstream response.
+pub fn new_policy(req: CacheRequest<'_>, resp: &http::response::Parts, now: SystemTime) -> CachePolicy {
+    CachePolicy::new_options(&req, resp, now, options())
+}
+
+/// Whether a response may become a replica: storable by RFC 9111 and a
+/// status whose body is the resource itself. Other statuses pass through.
+pub fn storable(policy: &CachePolicy, status: StatusCode) -> bool {
+    status == StatusCode::OK && policy.is_storable()
+}
+
+/// Decides whether `meta` may answer `req` at `now`.
+pub fn evaluate(meta: &ObjectMeta, req: CacheRequest<'_>, now: SystemTime, mode: CacheMode) -> Freshness {
+    let verdict = meta.policy.before_request(&req, now);
+    let (fresh_by_rfc, matches, conditional) = match verdict {
+        BeforeRequest::Fresh(_) => (true, true, HeaderMap::new()),
+        BeforeRequest::Stale { request, matches } => (false, matches, validators_only(&request.headers)),
+    };
+    if !matches {
+        return Freshness::Mismatch;
+    }
+    let client_forbids_stored = no_cache_requested(req.headers);
+    let fresh = match mode {
+        // Static and offline serve whatever the replica holds.
+        CacheMode::Static | CacheMode::Offline => true,
+        CacheMode::Normal if client_forbids_stored => false,
+        CacheMode::Normal if meta.immutable => true,
+        CacheMode::Normal => match meta.ttl_override {
+            Some(ttl) => now < from_unix_secs(meta.validated_at) + Duration::from_secs(ttl),
+            None => fresh_by_rfc,
+        },
+    };
+    if fresh {
+        Freshness::Fresh
+    } else if conditional.is_empty() {
+        Freshness::Stale(validators(meta))
+    } else {
+        Freshness::Stale(conditional)
+    }
+}
+
+/// The age to report for a replica at `now`.
+pub fn age(meta: &ObjectMeta, now: SystemTime) -> Duration {
+    meta.policy.age(now)
+}
+
+/// Applies an upstream's answer to a revalidation. `Some(updated metadata)`
+/// when it was a matching 304 (the replica is still good), `None` when the
+/// body changed and must be fetched again.
+pub fn revalidated(
+    meta: &ObjectMeta,
+    req: CacheRequest<'_>,
+    resp: &http::response::Parts,
+    now: SystemTime,
+) -> Option<ObjectMeta> {
+    match meta.policy.after_response(&req, resp, now) {
+        AfterResponse::NotModified(policy, parts) => {
+            let mut updated = meta.clone();
+            updated.headers = stored_headers(&parts.headers);
+            updated.policy = policy;
+            updated.validated_at = unix_secs(now);
+            Some(updated)
+        }
+        AfterResponse::Modified(..) => None,
+    }
+}
+
+/// The validators of a stored replica, as conditional request headers.
+pub fn validators(meta: &ObjectMeta) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in &meta.headers {
+        let target = if name.eq_ignore_ascii_case("etag") {
+            header::IF_NONE_MATCH
+        } else if name.eq_ignore_ascii_case("last-modified") {
+            header::IF_MODIFIED_SINCE
+        } else {
+            continue;
+        };
+        if let Ok(v) = HeaderValue::from_str(value) {
+            out.insert(target, v);
+        }
+    }
+    out
+}
+
+fn validators_only(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE] {
+        if let Some(v) = headers.get(&name) {
+            out.insert(name, v.clone());
+        }
+    }
+    out
+}
+
+/// `Cache-Control: no-cache` / `max-age=0` from the client, or
+/// `Pragma: no-cache`: the client wants the upstream asked.
+fn no_cache_requested(headers: &HeaderMap) -> bool {
+    let cc = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    for directive in cc {
+        if directive.eq_ignore_ascii_case("no-cache") || directive.eq_ignore_ascii_case("max-age=0") {
+            return true;
+        }
+    }
+    headers
+        .get(header::PRAGMA)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("no-cache"))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the ones named by `Connection`.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    const HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Removes hop-by-hop headers, including those listed in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// The headers kept in a replica's metadata: end-to-end headers without
+/// `Set-Cookie` (never shared between clients) and without the ones Cistern
+/// computes itself when serving.
+pub fn stored_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            let n = name.as_str();
+            !is_hop_by_hop(n)
+                && !matches!(
+                    n,
+                    "set-cookie" | "set-cookie2" | "age" | "content-length" | "content-range" | "via"
+                )
+        })
+        .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_for(resp_headers: &[(&str, &str)], now: SystemTime) -> ObjectMeta {
+        let key: Uri = "http://example.org:80/a".parse().unwrap();
+        let req_headers = HeaderMap::new();
+        let req = CacheRequest {
+            key: &key,
+            method: &Method::GET,
+            headers: &req_headers,
+        };
+        let mut resp = http::Response::new(());
+        for (k, v) in resp_headers {
+            resp.headers_mut()
+                .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        let (parts, ()) = resp.into_parts();
+        ObjectMeta {
+            key: key.to_string(),
+            url: key.to_string(),
+            replica: "example.org:80/a".into(),
+            status: 200,
+            headers: stored_headers(&parts.headers),
+            policy: new_policy(req, &parts, now),
+            length: 0,
+            sha256: String::new(),
+            stored_at: unix_secs(now),
+            validated_at: unix_secs(now),
+            immutable: false,
+            ttl_override: None,
+        }
+    }
+
+    fn eval(meta: &ObjectMeta, headers: &HeaderMap, now: SystemTime, mode: CacheMode) -> Freshness {
+        let key: Uri = meta.key.parse().unwrap();
+        evaluate(
+            meta,
+            CacheRequest {
+                key: &key,
+                method: &Method::GET,
+                headers,
+            },
+            now,
+            mode,
+        )
+    }
+
+    #[test]
+    fn max_age_makes_fresh_then_stale_with_validators() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let meta = meta_for(&[("cache-control", "max-age=60"), ("etag", "\"v1\"")], t0);
+        let h = HeaderMap::new();
+        assert_eq!(eval(&meta, &h, t0 + Duration::from_secs(30), CacheMode::Normal), Freshness::Fresh);
+        match eval(&meta, &h, t0 + Duration::from_secs(61), CacheMode::Normal) {
+            Freshness::Stale(v) => assert_eq!(v.get(header::IF_NONE_MATCH).unwrap(), "\"v1\""),
+            other => panic!("expected stale, got {other:?}"),
+        }
+        // Static mode never revalidates.
+        assert_eq!(eval(&meta, &h, t0 + Duration::from_secs(9999), CacheMode::Static), Freshness::Fresh);
+    }
+
+    #[test]
+    fn vary_mismatch_is_never_served() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let meta = meta_for(&[("cache-control", "max-age=60"), ("vary", "accept-encoding")], t0);
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT_ENCODING, "gzip".parse().unwrap());
+        assert_eq!(eval(&meta, &h, t0, CacheMode::Normal), Freshness::Mismatch);
+    }
+
+    #[test]
+    fn private_and_no_store_are_not_storable() {
+        let t0 = SystemTime::now();
+        for cc in ["private", "no-store"] {
+            let meta = meta_for(&[("cache-control", cc)], t0);
+            assert!(!storable(&meta.policy, StatusCode::OK), "{cc}");
+        }
+        let meta = meta_for(&[("cache-control", "max-age=5")], t0);
+        assert!(storable(&meta.policy, StatusCode::OK));
+        assert!(!storable(&meta.policy, StatusCode::NOT_FOUND));
+    }
+
+    #[test]
+    fn set_cookie_is_never_stored() {
+        let meta = meta_for(&[("set-cookie", "id=1"), ("content-type", "text/plain")], SystemTime::now());
+        assert!(meta.headers.iter().all(|(k, _)| k != "set-cookie"));
+        assert!(meta.headers.iter().any(|(k, _)| k == "content-type"));
+    }
+
+    #[test]
+    fn client_no_cache_forces_revalidation() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut meta = meta_for(&[("cache-control", "max-age=600"), ("etag", "\"x\"")], t0);
+        meta.immutable = true;
+        let mut h = HeaderMap::new();
+        h.insert(header::CACHE_CONTROL, "no-cache".parse().unwrap());
+        assert!(matches!(eval(&meta, &h, t0, CacheMode::Normal), Freshness::Stale(_)));
+    }
+}

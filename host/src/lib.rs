@@ -23,11 +23,15 @@
 //!   rebuilt from disk, the digest index and LRU eviction.
 //! - [`limit`]: per-client request limits and the upstream bandwidth cap.
 //! - [`tunnel`]: CONNECT tunnelling.
+//! - [`accesslog`]: one log line per request, written when its body ends.
+//! - [`app`]: assembles the engines and listeners from a config.
 //! - [`clock`]: wall-clock time behind a seam, so freshness can be tested
 //!   without sleeping.
 
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
+pub mod app;
 pub mod cache;
 pub mod clock;
 pub mod config;

@@ -1,1 +1,236 @@
-fn main() {}
+//! The `cistern` command: flags in the spirit of HTTP Replicator, a config
+//! file in KDL, and `cistern check FILE` to validate one (like `nginx -t`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use cistern::app::{self, StartOptions};
+use cistern::config::{CacheMode, Config, Layout, Listener};
+
+/// A caching proxy that keeps a browsable replica of what passes through it.
+#[derive(Parser, Debug)]
+#[command(name = "cistern", version, about)]
+struct Cli {
+    /// Config file (default: ./config.kdl if it exists, else a plain forward
+    /// proxy on localhost:8080 with the replica in the current directory).
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(short = 'b', long, value_name = "ADDRESS")]
+    bind: Option<IpAddr>,
+    /// Port to listen on.
+    #[arg(short = 'p', long, value_name = "PORT")]
+    port: Option<u16>,
+    /// Replica root directory.
+    #[arg(short = 'r', long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Log request and response headers with each request.
+    #[arg(short = 'v', long)]
+    verbose: bool,
+    /// Inactivity timeout in seconds for clients and upstreams.
+    #[arg(short = 't', long, value_name = "SEC")]
+    timeout: Option<u64>,
+    /// Keep every file directly in the root directory.
+    #[arg(long)]
+    flat: bool,
+    /// Never revalidate: serve whatever the replica holds.
+    #[arg(long = "static")]
+    static_mode: bool,
+    /// Never connect upstream; 504 for what is not in the replica.
+    #[arg(long)]
+    offline: bool,
+    /// Cap upstream download bandwidth, in KiB/s.
+    #[arg(long, value_name = "RATE")]
+    limit: Option<u64>,
+    /// Detach from the terminal and log to this file.
+    #[arg(long, value_name = "LOG")]
+    daemon: Option<PathBuf>,
+    /// Write the process id to this file.
+    #[arg(long, value_name = "FILE")]
+    pid: Option<PathBuf>,
+    /// Log engine events (fills, resumes, store decisions).
+    #[arg(long)]
+    debug: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a config file and exit non-zero with its errors.
+    Check {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Check { file }) = &cli.command {
+        return check(file);
+    }
+    let config = match load_config(&cli) {
+        Ok(c) => c,
+        Err(report) => {
+            eprintln!("{report:?}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(log) = &cli.daemon {
+        if let Err(e) = daemonize(log, cli.pid.as_deref()) {
+            eprintln!("cistern: cannot detach: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    } else if let Some(pid) = &cli.pid
+        && let Err(e) = std::fs::write(pid, format!("{}\n", std::process::id()))
+    {
+        eprintln!("cistern: cannot write pid file {}: {e}", pid.display());
+        return ExitCode::FAILURE;
+    }
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cistern: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run(config, &cli));
+    if let Some(pid) = &cli.pid {
+        let _ = std::fs::remove_file(pid);
+    }
+    code
+}
+
+fn check(file: &Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} listener(s), {} mirror(s), {} policy declaration(s))",
+                file.display(),
+                c.listeners.len(),
+                c.mirrors.len(),
+                c.policies.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{:?}", miette::Report::new(e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The config file (or the built-in default) with the command line's
+/// overrides applied.
+fn load_config(cli: &Cli) -> Result<Config, miette::Report> {
+    let cwd = std::env::current_dir().map_err(|e| miette::miette!("cannot read the current directory: {e}"))?;
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path).map_err(miette::Report::new)?,
+        None if cwd.join("config.kdl").is_file() => Config::load(&cwd.join("config.kdl")).map_err(miette::Report::new)?,
+        None => Config::forward_default(&cwd),
+    };
+    if cli.bind.is_some() || cli.port.is_some() {
+        let first = config.listeners.first().map(|l| l.addr);
+        let ip = cli
+            .bind
+            .or(first.map(|a| a.ip()))
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let port = cli.port.or(first.map(|a| a.port())).unwrap_or(8080);
+        config.listeners = vec![Listener {
+            addr: SocketAddr::new(ip, port),
+        }];
+    }
+    if let Some(root) = &cli.root {
+        let root = if root.is_absolute() { root.clone() } else { cwd.join(root) };
+        let mut state = root.clone().into_os_string();
+        state.push(".cistern");
+        config.store.state = PathBuf::from(state);
+        config.store.root = root;
+    }
+    if let Some(secs) = cli.timeout {
+        config.timeouts.idle = Duration::from_secs(secs.max(1));
+    }
+    if cli.flat {
+        config.store.layout = Layout::Flat;
+    }
+    if cli.static_mode {
+        config.mode = CacheMode::Static;
+    }
+    if cli.offline {
+        config.mode = CacheMode::Offline;
+    }
+    if let Some(kib) = cli.limit {
+        config.limits.download_bytes_per_sec = Some(kib.max(1) * 1024);
+    }
+    Ok(config)
+}
+
+fn daemonize(log: &Path, pid: Option<&Path>) -> anyhow::Result<()> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log file {}", log.display()))?;
+    let err = out.try_clone().context("duplicating the log file handle")?;
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let mut d = daemonize::Daemonize::new().working_directory(cwd).stdout(out).stderr(err);
+    if let Some(pid) = pid {
+        d = d.pid_file(pid);
+    }
+    d.start().context("forking")?;
+    Ok(())
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = if cli.debug { "info,cistern=debug" } else { "info" };
+    let filter = EnvFilter::try_from_env("CISTERN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(cli.daemon.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn run(config: Config, cli: &Cli) -> ExitCode {
+    let options = StartOptions {
+        log_headers: cli.verbose,
+        clock: None,
+    };
+    let source = config
+        .source
+        .as_ref()
+        .map_or_else(|| "built-in forward proxy defaults".to_owned(), |p| p.display().to_string());
+    let running = match app::start(config, options).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!("cistern ready (config: {source})");
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,1 +1,499 @@
-//! TODO
+//! The request pipeline: limit, route, look in the replica, join or start
+//! a fill, serve, and log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::accesslog::{AccessRecord, CacheOutcome, LoggedBody};
+use crate::cache::{self, CacheRequest, Freshness};
+use crate::clock::Clock;
+use crate::config::{CacheMode, Config};
+use crate::fetch::{FetchEngine, FetchError, FetchSettings, FillJob, FillState, FillTicket, Upstreams, error_chain};
+use crate::limit::Limits;
+use crate::route::{Route, Router};
+use crate::serve::{self, ProxyBody, ServeError, Source};
+use crate::store::{CacheKey, Replica};
+use crate::tunnel;
+
+/// Everything derived from one configuration; swapped whole on reload so a
+/// request finishes on the snapshot it started with.
+pub struct Snapshot {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Its routing table.
+    pub router: Router,
+    /// Its limiters.
+    pub limits: Arc<Limits>,
+    /// Fetch settings derived from it.
+    pub settings: FetchSettings,
+    /// Log request and response headers (`-v`).
+    pub log_headers: bool,
+}
+
+impl Snapshot {
+    /// Derives a snapshot from a validated config.
+    pub fn new(config: Config, log_headers: bool) -> Snapshot {
+        let limits = Arc::new(Limits::new(&config));
+        let settings = FetchSettings {
+            idle: config.timeouts.idle,
+            orphan: config.timeouts.orphan_fill,
+            mode: config.mode,
+            limits: limits.clone(),
+        };
+        Snapshot {
+            router: Router::new(&config),
+            config: Arc::new(config),
+            limits,
+            settings,
+            log_headers,
+        }
+    }
+}
+
+/// Facts about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// Our address on this connection.
+    pub local: SocketAddr,
+}
+
+/// The proxy: the current snapshot plus the engines that outlive reloads.
+pub struct Proxy {
+    snapshot: ArcSwap<Snapshot>,
+    engine: FetchEngine,
+    clock: Clock,
+}
+
+/// What the pipeline decided, before the access log wraps the body.
+struct Answer {
+    response: Response<ProxyBody>,
+    outcome: CacheOutcome,
+}
+
+impl Answer {
+    fn local(response: Response<ProxyBody>) -> Answer {
+        Answer {
+            response,
+            outcome: CacheOutcome::Local,
+        }
+    }
+}
+
+impl Proxy {
+    /// A proxy serving `snapshot` with `engine`.
+    pub fn new(snapshot: Snapshot, engine: FetchEngine, clock: Clock) -> Proxy {
+        Proxy {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            engine,
+            clock,
+        }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Makes `snapshot` current for new requests.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// The fetch engine.
+    pub fn engine(&self) -> &FetchEngine {
+        &self.engine
+    }
+
+    /// Handles one request end to end.
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let snap = self.snapshot.load_full();
+        let method = req.method().clone();
+        let url = req.uri().to_string();
+        let req_headers = snap.log_headers.then(|| req.headers().clone());
+        let Answer { mut response, outcome } = self.dispatch(req, conn, &snap).await;
+        let h = response.headers_mut();
+        h.append(header::VIA, crate::fetch::upstream::VIA);
+        h.insert(
+            http::HeaderName::from_static("cache-status"),
+            HeaderValue::from_static(outcome.cache_status()),
+        );
+        let record = AccessRecord {
+            client: conn.client,
+            method,
+            url,
+            status: response.status(),
+            outcome,
+            started,
+            headers: req_headers.map(|r| (r, response.headers().clone())),
+        };
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, LoggedBody::wrap(body, record))
+    }
+
+    async fn dispatch(&self, req: Request<Incoming>, conn: ConnInfo, snap: &Snapshot) -> Answer {
+        if let Err(retry) = snap.limits.check_client(conn.client.ip()) {
+            let mut resp = serve::text(StatusCode::TOO_MANY_REQUESTS, "too many requests from this address");
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry.header_secs()));
+            return Answer::local(resp);
+        }
+        if looped(req.headers()) {
+            return Answer::local(serve::text(
+                StatusCode::LOOP_DETECTED,
+                "request loop: this request already passed through Cistern",
+            ));
+        }
+        match snap.router.route(&req, conn.local) {
+            Route::Invalid(why) => Answer::local(serve::text(StatusCode::BAD_REQUEST, why)),
+            Route::Local => Answer::local(self.local_page(&req, snap)),
+            Route::Connect(authority) => {
+                if !snap.router.forward_allowed(conn.client.ip()) {
+                    return Answer::local(forbidden());
+                }
+                let port = authority.port_u16().unwrap_or(0);
+                if !snap.router.connect_port_allowed(port) {
+                    return Answer::local(serve::text(
+                        StatusCode::FORBIDDEN,
+                        format!("CONNECT to port {port} is not allowed"),
+                    ));
+                }
+                if snap.config.mode == CacheMode::Offline {
+                    return Answer::local(serve::text(StatusCode::GATEWAY_TIMEOUT, "offline mode: no tunnels"));
+                }
+                match tunnel::connect(authority.as_str(), snap.config.timeouts.connect).await {
+                    Ok(upstream) => {
+                        let mut req = req;
+                        tunnel::splice(hyper::upgrade::on(&mut req), upstream, authority.to_string());
+                        Answer {
+                            response: Response::new(serve::empty()),
+                            outcome: CacheOutcome::Tunnel,
+                        }
+                    }
+                    Err(e) => Answer::local(serve::text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("cannot reach {authority}: {e}"),
+                    )),
+                }
+            }
+            Route::Forward(url) | Route::Transparent(url) => {
+                if !snap.router.forward_allowed(conn.client.ip()) {
+                    return Answer::local(forbidden());
+                }
+                match CacheKey::from_uri(&url) {
+                    Ok(key) => self.http(req, key, Upstreams::Single(url), snap).await,
+                    Err(e) => Answer::local(serve::text(StatusCode::BAD_REQUEST, format!("bad URL: {e}"))),
+                }
+            }
+            Route::Mirror { set, rest } => {
+                // The replica lives under the first upstream's host:port, so
+                // failover between mirrors never duplicates a file.
+                let key = set.url(0, &rest).ok().and_then(|u| CacheKey::from_uri(&u).ok());
+                match key {
+                    Some(key) => self.http(req, key, Upstreams::Mirror { set, rest }, snap).await,
+                    None => Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path")),
+                }
+            }
+        }
+    }
+
+    /// A proxied HTTP request: cached for GET and HEAD, passed through otherwise.
+    async fn http(&self, req: Request<Incoming>, key: CacheKey, upstreams: Upstreams, snap: &Snapshot) -> Answer {
+        let method = req.method().clone();
+        if method != Method::GET && method != Method::HEAD {
+            return self.pass(req, key, upstreams, snap).await;
+        }
+        let Ok(key_uri) = key.as_str().parse::<Uri>() else {
+            return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
+        };
+        let (parts, _body) = req.into_parts();
+        let headers = parts.headers;
+        let now = self.clock.now();
+        let creq = CacheRequest {
+            key: &key_uri,
+            method: &method,
+            headers: &headers,
+        };
+        let mut revalidate = None;
+        if let Some(replica) = self.engine.store().lookup(&key) {
+            match cache::evaluate(&replica.meta, creq, now, snap.config.mode) {
+                Freshness::Fresh => {
+                    match self.serve_replica(&method, &headers, replica, CacheOutcome::Hit).await {
+                        Ok(a) => return a,
+                        // Evicted or replaced under us: fetch it like a miss.
+                        Err(ServeError::Gone(_)) => {}
+                        Err(e) => return Answer::local(internal(&e)),
+                    }
+                }
+                Freshness::Stale(validators) => revalidate = Some((replica, validators)),
+                Freshness::Mismatch => {
+                    return self.uncached(&method, headers, &upstreams, snap).await;
+                }
+            }
+        }
+        if snap.config.mode == CacheMode::Offline && revalidate.is_none() {
+            return Answer::local(serve::text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("offline mode: {key} is not in the replica"),
+            ));
+        }
+        if method == Method::HEAD && revalidate.is_none() {
+            // A HEAD joins a fill under way but never starts a download.
+            return match self.engine.find(&key) {
+                Some(fill) => {
+                    self.follow(&method, &headers, &key_uri, fill, None, CacheOutcome::Coalesced, &upstreams, snap)
+                        .await
+                }
+                None => self.uncached(&method, headers, &upstreams, snap).await,
+            };
+        }
+        let job = FillJob {
+            key: key.clone(),
+            key_uri: key_uri.clone(),
+            upstreams: upstreams.clone(),
+            headers: upstream_headers(&headers, true),
+            revalidate,
+            settings: snap.settings.clone(),
+            hook: None,
+        };
+        match self.engine.fill(job) {
+            FillTicket::Ready(replica) => match self.serve_replica(&method, &headers, replica, CacheOutcome::Hit).await {
+                Ok(a) => a,
+                Err(e) => Answer::local(internal(&e)),
+            },
+            FillTicket::Leader { fill, passthrough } => {
+                self.follow(
+                    &method,
+                    &headers,
+                    &key_uri,
+                    fill,
+                    Some(passthrough),
+                    CacheOutcome::Miss,
+                    &upstreams,
+                    snap,
+                )
+                .await
+            }
+            FillTicket::Follower(fill) => {
+                self.follow(&method, &headers, &key_uri, fill, None, CacheOutcome::Coalesced, &upstreams, snap)
+                    .await
+            }
+        }
+    }
+
+    /// Waits for a fill's head, then reads along it.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        key_uri: &Uri,
+        fill: Arc<crate::fetch::Fill>,
+        passthrough: Option<tokio::sync::oneshot::Receiver<Response<Incoming>>>,
+        outcome: CacheOutcome,
+        upstreams: &Upstreams,
+        snap: &Snapshot,
+    ) -> Answer {
+        let mut progress = fill.subscribe();
+        loop {
+            let state = progress.borrow_and_update().clone();
+            match state {
+                FillState::Waiting => {
+                    if progress.changed().await.is_err() {
+                        return Answer::local(error_response(&FetchError::Vanished));
+                    }
+                }
+                FillState::Streaming { head, .. } | FillState::Complete { head, .. } => {
+                    let creq = CacheRequest {
+                        key: key_uri,
+                        method,
+                        headers,
+                    };
+                    if !variant_matches(&head.policy, creq, self.clock.now()) {
+                        drop(progress);
+                        return self.uncached(method, headers.clone(), upstreams, snap).await;
+                    }
+                    let age = serve::fill_age(&head, self.clock.now());
+                    let source = Source::Fill { head, progress };
+                    return match serve::respond(method, headers, source, age).await {
+                        Ok(response) => Answer { response, outcome },
+                        Err(e) => Answer::local(internal(&e)),
+                    };
+                }
+                FillState::Revalidated(replica) => {
+                    drop(progress);
+                    return match self
+                        .serve_replica(method, headers, replica, CacheOutcome::Revalidated)
+                        .await
+                    {
+                        Ok(a) => a,
+                        Err(e) => Answer::local(internal(&e)),
+                    };
+                }
+                FillState::Unshared => {
+                    drop(progress);
+                    if let Some(rx) = passthrough
+                        && let Ok(resp) = rx.await
+                    {
+                        return Answer {
+                            response: passthrough_response(resp),
+                            outcome: CacheOutcome::Pass,
+                        };
+                    }
+                    return self.uncached(method, headers.clone(), upstreams, snap).await;
+                }
+                FillState::Failed(e) => return Answer::local(error_response(&e)),
+            }
+        }
+    }
+
+    async fn serve_replica(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        replica: Arc<Replica>,
+        outcome: CacheOutcome,
+    ) -> Result<Answer, ServeError> {
+        let age = cache::age(&replica.meta, self.clock.now());
+        let response = serve::respond(method, headers, Source::Replica(replica), age).await?;
+        Ok(Answer { response, outcome })
+    }
+
+    /// Fetches for this client only, storing nothing.
+    async fn uncached(&self, method: &Method, headers: HeaderMap, upstreams: &Upstreams, snap: &Snapshot) -> Answer {
+        let up = upstream_headers(&headers, false);
+        match self.engine.direct(method.clone(), upstreams, up, None, &snap.settings).await {
+            Ok(resp) => Answer {
+                response: passthrough_response(resp),
+                outcome: CacheOutcome::Pass,
+            },
+            Err(e) => Answer::local(error_response(&e)),
+        }
+    }
+
+    /// Other methods: streamed both ways; a success invalidates the replica
+    /// of the URL (RFC 9111 §4.4).
+    async fn pass(&self, req: Request<Incoming>, key: CacheKey, upstreams: Upstreams, snap: &Snapshot) -> Answer {
+        let (parts, body) = req.into_parts();
+        let headers = upstream_headers(&parts.headers, false);
+        let body = body.map_err(|e| -> crate::fetch::BoxError { Box::new(e) }).boxed_unsync();
+        let unsafe_method = !matches!(parts.method, Method::OPTIONS | Method::TRACE);
+        match self
+            .engine
+            .direct(parts.method.clone(), &upstreams, headers, Some(body), &snap.settings)
+            .await
+        {
+            Ok(resp) => {
+                if unsafe_method && !resp.status().is_server_error() && !resp.status().is_client_error() {
+                    let store = self.engine.store().clone();
+                    tokio::task::spawn_blocking(move || {
+                        if store.peek(&key).is_some()
+                            && let Err(e) = store.remove(&key)
+                        {
+                            tracing::warn!(target: "cistern::store", %key, "invalidation failed: {e}");
+                        }
+                    });
+                }
+                Answer {
+                    response: passthrough_response(resp),
+                    outcome: CacheOutcome::Pass,
+                }
+            }
+            Err(e) => Answer::local(error_response(&e)),
+        }
+    }
+
+    fn local_page(&self, req: &Request<Incoming>, snap: &Snapshot) -> Response<ProxyBody> {
+        if req.uri().path() != "/" {
+            return serve::text(StatusCode::NOT_FOUND, "not found: no mirror serves this path");
+        }
+        let mut page = String::from("Cistern caching proxy\n\nMirrors:\n");
+        for m in snap.router.mirrors() {
+            let ups: Vec<String> = m.upstreams.iter().map(|u| u.base.to_string()).collect();
+            page.push_str(&format!("  {} -> {}\n", m.prefix, ups.join(", ")));
+        }
+        if snap.config.forward.enabled {
+            page.push_str("\nForward proxy: on (set http_proxy to this address)\n");
+        }
+        serve::text(StatusCode::OK, page)
+    }
+}
+
+/// Whether the stored response's Vary matches this request.
+fn variant_matches(
+    policy: &http_cache_semantics::CachePolicy,
+    req: CacheRequest<'_>,
+    now: std::time::SystemTime,
+) -> bool {
+    match policy.before_request(&req, now) {
+        http_cache_semantics::BeforeRequest::Fresh(_) => true,
+        http_cache_semantics::BeforeRequest::Stale { matches, .. } => matches,
+    }
+}
+
+/// A request that already went through a Cistern (ours or another) names
+/// it in `Via`; a second pass is a loop.
+fn looped(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|hop| hop.trim().ends_with(" cistern")))
+}
+
+/// The headers to send upstream: end-to-end ones only. For a fill (shared
+/// by every reader) the client's conditionals and ranges are dropped: the
+/// fill fetches the whole body and each reader's own conditions are
+/// answered from the replica.
+fn upstream_headers(client: &HeaderMap, for_fill: bool) -> HeaderMap {
+    let mut h = client.clone();
+    cache::strip_hop_by_hop(&mut h);
+    h.remove(header::HOST);
+    if for_fill {
+        for name in [
+            header::RANGE,
+            header::IF_RANGE,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::IF_MATCH,
+            header::IF_UNMODIFIED_SINCE,
+        ] {
+            h.remove(name);
+        }
+    }
+    h
+}
+
+fn passthrough_response(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    cache::strip_hop_by_hop(&mut parts.headers);
+    let body = body.map_err(|e| -> crate::fetch::BoxError { Box::new(e) }).boxed_unsync();
+    Response::from_parts(parts, body)
+}
+
+fn forbidden() -> Response<ProxyBody> {
+    serve::text(
+        StatusCode::FORBIDDEN,
+        "forward proxying is not allowed for this address (see `forward { allow … }` in config.kdl)",
+    )
+}
+
+fn error_response(e: &FetchError) -> Response<ProxyBody> {
+    serve::text(e.status(), error_chain(e))
+}
+
+fn internal(e: &ServeError) -> Response<ProxyBody> {
+    tracing::error!(target: "cistern::serve", "{e}");
+    serve::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// How long to wait for in-flight requests on shutdown.
+pub const DRAIN: Duration = Duration::from_secs(10);

@@ -1,1 +1,1130 @@
-//! TODO
+//! The coalescing fetch engine: one upstream fetch per cache key, however
+//! many clients ask at once.
+//!
+//! The first request for a key starts a [`Fill`]: a task of its own that
+//! fetches from the upstream (failing over along a mirror set), writes the
+//! body into the key's partial file while hashing it, and commits it to the
+//! replica store. Every client of that key, the first one included, is a
+//! reader of the growing file (see [`crate::serve`]), so no client's
+//! disconnect can cancel the fill for the others. A fill nobody reads any
+//! more keeps going for `orphan-fill` and then stops, keeping its partial
+//! for a later resume.
+//!
+//! A fill moves through [`FillState`]: `Waiting` → `Streaming` →
+//! `Complete`, or ends `Revalidated` (a 304 refreshed the replica),
+//! `Unshared` (the response may not be shared: each client fetches on its
+//! own) or `Failed` (followers see a failed transfer, never a short body).
+
+pub mod mirror;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+use tokio::sync::{oneshot, watch};
+
+use crate::cache::{self, CacheRequest};
+use crate::clock::Clock;
+use crate::config::CacheMode;
+use crate::limit::Limits;
+use crate::store::meta::unix_secs;
+use crate::store::{CacheKey, ObjectMeta, PartialFile, PartialMeta, Replica, ReplicaStore, StoreError};
+
+pub use mirror::MirrorSet;
+pub use upstream::{BoxError, UpstreamBody, UpstreamClient};
+
+/// Which side of the proxy an error came from: decides the status the
+/// client sees and the wording of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The upstream misbehaved or could not be reached.
+    Upstream,
+    /// Cistern itself (disk, configuration).
+    Internal,
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// No upstream could be reached.
+    #[error("upstream {url} unreachable: {reason}")]
+    Connect {
+        /// The last URL tried.
+        url: String,
+        /// The connection error.
+        reason: String,
+    },
+    /// The upstream did not answer or stalled past the inactivity timeout.
+    #[error("upstream {url} timed out after {after:?} of inactivity")]
+    Timeout {
+        /// The URL being fetched.
+        url: String,
+        /// The inactivity timeout.
+        after: Duration,
+    },
+    /// The upstream connection broke in the middle of the body.
+    #[error("upstream {url} failed after {written} bytes: {reason}")]
+    Body {
+        /// The URL being fetched.
+        url: String,
+        /// Bytes of the body received (and kept in the partial file).
+        written: u64,
+        /// The transport error.
+        reason: String,
+    },
+    /// The body is shorter or longer than the upstream announced.
+    #[error("upstream {url} sent {written} bytes of {expected}")]
+    Length {
+        /// The URL being fetched.
+        url: String,
+        /// Bytes received.
+        written: u64,
+        /// Bytes announced.
+        expected: u64,
+    },
+    /// The body does not match the digest the upstream sent.
+    #[error("upstream {url} body has SHA-256 {actual}, but the upstream announced {announced}; not stored")]
+    DigestMismatch {
+        /// The URL fetched.
+        url: String,
+        /// Hex SHA-256 announced by `Repr-Digest`/`Digest`.
+        announced: String,
+        /// Hex SHA-256 of what arrived.
+        actual: String,
+    },
+    /// Offline mode: nothing may be fetched.
+    #[error("offline mode: {url} is not in the replica")]
+    Offline {
+        /// The URL asked for.
+        url: String,
+    },
+    /// Every client left and the fill ran past `orphan-fill`; the partial
+    /// is kept for a later resume.
+    #[error("no client left for {url} after {after:?}; partial kept")]
+    Orphaned {
+        /// The URL being fetched.
+        url: String,
+        /// The orphan-fill limit.
+        after: Duration,
+    },
+    /// The replica store failed (full disk, permissions).
+    #[error("replica store: {0}")]
+    Store(#[from] StoreError),
+    /// A worker task died (a bug); followers are released.
+    #[error("fill task ended unexpectedly")]
+    Vanished,
+}
+
+impl FetchError {
+    /// The side the error came from.
+    pub fn side(&self) -> Side {
+        match self {
+            FetchError::Store(_) | FetchError::Vanished | FetchError::Offline { .. } => Side::Internal,
+            _ => Side::Upstream,
+        }
+    }
+
+    /// The status a client sees when nothing was sent yet.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            FetchError::Timeout { .. } | FetchError::Offline { .. } => StatusCode::GATEWAY_TIMEOUT,
+            FetchError::Store(_) | FetchError::Vanished => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Where a key's bytes can come from.
+#[derive(Debug, Clone)]
+pub enum Upstreams {
+    /// One URL (forward and transparent proxying).
+    Single(Uri),
+    /// A path on a mirror set (the part after the mirror's prefix, with query).
+    Mirror {
+        /// The set.
+        set: Arc<MirrorSet>,
+        /// Path and query below the mirror prefix.
+        rest: String,
+    },
+}
+
+impl Upstreams {
+    /// Candidate URLs in the order to try, with the mirror index to report
+    /// health to.
+    fn candidates(&self) -> Vec<(Option<usize>, Uri)> {
+        match self {
+            Upstreams::Single(uri) => vec![(None, uri.clone())],
+            Upstreams::Mirror { set, rest } => set
+                .order()
+                .into_iter()
+                .filter_map(|i| set.url(i, rest).ok().map(|u| (Some(i), u)))
+                .collect(),
+        }
+    }
+
+    fn report(&self, index: Option<usize>, failure: Option<&str>) {
+        if let (Upstreams::Mirror { set, .. }, Some(i)) = (self, index) {
+            set.report(i, failure);
+        }
+    }
+
+    /// The primary URL, for logs and errors.
+    pub fn primary(&self) -> String {
+        match self {
+            Upstreams::Single(uri) => uri.to_string(),
+            Upstreams::Mirror { set, rest } => set.url(0, rest).map(|u| u.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+/// A policy's say on an upstream response head (the `on_response` hook).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeadDecision {
+    /// Never store this response.
+    pub uncacheable: bool,
+    /// Store it as immutable: never revalidated.
+    pub immutable: bool,
+    /// Time to live to use instead of the HTTP freshness.
+    pub ttl: Option<Duration>,
+    /// Upper bound on the time to live.
+    pub ttl_cap: Option<Duration>,
+}
+
+/// Called on every upstream response head before anything is decided;
+/// may edit the headers (e.g. rewrite `Location`).
+pub trait HeadHook: Send + Sync {
+    /// Inspects and edits the head; returns the policy's decision.
+    fn on_head(&self, status: StatusCode, headers: &mut HeaderMap) -> HeadDecision;
+}
+
+/// Per-request settings of a fetch, from the config snapshot.
+#[derive(Clone)]
+pub struct FetchSettings {
+    /// Inactivity timeout for the upstream.
+    pub idle: Duration,
+    /// How long a fill continues with no reader.
+    pub orphan: Duration,
+    /// Static / offline / normal.
+    pub mode: CacheMode,
+    /// Limits of the snapshot (bandwidth cap).
+    pub limits: Arc<Limits>,
+}
+
+/// A request for the fill of one key.
+pub struct FillJob {
+    /// The cache key.
+    pub key: CacheKey,
+    /// The key as a URI (for the RFC 9111 rules).
+    pub key_uri: Uri,
+    /// Where to fetch from.
+    pub upstreams: Upstreams,
+    /// End-to-end request headers to send (the first client's, without
+    /// conditionals, ranges and hop-by-hop headers).
+    pub headers: HeaderMap,
+    /// A stale replica to revalidate, with its validators.
+    pub revalidate: Option<(Arc<Replica>, HeaderMap)>,
+    /// Settings from the config snapshot.
+    pub settings: FetchSettings,
+    /// The policy chain's response hook, if any.
+    pub hook: Option<Arc<dyn HeadHook>>,
+}
+
+/// What readers need to serve a fill's bytes.
+#[derive(Debug)]
+pub struct FillHead {
+    /// The upstream URL.
+    pub url: String,
+    /// Headers to send to clients (stored form: no hop-by-hop, no cookies).
+    pub headers: HeaderMap,
+    /// Full body length, if announced.
+    pub length: Option<u64>,
+    /// The partial file, read with positioned reads.
+    pub file: Arc<File>,
+    /// The RFC 9111 state of the response (Vary checks for joiners).
+    pub policy: http_cache_semantics::CachePolicy,
+    /// When the head arrived (for `Age`).
+    pub received: SystemTime,
+}
+
+/// The state of a fill, published to its readers.
+#[derive(Debug, Clone)]
+pub enum FillState {
+    /// Asking the upstream; no head yet.
+    Waiting,
+    /// Writing the body; `written` bytes are in the file.
+    Streaming {
+        /// The response head.
+        head: Arc<FillHead>,
+        /// Bytes in the partial file so far.
+        written: u64,
+    },
+    /// The body is complete, verified and committed.
+    Complete {
+        /// The response head.
+        head: Arc<FillHead>,
+        /// The committed replica.
+        replica: Arc<Replica>,
+    },
+    /// The upstream said 304: the stored replica is good again.
+    Revalidated(Arc<Replica>),
+    /// The response may not be shared; every client fetches on its own.
+    Unshared,
+    /// The fill failed; readers abort their transfers.
+    Failed(Arc<FetchError>),
+}
+
+impl FillState {
+    /// A short name for logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FillState::Waiting => "waiting",
+            FillState::Streaming { .. } => "streaming",
+            FillState::Complete { .. } => "complete",
+            FillState::Revalidated(_) => "revalidated",
+            FillState::Unshared => "unshared",
+            FillState::Failed(_) => "failed",
+        }
+    }
+}
+
+/// The one upstream fetch of a key.
+#[derive(Debug)]
+pub struct Fill {
+    /// The key being filled.
+    pub key: CacheKey,
+    state: watch::Sender<FillState>,
+    started: Instant,
+}
+
+impl Fill {
+    /// Subscribes to the fill's progress.
+    pub fn subscribe(&self) -> watch::Receiver<FillState> {
+        self.state.subscribe()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> FillState {
+        self.state.borrow().clone()
+    }
+
+    /// Clients currently reading.
+    pub fn readers(&self) -> usize {
+        self.state.receiver_count()
+    }
+
+    /// When the fill started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+}
+
+/// The answer to [`FetchEngine::fill`].
+pub enum FillTicket {
+    /// A complete replica appeared meanwhile: serve it.
+    Ready(Arc<Replica>),
+    /// This request started the fill. If the response turns out not to be
+    /// shareable, its head and body arrive on `passthrough`.
+    Leader {
+        /// The fill.
+        fill: Arc<Fill>,
+        /// The unshareable response, for this client only.
+        passthrough: oneshot::Receiver<Response<Incoming>>,
+    },
+    /// Another request's fill is under way: read along.
+    Follower(Arc<Fill>),
+}
+
+/// The coalescing fetch engine; cheap to clone.
+#[derive(Clone)]
+pub struct FetchEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<ReplicaStore>,
+    client: UpstreamClient,
+    clock: Clock,
+    inflight: Mutex<HashMap<CacheKey, Arc<Fill>>>,
+}
+
+/// Bytes accepted from the upstream per positioned write; frames are
+/// gathered up to this size so a fast upstream costs few blocking hops.
+const WRITE_BATCH: usize = 256 * 1024;
+
+impl FetchEngine {
+    /// An engine writing into `store`, fetching with `client`.
+    pub fn new(store: Arc<ReplicaStore>, client: UpstreamClient, clock: Clock) -> FetchEngine {
+        FetchEngine {
+            inner: Arc::new(Inner {
+                store,
+                client,
+                clock,
+                inflight: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The store the engine fills.
+    pub fn store(&self) -> &Arc<ReplicaStore> {
+        &self.inner.store
+    }
+
+    /// The upstream client.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.inner.client
+    }
+
+    /// Fills in progress (admin UI).
+    pub fn in_progress(&self) -> Vec<Arc<Fill>> {
+        let map = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
+    /// The fill of a key in progress, if any (HEAD requests join one but
+    /// never start one).
+    pub fn find(&self, key: &CacheKey) -> Option<Arc<Fill>> {
+        let map = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).cloned()
+    }
+
+    /// Joins the fill of `job.key`, or starts it.
+    pub fn fill(&self, job: FillJob) -> FillTicket {
+        let (fill, passthrough) = {
+            let mut map = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(fill) = map.get(&job.key) {
+                return FillTicket::Follower(fill.clone());
+            }
+            // A fill may have committed between the caller's lookup and now.
+            if job.revalidate.is_none()
+                && let Some(replica) = self.inner.store.peek(&job.key)
+            {
+                return FillTicket::Ready(replica);
+            }
+            let (state, _) = watch::channel(FillState::Waiting);
+            let fill = Arc::new(Fill {
+                key: job.key.clone(),
+                state,
+                started: Instant::now(),
+            });
+            map.insert(job.key.clone(), fill.clone());
+            let (tx, rx) = oneshot::channel();
+            let inner = self.inner.clone();
+            let task_fill = fill.clone();
+            tokio::spawn(async move {
+                let guard = FillGuard {
+                    inner: inner.clone(),
+                    fill: task_fill.clone(),
+                };
+                let url = job.upstreams.primary();
+                if let Err(error) = inner.run(&task_fill, job, tx).await {
+                    tracing::warn!(target: "cistern::fetch", key = %task_fill.key, %url, side = ?error.side(), "fill failed: {error}");
+                    task_fill.state.send_replace(FillState::Failed(Arc::new(error)));
+                }
+                drop(guard);
+            });
+            (fill, rx)
+        };
+        FillTicket::Leader { fill, passthrough }
+    }
+
+    /// Sends a request upstream without caching it (other methods,
+    /// unshareable responses, Vary mismatches), failing over along a mirror
+    /// set while no request body has been sent.
+    pub async fn direct(
+        &self,
+        method: Method,
+        upstreams: &Upstreams,
+        headers: HeaderMap,
+        body: Option<UpstreamBody>,
+        settings: &FetchSettings,
+    ) -> Result<Response<Incoming>, FetchError> {
+        if settings.mode == CacheMode::Offline {
+            return Err(FetchError::Offline {
+                url: upstreams.primary(),
+            });
+        }
+        let retryable = body.is_none();
+        let mut body = body;
+        let mut last = None;
+        let candidates = upstreams.candidates();
+        let count = candidates.len();
+        for (n, (index, url)) in candidates.into_iter().enumerate() {
+            let req_body = body.take().unwrap_or_else(empty_body);
+            let req = build_request(method.clone(), &url, &headers, req_body);
+            match self.inner.send(req, &url, settings.idle).await {
+                Ok(resp) if resp.status().is_server_error() && retryable && n + 1 < count => {
+                    upstreams.report(index, Some(&format!("status {}", resp.status())));
+                }
+                Ok(resp) => {
+                    let failure = resp.status().is_server_error().then(|| format!("status {}", resp.status()));
+                    upstreams.report(index, failure.as_deref());
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    upstreams.report(index, Some(&e.to_string()));
+                    last = Some(e);
+                    if !retryable {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or(FetchError::Connect {
+            url: upstreams.primary(),
+            reason: "no upstream".into(),
+        }))
+    }
+}
+
+/// Releases a fill's key and its readers however the fill task ends
+/// (return, error or panic): readers never wait on a vanished writer.
+struct FillGuard {
+    inner: Arc<Inner>,
+    fill: Arc<Fill>,
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        self.fill.state.send_if_modified(|state| match state {
+            FillState::Waiting | FillState::Streaming { .. } => {
+                *state = FillState::Failed(Arc::new(FetchError::Vanished));
+                true
+            }
+            _ => false,
+        });
+        let mut map = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&self.fill.key).is_some_and(|f| Arc::ptr_eq(f, &self.fill)) {
+            map.remove(&self.fill.key);
+        }
+    }
+}
+
+fn empty_body() -> UpstreamBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn build_request(method: Method, url: &Uri, headers: &HeaderMap, body: UpstreamBody) -> Request<UpstreamBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = url.clone();
+    *req.headers_mut() = headers.clone();
+    // The Host header must name the upstream, not us.
+    req.headers_mut().remove(header::HOST);
+    req
+}
+
+/// How a fill's body is being written.
+struct Writing {
+    partial: PartialFile,
+    head: Arc<FillHead>,
+    /// Where the first new byte goes (non-zero when resuming).
+    start: u64,
+    url: Uri,
+    meta: ObjectMeta,
+}
+
+impl Inner {
+    async fn send(&self, req: Request<UpstreamBody>, url: &Uri, idle: Duration) -> Result<Response<Incoming>, FetchError> {
+        match tokio::time::timeout(idle, self.client.send(req)).await {
+            Err(_) => Err(FetchError::Timeout {
+                url: url.to_string(),
+                after: idle,
+            }),
+            Ok(Err(e)) => Err(FetchError::Connect {
+                url: url.to_string(),
+                reason: error_chain(&e),
+            }),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ReplicaStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, FetchError> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(r) => r.map_err(FetchError::Store),
+            Err(_) => Err(FetchError::Vanished),
+        }
+    }
+
+    /// The fill task: ask upstream, then either refresh, stream into the
+    /// replica, or hand an unshareable response to the leader.
+    async fn run(&self, fill: &Fill, job: FillJob, leader: oneshot::Sender<Response<Incoming>>) -> Result<(), FetchError> {
+        if job.settings.mode == CacheMode::Offline {
+            return Err(FetchError::Offline {
+                url: job.upstreams.primary(),
+            });
+        }
+        let key = job.key.clone();
+        // An interrupted fill of this key is resumed rather than restarted.
+        let partial = if job.revalidate.is_none() {
+            let k = key.clone();
+            self.blocking(move |s| s.find_partial(&k)).await?
+        } else {
+            None
+        };
+        let mut headers = job.headers.clone();
+        if let Some((_, validators)) = &job.revalidate {
+            headers.extend(validators.clone());
+        }
+        let resume = partial.as_ref().and_then(|(meta, len)| resume_headers(meta, *len));
+        if let Some((range, if_range)) = &resume {
+            headers.insert(header::RANGE, range.clone());
+            headers.insert(header::IF_RANGE, if_range.clone());
+        }
+
+        let (mut resp, url) = self.ask(&job, headers).await?;
+        let received = self.clock.now();
+
+        if let Some((replica, _)) = &job.revalidate
+            && resp.status() == StatusCode::NOT_MODIFIED
+        {
+            let req_headers = job.headers.clone();
+            let creq = CacheRequest {
+                key: &job.key_uri,
+                method: &Method::GET,
+                headers: &req_headers,
+            };
+            let (parts, _) = Response::new(()).into_parts();
+            let mut parts = parts;
+            parts.status = resp.status();
+            parts.headers = resp.headers().clone();
+            if let Some(updated) = cache::revalidated(&replica.meta, creq, &parts, received) {
+                let k = key.clone();
+                let replica = self.blocking(move |s| s.refresh(&k, updated)).await?;
+                fill.state.send_replace(FillState::Revalidated(replica));
+                return Ok(());
+            }
+            // A 304 that does not match what we hold: fetch it whole.
+            let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
+            resp = resp2;
+        }
+
+        let decision = match &job.hook {
+            Some(hook) => {
+                let status = resp.status();
+                hook.on_head(status, resp.headers_mut())
+            }
+            None => HeadDecision::default(),
+        };
+
+        let resumed_from = match (&partial, resp.status()) {
+            (Some((_, len)), StatusCode::PARTIAL_CONTENT) if resume.is_some() => {
+                match content_range_start(resp.headers()) {
+                    Some(start) if start == *len => Some(*len),
+                    // The upstream answered another range than we asked for.
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if resp.status() == StatusCode::PARTIAL_CONTENT && resumed_from.is_none() {
+            // Unusable partial answer: start over without a range.
+            let k = key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
+            resp = resp2;
+        }
+
+        let writing = match self.prepare(fill, &job, &resp, &url, received, decision, resumed_from).await {
+            Ok(Some(w)) => w,
+            Ok(None) => {
+                fill.state.send_replace(FillState::Unshared);
+                let _ = leader.send(resp);
+                return Ok(());
+            }
+            Err(e @ FetchError::Store(_)) => {
+                // The disk refuses the replica: this client is still served,
+                // uncached, and the reason is logged.
+                tracing::warn!(target: "cistern::fetch", key = %key, "not caching: {e}");
+                fill.state.send_replace(FillState::Unshared);
+                let _ = leader.send(resp);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        self.stream(fill, &job, resp, writing).await
+    }
+
+    /// Sends the request to each candidate until one answers without a
+    /// connect error or a 5xx (the last one's 5xx is passed on).
+    async fn ask(&self, job: &FillJob, headers: HeaderMap) -> Result<(Response<Incoming>, Uri), FetchError> {
+        let candidates = job.upstreams.candidates();
+        let count = candidates.len();
+        let mut last = None;
+        for (n, (index, url)) in candidates.into_iter().enumerate() {
+            let req = build_request(Method::GET, &url, &headers, empty_body());
+            match self.send(req, &url, job.settings.idle).await {
+                Ok(resp) if resp.status().is_server_error() && n + 1 < count => {
+                    tracing::info!(target: "cistern::fetch", %url, status = %resp.status(), "upstream error, trying the next mirror");
+                    job.upstreams.report(index, Some(&format!("status {}", resp.status())));
+                }
+                Ok(resp) => {
+                    let failure = resp.status().is_server_error().then(|| format!("status {}", resp.status()));
+                    job.upstreams.report(index, failure.as_deref());
+                    return Ok((resp, url));
+                }
+                Err(e) => {
+                    tracing::info!(target: "cistern::fetch", %url, "upstream failed: {e}");
+                    job.upstreams.report(index, Some(&e.to_string()));
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(FetchError::Connect {
+            url: job.upstreams.primary(),
+            reason: "no upstream".into(),
+        }))
+    }
+
+    /// Decides whether the response becomes a replica and, if so, opens its
+    /// partial file and publishes the head to readers.
+    #[allow(clippy::too_many_arguments)]
+    async fn prepare(
+        &self,
+        fill: &Fill,
+        job: &FillJob,
+        resp: &Response<Incoming>,
+        url: &Uri,
+        received: SystemTime,
+        decision: HeadDecision,
+        resumed_from: Option<u64>,
+    ) -> Result<Option<Writing>, FetchError> {
+        // The stored form is the full 200 response, even when resuming.
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = if resumed_from.is_some() {
+            StatusCode::OK
+        } else {
+            resp.status()
+        };
+        parts.headers = resp.headers().clone();
+        let length = match resumed_from {
+            Some(_) => content_range_total(resp.headers()),
+            None => content_length(resp.headers()),
+        };
+        parts.headers.remove(header::CONTENT_RANGE);
+        let creq = CacheRequest {
+            key: &job.key_uri,
+            method: &Method::GET,
+            headers: &job.headers,
+        };
+        let policy = cache::new_policy(creq, &parts, received);
+        if decision.uncacheable || !cache::storable(&policy, parts.status) {
+            return Ok(None);
+        }
+        let stored = cache::stored_headers(&parts.headers);
+        let mut client_headers = HeaderMap::with_capacity(stored.len());
+        for (k, v) in &stored {
+            if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                client_headers.append(k, v);
+            }
+        }
+        let ttl_override = match (decision.ttl, decision.ttl_cap) {
+            (Some(ttl), cap) => Some(cap.map_or(ttl, |c| ttl.min(c))),
+            (None, Some(cap)) => Some(policy.time_to_live(received).min(cap)),
+            (None, None) => None,
+        };
+        let meta = ObjectMeta {
+            key: job.key.to_string(),
+            url: url.to_string(),
+            replica: String::new(),
+            status: 200,
+            headers: stored,
+            policy: policy.clone(),
+            length: 0,
+            sha256: String::new(),
+            stored_at: unix_secs(received),
+            validated_at: unix_secs(received),
+            immutable: decision.immutable,
+            ttl_override: ttl_override.map(|d| d.as_secs()),
+        };
+        let partial_meta = PartialMeta {
+            key: job.key.to_string(),
+            url: url.to_string(),
+            total_length: length,
+            etag: header_str(&parts.headers, header::ETAG),
+            last_modified: header_str(&parts.headers, header::LAST_MODIFIED),
+            started_at: unix_secs(received),
+        };
+        let k = job.key.clone();
+        let resume = resumed_from.is_some();
+        let partial = self.blocking(move |s| s.begin_partial(&k, partial_meta, resume)).await?;
+        let start = if resume { partial.len } else { 0 };
+        if resumed_from.is_some_and(|from| from != start) {
+            // The partial changed under us; never splice mismatched bytes.
+            return Err(FetchError::Body {
+                url: url.to_string(),
+                written: start,
+                reason: "partial file changed during resume".into(),
+            });
+        }
+        let head = Arc::new(FillHead {
+            url: url.to_string(),
+            headers: client_headers,
+            length,
+            file: partial.file.clone(),
+            policy,
+            received,
+        });
+        fill.state.send_replace(FillState::Streaming {
+            head: head.clone(),
+            written: start,
+        });
+        if start > 0 {
+            tracing::info!(target: "cistern::fetch", key = %job.key, from = start, "resuming partial download");
+        }
+        Ok(Some(Writing {
+            partial,
+            head,
+            start,
+            url: url.clone(),
+            meta,
+        }))
+    }
+
+    /// Copies the body into the partial file, then verifies and commits it.
+    async fn stream(&self, fill: &Fill, job: &FillJob, resp: Response<Incoming>, w: Writing) -> Result<(), FetchError> {
+        let Writing {
+            partial,
+            head,
+            start,
+            url,
+            mut meta,
+        } = w;
+        let url_s = url.to_string();
+        let announced = announced_sha256(resp.headers());
+        let idle = job.settings.idle;
+        let mut body = resp.into_body();
+        let mut written = start;
+        // Hash while streaming; a resumed fill hashes the whole file at the end.
+        let mut hasher = (start == 0).then(Sha256::new);
+        let mut orphan_since: Option<Instant> = None;
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch_len = 0usize;
+        let mut ended = false;
+        while !ended {
+            // Gather frames that are already there, up to one batch.
+            loop {
+                let next = if batch.is_empty() {
+                    match tokio::time::timeout(idle, body.frame()).await {
+                        Ok(f) => f,
+                        Err(_) => {
+                            return Err(FetchError::Timeout { url: url_s, after: idle });
+                        }
+                    }
+                } else {
+                    match futures_util::FutureExt::now_or_never(body.frame()) {
+                        Some(f) => f,
+                        None => break,
+                    }
+                };
+                match next {
+                    None => {
+                        ended = true;
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        // Keep what arrived: it is a valid prefix for a resume.
+                        self.flush(&partial.file, &mut batch, &mut batch_len, &mut written, &mut hasher).await?;
+                        publish_written(fill, written);
+                        return Err(FetchError::Body {
+                            url: url_s,
+                            written,
+                            reason: error_chain(&e),
+                        });
+                    }
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data()
+                            && !data.is_empty()
+                        {
+                            batch_len += data.len();
+                            batch.push(data);
+                            if batch_len >= WRITE_BATCH {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(bw) = job.settings.limits.download() {
+                bw.acquire(batch_len).await;
+            }
+            self.flush(&partial.file, &mut batch, &mut batch_len, &mut written, &mut hasher).await?;
+            publish_written(fill, written);
+            if let Some(total) = head.length
+                && written > total
+            {
+                return Err(FetchError::Length {
+                    url: url_s,
+                    written,
+                    expected: total,
+                });
+            }
+            if fill.readers() == 0 {
+                let since = *orphan_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > job.settings.orphan {
+                    return Err(FetchError::Orphaned {
+                        url: url_s,
+                        after: job.settings.orphan,
+                    });
+                }
+            } else {
+                orphan_since = None;
+            }
+        }
+        if let Some(total) = head.length
+            && written != total
+        {
+            return Err(FetchError::Length {
+                url: url_s,
+                written,
+                expected: total,
+            });
+        }
+        let digest: [u8; 32] = match hasher {
+            Some(h) => h.finalize().into(),
+            None => {
+                let file = partial.file.clone();
+                match tokio::task::spawn_blocking(move || hash_file(&file, written)).await {
+                    Ok(Ok(d)) => d,
+                    Ok(Err(e)) => {
+                        return Err(FetchError::Store(StoreError::Io {
+                            op: "hash partial file",
+                            path: partial.path.clone(),
+                            source: e,
+                        }));
+                    }
+                    Err(_) => return Err(FetchError::Vanished),
+                }
+            }
+        };
+        let actual = hex::encode(digest);
+        if let Some(announced) = announced
+            && announced != digest
+        {
+            let k = job.key.clone();
+            // A corrupt body is useless for resuming too.
+            let _ = self.blocking(move |s| s.discard_partial(&k)).await;
+            return Err(FetchError::DigestMismatch {
+                url: url_s,
+                announced: hex::encode(announced),
+                actual,
+            });
+        }
+        meta.length = written;
+        meta.sha256 = actual;
+        let replica = self.blocking(move |s| s.commit(partial, meta)).await?;
+        tracing::debug!(target: "cistern::fetch", key = %job.key, bytes = written, elapsed = ?fill.started.elapsed(), "fill complete");
+        fill.state.send_replace(FillState::Complete { head, replica });
+        Ok(())
+    }
+
+    /// Writes the gathered frames at the end of the partial file.
+    async fn flush(
+        &self,
+        file: &Arc<File>,
+        batch: &mut Vec<Bytes>,
+        batch_len: &mut usize,
+        written: &mut u64,
+        hasher: &mut Option<Sha256>,
+    ) -> Result<(), FetchError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let chunks = std::mem::take(batch);
+        let file = file.clone();
+        let offset = *written;
+        let mut h = hasher.take();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut at = offset;
+            for chunk in &chunks {
+                file.write_all_at(chunk, at)?;
+                if let Some(h) = h.as_mut() {
+                    h.update(chunk);
+                }
+                at += chunk.len() as u64;
+            }
+            Ok::<_, std::io::Error>((h, at))
+        })
+        .await;
+        match result {
+            Ok(Ok((h, at))) => {
+                *hasher = h;
+                *written = at;
+                *batch_len = 0;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(FetchError::Store(StoreError::Io {
+                op: "write partial file",
+                path: std::path::PathBuf::from(self.store.root()),
+                source: e,
+            })),
+            Err(_) => Err(FetchError::Vanished),
+        }
+    }
+}
+
+fn publish_written(fill: &Fill, now: u64) {
+    fill.state.send_if_modified(|state| match state {
+        FillState::Streaming { written, .. } if *written != now => {
+            *written = now;
+            true
+        }
+        _ => false,
+    });
+}
+
+fn hash_file(file: &File, len: u64) -> std::io::Result<[u8; 32]> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let want = buf.len().min((len - at) as usize);
+        let n = file.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "partial file shrank"));
+        }
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// `Range` and `If-Range` to resume a partial, when it has a validator that
+/// makes resuming safe.
+fn resume_headers(meta: &PartialMeta, len: u64) -> Option<(HeaderValue, HeaderValue)> {
+    if len == 0 {
+        return None;
+    }
+    let validator = meta
+        .etag
+        .as_deref()
+        .filter(|e| !e.starts_with("W/"))
+        .or(meta.last_modified.as_deref())?;
+    let range = HeaderValue::from_str(&format!("bytes={len}-")).ok()?;
+    let if_range = HeaderValue::from_str(validator).ok()?;
+    Some((range, if_range))
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// `Content-Range: bytes START-END/TOTAL` → START.
+fn content_range_start(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let rest = v.trim().strip_prefix("bytes ")?;
+    rest.split('-').next()?.trim().parse().ok()
+}
+
+/// `Content-Range: bytes START-END/TOTAL` → TOTAL.
+fn content_range_total(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    v.rsplit('/').next()?.trim().parse().ok()
+}
+
+/// The SHA-256 an upstream announced in `Repr-Digest` (RFC 9530,
+/// `sha-256=:BASE64:`) or `Digest` (RFC 3230, `SHA-256=BASE64`).
+pub fn announced_sha256(headers: &HeaderMap) -> Option<[u8; 32]> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for v in headers.get_all("repr-digest").iter().filter_map(|v| v.to_str().ok()) {
+        for item in v.split(',') {
+            let Some((alg, val)) = item.trim().split_once('=') else { continue };
+            if alg.trim().eq_ignore_ascii_case("sha-256") {
+                let val = val.trim().trim_matches(':');
+                if let Ok(bytes) = b64.decode(val)
+                    && let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice())
+                {
+                    return Some(arr);
+                }
+            }
+        }
+    }
+    for v in headers.get_all("digest").iter().filter_map(|v| v.to_str().ok()) {
+        for item in v.split(',') {
+            let Some((alg, val)) = item.trim().split_once('=') else { continue };
+            if alg.trim().eq_ignore_ascii_case("sha-256")
+                && let Ok(bytes) = b64.decode(val.trim())
+                && let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice())
+            {
+                return Some(arr);
+            }
+        }
+    }
+    None
+}
+
+/// An error and its sources on one line, for logs and error pages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announced_digests_parse_in_both_syntaxes() {
+        let sum: [u8; 32] = Sha256::digest(b"hello").into();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(sum);
+        let mut h = HeaderMap::new();
+        h.insert("repr-digest", format!("sha-512=:AAAA:, sha-256=:{b64}:").parse().unwrap());
+        assert_eq!(announced_sha256(&h), Some(sum));
+        let mut h = HeaderMap::new();
+        h.insert("digest", format!("MD5=xyz, SHA-256={b64}").parse().unwrap());
+        assert_eq!(announced_sha256(&h), Some(sum));
+        assert_eq!(announced_sha256(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn content_range_parts() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_RANGE, "bytes 100-199/1000".parse().unwrap());
+        assert_eq!(content_range_start(&h), Some(100));
+        assert_eq!(content_range_total(&h), Some(1000));
+    }
+
+    #[test]
+    fn resume_needs_a_strong_validator() {
+        let mut meta = PartialMeta {
+            key: "k".into(),
+            url: "u".into(),
+            total_length: Some(10),
+            etag: Some("W/\"weak\"".into()),
+            last_modified: None,
+            started_at: 0,
+        };
+        assert!(resume_headers(&meta, 5).is_none());
+        meta.etag = Some("\"strong\"".into());
+        let (range, if_range) = resume_headers(&meta, 5).unwrap();
+        assert_eq!(range, "bytes=5-");
+        assert_eq!(if_range, "\"strong\"");
+        assert!(resume_headers(&meta, 0).is_none());
+    }
+}

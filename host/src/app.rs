@@ -1,0 +1,119 @@
+//! Assembles a running Cistern from a validated config: the store (index
+//! rebuilt from disk), the upstream client, the fetch engine, the proxy and
+//! its listeners. `main` and the in-process tests both start it this way.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::fetch::upstream::ClientBuildError;
+use crate::fetch::{FetchEngine, UpstreamClient};
+use crate::proxy::{DRAIN, Proxy, Snapshot};
+use crate::server::{self, BoundListener};
+use crate::store::{ReplicaStore, StoreError};
+
+/// Why Cistern could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The replica store could not be opened.
+    #[error("opening the replica store: {0}")]
+    Store(#[from] StoreError),
+    /// The upstream TLS trust could not be set up.
+    #[error(transparent)]
+    Client(#[from] ClientBuildError),
+    /// A listener could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address in config.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Start-up options that are not part of the config file.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Log request and response headers (`-v`).
+    pub log_headers: bool,
+    /// The clock for freshness; the system clock when `None`.
+    pub clock: Option<Clock>,
+}
+
+/// A running Cistern.
+pub struct Running {
+    /// The addresses actually bound, in config order.
+    pub addrs: Vec<SocketAddr>,
+    /// The proxy (snapshot swaps, engine, store).
+    pub proxy: Arc<Proxy>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, drains connections, and returns when done.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts Cistern with `config`.
+pub async fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
+    let clock = options.clock.unwrap_or_default();
+    let store_config = config.store.clone();
+    let store = tokio::task::spawn_blocking(move || ReplicaStore::open(&store_config))
+        .await
+        .expect("store open task panicked")?;
+    let stats = store.stats();
+    tracing::info!(
+        target: "cistern::store",
+        root = %store.root().display(),
+        files = stats.files,
+        bytes = stats.bytes,
+        "replica index rebuilt"
+    );
+    let client = UpstreamClient::new(&config.upstream_tls, &config.timeouts)?;
+    let engine = FetchEngine::new(Arc::new(store), client, clock.clone());
+
+    let mut listeners = Vec::new();
+    for l in &config.listeners {
+        let bound = BoundListener::bind(l.addr)
+            .await
+            .map_err(|source| StartError::Bind { addr: l.addr, source })?;
+        listeners.push(bound);
+    }
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
+    let idle = config.timeouts.idle;
+    let proxy = Arc::new(Proxy::new(Snapshot::new(config, options.log_headers), engine, clock));
+    let (shutdown, rx) = watch::channel(false);
+
+    // Keyed limiters forget idle clients now and then.
+    let housekeeping = proxy.clone();
+    let mut hk_stop = rx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => housekeeping.snapshot().limits.housekeeping(),
+                _ = hk_stop.changed() => break,
+            }
+        }
+    });
+
+    let task = tokio::spawn(server::serve(listeners, proxy.clone(), idle, rx, DRAIN));
+    for a in &addrs {
+        tracing::info!(target: "cistern::server", "listening on http://{a}");
+    }
+    Ok(Running {
+        addrs,
+        proxy,
+        shutdown,
+        task,
+    })
+}

@@ -1,0 +1,156 @@
+//! One upstream fetch per file, however many clients ask at once; readers
+//! stream the growing file; a client leaving never cancels the fetch.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cistern, Origin, Resource, get, pattern, request, send};
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+
+fn config(origin: &Origin) -> String {
+    format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{
+    root "{{ROOT}}"
+}}
+mirror "files" {{
+    prefix "/files/"
+    upstream "http://{}/"
+}}
+"#,
+        origin.addr
+    )
+}
+
+/// Reads a body as it streams: its SHA-256, its length, and when its first
+/// byte arrived.
+async fn stream_digest(resp: http::Response<hyper::body::Incoming>) -> (Result<[u8; 32], String>, u64, Option<Instant>) {
+    let mut body = resp.into_body();
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    let mut first = None;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    if !d.is_empty() && first.is_none() {
+                        first = Some(Instant::now());
+                    }
+                    len += d.len() as u64;
+                    hasher.update(&d);
+                }
+            }
+            Err(e) => return (Err(e.to_string()), len, first),
+        }
+    }
+    (Ok(hasher.finalize().into()), len, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_of_a_cold_64_mib_file_cause_one_upstream_fetch() {
+    const SIZE: usize = 64 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(9, SIZE);
+    let want: [u8; 32] = Sha256::digest(&body).into();
+    // 1024 chunks of 64 KiB, 3 ms apart: about three seconds of fill.
+    origin.put("/big.iso", Resource::new(body).slow(Duration::from_millis(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
+
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        let addr = cistern.addr;
+        clients.push(tokio::spawn(async move {
+            let resp = send(addr, "GET", "/files/big.iso", &[]).await;
+            let status = resp.status();
+            let cache = resp.headers().get("cache-status").map(|v| v.to_str().unwrap().to_owned());
+            let (digest, len, first) = stream_digest(resp).await;
+            (status, cache, digest, len, first)
+        }));
+    }
+    let mut results = Vec::new();
+    for c in clients {
+        results.push(c.await.unwrap());
+    }
+    let done = Instant::now();
+    assert_eq!(origin.hits("/big.iso"), 1, "exactly one upstream request");
+    let origin_first = origin.first_byte_at("/big.iso").expect("origin sent the body");
+    let mut collapsed = 0;
+    for (status, cache, digest, len, first) in &results {
+        assert_eq!(*status, 200);
+        assert_eq!(*len, SIZE as u64);
+        assert_eq!(digest.as_ref().unwrap(), &want, "every client gets the right bytes");
+        if cache.as_deref().unwrap_or("").contains("collapsed") {
+            collapsed += 1;
+        }
+        // Followers stream while the file grows: their first byte comes long
+        // before the fill ends, not after it.
+        let first = first.unwrap();
+        assert!(first >= origin_first);
+        assert!(
+            first.duration_since(origin_first) < done.duration_since(origin_first) / 2,
+            "a client waited for the whole fill before its first byte"
+        );
+    }
+    assert_eq!(collapsed, 49, "one leader, 49 collapsed followers");
+    // And now it is a hit.
+    let hit = get(cistern.addr, "/files/big.iso").await;
+    assert!(hit.header("cache-status").contains("hit"));
+    assert_eq!(origin.hits("/big.iso"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_requests_are_answered_while_the_file_is_still_filling() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(5, SIZE);
+    origin.put("/pkg.tar", Resource::new(body.clone()).slow(Duration::from_millis(5)));
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
+
+    // Start the fill, then ask for a range near the start and one near the end.
+    let leader = tokio::spawn({
+        let addr = cistern.addr;
+        async move { common::read(send(addr, "GET", "/files/pkg.tar", &[]).await).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let early = request(cistern.addr, "GET", "/files/pkg.tar", &[("range", "bytes=100-199")]).await;
+    assert_eq!(early.status, 206);
+    assert_eq!(early.header("content-range"), format!("bytes 100-199/{SIZE}"));
+    assert_eq!(early.bytes(), &body.slice(100..200));
+    let tail = request(cistern.addr, "GET", "/files/pkg.tar", &[("range", "bytes=-1000")]).await;
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.bytes(), &body.slice(SIZE - 1000..));
+    let whole = leader.await.unwrap();
+    assert_eq!(whole.bytes(), &body);
+    assert_eq!(origin.hits("/pkg.tar"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_does_not_cancel_the_fill() {
+    const SIZE: usize = 4 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(6, SIZE);
+    origin.put("/linux.tar.xz", Resource::new(body.clone()).slow(Duration::from_millis(5)));
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
+
+    // The only client reads a little and hangs up.
+    let resp = send(cistern.addr, "GET", "/files/linux.tar.xz", &[]).await;
+    let mut b = resp.into_body();
+    let _ = b.frame().await;
+    drop(b);
+    // The fill carries on and the replica completes.
+    let file = cistern.root.join(origin.addr.to_string()).join("linux.tar.xz");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !file.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), body, "the replica completed without any client");
+    let hit = get(cistern.addr, "/files/linux.tar.xz").await;
+    assert!(hit.header("cache-status").contains("hit"));
+    assert_eq!(origin.hits("/linux.tar.xz"), 1);
+}

@@ -1,0 +1,449 @@
+//! Test fixtures: an in-process origin server, a Cistern process started
+//! from the real binary, and a small HTTP client that can speak both
+//! origin-form and absolute-form (proxy) requests.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A body chunk type for origin responses.
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// Deterministic content: byte `i` of object `seed` is a function of both,
+/// so a spliced or shifted body never passes for the right one.
+pub fn pattern(seed: u8, len: usize) -> Bytes {
+    let mut v = Vec::with_capacity(len);
+    for i in 0..len {
+        v.push(((i as u64).wrapping_mul(2654435761).wrapping_add(u64::from(seed) * 97) >> 7) as u8);
+    }
+    Bytes::from(v)
+}
+
+/// One resource the origin serves.
+#[derive(Clone)]
+pub struct Resource {
+    /// Status to answer with.
+    pub status: StatusCode,
+    /// The body.
+    pub body: Bytes,
+    /// Extra response headers.
+    pub headers: Vec<(String, String)>,
+    /// Pause between 64 KiB chunks (a slow upstream).
+    pub chunk_delay: Option<Duration>,
+    /// Break the connection after this many body bytes, the next N times.
+    pub die_after: Option<(u64, u32)>,
+    /// Honour Range requests (206).
+    pub ranges: bool,
+}
+
+impl Resource {
+    /// A 200 with `body`, a strong ETag and Range support.
+    pub fn new(body: Bytes) -> Resource {
+        Resource {
+            status: StatusCode::OK,
+            body,
+            headers: vec![("etag".into(), "\"v1\"".into())],
+            chunk_delay: None,
+            die_after: None,
+            ranges: true,
+        }
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, k: &str, v: &str) -> Resource {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+
+    /// Streams slowly.
+    pub fn slow(mut self, per_64k: Duration) -> Resource {
+        self.chunk_delay = Some(per_64k);
+        self
+    }
+
+    /// Dies after `bytes` of body, `times` times.
+    pub fn die_after(mut self, bytes: u64, times: u32) -> Resource {
+        self.die_after = Some((bytes, times));
+        self
+    }
+}
+
+/// A request the origin saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Headers.
+    pub headers: HeaderMap,
+}
+
+/// An in-process origin server on 127.0.0.1.
+#[derive(Clone)]
+pub struct Origin {
+    /// Its address.
+    pub addr: SocketAddr,
+    resources: Arc<Mutex<HashMap<String, Resource>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    first_byte: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicU64>,
+}
+
+impl Origin {
+    /// Starts an origin with no resources (404 for everything).
+    pub async fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = Origin {
+            addr: listener.local_addr().unwrap(),
+            resources: Arc::default(),
+            seen: Arc::default(),
+            first_byte: Arc::default(),
+            connections: Arc::default(),
+        };
+        let o = origin.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { break };
+                o.connections.fetch_add(1, Ordering::Relaxed);
+                let o = o.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let o = o.clone();
+                        async move { Ok::<_, Infallible>(o.answer(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        origin
+    }
+
+    /// Serves `resource` at `path`.
+    pub fn put(&self, path: &str, resource: Resource) {
+        self.resources.lock().unwrap().insert(path.to_owned(), resource);
+    }
+
+    /// `http://127.0.0.1:PORT` + path.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Requests seen for `path` (any method).
+    pub fn hits(&self, path: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|s| s.path == path).count()
+    }
+
+    /// Every request seen.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// When the origin sent the first body byte for `path`.
+    pub fn first_byte_at(&self, path: &str) -> Option<Instant> {
+        self.first_byte.lock().unwrap().get(path).copied()
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<OriginBody> {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        self.seen.lock().unwrap().push(Seen {
+            method: req.method().to_string(),
+            path: path.clone(),
+            headers: req.headers().clone(),
+        });
+        let resource = {
+            let mut map = self.resources.lock().unwrap();
+            let Some(r) = map.get_mut(&path) else {
+                let mut resp = Response::new(full(Bytes::from_static(b"no such resource\n")));
+                *resp.status_mut() = StatusCode::NOT_FOUND;
+                return resp;
+            };
+            let snapshot = r.clone();
+            if let Some((bytes, times)) = r.die_after
+                && times > 0
+            {
+                r.die_after = if times > 1 { Some((bytes, times - 1)) } else { None };
+            }
+            snapshot
+        };
+        let etag = resource
+            .headers
+            .iter()
+            .find(|(k, _)| k == "etag")
+            .map(|(_, v)| v.clone());
+        // Conditional GET.
+        if let (Some(inm), Some(etag)) = (req.headers().get("if-none-match"), &etag)
+            && inm.to_str().unwrap_or("") == etag
+        {
+            let mut resp = Response::new(full(Bytes::new()));
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            for (k, v) in &resource.headers {
+                resp.headers_mut().append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            return resp;
+        }
+        let total = resource.body.len() as u64;
+        let mut start = 0u64;
+        let mut status = resource.status;
+        let range = req.headers().get("range").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let if_range_ok = match req.headers().get("if-range") {
+            None => true,
+            Some(v) => etag.as_deref() == v.to_str().ok(),
+        };
+        if resource.ranges
+            && if_range_ok
+            && let Some(r) = range
+            && let Some(from) = r.strip_prefix("bytes=").and_then(|r| r.strip_suffix('-'))
+            && let Ok(from) = from.parse::<u64>()
+            && from < total
+        {
+            start = from;
+            status = StatusCode::PARTIAL_CONTENT;
+        }
+        let body = resource.body.slice(start as usize..);
+        let mut resp = Response::new(self.stream_body(&path, body, resource.chunk_delay, resource.die_after.map(|d| d.0)));
+        *resp.status_mut() = status;
+        for (k, v) in &resource.headers {
+            resp.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        resp.headers_mut().insert("content-length", (total - start).into());
+        if status == StatusCode::PARTIAL_CONTENT {
+            resp.headers_mut().insert(
+                "content-range",
+                format!("bytes {start}-{}/{total}", total - 1).parse().unwrap(),
+            );
+        }
+        resp
+    }
+
+    fn stream_body(&self, path: &str, body: Bytes, delay: Option<Duration>, die_after: Option<u64>) -> OriginBody {
+        let first_byte = self.first_byte.clone();
+        let path = path.to_owned();
+        let stream = futures_util::stream::unfold((body, 0u64, false), move |(body, sent, dead)| {
+            let first_byte = first_byte.clone();
+            let path = path.clone();
+            async move {
+                if dead || body.is_empty() {
+                    return None;
+                }
+                if let Some(limit) = die_after
+                    && sent >= limit
+                {
+                    let err = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "origin dies on purpose");
+                    return Some((Err(err), (Bytes::new(), sent, true)));
+                }
+                if sent > 0
+                    && let Some(d) = delay
+                {
+                    tokio::time::sleep(d).await;
+                }
+                let mut n = body.len().min(64 * 1024);
+                if let Some(limit) = die_after {
+                    n = n.min((limit - sent) as usize).max(1);
+                }
+                let mut body = body;
+                let chunk = body.split_to(n);
+                first_byte.lock().unwrap().entry(path).or_insert_with(Instant::now);
+                Some((Ok(Frame::data(chunk)), (body, sent + n as u64, false)))
+            }
+        });
+        StreamBody::new(stream).boxed()
+    }
+}
+
+fn full(b: Bytes) -> OriginBody {
+    http_body_util::Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+/// A response read whole by the test client.
+#[derive(Debug)]
+pub struct Got {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body, or the error that cut it short.
+    pub body: Result<Bytes, String>,
+}
+
+impl Got {
+    /// A header as text ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    /// The body; panics if the transfer failed.
+    pub fn bytes(&self) -> &Bytes {
+        self.body.as_ref().expect("transfer failed")
+    }
+}
+
+/// Sends one HTTP/1.1 request to `proxy` on a new connection. `target` is
+/// sent as is: a path (origin-form) or a full URL (absolute-form, like an
+/// `http_proxy=` client).
+pub async fn request(proxy: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Got {
+    let resp = send(proxy, method, target, headers).await;
+    read(resp).await
+}
+
+/// GET shorthand.
+pub async fn get(proxy: SocketAddr, target: &str) -> Got {
+    request(proxy, "GET", target, &[]).await
+}
+
+/// Sends a request and returns the response with its body unread.
+pub async fn send(proxy: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Response<Incoming> {
+    let stream = TcpStream::connect(proxy).await.expect("connect to cistern");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut b = Request::builder().method(method).uri(target);
+    let host = target
+        .strip_prefix("http://")
+        .map(|r| r.split('/').next().unwrap_or("").to_owned())
+        .unwrap_or_else(|| proxy.to_string());
+    b = b.header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Empty::<Bytes>::new()).unwrap();
+    sender.send_request(req).await.expect("send request")
+}
+
+/// Reads a response whole.
+pub async fn read(resp: Response<Incoming>) -> Got {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).map_err(|e| e.to_string());
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// A Cistern process started from the real binary.
+pub struct Cistern {
+    /// The process.
+    pub child: Child,
+    /// Its proxy address.
+    pub addr: SocketAddr,
+    /// Its working directory (holds config.kdl, the replica, the log).
+    pub dir: PathBuf,
+    /// The replica root.
+    pub root: PathBuf,
+}
+
+impl Cistern {
+    /// Starts `cistern --config DIR/config.kdl` with `config` as the file's
+    /// text (`{PORT}` is replaced with a free port, `{ROOT}` with DIR/replica).
+    pub fn start(dir: &Path, config: &str, extra_args: &[&str]) -> Cistern {
+        let port = free_port();
+        let root = dir.join("replica");
+        let text = config
+            .replace("{PORT}", &port.to_string())
+            .replace("{ROOT}", &root.display().to_string());
+        std::fs::write(dir.join("config.kdl"), text).unwrap();
+        Self::spawn(dir, port, root, &["--config", "config.kdl"], extra_args)
+    }
+
+    /// Starts the binary with `args` in `dir`, expecting it on `port`.
+    pub fn spawn(dir: &Path, port: u16, root: PathBuf, args: &[&str], extra: &[&str]) -> Cistern {
+        let log = std::fs::File::create(dir.join("cistern.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cistern"))
+            .args(args)
+            .args(extra)
+            .current_dir(dir)
+            .env("CISTERN_LOG", "info,cistern=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start cistern");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let c = Cistern {
+            child,
+            addr,
+            dir: dir.to_owned(),
+            root,
+        };
+        c.wait_ready();
+        c
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("cistern did not start; log:\n{}", self.log());
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cistern.log")).unwrap_or_default()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Cistern {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Every file under `root`, relative, sorted: what `find root -type f` shows.
+pub fn find_files(root: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
