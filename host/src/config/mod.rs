@@ -1,5 +1,76 @@
 //! `config.kdl` → a typed, validated [`Config`].
+//!
+//! The file is KDL v2 (`#true`/`#false`); `docs/config.md` is the reference
+//! for every node. Loading never stops at the first problem: a
+//! [`ConfigError`] lists them all, each with file, line and column, and
+//! renders through `miette`. Relative paths in the file resolve against the
+//! file's own directory, so a config works whatever directory Cistern was
+//! started from.
 
+mod error;
 mod model;
+mod parse;
+mod units;
 
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+pub use error::{ConfigError, Problem};
 pub use model::*;
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`. Relative paths
+    /// in it resolve against its directory (made absolute first, so later
+    /// changes of working directory do not move them). Files the config
+    /// names (CA files, policy modules) must exist.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let read_error = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let absolute = std::path::absolute(path).map_err(read_error)?;
+        let text = std::fs::read_to_string(&absolute).map_err(read_error)?;
+        let mut config = parse::parse(&text, &absolute, true)?;
+        config.source = Some(absolute);
+        Ok(config)
+    }
+
+    /// Parses and validates `text` as if read from the file `name`: relative
+    /// paths resolve against `name`'s directory, and `name` is the file shown
+    /// in problems. Touches no files, so CA files and policy modules are not
+    /// checked for existence ([`Config::load`] does that).
+    pub fn parse(text: &str, name: &Path) -> Result<Config, ConfigError> {
+        parse::parse(text, name, false)
+    }
+
+    /// The configuration used when there is no config file: a plain forward
+    /// proxy on 127.0.0.1:8080 for loopback clients, keeping its replica in
+    /// `cwd` (like HTTP Replicator), with no mirrors and no policies.
+    pub fn forward_default(cwd: &Path) -> Config {
+        let root: PathBuf = cwd.to_path_buf();
+        Config {
+            source: None,
+            listeners: vec![Listener {
+                addr: parse::DEFAULT_LISTEN
+                    .parse()
+                    .expect("valid default address"),
+            }],
+            store: StoreConfig {
+                state: parse::default_state(&root),
+                root,
+                layout: Layout::HostPort,
+                max_size: None,
+            },
+            forward: parse::default_forward(),
+            mirrors: Vec::new(),
+            limits: LimitsConfig::default(),
+            timeouts: Timeouts::default(),
+            mode: CacheMode::default(),
+            upstream_tls: UpstreamTls::default(),
+            policies: Vec::new(),
+            limiters: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,1535 @@
+//! The KDL document → [`Config`] walk.
+//!
+//! Every block is a table of [`Rule`]s: a child node name, whether it may
+//! repeat, and the function that reads it. Adding a node kind (a later
+//! `site` or `admin` block) is one function and one table line. Problems are
+//! collected in [`Cx`] and never stop the walk, so one run reports them all.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Uri;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use ipnet::IpNet;
+use kdl::{KdlDocument, KdlEntry, KdlNode, KdlValue};
+use miette::{NamedSource, SourceSpan};
+
+use super::error::{ConfigError, Problem};
+use super::model::*;
+use super::units::{parse_duration, parse_size};
+
+/// Default policy wall-clock budget per hook call.
+const DEFAULT_POLICY_DEADLINE: Duration = Duration::from_millis(50);
+/// Default cap on a policy's linear memory.
+const DEFAULT_POLICY_MEMORY: u64 = 16 << 20;
+/// One WebAssembly page: no module can run with less.
+const WASM_PAGE: u64 = 64 << 10;
+/// The listener used when the file names none.
+pub(super) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Parses and validates `text`, read from `name`. Relative paths resolve
+/// against `name`'s directory. With `check_files`, files the config names
+/// (CA files, policy modules) must exist.
+pub(super) fn parse(text: &str, name: &Path, check_files: bool) -> Result<Config, ConfigError> {
+    let invalid = |problems: Vec<Problem>| ConfigError::Invalid {
+        src: NamedSource::new(name.display().to_string(), Arc::from(text)).with_language("kdl"),
+        problems,
+    };
+    let doc = match KdlDocument::parse_v2(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let mut problems: Vec<Problem> = e
+                .diagnostics
+                .iter()
+                .map(|d| {
+                    let mut p = Problem::new(
+                        text,
+                        d.span,
+                        d.message
+                            .clone()
+                            .unwrap_or_else(|| "invalid KDL".to_owned()),
+                    );
+                    p.label = d.label.clone();
+                    p.help = d.help.clone();
+                    p
+                })
+                .collect();
+            if problems.is_empty() {
+                problems.push(Problem::new(text, (0, 0).into(), "invalid KDL"));
+            }
+            problems.sort_by_key(|p| p.span.offset());
+            return Err(invalid(problems));
+        }
+    };
+    let base = name.parent().unwrap_or(Path::new("")).to_path_buf();
+    let mut cx = Cx {
+        text,
+        base,
+        check_files,
+        problems: Vec::new(),
+    };
+    let mut top = Top::default();
+    cx.block(&doc, TOP_LEVEL, &mut top);
+    let config = top.finish(&mut cx, name);
+    if cx.problems.is_empty() {
+        Ok(config)
+    } else {
+        // Cross-checks run after the walk; report in file order regardless.
+        cx.problems.sort_by_key(|p| p.span.offset());
+        Err(invalid(cx.problems))
+    }
+}
+
+/// The walk's context: the text (for positions), the directory relative
+/// paths resolve against, and every problem so far.
+struct Cx<'t> {
+    text: &'t str,
+    base: PathBuf,
+    check_files: bool,
+    problems: Vec<Problem>,
+}
+
+/// Reads one child node into the block's draft `T`.
+type Handler<T> = fn(&mut Cx<'_>, &KdlNode, &mut T);
+
+/// A child node a block accepts.
+struct Rule<T> {
+    name: &'static str,
+    /// May the node appear more than once in its block?
+    repeat: bool,
+    read: Handler<T>,
+}
+
+const fn once<T>(name: &'static str, read: Handler<T>) -> Rule<T> {
+    Rule {
+        name,
+        repeat: false,
+        read,
+    }
+}
+
+const fn many<T>(name: &'static str, read: Handler<T>) -> Rule<T> {
+    Rule {
+        name,
+        repeat: true,
+        read,
+    }
+}
+
+/// What a node may carry besides its name.
+struct Shape {
+    /// Fewest and most positional arguments.
+    args: (usize, usize),
+    /// Property names accepted.
+    props: &'static [&'static str],
+    /// Whether a `{ … }` block is accepted.
+    children: bool,
+    /// How to write the node, for "wrong arguments" help.
+    usage: &'static str,
+}
+
+/// A node's entries after the shape checks: positional arguments in order
+/// and the accepted properties by name.
+struct Entries<'n> {
+    name: &'n str,
+    args: Vec<&'n KdlEntry>,
+    props: HashMap<&'n str, &'n KdlEntry>,
+}
+
+impl<'n> Entries<'n> {
+    fn arg(&self, i: usize) -> Option<&'n KdlEntry> {
+        self.args.get(i).copied()
+    }
+
+    fn prop(&self, name: &str) -> Option<&'n KdlEntry> {
+        self.props.get(name).copied()
+    }
+}
+
+impl Cx<'_> {
+    /// Records a problem; returns it for adding a label or help.
+    fn error(&mut self, span: SourceSpan, message: impl Into<String>) -> &mut Problem {
+        let span = self.trim(span);
+        self.problems.push(Problem::new(self.text, span, message));
+        self.problems.last_mut().expect("just pushed")
+    }
+
+    /// kdl's entry and node spans include surrounding whitespace; point at
+    /// the text itself so the column is where the user looks.
+    fn trim(&self, span: SourceSpan) -> SourceSpan {
+        let start = span.offset().min(self.text.len());
+        let end = (start + span.len()).min(self.text.len());
+        let Some(slice) = self.text.get(start..end) else {
+            return span;
+        };
+        let lead = slice.len() - slice.trim_start().len();
+        let trimmed = slice.trim();
+        if trimmed.is_empty() {
+            return span;
+        }
+        SourceSpan::new((start + lead).into(), trimmed.len())
+    }
+
+    fn line_of(&self, span: SourceSpan) -> usize {
+        Problem::new(self.text, self.trim(span), "").line
+    }
+
+    /// Walks a block's children against its rules: unknown names and
+    /// repeats of single nodes are problems; the rest go to their readers.
+    fn block<T>(&mut self, doc: &KdlDocument, rules: &[Rule<T>], draft: &mut T) {
+        let mut seen: HashMap<&'static str, SourceSpan> = HashMap::new();
+        for node in doc.nodes() {
+            let name = node.name().value();
+            let Some(rule) = rules.iter().find(|r| r.name == name) else {
+                let names: Vec<&str> = rules.iter().map(|r| r.name).collect();
+                let help = match suggest(name, &names) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!("expected one of: {}", names.join(", ")),
+                };
+                self.error(node.name().span(), format!("unknown node `{name}`"))
+                    .help = Some(help);
+                continue;
+            };
+            if !rule.repeat {
+                if let Some(first) = seen.get(rule.name) {
+                    let line = self.line_of(*first);
+                    self.error(
+                        node.name().span(),
+                        format!("`{name}` is given twice (first on line {line})"),
+                    )
+                    .help = Some("keep one of them".to_owned());
+                    continue;
+                }
+                seen.insert(rule.name, node.name().span());
+            }
+            (rule.read)(self, node, draft);
+        }
+    }
+
+    /// Walks `node`'s children block, if any, against `rules`.
+    fn children<T>(&mut self, node: &KdlNode, rules: &[Rule<T>], draft: &mut T) {
+        if let Some(doc) = node.children() {
+            self.block(doc, rules, draft);
+        }
+    }
+
+    /// Checks `node` against `shape` and splits its entries. Problems with
+    /// the shape are recorded; the entries are still returned so the values
+    /// that are there get checked too.
+    fn entries<'n>(&mut self, node: &'n KdlNode, shape: &Shape) -> Entries<'n> {
+        let name = node.name().value();
+        if let Some(ty) = node.ty() {
+            self.error(
+                ty.span(),
+                format!("`{name}` has a type annotation; config.kdl does not use them"),
+            );
+        }
+        let mut args = Vec::new();
+        let mut props: HashMap<&str, &KdlEntry> = HashMap::new();
+        for entry in node.entries() {
+            if let Some(ty) = entry.ty() {
+                self.error(
+                    ty.span(),
+                    "type annotations are not used in config.kdl; remove `(…)`",
+                );
+            }
+            match entry.name() {
+                None => args.push(entry),
+                Some(key) => {
+                    let key = key.value();
+                    if !shape.props.contains(&key) {
+                        let help = match suggest(key, shape.props) {
+                            Some(s) => format!("did you mean `{s}`?"),
+                            None if shape.props.is_empty() => {
+                                format!("`{name}` takes no properties; usage: {}", shape.usage)
+                            }
+                            None => format!("`{name}` accepts: {}", shape.props.join(", ")),
+                        };
+                        self.error(
+                            entry.span(),
+                            format!("unknown property `{key}` on `{name}`"),
+                        )
+                        .help = Some(help);
+                    } else if let Some(first) = props.get(key) {
+                        let line = self.line_of(first.span());
+                        self.error(
+                            entry.span(),
+                            format!("property `{key}` is given twice (first on line {line})"),
+                        );
+                    } else {
+                        props.insert(key, entry);
+                    }
+                }
+            }
+        }
+        let (min, max) = shape.args;
+        if args.len() < min || args.len() > max {
+            let expected = match (min, max) {
+                (0, 0) => "no arguments".to_owned(),
+                (a, b) if a == b => format!("{a} argument{}", if a == 1 { "" } else { "s" }),
+                (a, usize::MAX) => {
+                    format!("at least {a} argument{}", if a == 1 { "" } else { "s" })
+                }
+                (a, b) => format!("{a} to {b} arguments"),
+            };
+            // Point at the first surplus argument, or at the name if some
+            // are missing.
+            let span = if args.len() > max {
+                args[max].span()
+            } else {
+                node.name().span()
+            };
+            self.error(
+                span,
+                format!("`{name}` takes {expected}, found {}", args.len()),
+            )
+            .help = Some(format!("usage: {}", shape.usage));
+        }
+        if !shape.children
+            && let Some(doc) = node.children()
+        {
+            self.error(doc.span(), format!("`{name}` takes no `{{ … }}` block"))
+                .help = Some(format!("usage: {}", shape.usage));
+        }
+        Entries {
+            name: node.name().value(),
+            args,
+            props,
+        }
+    }
+
+    /// A string value.
+    fn string<'n>(&mut self, node: &str, entry: &'n KdlEntry) -> Option<&'n str> {
+        match entry.value() {
+            KdlValue::String(s) => Some(s),
+            other => {
+                self.error(
+                    entry.span(),
+                    format!("`{node}` expects a string here, found {}", describe(other)),
+                )
+                .help = Some("quote it: \"…\"".to_owned());
+                None
+            }
+        }
+    }
+
+    /// `#true` or `#false`.
+    fn boolean(&mut self, node: &str, entry: &KdlEntry) -> Option<bool> {
+        match entry.value() {
+            KdlValue::Bool(b) => Some(*b),
+            other => {
+                let p = self.error(
+                    entry.span(),
+                    format!(
+                        "`{node}` expects #true or #false, found {}",
+                        describe(other)
+                    ),
+                );
+                if matches!(other, KdlValue::String(s) if s == "true" || s == "false") {
+                    p.help = Some("KDL v2 writes booleans with a hash: #true, #false".to_owned());
+                }
+                None
+            }
+        }
+    }
+
+    /// An integer within `T`'s range and at least `min`.
+    fn integer<T>(&mut self, node: &str, entry: &KdlEntry, min: T) -> Option<T>
+    where
+        T: TryFrom<i128> + Into<i128> + Copy + std::fmt::Display + Bounded,
+    {
+        let KdlValue::Integer(n) = entry.value() else {
+            self.error(
+                entry.span(),
+                format!(
+                    "`{node}` expects a whole number here, found {}",
+                    describe(entry.value())
+                ),
+            );
+            return None;
+        };
+        match T::try_from(*n) {
+            Ok(v) if v.into() >= min.into() => Some(v),
+            _ => {
+                self.error(
+                    entry.span(),
+                    format!("`{node}`: {n} is out of range ({min} to {})", T::MAX),
+                );
+                None
+            }
+        }
+    }
+
+    /// A size: `"20GiB"` or a bare number of bytes.
+    fn size(&mut self, node: &str, entry: &KdlEntry) -> Option<u64> {
+        match entry.value() {
+            KdlValue::Integer(n) => match u64::try_from(*n) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    self.error(
+                        entry.span(),
+                        format!("`{node}`: {n} is not a size in bytes"),
+                    );
+                    None
+                }
+            },
+            KdlValue::String(s) => match parse_size(s) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.error(entry.span(), format!("`{node}`: {e}"));
+                    None
+                }
+            },
+            other => {
+                self.error(
+                    entry.span(),
+                    format!(
+                        "`{node}` expects a size like \"20GiB\", found {}",
+                        describe(other)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration: `"15s"`. A bare number is refused: its unit would be a
+    /// guess.
+    fn duration(&mut self, node: &str, entry: &KdlEntry) -> Option<Duration> {
+        match entry.value() {
+            KdlValue::String(s) => match parse_duration(s) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.error(entry.span(), format!("`{node}`: {e}"));
+                    None
+                }
+            },
+            KdlValue::Integer(n) => {
+                self.error(entry.span(), format!("`{node}`: {n} has no unit"))
+                    .help = Some(format!(
+                    "write a quoted duration with a unit, like \"{n}s\""
+                ));
+                None
+            }
+            other => {
+                self.error(
+                    entry.span(),
+                    format!(
+                        "`{node}` expects a duration like \"15s\", found {}",
+                        describe(other)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A non-zero duration.
+    fn positive_duration(&mut self, node: &str, entry: &KdlEntry) -> Option<Duration> {
+        let d = self.duration(node, entry)?;
+        if d.is_zero() {
+            self.error(entry.span(), format!("`{node}` must be longer than zero"));
+            return None;
+        }
+        Some(d)
+    }
+
+    /// A path, resolved against the config file's directory.
+    fn path(&mut self, node: &str, entry: &KdlEntry) -> Option<PathBuf> {
+        let s = self.string(node, entry)?;
+        if s.is_empty() {
+            self.error(entry.span(), format!("`{node}`: the path is empty"));
+            return None;
+        }
+        Some(self.base.join(s))
+    }
+
+    /// With file checks on, `path` must be a readable file.
+    fn existing_file(&mut self, node: &str, entry: &KdlEntry, path: &Path) {
+        if !self.check_files {
+            return;
+        }
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                self.error(
+                    entry.span(),
+                    format!("`{node}`: {} is not a file", path.display()),
+                );
+            }
+            Err(e) => {
+                self.error(
+                    entry.span(),
+                    format!("`{node}`: cannot read {}: {e}", path.display()),
+                );
+            }
+        }
+    }
+
+    /// A name for a mirror, policy or limiter: used in logs, URLs of the
+    /// admin UI and default prefixes, so kept to a safe alphabet.
+    fn ident<'n>(&mut self, node: &str, entry: &'n KdlEntry) -> Option<&'n str> {
+        let s = self.string(node, entry)?;
+        let ok = !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            self.error(entry.span(), format!("`{node}`: {s:?} is not a valid name"))
+                .help = Some("use letters, digits, '-', '_' and '.'".to_owned());
+            return None;
+        }
+        Some(s)
+    }
+
+    /// A request rate from `count`, `per=` and `burst=`.
+    fn rate(
+        &mut self,
+        node: &str,
+        count: Option<&KdlEntry>,
+        e: &Entries<'_>,
+    ) -> Option<RequestRate> {
+        let count = count.and_then(|c| self.integer::<u32>(node, c, 1));
+        let period = match e.prop("per") {
+            Some(per) => self.positive_duration(node, per),
+            None => Some(Duration::from_secs(1)),
+        };
+        let burst = match e.prop("burst") {
+            Some(b) => self.integer::<u32>(node, b, 1).map(Some),
+            None => Some(None),
+        };
+        let count = count?;
+        Some(RequestRate {
+            count,
+            period: period?,
+            burst: burst?.unwrap_or(count),
+        })
+    }
+}
+
+/// Upper bound of an integer type, for range messages.
+trait Bounded {
+    const MAX: Self;
+}
+impl Bounded for u16 {
+    const MAX: u16 = u16::MAX;
+}
+impl Bounded for u32 {
+    const MAX: u32 = u32::MAX;
+}
+
+/// How a value reads in a message.
+fn describe(v: &KdlValue) -> String {
+    match v {
+        KdlValue::String(s) => format!("the string {s:?}"),
+        KdlValue::Integer(n) => format!("the number {n}"),
+        KdlValue::Float(f) => format!("the number {f}"),
+        KdlValue::Bool(b) => format!("#{b}"),
+        KdlValue::Null => "#null".to_owned(),
+    }
+}
+
+/// The closest candidate to a misspelt name, if one is close enough to be a
+/// likely typo.
+fn suggest<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(name, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(cur)
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+// ---------------------------------------------------------------------------
+// Top level
+
+/// The top-level draft: the config's parts as read, plus what the
+/// cross-checks in [`Top::finish`] need.
+struct Top {
+    listeners: Vec<Listener>,
+    listen_seen: HashMap<SocketAddr, SourceSpan>,
+    store: Option<StoreConfig>,
+    forward: Option<ForwardConfig>,
+    mirrors: Vec<MirrorConfig>,
+    mirror_names: HashMap<String, SourceSpan>,
+    mirror_prefixes: HashMap<String, SourceSpan>,
+    limits: LimitsConfig,
+    timeouts: Timeouts,
+    mode: CacheMode,
+    upstream_tls: UpstreamTls,
+    policies: Vec<PolicyDecl>,
+    policy_names: HashMap<String, SourceSpan>,
+    limiters: Vec<NamedLimiter>,
+    limiter_names: HashMap<String, SourceSpan>,
+    /// Every policy name used by a route, checked against the declarations
+    /// once the whole file is read (declarations may come later).
+    policy_refs: Vec<(String, SourceSpan)>,
+}
+
+impl Default for Top {
+    fn default() -> Self {
+        Top {
+            listeners: Vec::new(),
+            listen_seen: HashMap::new(),
+            store: None,
+            forward: None,
+            mirrors: Vec::new(),
+            mirror_names: HashMap::new(),
+            mirror_prefixes: HashMap::new(),
+            limits: LimitsConfig::default(),
+            timeouts: Timeouts::default(),
+            mode: CacheMode::default(),
+            upstream_tls: UpstreamTls::default(),
+            policies: Vec::new(),
+            policy_names: HashMap::new(),
+            limiters: Vec::new(),
+            limiter_names: HashMap::new(),
+            policy_refs: Vec::new(),
+        }
+    }
+}
+
+const TOP_LEVEL: &[Rule<Top>] = &[
+    many("listen", listen),
+    once("store", store),
+    once("forward", forward),
+    many("mirror", mirror),
+    once("limit", limit),
+    many("limiter", limiter),
+    once("timeouts", timeouts),
+    once("mode", mode),
+    once("upstream-tls", upstream_tls),
+    many("policy", policy),
+];
+
+impl Top {
+    /// Cross-checks and defaults that need the whole file.
+    fn finish(self, cx: &mut Cx<'_>, name: &Path) -> Config {
+        for (policy, span) in &self.policy_refs {
+            if !self.policy_names.contains_key(policy) {
+                let names: Vec<&str> = self.policy_names.keys().map(String::as_str).collect();
+                let help = match suggest(policy, &names) {
+                    Some(s) => format!("did you mean {s:?}?"),
+                    None => format!("declare it with: policy {policy:?} path=\"…\""),
+                };
+                cx.error(*span, format!("policy {policy:?} is not declared"))
+                    .help = Some(help);
+            }
+        }
+        let listeners = if self.listeners.is_empty() {
+            vec![Listener {
+                addr: DEFAULT_LISTEN.parse().expect("valid default address"),
+            }]
+        } else {
+            self.listeners
+        };
+        let store = self.store.unwrap_or_else(|| {
+            let root = cx.base.join("replica");
+            StoreConfig {
+                state: default_state(&root),
+                root,
+                layout: Layout::HostPort,
+                max_size: None,
+            }
+        });
+        // No `forward` block: a config that does not ask for a forward proxy
+        // does not get one (a mirror-only cache must not relay anything else).
+        let forward = self.forward.unwrap_or_else(|| ForwardConfig {
+            enabled: false,
+            ..default_forward()
+        });
+        Config {
+            source: Some(name.to_path_buf()),
+            listeners,
+            store,
+            forward,
+            mirrors: self.mirrors,
+            limits: self.limits,
+            timeouts: self.timeouts,
+            mode: self.mode,
+            upstream_tls: self.upstream_tls,
+            policies: self.policies,
+            limiters: self.limiters,
+        }
+    }
+}
+
+/// Forward-proxy defaults: on, loopback clients only, CONNECT to 443.
+pub(super) fn default_forward() -> ForwardConfig {
+    ForwardConfig {
+        enabled: true,
+        transparent: false,
+        allow: vec![
+            "127.0.0.0/8".parse().expect("valid net"),
+            "::1/128".parse().expect("valid net"),
+        ],
+        connect_ports: vec![443],
+        policies: Vec::new(),
+    }
+}
+
+/// `root` with `.cistern` appended (`/srv/replica` → `/srv/replica.cistern`),
+/// or `root/.cistern` when the root has no last component to extend (`/`).
+pub(super) fn default_state(root: &Path) -> PathBuf {
+    // Collecting components drops a trailing slash, which would otherwise
+    // put the state inside the root ("replica/" + ".cistern").
+    let root: PathBuf = root.components().collect();
+    if root.file_name().is_none() {
+        return root.join(".cistern");
+    }
+    let mut s: OsString = root.into_os_string();
+    s.push(".cistern");
+    PathBuf::from(s)
+}
+
+/// `listen "ADDR:PORT"`
+fn listen(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: false,
+            usage: "listen \"127.0.0.1:8080\"",
+        },
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    let addr: SocketAddr = match text.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            cx.error(arg.span(), format!("`listen`: {text:?} is not an IP address and port"))
+                .help = Some(
+                "write an IP address and a port: \"127.0.0.1:8080\", \"0.0.0.0:8080\", \"[::]:8080\""
+                    .to_owned(),
+            );
+            return;
+        }
+    };
+    if let Some(first) = top.listen_seen.get(&addr) {
+        let line = cx.line_of(*first);
+        cx.error(
+            arg.span(),
+            format!("`listen`: {addr} is already a listener (line {line})"),
+        );
+        return;
+    }
+    top.listen_seen.insert(addr, arg.span());
+    top.listeners.push(Listener { addr });
+}
+
+/// `mode "normal" | "static" | "offline"`
+fn mode(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: false,
+            usage: "mode \"normal\"  // or \"static\", \"offline\"",
+        },
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    top.mode = match text {
+        "normal" => CacheMode::Normal,
+        "static" => CacheMode::Static,
+        "offline" => CacheMode::Offline,
+        other => {
+            cx.error(arg.span(), format!("`mode`: unknown mode {other:?}"))
+                .help = Some("use \"normal\", \"static\" or \"offline\"".to_owned());
+            return;
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// store { … }
+
+#[derive(Default)]
+struct StoreDraft {
+    root: Option<PathBuf>,
+    root_span: Option<SourceSpan>,
+    state: Option<PathBuf>,
+    state_span: Option<SourceSpan>,
+    layout: Option<Layout>,
+    max_size: Option<u64>,
+}
+
+const STORE: &[Rule<StoreDraft>] = &[
+    once("root", store_root),
+    once("state", store_state),
+    once("layout", store_layout),
+    once("max-size", store_max_size),
+];
+
+const BLOCK: Shape = Shape {
+    args: (0, 0),
+    props: &[],
+    children: true,
+    usage: "NAME { … }",
+};
+
+fn store(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    cx.entries(node, &BLOCK);
+    let mut d = StoreDraft::default();
+    cx.children(node, STORE, &mut d);
+    let root = d.root.unwrap_or_else(|| cx.base.join("replica"));
+    let state = d.state.unwrap_or_else(|| default_state(&root));
+    // Metadata inside the browsable tree would show up as mirrored files,
+    // and the replica inside the state would be swept as partials.
+    let (r, s): (PathBuf, PathBuf) = (root.components().collect(), state.components().collect());
+    if s.starts_with(&r) || r.starts_with(&s) {
+        let span = d.state_span.or(d.root_span).unwrap_or(node.name().span());
+        cx.error(
+            span,
+            format!(
+                "`store`: the state directory {} and the replica root {} must not contain each other",
+                s.display(),
+                r.display()
+            ),
+        )
+        .help = Some("put them side by side, e.g. root \"replica\" and state \"replica.cistern\"".to_owned());
+    }
+    top.store = Some(StoreConfig {
+        root,
+        state,
+        layout: d.layout.unwrap_or(Layout::HostPort),
+        max_size: d.max_size,
+    });
+}
+
+const PATH_ARG: Shape = Shape {
+    args: (1, 1),
+    props: &[],
+    children: false,
+    usage: "NAME \"path\"",
+};
+
+fn store_root(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
+    let e = cx.entries(node, &PATH_ARG);
+    if let Some(arg) = e.arg(0) {
+        d.root = cx.path(e.name, arg);
+        d.root_span = Some(arg.span());
+    }
+}
+
+fn store_state(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
+    let e = cx.entries(node, &PATH_ARG);
+    if let Some(arg) = e.arg(0) {
+        d.state = cx.path(e.name, arg);
+        d.state_span = Some(arg.span());
+    }
+}
+
+fn store_layout(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: false,
+            usage: "layout \"host-port\"  // or \"flat\"",
+        },
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    match text {
+        "host-port" => d.layout = Some(Layout::HostPort),
+        "flat" => d.layout = Some(Layout::Flat),
+        other => {
+            cx.error(arg.span(), format!("`layout`: unknown layout {other:?}"))
+                .help = Some("use \"host-port\" or \"flat\"".to_owned());
+        }
+    }
+}
+
+fn store_max_size(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: false,
+            usage: "max-size \"20GiB\"",
+        },
+    );
+    let Some(arg) = e.arg(0) else { return };
+    match cx.size(e.name, arg) {
+        Some(0) => {
+            cx.error(arg.span(), "`max-size` must be more than zero")
+                .help = Some("leave `max-size` out for an unbounded replica".to_owned());
+        }
+        Some(n) => d.max_size = Some(n),
+        None => {}
+    }
+}
+
+// ---------------------------------------------------------------------------
+// forward { … }
+
+/// The forward block as read: `allow` and `connect-ports` replace their
+/// defaults only when given, and policy references go to the cross-check.
+struct ForwardDraft {
+    config: ForwardConfig,
+    allow_given: bool,
+    ports_given: bool,
+    refs: Vec<(String, SourceSpan)>,
+}
+
+const FORWARD: &[Rule<ForwardDraft>] = &[
+    once("enabled", |cx, n, d| {
+        if let Some(b) = bool_node(cx, n) {
+            d.config.enabled = b;
+        }
+    }),
+    once("transparent", |cx, n, d| {
+        if let Some(b) = bool_node(cx, n) {
+            d.config.transparent = b;
+        }
+    }),
+    many("allow", forward_allow),
+    many("connect-ports", forward_connect_ports),
+    once("policies", |cx, n, d| d.refs = policy_list(cx, n)),
+];
+
+fn forward(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    cx.entries(node, &BLOCK);
+    let mut d = ForwardDraft {
+        config: ForwardConfig {
+            allow: Vec::new(),
+            connect_ports: Vec::new(),
+            ..default_forward()
+        },
+        allow_given: false,
+        ports_given: false,
+        refs: Vec::new(),
+    };
+    cx.children(node, FORWARD, &mut d);
+    let defaults = default_forward();
+    if !d.allow_given {
+        d.config.allow = defaults.allow;
+    }
+    if !d.ports_given {
+        d.config.connect_ports = defaults.connect_ports;
+    }
+    d.config.policies = d.refs.iter().map(|(n, _)| n.clone()).collect();
+    top.policy_refs.extend(d.refs);
+    top.forward = Some(d.config);
+}
+
+const BOOL_ARG: Shape = Shape {
+    args: (1, 1),
+    props: &[],
+    children: false,
+    usage: "NAME #true  // or #false",
+};
+
+/// `NAME #true` or `NAME #false`.
+fn bool_node(cx: &mut Cx<'_>, node: &KdlNode) -> Option<bool> {
+    let e = cx.entries(node, &BOOL_ARG);
+    e.arg(0).and_then(|a| cx.boolean(e.name, a))
+}
+
+fn forward_allow(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ForwardDraft) {
+    d.allow_given = true;
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, usize::MAX),
+            props: &[],
+            children: false,
+            usage: "allow \"127.0.0.0/8\" \"::1/128\" \"192.168.1.7\"",
+        },
+    );
+    for arg in &e.args {
+        let Some(text) = cx.string(e.name, arg) else {
+            continue;
+        };
+        let net = match text.parse::<IpNet>() {
+            Ok(net) => net,
+            // A bare address means that one host.
+            Err(_) => match text.parse::<IpAddr>() {
+                Ok(ip) => IpNet::from(ip),
+                Err(_) => {
+                    cx.error(
+                        arg.span(),
+                        format!("`allow`: {text:?} is not a network (CIDR) or an IP address"),
+                    )
+                    .help = Some(
+                        "write e.g. \"192.168.0.0/16\", \"10.1.2.3\" or \"fd00::/8\"".to_owned(),
+                    );
+                    continue;
+                }
+            },
+        };
+        if net.trunc() != net {
+            // "10.0.0.1/8" is a typo for either a host or a network; the
+            // reader cannot tell which was meant, so neither do we.
+            cx.error(arg.span(), format!("`allow`: {text:?} has host bits set"))
+                .help = Some(format!(
+                "write the network {} or the single host {}",
+                net.trunc(),
+                net.addr()
+            ));
+            continue;
+        }
+        d.config.allow.push(net);
+    }
+}
+
+fn forward_connect_ports(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ForwardDraft) {
+    d.ports_given = true;
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, usize::MAX),
+            props: &[],
+            children: false,
+            usage: "connect-ports 443 8443",
+        },
+    );
+    for arg in &e.args {
+        if let Some(port) = cx.integer::<u16>(e.name, arg, 1)
+            && !d.config.connect_ports.contains(&port)
+        {
+            d.config.connect_ports.push(port);
+        }
+    }
+}
+
+/// `policies "a" "b"`: names with their spans, duplicates refused.
+fn policy_list(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<(String, SourceSpan)> {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, usize::MAX),
+            props: &[],
+            children: false,
+            usage: "policies \"store-id\" \"distro\"",
+        },
+    );
+    let mut out: Vec<(String, SourceSpan)> = Vec::new();
+    for arg in &e.args {
+        let Some(name) = cx.ident(e.name, arg) else {
+            continue;
+        };
+        if out.iter().any(|(n, _)| n == name) {
+            cx.error(arg.span(), format!("`policies`: {name:?} is listed twice"));
+            continue;
+        }
+        out.push((name.to_owned(), arg.span()));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// mirror NAME { … }
+
+struct MirrorDraft {
+    prefix: Option<(String, SourceSpan)>,
+    upstreams: Vec<Uri>,
+    refs: Vec<(String, SourceSpan)>,
+}
+
+const MIRROR: &[Rule<MirrorDraft>] = &[
+    once("prefix", mirror_prefix),
+    many("upstream", mirror_upstream),
+    once("policies", |cx, n, d| d.refs = policy_list(cx, n)),
+];
+
+fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: true,
+            usage: "mirror \"debian\" { upstream \"http://deb.debian.org/debian/\" }",
+        },
+    );
+    let name = e.arg(0).and_then(|a| cx.ident(e.name, a));
+    let mut d = MirrorDraft {
+        prefix: None,
+        upstreams: Vec::new(),
+        refs: Vec::new(),
+    };
+    cx.children(node, MIRROR, &mut d);
+    let Some(name) = name else { return };
+    let name_span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
+    if let Some(first) = top.mirror_names.get(name) {
+        let line = cx.line_of(*first);
+        cx.error(
+            name_span,
+            format!("mirror {name:?} is declared twice (first on line {line})"),
+        );
+        return;
+    }
+    top.mirror_names.insert(name.to_owned(), name_span);
+    if d.upstreams.is_empty() {
+        cx.error(name_span, format!("mirror {name:?} has no upstream"))
+            .help =
+            Some("add at least one: upstream \"https://mirror.example.org/path/\"".to_owned());
+    }
+    // The default prefix is the name, so `mirror "debian"` serves /debian/.
+    let (prefix, prefix_span) = d.prefix.unwrap_or_else(|| (format!("/{name}/"), name_span));
+    if let Some(first) = top.mirror_prefixes.get(&prefix) {
+        let line = cx.line_of(*first);
+        cx.error(
+            prefix_span,
+            format!("prefix {prefix:?} is already served by the mirror on line {line}"),
+        );
+    } else {
+        top.mirror_prefixes.insert(prefix.clone(), prefix_span);
+    }
+    top.policy_refs.extend(d.refs.iter().cloned());
+    top.mirrors.push(MirrorConfig {
+        name: name.to_owned(),
+        prefix,
+        upstreams: d.upstreams,
+        policies: d.refs.into_iter().map(|(n, _)| n).collect(),
+    });
+}
+
+fn mirror_prefix(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: false,
+            usage: "prefix \"/debian/\"",
+        },
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    let problem = if !text.starts_with('/') {
+        Some("must start with '/'")
+    } else if text.contains(['?', '#']) || text.chars().any(char::is_whitespace) {
+        Some("is a path: it cannot hold '?', '#' or spaces")
+    } else if text.contains("//") {
+        Some("has an empty segment (\"//\")")
+    } else if text.split('/').any(|seg| seg == "." || seg == "..") {
+        Some("cannot hold '.' or '..' segments")
+    } else {
+        None
+    };
+    if let Some(why) = problem {
+        cx.error(arg.span(), format!("`prefix` {text:?} {why}"))
+            .help = Some("write it as a path, like \"/debian/\"".to_owned());
+        return;
+    }
+    // A prefix is a directory: "/debian" must not also match "/debian-security".
+    let mut prefix = text.to_owned();
+    if !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    d.prefix = Some((prefix, arg.span()));
+}
+
+fn mirror_upstream(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: false,
+            usage: "upstream \"http://deb.debian.org/debian/\"",
+        },
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    match upstream_url(text) {
+        Ok(uri) => {
+            if d.upstreams.contains(&uri) {
+                cx.error(arg.span(), format!("upstream {uri} is listed twice"));
+            } else {
+                d.upstreams.push(uri);
+            }
+        }
+        Err(why) => {
+            cx.error(arg.span(), format!("`upstream` {text:?} {why}"))
+                .help =
+                Some("write a base URL, like \"https://deb.debian.org/debian/\"".to_owned());
+        }
+    }
+}
+
+/// Validates an upstream base URL and makes its path end with `/`, so
+/// joining a request's rest-of-path never glues two segments together.
+fn upstream_url(text: &str) -> Result<Uri, String> {
+    let uri: Uri = text.parse().map_err(|e| format!("is not a URL ({e})"))?;
+    let scheme = match uri.scheme() {
+        Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+        Some(s) => return Err(format!("uses {s}: only http and https are supported")),
+        None => return Err("has no scheme: start it with http:// or https://".to_owned()),
+    };
+    let authority: Authority = match uri.authority() {
+        Some(a) if !a.host().is_empty() => a.clone(),
+        _ => return Err("has no host".to_owned()),
+    };
+    if authority.as_str().contains('@') {
+        return Err(
+            "carries credentials (user@host); they would end up in logs and replica paths"
+                .to_owned(),
+        );
+    }
+    if uri.port_u16() == Some(0) {
+        return Err("has port 0".to_owned());
+    }
+    if uri.query().is_some() {
+        return Err("has a query; a base URL cannot carry one".to_owned());
+    }
+    let mut path = uri.path().to_owned();
+    if !path.ends_with('/') {
+        path.push('/');
+    }
+    let path: PathAndQuery = path.parse().map_err(|e| format!("has a bad path ({e})"))?;
+    Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| format!("is not a URL ({e})"))
+}
+
+// ---------------------------------------------------------------------------
+// limit { … } and limiter NAME …
+
+const LIMIT: &[Rule<LimitsConfig>] = &[
+    once("requests-per-client", limit_requests),
+    once("download", limit_download),
+];
+
+fn limit(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    cx.entries(node, &BLOCK);
+    cx.children(node, LIMIT, &mut top.limits);
+}
+
+fn limit_requests(cx: &mut Cx<'_>, node: &KdlNode, l: &mut LimitsConfig) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &["per", "burst"],
+            children: false,
+            usage: "requests-per-client 100 per=\"1s\" burst=200",
+        },
+    );
+    l.requests_per_client = cx.rate(e.name, e.arg(0), &e);
+}
+
+fn limit_download(cx: &mut Cx<'_>, node: &KdlNode, l: &mut LimitsConfig) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: false,
+            usage: "download \"10MiB\"  // bytes per second",
+        },
+    );
+    let Some(arg) = e.arg(0) else { return };
+    match cx.size(e.name, arg) {
+        Some(0) => {
+            cx.error(
+                arg.span(),
+                "`download` must be more than zero bytes per second",
+            )
+            .help = Some("leave `download` out for no cap".to_owned());
+        }
+        Some(n) => l.download_bytes_per_sec = Some(n),
+        None => {}
+    }
+}
+
+fn limiter(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &["rate", "per", "burst"],
+            children: false,
+            usage: "limiter \"per-path\" rate=10 per=\"1m\" burst=10",
+        },
+    );
+    let name = e.arg(0).and_then(|a| cx.ident(e.name, a));
+    let rate_entry = e.prop("rate");
+    if rate_entry.is_none() {
+        cx.error(node.name().span(), "`limiter` needs rate=N").help =
+            Some("usage: limiter \"per-path\" rate=10 per=\"1m\" burst=10".to_owned());
+    }
+    let rate = cx.rate(e.name, rate_entry, &e);
+    let (Some(name), Some(rate)) = (name, rate) else {
+        return;
+    };
+    let span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
+    if let Some(first) = top.limiter_names.get(name) {
+        let line = cx.line_of(*first);
+        cx.error(
+            span,
+            format!("limiter {name:?} is declared twice (first on line {line})"),
+        );
+        return;
+    }
+    top.limiter_names.insert(name.to_owned(), span);
+    top.limiters.push(NamedLimiter {
+        name: name.to_owned(),
+        rate,
+    });
+}
+
+// ---------------------------------------------------------------------------
+// timeouts { … }
+
+const TIMEOUTS: &[Rule<Timeouts>] = &[
+    once("idle", |cx, n, t| {
+        if let Some(d) = duration_node(cx, n, false) {
+            t.idle = d;
+        }
+    }),
+    once("connect", |cx, n, t| {
+        if let Some(d) = duration_node(cx, n, false) {
+            t.connect = d;
+        }
+    }),
+    // Zero is meaningful here: stop filling as soon as the last client goes.
+    once("orphan-fill", |cx, n, t| {
+        if let Some(d) = duration_node(cx, n, true) {
+            t.orphan_fill = d;
+        }
+    }),
+];
+
+fn timeouts(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    cx.entries(node, &BLOCK);
+    cx.children(node, TIMEOUTS, &mut top.timeouts);
+}
+
+fn duration_node(cx: &mut Cx<'_>, node: &KdlNode, zero_ok: bool) -> Option<Duration> {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: false,
+            usage: "NAME \"15s\"  // units: ms, s, m, h, d",
+        },
+    );
+    let arg = e.arg(0)?;
+    if zero_ok {
+        cx.duration(e.name, arg)
+    } else {
+        cx.positive_duration(e.name, arg)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// upstream-tls { … }
+
+struct TlsDraft {
+    tls: UpstreamTls,
+    span: SourceSpan,
+}
+
+const UPSTREAM_TLS: &[Rule<TlsDraft>] = &[
+    once("system-roots", |cx, n, d| {
+        if let Some(b) = bool_node(cx, n) {
+            d.tls.system_roots = b;
+        }
+    }),
+    many("ca-file", |cx, n, d| {
+        let e = cx.entries(n, &PATH_ARG);
+        let Some(arg) = e.arg(0) else { return };
+        if let Some(path) = cx.path(e.name, arg) {
+            cx.existing_file(e.name, arg, &path);
+            d.tls.ca_files.push(path);
+        }
+    }),
+];
+
+fn upstream_tls(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    cx.entries(node, &BLOCK);
+    let mut d = TlsDraft {
+        tls: UpstreamTls::default(),
+        span: node.name().span(),
+    };
+    cx.children(node, UPSTREAM_TLS, &mut d);
+    if !d.tls.system_roots && d.tls.ca_files.is_empty() {
+        cx.error(
+            d.span,
+            "`upstream-tls` trusts no certificate authority: every https upstream would fail",
+        )
+        .help = Some("add a `ca-file \"ca.pem\"` or set `system-roots #true`".to_owned());
+    }
+    top.upstream_tls = d.tls;
+}
+
+// ---------------------------------------------------------------------------
+// policy NAME path=… { param … }
+
+const POLICY: &[Rule<Vec<(String, String)>>] = &[many("param", policy_param)];
+
+fn policy(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &["path", "on-error", "isolation", "deadline", "memory"],
+            children: true,
+            usage: "policy \"distro\" path=\"builtin:distro\" on-error=\"pass\" { param \"key\" \"value\" }",
+        },
+    );
+    let name = e.arg(0).and_then(|a| cx.ident(e.name, a));
+    let source = match e.prop("path") {
+        None => {
+            cx.error(node.name().span(), "`policy` needs path=\"…\"")
+                .help = Some(
+                "name a module file (path=\"policies/mine.wasm\") or a built-in (path=\"builtin:distro\")"
+                    .to_owned(),
+            );
+            None
+        }
+        Some(p) => policy_source(cx, p),
+    };
+    let on_error = match e.prop("on-error") {
+        None => Some(OnError::default()),
+        Some(v) => match cx.string("on-error", v) {
+            Some("pass") => Some(OnError::Pass),
+            Some("deny") => Some(OnError::Deny),
+            Some(other) => {
+                cx.error(v.span(), format!("`on-error`: unknown value {other:?}"))
+                    .help =
+                    Some("use \"pass\" (fail open) or \"deny\" (fail closed, 503)".to_owned());
+                None
+            }
+            None => None,
+        },
+    };
+    let isolation = match e.prop("isolation") {
+        None => Some(Isolation::default()),
+        Some(v) => match cx.string("isolation", v) {
+            Some("reuse") => Some(Isolation::Reuse),
+            Some("fresh") => Some(Isolation::Fresh),
+            Some(other) => {
+                cx.error(v.span(), format!("`isolation`: unknown value {other:?}"))
+                    .help = Some("use \"reuse\" or \"fresh\"".to_owned());
+                None
+            }
+            None => None,
+        },
+    };
+    let deadline = match e.prop("deadline") {
+        None => Some(DEFAULT_POLICY_DEADLINE),
+        Some(v) => cx.positive_duration("deadline", v),
+    };
+    let memory_limit = match e.prop("memory") {
+        None => Some(DEFAULT_POLICY_MEMORY),
+        Some(v) => {
+            match cx.size("memory", v) {
+                Some(n) if n < WASM_PAGE => {
+                    cx.error(
+                    v.span(),
+                    format!("`memory` must be at least 64KiB (one WebAssembly page), found {n} bytes"),
+                );
+                    None
+                }
+                other => other,
+            }
+        }
+    };
+    let mut params = Vec::new();
+    cx.children(node, POLICY, &mut params);
+    let Some(name) = name else { return };
+    let span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
+    if let Some(first) = top.policy_names.get(name) {
+        let line = cx.line_of(*first);
+        cx.error(
+            span,
+            format!("policy {name:?} is declared twice (first on line {line})"),
+        );
+        return;
+    }
+    top.policy_names.insert(name.to_owned(), span);
+    let (Some(source), Some(on_error), Some(isolation), Some(deadline), Some(memory_limit)) =
+        (source, on_error, isolation, deadline, memory_limit)
+    else {
+        return;
+    };
+    top.policies.push(PolicyDecl {
+        name: name.to_owned(),
+        source,
+        on_error,
+        isolation,
+        deadline,
+        memory_limit,
+        params,
+    });
+}
+
+fn policy_source(cx: &mut Cx<'_>, entry: &KdlEntry) -> Option<PolicySource> {
+    let text = cx.string("path", entry)?;
+    if let Some(builtin) = text.strip_prefix("builtin:") {
+        if builtin.is_empty() {
+            cx.error(
+                entry.span(),
+                "`path`: \"builtin:\" needs a policy name after it",
+            )
+            .help = Some("e.g. path=\"builtin:distro\"".to_owned());
+            return None;
+        }
+        return Some(PolicySource::Builtin(builtin.to_owned()));
+    }
+    let path = cx.path("path", entry)?;
+    cx.existing_file("path", entry, &path);
+    Some(PolicySource::File(path))
+}
+
+fn policy_param(cx: &mut Cx<'_>, node: &KdlNode, params: &mut Vec<(String, String)>) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (2, 2),
+            props: &[],
+            children: false,
+            usage: "param \"key\" \"value\"",
+        },
+    );
+    let key = e.arg(0).and_then(|a| cx.string(e.name, a));
+    let value = e.arg(1).and_then(|a| cx.string(e.name, a));
+    if let (Some(k), Some(v)) = (key, value) {
+        params.push((k.to_owned(), v.to_owned()));
+    }
+}

@@ -1,0 +1,3 @@
+//! Tests of `config.kdl` parsing through the public API.
+
+use super::*;
