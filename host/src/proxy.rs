@@ -393,14 +393,17 @@ impl Proxy {
         {
             Ok(resp) => {
                 if unsafe_method && !resp.status().is_server_error() && !resp.status().is_client_error() {
+                    // Done before answering, so the client's next GET already
+                    // goes upstream.
                     let store = self.engine.store().clone();
-                    tokio::task::spawn_blocking(move || {
-                        if store.peek(&key).is_some()
-                            && let Err(e) = store.remove(&key)
-                        {
-                            tracing::warn!(target: "cistern::store", %key, "invalidation failed: {e}");
-                        }
-                    });
+                    let removed = tokio::task::spawn_blocking(move || match store.peek(&key) {
+                        Some(_) => store.remove(&key).map_err(|e| (key, e)),
+                        None => Ok(()),
+                    })
+                    .await;
+                    if let Ok(Err((key, e))) = removed {
+                        tracing::warn!(target: "cistern::store", %key, "invalidation failed: {e}");
+                    }
                 }
                 Answer {
                     response: passthrough_response(resp),

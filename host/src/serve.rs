@@ -396,21 +396,20 @@ fn growing_body(file: Arc<File>, start: u64, end: Option<u64>, progress: watch::
         }
         loop {
             // What may be read now, and whether more can come.
-            let (available, complete) = match &*r.progress.borrow_and_update() {
+            let step = match &*r.progress.borrow_and_update() {
                 FillState::Streaming { head, written } => {
                     // Hold back the last byte of a known length until commit.
-                    let cap = head.length.map_or(*written, |total| (*written).min(total.saturating_sub(1)));
-                    (cap, false)
+                    Ok((head.length.map_or(*written, |total| (*written).min(total.saturating_sub(1))), false))
                 }
-                FillState::Complete { replica, .. } => (replica.meta.length, true),
-                FillState::Failed(e) => {
+                FillState::Complete { replica, .. } => Ok((replica.meta.length, true)),
+                FillState::Failed(e) => Err(format!("upstream transfer failed: {e}")),
+                other => Err(format!("fill ended as {}", other.as_str())),
+            };
+            let (available, complete) = match step {
+                Ok(s) => s,
+                Err(message) => {
                     r.finished = true;
-                    let err: BoxError = format!("upstream transfer failed: {e}").into();
-                    return Some((Err(err), r));
-                }
-                other => {
-                    r.finished = true;
-                    let err: BoxError = format!("fill ended as {}", other.as_str()).into();
+                    let err: BoxError = message.into();
                     return Some((Err(err), r));
                 }
             };
