@@ -17,7 +17,10 @@ fn hook_cost() {
     let mut fresh = decl("healthy-fresh", guest("healthy.wat"));
     fresh.isolation = Isolation::Fresh;
     let mut store_id = decl("store-id", PolicySource::Builtin("store-id".into()));
-    store_id.params = vec![("rule".into(), "http://*/debian/pool/* http://debian.cistern/pool/$2".into())];
+    store_id.params = vec![(
+        "rule".into(),
+        "http://*/debian/pool/* http://debian.cistern/pool/$2".into(),
+    )];
     let mut store_id_fresh = store_id.clone();
     store_id_fresh.name = "store-id-fresh".into();
     store_id_fresh.isolation = Isolation::Fresh;
@@ -42,7 +45,10 @@ fn hook_cost() {
         for _ in 0..N {
             chain.on_request(&host, &mut req);
         }
-        println!("on_request {name:>16}: {:>8.2} µs/call", start.elapsed().as_secs_f64() * 1e6 / f64::from(N));
+        println!(
+            "on_request {name:>16}: {:>8.2} µs/call",
+            start.elapsed().as_secs_f64() * 1e6 / f64::from(N)
+        );
     }
     let chain = set.chain(&["distro".into()]).unwrap();
     let mut req = request("http://deb.debian.org/debian/pool/main/h/hello.deb", &[]);
@@ -51,5 +57,9 @@ fn hook_cost() {
     for _ in 0..N {
         chain.on_response(&host, &mut req, &mut resp);
     }
-    println!("on_response {:>15}: {:>8.2} µs/call", "distro", start.elapsed().as_secs_f64() * 1e6 / f64::from(N));
+    println!(
+        "on_response {:>15}: {:>8.2} µs/call",
+        "distro",
+        start.elapsed().as_secs_f64() * 1e6 / f64::from(N)
+    );
 }

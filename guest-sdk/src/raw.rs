@@ -45,11 +45,19 @@ unsafe extern "C" {
     /// Whether the replica store holds `key`: `REPLICA_*`.
     pub fn replica_state(key_ptr: *const u8, key_len: i32) -> i32;
     /// Copies the URL of a complete replica whose SHA-256 is `digest` into `out`.
-    pub fn url_by_sha256(digest_ptr: *const u8, digest_len: i32, out_ptr: *mut u8, out_cap: i32)
-    -> i32;
+    pub fn url_by_sha256(
+        digest_ptr: *const u8,
+        digest_len: i32,
+        out_ptr: *mut u8,
+        out_cap: i32,
+    ) -> i32;
     /// Asks limiter `name` for a verdict on `key`: 0 allowed, > 0 seconds to wait.
-    pub fn limiter_check(name_ptr: *const u8, name_len: i32, key_ptr: *const u8, key_len: i32)
-    -> i32;
+    pub fn limiter_check(
+        name_ptr: *const u8,
+        name_len: i32,
+        key_ptr: *const u8,
+        key_len: i32,
+    ) -> i32;
     /// Copies the `index`-th value of parameter `name` into `out`.
     pub fn param_get(
         name_ptr: *const u8,

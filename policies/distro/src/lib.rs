@@ -14,14 +14,39 @@ use cistern_guest::{self as cistern, Result, cache, request, response};
 
 /// File-name suffixes of versioned package files.
 const IMMUTABLE_SUFFIXES: &[&str] = &[
-    ".deb", ".udeb", ".ddeb", ".dsc", ".rpm", ".drpm", ".apk", ".pkg.tar.zst", ".pkg.tar.xz",
-    ".pkg.tar.gz", ".pkg.tar.zst.sig", ".pkg.tar.xz.sig", ".whl", ".crate", ".gem", ".nupkg",
+    ".deb",
+    ".udeb",
+    ".ddeb",
+    ".dsc",
+    ".rpm",
+    ".drpm",
+    ".apk",
+    ".pkg.tar.zst",
+    ".pkg.tar.xz",
+    ".pkg.tar.gz",
+    ".pkg.tar.zst.sig",
+    ".pkg.tar.xz.sig",
+    ".whl",
+    ".crate",
+    ".gem",
+    ".nupkg",
 ];
 
 /// File-name prefixes of index files that change in place.
 const REVALIDATE_PREFIXES: &[&str] = &[
-    "InRelease", "Release", "Packages", "Sources", "Contents-", "Translation-", "Components-",
-    "icons-", "Index", "repomd.xml", "APKINDEX", "mirrorlist", "metalink",
+    "InRelease",
+    "Release",
+    "Packages",
+    "Sources",
+    "Contents-",
+    "Translation-",
+    "Components-",
+    "icons-",
+    "Index",
+    "repomd.xml",
+    "APKINDEX",
+    "mirrorlist",
+    "metalink",
 ];
 
 /// File-name suffixes of index files that change in place.
@@ -46,7 +71,9 @@ fn classify(path: &str, extra_immutable: &[String], extra_revalidate: &[String])
     }
     if REVALIDATE_PREFIXES.iter().any(|p| name.starts_with(p))
         || REVALIDATE_SUFFIXES.iter().any(|s| name.ends_with(s))
-        || extra_revalidate.iter().any(|p| name.starts_with(p.as_str()))
+        || extra_revalidate
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
     {
         return Class::Revalidate;
     }

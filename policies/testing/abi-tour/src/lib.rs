@@ -32,14 +32,24 @@ fn on_request() -> Result<()> {
     report("x-method", request::method(), |v| v)?;
     report("x-url", request::url(), |v| v)?;
     report("x-path", Ok(path.clone()), |v| v)?;
-    report("x-query", request::query(), |v| v.unwrap_or_else(|| "none".into()))?;
+    report("x-query", request::query(), |v| {
+        v.unwrap_or_else(|| "none".into())
+    })?;
     report("x-host", request::host(), |v| v)?;
     report("x-client-addr", request::client_addr(), |v| v)?;
     report("x-client-ip", request::client_ip(), |v| v)?;
-    report("x-greeting", cistern::param("greeting"), |v| v.unwrap_or_default())?;
+    report("x-greeting", cistern::param("greeting"), |v| {
+        v.unwrap_or_default()
+    })?;
     report("x-multi", cistern::params("multi"), |v| v.join(","))?;
-    report("x-missing-param", cistern::param("missing"), |v| format!("{v:?}"))?;
-    report("x-accept-all", headers::all(Target::Request, "accept"), |v| v.join("|"))?;
+    report("x-missing-param", cistern::param("missing"), |v| {
+        format!("{v:?}")
+    })?;
+    report(
+        "x-accept-all",
+        headers::all(Target::Request, "accept"),
+        |v| v.join("|"),
+    )?;
     report("x-names", headers::names(Target::Request), |v| v.join(","))?;
     let probe = cistern::param("probe-key")?.unwrap_or_default();
     report("x-replica", replica::state(&probe), |v| {
@@ -57,21 +67,37 @@ fn on_request() -> Result<()> {
         v.unwrap_or_else(|| "none".into())
     })?;
     let ip = request::client_ip()?;
-    report("x-limit", cistern::limiter_check("tour", &ip), |v| match v {
-        Verdict::Allow => "allow".into(),
-        Verdict::Deny { retry_after } => format!("deny:{retry_after}"),
-    })?;
-    report("x-limit-unknown", cistern::limiter_check("nope", &ip), |_| "?".into())?;
+    report(
+        "x-limit",
+        cistern::limiter_check("tour", &ip),
+        |v| match v {
+            Verdict::Allow => "allow".into(),
+            Verdict::Deny { retry_after } => format!("deny:{retry_after}"),
+        },
+    )?;
+    report(
+        "x-limit-unknown",
+        cistern::limiter_check("nope", &ip),
+        |_| "?".into(),
+    )?;
     report("x-status-in-request", response::status(), |s| s.to_string())?;
-    report("x-bad-header", request::set_header("bad name", "v"), |_| "?".into())?;
+    report("x-bad-header", request::set_header("bad name", "v"), |_| {
+        "?".into()
+    })?;
     report("x-bad-url", request::set_url("not a url"), |_| "?".into())?;
-    report("x-removed", request::remove_header("x-remove-me"), |n| n.to_string())?;
+    report("x-removed", request::remove_header("x-remove-me"), |n| {
+        n.to_string()
+    })?;
     headers::add(Target::Request, "x-added", "1")?;
     headers::add(Target::Request, "x-added", "2")?;
     request::set_cache_key(&format!("tour:{path}"))?;
     request::set_upstream_url(&format!("http://upstream.test{path}"))?;
-    report("x-key-back", request::cache_key(), |v| v.unwrap_or_default())?;
-    report("x-upstream-back", request::upstream_url(), |v| v.unwrap_or_default())?;
+    report("x-key-back", request::cache_key(), |v| {
+        v.unwrap_or_default()
+    })?;
+    report("x-upstream-back", request::upstream_url(), |v| {
+        v.unwrap_or_default()
+    })?;
     cistern::log(Level::Info, "abi-tour on_request done");
     if request::query()?.is_some_and(|q| q.contains("bypass")) {
         cache::uncacheable()?;
@@ -86,7 +112,11 @@ fn on_request() -> Result<()> {
         "/fail" => return Err(Error::Invalid),
         "/panic" => panic!("abi-tour asked to panic"),
         "/bigbody" => {
-            report("x-big-body", cistern::respond(200, &vec![b'x'; 1 << 20]), |_| "?".into())?;
+            report(
+                "x-big-body",
+                cistern::respond(200, &vec![b'x'; 1 << 20]),
+                |_| "?".into(),
+            )?;
         }
         _ => {}
     }
