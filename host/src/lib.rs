@@ -13,6 +13,8 @@
 //!   transparent, a mirror path, or local.
 //! - [`proxy`]: the request pipeline; asks the store, the fetch engine and the
 //!   limiter, and writes the access log.
+//! - [`policy`]: WebAssembly policies: the wasmtime runtime, the host side
+//!   of the guest ABI (`guest-sdk/ABI.md`) and the built-in policies.
 //! - [`serve`]: answers a request from a replica file (complete or still
 //!   filling): ranges, conditionals, `Age`, `Cache-Status`, digests.
 //! - [`cache`]: the RFC 9111 rules (freshness, storability, revalidation),
@@ -37,6 +39,7 @@ pub mod clock;
 pub mod config;
 pub mod fetch;
 pub mod limit;
+pub mod policy;
 pub mod proxy;
 pub mod route;
 pub mod serve;

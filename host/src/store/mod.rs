@@ -213,7 +213,11 @@ impl ReplicaStore {
     /// the replica tree (resolving file/directory collisions as documented in
     /// [`path`]), indexes it, records its digest and evicts least recently
     /// used replicas past `max-size`. Blocking.
-    pub fn commit(&self, partial: PartialFile, meta: ObjectMeta) -> Result<Arc<Replica>, StoreError> {
+    pub fn commit(
+        &self,
+        partial: PartialFile,
+        meta: ObjectMeta,
+    ) -> Result<Arc<Replica>, StoreError> {
         let _ = (partial, meta);
         todo!()
     }

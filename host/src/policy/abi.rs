@@ -1,0 +1,672 @@
+//! The host side of the guest ABI: the `cistern` import module.
+//!
+//! Every function here treats the guest as hostile: pointer ranges are
+//! checked against the guest's memory before any access, inputs are parsed
+//! into owned values, outputs are written only when they fit, and every
+//! growth of host-side state is charged to a per-call budget. Functions
+//! return the ABI's negative codes; none of them traps.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode, Uri};
+use wasmtime::{Caller, Linker, Memory};
+
+use super::{LimitVerdict, MAX_DIRECT_BODY, PolicyHost, ReplicaState, RequestView, ResponseView};
+
+/// No such header, parameter, field value or digest.
+pub(crate) const ERR_NOT_FOUND: i32 = -1;
+/// A pointer range lies outside the guest's memory.
+pub(crate) const ERR_OUT_OF_BOUNDS: i32 = -2;
+/// A malformed argument.
+pub(crate) const ERR_INVALID: i32 = -3;
+/// Not available in the current hook.
+pub(crate) const ERR_WRONG_HOOK: i32 = -4;
+/// Over a host cap.
+pub(crate) const ERR_TOO_LARGE: i32 = -5;
+/// No limiter of that name.
+pub(crate) const ERR_UNKNOWN_LIMITER: i32 = -6;
+
+const FIELD_METHOD: i32 = 0;
+const FIELD_URL: i32 = 1;
+const FIELD_PATH: i32 = 2;
+const FIELD_QUERY: i32 = 3;
+const FIELD_HOST: i32 = 4;
+const FIELD_CLIENT_ADDR: i32 = 5;
+const FIELD_CLIENT_IP: i32 = 6;
+const FIELD_CACHE_KEY: i32 = 7;
+const FIELD_UPSTREAM_URL: i32 = 8;
+
+const TARGET_REQUEST: i32 = 0;
+const TARGET_RESPONSE: i32 = 1;
+
+const CACHE_UNCACHEABLE: i32 = 0;
+const CACHE_TTL: i32 = 1;
+const CACHE_TTL_CAP: i32 = 2;
+const CACHE_IMMUTABLE: i32 = 3;
+
+/// Bytes of headers, keys and URLs one call may add to host state. Bounds
+/// what a looping guest can make the host allocate before its deadline.
+pub(crate) const EDIT_BUDGET: usize = 256 * 1024;
+/// Longest log line kept; longer ones are cut.
+const MAX_LOG_LINE: usize = 1024;
+/// Log lines one call may write; later ones are refused.
+const MAX_LOG_LINES: u32 = 32;
+
+/// Which hook is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hook {
+    /// `on_request`.
+    Request,
+    /// `on_response`.
+    Response,
+}
+
+impl Hook {
+    /// The export's name.
+    pub(crate) fn export(self) -> &'static str {
+        match self {
+            Hook::Request => "on_request",
+            Hook::Response => "on_response",
+        }
+    }
+}
+
+/// Cache effects of one call.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CacheEffects {
+    pub(crate) uncacheable: bool,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) ttl_cap: Option<Duration>,
+    pub(crate) immutable: bool,
+}
+
+/// Everything one hook call may read and change. The views are moved in for
+/// the call and moved back out; the backups taken before the first edit
+/// restore them when the call fails, so a failed call never half-applies.
+pub(crate) struct CallCtx {
+    pub(crate) hook: Hook,
+    pub(crate) host: Arc<dyn PolicyHost>,
+    pub(crate) req: RequestView,
+    pub(crate) req_backup: Option<RequestView>,
+    pub(crate) resp: ResponseView,
+    pub(crate) resp_backup: Option<HeaderMap>,
+    /// Headers of a direct answer (`on_request`'s response target).
+    pub(crate) answer_headers: HeaderMap,
+    /// A direct answer, set by `respond`.
+    pub(crate) answer: Option<(StatusCode, Bytes)>,
+    pub(crate) cache: CacheEffects,
+    budget: usize,
+    log_lines: u32,
+}
+
+impl CallCtx {
+    /// A context for `hook` around the given views.
+    pub(crate) fn new(
+        hook: Hook,
+        host: Arc<dyn PolicyHost>,
+        req: RequestView,
+        resp: ResponseView,
+    ) -> CallCtx {
+        CallCtx {
+            hook,
+            host,
+            req,
+            req_backup: None,
+            resp,
+            resp_backup: None,
+            answer_headers: HeaderMap::new(),
+            answer: None,
+            cache: CacheEffects::default(),
+            budget: EDIT_BUDGET,
+            log_lines: 0,
+        }
+    }
+
+    fn charge(&mut self, bytes: usize) -> Result<(), i32> {
+        self.budget = self.budget.checked_sub(bytes).ok_or(ERR_TOO_LARGE)?;
+        Ok(())
+    }
+
+    fn req_mut(&mut self) -> &mut RequestView {
+        if self.req_backup.is_none() {
+            self.req_backup = Some(self.req.clone());
+        }
+        &mut self.req
+    }
+
+    /// The headers a write to `target` changes in this hook.
+    fn headers_mut(&mut self, target: i32) -> Result<&mut HeaderMap, i32> {
+        match (target, self.hook) {
+            (TARGET_REQUEST, Hook::Request) => Ok(&mut self.req_mut().headers),
+            (TARGET_REQUEST, Hook::Response) => Err(ERR_WRONG_HOOK),
+            (TARGET_RESPONSE, Hook::Request) => Ok(&mut self.answer_headers),
+            (TARGET_RESPONSE, Hook::Response) => {
+                if self.resp_backup.is_none() {
+                    self.resp_backup = Some(self.resp.headers.clone());
+                }
+                Ok(&mut self.resp.headers)
+            }
+            _ => Err(ERR_INVALID),
+        }
+    }
+
+    fn headers(&self, target: i32) -> Result<&HeaderMap, i32> {
+        match (target, self.hook) {
+            (TARGET_REQUEST, _) => Ok(&self.req.headers),
+            (TARGET_RESPONSE, Hook::Request) => Ok(&self.answer_headers),
+            (TARGET_RESPONSE, Hook::Response) => Ok(&self.resp.headers),
+            _ => Err(ERR_INVALID),
+        }
+    }
+}
+
+/// The deadline bookkeeping of the call in progress (see
+/// `instance::on_epoch`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    pub(crate) started: Instant,
+    pub(crate) cpu_mark: Option<u64>,
+    pub(crate) timed_out: bool,
+}
+
+/// Caps the guest's linear memory and tables, and remembers a refusal so a
+/// following trap is reported as a memory-limit failure.
+pub(crate) struct Limits {
+    pub(crate) memory: usize,
+    pub(crate) hit: bool,
+}
+
+/// Table elements a guest may have: function pointers only, a few hundred in
+/// practice.
+const MAX_TABLE_ELEMENTS: usize = 10_000;
+
+impl wasmtime::ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// A store's data: one per instance.
+pub(crate) struct HostState {
+    pub(crate) policy: Arc<str>,
+    pub(crate) params: Arc<[(String, String)]>,
+    pub(crate) memory: Option<Memory>,
+    pub(crate) limits: Limits,
+    pub(crate) deadline: Duration,
+    pub(crate) clock: Clock,
+    pub(crate) call: Option<CallCtx>,
+}
+
+impl HostState {
+    fn call(&mut self) -> Result<&mut CallCtx, i32> {
+        self.call.as_mut().ok_or(ERR_WRONG_HOOK)
+    }
+}
+
+/// Converts a guest (pointer, length) pair into a checked range.
+fn range(mem_len: usize, ptr: i32, len: i32) -> Result<std::ops::Range<usize>, i32> {
+    // Guest pointers are unsigned 32-bit offsets; a "negative" i32 is just a
+    // large offset and fails the bounds check like any other.
+    let start = ptr as u32 as usize;
+    let end = start
+        .checked_add(len as u32 as usize)
+        .ok_or(ERR_OUT_OF_BOUNDS)?;
+    if end > mem_len {
+        return Err(ERR_OUT_OF_BOUNDS);
+    }
+    Ok(start..end)
+}
+
+/// Splits the caller into its memory and state; no memory means the module
+/// did not export one, which loading rejects, so this only happens from a
+/// start function.
+fn split<'a>(
+    caller: &'a mut Caller<'_, HostState>,
+) -> Result<(&'a mut [u8], &'a mut HostState), i32> {
+    let memory = caller.data().memory.ok_or(ERR_WRONG_HOOK)?;
+    Ok(memory.data_and_store_mut(caller))
+}
+
+fn read_bytes(mem: &[u8], ptr: i32, len: i32) -> Result<&[u8], i32> {
+    Ok(&mem[range(mem.len(), ptr, len)?])
+}
+
+fn read_str(mem: &[u8], ptr: i32, len: i32) -> Result<&str, i32> {
+    std::str::from_utf8(read_bytes(mem, ptr, len)?).map_err(|_| ERR_INVALID)
+}
+
+/// The ABI's output convention: check the whole buffer, write only when the
+/// value fits, and always return the value's length.
+fn write_out(mem: &mut [u8], ptr: i32, cap: i32, value: &[u8]) -> i32 {
+    let dest = match range(mem.len(), ptr, cap) {
+        Ok(dest) => dest,
+        Err(code) => return code,
+    };
+    let Ok(len) = i32::try_from(value.len()) else {
+        return ERR_TOO_LARGE;
+    };
+    if value.len() <= dest.len() {
+        mem[dest.start..dest.start + value.len()].copy_from_slice(value);
+    }
+    len
+}
+
+fn code(result: Result<i32, i32>) -> i32 {
+    result.unwrap_or_else(|code| code)
+}
+
+fn parse_absolute(text: &str) -> Result<Uri, i32> {
+    let uri: Uri = text.parse().map_err(|_| ERR_INVALID)?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(uri),
+        _ => Err(ERR_INVALID),
+    }
+}
+
+fn header_name(mem: &[u8], ptr: i32, len: i32) -> Result<HeaderName, i32> {
+    HeaderName::from_bytes(read_bytes(mem, ptr, len)?).map_err(|_| ERR_INVALID)
+}
+
+fn request_get(
+    caller: &mut Caller<'_, HostState>,
+    field: i32,
+    out: i32,
+    cap: i32,
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let call = state.call()?;
+    let req = &call.req;
+    let owned;
+    let value: &str = match field {
+        FIELD_METHOD => req.method.as_str(),
+        FIELD_URL => {
+            owned = req.url.to_string();
+            &owned
+        }
+        FIELD_PATH => req.url.path(),
+        FIELD_QUERY => req.url.query().ok_or(ERR_NOT_FOUND)?,
+        FIELD_HOST => req
+            .url
+            .authority()
+            .map(|a| a.as_str())
+            .ok_or(ERR_NOT_FOUND)?,
+        FIELD_CLIENT_ADDR => {
+            owned = req.client.to_string();
+            &owned
+        }
+        FIELD_CLIENT_IP => {
+            owned = req.client.ip().to_string();
+            &owned
+        }
+        FIELD_CACHE_KEY => req.cache_key.as_deref().ok_or(ERR_NOT_FOUND)?,
+        FIELD_UPSTREAM_URL => {
+            owned = req.upstream_url.as_ref().ok_or(ERR_NOT_FOUND)?.to_string();
+            &owned
+        }
+        _ => return Err(ERR_INVALID),
+    };
+    Ok(write_out(mem, out, cap, value.as_bytes()))
+}
+
+fn request_set(
+    caller: &mut Caller<'_, HostState>,
+    field: i32,
+    ptr: i32,
+    len: i32,
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let call = state.call()?;
+    if call.hook != Hook::Request {
+        return Err(ERR_WRONG_HOOK);
+    }
+    let value = read_str(mem, ptr, len)?;
+    call.charge(value.len())?;
+    match field {
+        FIELD_URL => {
+            let uri = parse_absolute(value)?;
+            call.req_mut().url = uri;
+        }
+        FIELD_CACHE_KEY => {
+            let key = (!value.is_empty()).then(|| value.to_owned());
+            call.req_mut().cache_key = key;
+        }
+        FIELD_UPSTREAM_URL => {
+            let uri = if value.is_empty() {
+                None
+            } else {
+                Some(parse_absolute(value)?)
+            };
+            call.req_mut().upstream_url = uri;
+        }
+        _ => return Err(ERR_INVALID),
+    }
+    Ok(0)
+}
+
+fn response_status(caller: &mut Caller<'_, HostState>) -> Result<i32, i32> {
+    let call = caller.data_mut().call()?;
+    match call.hook {
+        Hook::Response => Ok(i32::from(call.resp.status.as_u16())),
+        Hook::Request => Err(ERR_WRONG_HOOK),
+    }
+}
+
+fn header_get(
+    caller: &mut Caller<'_, HostState>,
+    target: i32,
+    name: (i32, i32),
+    index: i32,
+    out: i32,
+    cap: i32,
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let name = header_name(mem, name.0, name.1)?;
+    let headers = state.call()?.headers(target)?;
+    let index = usize::try_from(index).map_err(|_| ERR_INVALID)?;
+    let value = headers
+        .get_all(&name)
+        .iter()
+        .nth(index)
+        .ok_or(ERR_NOT_FOUND)?;
+    Ok(write_out(mem, out, cap, value.as_bytes()))
+}
+
+fn header_names(
+    caller: &mut Caller<'_, HostState>,
+    target: i32,
+    out: i32,
+    cap: i32,
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let headers = state.call()?.headers(target)?;
+    let mut joined = Vec::with_capacity(headers.keys_len() * 16);
+    for name in headers.keys() {
+        joined.extend_from_slice(name.as_str().as_bytes());
+        joined.push(b'\n');
+    }
+    Ok(write_out(mem, out, cap, &joined))
+}
+
+fn header_write(
+    caller: &mut Caller<'_, HostState>,
+    target: i32,
+    name: (i32, i32),
+    value: (i32, i32),
+    append: bool,
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let name = header_name(mem, name.0, name.1)?;
+    let value =
+        HeaderValue::from_bytes(read_bytes(mem, value.0, value.1)?).map_err(|_| ERR_INVALID)?;
+    let call = state.call()?;
+    call.charge(name.as_str().len() + value.len() + 32)?;
+    let headers = call.headers_mut(target)?;
+    if append {
+        headers.append(name, value);
+    } else {
+        headers.insert(name, value);
+    }
+    Ok(0)
+}
+
+fn header_remove(
+    caller: &mut Caller<'_, HostState>,
+    target: i32,
+    ptr: i32,
+    len: i32,
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let name = header_name(mem, ptr, len)?;
+    let headers = state.call()?.headers_mut(target)?;
+    let removed = match headers.entry(name) {
+        http::header::Entry::Occupied(entry) => entry.remove_entry_mult().1.count(),
+        http::header::Entry::Vacant(_) => 0,
+    };
+    Ok(i32::try_from(removed).unwrap_or(i32::MAX))
+}
+
+fn cache_set(caller: &mut Caller<'_, HostState>, op: i32, value: i64) -> Result<i32, i32> {
+    let call = caller.data_mut().call()?;
+    let seconds = || {
+        u64::try_from(value)
+            .map(Duration::from_secs)
+            .map_err(|_| ERR_INVALID)
+    };
+    match (call.hook, op) {
+        (Hook::Request, CACHE_UNCACHEABLE) => call.req_mut().bypass_cache = true,
+        (Hook::Request, CACHE_TTL | CACHE_TTL_CAP | CACHE_IMMUTABLE) => return Err(ERR_WRONG_HOOK),
+        (Hook::Response, CACHE_UNCACHEABLE) => call.cache.uncacheable = true,
+        (Hook::Response, CACHE_TTL) => call.cache.ttl = Some(seconds()?),
+        (Hook::Response, CACHE_TTL_CAP) => {
+            let cap = seconds()?;
+            call.cache.ttl_cap = Some(call.cache.ttl_cap.map_or(cap, |old| old.min(cap)));
+        }
+        (Hook::Response, CACHE_IMMUTABLE) => call.cache.immutable = true,
+        _ => return Err(ERR_INVALID),
+    }
+    Ok(0)
+}
+
+fn respond(
+    caller: &mut Caller<'_, HostState>,
+    status: i32,
+    ptr: i32,
+    len: i32,
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let body = read_bytes(mem, ptr, len)?;
+    let call = state.call()?;
+    if call.hook != Hook::Request {
+        return Err(ERR_WRONG_HOOK);
+    }
+    let status = u16::try_from(status)
+        .ok()
+        .filter(|s| (200..=599).contains(s))
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .ok_or(ERR_INVALID)?;
+    if body.len() > MAX_DIRECT_BODY {
+        return Err(ERR_TOO_LARGE);
+    }
+    call.answer = Some((status, Bytes::copy_from_slice(body)));
+    Ok(0)
+}
+
+fn replica_state(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let key = read_str(mem, ptr, len)?;
+    let call = state.call()?;
+    Ok(match call.host.replica_state(key) {
+        ReplicaState::Absent => 0,
+        ReplicaState::Partial => 1,
+        ReplicaState::Complete => 2,
+    })
+}
+
+fn url_by_sha256(
+    caller: &mut Caller<'_, HostState>,
+    digest: (i32, i32),
+    out: i32,
+    cap: i32,
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let digest: [u8; 32] = read_bytes(mem, digest.0, digest.1)?
+        .try_into()
+        .map_err(|_| ERR_INVALID)?;
+    let call = state.call()?;
+    let url = call.host.url_by_sha256(&digest).ok_or(ERR_NOT_FOUND)?;
+    Ok(write_out(mem, out, cap, url.as_bytes()))
+}
+
+fn limiter_check(
+    caller: &mut Caller<'_, HostState>,
+    name: (i32, i32),
+    key: (i32, i32),
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let name = read_str(mem, name.0, name.1)?;
+    let key = read_str(mem, key.0, key.1)?;
+    let call = state.call()?;
+    match call.host.limiter_check(name, key) {
+        None => Err(ERR_UNKNOWN_LIMITER),
+        Some(LimitVerdict::Allow) => Ok(0),
+        Some(LimitVerdict::Deny { retry_after }) => {
+            // Round up: "retry in 0 seconds" would read as "allowed".
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            Ok(i32::try_from(secs.max(1)).unwrap_or(i32::MAX))
+        }
+    }
+}
+
+fn param_get(
+    caller: &mut Caller<'_, HostState>,
+    name: (i32, i32),
+    index: i32,
+    out: i32,
+    cap: i32,
+) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let name = read_bytes(mem, name.0, name.1)?;
+    let index = usize::try_from(index).map_err(|_| ERR_INVALID)?;
+    let params = Arc::clone(&state.params);
+    let value = params
+        .iter()
+        .filter(|(key, _)| key.as_bytes() == name)
+        .nth(index)
+        .map(|(_, value)| value)
+        .ok_or(ERR_NOT_FOUND)?;
+    Ok(write_out(mem, out, cap, value.as_bytes()))
+}
+
+fn log(caller: &mut Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let bytes = read_bytes(mem, ptr, len)?;
+    if let Some(call) = state.call.as_mut() {
+        if call.log_lines >= MAX_LOG_LINES {
+            return Err(ERR_TOO_LARGE);
+        }
+        call.log_lines += 1;
+    }
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_LOG_LINE)]);
+    let policy = &*state.policy;
+    match level {
+        0 => tracing::error!(target: "cistern::policy::guest", policy, "{text}"),
+        1 => tracing::warn!(target: "cistern::policy::guest", policy, "{text}"),
+        2 => tracing::info!(target: "cistern::policy::guest", policy, "{text}"),
+        3 => tracing::debug!(target: "cistern::policy::guest", policy, "{text}"),
+        _ => return Err(ERR_INVALID),
+    }
+    Ok(0)
+}
+
+/// The `cistern` import module, once per engine.
+pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut l = Linker::new(engine);
+    const M: &str = "cistern";
+    l.func_wrap(
+        M,
+        "request_get",
+        |mut c: Caller<'_, HostState>, f: i32, o: i32, n: i32| code(request_get(&mut c, f, o, n)),
+    )?;
+    l.func_wrap(
+        M,
+        "request_set",
+        |mut c: Caller<'_, HostState>, f: i32, p: i32, n: i32| code(request_set(&mut c, f, p, n)),
+    )?;
+    l.func_wrap(M, "response_status", |mut c: Caller<'_, HostState>| {
+        code(response_status(&mut c))
+    })?;
+    l.func_wrap(
+        M,
+        "header_get",
+        |mut c: Caller<'_, HostState>, t: i32, np: i32, nl: i32, i: i32, o: i32, n: i32| {
+            code(header_get(&mut c, t, (np, nl), i, o, n))
+        },
+    )?;
+    l.func_wrap(
+        M,
+        "header_names",
+        |mut c: Caller<'_, HostState>, t: i32, o: i32, n: i32| code(header_names(&mut c, t, o, n)),
+    )?;
+    l.func_wrap(
+        M,
+        "header_set",
+        |mut c: Caller<'_, HostState>, t: i32, np: i32, nl: i32, vp: i32, vl: i32| {
+            code(header_write(&mut c, t, (np, nl), (vp, vl), false))
+        },
+    )?;
+    l.func_wrap(
+        M,
+        "header_add",
+        |mut c: Caller<'_, HostState>, t: i32, np: i32, nl: i32, vp: i32, vl: i32| {
+            code(header_write(&mut c, t, (np, nl), (vp, vl), true))
+        },
+    )?;
+    l.func_wrap(
+        M,
+        "header_remove",
+        |mut c: Caller<'_, HostState>, t: i32, p: i32, n: i32| code(header_remove(&mut c, t, p, n)),
+    )?;
+    l.func_wrap(
+        M,
+        "cache_set",
+        |mut c: Caller<'_, HostState>, op: i32, v: i64| code(cache_set(&mut c, op, v)),
+    )?;
+    l.func_wrap(
+        M,
+        "respond",
+        |mut c: Caller<'_, HostState>, s: i32, p: i32, n: i32| code(respond(&mut c, s, p, n)),
+    )?;
+    l.func_wrap(
+        M,
+        "replica_state",
+        |mut c: Caller<'_, HostState>, p: i32, n: i32| code(replica_state(&mut c, p, n)),
+    )?;
+    l.func_wrap(
+        M,
+        "url_by_sha256",
+        |mut c: Caller<'_, HostState>, dp: i32, dl: i32, o: i32, n: i32| {
+            code(url_by_sha256(&mut c, (dp, dl), o, n))
+        },
+    )?;
+    l.func_wrap(
+        M,
+        "limiter_check",
+        |mut c: Caller<'_, HostState>, np: i32, nl: i32, kp: i32, kl: i32| {
+            code(limiter_check(&mut c, (np, nl), (kp, kl)))
+        },
+    )?;
+    l.func_wrap(
+        M,
+        "param_get",
+        |mut c: Caller<'_, HostState>, np: i32, nl: i32, i: i32, o: i32, n: i32| {
+            code(param_get(&mut c, (np, nl), i, o, n))
+        },
+    )?;
+    l.func_wrap(
+        M,
+        "log",
+        |mut c: Caller<'_, HostState>, lvl: i32, p: i32, n: i32| code(log(&mut c, lvl, p, n)),
+    )?;
+    Ok(l)
+}

@@ -1,0 +1,458 @@
+//! The process-wide engine, config snapshots of compiled policies, and the
+//! per-route chains that run them.
+
+use std::collections::{HashMap, HashSet};
+use std::mem;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    Config, Engine, ExternType, InstanceAllocationStrategy, Linker, Module,
+    PoolingAllocationConfig, ValType,
+};
+
+use super::abi::{self, CallCtx, Hook, HostState};
+use super::instance::{Policy, Settings, TICK};
+use super::{
+    ABI_VERSION, DirectResponse, Failure, MAX_MEMORY_LIMIT, PolicyError, PolicyHost, PolicyStats,
+    RequestOutcome, RequestView, ResponseDecision, ResponseView,
+};
+use crate::config::{OnError, PolicyDecl, PolicySource};
+
+include!(concat!(env!("OUT_DIR"), "/builtin_policies.rs"));
+
+/// The built-in policies: (name, module bytes).
+pub(crate) fn builtins() -> &'static [(&'static str, &'static [u8])] {
+    BUILTINS
+}
+
+/// Instances (and so linear memories) the pooling allocator has room for at
+/// once: idle reuse instances of every policy plus fresh ones in flight.
+const POOL_INSTANCES: u32 = 256;
+/// Memory kept mapped when a pooled slot is reused, so a small guest's next
+/// instantiation is a memset, not a page fault storm.
+const KEEP_RESIDENT: usize = 64 * 1024;
+/// Native stack wasm frames may use: deep enough for any sane policy,
+/// shallow enough that runaway recursion traps long before the worker
+/// thread's 2 MiB stack is at risk.
+const MAX_WASM_STACK: usize = 512 * 1024;
+
+/// The one wasmtime engine of the process, its epoch ticker, and a cache of
+/// compiled modules keyed by content hash so a reload that does not change a
+/// file does not recompile it.
+#[derive(Clone)]
+pub struct PolicyEngine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    modules: Mutex<HashMap<[u8; 32], Module>>,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine").finish_non_exhaustive()
+    }
+}
+
+impl PolicyEngine {
+    /// Creates the engine and starts its epoch ticker thread, which stops
+    /// when the engine and every module compiled by it are gone.
+    pub fn new() -> Result<PolicyEngine, PolicyError> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_core_instances(POOL_INSTANCES)
+            .total_memories(POOL_INSTANCES)
+            .total_tables(POOL_INSTANCES)
+            .max_memory_size(MAX_MEMORY_LIMIT as usize)
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .max_wasm_stack(MAX_WASM_STACK)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
+        let linker = abi::linker(&engine).map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("cistern-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| PolicyError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        Ok(PolicyEngine {
+            inner: Arc::new(EngineInner {
+                engine,
+                linker,
+                modules: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Compiles, links and checks every declared policy (ABI version, hook
+    /// signatures, instantiation within its limits) before anything goes
+    /// live. Reads files and may compile: call it off the async workers
+    /// (e.g. from `spawn_blocking`) when reloading.
+    pub fn load(&self, decls: &[PolicyDecl]) -> Result<PolicySet, PolicyError> {
+        let mut policies = Vec::with_capacity(decls.len());
+        let mut names = HashSet::new();
+        let mut used = HashSet::new();
+        for decl in decls {
+            if !names.insert(decl.name.as_str()) {
+                return Err(PolicyError::Duplicate(decl.name.clone()));
+            }
+            if decl.memory_limit > MAX_MEMORY_LIMIT {
+                return Err(PolicyError::MemoryLimit {
+                    policy: decl.name.clone(),
+                    limit: decl.memory_limit,
+                    max: MAX_MEMORY_LIMIT,
+                });
+            }
+            let (bytes, origin) = self.source(decl)?;
+            let hash: [u8; 32] = Sha256::digest(&bytes).into();
+            used.insert(hash);
+            let module = self.compile(decl, &origin, hash, &bytes)?;
+            let abi_error = |reason: String| PolicyError::Abi {
+                policy: decl.name.clone(),
+                origin: origin.clone(),
+                reason,
+            };
+            let (has_on_request, has_on_response) = check_exports(&module).map_err(abi_error)?;
+            let pre = self
+                .inner
+                .linker
+                .instantiate_pre(&module)
+                .map_err(|e| abi_error(format!("imports do not match the ABI: {e:#}")))?;
+            let policy = Policy::new(
+                Settings {
+                    name: Arc::from(decl.name.as_str()),
+                    origin: origin.clone(),
+                    params: decl.params.clone().into(),
+                    on_error: decl.on_error,
+                    isolation: decl.isolation,
+                    deadline: decl.deadline.max(TICK),
+                    memory_limit: usize::try_from(decl.memory_limit).unwrap_or(usize::MAX),
+                    has_on_request,
+                    has_on_response,
+                },
+                pre,
+            );
+            let version = policy.probe().map_err(abi_error)?;
+            if version != ABI_VERSION {
+                return Err(PolicyError::VersionMismatch {
+                    policy: decl.name.clone(),
+                    origin,
+                    found: version,
+                    expected: ABI_VERSION,
+                });
+            }
+            policies.push(Arc::new(policy));
+        }
+        // Keep only what this snapshot uses: a file edited ten times leaves
+        // one compiled module behind, not ten.
+        self.inner
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|hash, _| used.contains(hash));
+        Ok(PolicySet {
+            policies: Arc::new(policies),
+        })
+    }
+
+    fn source(&self, decl: &PolicyDecl) -> Result<(Vec<u8>, String), PolicyError> {
+        match &decl.source {
+            PolicySource::File(path) => {
+                let bytes = std::fs::read(path).map_err(|source| PolicyError::Read {
+                    policy: decl.name.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Ok((bytes, path.display().to_string()))
+            }
+            PolicySource::Builtin(name) => {
+                let (_, bytes) = builtins().iter().find(|(n, _)| n == name).ok_or_else(|| {
+                    PolicyError::UnknownBuiltin {
+                        policy: decl.name.clone(),
+                        name: name.clone(),
+                        available: super::builtin_names().join(", "),
+                    }
+                })?;
+                Ok((bytes.to_vec(), format!("builtin:{name}")))
+            }
+        }
+    }
+
+    fn compile(
+        &self,
+        decl: &PolicyDecl,
+        origin: &str,
+        hash: [u8; 32],
+        bytes: &[u8],
+    ) -> Result<Module, PolicyError> {
+        if let Some(module) = self.cached(&hash) {
+            return Ok(module);
+        }
+        // Compile outside the lock: it takes milliseconds and other loads
+        // (tests, a reload racing a start) should not queue behind it.
+        let module = Module::new(&self.inner.engine, bytes).map_err(|e| PolicyError::Compile {
+            policy: decl.name.clone(),
+            origin: origin.to_owned(),
+            reason: format!("{e:#}"),
+        })?;
+        self.inner
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hash, module.clone());
+        Ok(module)
+    }
+
+    fn cached(&self, hash: &[u8; 32]) -> Option<Module> {
+        let modules = self.inner.modules.lock().unwrap_or_else(|e| e.into_inner());
+        modules.get(hash).cloned()
+    }
+
+    /// How many compiled modules the cache holds (for tests and the admin
+    /// UI).
+    pub fn cached_modules(&self) -> usize {
+        self.inner
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+/// Checks the exports the ABI requires; returns which hooks exist.
+fn check_exports(module: &Module) -> Result<(bool, bool), String> {
+    let mut memory = false;
+    let mut version = false;
+    let mut hooks = (false, false);
+    for export in module.exports() {
+        let is_i32_thunk = |ty: &ExternType| match ty {
+            ExternType::Func(f) => {
+                f.params().len() == 0
+                    && f.results().len() == 1
+                    && matches!(f.results().next(), Some(ValType::I32))
+            }
+            _ => false,
+        };
+        let ty = export.ty();
+        match export.name() {
+            "memory" => memory = matches!(ty, ExternType::Memory(_)),
+            name @ ("cistern_abi_version" | "on_request" | "on_response") => {
+                if !is_i32_thunk(&ty) {
+                    return Err(format!("export `{name}` must be a function `() -> i32`"));
+                }
+                match name {
+                    "cistern_abi_version" => version = true,
+                    "on_request" => hooks.0 = true,
+                    _ => hooks.1 = true,
+                }
+            }
+            _ => {}
+        }
+    }
+    if !version {
+        return Err(format!(
+            "no `cistern_abi_version` export: not a Cistern policy (this host speaks ABI version {ABI_VERSION})"
+        ));
+    }
+    if !memory {
+        return Err("no memory exported as `memory`".into());
+    }
+    if hooks == (false, false) {
+        return Err("exports neither `on_request` nor `on_response`".into());
+    }
+    Ok(hooks)
+}
+
+/// The compiled policies of one config snapshot. Cheap to clone; dropping
+/// the last clone (and its chains) frees the instances.
+#[derive(Clone, Default)]
+pub struct PolicySet {
+    policies: Arc<Vec<Arc<Policy>>>,
+}
+
+impl std::fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}
+
+impl PolicySet {
+    /// The declared policies' names, in declaration order.
+    pub fn names(&self) -> Vec<&str> {
+        self.policies.iter().map(|p| &*p.settings.name).collect()
+    }
+
+    /// The chain for a route's ordered list of policy names.
+    pub fn chain(&self, names: &[String]) -> Result<PolicyChain, PolicyError> {
+        let chain = names
+            .iter()
+            .map(|name| {
+                self.policies
+                    .iter()
+                    .find(|p| &*p.settings.name == name.as_str())
+                    .cloned()
+                    .ok_or_else(|| PolicyError::Unknown(name.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PolicyChain {
+            policies: chain.into(),
+        })
+    }
+
+    /// Counters for every policy, in declaration order.
+    pub fn stats(&self) -> Vec<PolicyStats> {
+        self.policies.iter().map(|p| p.stats()).collect()
+    }
+}
+
+/// A route's ordered policies. Cheap to clone; the empty chain does nothing
+/// and costs nothing.
+#[derive(Clone, Default)]
+pub struct PolicyChain {
+    policies: Arc<[Arc<Policy>]>,
+}
+
+impl std::fmt::Debug for PolicyChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.policies.iter().map(|p| &*p.settings.name))
+            .finish()
+    }
+}
+
+fn log_failure(policy: &Policy, hook: Hook, failure: &Failure) {
+    let on_error = match policy.settings.on_error {
+        OnError::Pass => "pass",
+        OnError::Deny => "deny",
+    };
+    tracing::warn!(
+        policy = &*policy.settings.name,
+        module = %policy.settings.origin,
+        hook = hook.export(),
+        kind = failure.as_str(),
+        on_error,
+        "policy failed: {failure}"
+    );
+}
+
+fn denied() -> DirectResponse {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    DirectResponse {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        headers,
+        body: Bytes::from_static(b"503 Service Unavailable: a policy failed\n"),
+    }
+}
+
+impl PolicyChain {
+    /// No policies: the proxy can skip building views.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The policies' names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.policies.iter().map(|p| &*p.settings.name).collect()
+    }
+
+    /// Runs `on_request` of each policy in order, letting each edit `req`.
+    /// Stops at the first direct answer (or at a failed `deny` policy,
+    /// answering 503). A failed `pass` policy's edits are discarded.
+    pub fn on_request(&self, host: &Arc<dyn PolicyHost>, req: &mut RequestView) -> RequestOutcome {
+        for policy in self.policies.iter().filter(|p| p.settings.has_on_request) {
+            let ctx = CallCtx::new(
+                Hook::Request,
+                Arc::clone(host),
+                mem::take(req),
+                ResponseView::default(),
+            );
+            let (ctx, result) = policy.run(ctx);
+            match result {
+                Ok(()) => {
+                    *req = ctx.req;
+                    if let Some((status, body)) = ctx.answer {
+                        return RequestOutcome::Respond(DirectResponse {
+                            status,
+                            headers: ctx.answer_headers,
+                            body,
+                        });
+                    }
+                }
+                Err(failure) => {
+                    *req = ctx.req_backup.unwrap_or(ctx.req);
+                    log_failure(policy, Hook::Request, &failure);
+                    if policy.settings.on_error == OnError::Deny {
+                        return RequestOutcome::Respond(denied());
+                    }
+                }
+            }
+        }
+        RequestOutcome::Continue
+    }
+
+    /// Runs `on_response` of each policy in order, letting each edit `resp`
+    /// and merging their cache decisions. `req` is only read; it is `&mut`
+    /// so it can be lent to the guest without a copy. A failed `deny` policy
+    /// sets [`ResponseDecision::deny`] and stops the chain.
+    pub fn on_response(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        req: &mut RequestView,
+        resp: &mut ResponseView,
+    ) -> ResponseDecision {
+        let mut decision = ResponseDecision::default();
+        for policy in self.policies.iter().filter(|p| p.settings.has_on_response) {
+            let ctx = CallCtx::new(
+                Hook::Response,
+                Arc::clone(host),
+                mem::take(req),
+                mem::take(resp),
+            );
+            let (ctx, result) = policy.run(ctx);
+            *req = ctx.req;
+            match result {
+                Ok(()) => {
+                    *resp = ctx.resp;
+                    let cache = ctx.cache;
+                    decision.uncacheable |= cache.uncacheable;
+                    decision.immutable |= cache.immutable;
+                    decision.ttl = cache.ttl.or(decision.ttl);
+                    decision.ttl_cap = match (decision.ttl_cap, cache.ttl_cap) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                Err(failure) => {
+                    resp.status = ctx.resp.status;
+                    resp.headers = ctx.resp_backup.unwrap_or(ctx.resp.headers);
+                    log_failure(policy, Hook::Response, &failure);
+                    if policy.settings.on_error == OnError::Deny {
+                        decision.deny = true;
+                        break;
+                    }
+                }
+            }
+        }
+        decision
+    }
+}

@@ -1,0 +1,81 @@
+//! `store-id`: many mirror URLs → one cache key, like Squid's store-id.
+//!
+//! Each `param "rule" "PATTERN KEY"` maps request URLs to a cache key. The
+//! pattern is matched against the whole absolute URL; `*` matches any run of
+//! characters (possibly empty) and the key refers to what the n-th `*`
+//! matched as `$n` (`$1`…`$9`). Rules are tried in file order; the first
+//! match sets the key, and a URL no rule matches keeps its own.
+//!
+//! ```kdl
+//! policy "store-id" path="builtin:store-id" {
+//!     param "rule" "http://*/debian/pool/* http://debian.cistern/pool/$2"
+//! }
+//! ```
+
+use cistern_guest::{self as cistern, Level, Result, request};
+
+/// Matches `text` against `pattern`, filling `captures` with what each `*`
+/// matched. Backtracks, leftmost `*` shortest first, so
+/// `http://*/pool/*` splits at the first `/pool/`.
+fn glob<'t>(pattern: &[u8], text: &'t str, start: usize, captures: &mut Vec<&'t str>) -> bool {
+    let bytes = text.as_bytes();
+    let mut p = 0;
+    let mut t = start;
+    while p < pattern.len() {
+        if pattern[p] == b'*' {
+            let depth = captures.len();
+            for end in t..=bytes.len() {
+                if !text.is_char_boundary(end) {
+                    continue;
+                }
+                captures.push(&text[t..end]);
+                if glob(&pattern[p + 1..], text, end, captures) {
+                    return true;
+                }
+                captures.truncate(depth);
+            }
+            return false;
+        }
+        if t >= bytes.len() || bytes[t] != pattern[p] {
+            return false;
+        }
+        p += 1;
+        t += 1;
+    }
+    t == bytes.len()
+}
+
+fn expand(template: &str, captures: &[&str]) -> String {
+    let mut key = String::with_capacity(template.len() + 32);
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$'
+            && let Some(d) = chars.peek().and_then(|d| d.to_digit(10))
+        {
+            chars.next();
+            if let Some(capture) = (d as usize).checked_sub(1).and_then(|i| captures.get(i)) {
+                key.push_str(capture);
+            }
+            continue;
+        }
+        key.push(c);
+    }
+    key
+}
+
+fn on_request() -> Result<()> {
+    let url = request::url()?;
+    for rule in cistern::params("rule")? {
+        let Some((pattern, template)) = rule.split_once(char::is_whitespace) else {
+            cistern::log(Level::Warn, &format!("rule {rule:?} has no key template"));
+            continue;
+        };
+        let mut captures = Vec::new();
+        if glob(pattern.as_bytes(), &url, 0, &mut captures) {
+            return request::set_cache_key(&expand(template.trim(), &captures));
+        }
+    }
+    Ok(())
+}
+
+cistern::policy!(on_request => on_request);
