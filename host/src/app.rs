@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::fetch::upstream::ClientBuildError;
 use crate::fetch::{FetchEngine, UpstreamClient};
+use crate::policy::{PolicyEngine, PolicyError};
 use crate::proxy::{DRAIN, Proxy, Snapshot};
 use crate::server::{self, BoundListener};
 use crate::store::{ReplicaStore, StoreError};
@@ -26,6 +27,9 @@ pub enum StartError {
     /// The upstream TLS trust could not be set up.
     #[error(transparent)]
     Client(#[from] ClientBuildError),
+    /// A policy could not be loaded.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     /// A listener could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -90,7 +94,18 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     }
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
     let idle = config.timeouts.idle;
-    let proxy = Arc::new(Proxy::new(Snapshot::new(config, options.log_headers), engine, clock));
+    let (snapshot, policy_engine) = {
+        let engine = engine.clone();
+        let log_headers = options.log_headers;
+        tokio::task::spawn_blocking(move || {
+            let policy_engine = PolicyEngine::new()?;
+            let snapshot = Snapshot::build(config, &policy_engine, &engine, log_headers)?;
+            Ok::<_, PolicyError>((snapshot, policy_engine))
+        })
+        .await
+        .expect("policy compile task panicked")?
+    };
+    let proxy = Arc::new(Proxy::new(snapshot, engine, policy_engine, clock));
     let (shutdown, rx) = watch::channel(false);
 
     // Keyed limiters forget idle clients now and then.

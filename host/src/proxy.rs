@@ -1,6 +1,7 @@
 //! The request pipeline: limit, route, look in the replica, join or start
 //! a fill, serve, and log.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,8 +15,12 @@ use crate::accesslog::{AccessRecord, CacheOutcome, LoggedBody};
 use crate::cache::{self, CacheRequest, Freshness};
 use crate::clock::Clock;
 use crate::config::{CacheMode, Config};
-use crate::fetch::{FetchEngine, FetchError, FetchSettings, FillJob, FillState, FillTicket, Upstreams, error_chain};
+use crate::fetch::{
+    FetchEngine, FetchError, FetchSettings, FillJob, FillState, FillTicket, HeadHook, Upstreams, error_chain,
+};
 use crate::limit::Limits;
+use crate::policy::bridge::{PolicyHook, ProxyPolicyHost};
+use crate::policy::{DirectResponse, PolicyChain, PolicyEngine, PolicyError, PolicyHost, PolicySet, RequestOutcome, RequestView};
 use crate::route::{Route, Router};
 use crate::serve::{self, ProxyBody, ServeError, Source};
 use crate::store::{CacheKey, Replica};
@@ -34,11 +39,30 @@ pub struct Snapshot {
     pub settings: FetchSettings,
     /// Log request and response headers (`-v`).
     pub log_headers: bool,
+    /// Its compiled policies.
+    pub policies: PolicySet,
+    forward_chain: PolicyChain,
+    /// Policy chains of the mirrors, by mirror name.
+    mirror_chains: HashMap<String, PolicyChain>,
+    no_policies: PolicyChain,
+    policy_host: Arc<dyn PolicyHost>,
 }
 
 impl Snapshot {
-    /// Derives a snapshot from a validated config.
-    pub fn new(config: Config, log_headers: bool) -> Snapshot {
+    /// Derives a snapshot from a validated config, compiling its policies.
+    /// Blocking (compilation): call it from `spawn_blocking`.
+    pub fn build(
+        config: Config,
+        policy_engine: &PolicyEngine,
+        fetch: &FetchEngine,
+        log_headers: bool,
+    ) -> Result<Snapshot, PolicyError> {
+        let policies = policy_engine.load(&config.policies)?;
+        let forward_chain = policies.chain(&config.forward.policies)?;
+        let mut mirror_chains = HashMap::new();
+        for m in &config.mirrors {
+            mirror_chains.insert(m.name.clone(), policies.chain(&m.policies)?);
+        }
         let limits = Arc::new(Limits::new(&config));
         let settings = FetchSettings {
             idle: config.timeouts.idle,
@@ -46,13 +70,19 @@ impl Snapshot {
             mode: config.mode,
             limits: limits.clone(),
         };
-        Snapshot {
+        let policy_host: Arc<dyn PolicyHost> = Arc::new(ProxyPolicyHost::new(fetch.clone(), limits.clone()));
+        Ok(Snapshot {
             router: Router::new(&config),
             config: Arc::new(config),
             limits,
             settings,
             log_headers,
-        }
+            policies,
+            forward_chain,
+            mirror_chains,
+            no_policies: PolicyChain::default(),
+            policy_host,
+        })
     }
 }
 
@@ -69,6 +99,7 @@ pub struct ConnInfo {
 pub struct Proxy {
     snapshot: ArcSwap<Snapshot>,
     engine: FetchEngine,
+    policy_engine: PolicyEngine,
     clock: Clock,
 }
 
@@ -88,13 +119,20 @@ impl Answer {
 }
 
 impl Proxy {
-    /// A proxy serving `snapshot` with `engine`.
-    pub fn new(snapshot: Snapshot, engine: FetchEngine, clock: Clock) -> Proxy {
+    /// A proxy serving `snapshot` with `engine`; `policy_engine` compiles
+    /// the policies of later snapshots.
+    pub fn new(snapshot: Snapshot, engine: FetchEngine, policy_engine: PolicyEngine, clock: Clock) -> Proxy {
         Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             engine,
+            policy_engine,
             clock,
         }
+    }
+
+    /// The policy engine (one per process).
+    pub fn policy_engine(&self) -> &PolicyEngine {
+        &self.policy_engine
     }
 
     /// The current snapshot.
@@ -188,28 +226,82 @@ impl Proxy {
                 if !snap.router.forward_allowed(conn.client.ip()) {
                     return Answer::local(forbidden());
                 }
-                match CacheKey::from_uri(&url) {
-                    Ok(key) => self.http(req, key, Upstreams::Single(url), snap).await,
-                    Err(e) => Answer::local(serve::text(StatusCode::BAD_REQUEST, format!("bad URL: {e}"))),
-                }
+                self.proxied(req, conn, url.clone(), Upstreams::Single(url), &snap.forward_chain, snap)
+                    .await
             }
             Route::Mirror { set, rest } => {
                 // The replica lives under the first upstream's host:port, so
                 // failover between mirrors never duplicates a file.
-                let key = set.url(0, &rest).ok().and_then(|u| CacheKey::from_uri(&u).ok());
-                match key {
-                    Some(key) => self.http(req, key, Upstreams::Mirror { set, rest }, snap).await,
-                    None => Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path")),
-                }
+                let Ok(url) = set.url(0, &rest) else {
+                    return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path"));
+                };
+                // Every mirror has an entry; the empty chain is a safe default.
+                let chain = snap.mirror_chains.get(&set.name).unwrap_or(&snap.no_policies);
+                self.proxied(req, conn, url, Upstreams::Mirror { set, rest }, chain, snap)
+                    .await
             }
         }
     }
 
+    /// Runs the route's policies on a request for `url`, then proxies it.
+    async fn proxied(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        url: Uri,
+        mut upstreams: Upstreams,
+        chain: &PolicyChain,
+        snap: &Snapshot,
+    ) -> Answer {
+        let mut key_url = url;
+        let mut hook: Option<Arc<dyn HeadHook>> = None;
+        let mut bypass = false;
+        let mut store_id = None;
+        if !chain.is_empty() {
+            let headers = std::mem::take(req.headers_mut());
+            let mut view = RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
+            if let RequestOutcome::Respond(direct) = chain.on_request(&snap.policy_host, &mut view) {
+                return Answer::local(direct_response(direct));
+            }
+            *req.headers_mut() = view.headers.clone();
+            if view.url != key_url {
+                key_url = view.url.clone();
+                upstreams = Upstreams::Single(view.url.clone());
+            }
+            if let Some(up) = &view.upstream_url {
+                upstreams = Upstreams::Single(up.clone());
+            }
+            store_id = view.cache_key.clone();
+            bypass = view.bypass_cache;
+            hook = Some(Arc::new(PolicyHook::new(chain.clone(), snap.policy_host.clone(), view)));
+        }
+        let key = match store_id {
+            Some(id) => CacheKey::parse(&id).map_err(|e| format!("policy store-id {id:?}: {e}")),
+            None => CacheKey::from_uri(&key_url).map_err(|e| format!("bad URL: {e}")),
+        };
+        match key {
+            Ok(key) => self.http(req, key, upstreams, hook, bypass, snap).await,
+            Err(why) => Answer::local(serve::text(StatusCode::BAD_REQUEST, why)),
+        }
+    }
+
     /// A proxied HTTP request: cached for GET and HEAD, passed through otherwise.
-    async fn http(&self, req: Request<Incoming>, key: CacheKey, upstreams: Upstreams, snap: &Snapshot) -> Answer {
+    async fn http(
+        &self,
+        req: Request<Incoming>,
+        key: CacheKey,
+        upstreams: Upstreams,
+        hook: Option<Arc<dyn HeadHook>>,
+        bypass: bool,
+        snap: &Snapshot,
+    ) -> Answer {
         let method = req.method().clone();
         if method != Method::GET && method != Method::HEAD {
-            return self.pass(req, key, upstreams, snap).await;
+            return self.pass(req, key, upstreams, hook, snap).await;
+        }
+        if bypass {
+            let (parts, _) = req.into_parts();
+            return self.uncached(&method, parts.headers, &upstreams, hook.as_deref(), snap).await;
         }
         let Ok(key_uri) = key.as_str().parse::<Uri>() else {
             return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
@@ -235,7 +327,7 @@ impl Proxy {
                 }
                 Freshness::Stale(validators) => revalidate = Some((replica, validators)),
                 Freshness::Mismatch => {
-                    return self.uncached(&method, headers, &upstreams, snap).await;
+                    return self.uncached(&method, headers, &upstreams, hook.as_deref(), snap).await;
                 }
             }
         }
@@ -252,7 +344,7 @@ impl Proxy {
                     self.follow(&method, &headers, &key_uri, fill, None, CacheOutcome::Coalesced, &upstreams, snap)
                         .await
                 }
-                None => self.uncached(&method, headers, &upstreams, snap).await,
+                None => self.uncached(&method, headers, &upstreams, hook.as_deref(), snap).await,
             };
         }
         let job = FillJob {
@@ -262,7 +354,7 @@ impl Proxy {
             headers: upstream_headers(&headers, true),
             revalidate,
             settings: snap.settings.clone(),
-            hook: None,
+            hook,
         };
         match self.engine.fill(job) {
             FillTicket::Ready(replica) => match self.serve_replica(&method, &headers, replica, CacheOutcome::Hit).await {
@@ -319,7 +411,7 @@ impl Proxy {
                     };
                     if !variant_matches(&head.policy, creq, self.clock.now()) {
                         drop(progress);
-                        return self.uncached(method, headers.clone(), upstreams, snap).await;
+                        return self.uncached(method, headers.clone(), upstreams, None, snap).await;
                     }
                     let age = serve::fill_age(&head, self.clock.now());
                     let source = Source::Fill { head, progress };
@@ -348,7 +440,7 @@ impl Proxy {
                             outcome: CacheOutcome::Pass,
                         };
                     }
-                    return self.uncached(method, headers.clone(), upstreams, snap).await;
+                    return self.uncached(method, headers.clone(), upstreams, None, snap).await;
                 }
                 FillState::Failed(e) => return Answer::local(error_response(&e)),
             }
@@ -368,20 +460,31 @@ impl Proxy {
     }
 
     /// Fetches for this client only, storing nothing.
-    async fn uncached(&self, method: &Method, headers: HeaderMap, upstreams: &Upstreams, snap: &Snapshot) -> Answer {
+    async fn uncached(
+        &self,
+        method: &Method,
+        headers: HeaderMap,
+        upstreams: &Upstreams,
+        hook: Option<&dyn HeadHook>,
+        snap: &Snapshot,
+    ) -> Answer {
         let up = upstream_headers(&headers, false);
         match self.engine.direct(method.clone(), upstreams, up, None, &snap.settings).await {
-            Ok(resp) => Answer {
-                response: passthrough_response(resp),
-                outcome: CacheOutcome::Pass,
-            },
+            Ok(resp) => passed(resp, hook),
             Err(e) => Answer::local(error_response(&e)),
         }
     }
 
     /// Other methods: streamed both ways; a success invalidates the replica
     /// of the URL (RFC 9111 §4.4).
-    async fn pass(&self, req: Request<Incoming>, key: CacheKey, upstreams: Upstreams, snap: &Snapshot) -> Answer {
+    async fn pass(
+        &self,
+        req: Request<Incoming>,
+        key: CacheKey,
+        upstreams: Upstreams,
+        hook: Option<Arc<dyn HeadHook>>,
+        snap: &Snapshot,
+    ) -> Answer {
         let (parts, body) = req.into_parts();
         let headers = upstream_headers(&parts.headers, false);
         let body = body.map_err(|e| -> crate::fetch::BoxError { Box::new(e) }).boxed_unsync();
@@ -405,10 +508,7 @@ impl Proxy {
                         tracing::warn!(target: "cistern::store", %key, "invalidation failed: {e}");
                     }
                 }
-                Answer {
-                    response: passthrough_response(resp),
-                    outcome: CacheOutcome::Pass,
-                }
+                passed(resp, hook.as_deref())
             }
             Err(e) => Answer::local(error_response(&e)),
         }
@@ -473,6 +573,28 @@ fn upstream_headers(client: &HeaderMap, for_fill: bool) -> HeaderMap {
         }
     }
     h
+}
+
+/// An uncached upstream response, after the policies' `on_response`.
+fn passed(mut resp: Response<Incoming>, hook: Option<&dyn HeadHook>) -> Answer {
+    if let Some(hook) = hook {
+        let status = resp.status();
+        if hook.on_head(status, resp.headers_mut()).deny {
+            return Answer::local(serve::text(StatusCode::BAD_GATEWAY, "a policy refused the upstream response"));
+        }
+    }
+    Answer {
+        response: passthrough_response(resp),
+        outcome: CacheOutcome::Pass,
+    }
+}
+
+/// A policy's direct answer.
+fn direct_response(d: DirectResponse) -> Response<ProxyBody> {
+    let mut resp = Response::new(serve::full(d.body));
+    *resp.status_mut() = d.status;
+    *resp.headers_mut() = d.headers;
+    resp
 }
 
 fn passthrough_response(resp: Response<Incoming>) -> Response<ProxyBody> {

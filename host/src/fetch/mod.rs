@@ -120,6 +120,12 @@ pub enum FetchError {
     /// The replica store failed (full disk, permissions).
     #[error("replica store: {0}")]
     Store(#[from] StoreError),
+    /// A policy with `on-error="deny"` failed on the response.
+    #[error("a policy refused the response from {url}")]
+    PolicyDenied {
+        /// The URL fetched.
+        url: String,
+    },
     /// A worker task died (a bug); followers are released.
     #[error("fill task ended unexpectedly")]
     Vanished,
@@ -198,6 +204,8 @@ pub struct HeadDecision {
     pub ttl: Option<Duration>,
     /// Upper bound on the time to live.
     pub ttl_cap: Option<Duration>,
+    /// A policy that must not fail open failed: answer 502 instead.
+    pub deny: bool,
 }
 
 /// Called on every upstream response head before anything is decided;
@@ -619,6 +627,9 @@ impl Inner {
             }
             None => HeadDecision::default(),
         };
+        if decision.deny {
+            return Err(FetchError::PolicyDenied { url: url.to_string() });
+        }
 
         let resumed_from = match (&partial, resp.status()) {
             (Some((_, len)), StatusCode::PARTIAL_CONTENT) if resume.is_some() => {

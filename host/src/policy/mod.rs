@@ -16,6 +16,7 @@
 //! with the policy's name and counted in [`PolicyStats`].
 
 mod abi;
+pub mod bridge;
 mod engine;
 mod instance;
 

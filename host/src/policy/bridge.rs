@@ -1,0 +1,93 @@
+//! The proxy's side of the seam: the engines a guest may question
+//! ([`PolicyHost`] over the replica store, the fills in progress and the
+//! named limiters) and the response hook the fetch engine calls.
+
+use std::sync::{Arc, Mutex};
+
+use http::{HeaderMap, StatusCode};
+
+use super::{LimitVerdict, PolicyChain, PolicyHost, ReplicaState, RequestView, ResponseDecision, ResponseView};
+use crate::fetch::{FetchEngine, HeadDecision, HeadHook};
+use crate::limit::Limits;
+use crate::store::CacheKey;
+
+/// [`PolicyHost`] over the live store and one snapshot's limiters.
+pub struct ProxyPolicyHost {
+    engine: FetchEngine,
+    limits: Arc<Limits>,
+}
+
+impl ProxyPolicyHost {
+    /// A host answering from `engine`'s store and fills and from `limits`.
+    pub fn new(engine: FetchEngine, limits: Arc<Limits>) -> ProxyPolicyHost {
+        ProxyPolicyHost { engine, limits }
+    }
+}
+
+impl PolicyHost for ProxyPolicyHost {
+    fn replica_state(&self, key: &str) -> ReplicaState {
+        let Ok(key) = CacheKey::parse(key) else {
+            return ReplicaState::Absent;
+        };
+        if self.engine.store().peek(&key).is_some() {
+            ReplicaState::Complete
+        } else if self.engine.find(&key).is_some() {
+            ReplicaState::Partial
+        } else {
+            ReplicaState::Absent
+        }
+    }
+
+    fn url_by_sha256(&self, digest: &[u8; 32]) -> Option<String> {
+        // The key is an absolute URL that, asked through Cistern, is a hit.
+        self.engine.store().by_sha256(digest).map(|r| r.meta.key.clone())
+    }
+
+    fn limiter_check(&self, limiter: &str, key: &str) -> Option<LimitVerdict> {
+        self.limits.check_named(limiter, key).map(|r| match r {
+            Ok(()) => LimitVerdict::Allow,
+            Err(retry) => LimitVerdict::Deny { retry_after: retry.0 },
+        })
+    }
+}
+
+/// Runs a chain's `on_response` on an upstream response head, for the
+/// request that started the fetch.
+pub struct PolicyHook {
+    chain: PolicyChain,
+    host: Arc<dyn PolicyHost>,
+    /// The request as the chain left it; locked only for the one call.
+    request: Mutex<RequestView>,
+}
+
+impl PolicyHook {
+    /// A hook running `chain` with `request`.
+    pub fn new(chain: PolicyChain, host: Arc<dyn PolicyHost>, request: RequestView) -> PolicyHook {
+        PolicyHook {
+            chain,
+            host,
+            request: Mutex::new(request),
+        }
+    }
+}
+
+impl HeadHook for PolicyHook {
+    fn on_head(&self, status: StatusCode, headers: &mut HeaderMap) -> HeadDecision {
+        let mut response = ResponseView {
+            status,
+            headers: std::mem::take(headers),
+        };
+        let decision: ResponseDecision = {
+            let mut request = self.request.lock().unwrap_or_else(|p| p.into_inner());
+            self.chain.on_response(&self.host, &mut request, &mut response)
+        };
+        *headers = response.headers;
+        HeadDecision {
+            uncacheable: decision.uncacheable,
+            immutable: decision.immutable,
+            ttl: decision.ttl,
+            ttl_cap: decision.ttl_cap,
+            deny: decision.deny,
+        }
+    }
+}
