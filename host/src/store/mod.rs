@@ -60,6 +60,7 @@ mod key;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -421,25 +422,60 @@ impl ReplicaStore {
     /// Opens the file of a replica returned by [`ReplicaStore::lookup`] and
     /// checks that the index still describes these bytes (same path, same
     /// digest, same length); `None` means the replica was replaced, moved or
-    /// removed meanwhile: look up again. Blocking.
+    /// removed meanwhile: look up again (a miss then fetches it). A file
+    /// deleted or changed in size behind the store's back is dropped from
+    /// the index here. Blocking.
     pub fn open_replica(&self, replica: &Replica) -> Result<Option<File>, StoreError> {
         let file = match File::open(&replica.path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.drop_if_damaged(replica)?;
+                return Ok(None);
+            }
             Err(e) => return Err(io_err("open replica", &replica.path)(e)),
         };
         let len = file
             .metadata()
             .map_err(io_err("stat replica", &replica.path))?
             .len();
+        if !self.is_current(replica) {
+            return Ok(None);
+        }
+        if len != replica.meta.length {
+            self.drop_if_damaged(replica)?;
+            return Ok(None);
+        }
+        Ok(Some(file))
+    }
+
+    /// Whether the index still describes `replica`'s bytes at its path.
+    fn is_current(&self, replica: &Replica) -> bool {
         let key = CacheKey(replica.meta.key.as_str().into());
-        let current = self.index.get(&key, false);
-        let same = current.is_some_and(|c| {
+        self.index.get(&key, false).is_some_and(|c| {
             c.path == replica.path
                 && c.meta.sha256 == replica.meta.sha256
                 && c.meta.length == replica.meta.length
-        });
-        Ok((same && len == replica.meta.length).then_some(file))
+        })
+    }
+
+    /// Forgets `replica` if, under the tree lock (so not in the middle of a
+    /// move), it is still current and its file is missing or has another
+    /// length: someone changed the tree by hand.
+    fn drop_if_damaged(&self, replica: &Replica) -> Result<(), StoreError> {
+        let _tree = self.lock_tree();
+        if !self.is_current(replica) {
+            return Ok(());
+        }
+        let damaged = match fs::symlink_metadata(&replica.path) {
+            Ok(m) => !m.is_file() || m.len() != replica.meta.length,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(e) => return Err(io_err("stat replica", &replica.path)(e)),
+        };
+        if damaged {
+            tracing::warn!(path = %replica.path.display(), "replica changed outside Cistern; dropping it");
+            self.forget(&CacheKey(replica.meta.key.as_str().into()))?;
+        }
+        Ok(())
     }
 
     fn object_path(&self, hash: &str) -> PathBuf {
@@ -727,14 +763,20 @@ impl ReplicaStore {
                 let dst = self.root.join(new_rel.as_path());
                 fs::rename(&temp.path, &dst).map_err(io_err("move file into directory", &dst))
             });
-        drop(temp);
         if let Err(e) = moved {
+            // Put the file back where it was (its directory, if created, is
+            // empty); its metadata already names the new place, so it goes.
+            let _ = fs::remove_dir(&abs);
+            let _ = fs::rename(&temp.path, &abs);
             if let Some(key) = &owner {
                 let _ = fs::remove_file(self.object_path(&key.hash_hex()));
             }
             return Err(e);
         }
-        sync_dir(&abs)?;
+        drop(temp);
+        if let Err(e) = sync_dir(&abs) {
+            tracing::warn!(error = %e, "cannot sync replica directory");
+        }
         if let (Some(key), Some(replica), Some(meta)) = (owner, moving, new_meta) {
             let moved = Replica::new(
                 meta,
@@ -859,7 +901,7 @@ impl ReplicaStore {
             let entry = entry.map_err(io_err("read journal", &dir))?;
             let journal = entry.path();
             if let Ok(bytes) = fs::read(&journal) {
-                let temp = PathBuf::from(String::from_utf8_lossy(&bytes).into_owned());
+                let temp = PathBuf::from(std::ffi::OsStr::from_bytes(&bytes));
                 let ours = temp
                     .file_name()
                     .and_then(|n| n.to_str())

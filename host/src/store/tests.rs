@@ -764,3 +764,20 @@ fn io_errors_name_the_operation_and_path_and_keep_the_tree_clean() {
     drop(store);
     assert!(fx.open().lookup(&k).is_none());
 }
+
+#[test]
+fn a_replica_deleted_by_hand_becomes_a_miss() {
+    let fx = Fixture::new(Layout::HostPort, None);
+    let store = fx.open();
+    let k = key("http://example.org/f");
+    let r = put(&store, k.as_str(), b"content");
+    fs::remove_file(&r.path).expect("delete by hand");
+    assert!(store.open_replica(&r).expect("open").is_none());
+    assert!(store.lookup(&k).is_none());
+    assert_eq!(store.stats(), StoreStats::default());
+
+    let r = put(&store, k.as_str(), b"content");
+    fs::write(&r.path, b"edited to another size").expect("edit by hand");
+    assert!(store.open_replica(&r).expect("open").is_none());
+    assert!(store.lookup(&k).is_none());
+}
