@@ -624,14 +624,15 @@ impl ReplicaStore {
             }
             return Err(e);
         }
-        let promoted = fs::rename(&pending, &obj).map_err(io_err("rename metadata", &obj));
-        let promoted = promoted.and_then(|()| obj.parent().map_or(Ok(()), sync_dir));
-        if let Err(e) = promoted {
+        if let Err(e) = fs::rename(&pending, &obj).map_err(io_err("rename metadata", &obj)) {
             // The bytes are in place but nothing durable vouches for them:
             // take them out rather than keep an unexplained file.
             let _ = fs::remove_file(&pending);
             let _ = fs::remove_file(&abs);
             return Err(e);
+        }
+        if let Some(Err(e)) = obj.parent().map(sync_dir) {
+            tracing::warn!(error = %e, "cannot sync metadata directory");
         }
         let (_, partial_json) = self.partial_paths(&key);
         let _ = remove_file_if_exists(&partial_json);
