@@ -614,6 +614,11 @@ impl ReplicaStore {
             }
             write_synced(&pending, &encode(&meta, &pending)?)?;
             remove_file_if_exists(&obj).map_err(io_err("remove old metadata", &obj))?;
+            // Durable before the bytes move, or a power cut could keep the
+            // old metadata next to the new bytes.
+            if let Some(dir) = obj.parent() {
+                sync_dir(dir)?;
+            }
             // An error from here on means the tree was not changed.
             self.move_into_tree(&partial.path, &abs)
         })();
