@@ -455,7 +455,8 @@ impl Proxy {
         outcome: CacheOutcome,
     ) -> Result<Answer, ServeError> {
         let age = cache::age(&replica.meta, self.clock.now());
-        let response = serve::respond(method, headers, Source::Replica(replica), age).await?;
+        let source = Source::Replica(replica, self.engine.store().clone());
+        let response = serve::respond(method, headers, source, age).await?;
         Ok(Answer { response, outcome })
     }
 

@@ -21,7 +21,7 @@ use http_body::Frame;
 use tokio::sync::watch;
 
 use crate::fetch::{BoxError, FillHead, FillState};
-use crate::store::Replica;
+use crate::store::{Replica, ReplicaStore};
 
 /// The body type of every response Cistern sends.
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -33,8 +33,8 @@ const READ_CHUNK: u64 = 256 * 1024;
 
 /// Where the bytes come from.
 pub enum Source {
-    /// A committed replica.
-    Replica(Arc<Replica>),
+    /// A committed replica, opened through its store.
+    Replica(Arc<Replica>, Arc<ReplicaStore>),
     /// A fill in progress (the file grows as `progress` says).
     Fill {
         /// The fill's response head.
@@ -91,7 +91,7 @@ pub async fn respond(
     age: Duration,
 ) -> Result<Response<ProxyBody>, ServeError> {
     let (mut headers, length, digest) = match &source {
-        Source::Replica(r) => (
+        Source::Replica(r, _) => (
             header_map(&r.meta.headers),
             Some(r.meta.length),
             hex::decode(&r.meta.sha256).ok(),
@@ -163,7 +163,10 @@ pub async fn respond(
         empty()
     } else {
         match source {
-            Source::Replica(replica) => replica_body(&replica, start, end.unwrap_or(replica.meta.length)).await?,
+            Source::Replica(replica, store) => {
+                let end = end.unwrap_or(replica.meta.length);
+                replica_body(replica, store, start, end).await?
+            }
             Source::Fill { head, progress } => growing_body(head.file.clone(), start, end, progress),
         }
     };
@@ -308,20 +311,25 @@ fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer
 }
 
 /// The body of a committed replica, `start..end`.
-async fn replica_body(replica: &Replica, start: u64, end: u64) -> Result<ProxyBody, ServeError> {
-    let path = replica.path.clone();
+async fn replica_body(replica: Arc<Replica>, store: Arc<ReplicaStore>, start: u64, end: u64) -> Result<ProxyBody, ServeError> {
     let small = end - start <= SMALL_BODY;
+    let path = replica.path.clone();
     let opened = tokio::task::spawn_blocking(move || -> Result<(File, Option<Bytes>), ServeError> {
-        let file = File::open(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => ServeError::Gone(path.clone()),
-            _ => ServeError::Io {
-                path: path.clone(),
-                source: e,
-            },
-        })?;
+        // The store checks that the file is still the one its metadata
+        // describes: a commit racing this request never mixes versions.
+        let file = match store.open_replica(&replica) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(ServeError::Gone(replica.path.clone())),
+            Err(e) => {
+                return Err(ServeError::Io {
+                    path: replica.path.clone(),
+                    source: io::Error::other(e),
+                });
+            }
+        };
         if small {
             let bytes = read_exact_at(&file, start, (end - start) as usize).map_err(|e| ServeError::Io {
-                path: path.clone(),
+                path: replica.path.clone(),
                 source: e,
             })?;
             return Ok((file, Some(bytes)));
@@ -330,7 +338,7 @@ async fn replica_body(replica: &Replica, start: u64, end: u64) -> Result<ProxyBo
     })
     .await
     .map_err(|e| ServeError::Io {
-        path: replica.path.clone(),
+        path,
         source: io::Error::other(e),
     })??;
     match opened {

@@ -1,0 +1,322 @@
+//! Normalising URLs into cache keys (RFC 3986 section 6.2.2).
+//!
+//! A key is `scheme://host:port/path?query` where
+//! - the scheme is `http` or `https`, lower case;
+//! - the host is lower case (IPv6 literals keep their brackets); user
+//!   information is dropped, it is never part of what a server sees as the
+//!   resource;
+//! - the port is always written (80 for http, 443 for https by default);
+//! - in the path and query, `%xx` escapes use upper-case hex, escapes of
+//!   unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded, a `%` that
+//!   starts no escape becomes `%25`, and any byte that is neither unreserved
+//!   nor a reserved delimiter is escaped;
+//! - dot segments are removed (RFC 3986 `remove_dot_segments`, which never
+//!   climbs above `/`); an empty path becomes `/`;
+//! - an empty query (`?` alone) is dropped, a fragment never reaches a key.
+
+use super::path::PathError;
+
+/// The parts of a normalised key, borrowed from its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyParts<'a> {
+    /// Host as in the key (lower case, IPv6 in brackets).
+    pub host: &'a str,
+    /// Port, always present in a key.
+    pub port: u16,
+    /// Path, starting with `/`.
+    pub path: &'a str,
+    /// Query without its `?`.
+    pub query: Option<&'a str>,
+}
+
+/// The normalised key text for an absolute URI.
+pub(crate) fn normalize(uri: &http::Uri) -> Result<String, PathError> {
+    let scheme = uri.scheme_str().ok_or(PathError::NotAbsolute)?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return Err(PathError::Scheme(scheme)),
+    };
+    let authority = uri.authority().ok_or(PathError::NotAbsolute)?;
+    let host = authority.host().to_ascii_lowercase();
+    check_host(&host)?;
+    let port = authority.port_u16().unwrap_or(default_port);
+
+    let path = normalize_pct(uri.path(), is_path_literal);
+    let path = if path.is_empty() {
+        "/".to_owned()
+    } else if path.starts_with('/') {
+        remove_dot_segments(&path)
+    } else {
+        // Only `*` (OPTIONS) or an authority-form target lack the leading
+        // slash; neither names a cacheable resource.
+        return Err(PathError::NotAbsolute);
+    };
+
+    let mut key = format!("{scheme}://{host}:{port}{path}");
+    if let Some(query) = uri.query().filter(|q| !q.is_empty()) {
+        key.push('?');
+        key.push_str(&normalize_pct(query, is_query_literal));
+    }
+    Ok(key)
+}
+
+/// Splits a normalised key into its parts.
+pub(crate) fn split(key: &str) -> Result<KeyParts<'_>, PathError> {
+    let rest = key
+        .strip_prefix("http://")
+        .or_else(|| key.strip_prefix("https://"))
+        .ok_or(PathError::NotAbsolute)?;
+    let slash = rest.find('/').ok_or(PathError::NotAbsolute)?;
+    let (authority, path_query) = rest.split_at(slash);
+    let colon = authority.rfind(':').ok_or(PathError::NotAbsolute)?;
+    let host = &authority[..colon];
+    let port = authority[colon + 1..]
+        .parse::<u16>()
+        .map_err(|_| PathError::NotAbsolute)?;
+    check_host(host)?;
+    let (path, query) = match path_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_query, None),
+    };
+    Ok(KeyParts {
+        host,
+        port,
+        path,
+        query,
+    })
+}
+
+/// Accepts a lower-case registered name or IPv4 address, or a bracketed
+/// IPv6 literal. Anything else (empty, `/`, `\`, `@`, spaces) is refused so
+/// that a key's host can be used as a directory name after escaping.
+fn check_host(host: &str) -> Result<(), PathError> {
+    let bad = || PathError::Host(host.to_owned());
+    if host.is_empty() {
+        return Err(bad());
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').ok_or_else(bad)?;
+        let ok = !inner.is_empty()
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'%' | b'v'));
+        return if ok { Ok(()) } else { Err(bad()) };
+    }
+    let ok = host.bytes().all(|b| {
+        b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            )
+    });
+    if ok { Ok(()) } else { Err(bad()) }
+}
+
+/// RFC 3986 unreserved characters: escaping them changes nothing.
+pub(crate) fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn is_sub_delim(b: u8) -> bool {
+    matches!(
+        b,
+        b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+    )
+}
+
+/// Bytes a normalised path keeps literal (`pchar` and `/`).
+fn is_path_literal(b: u8) -> bool {
+    is_unreserved(b) || is_sub_delim(b) || matches!(b, b':' | b'@' | b'/')
+}
+
+/// Bytes a normalised query keeps literal (`pchar`, `/` and `?`).
+fn is_query_literal(b: u8) -> bool {
+    is_path_literal(b) || b == b'?'
+}
+
+/// Value of an ASCII hex digit.
+pub(crate) fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Appends `%XX` (upper-case hex) for `b`.
+pub(crate) fn push_escaped(out: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(HEX[usize::from(b >> 4)] as char);
+    out.push(HEX[usize::from(b & 0xF)] as char);
+}
+
+/// Normalises percent-encoding: escapes in upper case, unreserved bytes
+/// decoded, stray `%` and bytes outside `literal` escaped.
+fn normalize_pct(input: &str, literal: fn(u8) -> bool) -> String {
+    let bytes = input.as_bytes();
+    let mut out = String::with_capacity(input.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let decoded = bytes
+                .get(i + 1)
+                .and_then(|&h| hex_val(h))
+                .zip(bytes.get(i + 2).and_then(|&l| hex_val(l)))
+                .map(|(h, l)| h << 4 | l);
+            match decoded {
+                Some(d) if is_unreserved(d) => out.push(d as char),
+                Some(d) => push_escaped(&mut out, d),
+                None => {
+                    push_escaped(&mut out, b'%');
+                    i += 1;
+                    continue;
+                }
+            }
+            i += 3;
+        } else {
+            if literal(b) {
+                out.push(b as char);
+            } else {
+                push_escaped(&mut out, b);
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+/// RFC 3986 section 5.2.4 for a path starting with `/`: `.` and `..`
+/// segments go, `..` never climbs above the root, and a path ending in a
+/// dot segment keeps its trailing slash.
+fn remove_dot_segments(path: &str) -> String {
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len() - 1;
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, seg) in segments.into_iter().enumerate() {
+        match seg {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            _ => {
+                out.push(seg);
+                continue;
+            }
+        }
+        if i == last {
+            out.push("");
+        }
+    }
+    let mut result = String::with_capacity(path.len());
+    for seg in out {
+        result.push('/');
+        result.push_str(seg);
+    }
+    if result.is_empty() {
+        result.push('/');
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(s: &str) -> Result<String, PathError> {
+        normalize(&s.parse::<http::Uri>().expect("test URI parses"))
+    }
+
+    #[test]
+    fn keys_are_normalised() {
+        let cases = [
+            ("http://example.org", "http://example.org:80/"),
+            ("HTTP://Example.ORG/", "http://example.org:80/"),
+            ("https://example.org/a", "https://example.org:443/a"),
+            ("http://example.org:8080/a", "http://example.org:8080/a"),
+            ("http://example.org:80/a", "http://example.org:80/a"),
+            ("http://user:pw@example.org/a", "http://example.org:80/a"),
+            ("http://example.org/a/./b/../c", "http://example.org:80/a/c"),
+            (
+                "http://example.org/../../etc/passwd",
+                "http://example.org:80/etc/passwd",
+            ),
+            ("http://example.org/a/b/..", "http://example.org:80/a/"),
+            ("http://example.org/a/.", "http://example.org:80/a/"),
+            ("http://example.org/%2e%2E/x", "http://example.org:80/x"),
+            (
+                "http://example.org/a/%2e%2e%2fb",
+                "http://example.org:80/a/..%2Fb",
+            ),
+            (
+                "http://example.org/%7euser/%41",
+                "http://example.org:80/~user/A",
+            ),
+            (
+                "http://example.org/a%2fb%3a",
+                "http://example.org:80/a%2Fb%3A",
+            ),
+            ("http://example.org/100%", "http://example.org:80/100%25"),
+            ("http://example.org/%zz", "http://example.org:80/%25zz"),
+            ("http://example.org/a//b", "http://example.org:80/a//b"),
+            (
+                "http://example.org/a?b=1&c=%2f",
+                "http://example.org:80/a?b=1&c=%2F",
+            ),
+            ("http://example.org/a?", "http://example.org:80/a"),
+            ("http://example.org/a#frag", "http://example.org:80/a"),
+            ("http://[::1]:8080/a", "http://[::1]:8080/a"),
+            ("http://[FE80::1]/", "http://[fe80::1]:80/"),
+            (
+                "http://example.org/a\"b{c}",
+                "http://example.org:80/a%22b%7Bc%7D",
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(norm(input).as_deref().ok(), Some(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn non_http_is_refused() {
+        assert!(matches!(
+            norm("ftp://example.org/a"),
+            Err(PathError::Scheme(_))
+        ));
+        assert!(matches!(norm("/just/a/path"), Err(PathError::NotAbsolute)));
+    }
+
+    #[test]
+    fn split_round_trips() {
+        let key = norm("http://[::1]:8080/a/b?q=1").expect("normalises");
+        let parts = split(&key).expect("splits");
+        assert_eq!(
+            parts,
+            KeyParts {
+                host: "[::1]",
+                port: 8080,
+                path: "/a/b",
+                query: Some("q=1"),
+            }
+        );
+    }
+}
