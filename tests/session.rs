@@ -28,7 +28,12 @@ mirror "debian" {{
 async fn forward_proxy_session_builds_a_browsable_replica() {
     let origin = Origin::start().await;
     let page = pattern(1, 5000);
-    origin.put("/index.html", Resource::new(page.clone()).header("content-type", "text/html"));
+    origin.put(
+        "/index.html",
+        Resource::new(page.clone())
+            .header("content-type", "text/html")
+            .header("cache-control", "max-age=300"),
+    );
     origin.put("/pub/file.tar.gz", Resource::new(pattern(2, 300_000)).header("cache-control", "max-age=3600"));
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
@@ -64,7 +69,11 @@ async fn forward_proxy_session_builds_a_browsable_replica() {
 async fn mirror_path_is_served_from_the_upstream_and_kept_under_its_host() {
     let origin = Origin::start().await;
     let deb = pattern(3, 70_000);
-    origin.put("/debian/pool/main/h/hello/hello_2.10_amd64.deb", Resource::new(deb.clone()));
+    // No Cache-Control: fresh by the RFC 9111 heuristic (10% of its age).
+    origin.put(
+        "/debian/pool/main/h/hello/hello_2.10_amd64.deb",
+        Resource::new(deb.clone()).header("last-modified", "Wed, 01 Jan 2020 00:00:00 GMT"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
 

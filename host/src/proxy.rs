@@ -307,7 +307,10 @@ impl Proxy {
             return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
         };
         let (parts, _body) = req.into_parts();
-        let headers = parts.headers;
+        let mut headers = parts.headers;
+        // The key names the resource; which name the client used to reach
+        // us (Host) must not make the cache rules see another request.
+        headers.remove(header::HOST);
         let now = self.clock.now();
         let creq = CacheRequest {
             key: &key_uri,
