@@ -30,7 +30,10 @@ async fn upstream_death_mid_body_fails_the_transfer_and_the_next_request_resumes
     const SIZE: usize = 1024 * 1024;
     let origin = Origin::start().await;
     let body = pattern(7, SIZE);
-    origin.put("/dvd.iso", Resource::new(body.clone()).die_after(300_000, 1));
+    origin.put(
+        "/dvd.iso",
+        Resource::new(body.clone()).slow(Duration::from_millis(20)).die_after(300_000, 1),
+    );
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
 

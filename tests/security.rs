@@ -26,13 +26,19 @@ mirror "files" {{
     )
 }
 
-/// Sends raw bytes and returns the raw answer (for requests a well-behaved
-/// client library would refuse to send).
+/// Sends raw bytes and returns the answer's head (for requests a
+/// well-behaved client library would refuse to send).
 async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let mut buf = [0u8; 4096];
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
     String::from_utf8_lossy(&out).into_owned()
 }
 

@@ -52,20 +52,26 @@ pub struct Resource {
 }
 
 impl Resource {
-    /// A 200 with `body`, a strong ETag and Range support.
+    /// A 200 with `body`, a strong ETag, a Last-Modified long ago (so it
+    /// is fresh by the RFC 9111 heuristic, like a real static file) and
+    /// Range support.
     pub fn new(body: Bytes) -> Resource {
         Resource {
             status: StatusCode::OK,
             body,
-            headers: vec![("etag".into(), "\"v1\"".into())],
+            headers: vec![
+                ("etag".into(), "\"v1\"".into()),
+                ("last-modified".into(), "Wed, 01 Jan 2020 00:00:00 GMT".into()),
+            ],
             chunk_delay: None,
             die_after: None,
             ranges: true,
         }
     }
 
-    /// Adds a response header.
+    /// Sets a response header (replacing one of the same name).
     pub fn header(mut self, k: &str, v: &str) -> Resource {
+        self.headers.retain(|(name, _)| !name.eq_ignore_ascii_case(k));
         self.headers.push((k.into(), v.into()));
         self
     }
