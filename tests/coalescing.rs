@@ -27,7 +27,9 @@ mirror "files" {{
 
 /// Reads a body as it streams: its SHA-256, its length, and when its first
 /// byte arrived.
-async fn stream_digest(resp: http::Response<hyper::body::Incoming>) -> (Result<[u8; 32], String>, u64, Option<Instant>) {
+async fn stream_digest(
+    resp: http::Response<hyper::body::Incoming>,
+) -> (Result<[u8; 32], String>, u64, Option<Instant>) {
     let mut body = resp.into_body();
     let mut hasher = Sha256::new();
     let mut len = 0u64;
@@ -56,7 +58,10 @@ async fn fifty_clients_of_a_cold_64_mib_file_cause_one_upstream_fetch() {
     let body = pattern(9, SIZE);
     let want: [u8; 32] = Sha256::digest(&body).into();
     // 1024 chunks of 64 KiB, 3 ms apart: about three seconds of fill.
-    origin.put("/big.iso", Resource::new(body).slow(Duration::from_millis(3)));
+    origin.put(
+        "/big.iso",
+        Resource::new(body).slow(Duration::from_millis(3)),
+    );
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
 
@@ -66,7 +71,10 @@ async fn fifty_clients_of_a_cold_64_mib_file_cause_one_upstream_fetch() {
         clients.push(tokio::spawn(async move {
             let resp = send(addr, "GET", "/files/big.iso", &[]).await;
             let status = resp.status();
-            let cache = resp.headers().get("cache-status").map(|v| v.to_str().unwrap().to_owned());
+            let cache = resp
+                .headers()
+                .get("cache-status")
+                .map(|v| v.to_str().unwrap().to_owned());
             let (digest, len, first) = stream_digest(resp).await;
             (status, cache, digest, len, first)
         }));
@@ -77,12 +85,18 @@ async fn fifty_clients_of_a_cold_64_mib_file_cause_one_upstream_fetch() {
     }
     let done = Instant::now();
     assert_eq!(origin.hits("/big.iso"), 1, "exactly one upstream request");
-    let origin_first = origin.first_byte_at("/big.iso").expect("origin sent the body");
+    let origin_first = origin
+        .first_byte_at("/big.iso")
+        .expect("origin sent the body");
     let mut collapsed = 0;
     for (status, cache, digest, len, first) in &results {
         assert_eq!(*status, 200);
         assert_eq!(*len, SIZE as u64);
-        assert_eq!(digest.as_ref().unwrap(), &want, "every client gets the right bytes");
+        assert_eq!(
+            digest.as_ref().unwrap(),
+            &want,
+            "every client gets the right bytes"
+        );
         if cache.as_deref().unwrap_or("").contains("collapsed") {
             collapsed += 1;
         }
@@ -107,7 +121,10 @@ async fn range_requests_are_answered_while_the_file_is_still_filling() {
     const SIZE: usize = 8 * 1024 * 1024;
     let origin = Origin::start().await;
     let body = pattern(5, SIZE);
-    origin.put("/pkg.tar", Resource::new(body.clone()).slow(Duration::from_millis(5)));
+    origin.put(
+        "/pkg.tar",
+        Resource::new(body.clone()).slow(Duration::from_millis(5)),
+    );
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
 
@@ -117,11 +134,26 @@ async fn range_requests_are_answered_while_the_file_is_still_filling() {
         async move { common::read(send(addr, "GET", "/files/pkg.tar", &[]).await).await }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let early = request(cistern.addr, "GET", "/files/pkg.tar", &[("range", "bytes=100-199")]).await;
+    let early = request(
+        cistern.addr,
+        "GET",
+        "/files/pkg.tar",
+        &[("range", "bytes=100-199")],
+    )
+    .await;
     assert_eq!(early.status, 206);
-    assert_eq!(early.header("content-range"), format!("bytes 100-199/{SIZE}"));
+    assert_eq!(
+        early.header("content-range"),
+        format!("bytes 100-199/{SIZE}")
+    );
     assert_eq!(early.bytes(), &body.slice(100..200));
-    let tail = request(cistern.addr, "GET", "/files/pkg.tar", &[("range", "bytes=-1000")]).await;
+    let tail = request(
+        cistern.addr,
+        "GET",
+        "/files/pkg.tar",
+        &[("range", "bytes=-1000")],
+    )
+    .await;
     assert_eq!(tail.status, 206);
     assert_eq!(tail.bytes(), &body.slice(SIZE - 1000..));
     let whole = leader.await.unwrap();
@@ -134,7 +166,10 @@ async fn a_client_that_disconnects_does_not_cancel_the_fill() {
     const SIZE: usize = 4 * 1024 * 1024;
     let origin = Origin::start().await;
     let body = pattern(6, SIZE);
-    origin.put("/linux.tar.xz", Resource::new(body.clone()).slow(Duration::from_millis(5)));
+    origin.put(
+        "/linux.tar.xz",
+        Resource::new(body.clone()).slow(Duration::from_millis(5)),
+    );
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
 
@@ -144,12 +179,19 @@ async fn a_client_that_disconnects_does_not_cancel_the_fill() {
     let _ = b.frame().await;
     drop(b);
     // The fill carries on and the replica completes.
-    let file = cistern.root.join(origin.addr.to_string()).join("linux.tar.xz");
+    let file = cistern
+        .root
+        .join(origin.addr.to_string())
+        .join("linux.tar.xz");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !file.exists() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(std::fs::read(&file).unwrap(), body, "the replica completed without any client");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        body,
+        "the replica completed without any client"
+    );
     let hit = get(cistern.addr, "/files/linux.tar.xz").await;
     assert!(hit.header("cache-status").contains("hit"));
     assert_eq!(origin.hits("/linux.tar.xz"), 1);

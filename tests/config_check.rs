@@ -9,7 +9,8 @@ fn cistern(args: &[&str], dir: &std::path::Path) -> (i32, String) {
         .current_dir(dir)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -34,7 +35,10 @@ fn a_broken_config_is_reported_with_line_and_column_and_does_not_start() {
     assert!(text.contains("bad.kdl"), "names the file: {text}");
     assert!(text.contains("max-size"), "{text}");
     assert!(text.contains("mirorr"), "{text}");
-    assert!(text.contains(":4:") || text.contains("4:"), "line of the bad size: {text}");
+    assert!(
+        text.contains(":4:") || text.contains("4:"),
+        "line of the bad size: {text}"
+    );
 
     // Starting with it fails before binding anything.
     let (code, text) = cistern(&["--config", "bad.kdl"], dir.path());

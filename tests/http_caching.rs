@@ -47,13 +47,21 @@ fn t0() -> SystemTime {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_then_stale_then_revalidated_with_a_304() {
     let origin = Origin::start().await;
-    origin.put("/doc", Resource::new(pattern(1, 1000)).header("cache-control", "max-age=60"));
+    origin.put(
+        "/doc",
+        Resource::new(pattern(1, 1000)).header("cache-control", "max-age=60"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let clock = Clock::manual(t0());
     let cistern = start(&origin, dir.path(), &clock, "").await;
     let addr = cistern.addrs[0];
 
-    assert!(get(addr, "/doc").await.header("cache-status").contains("fwd=miss"));
+    assert!(
+        get(addr, "/doc")
+            .await
+            .header("cache-status")
+            .contains("fwd=miss")
+    );
     clock.advance(Duration::from_secs(30));
     let hit = get(addr, "/doc").await;
     assert!(hit.header("cache-status").contains("hit"));
@@ -64,13 +72,24 @@ async fn fresh_then_stale_then_revalidated_with_a_304() {
     let revalidated = get(addr, "/doc").await;
     assert_eq!(revalidated.status, 200);
     assert_eq!(revalidated.bytes(), &pattern(1, 1000));
-    assert!(revalidated.header("cache-status").contains("fwd-status=304"), "{:?}", revalidated.headers);
+    assert!(
+        revalidated
+            .header("cache-status")
+            .contains("fwd-status=304"),
+        "{:?}",
+        revalidated.headers
+    );
     let seen = origin.seen();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1].headers.get("if-none-match").unwrap(), "\"v1\"");
     // The 304 refreshed the freshness: fresh again without asking.
     clock.advance(Duration::from_secs(10));
-    assert!(get(addr, "/doc").await.header("cache-status").contains("hit"));
+    assert!(
+        get(addr, "/doc")
+            .await
+            .header("cache-status")
+            .contains("hit")
+    );
     assert_eq!(origin.hits("/doc"), 2);
     cistern.shutdown().await;
 }
@@ -78,9 +97,18 @@ async fn fresh_then_stale_then_revalidated_with_a_304() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_a_shared_cache_must_not_store_are_fetched_every_time() {
     let origin = Origin::start().await;
-    origin.put("/no-store", Resource::new(pattern(2, 10)).header("cache-control", "no-store"));
-    origin.put("/private", Resource::new(pattern(3, 10)).header("cache-control", "private, max-age=600"));
-    origin.put("/auth", Resource::new(pattern(4, 10)).header("cache-control", "max-age=600"));
+    origin.put(
+        "/no-store",
+        Resource::new(pattern(2, 10)).header("cache-control", "no-store"),
+    );
+    origin.put(
+        "/private",
+        Resource::new(pattern(3, 10)).header("cache-control", "private, max-age=600"),
+    );
+    origin.put(
+        "/auth",
+        Resource::new(pattern(4, 10)).header("cache-control", "max-age=600"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let clock = Clock::manual(t0());
     let cistern = start(&origin, dir.path(), &clock, "").await;
@@ -89,7 +117,11 @@ async fn responses_a_shared_cache_must_not_store_are_fetched_every_time() {
         for _ in 0..2 {
             let got = get(addr, path).await;
             assert_eq!(got.status, 200);
-            assert!(got.header("cache-status").contains("bypass"), "{path}: {:?}", got.headers);
+            assert!(
+                got.header("cache-status").contains("bypass"),
+                "{path}: {:?}",
+                got.headers
+            );
         }
         assert_eq!(origin.hits(path), 2, "{path} must not be stored");
     }
@@ -97,7 +129,11 @@ async fn responses_a_shared_cache_must_not_store_are_fetched_every_time() {
         let got = request(addr, "GET", "/auth", &[("authorization", "Bearer secret")]).await;
         assert_eq!(got.status, 200);
     }
-    assert_eq!(origin.hits("/auth"), 2, "a response to an authorized request is not shared");
+    assert_eq!(
+        origin.hits("/auth"),
+        2,
+        "a response to an authorized request is not shared"
+    );
     assert!(common::find_files(&dir.path().join("replica")).is_empty());
     cistern.shutdown().await;
 }
@@ -123,9 +159,16 @@ async fn vary_never_serves_the_wrong_variant_and_cookies_are_not_shared() {
     assert_eq!(first.status, 200);
     let same = request(addr, "GET", "/styles.css", &[("accept-language", "fr")]).await;
     assert_eq!(same.header("cache-status"), "cistern; hit");
-    assert_eq!(same.header("set-cookie"), "", "a stored Set-Cookie is never handed to another client");
+    assert_eq!(
+        same.header("set-cookie"),
+        "",
+        "a stored Set-Cookie is never handed to another client"
+    );
     let other = request(addr, "GET", "/styles.css", &[("accept-language", "de")]).await;
-    assert!(!other.header("cache-status").contains("hit"), "another variant is fetched, not served from the fr one");
+    assert!(
+        !other.header("cache-status").contains("hit"),
+        "another variant is fetched, not served from the fr one"
+    );
     assert_eq!(origin.hits("/styles.css"), 2, "{:#?}", origin.seen());
     cistern.shutdown().await;
 }
@@ -149,7 +192,13 @@ async fn client_conditionals_and_ranges_are_answered_from_the_replica() {
     let not_modified = request(addr, "GET", "/file.bin", &[("if-none-match", "\"v1\"")]).await;
     assert_eq!(not_modified.status, 304);
     assert_eq!(not_modified.header("etag"), "\"v1\"");
-    let ims = request(addr, "GET", "/file.bin", &[("if-modified-since", "Thu, 02 Jan 2025 00:00:00 GMT")]).await;
+    let ims = request(
+        addr,
+        "GET",
+        "/file.bin",
+        &[("if-modified-since", "Thu, 02 Jan 2025 00:00:00 GMT")],
+    )
+    .await;
     assert_eq!(ims.status, 304);
     let changed = request(addr, "GET", "/file.bin", &[("if-none-match", "\"v0\"")]).await;
     assert_eq!(changed.status, 200);
@@ -166,14 +215,22 @@ async fn client_conditionals_and_ranges_are_answered_from_the_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_mode_never_revalidates_and_offline_mode_never_connects() {
     let origin = Origin::start().await;
-    origin.put("/old", Resource::new(pattern(7, 100)).header("cache-control", "max-age=1"));
+    origin.put(
+        "/old",
+        Resource::new(pattern(7, 100)).header("cache-control", "max-age=1"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let clock = Clock::manual(t0());
     let cistern = start(&origin, dir.path(), &clock, "mode \"static\"").await;
     let addr = cistern.addrs[0];
     get(addr, "/old").await;
     clock.advance(Duration::from_secs(3600));
-    assert!(get(addr, "/old").await.header("cache-status").contains("hit"));
+    assert!(
+        get(addr, "/old")
+            .await
+            .header("cache-status")
+            .contains("hit")
+    );
     assert_eq!(origin.hits("/old"), 1);
     cistern.shutdown().await;
 
@@ -192,7 +249,10 @@ async fn static_mode_never_revalidates_and_offline_mode_never_connects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsafe_methods_pass_through_and_invalidate() {
     let origin = Origin::start().await;
-    origin.put("/item", Resource::new(pattern(8, 100)).header("cache-control", "max-age=600"));
+    origin.put(
+        "/item",
+        Resource::new(pattern(8, 100)).header("cache-control", "max-age=600"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let clock = Clock::manual(t0());
     let cistern = start(&origin, dir.path(), &clock, "").await;
@@ -203,7 +263,14 @@ async fn unsafe_methods_pass_through_and_invalidate() {
     assert!(post.header("cache-status").contains("bypass"));
     // The replica is gone: the next GET goes upstream.
     let after = get(addr, "/item").await;
-    assert!(after.header("cache-status").contains("fwd=miss"), "{:?}", after.headers);
-    assert_eq!(origin.seen().iter().filter(|s| s.method == "GET").count(), 2);
+    assert!(
+        after.header("cache-status").contains("fwd=miss"),
+        "{:?}",
+        after.headers
+    );
+    assert_eq!(
+        origin.seen().iter().filter(|s| s.method == "GET").count(),
+        2
+    );
     cistern.shutdown().await;
 }

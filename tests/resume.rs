@@ -32,15 +32,23 @@ async fn upstream_death_mid_body_fails_the_transfer_and_the_next_request_resumes
     let body = pattern(7, SIZE);
     origin.put(
         "/dvd.iso",
-        Resource::new(body.clone()).slow(Duration::from_millis(20)).die_after(300_000, 1),
+        Resource::new(body.clone())
+            .slow(Duration::from_millis(20))
+            .die_after(300_000, 1),
     );
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
 
     let first = get(cistern.addr, "/files/dvd.iso").await;
     assert_eq!(first.status, 200);
-    assert!(first.body.is_err(), "a cut upstream must be a failed transfer, not a short body");
-    assert!(find_files(&cistern.root).is_empty(), "nothing that looks complete is in the replica");
+    assert!(
+        first.body.is_err(),
+        "a cut upstream must be a failed transfer, not a short body"
+    );
+    assert!(
+        find_files(&cistern.root).is_empty(),
+        "nothing that looks complete is in the replica"
+    );
 
     let second = get(cistern.addr, "/files/dvd.iso").await;
     assert_eq!(second.status, 200);
@@ -48,10 +56,18 @@ async fn upstream_death_mid_body_fails_the_transfer_and_the_next_request_resumes
     let seen = origin.seen();
     assert_eq!(seen.len(), 2);
     let resume = &seen[1].headers;
-    let range = resume.get("range").expect("the second fetch resumes with Range").to_str().unwrap();
-    assert!(range.starts_with("bytes=") && range != "bytes=0-", "{range}");
+    let range = resume
+        .get("range")
+        .expect("the second fetch resumes with Range")
+        .to_str()
+        .unwrap();
+    assert!(
+        range.starts_with("bytes=") && range != "bytes=0-",
+        "{range}"
+    );
     assert_eq!(resume.get("if-range").unwrap(), "\"v1\"");
-    let on_disk = std::fs::read(cistern.root.join(origin.addr.to_string()).join("dvd.iso")).unwrap();
+    let on_disk =
+        std::fs::read(cistern.root.join(origin.addr.to_string()).join("dvd.iso")).unwrap();
     assert_eq!(Sha256::digest(&on_disk), Sha256::digest(&body));
     let hit = get(cistern.addr, "/files/dvd.iso").await;
     let want = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&body));
@@ -63,12 +79,17 @@ async fn kill_9_during_a_fill_then_restart_resumes_the_partial() {
     const SIZE: usize = 8 * 1024 * 1024;
     let origin = Origin::start().await;
     let body = pattern(8, SIZE);
-    origin.put("/big.img", Resource::new(body.clone()).slow(Duration::from_millis(10)));
+    origin.put(
+        "/big.img",
+        Resource::new(body.clone()).slow(Duration::from_millis(10)),
+    );
     let dir = tempfile::tempdir().unwrap();
     let text = config(&origin);
     let cistern = Cistern::start(dir.path(), &text, &[]);
     let addr = cistern.addr;
-    let reader = tokio::spawn(async move { common::read(common::send(addr, "GET", "/files/big.img", &[]).await).await });
+    let reader = tokio::spawn(async move {
+        common::read(common::send(addr, "GET", "/files/big.img", &[]).await).await
+    });
     // Let a good part arrive, then kill -9.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -81,7 +102,10 @@ async fn kill_9_during_a_fill_then_restart_resumes_the_partial() {
     let port = cistern.addr.port();
     cistern.kill9();
     let cut = reader.await.unwrap();
-    assert!(cut.body.is_err(), "the client of a killed proxy sees a failed transfer");
+    assert!(
+        cut.body.is_err(),
+        "the client of a killed proxy sees a failed transfer"
+    );
     assert!(find_files(&dir.path().join("replica")).is_empty());
 
     // Restart on the same port with the same config: the partial is resumed.
@@ -97,7 +121,10 @@ async fn kill_9_during_a_fill_then_restart_resumes_the_partial() {
     assert_eq!(again.bytes(), &body, "{}", cistern.log());
     let seen = origin.seen();
     let last = seen.last().unwrap();
-    assert!(last.headers.get("range").is_some(), "restart resumed with Range");
+    assert!(
+        last.headers.get("range").is_some(),
+        "restart resumed with Range"
+    );
 }
 
 fn walk_sizes(dir: &std::path::Path) -> u64 {
@@ -133,11 +160,21 @@ async fn a_body_that_does_not_match_the_announced_digest_is_never_committed() {
     let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
 
     let bad = get(cistern.addr, "/files/tampered.deb").await;
-    assert!(bad.body.is_err(), "the client must not receive a complete-looking wrong body");
+    assert!(
+        bad.body.is_err(),
+        "the client must not receive a complete-looking wrong body"
+    );
     assert!(find_files(&cistern.root).is_empty());
-    assert!(cistern.log().contains("SHA-256"), "the mismatch is logged: {}", cistern.log());
+    assert!(
+        cistern.log().contains("SHA-256"),
+        "the mismatch is logged: {}",
+        cistern.log()
+    );
 
     let good = get(cistern.addr, "/files/good.deb").await;
     assert_eq!(good.bytes(), &body);
-    assert_eq!(find_files(&cistern.root), vec![format!("{}/good.deb", origin.addr)]);
+    assert_eq!(
+        find_files(&cistern.root),
+        vec![format!("{}/good.deb", origin.addr)]
+    );
 }

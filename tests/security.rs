@@ -79,12 +79,18 @@ async fn traversal_attempts_never_leave_the_replica_root() {
         assert!(answer.starts_with("HTTP/1.1"), "{target}: {answer}");
     }
     for target in [
-        format!("http://{}/pub/%2e%2e/%2e%2e/%2e%2e/outside.txt", origin.addr),
+        format!(
+            "http://{}/pub/%2e%2e/%2e%2e/%2e%2e/outside.txt",
+            origin.addr
+        ),
         format!("http://{}/../../../outside.txt", origin.addr),
     ] {
         let answer = raw(
             cistern.addr,
-            &format!("GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", origin.addr),
+            &format!(
+                "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                origin.addr
+            ),
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1"), "{target}: {answer}");
@@ -93,14 +99,28 @@ async fn traversal_attempts_never_leave_the_replica_root() {
     // Everything that was stored is under root/host:port/.
     let host = origin.addr.to_string();
     for f in find_files(&cistern.root) {
-        assert!(f.starts_with(&format!("{host}/")), "{f} escaped its host directory");
+        assert!(
+            f.starts_with(&format!("{host}/")),
+            "{f} escaped its host directory"
+        );
         assert!(!f.split('/').any(|seg| seg == ".." || seg == "."), "{f}");
     }
-    let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     for e in &entries {
         let e = e.to_string_lossy();
         assert!(
-            ["outside.txt", "config.kdl", "cistern.log", "replica", "replica.cistern"].contains(&e.as_ref()),
+            [
+                "outside.txt",
+                "config.kdl",
+                "cistern.log",
+                "replica",
+                "replica.cistern"
+            ]
+            .contains(&e.as_ref()),
             "unexpected file {e} next to the replica"
         );
     }
@@ -119,9 +139,11 @@ async fn connect_is_limited_to_allowed_ports_and_clients() {
     );
     // Allowed port: a working tunnel to the origin.
     let mut s = TcpStream::connect(cistern.addr).await.unwrap();
-    s.write_all(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = [0u8; 1024];
     let n = s.read(&mut buf).await.unwrap();
     let head = String::from_utf8_lossy(&buf[..n]);
@@ -132,10 +154,18 @@ async fn connect_is_limited_to_allowed_ports_and_clients() {
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
-    assert_eq!(origin.hits("/pub/hello"), 1, "the tunnel reached the origin");
+    assert_eq!(
+        origin.hits("/pub/hello"),
+        1,
+        "the tunnel reached the origin"
+    );
 
     // Another port: refused.
-    let refused = raw(cistern.addr, "CONNECT 127.0.0.1:25 HTTP/1.1\r\nHost: 127.0.0.1:25\r\n\r\n").await;
+    let refused = raw(
+        cistern.addr,
+        "CONNECT 127.0.0.1:25 HTTP/1.1\r\nHost: 127.0.0.1:25\r\n\r\n",
+    )
+    .await;
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
     drop(cistern);
 
@@ -143,7 +173,10 @@ async fn connect_is_limited_to_allowed_ports_and_clients() {
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(
         dir.path(),
-        &config(&origin, &format!("enabled #true\nallow \"192.0.2.0/24\"\nconnect-ports {port}")),
+        &config(
+            &origin,
+            &format!("enabled #true\nallow \"192.0.2.0/24\"\nconnect-ports {port}"),
+        ),
         &[],
     );
     let refused = raw(
@@ -162,7 +195,10 @@ async fn connect_is_limited_to_allowed_ports_and_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_client_request_limit_answers_429_with_retry_after() {
     let origin = Origin::start().await;
-    origin.put("/pub/a", Resource::new(pattern(3, 5)).header("cache-control", "max-age=600"));
+    origin.put(
+        "/pub/a",
+        Resource::new(pattern(3, 5)).header("cache-control", "max-age=600"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let text = config(&origin, "enabled #true")
         + "\nlimit {\n    requests-per-client 3 per=\"1h\" burst=3\n}\n";
@@ -172,6 +208,9 @@ async fn per_client_request_limit_answers_429_with_retry_after() {
     }
     let limited = get(cistern.addr, "/files/a").await;
     assert_eq!(limited.status, 429);
-    let retry: u64 = limited.header("retry-after").parse().expect("Retry-After in seconds");
+    let retry: u64 = limited
+        .header("retry-after")
+        .parse()
+        .expect("Retry-After in seconds");
     assert!(retry >= 1 && retry <= 3600, "{retry}");
 }

@@ -85,15 +85,8 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     let client = UpstreamClient::new(&config.upstream_tls, &config.timeouts)?;
     let engine = FetchEngine::new(Arc::new(store), client, clock.clone());
 
-    let mut listeners = Vec::new();
-    for l in &config.listeners {
-        let bound = BoundListener::bind(l.addr)
-            .await
-            .map_err(|source| StartError::Bind { addr: l.addr, source })?;
-        listeners.push(bound);
-    }
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
     let idle = config.timeouts.idle;
+    let listen_addrs: Vec<SocketAddr> = config.listeners.iter().map(|l| l.addr).collect();
     let (snapshot, policy_engine) = {
         let engine = engine.clone();
         let log_headers = options.log_headers;
@@ -105,6 +98,16 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         .await
         .expect("policy compile task panicked")?
     };
+    // Policies compile before anything is bound: a bad policy never leaves
+    // a half-started proxy.
+    let mut listeners = Vec::new();
+    for &addr in &listen_addrs {
+        let bound = BoundListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        listeners.push(bound);
+    }
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
     let proxy = Arc::new(Proxy::new(snapshot, engine, policy_engine, clock));
     let (shutdown, rx) = watch::channel(false);
 

@@ -67,7 +67,11 @@ pub fn options() -> CacheOptions {
 }
 
 /// The RFC 9111 state for a fresh upstream response.
-pub fn new_policy(req: CacheRequest<'_>, resp: &http::response::Parts, now: SystemTime) -> CachePolicy {
+pub fn new_policy(
+    req: CacheRequest<'_>,
+    resp: &http::response::Parts,
+    now: SystemTime,
+) -> CachePolicy {
     CachePolicy::new_options(&req, resp, now, options())
 }
 
@@ -78,11 +82,18 @@ pub fn storable(policy: &CachePolicy, status: StatusCode) -> bool {
 }
 
 /// Decides whether `meta` may answer `req` at `now`.
-pub fn evaluate(meta: &ObjectMeta, req: CacheRequest<'_>, now: SystemTime, mode: CacheMode) -> Freshness {
+pub fn evaluate(
+    meta: &ObjectMeta,
+    req: CacheRequest<'_>,
+    now: SystemTime,
+    mode: CacheMode,
+) -> Freshness {
     let verdict = meta.policy.before_request(&req, now);
     let (fresh_by_rfc, matches, conditional) = match verdict {
         BeforeRequest::Fresh(_) => (true, true, HeaderMap::new()),
-        BeforeRequest::Stale { request, matches } => (false, matches, validators_only(&request.headers)),
+        BeforeRequest::Stale { request, matches } => {
+            (false, matches, validators_only(&request.headers))
+        }
     };
     if !matches {
         return Freshness::Mismatch;
@@ -171,7 +182,8 @@ fn no_cache_requested(headers: &HeaderMap) -> bool {
         .flat_map(|v| v.split(','))
         .map(str::trim);
     for directive in cc {
-        if directive.eq_ignore_ascii_case("no-cache") || directive.eq_ignore_ascii_case("max-age=0") {
+        if directive.eq_ignore_ascii_case("no-cache") || directive.eq_ignore_ascii_case("max-age=0")
+        {
             return true;
         }
     }
@@ -236,10 +248,17 @@ pub fn stored_headers(headers: &HeaderMap) -> Vec<(String, String)> {
             !is_hop_by_hop(n)
                 && !matches!(
                     n,
-                    "set-cookie" | "set-cookie2" | "age" | "content-length" | "content-range" | "via"
+                    "set-cookie"
+                        | "set-cookie2"
+                        | "age"
+                        | "content-length"
+                        | "content-range"
+                        | "via"
                 )
         })
-        .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
         .collect()
 }
 
@@ -257,8 +276,10 @@ mod tests {
         };
         let mut resp = http::Response::new(());
         for (k, v) in resp_headers {
-            resp.headers_mut()
-                .append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            resp.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         let (parts, ()) = resp.into_parts();
         ObjectMeta {
@@ -296,19 +317,28 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let meta = meta_for(&[("cache-control", "max-age=60"), ("etag", "\"v1\"")], t0);
         let h = HeaderMap::new();
-        assert_eq!(eval(&meta, &h, t0 + Duration::from_secs(30), CacheMode::Normal), Freshness::Fresh);
+        assert_eq!(
+            eval(&meta, &h, t0 + Duration::from_secs(30), CacheMode::Normal),
+            Freshness::Fresh
+        );
         match eval(&meta, &h, t0 + Duration::from_secs(61), CacheMode::Normal) {
             Freshness::Stale(v) => assert_eq!(v.get(header::IF_NONE_MATCH).unwrap(), "\"v1\""),
             other => panic!("expected stale, got {other:?}"),
         }
         // Static mode never revalidates.
-        assert_eq!(eval(&meta, &h, t0 + Duration::from_secs(9999), CacheMode::Static), Freshness::Fresh);
+        assert_eq!(
+            eval(&meta, &h, t0 + Duration::from_secs(9999), CacheMode::Static),
+            Freshness::Fresh
+        );
     }
 
     #[test]
     fn vary_mismatch_is_never_served() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let meta = meta_for(&[("cache-control", "max-age=60"), ("vary", "accept-encoding")], t0);
+        let meta = meta_for(
+            &[("cache-control", "max-age=60"), ("vary", "accept-encoding")],
+            t0,
+        );
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT_ENCODING, "gzip".parse().unwrap());
         assert_eq!(eval(&meta, &h, t0, CacheMode::Normal), Freshness::Mismatch);
@@ -328,7 +358,10 @@ mod tests {
 
     #[test]
     fn set_cookie_is_never_stored() {
-        let meta = meta_for(&[("set-cookie", "id=1"), ("content-type", "text/plain")], SystemTime::now());
+        let meta = meta_for(
+            &[("set-cookie", "id=1"), ("content-type", "text/plain")],
+            SystemTime::now(),
+        );
         assert!(meta.headers.iter().all(|(k, _)| k != "set-cookie"));
         assert!(meta.headers.iter().any(|(k, _)| k == "content-type"));
     }
@@ -340,6 +373,9 @@ mod tests {
         meta.immutable = true;
         let mut h = HeaderMap::new();
         h.insert(header::CACHE_CONTROL, "no-cache".parse().unwrap());
-        assert!(matches!(eval(&meta, &h, t0, CacheMode::Normal), Freshness::Stale(_)));
+        assert!(matches!(
+            eval(&meta, &h, t0, CacheMode::Normal),
+            Freshness::Stale(_)
+        ));
     }
 }

@@ -24,7 +24,9 @@ impl Clock {
 
     /// A clock that stands still at `start` until [`Clock::advance`] moves it.
     pub fn manual(start: SystemTime) -> Clock {
-        let ms = start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let ms = start
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         Clock {
             manual: Some(Arc::new(AtomicU64::new(ms))),
         }

@@ -73,9 +73,9 @@ impl Limits {
         let Some(limiter) = &self.per_client else {
             return Ok(());
         };
-        limiter
-            .check_key(&client)
-            .map_err(|not_until| RetryAfter(not_until.wait_time_from(DefaultClock::default().now())))
+        limiter.check_key(&client).map_err(|not_until| {
+            RetryAfter(not_until.wait_time_from(DefaultClock::default().now()))
+        })
     }
 
     /// Asks the named limiter about `key`; `None` when no such limiter is

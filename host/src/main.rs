@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
 use cistern::app::{self, StartOptions};
 use cistern::config::{CacheMode, Config, Layout, Listener};
+use clap::{Parser, Subcommand};
 
 /// A caching proxy that keeps a browsable replica of what passes through it.
 #[derive(Parser, Debug)]
@@ -92,7 +92,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cistern: cannot start the runtime: {e}");
@@ -128,10 +131,13 @@ fn check(file: &Path) -> ExitCode {
 /// The config file (or the built-in default) with the command line's
 /// overrides applied.
 fn load_config(cli: &Cli) -> Result<Config, miette::Report> {
-    let cwd = std::env::current_dir().map_err(|e| miette::miette!("cannot read the current directory: {e}"))?;
+    let cwd = std::env::current_dir()
+        .map_err(|e| miette::miette!("cannot read the current directory: {e}"))?;
     let mut config = match &cli.config {
         Some(path) => Config::load(path).map_err(miette::Report::new)?,
-        None if cwd.join("config.kdl").is_file() => Config::load(&cwd.join("config.kdl")).map_err(miette::Report::new)?,
+        None if cwd.join("config.kdl").is_file() => {
+            Config::load(&cwd.join("config.kdl")).map_err(miette::Report::new)?
+        }
         None => Config::forward_default(&cwd),
     };
     if cli.bind.is_some() || cli.port.is_some() {
@@ -146,7 +152,11 @@ fn load_config(cli: &Cli) -> Result<Config, miette::Report> {
         }];
     }
     if let Some(root) = &cli.root {
-        let root = if root.is_absolute() { root.clone() } else { cwd.join(root) };
+        let root = if root.is_absolute() {
+            root.clone()
+        } else {
+            cwd.join(root)
+        };
         let mut state = root.clone().into_os_string();
         state.push(".cistern");
         config.store.state = PathBuf::from(state);
@@ -178,7 +188,10 @@ fn daemonize(log: &Path, pid: Option<&Path>) -> anyhow::Result<()> {
         .with_context(|| format!("opening log file {}", log.display()))?;
     let err = out.try_clone().context("duplicating the log file handle")?;
     let cwd = std::env::current_dir().context("reading the current directory")?;
-    let mut d = daemonize::Daemonize::new().working_directory(cwd).stdout(out).stderr(err);
+    let mut d = daemonize::Daemonize::new()
+        .working_directory(cwd)
+        .stdout(out)
+        .stderr(err);
     if let Some(pid) = pid {
         d = d.pid_file(pid);
     }
@@ -188,7 +201,11 @@ fn daemonize(log: &Path, pid: Option<&Path>) -> anyhow::Result<()> {
 
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
-    let default = if cli.debug { "info,cistern=debug" } else { "info" };
+    let default = if cli.debug {
+        "info,cistern=debug"
+    } else {
+        "info"
+    };
     let filter = EnvFilter::try_from_env("CISTERN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -202,10 +219,10 @@ async fn run(config: Config, cli: &Cli) -> ExitCode {
         log_headers: cli.verbose,
         clock: None,
     };
-    let source = config
-        .source
-        .as_ref()
-        .map_or_else(|| "built-in forward proxy defaults".to_owned(), |p| p.display().to_string());
+    let source = config.source.as_ref().map_or_else(
+        || "built-in forward proxy defaults".to_owned(),
+        |p| p.display().to_string(),
+    );
     let running = match app::start(config, options).await {
         Ok(r) => r,
         Err(e) => {

@@ -16,11 +16,15 @@ use crate::cache::{self, CacheRequest, Freshness};
 use crate::clock::Clock;
 use crate::config::{CacheMode, Config};
 use crate::fetch::{
-    FetchEngine, FetchError, FetchSettings, FillJob, FillState, FillTicket, HeadHook, Upstreams, error_chain,
+    FetchEngine, FetchError, FetchSettings, FillJob, FillState, FillTicket, HeadHook, Upstreams,
+    error_chain,
 };
 use crate::limit::Limits;
 use crate::policy::bridge::{PolicyHook, ProxyPolicyHost};
-use crate::policy::{DirectResponse, PolicyChain, PolicyEngine, PolicyError, PolicyHost, PolicySet, RequestOutcome, RequestView};
+use crate::policy::{
+    DirectResponse, PolicyChain, PolicyEngine, PolicyError, PolicyHost, PolicySet, RequestOutcome,
+    RequestView,
+};
 use crate::route::{Route, Router};
 use crate::serve::{self, ProxyBody, ServeError, Source};
 use crate::store::{CacheKey, Replica};
@@ -70,7 +74,8 @@ impl Snapshot {
             mode: config.mode,
             limits: limits.clone(),
         };
-        let policy_host: Arc<dyn PolicyHost> = Arc::new(ProxyPolicyHost::new(fetch.clone(), limits.clone()));
+        let policy_host: Arc<dyn PolicyHost> =
+            Arc::new(ProxyPolicyHost::new(fetch.clone(), limits.clone()));
         Ok(Snapshot {
             router: Router::new(&config),
             config: Arc::new(config),
@@ -121,7 +126,12 @@ impl Answer {
 impl Proxy {
     /// A proxy serving `snapshot` with `engine`; `policy_engine` compiles
     /// the policies of later snapshots.
-    pub fn new(snapshot: Snapshot, engine: FetchEngine, policy_engine: PolicyEngine, clock: Clock) -> Proxy {
+    pub fn new(
+        snapshot: Snapshot,
+        engine: FetchEngine,
+        policy_engine: PolicyEngine,
+        clock: Clock,
+    ) -> Proxy {
         Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             engine,
@@ -157,7 +167,10 @@ impl Proxy {
         let method = req.method().clone();
         let url = req.uri().to_string();
         let req_headers = snap.log_headers.then(|| req.headers().clone());
-        let Answer { mut response, outcome } = self.dispatch(req, conn, &snap).await;
+        let Answer {
+            mut response,
+            outcome,
+        } = self.dispatch(req, conn, &snap).await;
         let h = response.headers_mut();
         h.append(header::VIA, crate::fetch::upstream::VIA);
         h.insert(
@@ -179,7 +192,10 @@ impl Proxy {
 
     async fn dispatch(&self, req: Request<Incoming>, conn: ConnInfo, snap: &Snapshot) -> Answer {
         if let Err(retry) = snap.limits.check_client(conn.client.ip()) {
-            let mut resp = serve::text(StatusCode::TOO_MANY_REQUESTS, "too many requests from this address");
+            let mut resp = serve::text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests from this address",
+            );
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry.header_secs()));
             return Answer::local(resp);
@@ -205,12 +221,19 @@ impl Proxy {
                     ));
                 }
                 if snap.config.mode == CacheMode::Offline {
-                    return Answer::local(serve::text(StatusCode::GATEWAY_TIMEOUT, "offline mode: no tunnels"));
+                    return Answer::local(serve::text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "offline mode: no tunnels",
+                    ));
                 }
                 match tunnel::connect(authority.as_str(), snap.config.timeouts.connect).await {
                     Ok(upstream) => {
                         let mut req = req;
-                        tunnel::splice(hyper::upgrade::on(&mut req), upstream, authority.to_string());
+                        tunnel::splice(
+                            hyper::upgrade::on(&mut req),
+                            upstream,
+                            authority.to_string(),
+                        );
                         Answer {
                             response: Response::new(serve::empty()),
                             outcome: CacheOutcome::Tunnel,
@@ -226,8 +249,15 @@ impl Proxy {
                 if !snap.router.forward_allowed(conn.client.ip()) {
                     return Answer::local(forbidden());
                 }
-                self.proxied(req, conn, url.clone(), Upstreams::Single(url), &snap.forward_chain, snap)
-                    .await
+                self.proxied(
+                    req,
+                    conn,
+                    url.clone(),
+                    Upstreams::Single(url),
+                    &snap.forward_chain,
+                    snap,
+                )
+                .await
             }
             Route::Mirror { set, rest } => {
                 // The replica lives under the first upstream's host:port, so
@@ -236,7 +266,10 @@ impl Proxy {
                     return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path"));
                 };
                 // Every mirror has an entry; the empty chain is a safe default.
-                let chain = snap.mirror_chains.get(&set.name).unwrap_or(&snap.no_policies);
+                let chain = snap
+                    .mirror_chains
+                    .get(&set.name)
+                    .unwrap_or(&snap.no_policies);
                 self.proxied(req, conn, url, Upstreams::Mirror { set, rest }, chain, snap)
                     .await
             }
@@ -259,8 +292,10 @@ impl Proxy {
         let mut store_id = None;
         if !chain.is_empty() {
             let headers = std::mem::take(req.headers_mut());
-            let mut view = RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
-            if let RequestOutcome::Respond(direct) = chain.on_request(&snap.policy_host, &mut view) {
+            let mut view =
+                RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
+            if let RequestOutcome::Respond(direct) = chain.on_request(&snap.policy_host, &mut view)
+            {
                 return Answer::local(direct_response(direct));
             }
             *req.headers_mut() = view.headers.clone();
@@ -273,7 +308,11 @@ impl Proxy {
             }
             store_id = view.cache_key.clone();
             bypass = view.bypass_cache;
-            hook = Some(Arc::new(PolicyHook::new(chain.clone(), snap.policy_host.clone(), view)));
+            hook = Some(Arc::new(PolicyHook::new(
+                chain.clone(),
+                snap.policy_host.clone(),
+                view,
+            )));
         }
         let key = match store_id {
             Some(id) => CacheKey::parse(&id).map_err(|e| format!("policy store-id {id:?}: {e}")),
@@ -301,7 +340,9 @@ impl Proxy {
         }
         if bypass {
             let (parts, _) = req.into_parts();
-            return self.uncached(&method, parts.headers, &upstreams, hook.as_deref(), snap).await;
+            return self
+                .uncached(&method, parts.headers, &upstreams, hook.as_deref(), snap)
+                .await;
         }
         let Ok(key_uri) = key.as_str().parse::<Uri>() else {
             return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
@@ -321,7 +362,10 @@ impl Proxy {
         if let Some(replica) = self.engine.store().lookup(&key) {
             match cache::evaluate(&replica.meta, creq, now, snap.config.mode) {
                 Freshness::Fresh => {
-                    match self.serve_replica(&method, &headers, replica, CacheOutcome::Hit).await {
+                    match self
+                        .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
+                        .await
+                    {
                         Ok(a) => return a,
                         // Evicted or replaced under us: fetch it like a miss.
                         Err(ServeError::Gone(_)) => {}
@@ -330,7 +374,9 @@ impl Proxy {
                 }
                 Freshness::Stale(validators) => revalidate = Some((replica, validators)),
                 Freshness::Mismatch => {
-                    return self.uncached(&method, headers, &upstreams, hook.as_deref(), snap).await;
+                    return self
+                        .uncached(&method, headers, &upstreams, hook.as_deref(), snap)
+                        .await;
                 }
             }
         }
@@ -344,10 +390,22 @@ impl Proxy {
             // A HEAD joins a fill under way but never starts a download.
             return match self.engine.find(&key) {
                 Some(fill) => {
-                    self.follow(&method, &headers, &key_uri, fill, None, CacheOutcome::Coalesced, &upstreams, snap)
+                    self.follow(
+                        &method,
+                        &headers,
+                        &key_uri,
+                        fill,
+                        None,
+                        CacheOutcome::Coalesced,
+                        &upstreams,
+                        snap,
+                    )
+                    .await
+                }
+                None => {
+                    self.uncached(&method, headers, &upstreams, hook.as_deref(), snap)
                         .await
                 }
-                None => self.uncached(&method, headers, &upstreams, hook.as_deref(), snap).await,
             };
         }
         let job = FillJob {
@@ -360,7 +418,10 @@ impl Proxy {
             hook,
         };
         match self.engine.fill(job) {
-            FillTicket::Ready(replica) => match self.serve_replica(&method, &headers, replica, CacheOutcome::Hit).await {
+            FillTicket::Ready(replica) => match self
+                .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
+                .await
+            {
                 Ok(a) => a,
                 Err(e) => Answer::local(internal(&e)),
             },
@@ -378,8 +439,17 @@ impl Proxy {
                 .await
             }
             FillTicket::Follower(fill) => {
-                self.follow(&method, &headers, &key_uri, fill, None, CacheOutcome::Coalesced, &upstreams, snap)
-                    .await
+                self.follow(
+                    &method,
+                    &headers,
+                    &key_uri,
+                    fill,
+                    None,
+                    CacheOutcome::Coalesced,
+                    &upstreams,
+                    snap,
+                )
+                .await
             }
         }
     }
@@ -414,7 +484,9 @@ impl Proxy {
                     };
                     if !variant_matches(&head.policy, creq, self.clock.now()) {
                         drop(progress);
-                        return self.uncached(method, headers.clone(), upstreams, None, snap).await;
+                        return self
+                            .uncached(method, headers.clone(), upstreams, None, snap)
+                            .await;
                     }
                     let age = serve::fill_age(&head, self.clock.now());
                     let source = Source::Fill { head, progress };
@@ -443,7 +515,9 @@ impl Proxy {
                             outcome: CacheOutcome::Pass,
                         };
                     }
-                    return self.uncached(method, headers.clone(), upstreams, None, snap).await;
+                    return self
+                        .uncached(method, headers.clone(), upstreams, None, snap)
+                        .await;
                 }
                 FillState::Failed(e) => return Answer::local(error_response(&e)),
             }
@@ -473,7 +547,11 @@ impl Proxy {
         snap: &Snapshot,
     ) -> Answer {
         let up = upstream_headers(&headers, false);
-        match self.engine.direct(method.clone(), upstreams, up, None, &snap.settings).await {
+        match self
+            .engine
+            .direct(method.clone(), upstreams, up, None, &snap.settings)
+            .await
+        {
             Ok(resp) => passed(resp, hook),
             Err(e) => Answer::local(error_response(&e)),
         }
@@ -491,15 +569,26 @@ impl Proxy {
     ) -> Answer {
         let (parts, body) = req.into_parts();
         let headers = upstream_headers(&parts.headers, false);
-        let body = body.map_err(|e| -> crate::fetch::BoxError { Box::new(e) }).boxed_unsync();
+        let body = body
+            .map_err(|e| -> crate::fetch::BoxError { Box::new(e) })
+            .boxed_unsync();
         let unsafe_method = !matches!(parts.method, Method::OPTIONS | Method::TRACE);
         match self
             .engine
-            .direct(parts.method.clone(), &upstreams, headers, Some(body), &snap.settings)
+            .direct(
+                parts.method.clone(),
+                &upstreams,
+                headers,
+                Some(body),
+                &snap.settings,
+            )
             .await
         {
             Ok(resp) => {
-                if unsafe_method && !resp.status().is_server_error() && !resp.status().is_client_error() {
+                if unsafe_method
+                    && !resp.status().is_server_error()
+                    && !resp.status().is_client_error()
+                {
                     // Done before answering, so the client's next GET already
                     // goes upstream.
                     let store = self.engine.store().clone();
@@ -520,7 +609,10 @@ impl Proxy {
 
     fn local_page(&self, req: &Request<Incoming>, snap: &Snapshot) -> Response<ProxyBody> {
         if req.uri().path() != "/" {
-            return serve::text(StatusCode::NOT_FOUND, "not found: no mirror serves this path");
+            return serve::text(
+                StatusCode::NOT_FOUND,
+                "not found: no mirror serves this path",
+            );
         }
         let mut page = String::from("Cistern caching proxy\n\nMirrors:\n");
         for m in snap.router.mirrors() {
@@ -584,7 +676,10 @@ fn passed(mut resp: Response<Incoming>, hook: Option<&dyn HeadHook>) -> Answer {
     if let Some(hook) = hook {
         let status = resp.status();
         if hook.on_head(status, resp.headers_mut()).deny {
-            return Answer::local(serve::text(StatusCode::BAD_GATEWAY, "a policy refused the upstream response"));
+            return Answer::local(serve::text(
+                StatusCode::BAD_GATEWAY,
+                "a policy refused the upstream response",
+            ));
         }
     }
     Answer {
@@ -604,7 +699,9 @@ fn direct_response(d: DirectResponse) -> Response<ProxyBody> {
 fn passthrough_response(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     cache::strip_hop_by_hop(&mut parts.headers);
-    let body = body.map_err(|e| -> crate::fetch::BoxError { Box::new(e) }).boxed_unsync();
+    let body = body
+        .map_err(|e| -> crate::fetch::BoxError { Box::new(e) })
+        .boxed_unsync();
     Response::from_parts(parts, body)
 }
 

@@ -58,7 +58,11 @@ pub struct Router {
 impl Router {
     /// Builds the table for `config`.
     pub fn new(config: &Config) -> Router {
-        let mut mirrors: Vec<Arc<MirrorSet>> = config.mirrors.iter().map(|m| Arc::new(MirrorSet::new(m))).collect();
+        let mut mirrors: Vec<Arc<MirrorSet>> = config
+            .mirrors
+            .iter()
+            .map(|m| Arc::new(MirrorSet::new(m)))
+            .collect();
         mirrors.sort_by_key(|m| std::cmp::Reverse(m.prefix.len()));
         Router {
             mirrors,
@@ -103,7 +107,9 @@ impl Router {
                 .and_then(|h| h.parse::<Authority>().ok()),
         };
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-        let ours = authority.as_ref().is_none_or(|a| is_ours(a, &scheme, local));
+        let ours = authority
+            .as_ref()
+            .is_none_or(|a| is_ours(a, &scheme, local));
         if ours {
             return self.local_route(uri);
         }
@@ -118,7 +124,12 @@ impl Router {
         }
         if self.forward.transparent {
             let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-            return match Uri::builder().scheme(scheme).authority(authority).path_and_query(pq).build() {
+            return match Uri::builder()
+                .scheme(scheme)
+                .authority(authority)
+                .path_and_query(pq)
+                .build()
+            {
                 Ok(u) => Route::Transparent(u),
                 Err(_) => Route::Invalid("bad URL"),
             };
@@ -135,7 +146,10 @@ impl Router {
                     rest.push('?');
                     rest.push_str(q);
                 }
-                return Route::Mirror { set: set.clone(), rest };
+                return Route::Mirror {
+                    set: set.clone(),
+                    rest,
+                };
             }
             // `/debian` without the slash means the mirror's root.
             if path == set.prefix.trim_end_matches('/') {
@@ -167,9 +181,16 @@ fn is_ours(authority: &Authority, scheme: &Scheme, local: SocketAddr) -> bool {
     if port != local.port() {
         return false;
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     match host.parse::<IpAddr>() {
-        Ok(ip) => canonical(ip) == canonical(local.ip()) || ip.is_loopback() || local.ip().is_unspecified(),
+        Ok(ip) => {
+            canonical(ip) == canonical(local.ip())
+                || ip.is_loopback()
+                || local.ip().is_unspecified()
+        }
         Err(_) => true,
     }
 }
@@ -205,24 +226,81 @@ mod tests {
         let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let r = Router::new(&config(true));
         let cases: &[(Method, &str, Option<&str>, Version, &str)] = &[
-            (Method::GET, "http://example.org/a", None, Version::HTTP_11, "forward"),
-            (Method::GET, "/debian/pool/x.deb", Some("127.0.0.1:8080"), Version::HTTP_11, "mirror"),
-            (Method::GET, "/debian", Some("localhost:8080"), Version::HTTP_11, "mirror"),
-            (Method::GET, "/other", Some("cache.lan:8080"), Version::HTTP_11, "local"),
-            (Method::GET, "/x", Some("example.org"), Version::HTTP_11, "transparent"),
-            (Method::CONNECT, "example.org:443", None, Version::HTTP_11, "connect"),
+            (
+                Method::GET,
+                "http://example.org/a",
+                None,
+                Version::HTTP_11,
+                "forward",
+            ),
+            (
+                Method::GET,
+                "/debian/pool/x.deb",
+                Some("127.0.0.1:8080"),
+                Version::HTTP_11,
+                "mirror",
+            ),
+            (
+                Method::GET,
+                "/debian",
+                Some("localhost:8080"),
+                Version::HTTP_11,
+                "mirror",
+            ),
+            (
+                Method::GET,
+                "/other",
+                Some("cache.lan:8080"),
+                Version::HTTP_11,
+                "local",
+            ),
+            (
+                Method::GET,
+                "/x",
+                Some("example.org"),
+                Version::HTTP_11,
+                "transparent",
+            ),
+            (
+                Method::CONNECT,
+                "example.org:443",
+                None,
+                Version::HTTP_11,
+                "connect",
+            ),
             // h2c carries :authority; it is ours, so it is a mirror path.
-            (Method::GET, "http://127.0.0.1:8080/debian/a", None, Version::HTTP_2, "mirror"),
+            (
+                Method::GET,
+                "http://127.0.0.1:8080/debian/a",
+                None,
+                Version::HTTP_2,
+                "mirror",
+            ),
             // Absolute-form for ourselves is not a forward request.
-            (Method::GET, "http://localhost:8080/debian/a", None, Version::HTTP_11, "mirror"),
-            (Method::GET, "ftp://example.org/a", None, Version::HTTP_11, "invalid"),
+            (
+                Method::GET,
+                "http://localhost:8080/debian/a",
+                None,
+                Version::HTTP_11,
+                "mirror",
+            ),
+            (
+                Method::GET,
+                "ftp://example.org/a",
+                None,
+                Version::HTTP_11,
+                "invalid",
+            ),
         ];
         for (m, uri, host, v, want) in cases {
             let got = r.route(&req(m.clone(), uri, *host, *v), local);
             assert_eq!(got.as_str(), *want, "{m} {uri} host={host:?}");
         }
         let no_transparent = Router::new(&config(false));
-        let got = no_transparent.route(&req(Method::GET, "/x", Some("example.org"), Version::HTTP_11), local);
+        let got = no_transparent.route(
+            &req(Method::GET, "/x", Some("example.org"), Version::HTTP_11),
+            local,
+        );
         assert_eq!(got.as_str(), "local");
     }
 
@@ -230,7 +308,15 @@ mod tests {
     fn mirror_rest_keeps_the_query() {
         let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let r = Router::new(&config(false));
-        match r.route(&req(Method::GET, "/debian/dists/x?y=1", Some("localhost:8080"), Version::HTTP_11), local) {
+        match r.route(
+            &req(
+                Method::GET,
+                "/debian/dists/x?y=1",
+                Some("localhost:8080"),
+                Version::HTTP_11,
+            ),
+            local,
+        ) {
             Route::Mirror { rest, .. } => assert_eq!(rest, "dists/x?y=1"),
             other => panic!("{other:?}"),
         }

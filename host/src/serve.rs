@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use http_body::Frame;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tokio::sync::watch;
 
 use crate::fetch::{BoxError, FillHead, FillState};
@@ -63,12 +63,16 @@ pub enum ServeError {
 
 /// An empty body.
 pub fn empty() -> ProxyBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A body held in memory (small generated pages, error messages).
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A plain-text response with a status.
@@ -77,8 +81,10 @@ pub fn text(status: StatusCode, message: impl Into<String>) -> Response<ProxyBod
     body.push('\n');
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
@@ -167,7 +173,9 @@ pub async fn respond(
                 let end = end.unwrap_or(replica.meta.length);
                 replica_body(replica, store, start, end).await?
             }
-            Source::Fill { head, progress } => growing_body(head.file.clone(), start, end, progress),
+            Source::Fill { head, progress } => {
+                growing_body(head.file.clone(), start, end, progress)
+            }
         }
     };
     let mut resp = Response::new(body);
@@ -180,7 +188,10 @@ pub async fn respond(
 pub fn header_map(pairs: &[(String, String)]) -> HeaderMap {
     let mut map = HeaderMap::with_capacity(pairs.len() + 6);
     for (k, v) in pairs {
-        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
             map.append(k, v);
         }
     }
@@ -267,7 +278,10 @@ fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|e| e == if_range)
         } else {
-            stored.get(header::LAST_MODIFIED).and_then(|v| v.to_str().ok()) == Some(if_range)
+            stored
+                .get(header::LAST_MODIFIED)
+                .and_then(|v| v.to_str().ok())
+                == Some(if_range)
         };
         if !still_same {
             return RangeAnswer::Full;
@@ -311,36 +325,44 @@ fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer
 }
 
 /// The body of a committed replica, `start..end`.
-async fn replica_body(replica: Arc<Replica>, store: Arc<ReplicaStore>, start: u64, end: u64) -> Result<ProxyBody, ServeError> {
+async fn replica_body(
+    replica: Arc<Replica>,
+    store: Arc<ReplicaStore>,
+    start: u64,
+    end: u64,
+) -> Result<ProxyBody, ServeError> {
     let small = end - start <= SMALL_BODY;
     let path = replica.path.clone();
-    let opened = tokio::task::spawn_blocking(move || -> Result<(File, Option<Bytes>), ServeError> {
-        // The store checks that the file is still the one its metadata
-        // describes: a commit racing this request never mixes versions.
-        let file = match store.open_replica(&replica) {
-            Ok(Some(f)) => f,
-            Ok(None) => return Err(ServeError::Gone(replica.path.clone())),
-            Err(e) => {
-                return Err(ServeError::Io {
-                    path: replica.path.clone(),
-                    source: io::Error::other(e),
-                });
+    let opened =
+        tokio::task::spawn_blocking(move || -> Result<(File, Option<Bytes>), ServeError> {
+            // The store checks that the file is still the one its metadata
+            // describes: a commit racing this request never mixes versions.
+            let file = match store.open_replica(&replica) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err(ServeError::Gone(replica.path.clone())),
+                Err(e) => {
+                    return Err(ServeError::Io {
+                        path: replica.path.clone(),
+                        source: io::Error::other(e),
+                    });
+                }
+            };
+            if small {
+                let bytes = read_exact_at(&file, start, (end - start) as usize).map_err(|e| {
+                    ServeError::Io {
+                        path: replica.path.clone(),
+                        source: e,
+                    }
+                })?;
+                return Ok((file, Some(bytes)));
             }
-        };
-        if small {
-            let bytes = read_exact_at(&file, start, (end - start) as usize).map_err(|e| ServeError::Io {
-                path: replica.path.clone(),
-                source: e,
-            })?;
-            return Ok((file, Some(bytes)));
-        }
-        Ok((file, None))
-    })
-    .await
-    .map_err(|e| ServeError::Io {
-        path,
-        source: io::Error::other(e),
-    })??;
+            Ok((file, None))
+        })
+        .await
+        .map_err(|e| ServeError::Io {
+            path,
+            source: io::Error::other(e),
+        })??;
     match opened {
         (_, Some(bytes)) => Ok(full(bytes)),
         (file, None) => Ok(file_body(Arc::new(file), start, end)),
@@ -353,7 +375,10 @@ fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
     while done < len {
         let n = file.read_at(&mut buf[done..], offset + done as u64)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "replica shorter than its metadata"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "replica shorter than its metadata",
+            ));
         }
         done += n;
     }
@@ -383,7 +408,12 @@ fn file_body(file: Arc<File>, start: u64, end: u64) -> ProxyBody {
 
 /// A growing file's bytes from `start` to `end` (or to the end of the fill
 /// when the length is unknown), following the fill's progress.
-fn growing_body(file: Arc<File>, start: u64, end: Option<u64>, progress: watch::Receiver<FillState>) -> ProxyBody {
+fn growing_body(
+    file: Arc<File>,
+    start: u64,
+    end: Option<u64>,
+    progress: watch::Receiver<FillState>,
+) -> ProxyBody {
     struct Reader {
         file: Arc<File>,
         at: u64,
@@ -407,7 +437,11 @@ fn growing_body(file: Arc<File>, start: u64, end: Option<u64>, progress: watch::
             let step = match &*r.progress.borrow_and_update() {
                 FillState::Streaming { head, written } => {
                     // Hold back the last byte of a known length until commit.
-                    Ok((head.length.map_or(*written, |total| (*written).min(total.saturating_sub(1))), false))
+                    Ok((
+                        head.length
+                            .map_or(*written, |total| (*written).min(total.saturating_sub(1))),
+                        false,
+                    ))
                 }
                 FillState::Complete { replica, .. } => Ok((replica.meta.length, true)),
                 FillState::Failed(e) => Err(format!("upstream transfer failed: {e}")),
@@ -472,14 +506,26 @@ mod tests {
         h
     }
 
+    /// Request headers and the status they should produce.
+    type Case = (&'static [(HeaderName, &'static str)], Option<StatusCode>);
+
     #[test]
     fn conditionals_follow_rfc_9110_order() {
         let s = stored("\"v1\"", "Wed, 01 Jan 2025 00:00:00 GMT");
-        let cases: &[(&[(HeaderName, &str)], Option<StatusCode>)] = &[
-            (&[(header::IF_NONE_MATCH, "\"v1\"")], Some(StatusCode::NOT_MODIFIED)),
-            (&[(header::IF_NONE_MATCH, "W/\"v1\", \"x\"")], Some(StatusCode::NOT_MODIFIED)),
+        let cases: &[Case] = &[
+            (
+                &[(header::IF_NONE_MATCH, "\"v1\"")],
+                Some(StatusCode::NOT_MODIFIED),
+            ),
+            (
+                &[(header::IF_NONE_MATCH, "W/\"v1\", \"x\"")],
+                Some(StatusCode::NOT_MODIFIED),
+            ),
             (&[(header::IF_NONE_MATCH, "\"v2\"")], None),
-            (&[(header::IF_NONE_MATCH, "*")], Some(StatusCode::NOT_MODIFIED)),
+            (
+                &[(header::IF_NONE_MATCH, "*")],
+                Some(StatusCode::NOT_MODIFIED),
+            ),
             // If-None-Match wins over If-Modified-Since.
             (
                 &[
@@ -492,12 +538,22 @@ mod tests {
                 &[(header::IF_MODIFIED_SINCE, "Thu, 02 Jan 2025 00:00:00 GMT")],
                 Some(StatusCode::NOT_MODIFIED),
             ),
-            (&[(header::IF_MODIFIED_SINCE, "Tue, 31 Dec 2024 00:00:00 GMT")], None),
-            (&[(header::IF_MATCH, "\"v2\"")], Some(StatusCode::PRECONDITION_FAILED)),
+            (
+                &[(header::IF_MODIFIED_SINCE, "Tue, 31 Dec 2024 00:00:00 GMT")],
+                None,
+            ),
+            (
+                &[(header::IF_MATCH, "\"v2\"")],
+                Some(StatusCode::PRECONDITION_FAILED),
+            ),
             (&[(header::IF_MATCH, "\"v1\"")], None),
         ];
         for (headers, want) in cases {
-            assert_eq!(precondition(&Method::GET, &req(headers), &s), *want, "{headers:?}");
+            assert_eq!(
+                precondition(&Method::GET, &req(headers), &s),
+                *want,
+                "{headers:?}"
+            );
         }
     }
 
@@ -524,6 +580,9 @@ mod tests {
         let r = req(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, "\"v0\"")]);
         assert!(matches!(requested_range(&r, &s, 100), RangeAnswer::Full));
         let r = req(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, "\"v1\"")]);
-        assert!(matches!(requested_range(&r, &s, 100), RangeAnswer::Partial(0, 9)));
+        assert!(matches!(
+            requested_range(&r, &s, 100),
+            RangeAnswer::Partial(0, 9)
+        ));
     }
 }

@@ -58,7 +58,8 @@ pub async fn serve(
         .keep_alive_timeout(idle);
     let builder = Arc::new(builder);
 
-    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, SocketAddr)>(1024);
+    let (conn_tx, mut conn_rx) =
+        tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, SocketAddr)>(1024);
     let mut accept_tasks = Vec::new();
     for l in listeners {
         let tx = conn_tx.clone();

@@ -15,7 +15,10 @@ pub async fn connect(authority: &str, connect_timeout: Duration) -> std::io::Res
             stream.set_nodelay(true)?;
             Ok(stream)
         }
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
     }
 }
 

@@ -29,7 +29,12 @@ type OriginBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 pub fn pattern(seed: u8, len: usize) -> Bytes {
     let mut v = Vec::with_capacity(len);
     for i in 0..len {
-        v.push(((i as u64).wrapping_mul(2654435761).wrapping_add(u64::from(seed) * 97) >> 7) as u8);
+        v.push(
+            ((i as u64)
+                .wrapping_mul(2654435761)
+                .wrapping_add(u64::from(seed) * 97)
+                >> 7) as u8,
+        );
     }
     Bytes::from(v)
 }
@@ -61,7 +66,10 @@ impl Resource {
             body,
             headers: vec![
                 ("etag".into(), "\"v1\"".into()),
-                ("last-modified".into(), "Wed, 01 Jan 2020 00:00:00 GMT".into()),
+                (
+                    "last-modified".into(),
+                    "Wed, 01 Jan 2020 00:00:00 GMT".into(),
+                ),
             ],
             chunk_delay: None,
             die_after: None,
@@ -71,7 +79,8 @@ impl Resource {
 
     /// Sets a response header (replacing one of the same name).
     pub fn header(mut self, k: &str, v: &str) -> Resource {
-        self.headers.retain(|(name, _)| !name.eq_ignore_ascii_case(k));
+        self.headers
+            .retain(|(name, _)| !name.eq_ignore_ascii_case(k));
         self.headers.push((k.into(), v.into()));
         self
     }
@@ -126,7 +135,9 @@ impl Origin {
         let o = origin.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { break };
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
                 o.connections.fetch_add(1, Ordering::Relaxed);
                 let o = o.clone();
                 tokio::spawn(async move {
@@ -145,7 +156,10 @@ impl Origin {
 
     /// Serves `resource` at `path`.
     pub fn put(&self, path: &str, resource: Resource) {
-        self.resources.lock().unwrap().insert(path.to_owned(), resource);
+        self.resources
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), resource);
     }
 
     /// `http://127.0.0.1:PORT` + path.
@@ -155,7 +169,12 @@ impl Origin {
 
     /// Requests seen for `path` (any method).
     pub fn hits(&self, path: &str) -> usize {
-        self.seen.lock().unwrap().iter().filter(|s| s.path == path).count()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path)
+            .count()
     }
 
     /// Every request seen.
@@ -169,7 +188,11 @@ impl Origin {
     }
 
     async fn answer(&self, req: Request<Incoming>) -> Response<OriginBody> {
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
         self.seen.lock().unwrap().push(Seen {
             method: req.method().to_string(),
             path: path.clone(),
@@ -186,7 +209,11 @@ impl Origin {
             if let Some((bytes, times)) = r.die_after
                 && times > 0
             {
-                r.die_after = if times > 1 { Some((bytes, times - 1)) } else { None };
+                r.die_after = if times > 1 {
+                    Some((bytes, times - 1))
+                } else {
+                    None
+                };
             }
             snapshot
         };
@@ -212,7 +239,11 @@ impl Origin {
         let total = resource.body.len() as u64;
         let mut start = 0u64;
         let mut status = resource.status;
-        let range = req.headers().get("range").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let range = req
+            .headers()
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let if_range_ok = match req.headers().get("if-range") {
             None => true,
             Some(v) => etag.as_deref() == v.to_str().ok(),
@@ -228,7 +259,12 @@ impl Origin {
             status = StatusCode::PARTIAL_CONTENT;
         }
         let body = resource.body.slice(start as usize..);
-        let mut resp = Response::new(self.stream_body(&path, body, resource.chunk_delay, resource.die_after.map(|d| d.0)));
+        let mut resp = Response::new(self.stream_body(
+            &path,
+            body,
+            resource.chunk_delay,
+            resource.die_after.map(|d| d.0),
+        ));
         *resp.status_mut() = status;
         for (k, v) in &resource.headers {
             resp.headers_mut().append(
@@ -236,53 +272,72 @@ impl Origin {
                 v.parse().unwrap(),
             );
         }
-        resp.headers_mut().insert("content-length", (total - start).into());
+        resp.headers_mut()
+            .insert("content-length", (total - start).into());
         if status == StatusCode::PARTIAL_CONTENT {
             resp.headers_mut().insert(
                 "content-range",
-                format!("bytes {start}-{}/{total}", total - 1).parse().unwrap(),
+                format!("bytes {start}-{}/{total}", total - 1)
+                    .parse()
+                    .unwrap(),
             );
         }
         resp
     }
 
-    fn stream_body(&self, path: &str, body: Bytes, delay: Option<Duration>, die_after: Option<u64>) -> OriginBody {
+    fn stream_body(
+        &self,
+        path: &str,
+        body: Bytes,
+        delay: Option<Duration>,
+        die_after: Option<u64>,
+    ) -> OriginBody {
         let first_byte = self.first_byte.clone();
         let path = path.to_owned();
-        let stream = futures_util::stream::unfold((body, 0u64, false), move |(body, sent, dead)| {
-            let first_byte = first_byte.clone();
-            let path = path.clone();
-            async move {
-                if dead || body.is_empty() {
-                    return None;
+        let stream =
+            futures_util::stream::unfold((body, 0u64, false), move |(body, sent, dead)| {
+                let first_byte = first_byte.clone();
+                let path = path.clone();
+                async move {
+                    if dead || body.is_empty() {
+                        return None;
+                    }
+                    if let Some(limit) = die_after
+                        && sent >= limit
+                    {
+                        let err = std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "origin dies on purpose",
+                        );
+                        return Some((Err(err), (Bytes::new(), sent, true)));
+                    }
+                    if sent > 0
+                        && let Some(d) = delay
+                    {
+                        tokio::time::sleep(d).await;
+                    }
+                    let mut n = body.len().min(64 * 1024);
+                    if let Some(limit) = die_after {
+                        n = n.min((limit - sent) as usize).max(1);
+                    }
+                    let mut body = body;
+                    let chunk = body.split_to(n);
+                    first_byte
+                        .lock()
+                        .unwrap()
+                        .entry(path)
+                        .or_insert_with(Instant::now);
+                    Some((Ok(Frame::data(chunk)), (body, sent + n as u64, false)))
                 }
-                if let Some(limit) = die_after
-                    && sent >= limit
-                {
-                    let err = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "origin dies on purpose");
-                    return Some((Err(err), (Bytes::new(), sent, true)));
-                }
-                if sent > 0
-                    && let Some(d) = delay
-                {
-                    tokio::time::sleep(d).await;
-                }
-                let mut n = body.len().min(64 * 1024);
-                if let Some(limit) = die_after {
-                    n = n.min((limit - sent) as usize).max(1);
-                }
-                let mut body = body;
-                let chunk = body.split_to(n);
-                first_byte.lock().unwrap().entry(path).or_insert_with(Instant::now);
-                Some((Ok(Frame::data(chunk)), (body, sent + n as u64, false)))
-            }
-        });
+            });
         StreamBody::new(stream).boxed()
     }
 }
 
 fn full(b: Bytes) -> OriginBody {
-    http_body_util::Full::new(b).map_err(|never| match never {}).boxed()
+    http_body_util::Full::new(b)
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A response read whole by the test client.
@@ -299,7 +354,10 @@ pub struct Got {
 impl Got {
     /// A header as text ("" when absent).
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 
     /// The body; panics if the transfer failed.
@@ -311,7 +369,12 @@ impl Got {
 /// Sends one HTTP/1.1 request to `proxy` on a new connection. `target` is
 /// sent as is: a path (origin-form) or a full URL (absolute-form, like an
 /// `http_proxy=` client).
-pub async fn request(proxy: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Got {
+pub async fn request(
+    proxy: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Got {
     let resp = send(proxy, method, target, headers).await;
     read(resp).await
 }
@@ -322,9 +385,16 @@ pub async fn get(proxy: SocketAddr, target: &str) -> Got {
 }
 
 /// Sends a request and returns the response with its body unread.
-pub async fn send(proxy: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Response<Incoming> {
+pub async fn send(
+    proxy: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Response<Incoming> {
     let stream = TcpStream::connect(proxy).await.expect("connect to cistern");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let mut b = Request::builder().method(method).uri(target);
     let host = target
@@ -342,7 +412,11 @@ pub async fn send(proxy: SocketAddr, method: &str, target: &str, headers: &[(&st
 /// Reads a response whole.
 pub async fn read(resp: Response<Incoming>) -> Got {
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).map_err(|e| e.to_string());
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string());
     Got {
         status: parts.status,
         headers: parts.headers,
@@ -432,13 +506,19 @@ impl Drop for Cistern {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Every file under `root`, relative, sorted: what `find root -type f` shows.
 pub fn find_files(root: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {

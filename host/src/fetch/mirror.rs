@@ -110,7 +110,8 @@ impl MirrorSet {
                 let n = up.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= FAILURES_BEFORE_DOWN {
                     let until = self.epoch.elapsed() + DOWN_FOR;
-                    up.down_until_ms.store(until.as_millis() as u64, Ordering::Relaxed);
+                    up.down_until_ms
+                        .store(until.as_millis() as u64, Ordering::Relaxed);
                 }
                 if let Ok(mut last) = up.last_error.lock() {
                     *last = Some(reason.to_owned());
@@ -154,8 +155,14 @@ mod tests {
     #[test]
     fn urls_join_the_rest_onto_each_base() {
         let s = set();
-        assert_eq!(s.url(0, "pool/x.deb").unwrap(), "http://a.example/debian/pool/x.deb");
-        assert_eq!(s.url(1, "dists/InRelease?x=1").unwrap(), "http://b.example/d/dists/InRelease?x=1");
+        assert_eq!(
+            s.url(0, "pool/x.deb").unwrap(),
+            "http://a.example/debian/pool/x.deb"
+        );
+        assert_eq!(
+            s.url(1, "dists/InRelease?x=1").unwrap(),
+            "http://b.example/d/dists/InRelease?x=1"
+        );
     }
 
     #[test]
@@ -167,7 +174,10 @@ mod tests {
         }
         assert_eq!(s.order(), vec![1, 0]);
         assert!(s.health()[0].down);
-        assert_eq!(s.health()[0].last_error.as_deref(), Some("connection refused"));
+        assert_eq!(
+            s.health()[0].last_error.as_deref(),
+            Some("connection refused")
+        );
         s.report(0, None);
         assert_eq!(s.order(), vec![0, 1]);
     }

@@ -37,7 +37,9 @@ use crate::clock::Clock;
 use crate::config::CacheMode;
 use crate::limit::Limits;
 use crate::store::meta::unix_secs;
-use crate::store::{CacheKey, ObjectMeta, PartialFile, PartialMeta, Replica, ReplicaStore, StoreError};
+use crate::store::{
+    CacheKey, ObjectMeta, PartialFile, PartialMeta, Replica, ReplicaStore, StoreError,
+};
 
 pub use mirror::MirrorSet;
 pub use upstream::{BoxError, UpstreamBody, UpstreamClient};
@@ -93,7 +95,9 @@ pub enum FetchError {
         expected: u64,
     },
     /// The body does not match the digest the upstream sent.
-    #[error("upstream {url} body has SHA-256 {actual}, but the upstream announced {announced}; not stored")]
+    #[error(
+        "upstream {url} body has SHA-256 {actual}, but the upstream announced {announced}; not stored"
+    )]
     DigestMismatch {
         /// The URL fetched.
         url: String,
@@ -135,7 +139,9 @@ impl FetchError {
     /// The side the error came from.
     pub fn side(&self) -> Side {
         match self {
-            FetchError::Store(_) | FetchError::Vanished | FetchError::Offline { .. } => Side::Internal,
+            FetchError::Store(_) | FetchError::Vanished | FetchError::Offline { .. } => {
+                Side::Internal
+            }
             _ => Side::Upstream,
         }
     }
@@ -188,7 +194,9 @@ impl Upstreams {
     pub fn primary(&self) -> String {
         match self {
             Upstreams::Single(uri) => uri.to_string(),
-            Upstreams::Mirror { set, rest } => set.url(0, rest).map(|u| u.to_string()).unwrap_or_default(),
+            Upstreams::Mirror { set, rest } => {
+                set.url(0, rest).map(|u| u.to_string()).unwrap_or_default()
+            }
         }
     }
 }
@@ -394,21 +402,33 @@ impl FetchEngine {
 
     /// Fills in progress (admin UI).
     pub fn in_progress(&self) -> Vec<Arc<Fill>> {
-        let map = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         map.values().cloned().collect()
     }
 
     /// The fill of a key in progress, if any (HEAD requests join one but
     /// never start one).
     pub fn find(&self, key: &CacheKey) -> Option<Arc<Fill>> {
-        let map = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         map.get(key).cloned()
     }
 
     /// Joins the fill of `job.key`, or starts it.
     pub fn fill(&self, job: FillJob) -> FillTicket {
         let (fill, passthrough) = {
-            let mut map = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self
+                .inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if let Some(fill) = map.get(&job.key) {
                 return FillTicket::Follower(fill.clone());
             }
@@ -436,7 +456,9 @@ impl FetchEngine {
                 let url = job.upstreams.primary();
                 if let Err(error) = inner.run(&task_fill, job, tx).await {
                     tracing::warn!(target: "cistern::fetch", key = %task_fill.key, %url, side = ?error.side(), "fill failed: {error}");
-                    task_fill.state.send_replace(FillState::Failed(Arc::new(error)));
+                    task_fill
+                        .state
+                        .send_replace(FillState::Failed(Arc::new(error)));
                 }
                 drop(guard);
             });
@@ -474,7 +496,10 @@ impl FetchEngine {
                     upstreams.report(index, Some(&format!("status {}", resp.status())));
                 }
                 Ok(resp) => {
-                    let failure = resp.status().is_server_error().then(|| format!("status {}", resp.status()));
+                    let failure = resp
+                        .status()
+                        .is_server_error()
+                        .then(|| format!("status {}", resp.status()));
                     upstreams.report(index, failure.as_deref());
                     return Ok(resp);
                 }
@@ -510,18 +535,32 @@ impl Drop for FillGuard {
             }
             _ => false,
         });
-        let mut map = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(&self.fill.key).is_some_and(|f| Arc::ptr_eq(f, &self.fill)) {
+        let mut map = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.fill.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
             map.remove(&self.fill.key);
         }
     }
 }
 
 fn empty_body() -> UpstreamBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
-fn build_request(method: Method, url: &Uri, headers: &HeaderMap, body: UpstreamBody) -> Request<UpstreamBody> {
+fn build_request(
+    method: Method,
+    url: &Uri,
+    headers: &HeaderMap,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = url.clone();
@@ -542,7 +581,12 @@ struct Writing {
 }
 
 impl Inner {
-    async fn send(&self, req: Request<UpstreamBody>, url: &Uri, idle: Duration) -> Result<Response<Incoming>, FetchError> {
+    async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        url: &Uri,
+        idle: Duration,
+    ) -> Result<Response<Incoming>, FetchError> {
         match tokio::time::timeout(idle, self.client.send(req)).await {
             Err(_) => Err(FetchError::Timeout {
                 url: url.to_string(),
@@ -569,7 +613,12 @@ impl Inner {
 
     /// The fill task: ask upstream, then either refresh, stream into the
     /// replica, or hand an unshareable response to the leader.
-    async fn run(&self, fill: &Fill, job: FillJob, leader: oneshot::Sender<Response<Incoming>>) -> Result<(), FetchError> {
+    async fn run(
+        &self,
+        fill: &Fill,
+        job: FillJob,
+        leader: oneshot::Sender<Response<Incoming>>,
+    ) -> Result<(), FetchError> {
         if job.settings.mode == CacheMode::Offline {
             return Err(FetchError::Offline {
                 url: job.upstreams.primary(),
@@ -587,7 +636,9 @@ impl Inner {
         if let Some((_, validators)) = &job.revalidate {
             headers.extend(validators.clone());
         }
-        let resume = partial.as_ref().and_then(|(meta, len)| resume_headers(meta, *len));
+        let resume = partial
+            .as_ref()
+            .and_then(|(meta, len)| resume_headers(meta, *len));
         if let Some((range, if_range)) = &resume {
             headers.insert(header::RANGE, range.clone());
             headers.insert(header::IF_RANGE, if_range.clone());
@@ -628,7 +679,9 @@ impl Inner {
             None => HeadDecision::default(),
         };
         if decision.deny {
-            return Err(FetchError::PolicyDenied { url: url.to_string() });
+            return Err(FetchError::PolicyDenied {
+                url: url.to_string(),
+            });
         }
 
         let resumed_from = match (&partial, resp.status()) {
@@ -649,7 +702,10 @@ impl Inner {
             resp = resp2;
         }
 
-        let writing = match self.prepare(fill, &job, &resp, &url, received, decision, resumed_from).await {
+        let writing = match self
+            .prepare(fill, &job, &resp, &url, received, decision, resumed_from)
+            .await
+        {
             Ok(Some(w)) => w,
             Ok(None) => {
                 fill.state.send_replace(FillState::Unshared);
@@ -671,7 +727,11 @@ impl Inner {
 
     /// Sends the request to each candidate until one answers without a
     /// connect error or a 5xx (the last one's 5xx is passed on).
-    async fn ask(&self, job: &FillJob, headers: HeaderMap) -> Result<(Response<Incoming>, Uri), FetchError> {
+    async fn ask(
+        &self,
+        job: &FillJob,
+        headers: HeaderMap,
+    ) -> Result<(Response<Incoming>, Uri), FetchError> {
         let candidates = job.upstreams.candidates();
         let count = candidates.len();
         let mut last = None;
@@ -680,10 +740,14 @@ impl Inner {
             match self.send(req, &url, job.settings.idle).await {
                 Ok(resp) if resp.status().is_server_error() && n + 1 < count => {
                     tracing::info!(target: "cistern::fetch", %url, status = %resp.status(), "upstream error, trying the next mirror");
-                    job.upstreams.report(index, Some(&format!("status {}", resp.status())));
+                    job.upstreams
+                        .report(index, Some(&format!("status {}", resp.status())));
                 }
                 Ok(resp) => {
-                    let failure = resp.status().is_server_error().then(|| format!("status {}", resp.status()));
+                    let failure = resp
+                        .status()
+                        .is_server_error()
+                        .then(|| format!("status {}", resp.status()));
                     job.upstreams.report(index, failure.as_deref());
                     return Ok((resp, url));
                 }
@@ -738,7 +802,10 @@ impl Inner {
         let stored = cache::stored_headers(&parts.headers);
         let mut client_headers = HeaderMap::with_capacity(stored.len());
         for (k, v) in &stored {
-            if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
                 client_headers.append(k, v);
             }
         }
@@ -771,7 +838,9 @@ impl Inner {
         };
         let k = job.key.clone();
         let resume = resumed_from.is_some();
-        let partial = self.blocking(move |s| s.begin_partial(&k, partial_meta, resume)).await?;
+        let partial = self
+            .blocking(move |s| s.begin_partial(&k, partial_meta, resume))
+            .await?;
         let start = if resume { partial.len } else { 0 };
         if resumed_from.is_some_and(|from| from != start) {
             // The partial changed under us; never splice mismatched bytes.
@@ -806,7 +875,13 @@ impl Inner {
     }
 
     /// Copies the body into the partial file, then verifies and commits it.
-    async fn stream(&self, fill: &Fill, job: &FillJob, resp: Response<Incoming>, w: Writing) -> Result<(), FetchError> {
+    async fn stream(
+        &self,
+        fill: &Fill,
+        job: &FillJob,
+        resp: Response<Incoming>,
+        w: Writing,
+    ) -> Result<(), FetchError> {
         let Writing {
             partial,
             head,
@@ -832,7 +907,10 @@ impl Inner {
                     match tokio::time::timeout(idle, body.frame()).await {
                         Ok(f) => f,
                         Err(_) => {
-                            return Err(FetchError::Timeout { url: url_s, after: idle });
+                            return Err(FetchError::Timeout {
+                                url: url_s,
+                                after: idle,
+                            });
                         }
                     }
                 } else {
@@ -848,7 +926,14 @@ impl Inner {
                     }
                     Some(Err(e)) => {
                         // Keep what arrived: it is a valid prefix for a resume.
-                        self.flush(&partial.file, &mut batch, &mut batch_len, &mut written, &mut hasher).await?;
+                        self.flush(
+                            &partial.file,
+                            &mut batch,
+                            &mut batch_len,
+                            &mut written,
+                            &mut hasher,
+                        )
+                        .await?;
                         publish_written(fill, written);
                         return Err(FetchError::Body {
                             url: url_s,
@@ -872,7 +957,14 @@ impl Inner {
             if let Some(bw) = job.settings.limits.download() {
                 bw.acquire(batch_len).await;
             }
-            self.flush(&partial.file, &mut batch, &mut batch_len, &mut written, &mut hasher).await?;
+            self.flush(
+                &partial.file,
+                &mut batch,
+                &mut batch_len,
+                &mut written,
+                &mut hasher,
+            )
+            .await?;
             publish_written(fill, written);
             if let Some(total) = head.length
                 && written > total
@@ -938,7 +1030,8 @@ impl Inner {
         meta.sha256 = actual;
         let replica = self.blocking(move |s| s.commit(partial, meta)).await?;
         tracing::debug!(target: "cistern::fetch", key = %job.key, bytes = written, elapsed = ?fill.started.elapsed(), "fill complete");
-        fill.state.send_replace(FillState::Complete { head, replica });
+        fill.state
+            .send_replace(FillState::Complete { head, replica });
         Ok(())
     }
 
@@ -1005,7 +1098,10 @@ fn hash_file(file: &File, len: u64) -> std::io::Result<[u8; 32]> {
         let want = buf.len().min((len - at) as usize);
         let n = file.read_at(&mut buf[..want], at)?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "partial file shrank"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "partial file shrank",
+            ));
         }
         hasher.update(&buf[..n]);
         at += n as u64;
@@ -1030,11 +1126,20 @@ fn resume_headers(meta: &PartialMeta, len: u64) -> Option<(HeaderValue, HeaderVa
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `Content-Range: bytes START-END/TOTAL` → START.
@@ -1054,9 +1159,15 @@ fn content_range_total(headers: &HeaderMap) -> Option<u64> {
 /// `sha-256=:BASE64:`) or `Digest` (RFC 3230, `SHA-256=BASE64`).
 pub fn announced_sha256(headers: &HeaderMap) -> Option<[u8; 32]> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    for v in headers.get_all("repr-digest").iter().filter_map(|v| v.to_str().ok()) {
+    for v in headers
+        .get_all("repr-digest")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
         for item in v.split(',') {
-            let Some((alg, val)) = item.trim().split_once('=') else { continue };
+            let Some((alg, val)) = item.trim().split_once('=') else {
+                continue;
+            };
             if alg.trim().eq_ignore_ascii_case("sha-256") {
                 let val = val.trim().trim_matches(':');
                 if let Ok(bytes) = b64.decode(val)
@@ -1067,9 +1178,15 @@ pub fn announced_sha256(headers: &HeaderMap) -> Option<[u8; 32]> {
             }
         }
     }
-    for v in headers.get_all("digest").iter().filter_map(|v| v.to_str().ok()) {
+    for v in headers
+        .get_all("digest")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
         for item in v.split(',') {
-            let Some((alg, val)) = item.trim().split_once('=') else { continue };
+            let Some((alg, val)) = item.trim().split_once('=') else {
+                continue;
+            };
             if alg.trim().eq_ignore_ascii_case("sha-256")
                 && let Ok(bytes) = b64.decode(val.trim())
                 && let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice())
@@ -1105,7 +1222,10 @@ mod tests {
         let sum: [u8; 32] = Sha256::digest(b"hello").into();
         let b64 = base64::engine::general_purpose::STANDARD.encode(sum);
         let mut h = HeaderMap::new();
-        h.insert("repr-digest", format!("sha-512=:AAAA:, sha-256=:{b64}:").parse().unwrap());
+        h.insert(
+            "repr-digest",
+            format!("sha-512=:AAAA:, sha-256=:{b64}:").parse().unwrap(),
+        );
         assert_eq!(announced_sha256(&h), Some(sum));
         let mut h = HeaderMap::new();
         h.insert("digest", format!("MD5=xyz, SHA-256={b64}").parse().unwrap());

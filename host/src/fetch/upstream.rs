@@ -114,7 +114,10 @@ impl UpstreamClient {
 
     /// Sends one request upstream and returns the response head with its
     /// streaming body.
-    pub async fn send(&self, mut req: Request<UpstreamBody>) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    pub async fn send(
+        &self,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         req.headers_mut().append(http::header::VIA, VIA);
         self.client.request(req).await
     }

@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, StatusCode};
 
-use super::{LimitVerdict, PolicyChain, PolicyHost, ReplicaState, RequestView, ResponseDecision, ResponseView};
+use super::{
+    LimitVerdict, PolicyChain, PolicyHost, ReplicaState, RequestView, ResponseDecision,
+    ResponseView,
+};
 use crate::fetch::{FetchEngine, HeadDecision, HeadHook};
 use crate::limit::Limits;
 use crate::store::CacheKey;
@@ -40,13 +43,18 @@ impl PolicyHost for ProxyPolicyHost {
 
     fn url_by_sha256(&self, digest: &[u8; 32]) -> Option<String> {
         // The key is an absolute URL that, asked through Cistern, is a hit.
-        self.engine.store().by_sha256(digest).map(|r| r.meta.key.clone())
+        self.engine
+            .store()
+            .by_sha256(digest)
+            .map(|r| r.meta.key.clone())
     }
 
     fn limiter_check(&self, limiter: &str, key: &str) -> Option<LimitVerdict> {
         self.limits.check_named(limiter, key).map(|r| match r {
             Ok(()) => LimitVerdict::Allow,
-            Err(retry) => LimitVerdict::Deny { retry_after: retry.0 },
+            Err(retry) => LimitVerdict::Deny {
+                retry_after: retry.0,
+            },
         })
     }
 }
@@ -79,7 +87,8 @@ impl HeadHook for PolicyHook {
         };
         let decision: ResponseDecision = {
             let mut request = self.request.lock().unwrap_or_else(|p| p.into_inner());
-            self.chain.on_response(&self.host, &mut request, &mut response)
+            self.chain
+                .on_response(&self.host, &mut request, &mut response)
         };
         *headers = response.headers;
         HeadDecision {
