@@ -1,0 +1,202 @@
+//! Policies on real requests through the real binary: the built-ins the
+//! default config uses, an example written in WAT, and hostile guests
+//! failing the way config says.
+
+mod common;
+
+use base64::Engine as _;
+use common::{Cistern, Origin, Resource, find_files, get, pattern, request};
+use http::StatusCode;
+use sha2::{Digest, Sha256};
+
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_id_collapses_the_same_file_on_two_mirrors_into_one_replica() {
+    let origin = Origin::start().await;
+    let deb = pattern(1, 50_000);
+    origin.put("/mirror-a/pool/main/h/hello.deb", Resource::new(deb.clone()));
+    origin.put("/mirror-b/pool/main/h/hello.deb", Resource::new(deb.clone()));
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "store-id" path="builtin:store-id" {{
+    param "rule" "http://*/mirror-*/pool/* http://pool.cistern/pool/$3"
+}}
+mirror "a" {{ prefix "/a/"; upstream "http://{o}/mirror-a/"; policies "store-id"; }}
+mirror "b" {{ prefix "/b/"; upstream "http://{o}/mirror-b/"; policies "store-id"; }}
+"#,
+        o = origin.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    let a = get(cistern.addr, "/a/pool/main/h/hello.deb").await;
+    assert_eq!(a.bytes(), &deb, "{}", cistern.log());
+    let b = get(cistern.addr, "/b/pool/main/h/hello.deb").await;
+    assert_eq!(b.bytes(), &deb);
+    assert_eq!(b.header("cache-status"), "cistern; hit");
+    assert_eq!(origin.hits("/mirror-b/pool/main/h/hello.deb"), 0, "the second mirror is never asked");
+    assert_eq!(find_files(&cistern.root), vec!["pool.cistern:80/pool/main/h/hello.deb".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distro_keeps_packages_immutable_and_always_revalidates_indexes() {
+    let origin = Origin::start().await;
+    // The origin's own headers say the opposite of what a package cache wants.
+    origin.put(
+        "/debian/pool/main/h/hello_2.10_amd64.deb",
+        Resource::new(pattern(2, 10_000)).header("cache-control", "max-age=0"),
+    );
+    origin.put(
+        "/debian/dists/stable/InRelease",
+        Resource::new(pattern(3, 2_000)).header("cache-control", "max-age=3600"),
+    );
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "distro" path="builtin:distro"
+mirror "debian" {{ prefix "/debian/"; upstream "http://{}/debian/"; policies "distro"; }}
+"#,
+        origin.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    for _ in 0..3 {
+        let deb = get(cistern.addr, "/debian/pool/main/h/hello_2.10_amd64.deb").await;
+        assert_eq!(deb.status, 200, "{}", cistern.log());
+    }
+    assert_eq!(origin.hits("/debian/pool/main/h/hello_2.10_amd64.deb"), 1, "a .deb is never revalidated");
+    get(cistern.addr, "/debian/dists/stable/InRelease").await;
+    let again = get(cistern.addr, "/debian/dists/stable/InRelease").await;
+    assert_eq!(again.bytes(), &pattern(3, 2_000));
+    assert!(again.header("cache-status").contains("fwd-status=304"), "{:?}", again.headers);
+    let seen = origin.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(last.path, "/debian/dists/stable/InRelease");
+    assert_eq!(last.headers.get("if-none-match").unwrap(), "\"v1\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metalink_rewrites_a_redirect_to_the_cached_copy_with_the_same_digest() {
+    let origin = Origin::start().await;
+    let iso = pattern(4, 100_000);
+    origin.put("/pub/distro.iso", Resource::new(iso.clone()));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&iso));
+    let mut redirect = Resource::new(bytes::Bytes::new())
+        .header("location", &format!("http://{}/elsewhere/distro.iso", origin.addr))
+        .header("digest", &format!("SHA-256={b64}"));
+    redirect.status = StatusCode::FOUND;
+    origin.put("/download/distro.iso", redirect);
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "metalink" path="builtin:metalink"
+mirror "m" {{ prefix "/m/"; upstream "http://{}/"; policies "metalink"; }}
+"#,
+        origin.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    assert_eq!(get(cistern.addr, "/m/pub/distro.iso").await.bytes(), &iso);
+    let answer = get(cistern.addr, "/m/download/distro.iso").await;
+    assert_eq!(answer.status, 302, "{}", cistern.log());
+    assert_eq!(
+        answer.header("location"),
+        format!("http://{}/pub/distro.iso", origin.addr),
+        "the redirect now points at what is already cached"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wat_example_limits_a_path_bypasses_queries_and_tags_responses() {
+    let origin = Origin::start().await;
+    origin.put("/api/items", Resource::new(pattern(5, 100)));
+    origin.put("/page?x=1", Resource::new(pattern(6, 100)).header("cache-control", "max-age=600"));
+    let wat = repo().join("examples/wat/policy.wat");
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+limiter "per-client" rate=2 per="1h" burst=2
+policy "example" path="{}" {{
+    param "limited-prefix" "/api/"
+}}
+mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "example"; }}
+"#,
+        wat.display(),
+        origin.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    for _ in 0..2 {
+        let ok = get(cistern.addr, "/api/items").await;
+        assert_eq!(ok.status, 200, "{}", cistern.log());
+        assert_eq!(ok.header("x-policy"), "wat");
+    }
+    let limited = get(cistern.addr, "/api/items").await;
+    assert_eq!(limited.status, 429);
+    assert!(!limited.header("retry-after").is_empty());
+    for _ in 0..2 {
+        assert_eq!(get(cistern.addr, "/page?x=1").await.status, 200);
+    }
+    assert_eq!(origin.hits("/page?x=1"), 2, "a URL with a query bypasses the cache");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_policy_fails_open_or_closed_as_configured() {
+    let origin = Origin::start().await;
+    origin.put("/file", Resource::new(pattern(7, 100)));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("trap.wat"),
+        r#"(module
+  (memory (export "memory") 1)
+  (func (export "cistern_abi_version") (result i32) (i32.const 1))
+  (func (export "on_request") (result i32) unreachable))"#,
+    )
+    .unwrap();
+    for (on_error, want) in [("pass", 200u16), ("deny", 503)] {
+        let config = format!(
+            r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "trap" path="trap.wat" on-error="{on_error}"
+mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "trap"; }}
+"#,
+            origin.addr
+        );
+        let cistern = Cistern::start(dir.path(), &config, &[]);
+        for _ in 0..3 {
+            let got = request(cistern.addr, "GET", "/file", &[]).await;
+            assert_eq!(got.status.as_u16(), want, "on-error={on_error}");
+        }
+        assert!(cistern.log().contains("trap"), "the failure is logged with the policy's name");
+        drop(cistern);
+        let _ = std::fs::remove_dir_all(dir.path().join("replica"));
+        let _ = std::fs::remove_dir_all(dir.path().join("replica.cistern"));
+    }
+}
+
+#[test]
+fn a_policy_that_does_not_load_stops_start_up_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.wat"), "(module (func $x").unwrap();
+    std::fs::write(
+        dir.path().join("config.kdl"),
+        "listen \"127.0.0.1:0\"\nstore { root \"r\"; }\npolicy \"broken\" path=\"broken.wat\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["--config", "config.kdl"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("broken"), "{text}");
+}
