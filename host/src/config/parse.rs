@@ -147,7 +147,8 @@ struct Shape {
     props: &'static [&'static str],
     /// Whether a `{ … }` block is accepted.
     children: bool,
-    /// How to write the node, for "wrong arguments" help.
+    /// How to write the node, for "wrong arguments" help. `NAME` stands
+    /// for the node's own name, so one shape serves several nodes.
     usage: &'static str,
 }
 
@@ -241,6 +242,7 @@ impl Cx<'_> {
     /// that are there get checked too.
     fn entries<'n>(&mut self, node: &'n KdlNode, shape: &Shape) -> Entries<'n> {
         let name = node.name().value();
+        let usage = shape.usage.replace("NAME", name);
         if let Some(ty) = node.ty() {
             self.error(
                 ty.span(),
@@ -264,7 +266,7 @@ impl Cx<'_> {
                         let help = match suggest(key, shape.props) {
                             Some(s) => format!("did you mean `{s}`?"),
                             None if shape.props.is_empty() => {
-                                format!("`{name}` takes no properties; usage: {}", shape.usage)
+                                format!("`{name}` takes no properties; usage: {usage}")
                             }
                             None => format!("`{name}` accepts: {}", shape.props.join(", ")),
                         };
@@ -306,7 +308,7 @@ impl Cx<'_> {
                 span,
                 format!("`{name}` takes {expected}, found {}", args.len()),
             )
-            .help = Some(format!("usage: {}", shape.usage));
+            .help = Some(format!("usage: {usage}"));
         }
         if !shape.children
             && let Some(doc) = node.children()
@@ -322,7 +324,7 @@ impl Cx<'_> {
                 (brace, 1).into(),
                 format!("`{name}` takes no `{{ … }}` block"),
             )
-            .help = Some(format!("usage: {}", shape.usage));
+            .help = Some(format!("usage: {usage}"));
         }
         Entries {
             name: node.name().value(),

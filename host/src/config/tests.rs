@@ -554,3 +554,30 @@ fn slashdash_comments_out_nodes_and_entries() {
     );
     assert!(c.mirrors.is_empty());
 }
+
+#[test]
+fn every_kdl_example_in_the_docs_parses() {
+    let doc = include_str!("../../../docs/config.md");
+    let mut blocks = 0;
+    let mut rest = doc;
+    while let Some(start) = rest.find("```kdl\n") {
+        let body = &rest[start + 7..];
+        let end = body.find("```").expect("closed code block");
+        // Fragments showing `policies` lean on declarations shown elsewhere.
+        let mut text = body[..end].to_owned();
+        for name in ["distro", "store-id"] {
+            if !text.contains(&format!("policy \"{name}\"")) {
+                text.push_str(&format!("policy \"{name}\" path=\"builtin:{name}\"\n"));
+            }
+        }
+        if let Err(e) = Config::parse(&text, Path::new(NAME)) {
+            panic!(
+                "docs/config.md example does not parse:\n{text}\n{}",
+                e.report()
+            );
+        }
+        blocks += 1;
+        rest = &body[end + 3..];
+    }
+    assert!(blocks >= 10, "only {blocks} examples found");
+}
