@@ -739,7 +739,8 @@ fn listen(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
             return;
         }
     };
-    if let Some(first) = top.listen_seen.get(&addr) {
+    // Port 0 asks for a fresh port each time, so repeats are distinct sockets.
+    if let Some(first) = top.listen_seen.get(&addr).filter(|_| addr.port() != 0) {
         let line = cx.line_of(*first);
         cx.error(
             arg.span(),

@@ -541,6 +541,12 @@ fn load_of_a_missing_file_names_it() {
 
 #[test]
 fn slashdash_comments_out_nodes_and_entries() {
+    let c = ok("listen \"127.0.0.1:0\"\nlisten \"127.0.0.1:0\"");
+    assert_eq!(
+        c.listeners.len(),
+        2,
+        "port 0 repeats are distinct listeners"
+    );
     let c = ok(r#"
         /-listen "not even an address"
         listen "127.0.0.1:9000" /-"127.0.0.1:9001"
