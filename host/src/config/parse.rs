@@ -45,18 +45,7 @@ pub(super) fn parse(text: &str, name: &Path, check_files: bool) -> Result<Config
             let mut problems: Vec<Problem> = e
                 .diagnostics
                 .iter()
-                .map(|d| {
-                    let mut p = Problem::new(
-                        text,
-                        d.span,
-                        d.message
-                            .clone()
-                            .unwrap_or_else(|| "invalid KDL".to_owned()),
-                    );
-                    p.label = d.label.clone();
-                    p.help = d.help.clone();
-                    p
-                })
+                .map(|d| syntax_problem(text, d))
                 .collect();
             if problems.is_empty() {
                 problems.push(Problem::new(text, (0, 0).into(), "invalid KDL"));
@@ -82,6 +71,36 @@ pub(super) fn parse(text: &str, name: &Path, check_files: bool) -> Result<Config
         cx.problems.sort_by_key(|p| p.span.offset());
         Err(invalid(cx.problems))
     }
+}
+
+/// A KDL syntax error as a problem. KDL v1's bare `true`, `false` and
+/// `null` are the likeliest mistake and kdl's message for them ("Expected
+/// identifier string") does not say so, so they get their own.
+fn syntax_problem(text: &str, d: &kdl::KdlDiagnostic) -> Problem {
+    let start = d.span.offset();
+    let token = text.get(start..start + d.span.len()).unwrap_or("").trim();
+    if let Some(fix) = match token {
+        "true" | "false" | "null" => Some(format!("#{token}")),
+        _ => None,
+    } {
+        let mut p = Problem::new(
+            text,
+            d.span,
+            format!("bare `{token}` is not a KDL v2 value; write {fix}"),
+        );
+        p.help = Some("KDL v2 writes keywords with a hash: #true, #false, #null".to_owned());
+        return p;
+    }
+    let mut p = Problem::new(
+        text,
+        d.span,
+        d.message
+            .clone()
+            .unwrap_or_else(|| "invalid KDL".to_owned()),
+    );
+    p.label = d.label.clone();
+    p.help = d.help.clone();
+    p
 }
 
 /// The walk's context: the text (for positions), the directory relative
@@ -128,7 +147,8 @@ struct Shape {
     props: &'static [&'static str],
     /// Whether a `{ … }` block is accepted.
     children: bool,
-    /// How to write the node, for "wrong arguments" help.
+    /// How to write the node, for "wrong arguments" help. `NAME` stands
+    /// for the node's own name, so one shape serves several nodes.
     usage: &'static str,
 }
 
@@ -222,6 +242,7 @@ impl Cx<'_> {
     /// that are there get checked too.
     fn entries<'n>(&mut self, node: &'n KdlNode, shape: &Shape) -> Entries<'n> {
         let name = node.name().value();
+        let usage = shape.usage.replace("NAME", name);
         if let Some(ty) = node.ty() {
             self.error(
                 ty.span(),
@@ -245,7 +266,7 @@ impl Cx<'_> {
                         let help = match suggest(key, shape.props) {
                             Some(s) => format!("did you mean `{s}`?"),
                             None if shape.props.is_empty() => {
-                                format!("`{name}` takes no properties; usage: {}", shape.usage)
+                                format!("`{name}` takes no properties; usage: {usage}")
                             }
                             None => format!("`{name}` accepts: {}", shape.props.join(", ")),
                         };
@@ -287,13 +308,23 @@ impl Cx<'_> {
                 span,
                 format!("`{name}` takes {expected}, found {}", args.len()),
             )
-            .help = Some(format!("usage: {}", shape.usage));
+            .help = Some(format!("usage: {usage}"));
         }
         if !shape.children
             && let Some(doc) = node.children()
         {
-            self.error(doc.span(), format!("`{name}` takes no `{{ … }}` block"))
-                .help = Some(format!("usage: {}", shape.usage));
+            // The document's span starts inside the braces; point at `{`.
+            let inner = doc.span().offset().min(self.text.len());
+            let brace = self
+                .text
+                .get(..inner)
+                .and_then(|t| t.rfind('{'))
+                .unwrap_or(inner);
+            self.error(
+                (brace, 1).into(),
+                format!("`{name}` takes no `{{ … }}` block"),
+            )
+            .help = Some(format!("usage: {usage}"));
         }
         Entries {
             name: node.name().value(),
@@ -567,6 +598,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// The top-level draft: the config's parts as read, plus what the
 /// cross-checks in [`Top::finish`] need.
+#[derive(Default)]
 struct Top {
     listeners: Vec<Listener>,
     listen_seen: HashMap<SocketAddr, SourceSpan>,
@@ -586,29 +618,6 @@ struct Top {
     /// Every policy name used by a route, checked against the declarations
     /// once the whole file is read (declarations may come later).
     policy_refs: Vec<(String, SourceSpan)>,
-}
-
-impl Default for Top {
-    fn default() -> Self {
-        Top {
-            listeners: Vec::new(),
-            listen_seen: HashMap::new(),
-            store: None,
-            forward: None,
-            mirrors: Vec::new(),
-            mirror_names: HashMap::new(),
-            mirror_prefixes: HashMap::new(),
-            limits: LimitsConfig::default(),
-            timeouts: Timeouts::default(),
-            mode: CacheMode::default(),
-            upstream_tls: UpstreamTls::default(),
-            policies: Vec::new(),
-            policy_names: HashMap::new(),
-            limiters: Vec::new(),
-            limiter_names: HashMap::new(),
-            policy_refs: Vec::new(),
-        }
-    }
 }
 
 const TOP_LEVEL: &[Rule<Top>] = &[
@@ -730,7 +739,8 @@ fn listen(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
             return;
         }
     };
-    if let Some(first) = top.listen_seen.get(&addr) {
+    // Port 0 asks for a fresh port each time, so repeats are distinct sockets.
+    if let Some(first) = top.listen_seen.get(&addr).filter(|_| addr.port() != 0) {
         let line = cx.line_of(*first);
         cx.error(
             arg.span(),
@@ -1056,6 +1066,9 @@ fn policy_list(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<(String, SourceSpan)> {
 
 struct MirrorDraft {
     prefix: Option<(String, SourceSpan)>,
+    /// Any `upstream` node at all, valid or not: a bad one is already
+    /// reported and must not also read as "no upstream".
+    upstream_given: bool,
     upstreams: Vec<Uri>,
     refs: Vec<(String, SourceSpan)>,
 }
@@ -1079,6 +1092,7 @@ fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let name = e.arg(0).and_then(|a| cx.ident(e.name, a));
     let mut d = MirrorDraft {
         prefix: None,
+        upstream_given: false,
         upstreams: Vec::new(),
         refs: Vec::new(),
     };
@@ -1094,7 +1108,7 @@ fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         return;
     }
     top.mirror_names.insert(name.to_owned(), name_span);
-    if d.upstreams.is_empty() {
+    if !d.upstream_given {
         cx.error(name_span, format!("mirror {name:?} has no upstream"))
             .help =
             Some("add at least one: upstream \"https://mirror.example.org/path/\"".to_owned());
@@ -1167,6 +1181,7 @@ fn mirror_upstream(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
             usage: "upstream \"http://deb.debian.org/debian/\"",
         },
     );
+    d.upstream_given = true;
     let Some(arg) = e.arg(0) else { return };
     let Some(text) = cx.string(e.name, arg) else {
         return;
@@ -1190,6 +1205,9 @@ fn mirror_upstream(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
 /// Validates an upstream base URL and makes its path end with `/`, so
 /// joining a request's rest-of-path never glues two segments together.
 fn upstream_url(text: &str) -> Result<Uri, String> {
+    if !text.contains("://") {
+        return Err("has no scheme: start it with http:// or https://".to_owned());
+    }
     let uri: Uri = text.parse().map_err(|e| format!("is not a URL ({e})"))?;
     let scheme = match uri.scheme() {
         Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
