@@ -17,8 +17,14 @@ fn repo() -> std::path::PathBuf {
 async fn store_id_collapses_the_same_file_on_two_mirrors_into_one_replica() {
     let origin = Origin::start().await;
     let deb = pattern(1, 50_000);
-    origin.put("/mirror-a/pool/main/h/hello.deb", Resource::new(deb.clone()));
-    origin.put("/mirror-b/pool/main/h/hello.deb", Resource::new(deb.clone()));
+    origin.put(
+        "/mirror-a/pool/main/h/hello.deb",
+        Resource::new(deb.clone()),
+    );
+    origin.put(
+        "/mirror-b/pool/main/h/hello.deb",
+        Resource::new(deb.clone()),
+    );
     let config = format!(
         r#"
 listen "127.0.0.1:{{PORT}}"
@@ -38,8 +44,15 @@ mirror "b" {{ prefix "/b/"; upstream "http://{o}/mirror-b/"; policies "store-id"
     let b = get(cistern.addr, "/b/pool/main/h/hello.deb").await;
     assert_eq!(b.bytes(), &deb);
     assert_eq!(b.header("cache-status"), "cistern; hit");
-    assert_eq!(origin.hits("/mirror-b/pool/main/h/hello.deb"), 0, "the second mirror is never asked");
-    assert_eq!(find_files(&cistern.root), vec!["pool.cistern:80/pool/main/h/hello.deb".to_owned()]);
+    assert_eq!(
+        origin.hits("/mirror-b/pool/main/h/hello.deb"),
+        0,
+        "the second mirror is never asked"
+    );
+    assert_eq!(
+        find_files(&cistern.root),
+        vec!["pool.cistern:80/pool/main/h/hello.deb".to_owned()]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,11 +82,19 @@ mirror "debian" {{ prefix "/debian/"; upstream "http://{}/debian/"; policies "di
         let deb = get(cistern.addr, "/debian/pool/main/h/hello_2.10_amd64.deb").await;
         assert_eq!(deb.status, 200, "{}", cistern.log());
     }
-    assert_eq!(origin.hits("/debian/pool/main/h/hello_2.10_amd64.deb"), 1, "a .deb is never revalidated");
+    assert_eq!(
+        origin.hits("/debian/pool/main/h/hello_2.10_amd64.deb"),
+        1,
+        "a .deb is never revalidated"
+    );
     get(cistern.addr, "/debian/dists/stable/InRelease").await;
     let again = get(cistern.addr, "/debian/dists/stable/InRelease").await;
     assert_eq!(again.bytes(), &pattern(3, 2_000));
-    assert!(again.header("cache-status").contains("fwd-status=304"), "{:?}", again.headers);
+    assert!(
+        again.header("cache-status").contains("fwd-status=304"),
+        "{:?}",
+        again.headers
+    );
     let seen = origin.seen();
     let last = seen.last().unwrap();
     assert_eq!(last.path, "/debian/dists/stable/InRelease");
@@ -87,7 +108,10 @@ async fn metalink_rewrites_a_redirect_to_the_cached_copy_with_the_same_digest() 
     origin.put("/pub/distro.iso", Resource::new(iso.clone()));
     let b64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&iso));
     let mut redirect = Resource::new(bytes::Bytes::new())
-        .header("location", &format!("http://{}/elsewhere/distro.iso", origin.addr))
+        .header(
+            "location",
+            &format!("http://{}/elsewhere/distro.iso", origin.addr),
+        )
         .header("digest", &format!("SHA-256={b64}"));
     redirect.status = StatusCode::FOUND;
     origin.put("/download/distro.iso", redirect);
@@ -116,7 +140,10 @@ mirror "m" {{ prefix "/m/"; upstream "http://{}/"; policies "metalink"; }}
 async fn the_wat_example_limits_a_path_bypasses_queries_and_tags_responses() {
     let origin = Origin::start().await;
     origin.put("/api/items", Resource::new(pattern(5, 100)));
-    origin.put("/page?x=1", Resource::new(pattern(6, 100)).header("cache-control", "max-age=600"));
+    origin.put(
+        "/page?x=1",
+        Resource::new(pattern(6, 100)).header("cache-control", "max-age=600"),
+    );
     let wat = repo().join("examples/wat/policy.wat");
     let config = format!(
         r#"
@@ -144,7 +171,11 @@ mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "example"; }}
     for _ in 0..2 {
         assert_eq!(get(cistern.addr, "/page?x=1").await.status, 200);
     }
-    assert_eq!(origin.hits("/page?x=1"), 2, "a URL with a query bypasses the cache");
+    assert_eq!(
+        origin.hits("/page?x=1"),
+        2,
+        "a URL with a query bypasses the cache"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +206,10 @@ mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "trap"; }}
             let got = request(cistern.addr, "GET", "/file", &[]).await;
             assert_eq!(got.status.as_u16(), want, "on-error={on_error}");
         }
-        assert!(cistern.log().contains("trap"), "the failure is logged with the policy's name");
+        assert!(
+            cistern.log().contains("trap"),
+            "the failure is logged with the policy's name"
+        );
         drop(cistern);
         let _ = std::fs::remove_dir_all(dir.path().join("replica"));
         let _ = std::fs::remove_dir_all(dir.path().join("replica.cistern"));

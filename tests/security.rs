@@ -212,5 +212,5 @@ async fn per_client_request_limit_answers_429_with_retry_after() {
         .header("retry-after")
         .parse()
         .expect("Retry-After in seconds");
-    assert!(retry >= 1 && retry <= 3600, "{retry}");
+    assert!((1..=3600).contains(&retry), "{retry}");
 }
