@@ -78,6 +78,10 @@ pub struct AccessRecord {
     pub started: Instant,
     /// Request and response headers, when `-v` asked for them.
     pub headers: Option<(HeaderMap, HeaderMap)>,
+    /// The body length announced in `Content-Length`: a server stops
+    /// polling a body once that many bytes went out, so reaching it means
+    /// the transfer completed.
+    pub expected: Option<u64>,
 }
 
 /// Wraps a response body; logs the record when the body is done or dropped.
@@ -163,8 +167,9 @@ impl Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        // An empty body may never be polled to its end by the server.
-        let complete = self.inner.is_end_stream();
+        // A body with a known length is not polled past its last byte.
+        let complete = self.inner.is_end_stream()
+            || self.record.as_ref().and_then(|r| r.expected) == Some(self.bytes);
         self.emit(complete);
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use cistern::app::{self, StartOptions};
 use cistern::config::{CacheMode, Config, Layout, Listener};
+use cistern::policy::PolicyEngine;
 use clap::{Parser, Subcommand};
 
 /// A caching proxy that keeps a browsable replica of what passes through it.
@@ -110,7 +111,18 @@ fn main() -> ExitCode {
 }
 
 fn check(file: &Path) -> ExitCode {
-    match Config::load(file) {
+    // Policies are compiled and linked too: a check that passes means the
+    // file would go live.
+    let loaded = Config::load(file)
+        .map_err(miette::Report::new)
+        .and_then(|c| {
+            let engine = PolicyEngine::new().map_err(|e| miette::miette!("{e}"))?;
+            engine
+                .load(&c.policies)
+                .map_err(|e| miette::miette!("{}: {e}", file.display()))?;
+            Ok(c)
+        });
+    match loaded {
         Ok(c) => {
             println!(
                 "{}: ok ({} listener(s), {} mirror(s), {} policy declaration(s))",
@@ -121,8 +133,8 @@ fn check(file: &Path) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("{:?}", miette::Report::new(e));
+        Err(report) => {
+            eprintln!("{report:?}");
             ExitCode::FAILURE
         }
     }

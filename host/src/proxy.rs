@@ -185,6 +185,11 @@ impl Proxy {
             outcome,
             started,
             headers: req_headers.map(|r| (r, response.headers().clone())),
+            expected: response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
         };
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, LoggedBody::wrap(body, record))
