@@ -140,6 +140,7 @@ async fn mirror_path_is_served_from_the_upstream_and_kept_under_its_host() {
     .await;
     assert_eq!(head.status, 200);
     assert_eq!(head.header("content-length"), "70000");
+    assert_eq!(head.header("cache-status"), "cistern; hit");
     assert!(head.bytes().is_empty());
 }
 

@@ -358,9 +358,10 @@ impl Proxy {
         // us (Host) must not make the cache rules see another request.
         headers.remove(header::HOST);
         let now = self.clock.now();
+        // A stored GET answers HEAD too (RFC 9110 §9.3.2): the rules see GET.
         let creq = CacheRequest {
             key: &key_uri,
-            method: &method,
+            method: &Method::GET,
             headers: &headers,
         };
         let mut revalidate = None;
@@ -484,7 +485,7 @@ impl Proxy {
                 FillState::Streaming { head, .. } | FillState::Complete { head, .. } => {
                     let creq = CacheRequest {
                         key: key_uri,
-                        method,
+                        method: &Method::GET,
                         headers,
                     };
                     if !variant_matches(&head.policy, creq, self.clock.now()) {

@@ -66,7 +66,10 @@ fn shipped_config_parses_to_the_documented_setup() {
     assert_eq!(c.mode, CacheMode::Normal);
     assert!(c.limits.requests_per_client.is_none());
     assert!(c.limits.download_bytes_per_sec.is_none());
-    assert!(c.policies.is_empty());
+    let names: Vec<&str> = c.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["distro", "store-id", "metalink"]);
+    assert_eq!(c.forward.policies, ["store-id", "metalink", "distro"]);
+    assert_eq!(debian.policies, ["store-id", "distro"]);
 }
 
 #[test]

@@ -1,0 +1,95 @@
+//! HTTP Replicator's command line: daemon mode with a pid file, the flat
+//! layout, offline mode and the bandwidth cap.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Cistern, Origin, Resource, free_port, get, pattern};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_mode_detaches_writes_its_pid_and_logs_to_the_file() {
+    let origin = Origin::start().await;
+    origin.put("/a", Resource::new(pattern(1, 10)));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let status = Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args([
+            "-p",
+            &port.to_string(),
+            "--daemon",
+            "cistern.log",
+            "--pid",
+            "cistern.pid",
+        ])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the launching process returns at once");
+    let pid_file = dir.path().join("cistern.pid");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    while std::net::TcpStream::connect(addr).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let got = get(addr, &origin.url("/a")).await;
+    assert_eq!(got.status, 200);
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(dir.path().join("cistern.log")).unwrap();
+    assert!(log.contains("/a") && log.contains("shutting down"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flat_offline_and_limit_flags() {
+    let origin = Origin::start().await;
+    let body = pattern(2, 128 * 1024);
+    origin.put("/deep/path/file.bin", Resource::new(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("flat");
+    let port = free_port();
+    let port_s = port.to_string();
+    let args = [
+        "-p",
+        port_s.as_str(),
+        "--flat",
+        "-r",
+        "flat",
+        "--limit",
+        "64",
+    ];
+    let cistern = Cistern::spawn(dir.path(), port, root.clone(), &args, &[]);
+    let started = Instant::now();
+    let got = get(cistern.addr, &origin.url("/deep/path/file.bin")).await;
+    assert_eq!(got.bytes(), &body);
+    // 128 KiB at 64 KiB/s with one second of burst cannot take less than
+    // about a second; this checks the cap applies, not how fast anything is.
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "--limit 64 was not applied"
+    );
+    assert_eq!(common::find_files(&root), vec!["file.bin".to_owned()]);
+    drop(cistern);
+
+    let port = free_port();
+    let port_s = port.to_string();
+    let args = ["-p", port_s.as_str(), "--flat", "-r", "flat", "--offline"];
+    let cistern = Cistern::spawn(dir.path(), port, root, &args, &[]);
+    assert_eq!(
+        get(cistern.addr, &origin.url("/deep/path/file.bin"))
+            .await
+            .bytes(),
+        &body
+    );
+    assert_eq!(get(cistern.addr, &origin.url("/never")).await.status, 504);
+    assert_eq!(origin.hits("/never"), 0);
+}
