@@ -196,3 +196,44 @@ async fn a_client_that_disconnects_does_not_cancel_the_fill() {
     assert!(hit.header("cache-status").contains("hit"));
     assert_eq!(origin.hits("/linux.tar.xz"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_nobody_reads_stops_after_orphan_fill_and_is_resumed_later() {
+    const SIZE: usize = 4 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(11, SIZE);
+    origin.put(
+        "/orphan.bin",
+        Resource::new(body.clone()).slow(Duration::from_millis(20)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&origin) + "timeouts {\n    orphan-fill \"0s\"\n}\n";
+    let cistern = Cistern::start(dir.path(), &text, &[]);
+
+    let resp = send(cistern.addr, "GET", "/files/orphan.bin", &[]).await;
+    let mut b = resp.into_body();
+    let _ = b.frame().await;
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cistern.log().contains("no client left") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        cistern.log().contains("no client left"),
+        "{}",
+        cistern.log()
+    );
+    assert!(
+        common::find_files(&cistern.root).is_empty(),
+        "an abandoned fill is not a replica"
+    );
+
+    let again = get(cistern.addr, "/files/orphan.bin").await;
+    assert_eq!(again.bytes(), &body);
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[1].headers.get("range").is_some(),
+        "the second fetch resumes the partial"
+    );
+}
