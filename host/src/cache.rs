@@ -81,6 +81,36 @@ pub fn storable(policy: &CachePolicy, status: StatusCode) -> bool {
     status == StatusCode::OK && policy.is_storable()
 }
 
+/// The common case decided without building the full RFC 9111 answer: a
+/// request with no cache directives of its own, for a stored response with
+/// no `Vary`. `None` means "ask [`evaluate`]".
+pub fn evaluate_fast(
+    meta: &ObjectMeta,
+    headers: &HeaderMap,
+    now: SystemTime,
+    mode: CacheMode,
+) -> Option<Freshness> {
+    if headers.contains_key(header::CACHE_CONTROL)
+        || headers.contains_key(header::PRAGMA)
+        || meta
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("vary"))
+    {
+        return None;
+    }
+    let fresh = match mode {
+        CacheMode::Static | CacheMode::Offline => true,
+        CacheMode::Normal if meta.immutable => true,
+        CacheMode::Normal => match meta.ttl_override {
+            Some(ttl) => now < from_unix_secs(meta.validated_at) + Duration::from_secs(ttl),
+            None => !meta.policy.is_stale(now),
+        },
+    };
+    // Stale: the full rules work out the validators.
+    fresh.then_some(Freshness::Fresh)
+}
+
 /// Decides whether `meta` may answer `req` at `now`.
 pub fn evaluate(
     meta: &ObjectMeta,

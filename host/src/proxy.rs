@@ -349,15 +349,29 @@ impl Proxy {
                 .uncached(&method, parts.headers, &upstreams, hook.as_deref(), snap)
                 .await;
         }
-        let Ok(key_uri) = key.as_str().parse::<Uri>() else {
-            return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
-        };
         let (parts, _body) = req.into_parts();
         let mut headers = parts.headers;
         // The key names the resource; which name the client used to reach
         // us (Host) must not make the cache rules see another request.
         headers.remove(header::HOST);
         let now = self.clock.now();
+        let replica = self.engine.store().lookup(&key);
+        if let Some(replica) = &replica
+            && let Some(Freshness::Fresh) =
+                cache::evaluate_fast(&replica.meta, &headers, now, snap.config.mode)
+        {
+            match self
+                .serve_replica(&method, &headers, replica.clone(), CacheOutcome::Hit)
+                .await
+            {
+                Ok(a) => return a,
+                Err(ServeError::Gone(_)) => {}
+                Err(e) => return Answer::local(internal(&e)),
+            }
+        }
+        let Ok(key_uri) = key.as_str().parse::<Uri>() else {
+            return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
+        };
         // A stored GET answers HEAD too (RFC 9110 §9.3.2): the rules see GET.
         let creq = CacheRequest {
             key: &key_uri,
@@ -365,7 +379,7 @@ impl Proxy {
             headers: &headers,
         };
         let mut revalidate = None;
-        if let Some(replica) = self.engine.store().lookup(&key) {
+        if let Some(replica) = replica {
             match cache::evaluate(&replica.meta, creq, now, snap.config.mode) {
                 Freshness::Fresh => {
                     match self

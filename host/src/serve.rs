@@ -96,24 +96,14 @@ pub async fn respond(
     source: Source,
     age: Duration,
 ) -> Result<Response<ProxyBody>, ServeError> {
-    let (mut headers, length, digest) = match &source {
+    let (mut headers, length) = match &source {
         Source::Replica(r, _) => (
-            header_map(&r.meta.headers),
+            r.served_headers.get_or_init(|| replica_headers(r)).clone(),
             Some(r.meta.length),
-            hex::decode(&r.meta.sha256).ok(),
         ),
-        Source::Fill { head, .. } => (head.headers.clone(), head.length, None),
+        Source::Fill { head, .. } => (head.headers.clone(), head.length),
     };
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
-    if let Some(d) = digest.filter(|d| d.len() == 32) {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(d);
-        if let Ok(v) = HeaderValue::from_str(&format!("sha-256=:{b64}:")) {
-            headers.insert(HeaderName::from_static("repr-digest"), v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&format!("sha-256={b64}")) {
-            headers.insert(HeaderName::from_static("digest"), v);
-        }
-    }
 
     if let Some(status) = precondition(method, req_headers, &headers) {
         let mut resp = Response::new(empty());
@@ -182,6 +172,24 @@ pub async fn respond(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     Ok(resp)
+}
+
+/// The headers every answer from a complete replica carries: the stored
+/// ones plus its digests (RFC 9530 and RFC 3230).
+fn replica_headers(replica: &Replica) -> HeaderMap {
+    let mut headers = header_map(&replica.meta.headers);
+    if let Ok(d) = hex::decode(&replica.meta.sha256)
+        && d.len() == 32
+    {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(d);
+        if let Ok(v) = HeaderValue::from_str(&format!("sha-256=:{b64}:")) {
+            headers.insert(HeaderName::from_static("repr-digest"), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&format!("sha-256={b64}")) {
+            headers.insert(HeaderName::from_static("digest"), v);
+        }
+    }
+    headers
 }
 
 /// Rebuilds a header map from stored pairs.

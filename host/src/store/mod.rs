@@ -157,6 +157,9 @@ pub struct Replica {
     pub hits: AtomicU64,
     /// Last access, in milliseconds since the store opened (LRU order).
     pub last_access: AtomicU64,
+    /// The response headers built from `meta` the first time the replica
+    /// is served, so a hit does not parse stored headers again.
+    pub served_headers: std::sync::OnceLock<http::HeaderMap>,
 }
 
 impl Replica {
@@ -171,6 +174,7 @@ impl Replica {
             path,
             hits: AtomicU64::new(hits),
             last_access: AtomicU64::new(last_access),
+            served_headers: std::sync::OnceLock::new(),
         }
     }
 }
