@@ -192,8 +192,10 @@ async fn a_client_that_disconnects_does_not_cancel_the_fill() {
         body,
         "the replica completed without any client"
     );
-    let hit = get(cistern.addr, "/files/linux.tar.xz").await;
-    assert!(hit.header("cache-status").contains("hit"));
+    // The file lands a moment before the fill publishes its end, so the next
+    // client may still read along it; either way the origin is not asked again.
+    let next = get(cistern.addr, "/files/linux.tar.xz").await;
+    assert_eq!(next.bytes(), &body);
     assert_eq!(origin.hits("/linux.tar.xz"), 1);
 }
 
