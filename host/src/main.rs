@@ -4,11 +4,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cistern::app::{self, StartOptions};
+use cistern::reload::{ConfigAdjust, Triggers};
 use cistern::config::{CacheMode, Config, Layout, Listener};
 
 /// A caching proxy that keeps a browsable replica of what passes through it.
@@ -109,11 +111,17 @@ fn main() -> ExitCode {
 fn check(file: &Path) -> ExitCode {
     match Config::load(file) {
         Ok(c) => {
+            // Like `nginx -t`, the certificates are part of the check.
+            if let Err(e) = cistern::tls::CertTable::load(&c, std::time::SystemTime::now()) {
+                eprintln!("{}: {e}", file.display());
+                return ExitCode::FAILURE;
+            }
             println!(
-                "{}: ok ({} listener(s), {} mirror(s), {} policy declaration(s))",
+                "{}: ok ({} listener(s), {} mirror(s), {} site(s), {} policy declaration(s))",
                 file.display(),
                 c.listeners.len(),
                 c.mirrors.len(),
+                c.sites.len(),
                 c.policies.len()
             );
             ExitCode::SUCCESS
@@ -134,40 +142,75 @@ fn load_config(cli: &Cli) -> Result<Config, miette::Report> {
         None if cwd.join("config.kdl").is_file() => Config::load(&cwd.join("config.kdl")).map_err(miette::Report::new)?,
         None => Config::forward_default(&cwd),
     };
-    if cli.bind.is_some() || cli.port.is_some() {
-        let first = config.listeners.first().map(|l| l.addr);
-        let ip = cli
-            .bind
-            .or(first.map(|a| a.ip()))
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let port = cli.port.or(first.map(|a| a.port())).unwrap_or(8080);
-        config.listeners = vec![Listener {
-            addr: SocketAddr::new(ip, port),
-        }];
-    }
-    if let Some(root) = &cli.root {
-        let root = if root.is_absolute() { root.clone() } else { cwd.join(root) };
-        let mut state = root.clone().into_os_string();
-        state.push(".cistern");
-        config.store.state = PathBuf::from(state);
-        config.store.root = root;
-    }
-    if let Some(secs) = cli.timeout {
-        config.timeouts.idle = Duration::from_secs(secs.max(1));
-    }
-    if cli.flat {
-        config.store.layout = Layout::Flat;
-    }
-    if cli.static_mode {
-        config.mode = CacheMode::Static;
-    }
-    if cli.offline {
-        config.mode = CacheMode::Offline;
-    }
-    if let Some(kib) = cli.limit {
-        config.limits.download_bytes_per_sec = Some(kib.max(1) * 1024);
-    }
+    Overrides::from_cli(cli, &cwd).apply(&mut config);
     Ok(config)
+}
+
+/// The command-line flags that override the config file; applied again to
+/// every reloaded config so a reload never undoes them.
+#[derive(Debug, Clone)]
+struct Overrides {
+    bind: Option<IpAddr>,
+    port: Option<u16>,
+    root: Option<PathBuf>,
+    timeout: Option<u64>,
+    flat: bool,
+    static_mode: bool,
+    offline: bool,
+    limit: Option<u64>,
+}
+
+impl Overrides {
+    fn from_cli(cli: &Cli, cwd: &Path) -> Overrides {
+        Overrides {
+            bind: cli.bind,
+            port: cli.port,
+            root: cli
+                .root
+                .as_ref()
+                .map(|root| if root.is_absolute() { root.clone() } else { cwd.join(root) }),
+            timeout: cli.timeout,
+            flat: cli.flat,
+            static_mode: cli.static_mode,
+            offline: cli.offline,
+            limit: cli.limit,
+        }
+    }
+
+    fn apply(&self, config: &mut Config) {
+        if self.bind.is_some() || self.port.is_some() {
+            let first = config.listeners.first().map(|l| l.addr);
+            let ip = self
+                .bind
+                .or(first.map(|a| a.ip()))
+                .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            let port = self.port.or(first.map(|a| a.port())).unwrap_or(8080);
+            config.listeners = vec![Listener {
+                addr: SocketAddr::new(ip, port),
+            }];
+        }
+        if let Some(root) = &self.root {
+            let mut state = root.clone().into_os_string();
+            state.push(".cistern");
+            config.store.state = PathBuf::from(state);
+            config.store.root = root.clone();
+        }
+        if let Some(secs) = self.timeout {
+            config.timeouts.idle = Duration::from_secs(secs.max(1));
+        }
+        if self.flat {
+            config.store.layout = Layout::Flat;
+        }
+        if self.static_mode {
+            config.mode = CacheMode::Static;
+        }
+        if self.offline {
+            config.mode = CacheMode::Offline;
+        }
+        if let Some(kib) = self.limit {
+            config.limits.download_bytes_per_sec = Some(kib.max(1) * 1024);
+        }
+    }
 }
 
 fn daemonize(log: &Path, pid: Option<&Path>) -> anyhow::Result<()> {
@@ -198,9 +241,16 @@ fn init_logging(cli: &Cli) {
 }
 
 async fn run(config: Config, cli: &Cli) -> ExitCode {
+    let overrides = std::env::current_dir().map(|cwd| Overrides::from_cli(cli, &cwd));
     let options = StartOptions {
         log_headers: cli.verbose,
         clock: None,
+        // The config file and what it names are watched, and SIGHUP
+        // reloads too, like nginx.
+        reload: Triggers { files: true, sighup: true },
+        adjust: overrides
+            .ok()
+            .map(|o| ConfigAdjust(Arc::new(move |c: &mut Config| o.apply(c)))),
     };
     let source = config
         .source

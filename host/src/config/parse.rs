@@ -22,6 +22,8 @@ use super::error::{ConfigError, Problem};
 use super::model::*;
 use super::units::{parse_duration, parse_size};
 
+mod site;
+
 /// Default policy wall-clock budget per hook call.
 const DEFAULT_POLICY_DEADLINE: Duration = Duration::from_millis(50);
 /// Default cap on a policy's linear memory.
@@ -567,6 +569,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// The top-level draft: the config's parts as read, plus what the
 /// cross-checks in [`Top::finish`] need.
+#[derive(Default)]
 struct Top {
     listeners: Vec<Listener>,
     listen_seen: HashMap<SocketAddr, SourceSpan>,
@@ -583,32 +586,11 @@ struct Top {
     policy_names: HashMap<String, SourceSpan>,
     limiters: Vec<NamedLimiter>,
     limiter_names: HashMap<String, SourceSpan>,
+    /// `site` blocks and `default-site` (see [`site`]).
+    sites: site::Sites,
     /// Every policy name used by a route, checked against the declarations
     /// once the whole file is read (declarations may come later).
     policy_refs: Vec<(String, SourceSpan)>,
-}
-
-impl Default for Top {
-    fn default() -> Self {
-        Top {
-            listeners: Vec::new(),
-            listen_seen: HashMap::new(),
-            store: None,
-            forward: None,
-            mirrors: Vec::new(),
-            mirror_names: HashMap::new(),
-            mirror_prefixes: HashMap::new(),
-            limits: LimitsConfig::default(),
-            timeouts: Timeouts::default(),
-            mode: CacheMode::default(),
-            upstream_tls: UpstreamTls::default(),
-            policies: Vec::new(),
-            policy_names: HashMap::new(),
-            limiters: Vec::new(),
-            limiter_names: HashMap::new(),
-            policy_refs: Vec::new(),
-        }
-    }
 }
 
 const TOP_LEVEL: &[Rule<Top>] = &[
@@ -622,6 +604,8 @@ const TOP_LEVEL: &[Rule<Top>] = &[
     once("mode", mode),
     once("upstream-tls", upstream_tls),
     many("policy", policy),
+    many("site", site::site),
+    once("default-site", site::default_site),
 ];
 
 impl Top {
@@ -660,6 +644,7 @@ impl Top {
             enabled: false,
             ..default_forward()
         });
+        let (sites, default_site) = site::finish(self.sites, cx, &listeners, &self.listen_seen);
         Config {
             source: Some(name.to_path_buf()),
             listeners,
@@ -672,6 +657,8 @@ impl Top {
             upstream_tls: self.upstream_tls,
             policies: self.policies,
             limiters: self.limiters,
+            sites,
+            default_site,
         }
     }
 }
