@@ -286,3 +286,118 @@ pub(super) fn finish(
     };
     (sites.sites, default_site)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn problems(text: &str) -> Vec<(usize, usize, String)> {
+        match Config::parse(text, Path::new("/etc/cistern/config.kdl")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems(),
+        }
+    }
+
+    #[test]
+    fn a_site_reads_with_its_defaults() {
+        let text = r#"
+site "WWW.Example.org" {
+    tls cert="certs/a.pem" key="certs/a.key"
+    upstream "https://origin.example.org"
+    upstream "http://backup.example.org/b"
+}
+site "other.example.org" {
+    listen "127.0.0.1:8443"
+    listen "[::1]:9443"
+    tls cert="/abs/o.pem" key="/abs/o.key"
+    upstream "http://o.example.org/"
+}
+default-site "www.example.org"
+"#;
+        let c = Config::parse(text, Path::new("/etc/cistern/config.kdl")).unwrap();
+        assert_eq!(c.sites.len(), 2);
+        let s = &c.sites[0];
+        assert_eq!(s.name, "www.example.org", "names are lower case");
+        assert_eq!(s.listen, vec!["127.0.0.1:8443".parse().unwrap()]);
+        assert_eq!(s.cert, Path::new("/etc/cistern/certs/a.pem"));
+        assert_eq!(s.key, Path::new("/etc/cistern/certs/a.key"));
+        assert_eq!(s.upstreams[0], "https://origin.example.org/");
+        assert_eq!(s.upstreams[1], "http://backup.example.org/b/");
+        assert_eq!(c.default_site.as_deref(), Some("www.example.org"));
+        assert_eq!(
+            c.tls_listeners(),
+            vec![
+                "127.0.0.1:8443".parse().unwrap(),
+                "[::1]:9443".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            c.named_files(),
+            vec![
+                Path::new("/etc/cistern/certs/a.pem"),
+                Path::new("/etc/cistern/certs/a.key"),
+                Path::new("/abs/o.pem"),
+                Path::new("/abs/o.key"),
+            ]
+        );
+    }
+
+    #[test]
+    fn site_mistakes_are_pinned_to_their_place() {
+        let cases: &[(&str, (usize, usize), &str)] = &[
+            (
+                "site \"a.test\" {\n    upstream \"http://o/\"\n}\n",
+                (1, 6),
+                "has no `tls`",
+            ),
+            (
+                "site \"a.test\" {\n    tls cert=\"c.pem\"\n    upstream \"http://o/\"\n}\n",
+                (2, 5),
+                "`tls` needs key=",
+            ),
+            (
+                "site \"a.test\" {\n    tls cert=\"c.pem\" key=\"k.pem\"\n}\n",
+                (1, 6),
+                "has no upstream",
+            ),
+            ("site \"*.a.test\" {\n}\n", (1, 6), "wildcard"),
+            ("site \"127.0.0.1\" {\n}\n", (1, 6), "IP address"),
+            ("site \"a_b.test\" {\n}\n", (1, 6), "not a host name"),
+            (
+                "listen \"127.0.0.1:8443\"\nsite \"a.test\" {\n    tls cert=\"c\" key=\"k\"\n    upstream \"http://o/\"\n}\n",
+                (2, 6),
+                "already a plaintext listener (line 1)",
+            ),
+            (
+                "site \"a.test\" {\n    listen \"127.0.0.1:8080\"\n    tls cert=\"c\" key=\"k\"\n    upstream \"http://o/\"\n}\n",
+                (2, 12),
+                "already a plaintext listener (the default",
+            ),
+            (
+                "site \"a.test\" {\n    tls cert=\"c\" key=\"k\"\n    upstream \"http://o/\"\n}\ndefault-site \"b.test\"\n",
+                (5, 14),
+                "default-site \"b.test\" is not a declared site",
+            ),
+            (
+                "site \"a.test\" {\n    tls cert=\"c\" key=\"k\"\n    upstream \"http://o/\"\n}\nsite \"A.test\" {\n    tls cert=\"c\" key=\"k\"\n    upstream \"http://o/\"\n}\n",
+                (5, 6),
+                "declared twice (first on line 1)",
+            ),
+            (
+                "site \"a.test\" {\n    tls cert=\"c\" key=\"k\"\n    upstream \"http://o/\"\n    policies \"nope\"\n}\n",
+                (4, 14),
+                "policy \"nope\" is not declared",
+            ),
+        ];
+        for (text, (line, column), message) in cases {
+            let got = problems(text);
+            assert!(
+                got.iter()
+                    .any(|(l, c, m)| (*l, *c) == (*line, *column) && m.contains(message)),
+                "{text}\nwant {line}:{column} {message:?}\ngot {got:?}"
+            );
+        }
+    }
+}
