@@ -103,10 +103,12 @@ impl Running {
     /// Stops accepting, drains connections, and returns when done.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        self.server.shutdown().await;
+        // The reload task first: a reload under way finishes (it may bind
+        // listeners) before the listeners are closed.
         for t in self.tasks {
             let _ = t.await;
         }
+        self.server.shutdown().await;
     }
 }
 
