@@ -34,6 +34,7 @@ mirror "site" {{
         StartOptions {
             log_headers: false,
             clock: Some(clock.clone()),
+            ..StartOptions::default()
         },
     )
     .await

@@ -1,6 +1,7 @@
 //! Assembles a running Cistern from a validated config: the store (index
-//! rebuilt from disk), the upstream client, the fetch engine, the proxy and
-//! its listeners. `main` and the in-process tests both start it this way.
+//! rebuilt from disk), the upstream client, the fetch engine, the proxy,
+//! its listeners and the reload engine. `main` and the in-process tests
+//! both start it this way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,8 +15,9 @@ use crate::config::Config;
 use crate::fetch::upstream::ClientBuildError;
 use crate::fetch::{FetchEngine, UpstreamClient};
 use crate::policy::{PolicyEngine, PolicyError};
-use crate::proxy::{DRAIN, Proxy, Snapshot};
-use crate::server::{self, BoundListener};
+use crate::proxy::{DRAIN, Proxy, Snapshot, SnapshotError};
+use crate::reload::{self, ConfigAdjust, ReloadFailure, ReloadStatus, Reloader, Trigger, Triggers};
+use crate::server::{BindError, ListenerInfo, ListenerSpec, Server};
 use crate::store::{ReplicaStore, StoreError};
 
 /// Why Cistern could not start.
@@ -27,17 +29,15 @@ pub enum StartError {
     /// The upstream TLS trust could not be set up.
     #[error(transparent)]
     Client(#[from] ClientBuildError),
-    /// A policy could not be loaded.
+    /// The policy engine could not be created.
     #[error(transparent)]
     Policy(#[from] PolicyError),
-    /// A listener could not be bound.
-    #[error("binding {addr}: {source}")]
-    Bind {
-        /// The address in config.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    /// A policy or a site's certificate could not be loaded.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A listener could not be set up.
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
 /// Start-up options that are not part of the config file.
@@ -47,23 +47,68 @@ pub struct StartOptions {
     pub log_headers: bool,
     /// The clock for freshness; the system clock when `None`.
     pub clock: Option<Clock>,
+    /// What reloads the config file besides [`Running::reload`]: watching
+    /// it and the files it names, SIGHUP. Nothing when the config has no
+    /// file.
+    pub reload: Triggers,
+    /// Applied to the config read at every reload (command-line overrides).
+    pub adjust: Option<ConfigAdjust>,
 }
 
 /// A running Cistern.
 pub struct Running {
-    /// The addresses actually bound, in config order.
+    /// The addresses bound at start-up, in config order: plaintext
+    /// listeners, then TLS site listeners. [`Running::listeners`] tells
+    /// the ones serving now.
     pub addrs: Vec<SocketAddr>,
     /// The proxy (snapshot swaps, engine, store).
     pub proxy: Arc<Proxy>,
+    server: Arc<Server>,
+    reloader: Option<Reloader>,
     shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
+    /// The listeners serving now (reloads add and remove them).
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.server.listeners()
+    }
+
+    /// Where reloads stand: the generation serving, the last error.
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.proxy.reload_status()
+    }
+
+    /// The handle that asks for reloads (for the admin UI); `None` when
+    /// the config has no file to reload from.
+    pub fn reloader(&self) -> Option<&Reloader> {
+        self.reloader.as_ref()
+    }
+
+    /// Reloads the config file now; the new generation, or why the running
+    /// configuration was kept.
+    pub async fn reload(&self) -> Result<u64, ReloadFailure> {
+        match &self.reloader {
+            Some(r) => r.reload().await,
+            None => Err(ReloadFailure {
+                at: std::time::SystemTime::now(),
+                trigger: Trigger::Request,
+                problems: Vec::new(),
+                report: "there is no config file to reload (built-in defaults)".to_owned(),
+            }),
+        }
+    }
+
     /// Stops accepting, drains connections, and returns when done.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        // The reload task first: a reload under way finishes (it may bind
+        // listeners) before the listeners are closed.
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.server.shutdown().await;
     }
 }
 
@@ -85,36 +130,51 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     let client = UpstreamClient::new(&config.upstream_tls, &config.timeouts)?;
     let engine = FetchEngine::new(Arc::new(store), client, clock.clone());
 
-    let idle = config.timeouts.idle;
-    let listen_addrs: Vec<SocketAddr> = config.listeners.iter().map(|l| l.addr).collect();
+    let source = config.source.clone();
+    let specs = ListenerSpec::all(&config);
     let (snapshot, policy_engine) = {
         let engine = engine.clone();
         let log_headers = options.log_headers;
         tokio::task::spawn_blocking(move || {
             let policy_engine = PolicyEngine::new()?;
             let snapshot = Snapshot::build(config, &policy_engine, &engine, log_headers)?;
-            Ok::<_, PolicyError>((snapshot, policy_engine))
+            Ok::<_, StartError>((snapshot, policy_engine))
         })
         .await
         .expect("policy compile task panicked")?
     };
-    // Policies compile before anything is bound: a bad policy never leaves
-    // a half-started proxy.
-    let mut listeners = Vec::new();
-    for &addr in &listen_addrs {
-        let bound = BoundListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        listeners.push(bound);
-    }
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
     let proxy = Arc::new(Proxy::new(snapshot, engine, policy_engine, clock));
+    let server = Server::new(proxy.clone(), DRAIN);
     let (shutdown, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    // The reload engine (and its SIGHUP handler) is in place before any
+    // port is open: a client that sees the port may signal at once.
+    let reloader = source.map(|source| {
+        let engine = reload::Engine {
+            proxy: proxy.clone(),
+            server: server.clone(),
+            source,
+            adjust: options.adjust.clone(),
+            log_headers: options.log_headers,
+        };
+        let (reloader, task) = reload::spawn(engine, options.reload, rx.clone());
+        tasks.push(task);
+        reloader
+    });
+    let bound = match server.bind(&specs).await {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = shutdown.send(true);
+            return Err(e.into());
+        }
+    };
+    let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.local_addr()).collect();
+    server.serve(bound);
 
     // Keyed limiters forget idle clients now and then.
     let housekeeping = proxy.clone();
     let mut hk_stop = rx.clone();
-    tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
@@ -122,16 +182,14 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
                 _ = hk_stop.changed() => break,
             }
         }
-    });
+    }));
 
-    let task = tokio::spawn(server::serve(listeners, proxy.clone(), idle, rx, DRAIN));
-    for a in &addrs {
-        tracing::info!(target: "cistern::server", "listening on http://{a}");
-    }
     Ok(Running {
         addrs,
         proxy,
+        server,
+        reloader,
         shutdown,
-        task,
+        tasks,
     })
 }

@@ -7,8 +7,11 @@
 //!
 //! - [`config`]: `config.kdl` → a typed, validated [`config::Config`], with
 //!   diagnostics that name file, line and column.
-//! - [`server`]: listeners, HTTP/1.1 and HTTP/2 (h2c) connections, timeouts
-//!   and graceful drain.
+//! - [`server`]: listeners (plaintext and TLS), HTTP/1.1 and HTTP/2
+//!   connections, timeouts and graceful drain; listeners come and go with
+//!   reloads.
+//! - [`tls`]: the sites' certificates and keys, checked before use, and
+//!   the table that picks one by SNI.
 //! - [`route`]: decides what a request is: forward proxy, CONNECT tunnel,
 //!   transparent, a mirror path, or local.
 //! - [`proxy`]: the request pipeline; asks the store, the fetch engine and the
@@ -27,6 +30,8 @@
 //! - [`tunnel`]: CONNECT tunnelling.
 //! - [`accesslog`]: one log line per request, written when its body ends.
 //! - [`app`]: assembles the engines and listeners from a config.
+//! - [`reload`]: watches the config and the files it names, rebuilds and
+//!   swaps the snapshot; keeps the reload status.
 //! - [`clock`]: wall-clock time behind a seam, so freshness can be tested
 //!   without sleeping.
 
@@ -41,8 +46,10 @@ pub mod fetch;
 pub mod limit;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod serve;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod tunnel;

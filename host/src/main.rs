@@ -4,13 +4,15 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cistern::app::{self, StartOptions};
-use cistern::config::{CacheMode, Config, Layout, Listener};
-use cistern::policy::PolicyEngine;
 use clap::{Parser, Subcommand};
+use cistern::app::{self, StartOptions};
+use cistern::reload::{ConfigAdjust, Triggers};
+use cistern::policy::PolicyEngine;
+use cistern::config::{CacheMode, Config, Layout, Listener};
 
 /// A caching proxy that keeps a browsable replica of what passes through it.
 #[derive(Parser, Debug)]
@@ -93,10 +95,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cistern: cannot start the runtime: {e}");
@@ -111,24 +110,25 @@ fn main() -> ExitCode {
 }
 
 fn check(file: &Path) -> ExitCode {
-    // Policies are compiled and linked too: a check that passes means the
-    // file would go live.
-    let loaded = Config::load(file)
-        .map_err(miette::Report::new)
-        .and_then(|c| {
-            let engine = PolicyEngine::new().map_err(|e| miette::miette!("{e}"))?;
-            engine
-                .load(&c.policies)
-                .map_err(|e| miette::miette!("{}: {e}", file.display()))?;
-            Ok(c)
-        });
+    // Like `nginx -t`: the certificates are loaded and the policies compiled
+    // and linked too, so a check that passes means the file would go live.
+    let loaded = Config::load(file).map_err(miette::Report::new).and_then(|c| {
+        cistern::tls::CertTable::load(&c, std::time::SystemTime::now())
+            .map_err(|e| miette::miette!("{}: {e}", file.display()))?;
+        let engine = PolicyEngine::new().map_err(|e| miette::miette!("{e}"))?;
+        engine
+            .load(&c.policies)
+            .map_err(|e| miette::miette!("{}: {e}", file.display()))?;
+        Ok(c)
+    });
     match loaded {
         Ok(c) => {
             println!(
-                "{}: ok ({} listener(s), {} mirror(s), {} policy declaration(s))",
+                "{}: ok ({} listener(s), {} mirror(s), {} site(s), {} policy declaration(s))",
                 file.display(),
                 c.listeners.len(),
                 c.mirrors.len(),
+                c.sites.len(),
                 c.policies.len()
             );
             ExitCode::SUCCESS
@@ -143,53 +143,81 @@ fn check(file: &Path) -> ExitCode {
 /// The config file (or the built-in default) with the command line's
 /// overrides applied.
 fn load_config(cli: &Cli) -> Result<Config, miette::Report> {
-    let cwd = std::env::current_dir()
-        .map_err(|e| miette::miette!("cannot read the current directory: {e}"))?;
+    let cwd = std::env::current_dir().map_err(|e| miette::miette!("cannot read the current directory: {e}"))?;
     let mut config = match &cli.config {
         Some(path) => Config::load(path).map_err(miette::Report::new)?,
-        None if cwd.join("config.kdl").is_file() => {
-            Config::load(&cwd.join("config.kdl")).map_err(miette::Report::new)?
-        }
+        None if cwd.join("config.kdl").is_file() => Config::load(&cwd.join("config.kdl")).map_err(miette::Report::new)?,
         None => Config::forward_default(&cwd),
     };
-    if cli.bind.is_some() || cli.port.is_some() {
-        let first = config.listeners.first().map(|l| l.addr);
-        let ip = cli
-            .bind
-            .or(first.map(|a| a.ip()))
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let port = cli.port.or(first.map(|a| a.port())).unwrap_or(8080);
-        config.listeners = vec![Listener {
-            addr: SocketAddr::new(ip, port),
-        }];
-    }
-    if let Some(root) = &cli.root {
-        let root = if root.is_absolute() {
-            root.clone()
-        } else {
-            cwd.join(root)
-        };
-        let mut state = root.clone().into_os_string();
-        state.push(".cistern");
-        config.store.state = PathBuf::from(state);
-        config.store.root = root;
-    }
-    if let Some(secs) = cli.timeout {
-        config.timeouts.idle = Duration::from_secs(secs.max(1));
-    }
-    if cli.flat {
-        config.store.layout = Layout::Flat;
-    }
-    if cli.static_mode {
-        config.mode = CacheMode::Static;
-    }
-    if cli.offline {
-        config.mode = CacheMode::Offline;
-    }
-    if let Some(kib) = cli.limit {
-        config.limits.download_bytes_per_sec = Some(kib.max(1) * 1024);
-    }
+    Overrides::from_cli(cli, &cwd).apply(&mut config);
     Ok(config)
+}
+
+/// The command-line flags that override the config file; applied again to
+/// every reloaded config so a reload never undoes them.
+#[derive(Debug, Clone)]
+struct Overrides {
+    bind: Option<IpAddr>,
+    port: Option<u16>,
+    root: Option<PathBuf>,
+    timeout: Option<u64>,
+    flat: bool,
+    static_mode: bool,
+    offline: bool,
+    limit: Option<u64>,
+}
+
+impl Overrides {
+    fn from_cli(cli: &Cli, cwd: &Path) -> Overrides {
+        Overrides {
+            bind: cli.bind,
+            port: cli.port,
+            root: cli
+                .root
+                .as_ref()
+                .map(|root| if root.is_absolute() { root.clone() } else { cwd.join(root) }),
+            timeout: cli.timeout,
+            flat: cli.flat,
+            static_mode: cli.static_mode,
+            offline: cli.offline,
+            limit: cli.limit,
+        }
+    }
+
+    fn apply(&self, config: &mut Config) {
+        if self.bind.is_some() || self.port.is_some() {
+            let first = config.listeners.first().map(|l| l.addr);
+            let ip = self
+                .bind
+                .or(first.map(|a| a.ip()))
+                .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            let port = self.port.or(first.map(|a| a.port())).unwrap_or(8080);
+            config.listeners = vec![Listener {
+                addr: SocketAddr::new(ip, port),
+            }];
+        }
+        if let Some(root) = &self.root {
+            let mut state = root.clone().into_os_string();
+            state.push(".cistern");
+            config.store.state = PathBuf::from(state);
+            config.store.root = root.clone();
+        }
+        if let Some(secs) = self.timeout {
+            config.timeouts.idle = Duration::from_secs(secs.max(1));
+        }
+        if self.flat {
+            config.store.layout = Layout::Flat;
+        }
+        if self.static_mode {
+            config.mode = CacheMode::Static;
+        }
+        if self.offline {
+            config.mode = CacheMode::Offline;
+        }
+        if let Some(kib) = self.limit {
+            config.limits.download_bytes_per_sec = Some(kib.max(1) * 1024);
+        }
+    }
 }
 
 fn daemonize(log: &Path, pid: Option<&Path>) -> anyhow::Result<()> {
@@ -200,10 +228,7 @@ fn daemonize(log: &Path, pid: Option<&Path>) -> anyhow::Result<()> {
         .with_context(|| format!("opening log file {}", log.display()))?;
     let err = out.try_clone().context("duplicating the log file handle")?;
     let cwd = std::env::current_dir().context("reading the current directory")?;
-    let mut d = daemonize::Daemonize::new()
-        .working_directory(cwd)
-        .stdout(out)
-        .stderr(err);
+    let mut d = daemonize::Daemonize::new().working_directory(cwd).stdout(out).stderr(err);
     if let Some(pid) = pid {
         d = d.pid_file(pid);
     }
@@ -213,11 +238,7 @@ fn daemonize(log: &Path, pid: Option<&Path>) -> anyhow::Result<()> {
 
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
-    let default = if cli.debug {
-        "info,cistern=debug"
-    } else {
-        "info"
-    };
+    let default = if cli.debug { "info,cistern=debug" } else { "info" };
     let filter = EnvFilter::try_from_env("CISTERN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -227,14 +248,21 @@ fn init_logging(cli: &Cli) {
 }
 
 async fn run(config: Config, cli: &Cli) -> ExitCode {
+    let overrides = std::env::current_dir().map(|cwd| Overrides::from_cli(cli, &cwd));
     let options = StartOptions {
         log_headers: cli.verbose,
         clock: None,
+        // The config file and what it names are watched, and SIGHUP
+        // reloads too, like nginx.
+        reload: Triggers { files: true, sighup: true },
+        adjust: overrides
+            .ok()
+            .map(|o| ConfigAdjust(Arc::new(move |c: &mut Config| o.apply(c)))),
     };
-    let source = config.source.as_ref().map_or_else(
-        || "built-in forward proxy defaults".to_owned(),
-        |p| p.display().to_string(),
-    );
+    let source = config
+        .source
+        .as_ref()
+        .map_or_else(|| "built-in forward proxy defaults".to_owned(), |p| p.display().to_string());
     let running = match app::start(config, options).await {
         Ok(r) => r,
         Err(e) => {

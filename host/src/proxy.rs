@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
@@ -22,12 +22,13 @@ use crate::fetch::{
 use crate::limit::Limits;
 use crate::policy::bridge::{PolicyHook, ProxyPolicyHost};
 use crate::policy::{
-    DirectResponse, PolicyChain, PolicyEngine, PolicyError, PolicyHost, PolicySet, RequestOutcome,
-    RequestView,
+    DirectResponse, PolicyChain, PolicyEngine, PolicyError, PolicyHost, PolicySet, RequestOutcome, RequestView,
 };
+use crate::reload::ReloadStatus;
 use crate::route::{Route, Router};
 use crate::serve::{self, ProxyBody, ServeError, Source};
 use crate::store::{CacheKey, Replica};
+use crate::tls::{CertTable, TlsError};
 use crate::tunnel;
 
 /// Everything derived from one configuration; swapped whole on reload so a
@@ -48,24 +49,47 @@ pub struct Snapshot {
     forward_chain: PolicyChain,
     /// Policy chains of the mirrors, by mirror name.
     mirror_chains: HashMap<String, PolicyChain>,
+    /// Policy chains of the sites, by site name.
+    site_chains: HashMap<String, PolicyChain>,
+    /// The sites' certificates, picked by SNI on TLS listeners.
+    pub certs: CertTable,
     no_policies: PolicyChain,
     policy_host: Arc<dyn PolicyHost>,
 }
 
+/// Why a snapshot could not be built from a valid config.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A policy could not be loaded or compiled.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// A site's certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
 impl Snapshot {
-    /// Derives a snapshot from a validated config, compiling its policies.
-    /// Blocking (compilation): call it from `spawn_blocking`.
+    /// Derives a snapshot from a validated config, compiling its policies
+    /// and loading the sites' certificates. Blocking (compilation, file
+    /// reads): call it from `spawn_blocking`.
     pub fn build(
         config: Config,
         policy_engine: &PolicyEngine,
         fetch: &FetchEngine,
         log_headers: bool,
-    ) -> Result<Snapshot, PolicyError> {
+    ) -> Result<Snapshot, SnapshotError> {
+        // Certificates first: cheap to check, and a bad one should not wait
+        // for every policy to compile.
+        let certs = CertTable::load(&config, std::time::SystemTime::now())?;
         let policies = policy_engine.load(&config.policies)?;
         let forward_chain = policies.chain(&config.forward.policies)?;
         let mut mirror_chains = HashMap::new();
         for m in &config.mirrors {
             mirror_chains.insert(m.name.clone(), policies.chain(&m.policies)?);
+        }
+        let mut site_chains = HashMap::new();
+        for site in &config.sites {
+            site_chains.insert(site.name.clone(), policies.chain(&site.policies)?);
         }
         let limits = Arc::new(Limits::new(&config));
         let settings = FetchSettings {
@@ -85,6 +109,8 @@ impl Snapshot {
             policies,
             forward_chain,
             mirror_chains,
+            site_chains,
+            certs,
             no_policies: PolicyChain::default(),
             policy_host,
         })
@@ -98,6 +124,10 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     /// Our address on this connection.
     pub local: SocketAddr,
+    /// For a connection on a TLS site listener, that listener's address as
+    /// configured (it picks the sites the request may reach); `None` on a
+    /// plaintext listener.
+    pub site_listener: Option<SocketAddr>,
 }
 
 /// The proxy: the current snapshot plus the engines that outlive reloads.
@@ -106,6 +136,8 @@ pub struct Proxy {
     engine: FetchEngine,
     policy_engine: PolicyEngine,
     clock: Clock,
+    /// Written by the reload engine only; read by the admin UI.
+    reload: Mutex<ReloadStatus>,
 }
 
 /// What the pipeline decided, before the access log wraps the body.
@@ -137,7 +169,20 @@ impl Proxy {
             engine,
             policy_engine,
             clock,
+            reload: Mutex::new(ReloadStatus::started(SystemTime::now())),
         }
+    }
+
+    /// The reload status: the generation serving, when it was loaded, and
+    /// the last failed reload's problems (for logs and the admin UI).
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Updates the reload status (the reload engine's, under its own
+    /// serialisation).
+    pub(crate) fn update_reload_status(&self, update: impl FnOnce(&mut ReloadStatus)) {
+        update(&mut self.reload.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
     /// The policy engine (one per process).
@@ -211,9 +256,25 @@ impl Proxy {
                 "request loop: this request already passed through Cistern",
             ));
         }
-        match snap.router.route(&req, conn.local) {
+        let route = match conn.site_listener {
+            Some(listener) => snap.router.route_site(&req, listener),
+            None => snap.router.route(&req, conn.local),
+        };
+        match route {
             Route::Invalid(why) => Answer::local(serve::text(StatusCode::BAD_REQUEST, why)),
             Route::Local => Answer::local(self.local_page(&req, snap)),
+            Route::Misdirected => Answer::local(serve::text(
+                StatusCode::MISDIRECTED_REQUEST,
+                "no site on this listener serves that host",
+            )),
+            Route::Site { set, rest } => {
+                let Ok(url) = set.url(0, &rest) else {
+                    return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path"));
+                };
+                let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
+                self.proxied(req, conn, url, Upstreams::Mirror { set, rest }, chain, snap)
+                    .await
+            }
             Route::Connect(authority) => {
                 if !snap.router.forward_allowed(conn.client.ip()) {
                     return Answer::local(forbidden());
@@ -638,6 +699,13 @@ impl Proxy {
         for m in snap.router.mirrors() {
             let ups: Vec<String> = m.upstreams.iter().map(|u| u.base.to_string()).collect();
             page.push_str(&format!("  {} -> {}\n", m.prefix, ups.join(", ")));
+        }
+        if !snap.config.sites.is_empty() {
+            page.push_str("\nSites (TLS):\n");
+            for site in &snap.config.sites {
+                let listen: Vec<String> = site.listen.iter().map(ToString::to_string).collect();
+                page.push_str(&format!("  https://{} on {}\n", site.name, listen.join(", ")));
+            }
         }
         if snap.config.forward.enabled {
             page.push_str("\nForward proxy: on (set http_proxy to this address)\n");

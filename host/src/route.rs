@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Uri, Version, header};
 
-use crate::config::{Config, ForwardConfig};
+use crate::config::{Config, ForwardConfig, MirrorConfig};
 use crate::fetch::MirrorSet;
 
 /// What a request is.
@@ -27,6 +27,16 @@ pub enum Route {
         /// The path and query below the prefix.
         rest: String,
     },
+    /// A request on a TLS listener for one of its sites.
+    Site {
+        /// The site's upstreams, as a mirror set rooted at `/`.
+        set: Arc<MirrorSet>,
+        /// The path and query, without the leading `/`.
+        rest: String,
+    },
+    /// A request on a TLS listener for a host none of its sites serves
+    /// (421 Misdirected Request).
+    Misdirected,
     /// A request for Cistern itself (its status page, or nothing: 404).
     Local,
     /// Malformed: no usable host, a bad URL.
@@ -41,6 +51,8 @@ impl Route {
             Route::Forward(_) => "forward",
             Route::Transparent(_) => "transparent",
             Route::Mirror { .. } => "mirror",
+            Route::Site { .. } => "site",
+            Route::Misdirected => "misdirected",
             Route::Local => "local",
             Route::Invalid(_) => "invalid",
         }
@@ -53,6 +65,17 @@ pub struct Router {
     /// Mirror sets, longest prefix first so the most specific one wins.
     mirrors: Vec<Arc<MirrorSet>>,
     forward: ForwardConfig,
+    sites: Vec<SiteRoute>,
+    /// Index in `sites` of `default-site`.
+    default_site: Option<usize>,
+}
+
+/// A site as the router sees it.
+#[derive(Debug)]
+struct SiteRoute {
+    name: String,
+    listen: Vec<SocketAddr>,
+    set: Arc<MirrorSet>,
 }
 
 impl Router {
@@ -64,9 +87,77 @@ impl Router {
             .map(|m| Arc::new(MirrorSet::new(m)))
             .collect();
         mirrors.sort_by_key(|m| std::cmp::Reverse(m.prefix.len()));
+        let sites: Vec<SiteRoute> = config
+            .sites
+            .iter()
+            .map(|s| SiteRoute {
+                name: s.name.clone(),
+                listen: s.listen.clone(),
+                // A site is a mirror of its upstreams rooted at `/`: the
+                // same failover, coalescing and replica layout.
+                set: Arc::new(MirrorSet::new(&MirrorConfig {
+                    name: s.name.clone(),
+                    prefix: "/".to_owned(),
+                    upstreams: s.upstreams.clone(),
+                    policies: s.policies.clone(),
+                })),
+            })
+            .collect();
+        let default_site = config
+            .default_site
+            .as_ref()
+            .and_then(|d| sites.iter().position(|s| &s.name == d));
         Router {
             mirrors,
             forward: config.forward.clone(),
+            sites,
+            default_site,
+        }
+    }
+
+    /// The sites' upstream sets, for the admin UI.
+    pub fn sites(&self) -> impl Iterator<Item = &Arc<MirrorSet>> {
+        self.sites.iter().map(|s| &s.set)
+    }
+
+    /// Classifies a request that came on the TLS listener configured as
+    /// `listener`: its host (`:authority` or `Host`, port ignored) picks one
+    /// of the sites on that listener, else the default site if it is on
+    /// that listener. The host, not the SNI, decides: HTTP/2 clients reuse a
+    /// connection for every name its certificate covers.
+    pub fn route_site<B>(&self, req: &Request<B>, listener: SocketAddr) -> Route {
+        if req.method() == Method::CONNECT {
+            return Route::Invalid("CONNECT is not served on a TLS site listener");
+        }
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.host().to_owned())
+            .or_else(|| {
+                let h = req.headers().get(header::HOST)?.to_str().ok()?;
+                Some(h.parse::<Authority>().ok()?.host().to_owned())
+            });
+        let on_listener = |s: &&SiteRoute| s.listen.contains(&listener);
+        let site = match host {
+            Some(host) => {
+                let host = host.trim_end_matches('.').to_ascii_lowercase();
+                self.sites.iter().filter(on_listener).find(|s| s.name == host)
+            }
+            None => None,
+        };
+        let site = site.or_else(|| self.default_site.map(|i| &self.sites[i]).filter(on_listener));
+        let Some(site) = site else {
+            return Route::Misdirected;
+        };
+        let uri = req.uri();
+        let mut rest = uri.path().trim_start_matches('/').to_owned();
+        if let Some(q) = uri.query() {
+            rest.push('?');
+            rest.push_str(q);
+        }
+        Route::Site {
+            set: site.set.clone(),
+            rest,
         }
     }
 
@@ -198,7 +289,7 @@ fn is_ours(authority: &Authority, scheme: &Scheme, local: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{MirrorConfig, Timeouts};
+    use crate::config::{SiteConfig, Timeouts};
 
     fn config(transparent: bool) -> Config {
         let mut c = Config::forward_default(std::path::Path::new("/tmp"));
@@ -320,6 +411,41 @@ mod tests {
             Route::Mirror { rest, .. } => assert_eq!(rest, "dists/x?y=1"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn sites_route_by_host_on_their_own_listener() {
+        let a: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:9443".parse().unwrap();
+        let site = |name: &str, listen: SocketAddr| SiteConfig {
+            name: name.into(),
+            listen: vec![listen],
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            upstreams: vec![format!("https://origin.{name}/").parse().unwrap()],
+            policies: vec![],
+        };
+        let mut c = config(false);
+        c.sites = vec![site("one.test", a), site("two.test", a), site("three.test", b)];
+        let r = Router::new(&c);
+        let on = |host: &str, listener| match r.route_site(&req(Method::GET, "/p/x?y=1", Some(host), Version::HTTP_11), listener) {
+            Route::Site { set, rest } => format!("{} {rest}", set.name),
+            other => other.as_str().to_owned(),
+        };
+        assert_eq!(on("two.test", a), "two.test p/x?y=1");
+        assert_eq!(on("ONE.test:8443", a), "one.test p/x?y=1");
+        // A site of another listener is not reachable through this one.
+        assert_eq!(on("three.test", a), "misdirected");
+        assert_eq!(on("unknown.test", a), "misdirected");
+        c.default_site = Some("one.test".into());
+        let r = Router::new(&c);
+        match r.route_site(&req(Method::GET, "/", Some("unknown.test"), Version::HTTP_11), a) {
+            Route::Site { set, .. } => assert_eq!(set.name, "one.test"),
+            other => panic!("{other:?}"),
+        }
+        // The default only applies on the listeners the default site is on.
+        let got = r.route_site(&req(Method::GET, "/", Some("unknown.test"), Version::HTTP_11), b);
+        assert_eq!(got.as_str(), "misdirected");
     }
 
     #[test]

@@ -1,119 +1,444 @@
-//! Listeners and connections: HTTP/1.1 and HTTP/2 (h2c, prior knowledge)
-//! on one port, header and idle timeouts, and a graceful drain on shutdown.
+//! Listeners and connections: plaintext HTTP/1.1 and HTTP/2 (h2c, prior
+//! knowledge) on one port, TLS with ALPN `h2`/`http/1.1` and SNI on site
+//! listeners, header and idle timeouts, and a graceful drain.
+//!
+//! The [`Server`] keeps a registry of running listeners keyed by their
+//! configured address and kind, so a reload can bind new addresses, drain
+//! and close removed ones, and leave the others (and their connections)
+//! untouched. Each listener drains on its own: closing one stops its
+//! accepting at once and gives its connections up to the drain time to
+//! finish what they are doing.
 
 use std::convert::Infallible;
+use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
+use crate::config::Config;
 use crate::proxy::{ConnInfo, Proxy};
+
+/// A listener as config names it: an address (port 0 picks a free one)
+/// and whether it terminates TLS for sites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerSpec {
+    /// The address in config.
+    pub addr: SocketAddr,
+    /// A TLS site listener (`site { listen … }`) rather than plaintext.
+    pub tls: bool,
+}
+
+impl ListenerSpec {
+    /// Every listener `config` asks for: plaintext ones, then TLS ones, in
+    /// file order.
+    pub fn all(config: &Config) -> Vec<ListenerSpec> {
+        let plain = config.listeners.iter().map(|l| ListenerSpec {
+            addr: l.addr,
+            tls: false,
+        });
+        let tls = config
+            .tls_listeners()
+            .into_iter()
+            .map(|addr| ListenerSpec { addr, tls: true });
+        plain.chain(tls).collect()
+    }
+}
+
+impl fmt::Display for ListenerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.addr)
+    }
+}
+
+/// A listener that is serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerInfo {
+    /// What config asked for.
+    pub spec: ListenerSpec,
+    /// The address actually bound.
+    pub local: SocketAddr,
+}
+
+/// Why listeners could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address in config.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS configuration could not be built.
+    #[error("setting up TLS on {addr}: {source}")]
+    Tls {
+        /// The address in config.
+        addr: SocketAddr,
+        /// What rustls said.
+        source: rustls::Error,
+    },
+}
 
 /// A bound listener, ready to serve.
 pub struct BoundListener {
     listener: TcpListener,
-    addr: SocketAddr,
+    info: ListenerInfo,
+    tls: Option<TlsAcceptor>,
 }
 
 impl BoundListener {
-    /// Binds `addr` (port 0 picks a free port).
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<BoundListener> {
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        Ok(BoundListener { listener, addr })
-    }
-
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.info.local
     }
 }
 
-/// Serves `listeners` until `shutdown` turns true, then stops accepting and
-/// waits up to `drain` for connections in flight.
-pub async fn serve(
-    listeners: Vec<BoundListener>,
+/// How far a listener is in closing. Ordered: each phase implies the
+/// earlier ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// Not accepting; connections finish their requests and close.
+    Draining,
+    /// The drain time is over: connections are dropped.
+    Closed,
+}
+
+struct Active {
+    info: ListenerInfo,
+    phase: Arc<watch::Sender<Phase>>,
+    task: JoinHandle<()>,
+}
+
+/// The running listeners of one Cistern.
+pub struct Server {
     proxy: Arc<Proxy>,
-    idle: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    active: Mutex<Vec<Active>>,
+    /// Listeners removed by a reload that may still be draining.
+    closing: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// How long a reload waits for a listener it closed to let go of an
+/// address that a new listener (plaintext turned TLS or back) needs.
+const REBIND_WAIT: Duration = Duration::from_secs(2);
+
+impl Server {
+    /// A server with no listeners yet; connections go to `proxy`, and
+    /// closing listeners wait up to `drain` for their connections.
+    pub fn new(proxy: Arc<Proxy>, drain: Duration) -> Arc<Server> {
+        Arc::new(Server {
+            proxy,
+            drain,
+            active: Mutex::new(Vec::new()),
+            closing: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The listeners serving now, in the order they were started.
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.lock_active().iter().map(|a| a.info).collect()
+    }
+
+    /// Which of `wanted` are not running yet, and which running ones are
+    /// not wanted any more.
+    pub fn plan(&self, wanted: &[ListenerSpec]) -> (Vec<ListenerSpec>, Vec<ListenerSpec>) {
+        let running: Vec<ListenerSpec> = self.lock_active().iter().map(|a| a.info.spec).collect();
+        let add = wanted
+            .iter()
+            .filter(|s| !running.contains(s))
+            .copied()
+            .collect();
+        let remove = running
+            .into_iter()
+            .filter(|s| !wanted.contains(s))
+            .collect();
+        (add, remove)
+    }
+
+    /// Binds `specs` (without serving them yet). A failure binds nothing.
+    pub async fn bind(&self, specs: &[ListenerSpec]) -> Result<Vec<BoundListener>, BindError> {
+        let mut out = Vec::new();
+        for spec in specs {
+            let listener = bind_retrying(spec.addr)
+                .await
+                .map_err(|source| BindError::Bind {
+                    addr: spec.addr,
+                    source,
+                })?;
+            let local = listener.local_addr().map_err(|source| BindError::Bind {
+                addr: spec.addr,
+                source,
+            })?;
+            let tls = if spec.tls {
+                let resolver = Arc::new(SniResolver {
+                    proxy: self.proxy.clone(),
+                    listener: spec.addr,
+                });
+                let config =
+                    crate::tls::server_config(resolver).map_err(|source| BindError::Tls {
+                        addr: spec.addr,
+                        source,
+                    })?;
+                Some(TlsAcceptor::from(config))
+            } else {
+                None
+            };
+            out.push(BoundListener {
+                listener,
+                info: ListenerInfo { spec: *spec, local },
+                tls,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Starts serving `bound`.
+    pub fn serve(&self, bound: Vec<BoundListener>) {
+        let mut active = self.lock_active();
+        for b in bound {
+            let (phase, rx) = watch::channel(Phase::Serving);
+            let phase = Arc::new(phase);
+            let info = b.info;
+            let task = tokio::spawn(run_listener(
+                b,
+                self.proxy.clone(),
+                phase.clone(),
+                rx,
+                self.drain,
+            ));
+            tracing::info!(target: "cistern::server", "listening on {} ({})", info.spec, info.local);
+            active.push(Active { info, phase, task });
+        }
+    }
+
+    /// Stops accepting on `specs` at once; their connections drain in the
+    /// background.
+    pub fn close(&self, specs: &[ListenerSpec]) {
+        let mut active = self.lock_active();
+        let (gone, kept): (Vec<Active>, Vec<Active>) =
+            active.drain(..).partition(|a| specs.contains(&a.info.spec));
+        *active = kept;
+        drop(active);
+        let mut closing = self.closing.lock().unwrap_or_else(PoisonError::into_inner);
+        closing.retain(|t| !t.is_finished());
+        for a in gone {
+            tracing::info!(target: "cistern::server", "closing {} ({}); draining its connections", a.info.spec, a.info.local);
+            a.phase.send_replace(Phase::Draining);
+            closing.push(a.task);
+        }
+    }
+
+    /// Stops accepting everywhere and returns when every connection is
+    /// done or the drain time is over.
+    pub async fn shutdown(&self) {
+        let specs: Vec<ListenerSpec> = self.listeners().iter().map(|l| l.spec).collect();
+        self.close(&specs);
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.closing.lock().unwrap_or_else(PoisonError::into_inner));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, Vec<Active>> {
+        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Binds `addr`; while it is in use, retries for a short while, since a
+/// listener this reload closed may still be letting go of it.
+async fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let deadline = Instant::now() + REBIND_WAIT;
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Waits until the listener's phase reaches `at_least` (or its owner is
+/// gone, which means closed).
+async fn reached(phase: &mut watch::Receiver<Phase>, at_least: Phase) {
+    let _ = phase.wait_for(|p| *p >= at_least).await;
+}
+
+/// Accepts until told to drain, then waits for the connections.
+async fn run_listener(
+    bound: BoundListener,
+    proxy: Arc<Proxy>,
+    phase_tx: Arc<watch::Sender<Phase>>,
+    mut phase: watch::Receiver<Phase>,
     drain: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(idle)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(idle))
-        .keep_alive_timeout(idle);
-    let builder = Arc::new(builder);
-
-    let (conn_tx, mut conn_rx) =
-        tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, SocketAddr)>(1024);
-    let mut accept_tasks = Vec::new();
-    for l in listeners {
-        let tx = conn_tx.clone();
-        let mut stop = shutdown.clone();
-        accept_tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    accepted = l.listener.accept() => match accepted {
-                        Ok((stream, client)) => {
-                            if tx.send((stream, client, l.addr)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off
-                            // instead of spinning.
-                            tracing::warn!(target: "cistern::server", "accept on {}: {e}", l.addr);
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    },
-                }
-            }
-        }));
-    }
-    drop(conn_tx);
-
+    let BoundListener {
+        listener,
+        info,
+        tls,
+    } = bound;
+    // Every connection holds a clone; `recv` yields `None` once all are gone.
+    let (guard, mut drained) = mpsc::channel::<()>(1);
     loop {
         tokio::select! {
-            _ = shutdown.changed() => break,
-            next = conn_rx.recv() => {
-                let Some((stream, client, local)) = next else { break };
-                let _ = stream.set_nodelay(true);
-                let info = ConnInfo { client, local };
-                let proxy = proxy.clone();
-                let service = service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(target: "cistern::server", %client, "connection ended: {e}");
-                    }
-                });
+            _ = reached(&mut phase, Phase::Draining) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, client)) => {
+                    let conn = Connection {
+                        proxy: proxy.clone(),
+                        info,
+                        client,
+                        phase: phase.clone(),
+                        _guard: guard.clone(),
+                    };
+                    tokio::spawn(conn.run(stream, tls.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off
+                    // instead of spinning.
+                    tracing::warn!(target: "cistern::server", "accept on {}: {e}", info.local);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    drop(guard);
+    match tokio::time::timeout(drain, drained.recv()).await {
+        Ok(_) => tracing::info!(target: "cistern::server", "{} drained", info.spec),
+        Err(_) => {
+            tracing::warn!(target: "cistern::server", "{}: drain timed out after {drain:?}; closing its connections", info.spec);
+            phase_tx.send_replace(Phase::Closed);
+        }
+    }
+}
+
+/// One accepted connection.
+struct Connection {
+    proxy: Arc<Proxy>,
+    info: ListenerInfo,
+    client: SocketAddr,
+    phase: watch::Receiver<Phase>,
+    _guard: mpsc::Sender<()>,
+}
+
+impl Connection {
+    async fn run(mut self, stream: TcpStream, tls: Option<TlsAcceptor>) {
+        let _ = stream.set_nodelay(true);
+        let Some(acceptor) = tls else {
+            return self.serve(stream).await;
+        };
+        // The idle timeout bounds the handshake too, so a client that
+        // opens a connection and says nothing does not hold it.
+        let idle = self.proxy.snapshot().config.timeouts.idle;
+        let handshake = tokio::time::timeout(idle, acceptor.accept(stream));
+        let accepted = tokio::select! {
+            r = handshake => r,
+            _ = reached(&mut self.phase, Phase::Draining) => return,
+        };
+        match accepted {
+            Ok(Ok(stream)) => self.serve(stream).await,
+            Ok(Err(e)) => {
+                tracing::debug!(target: "cistern::server", client = %self.client, "TLS handshake on {} failed: {e}", self.info.spec);
+            }
+            Err(_) => {
+                tracing::debug!(target: "cistern::server", client = %self.client, "TLS handshake on {} timed out", self.info.spec);
             }
         }
     }
-    for t in accept_tasks {
-        t.abort();
+
+    async fn serve<I>(mut self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        // Read per connection, so a reload's new idle timeout applies to
+        // the connections that come after it.
+        let idle = self.proxy.snapshot().config.timeouts.idle;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(idle)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(idle))
+            .keep_alive_timeout(idle);
+        let info = ConnInfo {
+            client: self.client,
+            local: self.info.local,
+            site_listener: self.info.spec.tls.then_some(self.info.spec.addr),
+        };
+        let proxy = self.proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let client = self.client;
+        let ended = tokio::select! {
+            r = conn.as_mut() => Some(r),
+            _ = reached(&mut self.phase, Phase::Draining) => None,
+        };
+        let result = match ended {
+            Some(r) => r,
+            None => {
+                // Finish the requests in flight, then close; past the
+                // drain time, drop the connection.
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = reached(&mut self.phase, Phase::Closed) => return,
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(target: "cistern::server", %client, "connection ended: {e}");
+        }
     }
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!(target: "cistern::server", "all connections drained"),
-        _ = tokio::time::sleep(drain) => tracing::warn!(target: "cistern::server", "drain timed out after {drain:?}; closing"),
+}
+
+/// Picks a site's certificate by SNI from the snapshot serving now, so a
+/// reload changes the certificate of the next handshake and never that of
+/// an established connection.
+struct SniResolver {
+    proxy: Arc<Proxy>,
+    /// The listener's address as configured.
+    listener: SocketAddr,
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SniResolver")
+            .field("listener", &self.listener)
+            .finish()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name();
+        let found = self.proxy.snapshot().certs.resolve(self.listener, sni);
+        if found.is_none() {
+            tracing::debug!(target: "cistern::server", "TLS on {}: no site for SNI {sni:?}; refusing the handshake", self.listener);
+        }
+        found
     }
 }

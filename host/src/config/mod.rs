@@ -71,6 +71,8 @@ impl Config {
             upstream_tls: UpstreamTls::default(),
             policies: Vec::new(),
             limiters: Vec::new(),
+            sites: Vec::new(),
+            default_site: None,
         }
     }
 }

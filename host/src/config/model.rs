@@ -35,6 +35,12 @@ pub struct Config {
     pub policies: Vec<PolicyDecl>,
     /// Named rate limiters that policies may ask for a verdict.
     pub limiters: Vec<NamedLimiter>,
+    /// TLS-terminated sites (`site NAME { … }`), in file order. Names are
+    /// unique.
+    pub sites: Vec<SiteConfig>,
+    /// The site whose certificate answers a TLS client that names a host no
+    /// site serves (`default-site NAME`); without one such a handshake fails.
+    pub default_site: Option<String>,
 }
 
 /// A plaintext listener for proxy traffic.
@@ -236,4 +242,61 @@ pub struct NamedLimiter {
     pub name: String,
     /// The rate per key.
     pub rate: RequestRate,
+}
+
+/// A `site NAME { … }` block: a host name whose TLS Cistern terminates,
+/// served from an ordered set of upstreams like a mirror rooted at `/`.
+#[derive(Debug, Clone)]
+pub struct SiteConfig {
+    /// The host name, lower case; TLS clients name it in SNI and HTTP
+    /// clients in `Host`.
+    pub name: String,
+    /// TLS listeners serving this site; sites that name the same address
+    /// share it and the certificate is picked by SNI. Never empty.
+    pub listen: Vec<SocketAddr>,
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key: PathBuf,
+    /// Upstream base URLs (http or https), each ending with `/`, tried in
+    /// order on connect errors and 5xx. Never empty. The first one names the
+    /// replica directory (`root/host:port/...`).
+    pub upstreams: Vec<Uri>,
+    /// Policies run, in order, on this site's requests (names of
+    /// [`PolicyDecl`]s).
+    pub policies: Vec<String>,
+}
+
+impl Config {
+    /// The TLS listener addresses the sites name, each once, in file order.
+    pub fn tls_listeners(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for addr in self.sites.iter().flat_map(|s| &s.listen) {
+            if !out.contains(addr) {
+                out.push(*addr);
+            }
+        }
+        out
+    }
+
+    /// Every file this config reads besides itself: policy modules and the
+    /// sites' certificates and keys. A change to any of them is a reason
+    /// to reload.
+    pub fn named_files(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        let policies = self.policies.iter().filter_map(|p| match &p.source {
+            PolicySource::File(path) => Some(path.clone()),
+            PolicySource::Builtin(_) => None,
+        });
+        let certs = self
+            .sites
+            .iter()
+            .flat_map(|s| [s.cert.clone(), s.key.clone()]);
+        for path in policies.chain(certs) {
+            if !out.contains(&path) {
+                out.push(path);
+            }
+        }
+        out
+    }
 }

@@ -22,6 +22,8 @@ use super::error::{ConfigError, Problem};
 use super::model::*;
 use super::units::{parse_duration, parse_size};
 
+mod site;
+
 /// Default policy wall-clock budget per hook call.
 const DEFAULT_POLICY_DEADLINE: Duration = Duration::from_millis(50);
 /// Default cap on a policy's linear memory.
@@ -615,6 +617,8 @@ struct Top {
     policy_names: HashMap<String, SourceSpan>,
     limiters: Vec<NamedLimiter>,
     limiter_names: HashMap<String, SourceSpan>,
+    /// `site` blocks and `default-site` (see [`site`]).
+    sites: site::Sites,
     /// Every policy name used by a route, checked against the declarations
     /// once the whole file is read (declarations may come later).
     policy_refs: Vec<(String, SourceSpan)>,
@@ -631,6 +635,8 @@ const TOP_LEVEL: &[Rule<Top>] = &[
     once("mode", mode),
     once("upstream-tls", upstream_tls),
     many("policy", policy),
+    many("site", site::site),
+    once("default-site", site::default_site),
 ];
 
 impl Top {
@@ -669,6 +675,7 @@ impl Top {
             enabled: false,
             ..default_forward()
         });
+        let (sites, default_site) = site::finish(self.sites, cx, &listeners, &self.listen_seen);
         Config {
             source: Some(name.to_path_buf()),
             listeners,
@@ -681,6 +688,8 @@ impl Top {
             upstream_tls: self.upstream_tls,
             policies: self.policies,
             limiters: self.limiters,
+            sites,
+            default_site,
         }
     }
 }
