@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
 use cistern::app::{self, StartOptions};
-use cistern::reload::{ConfigAdjust, Triggers};
-use cistern::policy::PolicyEngine;
 use cistern::config::{CacheMode, Config, Layout, Listener};
+use cistern::policy::PolicyEngine;
+use cistern::reload::{ConfigAdjust, Triggers};
+use clap::{Parser, Subcommand};
 
 /// A caching proxy that keeps a browsable replica of what passes through it.
 #[derive(Parser, Debug)]
@@ -95,7 +95,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cistern: cannot start the runtime: {e}");
@@ -112,15 +115,17 @@ fn main() -> ExitCode {
 fn check(file: &Path) -> ExitCode {
     // Like `nginx -t`: the certificates are loaded and the policies compiled
     // and linked too, so a check that passes means the file would go live.
-    let loaded = Config::load(file).map_err(miette::Report::new).and_then(|c| {
-        cistern::tls::CertTable::load(&c, std::time::SystemTime::now())
-            .map_err(|e| miette::miette!("{}: {e}", file.display()))?;
-        let engine = PolicyEngine::new().map_err(|e| miette::miette!("{e}"))?;
-        engine
-            .load(&c.policies)
-            .map_err(|e| miette::miette!("{}: {e}", file.display()))?;
-        Ok(c)
-    });
+    let loaded = Config::load(file)
+        .map_err(miette::Report::new)
+        .and_then(|c| {
+            cistern::tls::CertTable::load(&c, std::time::SystemTime::now())
+                .map_err(|e| miette::miette!("{}: {e}", file.display()))?;
+            let engine = PolicyEngine::new().map_err(|e| miette::miette!("{e}"))?;
+            engine
+                .load(&c.policies)
+                .map_err(|e| miette::miette!("{}: {e}", file.display()))?;
+            Ok(c)
+        });
     match loaded {
         Ok(c) => {
             println!(
@@ -143,10 +148,13 @@ fn check(file: &Path) -> ExitCode {
 /// The config file (or the built-in default) with the command line's
 /// overrides applied.
 fn load_config(cli: &Cli) -> Result<Config, miette::Report> {
-    let cwd = std::env::current_dir().map_err(|e| miette::miette!("cannot read the current directory: {e}"))?;
+    let cwd = std::env::current_dir()
+        .map_err(|e| miette::miette!("cannot read the current directory: {e}"))?;
     let mut config = match &cli.config {
         Some(path) => Config::load(path).map_err(miette::Report::new)?,
-        None if cwd.join("config.kdl").is_file() => Config::load(&cwd.join("config.kdl")).map_err(miette::Report::new)?,
+        None if cwd.join("config.kdl").is_file() => {
+            Config::load(&cwd.join("config.kdl")).map_err(miette::Report::new)?
+        }
         None => Config::forward_default(&cwd),
     };
     Overrides::from_cli(cli, &cwd).apply(&mut config);
@@ -172,10 +180,13 @@ impl Overrides {
         Overrides {
             bind: cli.bind,
             port: cli.port,
-            root: cli
-                .root
-                .as_ref()
-                .map(|root| if root.is_absolute() { root.clone() } else { cwd.join(root) }),
+            root: cli.root.as_ref().map(|root| {
+                if root.is_absolute() {
+                    root.clone()
+                } else {
+                    cwd.join(root)
+                }
+            }),
             timeout: cli.timeout,
             flat: cli.flat,
             static_mode: cli.static_mode,
@@ -228,7 +239,10 @@ fn daemonize(log: &Path, pid: Option<&Path>) -> anyhow::Result<()> {
         .with_context(|| format!("opening log file {}", log.display()))?;
     let err = out.try_clone().context("duplicating the log file handle")?;
     let cwd = std::env::current_dir().context("reading the current directory")?;
-    let mut d = daemonize::Daemonize::new().working_directory(cwd).stdout(out).stderr(err);
+    let mut d = daemonize::Daemonize::new()
+        .working_directory(cwd)
+        .stdout(out)
+        .stderr(err);
     if let Some(pid) = pid {
         d = d.pid_file(pid);
     }
@@ -238,7 +252,11 @@ fn daemonize(log: &Path, pid: Option<&Path>) -> anyhow::Result<()> {
 
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
-    let default = if cli.debug { "info,cistern=debug" } else { "info" };
+    let default = if cli.debug {
+        "info,cistern=debug"
+    } else {
+        "info"
+    };
     let filter = EnvFilter::try_from_env("CISTERN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -254,15 +272,18 @@ async fn run(config: Config, cli: &Cli) -> ExitCode {
         clock: None,
         // The config file and what it names are watched, and SIGHUP
         // reloads too, like nginx.
-        reload: Triggers { files: true, sighup: true },
+        reload: Triggers {
+            files: true,
+            sighup: true,
+        },
         adjust: overrides
             .ok()
             .map(|o| ConfigAdjust(Arc::new(move |c: &mut Config| o.apply(c)))),
     };
-    let source = config
-        .source
-        .as_ref()
-        .map_or_else(|| "built-in forward proxy defaults".to_owned(), |p| p.display().to_string());
+    let source = config.source.as_ref().map_or_else(
+        || "built-in forward proxy defaults".to_owned(),
+        |p| p.display().to_string(),
+    );
     let running = match app::start(config, options).await {
         Ok(r) => r,
         Err(e) => {

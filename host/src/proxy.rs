@@ -22,7 +22,8 @@ use crate::fetch::{
 use crate::limit::Limits;
 use crate::policy::bridge::{PolicyHook, ProxyPolicyHost};
 use crate::policy::{
-    DirectResponse, PolicyChain, PolicyEngine, PolicyError, PolicyHost, PolicySet, RequestOutcome, RequestView,
+    DirectResponse, PolicyChain, PolicyEngine, PolicyError, PolicyHost, PolicySet, RequestOutcome,
+    RequestView,
 };
 use crate::reload::ReloadStatus;
 use crate::route::{Route, Router};
@@ -176,7 +177,10 @@ impl Proxy {
     /// The reload status: the generation serving, when it was loaded, and
     /// the last failed reload's problems (for logs and the admin UI).
     pub fn reload_status(&self) -> ReloadStatus {
-        self.reload.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.reload
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Updates the reload status (the reload engine's, under its own
@@ -704,7 +708,11 @@ impl Proxy {
             page.push_str("\nSites (TLS):\n");
             for site in &snap.config.sites {
                 let listen: Vec<String> = site.listen.iter().map(ToString::to_string).collect();
-                page.push_str(&format!("  https://{} on {}\n", site.name, listen.join(", ")));
+                page.push_str(&format!(
+                    "  https://{} on {}\n",
+                    site.name,
+                    listen.join(", ")
+                ));
             }
         }
         if snap.config.forward.enabled {

@@ -141,11 +141,18 @@ impl Router {
         let site = match host {
             Some(host) => {
                 let host = host.trim_end_matches('.').to_ascii_lowercase();
-                self.sites.iter().filter(on_listener).find(|s| s.name == host)
+                self.sites
+                    .iter()
+                    .filter(on_listener)
+                    .find(|s| s.name == host)
             }
             None => None,
         };
-        let site = site.or_else(|| self.default_site.map(|i| &self.sites[i]).filter(on_listener));
+        let site = site.or_else(|| {
+            self.default_site
+                .map(|i| &self.sites[i])
+                .filter(on_listener)
+        });
         let Some(site) = site else {
             return Route::Misdirected;
         };
@@ -426,9 +433,16 @@ mod tests {
             policies: vec![],
         };
         let mut c = config(false);
-        c.sites = vec![site("one.test", a), site("two.test", a), site("three.test", b)];
+        c.sites = vec![
+            site("one.test", a),
+            site("two.test", a),
+            site("three.test", b),
+        ];
         let r = Router::new(&c);
-        let on = |host: &str, listener| match r.route_site(&req(Method::GET, "/p/x?y=1", Some(host), Version::HTTP_11), listener) {
+        let on = |host: &str, listener| match r.route_site(
+            &req(Method::GET, "/p/x?y=1", Some(host), Version::HTTP_11),
+            listener,
+        ) {
             Route::Site { set, rest } => format!("{} {rest}", set.name),
             other => other.as_str().to_owned(),
         };
@@ -439,12 +453,18 @@ mod tests {
         assert_eq!(on("unknown.test", a), "misdirected");
         c.default_site = Some("one.test".into());
         let r = Router::new(&c);
-        match r.route_site(&req(Method::GET, "/", Some("unknown.test"), Version::HTTP_11), a) {
+        match r.route_site(
+            &req(Method::GET, "/", Some("unknown.test"), Version::HTTP_11),
+            a,
+        ) {
             Route::Site { set, .. } => assert_eq!(set.name, "one.test"),
             other => panic!("{other:?}"),
         }
         // The default only applies on the listeners the default site is on.
-        let got = r.route_site(&req(Method::GET, "/", Some("unknown.test"), Version::HTTP_11), b);
+        let got = r.route_site(
+            &req(Method::GET, "/", Some("unknown.test"), Version::HTTP_11),
+            b,
+        );
         assert_eq!(got.as_str(), "misdirected");
     }
 
