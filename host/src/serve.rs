@@ -332,14 +332,25 @@ fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer
     RangeAnswer::Partial(range.0, range.1)
 }
 
-/// The body of a committed replica, `start..end`.
+/// The body of a committed replica, `start..end`: from its copy in RAM
+/// when it has one, else read from the file on the blocking pool.
 async fn replica_body(
     replica: Arc<Replica>,
     store: Arc<ReplicaStore>,
     start: u64,
     end: u64,
 ) -> Result<ProxyBody, ServeError> {
-    let small = end - start <= SMALL_BODY;
+    if let Some(ram) = replica.ram.get() {
+        return Ok(full(ram.bytes().slice(start as usize..end as usize)));
+    }
+    // A small replica is read whole, so its copy can answer later hits.
+    let whole = replica.meta.length <= crate::store::ram::MAX_RAM_OBJECT;
+    let (from, to) = if whole {
+        (0, replica.meta.length)
+    } else {
+        (start, end)
+    };
+    let small = to - from <= SMALL_BODY;
     let path = replica.path.clone();
     let opened =
         tokio::task::spawn_blocking(move || -> Result<(File, Option<Bytes>), ServeError> {
@@ -356,12 +367,15 @@ async fn replica_body(
                 }
             };
             if small {
-                let bytes = read_exact_at(&file, start, (end - start) as usize).map_err(|e| {
+                let bytes = read_exact_at(&file, from, (to - from) as usize).map_err(|e| {
                     ServeError::Io {
                         path: replica.path.clone(),
                         source: e,
                     }
                 })?;
+                if whole {
+                    store.keep_in_ram(&replica, &bytes);
+                }
                 return Ok((file, Some(bytes)));
             }
             Ok((file, None))
@@ -372,7 +386,9 @@ async fn replica_body(
             source: io::Error::other(e),
         })??;
     match opened {
-        (_, Some(bytes)) => Ok(full(bytes)),
+        (_, Some(bytes)) => Ok(full(
+            bytes.slice((start - from) as usize..(end - from) as usize),
+        )),
         (file, None) => Ok(file_body(Arc::new(file), start, end)),
     }
 }

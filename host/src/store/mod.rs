@@ -53,6 +53,7 @@
 
 pub mod meta;
 pub mod path;
+pub mod ram;
 
 mod index;
 mod key;
@@ -160,6 +161,8 @@ pub struct Replica {
     /// The response headers built from `meta` the first time the replica
     /// is served, so a hit does not parse stored headers again.
     pub served_headers: std::sync::OnceLock<http::HeaderMap>,
+    /// The body in RAM, for small replicas once served (see [`ram`]).
+    pub ram: std::sync::OnceLock<ram::RamBody>,
 }
 
 impl Replica {
@@ -175,6 +178,7 @@ impl Replica {
             hits: AtomicU64::new(hits),
             last_access: AtomicU64::new(last_access),
             served_headers: std::sync::OnceLock::new(),
+            ram: std::sync::OnceLock::new(),
         }
     }
 }
@@ -214,6 +218,8 @@ pub struct ReplicaStore {
     layout: Layout,
     max_size: Option<u64>,
     index: index::Index,
+    /// RAM left for copies of small replicas.
+    ram: Arc<ram::RamBudget>,
     /// Serialises changes to the tree and to other keys' metadata (commit,
     /// refresh, remove, eviction); lookups never take it.
     tree: Mutex<()>,
@@ -386,6 +392,7 @@ impl ReplicaStore {
             layout: config.layout,
             max_size: config.max_size,
             index: index::Index::default(),
+            ram: ram::RamBudget::new(ram::RAM_BUDGET),
             tree: Mutex::new(()),
         };
         store.replay_journal()?;
@@ -411,6 +418,20 @@ impl ReplicaStore {
     /// LRU position. Memory only: safe on the async hot path.
     pub fn lookup(&self, key: &CacheKey) -> Option<Arc<Replica>> {
         self.index.get(key, true)
+    }
+
+    /// Keeps `body` (the whole content of a small `replica`, just read from
+    /// its file) in RAM for later hits, if the budget allows.
+    pub fn keep_in_ram(&self, replica: &Replica, body: &bytes::Bytes) {
+        if body.len() as u64 == replica.meta.length
+            && replica.meta.length <= ram::MAX_RAM_OBJECT
+            && replica.ram.get().is_none()
+            && let Some(copy) = ram::RamBody::new(body.clone(), &self.ram)
+        {
+            // Another request may have set it meanwhile; its copy wins and
+            // this one gives its bytes back on drop.
+            let _ = replica.ram.set(copy);
+        }
     }
 
     /// Like [`ReplicaStore::lookup`] without counting a hit (admin, policies).
