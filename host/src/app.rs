@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::{self, Admin};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::fetch::upstream::ClientBuildError;
@@ -55,8 +56,11 @@ pub struct Running {
     pub addrs: Vec<SocketAddr>,
     /// The proxy (snapshot swaps, engine, store).
     pub proxy: Arc<Proxy>,
+    /// The admin listener's address, when it runs.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    admin_task: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -64,6 +68,9 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        if let Some(t) = self.admin_task {
+            let _ = t.await;
+        }
     }
 }
 
@@ -93,6 +100,19 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         listeners.push(bound);
     }
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
+    let admin_listener = match config.admin.listen {
+        None => None,
+        Some(addr) => match admin::bind(addr).await {
+            Ok(l) => Some((addr, l)),
+            Err(source) if config.admin.required => return Err(StartError::Bind { addr, source }),
+            // The implicit default port may be taken (a second Cistern, a
+            // test run): the proxy matters more than its dashboard.
+            Err(e) => {
+                tracing::warn!(target: "cistern::admin", "admin UI not started: cannot bind {addr}: {e}; set `admin {{ listen \"…\" }}` in the config");
+                None
+            }
+        },
+    };
     let idle = config.timeouts.idle;
     let (snapshot, policy_engine) = {
         let engine = engine.clone();
@@ -121,6 +141,16 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         }
     });
 
+    let mut admin_addr = None;
+    let mut admin_task = None;
+    if let Some((configured, listener)) = admin_listener {
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr: configured, source })?;
+        tracing::info!(target: "cistern::admin", "admin UI on http://{addr}/");
+        admin_addr = Some(addr);
+        admin_task = Some(tokio::spawn(admin::serve(listener, Arc::new(Admin::new(proxy.clone())), rx.clone())));
+    }
     let task = tokio::spawn(server::serve(listeners, proxy.clone(), idle, rx, DRAIN));
     for a in &addrs {
         tracing::info!(target: "cistern::server", "listening on http://{a}");
@@ -128,7 +158,9 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     Ok(Running {
         addrs,
         proxy,
+        admin_addr,
         shutdown,
         task,
+        admin_task,
     })
 }

@@ -26,6 +26,8 @@
 //! - [`limit`]: per-client request limits and the upstream bandwidth cap.
 //! - [`tunnel`]: CONNECT tunnelling.
 //! - [`accesslog`]: one log line per request, written when its body ends.
+//! - [`admin`]: the admin listener: web UI, Prometheus `/metrics`,
+//!   `/healthz` and a JSON API; the request-path counters.
 //! - [`app`]: assembles the engines and listeners from a config.
 //! - [`clock`]: wall-clock time behind a seam, so freshness can be tested
 //!   without sleeping.
@@ -33,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
+pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod clock;

@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::accesslog::{AccessRecord, CacheOutcome, LoggedBody};
+use crate::admin::ReloadStatus;
 use crate::cache::{self, CacheRequest, Freshness};
 use crate::clock::Clock;
 use crate::config::{CacheMode, Config};
@@ -101,6 +102,7 @@ pub struct Proxy {
     engine: FetchEngine,
     policy_engine: PolicyEngine,
     clock: Clock,
+    reload: ArcSwap<ReloadStatus>,
 }
 
 /// What the pipeline decided, before the access log wraps the body.
@@ -127,7 +129,18 @@ impl Proxy {
             engine,
             policy_engine,
             clock,
+            reload: ArcSwap::from_pointee(ReloadStatus::initial()),
         }
+    }
+
+    /// The config generation and the last reload's outcome (admin UI).
+    pub fn reload_status(&self) -> Arc<ReloadStatus> {
+        self.reload.load_full()
+    }
+
+    /// Records a reload's outcome; the reloader calls it after each try.
+    pub fn set_reload_status(&self, status: ReloadStatus) {
+        self.reload.store(Arc::new(status));
     }
 
     /// The policy engine (one per process).
@@ -158,6 +171,8 @@ impl Proxy {
         let url = req.uri().to_string();
         let req_headers = snap.log_headers.then(|| req.headers().clone());
         let Answer { mut response, outcome } = self.dispatch(req, conn, &snap).await;
+        let metrics = self.engine.metrics();
+        metrics.request(outcome);
         let h = response.headers_mut();
         h.append(header::VIA, crate::fetch::upstream::VIA);
         h.insert(
@@ -174,11 +189,12 @@ impl Proxy {
             headers: req_headers.map(|r| (r, response.headers().clone())),
         };
         let (parts, body) = response.into_parts();
-        Response::from_parts(parts, LoggedBody::wrap(body, record))
+        Response::from_parts(parts, LoggedBody::wrap(body, record, metrics.clone()))
     }
 
     async fn dispatch(&self, req: Request<Incoming>, conn: ConnInfo, snap: &Snapshot) -> Answer {
         if let Err(retry) = snap.limits.check_client(conn.client.ip()) {
+            self.engine.metrics().limited();
             let mut resp = serve::text(StatusCode::TOO_MANY_REQUESTS, "too many requests from this address");
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry.header_secs()));

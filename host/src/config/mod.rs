@@ -71,6 +71,9 @@ impl Config {
             upstream_tls: UpstreamTls::default(),
             policies: Vec::new(),
             limiters: Vec::new(),
+            // A quick `cistern` with no file is a throwaway forward proxy:
+            // no extra port unless a config file asks for one.
+            admin: AdminConfig::DISABLED,
         }
     }
 }

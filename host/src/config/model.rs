@@ -35,6 +35,27 @@ pub struct Config {
     pub policies: Vec<PolicyDecl>,
     /// Named rate limiters that policies may ask for a verdict.
     pub limiters: Vec<NamedLimiter>,
+    /// The admin listener (web UI, metrics, JSON API).
+    pub admin: AdminConfig,
+}
+
+/// The admin listener: web UI, `/metrics`, `/healthz` and the JSON API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address to bind; `None` turns the admin listener off.
+    pub listen: Option<SocketAddr>,
+    /// The file asked for this listener explicitly (`admin { … }`): failing
+    /// to bind it stops start-up. The implicit default only logs a warning,
+    /// so a second Cistern on the same machine still starts.
+    pub required: bool,
+}
+
+impl AdminConfig {
+    /// No admin listener (the built-in forward-proxy defaults).
+    pub const DISABLED: AdminConfig = AdminConfig {
+        listen: None,
+        required: false,
+    };
 }
 
 /// A plaintext listener for proxy traffic.
