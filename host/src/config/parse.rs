@@ -1597,7 +1597,9 @@ fn admin_finish(
             required: false,
         };
     };
+    // Port 0 asks the OS for a free port, so two of them never clash.
     if let (Some(addr), Some(span)) = (admin.listen, span)
+        && addr.port() != 0
         && listeners.iter().any(|l| l.addr == addr)
     {
         cx.error(span, format!("`admin`: {addr} is already a proxy listener"))
