@@ -186,7 +186,7 @@ pub fn overview(
          <dt>Config file</dt><dd><code>{source}</code></dd>\
          <dt>Mode</dt><dd>{mode}</dd>\
          <dt>Replica</dt><dd><a href=\"/replica\">{files} files, {size}</a> in <code>{root}</code></dd>\
-         <dt>Requests</dt><dd>{total} ({hits} hits, {coalesced} coalesced)</dd>\
+         <dt>Requests</dt><dd>{total} · from the replica: {hits} · coalesced: {coalesced}</dd>\
          <dt>Sent to clients</dt><dd>{sent}</dd>\
          <dt>From upstreams</dt><dd>{fetched} in {fills} fills ({fills_failed} failed)</dd>\
          <dt>Uptime</dt><dd>{uptime} · version {version}</dd></dl>\n</section>\n",

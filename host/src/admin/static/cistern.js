@@ -67,6 +67,7 @@ async function refreshDownloads() {
       rows.push(tr);
     }
     body.replaceChildren(...rows);
+    body.dataset.updated = new Date().toISOString();
     const count = document.getElementById("downloads-count");
     if (count) count.textContent = String(list.length);
   } catch (e) {
