@@ -490,3 +490,60 @@ async fn start_reports_the_admin_address_and_a_taken_port() {
     assert_eq!(running.admin_addr, None);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_refused_reload_shows_in_the_page_the_api_and_the_metrics() {
+    use cistern::app::{StartOptions, start};
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(
+        in_process_config(dir.path(), "admin {\n    listen \"127.0.0.1:0\"\n}\n"),
+        StartOptions::default(),
+    )
+    .await
+    .unwrap();
+    let admin = running.admin_addr.unwrap();
+    let proxy = running.proxy.clone();
+
+    // What the reloader records: one reload taken, then one refused.
+    let now = std::time::SystemTime::now();
+    proxy.set_reload_status(proxy.reload_status().succeeded(now));
+    let error = "config.kdl:7:5: unknown node `mirorr` <did you mean `mirror`?>";
+    proxy.set_reload_status(proxy.reload_status().failed(error.to_owned(), now));
+
+    let status = api(admin, "/api/status").await;
+    assert_eq!(status["config_generation"], 2);
+    assert_eq!(status["last_reload_error"], error);
+    assert_eq!(status["reload_failures"], 1);
+
+    let m = String::from_utf8(get(admin, "/metrics").await.bytes().to_vec()).unwrap();
+    assert_eq!(sample(&m, "cistern_config_generation"), 2.0);
+    assert_eq!(
+        sample(&m, r#"cistern_config_reloads_total{result="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, r#"cistern_config_reloads_total{result="error"}"#),
+        1.0
+    );
+    assert_eq!(sample(&m, "cistern_config_last_reload_ok"), 0.0);
+
+    // The page shows the error, escaped, and the generation still serving.
+    let page = String::from_utf8(get(admin, "/").await.bytes().to_vec()).unwrap();
+    assert!(
+        page.contains("unknown node `mirorr` &lt;did you mean `mirror`?&gt;"),
+        "{page}"
+    );
+    assert!(page.contains("id=\"reload-error\""), "{page}");
+    assert!(
+        page.contains("<dd id=\"config-generation\">2</dd>"),
+        "{page}"
+    );
+
+    // The next good reload clears it.
+    proxy.set_reload_status(proxy.reload_status().succeeded(now));
+    let status = api(admin, "/api/status").await;
+    assert_eq!(status["config_generation"], 3);
+    assert_eq!(status["last_reload_error"], Value::Null);
+    assert_eq!(status["reload_failures"], 1);
+    running.shutdown().await;
+}

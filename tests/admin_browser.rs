@@ -74,14 +74,19 @@ async fn dom(chromium: &Path, url: &str, extra: &[&str]) -> String {
 
 /// Saves a screenshot of `url` when `CISTERN_SCREENSHOTS` names a directory.
 async fn maybe_screenshot(chromium: &Path, url: &str, name: &str) {
-    let Some(dir) = std::env::var_os("CISTERN_SCREENSHOTS") else { return };
+    let Some(dir) = std::env::var_os("CISTERN_SCREENSHOTS") else {
+        return;
+    };
     let dir = PathBuf::from(dir);
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join(name);
     browse(
         chromium,
         url,
-        &[format!("--screenshot={}", file.display()), "--window-size=1280,900".into()],
+        &[
+            format!("--screenshot={}", file.display()),
+            "--window-size=1280,900".into(),
+        ],
     )
     .await;
     assert!(file.is_file(), "no screenshot at {}", file.display());
@@ -91,13 +96,21 @@ async fn maybe_screenshot(chromium: &Path, url: &str, name: &str) {
 /// The element that starts with `open` and contains `needle`, up to the
 /// first `close` after `needle`: e.g. the table row of one file.
 fn element<'a>(dom: &'a str, open: &str, needle: &str, close: &str) -> &'a str {
-    let at = dom.find(needle).unwrap_or_else(|| panic!("{needle:?} is not on the page:\n{dom}"));
+    let at = dom
+        .find(needle)
+        .unwrap_or_else(|| panic!("{needle:?} is not on the page:\n{dom}"));
     let start = if needle.starts_with(open) {
         at
     } else {
-        dom[..at].rfind(open).unwrap_or_else(|| panic!("no {open:?} before {needle:?}"))
+        dom[..at]
+            .rfind(open)
+            .unwrap_or_else(|| panic!("no {open:?} before {needle:?}"))
     };
-    let end = at + dom[at..].find(close).unwrap_or_else(|| panic!("no {close:?} after {needle:?}")) + close.len();
+    let end = at
+        + dom[at..]
+            .find(close)
+            .unwrap_or_else(|| panic!("no {close:?} after {needle:?}"))
+        + close.len();
     &dom[start..end]
 }
 
@@ -123,13 +136,22 @@ struct Scene {
 async fn scene() -> Scene {
     let origin = Origin::start().await;
     let packages = pattern(7, 30_000);
-    origin.put("/debian/dists/bookworm/InRelease", Resource::new(pattern(6, 2_000)));
-    origin.put("/debian/dists/bookworm/main/Packages.gz", Resource::new(packages.clone()));
+    origin.put(
+        "/debian/dists/bookworm/InRelease",
+        Resource::new(pattern(6, 2_000)),
+    );
+    origin.put(
+        "/debian/dists/bookworm/main/Packages.gz",
+        Resource::new(packages.clone()),
+    );
     origin.put(
         "/debian/pool/main/h/hello/hello_2.10-3_amd64.deb",
         Resource::new(pattern(8, 50_000)),
     );
-    origin.put("/debian/cd/debian-12.iso", Resource::new(pattern(9, BIG)).slow(Duration::from_millis(200)));
+    origin.put(
+        "/debian/cd/debian-12.iso",
+        Resource::new(pattern(9, BIG)).slow(Duration::from_millis(200)),
+    );
     let dir = tempfile::tempdir().unwrap();
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = format!(
@@ -156,7 +178,10 @@ async fn scene() -> Scene {
         if list[0]["written"].as_u64().unwrap_or(0) > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the download never started: {list}");
+        assert!(
+            Instant::now() < deadline,
+            "the download never started: {list}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Scene {
@@ -181,7 +206,10 @@ async fn a_person_sees_the_tree_a_digest_and_a_download_in_progress() {
     assert!(page.contains("<title>Overview · Cistern</title>"), "{page}");
     let generation = element(&page, "<dd", "id=\"config-generation\"", "</dd>");
     assert!(generation.contains(">1</dd>"), "{generation}");
-    assert!(!page.contains("id=\"reload-error\""), "no reload error shown");
+    assert!(
+        !page.contains("id=\"reload-error\""),
+        "no reload error shown"
+    );
     let row = element(&page, "<tr", "debian-12.iso", "</tr>");
     let bar = element(row, "<progress", "<progress", ">");
     assert_eq!(attr(bar, "max"), Some(BIG as u64), "{row}");
@@ -190,29 +218,54 @@ async fn a_person_sees_the_tree_a_digest_and_a_download_in_progress() {
     assert!(row.contains("of 8.0 MiB"), "{row}");
     assert!(row.contains("<td class=\"num readers\">1</td>"), "{row}");
     let mirrors = element(&page, "<section", "id=\"mirrors\"", "</section>");
-    assert!(mirrors.contains(&format!("http://{host}/debian/")), "{mirrors}");
-    assert!(mirrors.contains("<span class=\"badge up\">up</span>"), "{mirrors}");
+    assert!(
+        mirrors.contains(&format!("http://{host}/debian/")),
+        "{mirrors}"
+    );
+    assert!(
+        mirrors.contains("<span class=\"badge up\">up</span>"),
+        "{mirrors}"
+    );
     maybe_screenshot(&chromium, &format!("{base}/"), "admin-overview.png").await;
 
     // The tree, from the root down to a file and its digest.
     let root = dom(&chromium, &format!("{base}/replica"), &[]).await;
     let hostdir = element(&root, "<tr", &format!(">{host}/</a>"), "</tr>");
     assert!(hostdir.contains("3 files"), "{hostdir}");
-    let debian = dom(&chromium, &format!("{base}/replica?path={host}/debian"), &[]).await;
+    let debian = dom(
+        &chromium,
+        &format!("{base}/replica?path={host}/debian"),
+        &[],
+    )
+    .await;
     for dir in ["cd/", "dists/", "pool/"] {
-        assert!(debian.contains(&format!(">{dir}</a>")), "{dir} listed:\n{debian}");
+        assert!(
+            debian.contains(&format!(">{dir}</a>")),
+            "{dir} listed:\n{debian}"
+        );
     }
     let cd = element(&debian, "<tr", ">cd/</a>", "</tr>");
     assert!(cd.contains("1 downloading"), "{cd}");
-    let main = dom(&chromium, &format!("{base}/replica?path={host}/debian/dists/bookworm/main"), &[]).await;
+    let main = dom(
+        &chromium,
+        &format!("{base}/replica?path={host}/debian/dists/bookworm/main"),
+        &[],
+    )
+    .await;
     let crumbs = element(&main, "<nav", "id=\"crumbs\"", "</nav>");
     assert!(crumbs.contains(">bookworm</a>"), "{crumbs}");
     let file = element(&main, "<tr", ">Packages.gz</td>", "</tr>");
     let digest = hex::encode(Sha256::digest(&s.packages));
-    assert!(file.contains(&format!("<code class=\"sha256\">{digest}</code>")), "{file}");
+    assert!(
+        file.contains(&format!("<code class=\"sha256\">{digest}</code>")),
+        "{file}"
+    );
     assert!(file.contains("29.3 KiB"), "{file}");
     assert!(file.contains("<td class=\"num hits\">1</td>"), "{file}");
-    assert!(file.contains("<span class=\"badge complete\">complete</span>"), "{file}");
+    assert!(
+        file.contains("<span class=\"badge complete\">complete</span>"),
+        "{file}"
+    );
     maybe_screenshot(
         &chromium,
         &format!("{base}/replica?path={host}/debian/dists/bookworm/main"),
@@ -221,10 +274,18 @@ async fn a_person_sees_the_tree_a_digest_and_a_download_in_progress() {
     .await;
 
     // The partial file in its directory, with a progress bar too.
-    let cd = dom(&chromium, &format!("{base}/replica?path={host}/debian/cd"), &[]).await;
+    let cd = dom(
+        &chromium,
+        &format!("{base}/replica?path={host}/debian/cd"),
+        &[],
+    )
+    .await;
     let partial = element(&cd, "<tr", ">debian-12.iso</td>", "</tr>");
     assert!(partial.contains("badge partial"), "{partial}");
-    assert_eq!(attr(element(partial, "<progress", "<progress", ">"), "max"), Some(BIG as u64));
+    assert_eq!(
+        attr(element(partial, "<progress", "<progress", ">"), "max"),
+        Some(BIG as u64)
+    );
     drop(s.cistern);
 }
 
@@ -242,16 +303,25 @@ async fn the_page_script_keeps_the_progress_bar_moving() {
     let page = dom(
         &chromium,
         &format!("http://{}/", s.admin),
-        &["--virtual-time-budget=5000", "--run-all-compositor-stages-before-draw"],
+        &[
+            "--virtual-time-budget=5000",
+            "--run-all-compositor-stages-before-draw",
+        ],
     )
     .await;
     let body = element(&page, "<tbody", "id=\"downloads-body\"", ">");
-    assert!(body.contains("data-updated="), "the script refreshed the table: {body}");
+    assert!(
+        body.contains("data-updated="),
+        "the script refreshed the table: {body}"
+    );
     let row = element(&page, "<tr", "debian-12.iso", "</tr>");
     let bar = element(row, "<progress", "<progress", ">");
     assert_eq!(attr(bar, "max"), Some(BIG as u64), "{row}");
     let value = attr(bar, "value").expect("the bar shows bytes done");
-    assert!(value >= first, "progress went from {first} to {value}: {row}");
+    assert!(
+        value >= first,
+        "progress went from {first} to {value}: {row}"
+    );
     assert!(row.contains("/s</td>"), "{row}");
     drop(s.cistern);
 }

@@ -159,10 +159,10 @@ pub fn overview(
     let mut b = String::new();
     b.push_str("<section id=\"status\"><h2>Status</h2>\n");
     if let Some(err) = &status.last_reload_error {
-        let _ = write!(
+        let _ = writeln!(
             b,
             "<div class=\"error\" id=\"reload-error\"><strong>The last config reload was refused</strong> \
-             (the previous config keeps serving):<pre>{}</pre></div>\n",
+             (the previous config keeps serving):<pre>{}</pre></div>",
             esc(err)
         );
     }
