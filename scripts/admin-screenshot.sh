@@ -3,7 +3,7 @@
 #
 #   scripts/admin-screenshot.sh [OUT_DIR]
 #       Starts Cistern with an in-process origin, fills its replica with a
-#       few files, starts a slow 8 MiB download, and saves PNGs of the
+#       few files, starts a slow 16 MiB download, and saves PNGs of the
 #       overview and a replica directory in OUT_DIR (default: ./screenshots).
 #       This is tests/admin_browser.rs with CISTERN_SCREENSHOTS set, so the
 #       pictures show exactly what that test checks.
