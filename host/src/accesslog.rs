@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -11,6 +12,7 @@ use http::{HeaderMap, Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
+use crate::admin::metrics::Metrics;
 use crate::fetch::BoxError;
 use crate::serve::ProxyBody;
 
@@ -87,16 +89,19 @@ pub struct AccessRecord {
 /// Wraps a response body; logs the record when the body is done or dropped.
 pub struct LoggedBody {
     inner: ProxyBody,
+    metrics: Arc<Metrics>,
     bytes: u64,
     failed: bool,
     record: Option<AccessRecord>,
 }
 
 impl LoggedBody {
-    /// Wraps `inner` so that `record` is logged at its end.
-    pub fn wrap(inner: ProxyBody, record: AccessRecord) -> ProxyBody {
+    /// Wraps `inner` so that `record` is logged at its end; body bytes are
+    /// counted in `metrics` as they go.
+    pub fn wrap(inner: ProxyBody, record: AccessRecord, metrics: Arc<Metrics>) -> ProxyBody {
         LoggedBody {
             inner,
+            metrics,
             bytes: 0,
             failed: false,
             record: Some(record),
@@ -143,6 +148,7 @@ impl Body for LoggedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                    this.metrics.client_bytes(d.len() as u64);
                 }
             }
             Poll::Ready(Some(Err(e))) => {

@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::{self, Admin};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{AdminConfig, Config};
 use crate::fetch::upstream::ClientBuildError;
 use crate::fetch::{FetchEngine, UpstreamClient};
 use crate::policy::{PolicyEngine, PolicyError};
@@ -63,6 +64,8 @@ pub struct Running {
     pub addrs: Vec<SocketAddr>,
     /// The proxy (snapshot swaps, engine, store).
     pub proxy: Arc<Proxy>,
+    /// The admin listener's address, when it runs.
+    pub admin_addr: Option<SocketAddr>,
     server: Arc<Server>,
     reloader: Option<Reloader>,
     shutdown: watch::Sender<bool>,
@@ -169,6 +172,36 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         }
     };
     let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.local_addr()).collect();
+    let admin_addr = match proxy.snapshot().config.admin {
+        AdminConfig { listen: None, .. } => None,
+        AdminConfig {
+            listen: Some(addr),
+            required,
+        } => match admin::bind(addr).await {
+            Ok(listener) => {
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind(BindError::Bind { addr, source }))?;
+                tracing::info!(target: "cistern::admin", "admin UI on http://{local}/");
+                let admin = Arc::new(Admin::new(proxy.clone()));
+                tasks.push(tokio::spawn(admin::serve(listener, admin, rx.clone())));
+                Some(local)
+            }
+            Err(source) if required => {
+                let _ = shutdown.send(true);
+                return Err(StartError::Bind(BindError::Bind { addr, source }));
+            }
+            // The implicit default port may be taken (a second Cistern, a
+            // test run): the proxy matters more than its dashboard.
+            Err(e) => {
+                tracing::warn!(
+                    target: "cistern::admin",
+                    "admin UI not started: cannot bind {addr}: {e}; set `admin {{ listen \"…\" }}` in the config"
+                );
+                None
+            }
+        },
+    };
     server.serve(bound);
 
     // Keyed limiters forget idle clients now and then.
@@ -187,6 +220,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     Ok(Running {
         addrs,
         proxy,
+        admin_addr,
         server,
         reloader,
         shutdown,

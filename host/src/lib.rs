@@ -29,6 +29,8 @@
 //! - [`limit`]: per-client request limits and the upstream bandwidth cap.
 //! - [`tunnel`]: CONNECT tunnelling.
 //! - [`accesslog`]: one log line per request, written when its body ends.
+//! - [`admin`]: the admin listener: web UI, Prometheus `/metrics`,
+//!   `/healthz` and a JSON API; the request-path counters.
 //! - [`app`]: assembles the engines and listeners from a config.
 //! - [`reload`]: watches the config and the files it names, rebuilds and
 //!   swaps the snapshot; keeps the reload status.
@@ -38,6 +40,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
+pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod clock;

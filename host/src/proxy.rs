@@ -220,6 +220,8 @@ impl Proxy {
             mut response,
             outcome,
         } = self.dispatch(req, conn, &snap).await;
+        let metrics = self.engine.metrics();
+        metrics.request(outcome);
         let h = response.headers_mut();
         h.append(header::VIA, crate::fetch::upstream::VIA);
         h.insert(
@@ -241,11 +243,12 @@ impl Proxy {
                 .and_then(|v| v.parse().ok()),
         };
         let (parts, body) = response.into_parts();
-        Response::from_parts(parts, LoggedBody::wrap(body, record))
+        Response::from_parts(parts, LoggedBody::wrap(body, record, metrics.clone()))
     }
 
     async fn dispatch(&self, req: Request<Incoming>, conn: ConnInfo, snap: &Snapshot) -> Answer {
         if let Err(retry) = snap.limits.check_client(conn.client.ip()) {
+            self.engine.metrics().limited();
             let mut resp = serve::text(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests from this address",

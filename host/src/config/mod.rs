@@ -73,6 +73,9 @@ impl Config {
             limiters: Vec::new(),
             sites: Vec::new(),
             default_site: None,
+            // A quick `cistern` with no file is a throwaway forward proxy:
+            // no extra port unless a config file asks for one.
+            admin: AdminConfig::DISABLED,
         }
     }
 }

@@ -41,6 +41,27 @@ pub struct Config {
     /// The site whose certificate answers a TLS client that names a host no
     /// site serves (`default-site NAME`); without one such a handshake fails.
     pub default_site: Option<String>,
+    /// The admin listener (web UI, metrics, JSON API).
+    pub admin: AdminConfig,
+}
+
+/// The admin listener: web UI, `/metrics`, `/healthz` and the JSON API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address to bind; `None` turns the admin listener off.
+    pub listen: Option<SocketAddr>,
+    /// The file asked for this listener explicitly (`admin { … }`): failing
+    /// to bind it stops start-up. The implicit default only logs a warning,
+    /// so a second Cistern on the same machine still starts.
+    pub required: bool,
+}
+
+impl AdminConfig {
+    /// No admin listener (the built-in forward-proxy defaults).
+    pub const DISABLED: AdminConfig = AdminConfig {
+        listen: None,
+        required: false,
+    };
 }
 
 /// A plaintext listener for proxy traffic.

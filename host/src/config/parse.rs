@@ -32,6 +32,8 @@ const DEFAULT_POLICY_MEMORY: u64 = 16 << 20;
 const WASM_PAGE: u64 = 64 << 10;
 /// The listener used when the file names none.
 pub(super) const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The admin listener used when the file has no `admin` block.
+pub(super) const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 
 /// Parses and validates `text`, read from `name`. Relative paths resolve
 /// against `name`'s directory. With `check_files`, files the config names
@@ -622,6 +624,9 @@ struct Top {
     /// Every policy name used by a route, checked against the declarations
     /// once the whole file is read (declarations may come later).
     policy_refs: Vec<(String, SourceSpan)>,
+    /// The `admin` block, if the file has one, with the span of its
+    /// `listen` address for the cross-check against proxy listeners.
+    admin: Option<(AdminConfig, Option<SourceSpan>)>,
 }
 
 const TOP_LEVEL: &[Rule<Top>] = &[
@@ -637,6 +642,7 @@ const TOP_LEVEL: &[Rule<Top>] = &[
     many("policy", policy),
     many("site", site::site),
     once("default-site", site::default_site),
+    once("admin", admin),
 ];
 
 impl Top {
@@ -660,6 +666,7 @@ impl Top {
         } else {
             self.listeners
         };
+        let admin = admin_finish(cx, self.admin, &listeners);
         let store = self.store.unwrap_or_else(|| {
             let root = cx.base.join("replica");
             StoreConfig {
@@ -690,6 +697,7 @@ impl Top {
             limiters: self.limiters,
             sites,
             default_site,
+            admin,
         }
     }
 }
@@ -1558,5 +1566,97 @@ fn policy_param(cx: &mut Cx<'_>, node: &KdlNode, params: &mut Vec<(String, Strin
     let value = e.arg(1).and_then(|a| cx.string(e.name, a));
     if let (Some(k), Some(v)) = (key, value) {
         params.push((k.to_owned(), v.to_owned()));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// admin { listen …  enabled … }
+
+/// The admin block as read.
+struct AdminDraft {
+    enabled: Option<bool>,
+    listen: Option<(SocketAddr, SourceSpan)>,
+}
+
+const ADMIN: &[Rule<AdminDraft>] = &[
+    once("enabled", |cx, n, d| d.enabled = bool_node(cx, n)),
+    once("listen", admin_listen),
+];
+
+/// `admin { listen "127.0.0.1:9090" }`, `admin { enabled #false }`.
+fn admin(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    cx.entries(node, &BLOCK);
+    let mut d = AdminDraft {
+        enabled: None,
+        listen: None,
+    };
+    cx.children(node, ADMIN, &mut d);
+    let (listen, span) = match (d.enabled, d.listen) {
+        (Some(false), _) => (None, None),
+        (_, Some((addr, span))) => (Some(addr), Some(span)),
+        (_, None) => (Some(default_admin_listen()), None),
+    };
+    top.admin = Some((
+        AdminConfig {
+            listen,
+            required: true,
+        },
+        span,
+    ));
+}
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN.parse().expect("valid default address")
+}
+
+/// The admin listener: as the block says, or the loopback default. An
+/// explicit address may not be one of the proxy's listeners (the file may
+/// declare `listen` after `admin`, hence a check once the file is read).
+fn admin_finish(
+    cx: &mut Cx<'_>,
+    block: Option<(AdminConfig, Option<SourceSpan>)>,
+    listeners: &[Listener],
+) -> AdminConfig {
+    let Some((admin, span)) = block else {
+        return AdminConfig {
+            listen: Some(default_admin_listen()),
+            required: false,
+        };
+    };
+    // Port 0 asks the OS for a free port, so two of them never clash.
+    if let (Some(addr), Some(span)) = (admin.listen, span)
+        && addr.port() != 0
+        && listeners.iter().any(|l| l.addr == addr)
+    {
+        cx.error(span, format!("`admin`: {addr} is already a proxy listener"))
+            .help =
+            Some("give the admin listener a port of its own, e.g. \"127.0.0.1:9090\"".to_owned());
+    }
+    admin
+}
+
+fn admin_listen(cx: &mut Cx<'_>, node: &KdlNode, d: &mut AdminDraft) {
+    let e = cx.entries(
+        node,
+        &Shape {
+            args: (1, 1),
+            props: &[],
+            children: false,
+            usage: "listen \"127.0.0.1:9090\"",
+        },
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    match text.parse::<SocketAddr>() {
+        Ok(addr) => d.listen = Some((addr, arg.span())),
+        Err(_) => {
+            cx.error(arg.span(), format!("`listen`: {text:?} is not an IP address and port"))
+                .help = Some(
+                "write an IP address and a port: \"127.0.0.1:9090\" (loopback only is the safe choice: the admin UI has no login)"
+                    .to_owned(),
+            );
+        }
     }
 }

@@ -32,6 +32,7 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, watch};
 
+use crate::admin::metrics::Metrics;
 use crate::cache::{self, CacheRequest};
 use crate::clock::Clock;
 use crate::config::CacheMode;
@@ -270,6 +271,9 @@ pub struct FillHead {
     pub policy: http_cache_semantics::CachePolicy,
     /// When the head arrived (for `Age`).
     pub received: SystemTime,
+    /// Bytes already in the partial file when this fill began (a resume);
+    /// zero otherwise. The admin UI's transfer rate leaves them out.
+    pub start: u64,
 }
 
 /// The state of a fill, published to its readers.
@@ -371,6 +375,7 @@ struct Inner {
     client: UpstreamClient,
     clock: Clock,
     inflight: Mutex<HashMap<CacheKey, Arc<Fill>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Bytes accepted from the upstream per positioned write; frames are
@@ -386,6 +391,7 @@ impl FetchEngine {
                 client,
                 clock,
                 inflight: Mutex::new(HashMap::new()),
+                metrics: Arc::default(),
             }),
         }
     }
@@ -398,6 +404,12 @@ impl FetchEngine {
     /// The upstream client.
     pub fn client(&self) -> &UpstreamClient {
         &self.inner.client
+    }
+
+    /// The process-wide counters (they outlive config reloads, like the
+    /// engine).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// Fills in progress (admin UI).
@@ -430,6 +442,7 @@ impl FetchEngine {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             if let Some(fill) = map.get(&job.key) {
+                self.inner.metrics.coalesced_follower();
                 return FillTicket::Follower(fill.clone());
             }
             // A fill may have committed between the caller's lookup and now.
@@ -445,6 +458,7 @@ impl FetchEngine {
                 started: Instant::now(),
             });
             map.insert(job.key.clone(), fill.clone());
+            self.inner.metrics.fill_started();
             let (tx, rx) = oneshot::channel();
             let inner = self.inner.clone();
             let task_fill = fill.clone();
@@ -456,6 +470,7 @@ impl FetchEngine {
                 let url = job.upstreams.primary();
                 if let Err(error) = inner.run(&task_fill, job, tx).await {
                     tracing::warn!(target: "cistern::fetch", key = %task_fill.key, %url, side = ?error.side(), "fill failed: {error}");
+                    inner.metrics.fill_failed();
                     task_fill
                         .state
                         .send_replace(FillState::Failed(Arc::new(error)));
@@ -587,7 +602,10 @@ impl Inner {
         url: &Uri,
         idle: Duration,
     ) -> Result<Response<Incoming>, FetchError> {
-        match tokio::time::timeout(idle, self.client.send(req)).await {
+        let sent = tokio::time::timeout(idle, self.client.send(req)).await;
+        let failed = !matches!(&sent, Ok(Ok(resp)) if !resp.status().is_server_error());
+        self.metrics.upstream_request(failed);
+        match sent {
             Err(_) => Err(FetchError::Timeout {
                 url: url.to_string(),
                 after: idle,
@@ -857,6 +875,7 @@ impl Inner {
             file: partial.file.clone(),
             policy,
             received,
+            start,
         });
         fill.state.send_replace(FillState::Streaming {
             head: head.clone(),
@@ -1065,6 +1084,7 @@ impl Inner {
         .await;
         match result {
             Ok(Ok((h, at))) => {
+                self.metrics.upstream_bytes(at - offset);
                 *hasher = h;
                 *written = at;
                 *batch_len = 0;

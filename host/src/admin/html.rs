@@ -1,0 +1,423 @@
+//! Server-rendered HTML pages of the admin UI. Plain HTML and one small
+//! stylesheet; the only script (`static/cistern.js`) refreshes the download
+//! progress bars from `/api/downloads` and the pages work without it.
+
+use std::fmt::Write as _;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use super::api::{Download, FileEntry, Listing, Mirror, Policy, Status};
+use crate::store::meta::from_unix_secs;
+
+/// The stylesheet, served at `/static/cistern.css`.
+pub const CSS: &str = include_str!("static/cistern.css");
+/// The script, served at `/static/cistern.js`.
+pub const JS: &str = include_str!("static/cistern.js");
+
+/// Characters left as they are in a query parameter value.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `1536` → `1.5 KiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Seconds → `42 s`, `5 min`, `3 h`, `12 d`.
+pub fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s} s"),
+        s if s < 2 * 3600 => format!("{} min", s / 60),
+        s if s < 2 * 86400 => format!("{} h", s / 3600),
+        s => format!("{} d", s / 86400),
+    }
+}
+
+fn replica_link(path: &str) -> String {
+    format!("/replica?path={}", utf8_percent_encode(path, QUERY_VALUE))
+}
+
+fn page(title: &str, current: &str, body: &str) -> String {
+    let nav = [
+        ("/", "Overview"),
+        ("/replica", "Replica"),
+        ("/metrics", "Metrics"),
+        ("/api/status", "JSON"),
+    ];
+    let mut links = String::new();
+    for (href, label) in nav {
+        let class = if href == current {
+            " class=\"current\""
+        } else {
+            ""
+        };
+        let _ = write!(links, "<a href=\"{href}\"{class}>{label}</a>");
+    }
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{title} · Cistern</title>\n<link rel=\"stylesheet\" href=\"/static/cistern.css\">\n\
+         <script src=\"/static/cistern.js\" defer></script>\n</head>\n<body>\n\
+         <header><span class=\"brand\">Cistern</span><nav>{links}</nav></header>\n<main>\n{body}</main>\n</body>\n</html>\n",
+        title = esc(title),
+    )
+}
+
+fn progress_cell(written: u64, length: Option<u64>) -> String {
+    match length {
+        Some(total) => {
+            let pct = if total == 0 {
+                100.0
+            } else {
+                written as f64 * 100.0 / total as f64
+            };
+            format!(
+                "<progress value=\"{written}\" max=\"{total}\">{pct:.0}%</progress> \
+                 <span class=\"progress-text\">{} of {} ({pct:.0}%)</span>",
+                bytes(written),
+                bytes(total)
+            )
+        }
+        None => format!(
+            "<progress></progress> <span class=\"progress-text\">{} (length unknown)</span>",
+            bytes(written)
+        ),
+    }
+}
+
+fn download_row(d: &Download) -> String {
+    let name = d.path.as_deref().unwrap_or(&d.key);
+    format!(
+        "<tr class=\"download\" data-key=\"{key}\"><td class=\"name\" title=\"{key}\">{name}</td>\
+         <td class=\"state\">{state}</td><td class=\"progress\">{progress}</td>\
+         <td class=\"num rate\">{rate}/s</td><td class=\"num readers\">{readers}</td><td class=\"num\">{elapsed}</td></tr>\n",
+        key = esc(&d.key),
+        name = esc(name),
+        state = d.state,
+        progress = progress_cell(d.written, d.length),
+        rate = bytes(d.rate_bytes_per_sec as u64),
+        readers = d.readers,
+        elapsed = age(d.elapsed_secs as u64),
+    )
+}
+
+/// The downloads table (also the shape `cistern.js` rebuilds).
+fn downloads_table(downloads: &[Download]) -> String {
+    let mut rows = String::new();
+    for d in downloads {
+        rows.push_str(&download_row(d));
+    }
+    if downloads.is_empty() {
+        rows.push_str(
+            "<tr class=\"empty\"><td colspan=\"6\">No downloads in progress.</td></tr>\n",
+        );
+    }
+    format!(
+        "<table id=\"downloads\"><thead><tr><th>File</th><th>State</th><th>Progress</th>\
+         <th class=\"num\">Rate</th><th class=\"num\">Readers</th><th class=\"num\">Elapsed</th></tr></thead>\n\
+         <tbody id=\"downloads-body\">\n{rows}</tbody></table>\n"
+    )
+}
+
+/// `/`: status, downloads, mirrors, policies.
+pub fn overview(
+    status: &Status,
+    downloads: &[Download],
+    mirrors: &[Mirror],
+    policies: &[Policy],
+) -> String {
+    let mut b = String::new();
+    b.push_str("<section id=\"status\"><h2>Status</h2>\n");
+    if let Some(err) = &status.last_reload_error {
+        let _ = writeln!(
+            b,
+            "<div class=\"error\" id=\"reload-error\"><strong>The last config reload was refused</strong> \
+             (the previous config keeps serving):<pre>{}</pre></div>",
+            esc(err)
+        );
+    }
+    let reloaded = httpdate::fmt_http_date(from_unix_secs(status.last_reload_at));
+    let source = status
+        .config_source
+        .as_deref()
+        .unwrap_or("built-in defaults");
+    let hits = status
+        .counters
+        .requests
+        .iter()
+        .find(|(o, _)| *o == "hit")
+        .map_or(0, |(_, n)| *n);
+    let total: u64 = status.counters.requests.iter().map(|(_, n)| n).sum();
+    let _ = write!(
+        b,
+        "<dl class=\"facts\">\
+         <dt>Config generation</dt><dd id=\"config-generation\">{gen}</dd>\
+         <dt>Last reload</dt><dd id=\"last-reload\">{reload_state} · {reloaded}</dd>\
+         <dt>Config file</dt><dd><code>{source}</code></dd>\
+         <dt>Mode</dt><dd>{mode}</dd>\
+         <dt>Replica</dt><dd><a href=\"/replica\">{files} files, {size}</a> in <code>{root}</code></dd>\
+         <dt>Requests</dt><dd>{total} · from the replica: {hits} · coalesced: {coalesced}</dd>\
+         <dt>Sent to clients</dt><dd>{sent}</dd>\
+         <dt>From upstreams</dt><dd>{fetched} in {fills} fills ({fills_failed} failed)</dd>\
+         <dt>Uptime</dt><dd>{uptime} · version {version}</dd></dl>\n</section>\n",
+        gen = status.config_generation,
+        reload_state = if status.last_reload_error.is_some() {
+            "refused"
+        } else {
+            "ok"
+        },
+        reloaded = esc(&reloaded),
+        source = esc(source),
+        mode = status.mode,
+        files = status.replica_files,
+        size = bytes(status.replica_bytes),
+        root = esc(&status.replica_root),
+        coalesced = status.counters.coalesced_followers,
+        sent = bytes(status.counters.client_bytes),
+        fetched = bytes(status.counters.upstream_bytes),
+        fills = status.counters.fills,
+        fills_failed = status.counters.fills_failed,
+        uptime = age(status.uptime_secs),
+        version = status.version,
+    );
+
+    let _ = write!(
+        b,
+        "<section id=\"downloads-section\"><h2>Downloads in progress <span class=\"count\" id=\"downloads-count\">{}</span></h2>\n{}</section>\n",
+        downloads.len(),
+        downloads_table(downloads)
+    );
+
+    b.push_str("<section id=\"mirrors\"><h2>Mirrors</h2>\n");
+    if mirrors.is_empty() {
+        b.push_str("<p class=\"muted\">No mirror is configured.</p>\n");
+    } else {
+        b.push_str(
+            "<table><thead><tr><th>Mirror</th><th>Prefix</th><th>Upstream</th><th>State</th>\
+             <th class=\"num\">Requests</th><th class=\"num\">Failures</th><th>Last error</th></tr></thead><tbody>\n",
+        );
+        for m in mirrors {
+            for (i, u) in m.upstreams.iter().enumerate() {
+                let (name, prefix) = if i == 0 {
+                    (esc(&m.name), esc(&m.prefix))
+                } else {
+                    (String::new(), String::new())
+                };
+                let _ = writeln!(
+                    b,
+                    "<tr><td>{name}</td><td><code>{prefix}</code></td><td><code>{base}</code></td>\
+                     <td><span class=\"badge {state}\">{state}</span></td><td class=\"num\">{fetches}</td>\
+                     <td class=\"num\">{failures}</td><td class=\"muted\">{err}</td></tr>",
+                    base = esc(&u.base),
+                    state = u.state,
+                    fetches = u.fetches,
+                    failures = u.failures,
+                    err = esc(u.last_error.as_deref().unwrap_or("")),
+                );
+            }
+        }
+        b.push_str("</tbody></table>\n");
+    }
+    b.push_str("</section>\n");
+
+    b.push_str("<section id=\"policies\"><h2>Policies</h2>\n");
+    if policies.is_empty() {
+        b.push_str("<p class=\"muted\">No policy is declared.</p>\n");
+    } else {
+        b.push_str(
+            "<table><thead><tr><th>Policy</th><th class=\"num\">Calls</th><th class=\"num\">Traps</th>\
+             <th class=\"num\">Timeouts</th><th class=\"num\">Memory limit</th><th class=\"num\">Guest errors</th>\
+             <th class=\"num\">Mean</th><th class=\"num\">Max</th></tr></thead><tbody>\n",
+        );
+        for p in policies {
+            let _ = writeln!(
+                b,
+                "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.1} µs</td><td class=\"num\">{:.1} µs</td></tr>",
+                esc(&p.name),
+                p.calls,
+                p.traps,
+                p.timeouts,
+                p.memory_limits,
+                p.guest_errors,
+                p.mean_secs * 1e6,
+                p.max_secs * 1e6,
+            );
+        }
+        b.push_str("</tbody></table>\n");
+    }
+    b.push_str("</section>\n");
+    page("Overview", "/", &b)
+}
+
+fn file_row(f: &FileEntry) -> String {
+    let title = esc(f.url.as_deref().unwrap_or(&f.key));
+    match f.state {
+        "partial" => format!(
+            "<tr class=\"file partial\"><td class=\"name\" title=\"{title}\">{name}</td>\
+             <td><span class=\"badge partial\">partial</span></td><td colspan=\"4\" class=\"progress\">{progress}</td></tr>\n",
+            name = esc(&f.name),
+            progress = progress_cell(f.size, f.length),
+        ),
+        _ => format!(
+            "<tr class=\"file complete\"><td class=\"name\" title=\"{title}\">{name}</td>\
+             <td><span class=\"badge complete\">complete</span></td><td class=\"num size\">{size}</td>\
+             <td class=\"num age\">{age}</td><td class=\"num hits\">{hits}</td><td><code class=\"sha256\">{sha}</code></td></tr>\n",
+            name = esc(&f.name),
+            size = bytes(f.size),
+            age = f.age_secs.map(age).unwrap_or_default(),
+            hits = f.hits.unwrap_or(0),
+            sha = esc(f.sha256.as_deref().unwrap_or("")),
+        ),
+    }
+}
+
+/// `/replica?path=DIR`: one directory of the replica tree.
+pub fn replica(l: &Listing) -> String {
+    let mut b = String::new();
+    // Breadcrumb: replica / host:port / dir / …
+    b.push_str("<nav class=\"crumbs\" id=\"crumbs\"><a href=\"/replica\">replica</a>");
+    let mut so_far = String::new();
+    for part in l.path.split('/').filter(|p| !p.is_empty()) {
+        if !so_far.is_empty() {
+            so_far.push('/');
+        }
+        so_far.push_str(part);
+        let _ = write!(
+            b,
+            " / <a href=\"{}\">{}</a>",
+            esc(&replica_link(&so_far)),
+            esc(part)
+        );
+    }
+    b.push_str("</nav>\n");
+    b.push_str(
+        "<table id=\"tree\"><thead><tr><th>Name</th><th>State</th><th class=\"num\">Size</th>\
+         <th class=\"num\">Age</th><th class=\"num\">Hits</th><th>SHA-256</th></tr></thead><tbody>\n",
+    );
+    if let Some(parent) = &l.parent {
+        let _ = writeln!(
+            b,
+            "<tr class=\"dir up\"><td class=\"name\"><a href=\"{}\">..</a></td><td colspan=\"5\"></td></tr>",
+            esc(&replica_link(parent))
+        );
+    }
+    for d in &l.dirs {
+        let partial = if d.partial > 0 {
+            format!(" · {} downloading", d.partial)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            b,
+            "<tr class=\"dir\"><td class=\"name\"><a href=\"{href}\">{name}/</a></td><td class=\"muted\">{files} files{partial}</td>\
+             <td class=\"num size\">{size}</td><td colspan=\"3\"></td></tr>",
+            href = esc(&replica_link(&d.path)),
+            name = esc(&d.name),
+            files = d.files,
+            size = bytes(d.bytes),
+        );
+    }
+    for f in &l.files {
+        b.push_str(&file_row(f));
+    }
+    if l.total_entries == 0 {
+        b.push_str("<tr class=\"empty\"><td colspan=\"6\">Nothing here yet: files appear once a client fetched them through Cistern.</td></tr>\n");
+    }
+    b.push_str("</tbody></table>\n");
+    let shown = l.dirs.len() + l.files.len();
+    if l.offset > 0 || l.next_offset.is_some() {
+        let _ = write!(
+            b,
+            "<p class=\"pager\">Entries {}–{} of {}.",
+            l.offset + usize::from(shown > 0),
+            l.offset + shown,
+            l.total_entries
+        );
+        if l.offset > 0 {
+            let prev = l.offset.saturating_sub(l.limit);
+            let _ = write!(
+                b,
+                " <a href=\"{}&amp;offset={prev}&amp;limit={}\">← previous</a>",
+                esc(&replica_link(&l.path)),
+                l.limit
+            );
+        }
+        if let Some(next) = l.next_offset {
+            let _ = write!(
+                b,
+                " <a href=\"{}&amp;offset={next}&amp;limit={}\">next →</a>",
+                esc(&replica_link(&l.path)),
+                l.limit
+            );
+        }
+        b.push_str("</p>\n");
+    }
+    let title = if l.path.is_empty() {
+        "Replica".to_owned()
+    } else {
+        format!("Replica: {}", l.path)
+    };
+    page(&title, "/replica", &b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_covers_markup_and_quotes() {
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+
+    #[test]
+    fn sizes_and_ages_read_like_ls_and_top() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(64 << 20), "64.0 MiB");
+        assert_eq!(age(59), "59 s");
+        assert_eq!(age(600), "10 min");
+        assert_eq!(age(3 * 86400), "3 d");
+    }
+
+    #[test]
+    fn replica_links_encode_queries_and_spaces() {
+        assert_eq!(
+            replica_link("h:80/a b/c?x=1&y"),
+            "/replica?path=h%3A80/a%20b/c%3Fx%3D1%26y"
+        );
+    }
+}

@@ -1,0 +1,437 @@
+//! The admin listener: a web UI, `/metrics` in Prometheus text format,
+//! `/healthz`, and the JSON API the UI is built from.
+//!
+//! It is a listener of its own (loopback by default, see `docs/config.md`),
+//! read-only and without login: everything it answers is a view of state the
+//! engines already keep. The replica tree comes from the store's index, never
+//! from a walk of the disk; downloads in progress come from the fetch engine.
+//!
+//! | path | what |
+//! | --- | --- |
+//! | `/` | overview page: status, downloads, mirrors, policies |
+//! | `/replica?path=DIR` | the replica tree, one directory per page |
+//! | `/metrics` | Prometheus text format |
+//! | `/healthz` | `ok` |
+//! | `/api/status` | config generation, last reload error, totals |
+//! | `/api/replica?path=DIR&offset=N&limit=N` | one directory of the replica |
+//! | `/api/downloads` | fills in progress |
+//! | `/api/mirrors` | mirror sets and their upstreams' health |
+//! | `/api/policies` | policy call, failure and latency counters |
+
+pub mod api;
+mod html;
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::proxy::Proxy;
+use metrics::{Kind, PromWriter};
+
+/// What the admin handlers read: the proxy (snapshot, engine, store,
+/// counters) and facts from start-up.
+pub struct Admin {
+    proxy: Arc<Proxy>,
+    started: SystemTime,
+}
+
+/// How long open admin connections get to finish on shutdown.
+const ADMIN_DRAIN: Duration = Duration::from_secs(1);
+
+/// Header read timeout of admin connections.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+type AdminBody = Full<Bytes>;
+
+impl Admin {
+    /// The admin view of `proxy`.
+    pub fn new(proxy: Arc<Proxy>) -> Admin {
+        Admin {
+            proxy,
+            started: SystemTime::now(),
+        }
+    }
+
+    /// Answers one admin request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<AdminBody> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut resp = plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the admin interface is read-only: GET or HEAD\n",
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return resp;
+        }
+        let query = Query::parse(req.uri().query().unwrap_or(""));
+        match req.uri().path() {
+            "/healthz" => plain(StatusCode::OK, "ok\n"),
+            "/metrics" => {
+                let mut resp = plain(StatusCode::OK, self.metrics_text());
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
+            "/api/status" => json(&self.status()),
+            "/api/downloads" => json(&api::downloads(&self.proxy)),
+            "/api/mirrors" => json(&api::mirrors(&self.proxy.snapshot())),
+            "/api/policies" => json(&api::policies(&self.proxy.snapshot())),
+            "/api/replica" => match self.listing(&query).await {
+                Ok(l) => json(&l),
+                Err(resp) => resp,
+            },
+            "/" => {
+                let snap = self.proxy.snapshot();
+                let page = html::overview(
+                    &self.status(),
+                    &api::downloads(&self.proxy),
+                    &api::mirrors(&snap),
+                    &api::policies(&snap),
+                );
+                page_response(page)
+            }
+            "/replica" => match self.listing(&query).await {
+                Ok(l) => page_response(html::replica(&l)),
+                Err(resp) => resp,
+            },
+            "/static/cistern.css" => asset("text/css; charset=utf-8", html::CSS),
+            "/static/cistern.js" => asset("text/javascript; charset=utf-8", html::JS),
+            _ => plain(StatusCode::NOT_FOUND, "not found; try / or /metrics\n"),
+        }
+    }
+
+    /// `/api/status`.
+    pub fn status(&self) -> api::Status {
+        api::status(&self.proxy, self.started)
+    }
+
+    async fn listing(&self, query: &Query) -> Result<api::Listing, Response<AdminBody>> {
+        let dir = query.get("path").unwrap_or("").trim_matches('/').to_owned();
+        let offset = match query.get("offset").map(str::parse::<usize>) {
+            None => 0,
+            Some(Ok(n)) => n,
+            Some(Err(_)) => {
+                return Err(plain(StatusCode::BAD_REQUEST, "offset must be a number\n"));
+            }
+        };
+        let limit = match query.get("limit").map(str::parse::<usize>) {
+            None => api::DEFAULT_PAGE,
+            Some(Ok(n)) if n > 0 => n.min(api::MAX_PAGE),
+            Some(_) => {
+                return Err(plain(
+                    StatusCode::BAD_REQUEST,
+                    "limit must be a positive number\n",
+                ));
+            }
+        };
+        let proxy = self.proxy.clone();
+        // Sorting a large index is CPU work: keep it off the async workers.
+        tokio::task::spawn_blocking(move || api::listing(&proxy, &dir, offset, limit))
+            .await
+            .map_err(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "listing task failed\n"))
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        let snap = self.proxy.snapshot();
+        let engine = self.proxy.engine();
+        let mut w = PromWriter::default();
+        metrics::write_counters(&mut w, &engine.metrics().snapshot());
+
+        let stats = engine.store().stats();
+        w.single(
+            "cistern_replica_files",
+            Kind::Gauge,
+            "Complete files in the replica.",
+            stats.files,
+        );
+        w.single(
+            "cistern_replica_bytes",
+            Kind::Gauge,
+            "Bytes of complete files in the replica.",
+            stats.bytes,
+        );
+        w.single(
+            "cistern_fills_in_progress",
+            Kind::Gauge,
+            "Upstream fetches under way.",
+            engine.in_progress().len(),
+        );
+
+        let policies = snap.policies.stats();
+        w.family(
+            "cistern_policy_calls_total",
+            Kind::Counter,
+            "Policy hook calls (reset when a reload recompiles the policy).",
+        );
+        for p in &policies {
+            w.sample(
+                "cistern_policy_calls_total",
+                &[("policy", &p.name)],
+                p.calls,
+            );
+        }
+        w.family(
+            "cistern_policy_failures_total",
+            Kind::Counter,
+            "Policy hook calls that failed, by kind (trap, timeout, memory-limit, guest-error).",
+        );
+        for p in &policies {
+            for (kind, n) in [
+                ("trap", p.traps),
+                ("timeout", p.timeouts),
+                ("memory-limit", p.memory_limits),
+                ("guest-error", p.guest_errors),
+            ] {
+                w.sample(
+                    "cistern_policy_failures_total",
+                    &[("policy", &p.name), ("kind", kind)],
+                    n,
+                );
+            }
+        }
+        w.family(
+            "cistern_policy_call_seconds_total",
+            Kind::Counter,
+            "Time spent in policy hook calls.",
+        );
+        for p in &policies {
+            w.sample(
+                "cistern_policy_call_seconds_total",
+                &[("policy", &p.name)],
+                p.total_time.as_secs_f64(),
+            );
+        }
+        w.family(
+            "cistern_policy_call_seconds_max",
+            Kind::Gauge,
+            "The slowest policy hook call.",
+        );
+        for p in &policies {
+            w.sample(
+                "cistern_policy_call_seconds_max",
+                &[("policy", &p.name)],
+                p.max_time.as_secs_f64(),
+            );
+        }
+
+        let mirrors: Vec<_> = snap
+            .router
+            .mirrors()
+            .iter()
+            .map(|m| (m.name.clone(), m.health()))
+            .collect();
+        w.family(
+            "cistern_mirror_upstream_up",
+            Kind::Gauge,
+            "1 when the upstream is tried in config order, 0 while repeated failures put it last.",
+        );
+        for (name, health) in &mirrors {
+            for u in health {
+                w.sample(
+                    "cistern_mirror_upstream_up",
+                    &[("mirror", name), ("upstream", &u.base)],
+                    u8::from(!u.down),
+                );
+            }
+        }
+        w.family(
+            "cistern_mirror_upstream_failures_total",
+            Kind::Counter,
+            "Failed requests per mirror upstream (reset by a reload).",
+        );
+        for (name, health) in &mirrors {
+            for u in health {
+                w.sample(
+                    "cistern_mirror_upstream_failures_total",
+                    &[("mirror", name), ("upstream", &u.base)],
+                    u.failures,
+                );
+            }
+        }
+
+        let reload = self.proxy.reload_status();
+        w.single(
+            "cistern_config_generation",
+            Kind::Gauge,
+            "Configuration generation: 1 at start, +1 per successful reload.",
+            reload.generation,
+        );
+        w.family(
+            "cistern_config_reloads_total",
+            Kind::Counter,
+            "Config reloads, by result.",
+        );
+        w.sample(
+            "cistern_config_reloads_total",
+            &[("result", "ok")],
+            reload.generation.saturating_sub(1),
+        );
+        w.sample(
+            "cistern_config_reloads_total",
+            &[("result", "error")],
+            reload.attempts.saturating_sub(reload.generation - 1),
+        );
+        w.single(
+            "cistern_config_last_reload_ok",
+            Kind::Gauge,
+            "0 while the last reload attempt was refused (the previous config keeps serving).",
+            u8::from(reload.last_error.is_none()),
+        );
+        w.single(
+            "cistern_start_time_seconds",
+            Kind::Gauge,
+            "When this process started, seconds since the Unix epoch.",
+            crate::store::meta::unix_secs(self.started),
+        );
+        w.finish()
+    }
+}
+
+/// A decoded query string.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: &str) -> Query {
+        let decode = |s: &str| {
+            let s = s.replace('+', " ");
+            percent_encoding::percent_decode_str(&s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        Query(
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) => (decode(k), decode(v)),
+                    None => (decode(p), String::new()),
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn with_common_headers(
+    mut resp: Response<AdminBody>,
+    content_type: &'static str,
+) -> Response<AdminBody> {
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<AdminBody> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    with_common_headers(resp, "text/plain; charset=utf-8")
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Response<AdminBody> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => with_common_headers(
+            Response::new(Full::new(Bytes::from(body))),
+            "application/json",
+        ),
+        Err(e) => plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode JSON: {e}\n"),
+        ),
+    }
+}
+
+fn page_response(page: String) -> Response<AdminBody> {
+    let mut resp = with_common_headers(
+        Response::new(Full::new(Bytes::from(page))),
+        "text/html; charset=utf-8",
+    );
+    // Pages only load their own stylesheet and script; anything injected
+    // through a hostile URL or error text could not run.
+    resp.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'"),
+    );
+    resp
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response<AdminBody> {
+    let mut resp = with_common_headers(
+        Response::new(Full::new(Bytes::from_static(body.as_bytes()))),
+        content_type,
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=300"),
+    );
+    resp
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves admin requests on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => {
+                let (stream, client) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(target: "cistern::admin", "accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let admin = admin.clone();
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
+                });
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(target: "cistern::admin", %client, "admin connection ended: {e}");
+                    }
+                });
+            }
+        }
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(ADMIN_DRAIN) => {}
+    }
+}
