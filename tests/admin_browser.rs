@@ -26,6 +26,11 @@ fn chromium() -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
+        // CI installs everything; there a missing browser is a failure.
+        assert!(
+            std::env::var_os("CISTERN_REQUIRE_ALL_TOOLCHAINS").is_none(),
+            "{CHROMIUM} is missing and CISTERN_REQUIRE_ALL_TOOLCHAINS is set"
+        );
         eprintln!("SKIPPED: {CHROMIUM} is missing; install it with `bash .ci/install-browser.sh`");
         None
     }
