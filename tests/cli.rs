@@ -1,4 +1,4 @@
-//! HTTP Replicator's command line: daemon mode with a pid file, the flat
+//! HTTP Replicator's command line: daemon mode with a pid file, -v, the flat
 //! layout, offline mode and the bandwidth cap.
 
 mod common;
@@ -18,6 +18,7 @@ async fn daemon_mode_detaches_writes_its_pid_and_logs_to_the_file() {
         .args([
             "-p",
             &port.to_string(),
+            "-v",
             "--daemon",
             "cistern.log",
             "--pid",
@@ -47,6 +48,11 @@ async fn daemon_mode_detaches_writes_its_pid_and_logs_to_the_file() {
     }
     let log = std::fs::read_to_string(dir.path().join("cistern.log")).unwrap();
     assert!(log.contains("/a") && log.contains("shutting down"), "{log}");
+    // -v logs the request and response headers with the access line.
+    assert!(
+        log.contains("request=") && log.contains("\"cache-status\""),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
