@@ -360,7 +360,7 @@ impl Proxy {
         snap: &Snapshot,
     ) -> Answer {
         let mut key_url = url;
-        let mut hook: Option<Arc<dyn HeadHook>> = None;
+        let mut policy = None;
         let mut bypass = false;
         let mut store_id = None;
         if !chain.is_empty() {
@@ -371,7 +371,7 @@ impl Proxy {
             {
                 return Answer::local(direct_response(direct));
             }
-            *req.headers_mut() = view.headers.clone();
+            *req.headers_mut() = std::mem::take(&mut view.headers);
             if view.url != key_url {
                 key_url = view.url.clone();
                 upstreams = Upstreams::Single(view.url.clone());
@@ -381,18 +381,18 @@ impl Proxy {
             }
             store_id = view.cache_key.clone();
             bypass = view.bypass_cache;
-            hook = Some(Arc::new(PolicyHook::new(
-                chain.clone(),
-                snap.policy_host.clone(),
+            policy = Some(PolicyRun {
+                chain: chain.clone(),
+                host: snap.policy_host.clone(),
                 view,
-            )));
+            });
         }
         let key = match store_id {
             Some(id) => CacheKey::parse(&id).map_err(|e| format!("policy store-id {id:?}: {e}")),
             None => CacheKey::from_uri(&key_url).map_err(|e| format!("bad URL: {e}")),
         };
         match key {
-            Ok(key) => self.http(req, key, upstreams, hook, bypass, snap).await,
+            Ok(key) => self.http(req, key, upstreams, policy, bypass, snap).await,
             Err(why) => Answer::local(serve::text(StatusCode::BAD_REQUEST, why)),
         }
     }
@@ -403,16 +403,18 @@ impl Proxy {
         req: Request<Incoming>,
         key: CacheKey,
         upstreams: Upstreams,
-        hook: Option<Arc<dyn HeadHook>>,
+        policy: Option<PolicyRun>,
         bypass: bool,
         snap: &Snapshot,
     ) -> Answer {
         let method = req.method().clone();
         if method != Method::GET && method != Method::HEAD {
+            let hook = policy.map(|p| p.hook(req.headers()));
             return self.pass(req, key, upstreams, hook, snap).await;
         }
         if bypass {
             let (parts, _) = req.into_parts();
+            let hook = policy.map(|p| p.hook(&parts.headers));
             return self
                 .uncached(&method, parts.headers, &upstreams, hook.as_deref(), snap)
                 .await;
@@ -462,6 +464,7 @@ impl Proxy {
                 }
                 Freshness::Stale(validators) => revalidate = Some((replica, validators)),
                 Freshness::Mismatch => {
+                    let hook = policy.map(|p| p.hook(&headers));
                     return self
                         .uncached(&method, headers, &upstreams, hook.as_deref(), snap)
                         .await;
@@ -491,6 +494,7 @@ impl Proxy {
                     .await
                 }
                 None => {
+                    let hook = policy.map(|p| p.hook(&headers));
                     self.uncached(&method, headers, &upstreams, hook.as_deref(), snap)
                         .await
                 }
@@ -503,7 +507,7 @@ impl Proxy {
             headers: upstream_headers(&headers, true),
             revalidate,
             settings: snap.settings.clone(),
-            hook,
+            hook: policy.map(|p| p.hook(&headers)),
         };
         match self.engine.fill(job) {
             FillTicket::Ready(replica) => match self
@@ -722,6 +726,25 @@ impl Proxy {
             page.push_str("\nForward proxy: on (set http_proxy to this address)\n");
         }
         serve::text(StatusCode::OK, page)
+    }
+}
+
+/// A chain that ran `on_request`, kept for `on_response` in case the
+/// request goes upstream; a hit never pays for building the hook.
+struct PolicyRun {
+    chain: PolicyChain,
+    host: Arc<dyn PolicyHost>,
+    /// The request as the chain left it, without its headers (they went back
+    /// to the request).
+    view: RequestView,
+}
+
+impl PolicyRun {
+    /// The response hook for a request with `headers`.
+    fn hook(self, headers: &HeaderMap) -> Arc<dyn HeadHook> {
+        let mut view = self.view;
+        view.headers = headers.clone();
+        Arc::new(PolicyHook::new(self.chain, self.host, view))
     }
 }
 
