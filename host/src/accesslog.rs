@@ -1,11 +1,12 @@
 //! One access-log line per request, written when the response body ends
 //! (or is abandoned), so the line tells the bytes really sent.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
@@ -111,6 +112,9 @@ impl LoggedBody {
 
     fn emit(&mut self, complete: bool) {
         let Some(r) = self.record.take() else { return };
+        if !tracing::enabled!(target: "cistern::access", tracing::Level::INFO) {
+            return;
+        }
         let ms = r.started.elapsed().as_secs_f64() * 1000.0;
         let end = if self.failed {
             "failed"
@@ -119,19 +123,138 @@ impl LoggedBody {
         } else {
             "aborted"
         };
-        match &r.headers {
-            None => tracing::info!(
-                target: "cistern::access",
-                "{} {} {} {} {} {} {:.1}ms {}",
-                r.client, r.method, r.url, r.status.as_u16(), self.bytes, r.outcome.as_str(), ms, end
-            ),
-            Some((req, resp)) => tracing::info!(
-                target: "cistern::access",
-                "{} {} {} {} {} {} {:.1}ms {} request={:?} response={:?}",
-                r.client, r.method, r.url, r.status.as_u16(), self.bytes, r.outcome.as_str(), ms, end, req, resp
-            ),
+        let mut line = String::with_capacity(160);
+        push_timestamp(&mut line, SystemTime::now());
+        let _ = write!(
+            line,
+            "  INFO cistern::access: {} {} {} {} {} {} {:.1}ms {}",
+            r.client,
+            r.method,
+            r.url,
+            r.status.as_u16(),
+            self.bytes,
+            r.outcome.as_str(),
+            ms,
+            end
+        );
+        if let Some((req, resp)) = &r.headers {
+            let _ = write!(line, " request={req:?} response={resp:?}");
+        }
+        line.push('\n');
+        writer::send(line);
+    }
+}
+
+/// Appends an RFC 3339 UTC timestamp with microseconds, like the rest of
+/// the log.
+fn push_timestamp(out: &mut String, now: SystemTime) {
+    let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    );
+}
+
+/// Access lines go to standard error through one writer thread: request
+/// threads never wait on the write, and lines that arrive together are
+/// written with one system call.
+mod writer {
+    use std::io::Write;
+    use std::sync::OnceLock;
+    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+    enum Msg {
+        Line(String),
+        Flush(SyncSender<()>),
+    }
+
+    /// Lines waiting beyond this are dropped (and counted in the next
+    /// batch): a stalled log must not stall the proxy or grow without bound.
+    const QUEUE: usize = 65_536;
+
+    fn sender() -> &'static SyncSender<Msg> {
+        static TX: OnceLock<SyncSender<Msg>> = OnceLock::new();
+        TX.get_or_init(|| {
+            let (tx, rx) = sync_channel(QUEUE);
+            std::thread::Builder::new()
+                .name("cistern-access-log".into())
+                .spawn(move || run(rx))
+                .expect("spawn the access-log writer");
+            tx
+        })
+    }
+
+    /// Queues one line.
+    pub fn send(line: String) {
+        if sender().try_send(Msg::Line(line)).is_err() {
+            DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
+
+    static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    /// Waits until every line queued so far is written.
+    pub fn flush() {
+        let (tx, rx) = sync_channel(1);
+        if sender().send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    fn run(rx: Receiver<Msg>) {
+        let mut batch = Vec::with_capacity(64 * 1024);
+        while let Ok(first) = rx.recv() {
+            let mut waiting = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                match msg {
+                    Msg::Line(line) => batch.extend_from_slice(line.as_bytes()),
+                    Msg::Flush(done) => waiting.push(done),
+                }
+                next = if batch.len() < 256 * 1024 {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            let dropped = DROPPED.swap(0, std::sync::atomic::Ordering::Relaxed);
+            if dropped > 0 {
+                batch.extend_from_slice(
+                    format!("cistern: {dropped} access-log lines dropped (log writer too slow)\n")
+                        .as_bytes(),
+                );
+            }
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(&batch);
+            let _ = err.flush();
+            drop(err);
+            batch.clear();
+            for done in waiting {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Waits until every access line logged so far is written (shutdown).
+pub fn flush() {
+    writer::flush();
 }
 
 impl Body for LoggedBody {
@@ -177,5 +300,24 @@ impl Drop for LoggedBody {
         let complete = self.inner.is_end_stream()
             || self.record.as_ref().and_then(|r| r.expected) == Some(self.bytes);
         self.emit(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_rfc_3339_utc() {
+        let mut s = String::new();
+        push_timestamp(
+            &mut s,
+            UNIX_EPOCH + Duration::from_micros(1_795_779_371_123_456),
+        );
+        assert_eq!(s, "2026-11-27T11:36:11.123456Z");
+        let mut s = String::new();
+        push_timestamp(&mut s, UNIX_EPOCH + Duration::from_secs(951_782_400));
+        assert_eq!(s, "2000-02-29T00:00:00.000000Z");
     }
 }
