@@ -90,7 +90,7 @@ pub(crate) struct CallCtx {
     pub(crate) hook: Hook,
     pub(crate) host: Arc<dyn PolicyHost>,
     pub(crate) req: RequestView,
-    pub(crate) req_backup: Option<RequestView>,
+    pub(crate) req_backup: RequestBackup,
     pub(crate) resp: ResponseView,
     pub(crate) resp_backup: Option<HeaderMap>,
     /// Headers of a direct answer (`on_request`'s response target).
@@ -100,6 +100,37 @@ pub(crate) struct CallCtx {
     pub(crate) cache: CacheEffects,
     budget: usize,
     log_lines: u32,
+}
+
+/// What a failed call must put back in the request: only the parts the
+/// guest edited were saved.
+#[derive(Debug, Default)]
+pub(crate) struct RequestBackup {
+    headers: Option<HeaderMap>,
+    fields: Option<RequestFields>,
+}
+
+#[derive(Debug)]
+struct RequestFields {
+    url: http::Uri,
+    cache_key: Option<String>,
+    upstream_url: Option<http::Uri>,
+    bypass_cache: bool,
+}
+
+impl RequestBackup {
+    /// Undoes the call's edits on `req`.
+    pub(crate) fn restore(self, req: &mut RequestView) {
+        if let Some(headers) = self.headers {
+            req.headers = headers;
+        }
+        if let Some(f) = self.fields {
+            req.url = f.url;
+            req.cache_key = f.cache_key;
+            req.upstream_url = f.upstream_url;
+            req.bypass_cache = f.bypass_cache;
+        }
+    }
 }
 
 impl CallCtx {
@@ -114,7 +145,7 @@ impl CallCtx {
             hook,
             host,
             req,
-            req_backup: None,
+            req_backup: RequestBackup::default(),
             resp,
             resp_backup: None,
             answer_headers: HeaderMap::new(),
@@ -130,9 +161,24 @@ impl CallCtx {
         Ok(())
     }
 
-    fn req_mut(&mut self) -> &mut RequestView {
-        if self.req_backup.is_none() {
-            self.req_backup = Some(self.req.clone());
+    /// The request headers, backed up before their first edit.
+    fn req_headers_mut(&mut self) -> &mut HeaderMap {
+        if self.req_backup.headers.is_none() {
+            self.req_backup.headers = Some(self.req.headers.clone());
+        }
+        &mut self.req.headers
+    }
+
+    /// The request's other fields, backed up before their first edit
+    /// (cheap: no headers are copied for a store-id or a URL rewrite).
+    fn req_fields_mut(&mut self) -> &mut RequestView {
+        if self.req_backup.fields.is_none() {
+            self.req_backup.fields = Some(RequestFields {
+                url: self.req.url.clone(),
+                cache_key: self.req.cache_key.clone(),
+                upstream_url: self.req.upstream_url.clone(),
+                bypass_cache: self.req.bypass_cache,
+            });
         }
         &mut self.req
     }
@@ -140,7 +186,7 @@ impl CallCtx {
     /// The headers a write to `target` changes in this hook.
     fn headers_mut(&mut self, target: i32) -> Result<&mut HeaderMap, i32> {
         match (target, self.hook) {
-            (TARGET_REQUEST, Hook::Request) => Ok(&mut self.req_mut().headers),
+            (TARGET_REQUEST, Hook::Request) => Ok(self.req_headers_mut()),
             (TARGET_REQUEST, Hook::Response) => Err(ERR_WRONG_HOOK),
             (TARGET_RESPONSE, Hook::Request) => Ok(&mut self.answer_headers),
             (TARGET_RESPONSE, Hook::Response) => {
@@ -345,11 +391,11 @@ fn request_set(
     match field {
         FIELD_URL => {
             let uri = parse_absolute(value)?;
-            call.req_mut().url = uri;
+            call.req_fields_mut().url = uri;
         }
         FIELD_CACHE_KEY => {
             let key = (!value.is_empty()).then(|| value.to_owned());
-            call.req_mut().cache_key = key;
+            call.req_fields_mut().cache_key = key;
         }
         FIELD_UPSTREAM_URL => {
             let uri = if value.is_empty() {
@@ -357,7 +403,7 @@ fn request_set(
             } else {
                 Some(parse_absolute(value)?)
             };
-            call.req_mut().upstream_url = uri;
+            call.req_fields_mut().upstream_url = uri;
         }
         _ => return Err(ERR_INVALID),
     }
@@ -454,7 +500,7 @@ fn cache_set(caller: &mut Caller<'_, HostState>, op: i32, value: i64) -> Result<
             .map_err(|_| ERR_INVALID)
     };
     match (call.hook, op) {
-        (Hook::Request, CACHE_UNCACHEABLE) => call.req_mut().bypass_cache = true,
+        (Hook::Request, CACHE_UNCACHEABLE) => call.req_fields_mut().bypass_cache = true,
         (Hook::Request, CACHE_TTL | CACHE_TTL_CAP | CACHE_IMMUTABLE) => return Err(ERR_WRONG_HOOK),
         (Hook::Response, CACHE_UNCACHEABLE) => call.cache.uncacheable = true,
         (Hook::Response, CACHE_TTL) => call.cache.ttl = Some(seconds()?),

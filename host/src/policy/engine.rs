@@ -399,7 +399,9 @@ impl PolicyChain {
                     }
                 }
                 Err(failure) => {
-                    *req = ctx.req_backup.unwrap_or(ctx.req);
+                    let mut restored = ctx.req;
+                    ctx.req_backup.restore(&mut restored);
+                    *req = restored;
                     log_failure(policy, Hook::Request, &failure);
                     if policy.settings.on_error == OnError::Deny {
                         return RequestOutcome::Respond(denied());
