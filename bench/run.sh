@@ -15,7 +15,7 @@ THREADS=${THREADS:-2}             # wrk threads (= cores on the reference machin
 BIG_CONNS=${BIG_CONNS:-4}         # wrk connections for the 256 MiB object
 COLD_CLIENTS=${COLD_CLIENTS:-50}  # simultaneous clients of the slow object
 SLOW_RATE=${SLOW_RATE:-16m}       # origin trickle rate of the slow object (nginx limit_rate)
-POLICY_ROUNDS=${POLICY_ROUNDS:-2} # alternating no-policy / policy wrk runs
+POLICY_ROUNDS=${POLICY_ROUNDS:-3} # alternating no-policy / policy wrk runs
 RESULTS_FILE=${RESULTS_FILE:-$HERE/last-run.txt}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 
@@ -239,6 +239,13 @@ nginx_worker_hwm() { # max over workers, KiB
     echo "$m"
 }
 
+# Context switches of all threads of these processes (voluntary + forced).
+ctx_switches() {
+    local p
+    for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null; done |
+        awk '/ctxt_switches/ {n += $2} END {print n + 0}'
+}
+
 # --------------------------------------------------------------------------
 # Measurements
 WRK_LUA="$WORK/report.lua"
@@ -278,6 +285,7 @@ warm() { # url expected-cache-header-regex
 }
 
 declare -A R
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 log "hot phase: starting both proxies with empty caches"
 start_nginx hot; NGINX_HOT=$NGINX_PID
@@ -290,6 +298,9 @@ for obj in 1k.bin 256m.bin; do
     warm "$C/$obj" '^cache-status: cistern; hit'
     warm "$CP/$obj" '^cache-status: cistern; hit'
 done
+# For test 4b only: Cistern's replica also gets the 64 MiB object.
+warm "$C/slow/64m.bin" '^cache-status: cistern; hit'
+
 R[cistern_rss_idle]=$(hwm_kib "$CISTERN_HOT")
 
 # 1. hot 1 KiB
@@ -297,7 +308,11 @@ for sys in nginx cistern; do
     url=$N/1k.bin; [ $sys = cistern ] && url=$C/1k.bin
     wrk_run "$url" "$CONNS" 2 >/dev/null # warm-up: connections, caches, JIT-free but page cache
     log "1. hot 1 KiB: $sys"
+    if [ $sys = cistern ]; then procs=("$CISTERN_HOT"); else mapfile -t procs < <(nginx_workers "$NGINX_HOT"); fi
+    cs0=$(ctx_switches "${procs[@]}")
     line=$(wrk_run "$url" "$CONNS" "$DURATION"); check_errors "$sys 1k" "$line"
+    cs1=$(ctx_switches "${procs[@]}")
+    R[${sys}_1k_cs]=$(python3 -c "print(f'{($cs1-$cs0)/$(field requests "$line"):.2f}')")
     R[${sys}_1k_rps]=$(rps "$line")
     R[${sys}_1k_p99]=$(python3 -c "print(f'{$(field p99_us "$line")/1000:.2f}')")
     R[${sys}_1k_p50]=$(python3 -c "print(f'{$(field p50_us "$line")/1000:.2f}')")
@@ -338,6 +353,21 @@ log "1b. hot 1 KiB: cistern, access log off"
 line=$(wrk_run "$C/1k.bin" "$CONNS" "$DURATION"); check_errors "cistern 1k quiet" "$line"
 R[cistern_1k_quiet_rps]=$(rps "$line")
 stop "$CISTERN_QUIET"
+
+# 4b. peak RSS against object size: a fresh process on the same replica, the
+# same $BIG_CONNS-connection load on the 64 MiB then the 256 MiB object.
+start_cistern hot; CISTERN_RSS=$CISTERN_PID
+warm "$C/1k.bin" '^cache-status: cistern; hit'
+R[cistern_rss_fresh]=$(hwm_kib "$CISTERN_RSS")
+for obj in 64 256; do
+    path=256m.bin; [ $obj = 64 ] && path=slow/64m.bin
+    log "4b. peak RSS, hot $obj MiB, $BIG_CONNS connections"
+    reset_hwm "$CISTERN_RSS"
+    line=$(wrk_run "$C/$path" "$BIG_CONNS" "$DURATION"); check_errors "cistern hot ${obj}m" "$line"
+    R[cistern_${obj}m_b_rss]=$(hwm_kib "$CISTERN_RSS")
+    R[cistern_${obj}m_b_mbps]=$(mbps "$line")
+done
+stop "$CISTERN_RSS"
 
 # 3. cold clients of the slow object, one system at a time, fresh caches
 origin_count() { grep -c ' "GET /slow/64m.bin ' "$WORK/origin.access.log" || true; }
@@ -392,12 +422,15 @@ loss=$(python3 -c "print(f'{(1-${R[policy_chain]}/${R[policy_plain]})*100:.1f}')
 {
     echo "Cistern vs nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'), $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "machine: $(nproc) cores, $(free -h | awk '/^Mem/ {print $2}') RAM, $(uname -sr)"
+    echo "load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "cistern: $CISTERN ($("$CISTERN" --version))"
     echo "knobs: DURATION=$DURATION CONNS=$CONNS THREADS=$THREADS BIG_CONNS=$BIG_CONNS COLD_CLIENTS=$COLD_CLIENTS SLOW_RATE=$SLOW_RATE"
     echo
     printf '%-48s %12s %12s %9s\n' "measure" "cistern" "nginx" "c/n"
     printf '%-48s %12s %12s %9s\n' "1. hot 1 KiB: requests/s" "${R[cistern_1k_rps]}" "${R[nginx_1k_rps]}" "$(ratio "${R[cistern_1k_rps]}" "${R[nginx_1k_rps]}")"
     printf '%-48s %12s %12s %9s\n' "1. hot 1 KiB: p50 latency (ms)" "${R[cistern_1k_p50]}" "${R[nginx_1k_p50]}" "$(ratio "${R[cistern_1k_p50]}" "${R[nginx_1k_p50]}")"
     printf '%-48s %12s %12s %9s\n' "1. hot 1 KiB: p99 latency (ms)" "${R[cistern_1k_p99]}" "${R[nginx_1k_p99]}" "$(ratio "${R[cistern_1k_p99]}" "${R[nginx_1k_p99]}")"
+    printf '%-48s %12s %12s %9s\n' "1. hot 1 KiB: context switches per request" "${R[cistern_1k_cs]}" "${R[nginx_1k_cs]}" ""
     printf '%-48s %12s %12s %9s\n' "2. hot 256 MiB: MB/s ($BIG_CONNS conns)" "${R[cistern_256m_mbps]}" "${R[nginx_256m_mbps]}" "$(ratio "${R[cistern_256m_mbps]}" "${R[nginx_256m_mbps]}")"
     printf '%-48s %12s %12s %9s\n' "3. cold 64 MiB x$COLD_CLIENTS: origin requests" "${R[cistern_cold_origin]}" "${R[nginx_cold_origin]}" ""
     printf '%-48s %12s %12s %9s\n' "3. cold: total time (s)" "${R[cistern_cold_total]}" "${R[nginx_cold_total]}" "$(ratio "${R[cistern_cold_total]}" "${R[nginx_cold_total]}")"
@@ -407,6 +440,10 @@ loss=$(python3 -c "print(f'{(1-${R[policy_chain]}/${R[policy_plain]})*100:.1f}')
     printf '%-48s %12s %12s %9s\n' "4. peak RSS MiB, after warm-up (idle)" "$(mib "${R[cistern_rss_idle]}")" "" ""
     printf '%-48s %12s %12s %9s\n' "4. peak RSS MiB during 2 (nginx: max worker)" "$(mib "${R[cistern_256m_rss]}")" "$(mib "${R[nginx_256m_rss]}")" ""
     printf '%-48s %12s %12s %9s\n' "4. peak RSS MiB during 3 (nginx: max worker)" "$(mib "${R[cistern_cold_rss]}")" "$(mib "${R[nginx_cold_rss]}")" ""
+    printf '%-48s %12s\n' "4b. fresh process: RSS MiB after one hit" "$(mib "${R[cistern_rss_fresh]}")"
+    printf '%-48s %12s\n' "4b. peak RSS MiB, hot 64 MiB x$BIG_CONNS conns" "$(mib "${R[cistern_64m_b_rss]}")"
+    printf '%-48s %12s\n' "4b. peak RSS MiB, hot 256 MiB x$BIG_CONNS conns" "$(mib "${R[cistern_256m_b_rss]}")"
+    printf '%-48s %12s\n' "4b. MB/s in those runs: 64 MiB / 256 MiB" "${R[cistern_64m_b_mbps]} / ${R[cistern_256m_b_mbps]}"
     echo
     printf '%-48s %12s\n' "5. cistern hot 1 KiB, no policy: requests/s" "${R[policy_plain]}"
     printf '%-48s %12s\n' "5. cistern hot 1 KiB, 3 policies: requests/s" "${R[policy_chain]}"
