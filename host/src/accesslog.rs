@@ -245,8 +245,15 @@ mod writer {
             let _ = err.flush();
             drop(err);
             batch.clear();
+            let flushed = !waiting.is_empty();
             for done in waiting {
                 let _ = done.send(());
+            }
+            // Waking this thread for every line would cost a context switch
+            // per request under load; letting lines gather for a moment
+            // makes each write carry many of them.
+            if !flushed {
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
     }
