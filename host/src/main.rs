@@ -14,12 +14,6 @@ use cistern::policy::PolicyEngine;
 use cistern::reload::{ConfigAdjust, Triggers};
 use clap::{Parser, Subcommand};
 
-// Requests allocate and free small buffers on several threads (workers,
-// the blocking pool, the access-log writer); glibc's allocator contends on
-// its arena locks there, mimalloc does not.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A caching proxy that keeps a browsable replica of what passes through it.
 #[derive(Parser, Debug)]
 #[command(name = "cistern", version, about)]
