@@ -9,22 +9,6 @@ use common::{Cistern, Origin, Resource, get, pattern, request, send};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 
-fn config(origin: &Origin) -> String {
-    format!(
-        r#"
-listen "127.0.0.1:{{PORT}}"
-store {{
-    root "{{ROOT}}"
-}}
-mirror "files" {{
-    prefix "/files/"
-    upstream "http://{}/"
-}}
-"#,
-        origin.addr
-    )
-}
-
 /// Reads a body as it streams: its SHA-256, its length, and when its first
 /// byte arrived.
 async fn stream_digest(
@@ -63,7 +47,7 @@ async fn fifty_clients_of_a_cold_64_mib_file_cause_one_upstream_fetch() {
         Resource::new(body).slow(Duration::from_millis(3)),
     );
     let dir = tempfile::tempdir().unwrap();
-    let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
+    let cistern = Cistern::start(dir.path(), &common::files_mirror(&origin), &[]);
 
     let mut clients = Vec::new();
     for _ in 0..50 {
@@ -126,7 +110,7 @@ async fn range_requests_are_answered_while_the_file_is_still_filling() {
         Resource::new(body.clone()).slow(Duration::from_millis(5)),
     );
     let dir = tempfile::tempdir().unwrap();
-    let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
+    let cistern = Cistern::start(dir.path(), &common::files_mirror(&origin), &[]);
 
     // Start the fill, then ask for a range near the start and one near the end.
     let leader = tokio::spawn({
@@ -171,7 +155,7 @@ async fn a_client_that_disconnects_does_not_cancel_the_fill() {
         Resource::new(body.clone()).slow(Duration::from_millis(5)),
     );
     let dir = tempfile::tempdir().unwrap();
-    let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
+    let cistern = Cistern::start(dir.path(), &common::files_mirror(&origin), &[]);
 
     // The only client reads a little and hangs up.
     let resp = send(cistern.addr, "GET", "/files/linux.tar.xz", &[]).await;
@@ -209,7 +193,7 @@ async fn a_fill_nobody_reads_stops_after_orphan_fill_and_is_resumed_later() {
         Resource::new(body.clone()).slow(Duration::from_millis(20)),
     );
     let dir = tempfile::tempdir().unwrap();
-    let text = config(&origin) + "timeouts {\n    orphan-fill \"0s\"\n}\n";
+    let text = common::files_mirror(&origin) + "timeouts {\n    orphan-fill \"0s\"\n}\n";
     let cistern = Cistern::start(dir.path(), &text, &[]);
 
     let resp = send(cistern.addr, "GET", "/files/orphan.bin", &[]).await;

@@ -9,22 +9,6 @@ use base64::Engine as _;
 use common::{Cistern, Origin, Resource, find_files, get, pattern};
 use sha2::{Digest, Sha256};
 
-fn config(origin: &Origin) -> String {
-    format!(
-        r#"
-listen "127.0.0.1:{{PORT}}"
-store {{
-    root "{{ROOT}}"
-}}
-mirror "files" {{
-    prefix "/files/"
-    upstream "http://{}/"
-}}
-"#,
-        origin.addr
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_death_mid_body_fails_the_transfer_and_the_next_request_resumes() {
     const SIZE: usize = 1024 * 1024;
@@ -37,7 +21,7 @@ async fn upstream_death_mid_body_fails_the_transfer_and_the_next_request_resumes
             .die_after(300_000, 1),
     );
     let dir = tempfile::tempdir().unwrap();
-    let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
+    let cistern = Cistern::start(dir.path(), &common::files_mirror(&origin), &[]);
 
     let first = get(cistern.addr, "/files/dvd.iso").await;
     assert_eq!(first.status, 200);
@@ -84,7 +68,7 @@ async fn kill_9_during_a_fill_then_restart_resumes_the_partial() {
         Resource::new(body.clone()).slow(Duration::from_millis(10)),
     );
     let dir = tempfile::tempdir().unwrap();
-    let text = config(&origin);
+    let text = common::files_mirror(&origin);
     let cistern = Cistern::start(dir.path(), &text, &[]);
     let addr = cistern.addr;
     let reader = tokio::spawn(async move {
@@ -157,7 +141,7 @@ async fn a_body_that_does_not_match_the_announced_digest_is_never_committed() {
         Resource::new(body.clone()).header("digest", &format!("SHA-256={right}")),
     );
     let dir = tempfile::tempdir().unwrap();
-    let cistern = Cistern::start(dir.path(), &config(&origin), &[]);
+    let cistern = Cistern::start(dir.path(), &common::files_mirror(&origin), &[]);
 
     let bad = get(cistern.addr, "/files/tampered.deb").await;
     assert!(

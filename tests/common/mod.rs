@@ -504,6 +504,24 @@ impl Drop for Cistern {
     }
 }
 
+/// A config serving `origin`'s root as the mirror `/files/`, for
+/// [`Cistern::start`].
+pub fn files_mirror(origin: &Origin) -> String {
+    format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{
+    root "{{ROOT}}"
+}}
+mirror "files" {{
+    prefix "/files/"
+    upstream "http://{}/"
+}}
+"#,
+        origin.addr
+    )
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -1189,32 +1189,47 @@ fn mirror_prefix(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
 }
 
 fn mirror_upstream(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
+    d.upstream_given = true;
+    upstream_entry(
+        cx,
+        node,
+        "upstream \"http://deb.debian.org/debian/\"",
+        "http://deb.debian.org/debian/",
+        &mut d.upstreams,
+    );
+}
+
+/// One `upstream "URL"` child of a mirror or a site, added to `upstreams`
+/// unless it is invalid or listed twice. `usage` and `example` are shown in
+/// messages.
+fn upstream_entry(
+    cx: &mut Cx<'_>,
+    node: &KdlNode,
+    usage: &'static str,
+    example: &str,
+    upstreams: &mut Vec<Uri>,
+) {
     let e = cx.entries(
         node,
         &Shape {
             args: (1, 1),
             props: &[],
             children: false,
-            usage: "upstream \"http://deb.debian.org/debian/\"",
+            usage,
         },
     );
-    d.upstream_given = true;
     let Some(arg) = e.arg(0) else { return };
     let Some(text) = cx.string(e.name, arg) else {
         return;
     };
     match upstream_url(text) {
-        Ok(uri) => {
-            if d.upstreams.contains(&uri) {
-                cx.error(arg.span(), format!("upstream {uri} is listed twice"));
-            } else {
-                d.upstreams.push(uri);
-            }
+        Ok(uri) if upstreams.contains(&uri) => {
+            cx.error(arg.span(), format!("upstream {uri} is listed twice"));
         }
+        Ok(uri) => upstreams.push(uri),
         Err(why) => {
             cx.error(arg.span(), format!("`upstream` {text:?} {why}"))
-                .help =
-                Some("write a base URL, like \"https://deb.debian.org/debian/\"".to_owned());
+                .help = Some(format!("write a base URL, like \"{example}\""));
         }
     }
 }

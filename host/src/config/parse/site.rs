@@ -12,7 +12,7 @@ use http::Uri;
 use kdl::{KdlEntry, KdlNode};
 use miette::SourceSpan;
 
-use super::{Cx, Listener, Rule, Shape, Top, many, once, policy_list, suggest, upstream_url};
+use super::{Cx, Listener, Rule, Shape, Top, many, once, policy_list, suggest, upstream_entry};
 use crate::config::model::SiteConfig;
 
 /// Where a site listens when its block names no address: loopback, like
@@ -201,30 +201,14 @@ fn site_tls(cx: &mut Cx<'_>, node: &KdlNode, d: &mut SiteDraft) {
 }
 
 fn site_upstream(cx: &mut Cx<'_>, node: &KdlNode, d: &mut SiteDraft) {
-    let e = cx.entries(
-        node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "upstream \"https://origin.example.org/\"",
-        },
-    );
     d.upstream_given = true;
-    let Some(arg) = e.arg(0) else { return };
-    let Some(text) = cx.string(e.name, arg) else {
-        return;
-    };
-    match upstream_url(text) {
-        Ok(uri) if d.upstreams.contains(&uri) => {
-            cx.error(arg.span(), format!("upstream {uri} is listed twice"));
-        }
-        Ok(uri) => d.upstreams.push(uri),
-        Err(why) => {
-            cx.error(arg.span(), format!("`upstream` {text:?} {why}"))
-                .help = Some("write a base URL, like \"https://origin.example.org/\"".to_owned());
-        }
-    }
+    upstream_entry(
+        cx,
+        node,
+        "upstream \"https://origin.example.org/\"",
+        "https://origin.example.org/",
+        &mut d.upstreams,
+    );
 }
 
 /// `default-site "example.org"`
