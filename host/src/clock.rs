@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// A source of wall-clock time; cheap to clone.
+/// A source of wall-clock time; cheap to clone. `Clock::default()` is the
+/// system clock.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
     /// `None`: the system clock. `Some`: milliseconds since the epoch, set
@@ -17,11 +18,6 @@ pub struct Clock {
 }
 
 impl Clock {
-    /// The system clock.
-    pub fn system() -> Clock {
-        Clock { manual: None }
-    }
-
     /// A clock that stands still at `start` until [`Clock::advance`] moves it.
     pub fn manual(start: SystemTime) -> Clock {
         let ms = start

@@ -34,7 +34,8 @@ pub struct RetryAfter(pub Duration);
 impl RetryAfter {
     /// Whole seconds for a `Retry-After` header, at least 1.
     pub fn header_secs(&self) -> u64 {
-        self.0.as_secs() + u64::from(self.0.subsec_nanos() > 0).max(u64::from(self.0.is_zero()))
+        let whole = self.0.as_secs() + u64::from(self.0.subsec_nanos() > 0);
+        whole.max(1)
     }
 }
 

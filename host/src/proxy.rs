@@ -425,32 +425,30 @@ impl Proxy {
         // us (Host) must not make the cache rules see another request.
         headers.remove(header::HOST);
         let now = self.clock.now();
-        let replica = self.engine.store().lookup(&key);
-        if let Some(replica) = &replica
-            && let Some(Freshness::Fresh) =
-                cache::evaluate_fast(&replica.meta, &headers, now, snap.config.mode)
-        {
-            match self
-                .serve_replica(&method, &headers, replica.clone(), CacheOutcome::Hit)
-                .await
-            {
-                Ok(a) => return a,
-                Err(ServeError::Gone(_)) => {}
-                Err(e) => return Answer::local(internal(&e)),
-            }
-        }
-        let Ok(key_uri) = key.as_str().parse::<Uri>() else {
-            return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
-        };
-        // A stored GET answers HEAD too (RFC 9110 §9.3.2): the rules see GET.
-        let creq = CacheRequest {
-            key: &key_uri,
-            method: &Method::GET,
-            headers: &headers,
-        };
         let mut revalidate = None;
-        if let Some(replica) = replica {
-            match cache::evaluate(&replica.meta, creq, now, snap.config.mode) {
+        if let Some(replica) = self.engine.store().lookup(&key) {
+            // The common case is decided without building the RFC 9111 answer
+            // (nor parsing the key): see `cache::evaluate_fast`.
+            let freshness =
+                match cache::evaluate_fast(&replica.meta, &headers, now, snap.config.mode) {
+                    Some(fresh) => fresh,
+                    None => match key.as_str().parse::<Uri>() {
+                        // A stored GET answers HEAD too (RFC 9110 §9.3.2): the
+                        // rules see GET.
+                        Ok(key_uri) => {
+                            let creq = CacheRequest {
+                                key: &key_uri,
+                                method: &Method::GET,
+                                headers: &headers,
+                            };
+                            cache::evaluate(&replica.meta, creq, now, snap.config.mode)
+                        }
+                        Err(_) => {
+                            return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
+                        }
+                    },
+                };
+            match freshness {
                 Freshness::Fresh => {
                     match self
                         .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
@@ -471,6 +469,9 @@ impl Proxy {
                 }
             }
         }
+        let Ok(key_uri) = key.as_str().parse::<Uri>() else {
+            return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
+        };
         if snap.config.mode == CacheMode::Offline && revalidate.is_none() {
             return Answer::local(serve::text(
                 StatusCode::GATEWAY_TIMEOUT,

@@ -352,6 +352,23 @@ impl Cx<'_> {
         }
     }
 
+    /// A `listen` address: a string holding an IP address and a port. `hint`
+    /// ends the help shown for a bad one (examples for this node).
+    fn socket_addr(&mut self, node: &str, entry: &KdlEntry, hint: &str) -> Option<SocketAddr> {
+        let text = self.string(node, entry)?;
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    entry.span(),
+                    format!("`{node}`: {text:?} is not an IP address and port"),
+                )
+                .help = Some(format!("write an IP address and a port: {hint}"));
+                None
+            }
+        }
+    }
+
     /// `#true` or `#false`.
     fn boolean(&mut self, node: &str, entry: &KdlEntry) -> Option<bool> {
         match entry.value() {
@@ -742,19 +759,9 @@ fn listen(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         },
     );
     let Some(arg) = e.arg(0) else { return };
-    let Some(text) = cx.string(e.name, arg) else {
+    let hint = "\"127.0.0.1:8080\", \"0.0.0.0:8080\", \"[::]:8080\"";
+    let Some(addr) = cx.socket_addr(e.name, arg, hint) else {
         return;
-    };
-    let addr: SocketAddr = match text.parse() {
-        Ok(a) => a,
-        Err(_) => {
-            cx.error(arg.span(), format!("`listen`: {text:?} is not an IP address and port"))
-                .help = Some(
-                "write an IP address and a port: \"127.0.0.1:8080\", \"0.0.0.0:8080\", \"[::]:8080\""
-                    .to_owned(),
-            );
-            return;
-        }
     };
     // Port 0 asks for a fresh port each time, so repeats are distinct sockets.
     if let Some(first) = top.listen_seen.get(&addr).filter(|_| addr.port() != 0) {
@@ -1661,17 +1668,8 @@ fn admin_listen(cx: &mut Cx<'_>, node: &KdlNode, d: &mut AdminDraft) {
         },
     );
     let Some(arg) = e.arg(0) else { return };
-    let Some(text) = cx.string(e.name, arg) else {
-        return;
-    };
-    match text.parse::<SocketAddr>() {
-        Ok(addr) => d.listen = Some((addr, arg.span())),
-        Err(_) => {
-            cx.error(arg.span(), format!("`listen`: {text:?} is not an IP address and port"))
-                .help = Some(
-                "write an IP address and a port: \"127.0.0.1:9090\" (loopback only is the safe choice: the admin UI has no login)"
-                    .to_owned(),
-            );
-        }
+    let hint = "\"127.0.0.1:9090\" (loopback only is the safe choice: the admin UI has no login)";
+    if let Some(addr) = cx.socket_addr(e.name, arg, hint) {
+        d.listen = Some((addr, arg.span()));
     }
 }

@@ -19,6 +19,8 @@ const DOWN_FOR: Duration = Duration::from_secs(30);
 pub struct MirrorUpstream {
     /// Base URL, ending with `/`.
     pub base: Uri,
+    /// `base` as text, joined with each request's path without re-rendering.
+    base_text: String,
     consecutive_failures: AtomicU32,
     /// Milliseconds after `MirrorSet::epoch` until which it is tried last.
     down_until_ms: AtomicU64,
@@ -65,6 +67,7 @@ impl MirrorSet {
                 .iter()
                 .map(|base| MirrorUpstream {
                     base: base.clone(),
+                    base_text: base.to_string(),
                     consecutive_failures: AtomicU32::new(0),
                     down_until_ms: AtomicU64::new(0),
                     fetches: AtomicU64::new(0),
@@ -79,9 +82,9 @@ impl MirrorSet {
     /// The URL of `rest` (the request path after our prefix, with its
     /// query) on upstream `index`.
     pub fn url(&self, index: usize, rest: &str) -> Result<Uri, http::uri::InvalidUri> {
-        let base = self.upstreams[index].base.to_string();
+        let base = &self.upstreams[index].base_text;
         let mut url = String::with_capacity(base.len() + rest.len());
-        url.push_str(&base);
+        url.push_str(base);
         url.push_str(rest.trim_start_matches('/'));
         url.parse()
     }

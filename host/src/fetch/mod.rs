@@ -401,11 +401,6 @@ impl FetchEngine {
         &self.inner.store
     }
 
-    /// The upstream client.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.inner.client
-    }
-
     /// The process-wide counters (they outlive config reloads, like the
     /// engine).
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -498,39 +493,11 @@ impl FetchEngine {
                 url: upstreams.primary(),
             });
         }
-        let retryable = body.is_none();
-        let mut body = body;
-        let mut last = None;
-        let candidates = upstreams.candidates();
-        let count = candidates.len();
-        for (n, (index, url)) in candidates.into_iter().enumerate() {
-            let req_body = body.take().unwrap_or_else(empty_body);
-            let req = build_request(method.clone(), &url, &headers, req_body);
-            match self.inner.send(req, &url, settings.idle).await {
-                Ok(resp) if resp.status().is_server_error() && retryable && n + 1 < count => {
-                    upstreams.report(index, Some(&format!("status {}", resp.status())));
-                }
-                Ok(resp) => {
-                    let failure = resp
-                        .status()
-                        .is_server_error()
-                        .then(|| format!("status {}", resp.status()));
-                    upstreams.report(index, failure.as_deref());
-                    return Ok(resp);
-                }
-                Err(e) => {
-                    upstreams.report(index, Some(&e.to_string()));
-                    last = Some(e);
-                    if !retryable {
-                        break;
-                    }
-                }
-            }
-        }
-        Err(last.unwrap_or(FetchError::Connect {
-            url: upstreams.primary(),
-            reason: "no upstream".into(),
-        }))
+        let (resp, _) = self
+            .inner
+            .failover(method, upstreams, &headers, body, settings.idle)
+            .await?;
+        Ok(resp)
     }
 }
 
@@ -743,41 +710,67 @@ impl Inner {
         self.stream(fill, &job, resp, writing).await
     }
 
-    /// Sends the request to each candidate until one answers without a
-    /// connect error or a 5xx (the last one's 5xx is passed on).
+    /// Sends a GET for a fill along the job's upstreams.
     async fn ask(
         &self,
         job: &FillJob,
         headers: HeaderMap,
     ) -> Result<(Response<Incoming>, Uri), FetchError> {
-        let candidates = job.upstreams.candidates();
+        self.failover(
+            Method::GET,
+            &job.upstreams,
+            &headers,
+            None,
+            job.settings.idle,
+        )
+        .await
+    }
+
+    /// Sends the request to each candidate upstream until one answers
+    /// without a connect error or a 5xx; the last one's 5xx is passed on.
+    /// With a request body only the first candidate is tried: a streamed
+    /// body cannot be sent twice.
+    async fn failover(
+        &self,
+        method: Method,
+        upstreams: &Upstreams,
+        headers: &HeaderMap,
+        body: Option<UpstreamBody>,
+        idle: Duration,
+    ) -> Result<(Response<Incoming>, Uri), FetchError> {
+        let retryable = body.is_none();
+        let mut body = body;
+        let candidates = upstreams.candidates();
         let count = candidates.len();
         let mut last = None;
         for (n, (index, url)) in candidates.into_iter().enumerate() {
-            let req = build_request(Method::GET, &url, &headers, empty_body());
-            match self.send(req, &url, job.settings.idle).await {
-                Ok(resp) if resp.status().is_server_error() && n + 1 < count => {
+            let req_body = body.take().unwrap_or_else(empty_body);
+            let req = build_request(method.clone(), &url, headers, req_body);
+            match self.send(req, &url, idle).await {
+                Ok(resp) if resp.status().is_server_error() && retryable && n + 1 < count => {
                     tracing::info!(target: "cistern::fetch", %url, status = %resp.status(), "upstream error, trying the next mirror");
-                    job.upstreams
-                        .report(index, Some(&format!("status {}", resp.status())));
+                    upstreams.report(index, Some(&format!("status {}", resp.status())));
                 }
                 Ok(resp) => {
                     let failure = resp
                         .status()
                         .is_server_error()
                         .then(|| format!("status {}", resp.status()));
-                    job.upstreams.report(index, failure.as_deref());
+                    upstreams.report(index, failure.as_deref());
                     return Ok((resp, url));
                 }
                 Err(e) => {
                     tracing::info!(target: "cistern::fetch", %url, "upstream failed: {e}");
-                    job.upstreams.report(index, Some(&e.to_string()));
+                    upstreams.report(index, Some(&e.to_string()));
                     last = Some(e);
+                    if !retryable {
+                        break;
+                    }
                 }
             }
         }
         Err(last.unwrap_or(FetchError::Connect {
-            url: job.upstreams.primary(),
+            url: upstreams.primary(),
             reason: "no upstream".into(),
         }))
     }
@@ -946,7 +939,7 @@ impl Inner {
                     Some(Err(e)) => {
                         // Keep what arrived: it is a valid prefix for a resume.
                         self.flush(
-                            &partial.file,
+                            &partial,
                             &mut batch,
                             &mut batch_len,
                             &mut written,
@@ -977,7 +970,7 @@ impl Inner {
                 bw.acquire(batch_len).await;
             }
             self.flush(
-                &partial.file,
+                &partial,
                 &mut batch,
                 &mut batch_len,
                 &mut written,
@@ -1057,7 +1050,7 @@ impl Inner {
     /// Writes the gathered frames at the end of the partial file.
     async fn flush(
         &self,
-        file: &Arc<File>,
+        partial: &PartialFile,
         batch: &mut Vec<Bytes>,
         batch_len: &mut usize,
         written: &mut u64,
@@ -1067,7 +1060,7 @@ impl Inner {
             return Ok(());
         }
         let chunks = std::mem::take(batch);
-        let file = file.clone();
+        let file = partial.file.clone();
         let offset = *written;
         let mut h = hasher.take();
         let result = tokio::task::spawn_blocking(move || {
@@ -1092,7 +1085,7 @@ impl Inner {
             }
             Ok(Err(e)) => Err(FetchError::Store(StoreError::Io {
                 op: "write partial file",
-                path: std::path::PathBuf::from(self.store.root()),
+                path: partial.path.clone(),
                 source: e,
             })),
             Err(_) => Err(FetchError::Vanished),

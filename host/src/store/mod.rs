@@ -409,11 +409,6 @@ impl ReplicaStore {
         &self.root
     }
 
-    /// The state directory (metadata, partials).
-    pub fn state_dir(&self) -> &Path {
-        &self.state
-    }
-
     /// The complete replica of `key`, if any; counts a hit and refreshes its
     /// LRU position. Memory only: safe on the async hot path.
     pub fn lookup(&self, key: &CacheKey) -> Option<Arc<Replica>> {

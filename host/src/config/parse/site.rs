@@ -152,22 +152,13 @@ fn site_listen(cx: &mut Cx<'_>, node: &KdlNode, d: &mut SiteDraft) {
         },
     );
     let Some(arg) = e.arg(0) else { return };
-    let Some(text) = cx.string(e.name, arg) else {
+    let Some(addr) = cx.socket_addr(e.name, arg, "\"0.0.0.0:443\", \"[::]:443\"") else {
         return;
     };
-    match text.parse::<SocketAddr>() {
-        Ok(addr) if d.listen.iter().any(|(a, _)| *a == addr) => {
-            cx.error(arg.span(), format!("`listen` {addr} is listed twice"));
-        }
-        Ok(addr) => d.listen.push((addr, arg.span())),
-        Err(_) => {
-            cx.error(
-                arg.span(),
-                format!("`listen`: {text:?} is not an IP address and port"),
-            )
-            .help =
-                Some("write an IP address and a port: \"0.0.0.0:443\", \"[::]:443\"".to_owned());
-        }
+    if d.listen.iter().any(|(a, _)| *a == addr) {
+        cx.error(arg.span(), format!("`listen` {addr} is listed twice"));
+    } else {
+        d.listen.push((addr, arg.span()));
     }
 }
 
