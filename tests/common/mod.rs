@@ -522,13 +522,37 @@ mirror "files" {{
     )
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, never the same one twice in a test process.
+///
+/// Asking the kernel for port 0 and letting go of it is not enough: two calls
+/// can get the same port back (CI once saw a proxy and its admin listener
+/// handed one port), and the kernel may give it to an origin or an outgoing
+/// connection before the child process binds it. So ports come from 20000 to
+/// 32767, below Linux's ephemeral range (32768 and up) that port 0 and
+/// outgoing connections draw from, each probed by binding it once. The start
+/// depends on the process id so that test binaries run one after another do
+/// not walk the same ports while an earlier child may still be exiting.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_768;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(613) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free loopback port between {FIRST} and {}",
+        FIRST + SPAN - 1
+    );
 }
 
 /// Every file under `root`, relative, sorted: what `find root -type f` shows.
