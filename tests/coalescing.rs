@@ -200,15 +200,9 @@ async fn a_fill_nobody_reads_stops_after_orphan_fill_and_is_resumed_later() {
     let mut b = resp.into_body();
     let _ = b.frame().await;
     drop(b);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cistern.log().contains("no client left") && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        cistern.log().contains("no client left"),
-        "{}",
-        cistern.log()
-    );
+    cistern
+        .log_when("the abandoned fill", |log| log.contains("no client left"))
+        .await;
     assert!(
         common::find_files(&cistern.root).is_empty(),
         "an abandoned fill is not a replica"

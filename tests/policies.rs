@@ -206,10 +206,10 @@ mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "trap"; }}
             let got = request(cistern.addr, "GET", "/file", &[]).await;
             assert_eq!(got.status.as_u16(), want, "on-error={on_error}");
         }
-        assert!(
-            cistern.log().contains("trap"),
-            "the failure is logged with the policy's name"
-        );
+        // The failure is logged with the policy's name.
+        cistern
+            .log_when("the policy's name", |log| log.contains("trap"))
+            .await;
         drop(cistern);
         let _ = std::fs::remove_dir_all(dir.path().join("replica"));
         let _ = std::fs::remove_dir_all(dir.path().join("replica.cistern"));

@@ -166,9 +166,9 @@ async fn without_a_config_it_is_a_forward_proxy_with_the_replica_in_the_current_
         "{files:?}"
     );
     // The access log has one line for the request, with its cache status.
-    let log = cistern.log();
-    assert!(
-        log.contains("GET") && log.contains("/a.txt") && log.contains("miss"),
-        "{log}"
-    );
+    cistern
+        .log_when("the access-log line", |log| {
+            log.contains("GET") && log.contains("/a.txt") && log.contains("miss")
+        })
+        .await;
 }

@@ -489,6 +489,23 @@ impl Cistern {
         std::fs::read_to_string(self.dir.join("cistern.log")).unwrap_or_default()
     }
 
+    /// The log once `done` holds for it, waiting up to 20 s: the access log
+    /// and messages about work that goes on after a response are written
+    /// a little later than the response arrives.
+    pub async fn log_when(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if done(&log) {
+                return log;
+            }
+            if Instant::now() > deadline {
+                panic!("the log never showed {what}:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `kill -9`.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
