@@ -54,6 +54,8 @@ pub struct Resource {
     pub die_after: Option<(u64, u32)>,
     /// Honour Range requests (206).
     pub ranges: bool,
+    /// Send `Content-Length` (otherwise the body is chunked).
+    pub length: bool,
 }
 
 impl Resource {
@@ -74,6 +76,7 @@ impl Resource {
             chunk_delay: None,
             die_after: None,
             ranges: true,
+            length: true,
         }
     }
 
@@ -88,6 +91,12 @@ impl Resource {
     /// Streams slowly.
     pub fn slow(mut self, per_64k: Duration) -> Resource {
         self.chunk_delay = Some(per_64k);
+        self
+    }
+
+    /// Sends the body chunked, without announcing its length.
+    pub fn unknown_length(mut self) -> Resource {
+        self.length = false;
         self
     }
 
@@ -272,8 +281,10 @@ impl Origin {
                 v.parse().unwrap(),
             );
         }
-        resp.headers_mut()
-            .insert("content-length", (total - start).into());
+        if resource.length {
+            resp.headers_mut()
+                .insert("content-length", (total - start).into());
+        }
         if status == StatusCode::PARTIAL_CONTENT {
             resp.headers_mut().insert(
                 "content-range",

@@ -62,6 +62,7 @@ impl Config {
                 root,
                 layout: Layout::HostPort,
                 max_size: None,
+                min_free: DEFAULT_MIN_FREE,
             },
             forward: parse::default_forward(),
             mirrors: Vec::new(),

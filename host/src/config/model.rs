@@ -95,7 +95,13 @@ pub struct StoreConfig {
     /// Upper bound on the bytes of complete replicas; least recently used
     /// files are evicted past it. `None` means unbounded.
     pub max_size: Option<u64>,
+    /// Bytes always left free on the replica's filesystem: a response that
+    /// would eat into them is served without being stored.
+    pub min_free: u64,
 }
+
+/// `min-free` when the config leaves it out.
+pub const DEFAULT_MIN_FREE: u64 = 64 << 20;
 
 /// Forward-proxy settings.
 #[derive(Debug, Clone)]

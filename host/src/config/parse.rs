@@ -691,6 +691,7 @@ impl Top {
                 root,
                 layout: Layout::HostPort,
                 max_size: None,
+                min_free: DEFAULT_MIN_FREE,
             }
         });
         // No `forward` block: a config that does not ask for a forward proxy
@@ -814,6 +815,7 @@ struct StoreDraft {
     state_span: Option<SourceSpan>,
     layout: Option<Layout>,
     max_size: Option<u64>,
+    min_free: Option<u64>,
 }
 
 const STORE: &[Rule<StoreDraft>] = &[
@@ -821,6 +823,7 @@ const STORE: &[Rule<StoreDraft>] = &[
     once("state", store_state),
     once("layout", store_layout),
     once("max-size", store_max_size),
+    once("min-free", store_min_free),
 ];
 
 const BLOCK: Shape = Shape {
@@ -856,6 +859,7 @@ fn store(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         state,
         layout: d.layout.unwrap_or(Layout::HostPort),
         max_size: d.max_size,
+        min_free: d.min_free.unwrap_or(DEFAULT_MIN_FREE),
     });
 }
 
@@ -906,16 +910,15 @@ fn store_layout(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
     }
 }
 
+const SIZE_ARG: Shape = Shape {
+    args: (1, 1),
+    props: &[],
+    children: false,
+    usage: "NAME \"20GiB\"",
+};
+
 fn store_max_size(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
-    let e = cx.entries(
-        node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "max-size \"20GiB\"",
-        },
-    );
+    let e = cx.entries(node, &SIZE_ARG);
     let Some(arg) = e.arg(0) else { return };
     match cx.size(e.name, arg) {
         Some(0) => {
@@ -925,6 +928,12 @@ fn store_max_size(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
         Some(n) => d.max_size = Some(n),
         None => {}
     }
+}
+
+fn store_min_free(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
+    let e = cx.entries(node, &SIZE_ARG);
+    let Some(arg) = e.arg(0) else { return };
+    d.min_free = cx.size(e.name, arg);
 }
 
 // ---------------------------------------------------------------------------

@@ -85,6 +85,7 @@ fn an_empty_file_gets_the_defaults_and_no_forward_proxy() {
     assert_eq!(c.store.state, Path::new("/etc/cistern/replica.cistern"));
     assert_eq!(c.store.layout, Layout::HostPort);
     assert_eq!(c.store.max_size, None);
+    assert_eq!(c.store.min_free, 64 << 20);
     assert!(!c.forward.enabled, "forward proxy only when asked for");
     assert!(c.mirrors.is_empty());
     assert_eq!(c.timeouts.idle, Duration::from_secs(15));
@@ -130,6 +131,7 @@ fn the_full_syntax_parses_into_the_model() {
             state "/var/lib/cistern"
             layout "flat"
             max-size "1.5GiB"
+            min-free "0"
         }
         forward {
             enabled #true
@@ -176,6 +178,7 @@ fn the_full_syntax_parses_into_the_model() {
     assert_eq!(c.store.state, Path::new("/var/lib/cistern"));
     assert_eq!(c.store.layout, Layout::Flat);
     assert_eq!(c.store.max_size, Some(3 << 29));
+    assert_eq!(c.store.min_free, 0);
     assert!(c.forward.enabled && c.forward.transparent);
     assert_eq!(c.forward.policies, ["distro"]);
 
@@ -342,6 +345,7 @@ fn bad_configs_are_refused_with_positions() {
         ("store {\n    layout \"deep\"\n}", &[(2, 12, "unknown layout \"deep\"")]),
         ("store {\n    max-size \"20 gigs\"\n}", &[(2, 14, "unknown size unit")]),
         ("store {\n    max-size 0\n}", &[(2, 14, "`max-size` must be more than zero")]),
+        ("store {\n    min-free \"lots\"\n}", &[(2, 14, "unknown size unit")]),
         ("store {\n    root \"r\"\n    state \"r/meta\"\n}", &[(3, 11, "must not contain each other")]),
         ("timeouts {\n    idle \"15\"\n}", &[(2, 10, "has no unit")]),
         ("timeouts {\n    idle 15\n}", &[(2, 10, "`idle`: 15 has no unit")]),

@@ -701,6 +701,13 @@ impl Inner {
                 // The disk refuses the replica: this client is still served,
                 // uncached, and the reason is logged.
                 tracing::warn!(target: "cistern::fetch", key = %key, "not caching: {e}");
+                if resumed_from.is_some() {
+                    // The 206 continues our partial, but the client asked
+                    // for the whole body; the partial cannot be finished.
+                    let k = key.clone();
+                    self.blocking(move |s| s.discard_partial(&k)).await?;
+                    resp = self.ask(&job, job.headers.clone()).await?.0;
+                }
                 fill.state.send_replace(FillState::Unshared);
                 let _ = leader.send(resp);
                 return Ok(());
@@ -1082,6 +1089,14 @@ impl Inner {
                 *written = at;
                 *batch_len = 0;
                 Ok(())
+            }
+            Ok(Err(e)) if crate::store::room::is_no_space(&e) => {
+                let (key, path, at) = (partial.key.clone(), partial.path.clone(), *written);
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.ran_full(&key, path, at)).await {
+                    Ok(e) => Err(FetchError::Store(e)),
+                    Err(_) => Err(FetchError::Vanished),
+                }
             }
             Ok(Err(e)) => Err(FetchError::Store(StoreError::Io {
                 op: "write partial file",

@@ -54,6 +54,7 @@
 pub mod meta;
 pub mod path;
 pub mod ram;
+pub mod room;
 
 mod index;
 mod key;
@@ -130,6 +131,29 @@ pub enum StoreError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The filesystem has no room for the body beside `min-free`; the
+    /// response is served without being stored.
+    #[error("no room to store {key} in {path}: {room}")]
+    NoRoom {
+        /// The key not stored.
+        key: String,
+        /// The state directory where partials are written.
+        path: PathBuf,
+        /// What there is and what was needed.
+        room: room::NoRoom,
+    },
+    /// The disk ran full in the middle of a body; the partial file was
+    /// removed to give the space back.
+    #[error(
+        "disk full writing {path} after {written} bytes; partial removed, bodies of unknown length pass through unstored for {}s",
+        room::FULL_PAUSE.as_secs()
+    )]
+    DiskFull {
+        /// The partial file.
+        path: PathBuf,
+        /// Bytes written before the disk ran full.
+        written: u64,
+    },
     /// The key has no complete replica (refresh of an evicted entry).
     #[error("no replica of {key}")]
     Missing {
@@ -199,6 +223,8 @@ pub struct PartialFile {
     pub path: PathBuf,
     /// What was recorded about the fill.
     pub meta: PartialMeta,
+    /// Disk room held for the rest of the body until the fill ends.
+    _room: room::Reservation,
 }
 
 /// Totals for the admin UI and eviction.
@@ -217,6 +243,7 @@ pub struct ReplicaStore {
     state: PathBuf,
     layout: Layout,
     max_size: Option<u64>,
+    room: room::Room,
     index: index::Index,
     /// RAM left for copies of small replicas.
     ram: Arc<ram::RamBudget>,
@@ -391,6 +418,7 @@ impl ReplicaStore {
             state,
             layout: config.layout,
             max_size: config.max_size,
+            room: room::Room::new(config.min_free),
             index: index::Index::default(),
             ram: ram::RamBudget::new(ram::RAM_BUDGET),
             tree: Mutex::new(()),
@@ -550,6 +578,20 @@ impl ReplicaStore {
     ) -> Result<PartialFile, StoreError> {
         key.as_str().clone_into(&mut meta.key);
         let (part, json) = self.partial_paths(key);
+        let have = match fs::metadata(&part) {
+            Ok(m) if resume => m.len(),
+            _ => 0,
+        };
+        let needed = meta.total_length.map(|t| t.saturating_sub(have));
+        let reservation = self
+            .room
+            .reserve(&[&self.state, &self.root], needed)
+            .map_err(io_err("check free space", &self.state))?
+            .map_err(|room| StoreError::NoRoom {
+                key: key.as_str().to_owned(),
+                path: self.state.clone(),
+                room,
+            })?;
         write_json_atomic(&json, &meta)?;
         let file = OpenOptions::new()
             .read(true)
@@ -568,6 +610,7 @@ impl ReplicaStore {
             len,
             path: part,
             meta,
+            _room: reservation,
         })
     }
 
@@ -867,6 +910,17 @@ impl ReplicaStore {
         let (part, json) = self.partial_paths(key);
         remove_file_if_exists(&json).map_err(io_err("remove partial metadata", &json))?;
         remove_file_if_exists(&part).map_err(io_err("remove partial", &part))
+    }
+
+    /// Gives back the space of a fill whose write ran out of it, and stops
+    /// storing bodies of unknown length for a while ([`room::FULL_PAUSE`]).
+    /// Blocking.
+    pub fn ran_full(&self, key: &CacheKey, path: PathBuf, written: u64) -> StoreError {
+        self.room.ran_full();
+        if let Err(e) = self.discard_partial(key) {
+            tracing::warn!(%key, "{e}");
+        }
+        StoreError::DiskFull { path, written }
     }
 
     /// Replaces the metadata of a complete replica (after a 304

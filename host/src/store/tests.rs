@@ -21,6 +21,7 @@ impl Fixture {
             state: dir.path().join("replica.cistern"),
             layout,
             max_size,
+            min_free: 0,
         };
         Fixture {
             _dirs: vec![dir],
@@ -624,6 +625,7 @@ fn state_inside_root_is_refused() {
         state: dir.path().join("replica/.cistern"),
         layout: Layout::HostPort,
         max_size: None,
+        min_free: 0,
     };
     assert!(matches!(
         ReplicaStore::open(&config),
@@ -686,6 +688,7 @@ fn commit_across_filesystems_copies_through_a_hidden_temp() {
         state: shm.path().join("state"),
         layout: Layout::HostPort,
         max_size: None,
+        min_free: 0,
     };
     let store = ReplicaStore::open(&config).expect("open");
     let k = key("http://example.org/dir/f");

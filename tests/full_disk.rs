@@ -1,0 +1,131 @@
+//! The disk under the replica runs full: every client still gets its file
+//! whole or a clearly failed transfer, never a short one that looks
+//! complete, and what is already in the replica stays intact.
+//!
+//! The replica lives on a small tmpfs mounted for the test, which needs
+//! root (or CAP_SYS_ADMIN); elsewhere the test says so and does nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Cistern, Origin, Resource, find_files, get, pattern};
+
+/// A tmpfs of a fixed size, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_replica_disk_passes_bodies_through_and_keeps_the_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_disk) = Tmpfs::mount(&dir.path().join("disk"), "4m") else {
+        eprintln!("skipped: mounting a tmpfs needs root (CAP_SYS_ADMIN)");
+        return;
+    };
+    let origin = Origin::start().await;
+    let small = pattern(1, 200_000);
+    let iso = pattern(2, 6 << 20);
+    let stream = pattern(3, 6 << 20);
+    let later = pattern(4, 100_000);
+    origin.put("/pool/small.deb", Resource::new(small.clone()));
+    origin.put("/iso/big.iso", Resource::new(iso.clone()));
+    origin.put(
+        "/live/stream.bin",
+        Resource::new(stream.clone()).unknown_length(),
+    );
+    origin.put("/pool/later.deb", Resource::new(later.clone()));
+    let config = format!(
+        r#"listen "127.0.0.1:{{PORT}}"
+store {{
+    root "disk/replica"
+    min-free "256KiB"
+}}
+mirror "files" {{
+    prefix "/files/"
+    upstream "http://{}/"
+}}
+"#,
+        origin.addr
+    );
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    let replica = dir.path().join("disk/replica");
+    let partials = dir.path().join("disk/replica.cistern/partial");
+
+    // A file that fits is stored and then served from the replica.
+    let got = get(cistern.addr, "/files/pool/small.deb").await;
+    assert_eq!(got.bytes(), &small);
+    let got = get(cistern.addr, "/files/pool/small.deb").await;
+    assert_eq!(got.header("cache-status"), "cistern; hit");
+
+    // 6 MiB on a 4 MiB disk: the length is announced, so Cistern knows up
+    // front and passes the body through whole instead of storing it.
+    let got = get(cistern.addr, "/files/iso/big.iso").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.bytes(), &iso, "the client gets the whole file");
+    assert_eq!(got.header("cache-status"), "cistern; fwd=bypass");
+    cistern
+        .log_when("why the ISO was not stored", |log| {
+            log.contains("no room to store") && log.contains("big.iso")
+        })
+        .await;
+
+    // A body of unknown length runs the disk full halfway: that transfer
+    // fails visibly, and the partial is removed to give the space back.
+    let got = get(cistern.addr, "/files/live/stream.bin").await;
+    assert!(
+        got.body.is_err(),
+        "a transfer cut by a full disk must fail, not look complete"
+    );
+    cistern
+        .log_when("the full disk", |log| log.contains("disk full writing"))
+        .await;
+    assert_eq!(find_files(&partials), Vec::<String>::new());
+    // Meanwhile the same URL is passed through whole.
+    let got = get(cistern.addr, "/files/live/stream.bin").await;
+    assert_eq!(got.bytes(), &stream);
+
+    // What was stored before is untouched, and with the space given back
+    // new files are stored again.
+    let got = get(cistern.addr, "/files/pool/small.deb").await;
+    assert_eq!(got.header("cache-status"), "cistern; hit");
+    assert_eq!(got.bytes(), &small);
+    let got = get(cistern.addr, "/files/pool/later.deb").await;
+    assert_eq!(got.bytes(), &later);
+    let got = get(cistern.addr, "/files/pool/later.deb").await;
+    assert_eq!(got.header("cache-status"), "cistern; hit");
+    let host = format!("127.0.0.1:{}", origin.addr.port());
+    assert_eq!(
+        find_files(&replica),
+        vec![
+            format!("{host}/pool/later.deb"),
+            format!("{host}/pool/small.deb"),
+        ]
+    );
+    assert_eq!(
+        std::fs::read(replica.join(&host).join("pool/small.deb")).unwrap(),
+        small
+    );
+    drop(cistern);
+    // Give a dying process a moment before the lazy unmount.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
