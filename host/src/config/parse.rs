@@ -676,7 +676,13 @@ impl Top {
                     .help = Some(help);
             }
         }
-        let listeners = if self.listeners.is_empty() {
+        // A file of TLS sites only has nothing to serve in plain HTTP: it
+        // gets no default listener (which could also clash with another
+        // program on 8080).
+        let sites_only = !self.sites.is_empty()
+            && self.mirrors.is_empty()
+            && !self.forward.as_ref().is_some_and(|f| f.enabled);
+        let listeners = if self.listeners.is_empty() && !sites_only {
             vec![Listener {
                 addr: DEFAULT_LISTEN.parse().expect("valid default address"),
             }]

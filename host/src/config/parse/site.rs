@@ -29,6 +29,13 @@ pub(super) struct Sites {
     default_site: Option<(String, SourceSpan)>,
 }
 
+impl Sites {
+    /// Whether the file declares no site.
+    pub(super) fn is_empty(&self) -> bool {
+        self.sites.is_empty()
+    }
+}
+
 struct SiteDraft {
     listen: Vec<(SocketAddr, SourceSpan)>,
     tls: Option<(PathBuf, PathBuf)>,
@@ -276,6 +283,27 @@ mod tests {
     }
 
     #[test]
+    fn a_file_of_sites_only_opens_no_plaintext_listener() {
+        let site = "site \"a.test\" {\n    tls cert=\"a.pem\" key=\"a.key\"\n    upstream \"http://o.test/\"\n}\n";
+        let parse = |text: &str| Config::parse(text, Path::new("/etc/cistern/config.kdl")).unwrap();
+        assert!(parse(site).listeners.is_empty());
+        let with_mirror = format!(
+            "{site}mirror \"m\" {{\n    prefix \"/m/\"\n    upstream \"http://o.test/\"\n}}\n"
+        );
+        assert_eq!(
+            parse(&with_mirror).listeners.len(),
+            1,
+            "a mirror needs the default listener"
+        );
+        let with_forward = format!("{site}forward {{\n}}\n");
+        assert_eq!(
+            parse(&with_forward).listeners.len(),
+            1,
+            "so does the forward proxy"
+        );
+    }
+
+    #[test]
     fn a_site_reads_with_its_defaults() {
         let text = r#"
 site "WWW.Example.org" {
@@ -346,7 +374,7 @@ default-site "www.example.org"
                 "already a plaintext listener (line 1)",
             ),
             (
-                "site \"a.test\" {\n    listen \"127.0.0.1:8080\"\n    tls cert=\"c\" key=\"k\"\n    upstream \"http://o/\"\n}\n",
+                "site \"a.test\" {\n    listen \"127.0.0.1:8080\"\n    tls cert=\"c\" key=\"k\"\n    upstream \"http://o/\"\n}\nmirror \"m\" {\n    prefix \"/m/\"\n    upstream \"http://o/\"\n}\n",
                 (2, 12),
                 "already a plaintext listener (the default",
             ),
