@@ -1,10 +1,11 @@
 //! Upstreams over https: the rustls client trusts the CA file named in
-//! config (tests generate one), and refuses an origin it cannot verify.
+//! config (tests generate one), speaks HTTP/2 where the origin offers it,
+//! and refuses an origin it cannot verify.
 
 mod common;
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::{Cistern, find_files, get, pattern};
@@ -14,9 +15,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{CertificateParams, KeyPair};
 use tokio::net::TcpListener;
 
-/// A TLS origin for `localhost` with a certificate signed by a fresh CA;
-/// returns its port and the CA's PEM.
-async fn tls_origin(body: Bytes) -> (u16, String) {
+/// The HTTP versions of the requests a TLS origin answered.
+type Versions = Arc<Mutex<Vec<http::Version>>>;
+
+/// A TLS origin for `localhost` (ALPN h2 and http/1.1) with a certificate
+/// signed by a fresh CA; returns its port, the CA's PEM and the versions of
+/// the requests it sees.
+async fn tls_origin(body: Bytes) -> (u16, String, Versions) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -40,6 +45,8 @@ async fn tls_origin(body: Bytes) -> (u16, String) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let versions = Versions::default();
+    let seen = versions.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -47,11 +54,13 @@ async fn tls_origin(body: Bytes) -> (u16, String) {
             };
             let acceptor = acceptor.clone();
             let body = body.clone();
+            let seen = seen.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let svc = service_fn(move |_req| {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    seen.lock().unwrap().push(req.version());
                     let body = body.clone();
                     async move {
                         let mut resp = http::Response::new(Full::new(body));
@@ -66,13 +75,13 @@ async fn tls_origin(body: Bytes) -> (u16, String) {
             });
         }
     });
-    (port, ca.pem())
+    (port, ca.pem(), versions)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_mirror_is_verified_with_the_configured_ca_and_cached() {
     let body = pattern(1, 100_000);
-    let (port, ca_pem) = tls_origin(body.clone()).await;
+    let (port, ca_pem, versions) = tls_origin(body.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
     let config = format!(
@@ -97,12 +106,17 @@ mirror "secure" {{ prefix "/s/"; upstream "https://localhost:{port}/"; }}
         find_files(&cistern.root),
         vec![format!("localhost:{port}/file.bin")]
     );
+    assert_eq!(
+        *versions.lock().unwrap(),
+        vec![http::Version::HTTP_2],
+        "one upstream request, in HTTP/2 as the origin offers it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_origin_signed_by_an_unknown_ca_is_refused_with_502() {
-    let (port, _ca_pem) = tls_origin(pattern(2, 10)).await;
-    let (_, other_ca) = tls_origin(pattern(3, 10)).await;
+    let (port, _ca_pem, _) = tls_origin(pattern(2, 10)).await;
+    let (_, other_ca, _) = tls_origin(pattern(3, 10)).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), other_ca).unwrap();
     let config = format!(
