@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Cistern, Origin, Resource, find_files, get, pattern};
+use common::{Cistern, Origin, Resource, find_files, free_port, get, pattern};
 
 /// A tmpfs of a fixed size, unmounted when dropped.
 struct Tmpfs(PathBuf);
@@ -54,6 +54,7 @@ async fn a_full_replica_disk_passes_bodies_through_and_keeps_the_replica() {
         Resource::new(stream.clone()).unknown_length(),
     );
     origin.put("/pool/later.deb", Resource::new(later.clone()));
+    let admin = free_port();
     let config = format!(
         r#"listen "127.0.0.1:{{PORT}}"
 store {{
@@ -63,6 +64,9 @@ store {{
 mirror "files" {{
     prefix "/files/"
     upstream "http://{}/"
+}}
+admin {{
+    listen "127.0.0.1:{admin}"
 }}
 "#,
         origin.addr
@@ -124,6 +128,14 @@ mirror "files" {{
     assert_eq!(
         std::fs::read(replica.join(&host).join("pool/small.deb")).unwrap(),
         small
+    );
+    // An operator's alert sees it: the ISO, the cut stream and the stream
+    // passed through afterwards.
+    let metrics = get(format!("127.0.0.1:{admin}").parse().unwrap(), "/metrics").await;
+    let text = String::from_utf8_lossy(metrics.bytes()).into_owned();
+    assert!(
+        text.lines().any(|l| l == "cistern_store_refusals_total 3"),
+        "{text}"
     );
     drop(cistern);
     // Give a dying process a moment before the lazy unmount.

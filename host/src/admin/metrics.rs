@@ -48,6 +48,7 @@ pub struct Metrics {
     fills_failed: AtomicU64,
     coalesced_followers: AtomicU64,
     limited: AtomicU64,
+    store_refusals: AtomicU64,
 }
 
 /// A copy of the counters at one moment (JSON API, tests).
@@ -71,6 +72,9 @@ pub struct MetricsSnapshot {
     pub coalesced_followers: u64,
     /// Requests refused with 429 by the per-client limit.
     pub limited: u64,
+    /// Responses the replica store could not keep (no disk room, or a
+    /// write error): passed through unstored, or cut when the disk ran full.
+    pub store_refusals: u64,
 }
 
 impl Metrics {
@@ -117,6 +121,11 @@ impl Metrics {
         self.limited.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a response the replica store could not keep.
+    pub fn store_refusal(&self) {
+        self.store_refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Requests answered with `outcome` so far.
     pub fn requests(&self, outcome: CacheOutcome) -> u64 {
         self.requests[outcome_index(outcome)].load(Ordering::Relaxed)
@@ -138,6 +147,7 @@ impl Metrics {
             fills_failed: load(&self.fills_failed),
             coalesced_followers: load(&self.coalesced_followers),
             limited: load(&self.limited),
+            store_refusals: load(&self.store_refusals),
         }
     }
 }
@@ -268,6 +278,12 @@ pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
         Kind::Counter,
         "Requests refused with 429 by the per-client rate limit.",
         m.limited,
+    );
+    w.single(
+        "cistern_store_refusals_total",
+        Kind::Counter,
+        "Responses the replica could not keep (no disk room beside min-free, or a write error): passed through unstored, or cut when the disk ran full mid-body.",
+        m.store_refusals,
     );
 }
 

@@ -701,6 +701,7 @@ impl Inner {
                 // The disk refuses the replica: this client is still served,
                 // uncached, and the reason is logged.
                 tracing::warn!(target: "cistern::fetch", key = %key, "not caching: {e}");
+                self.metrics.store_refusal();
                 if resumed_from.is_some() {
                     // The 206 continues our partial, but the client asked
                     // for the whole body; the partial cannot be finished.
@@ -1091,6 +1092,7 @@ impl Inner {
                 Ok(())
             }
             Ok(Err(e)) if crate::store::room::is_no_space(&e) => {
+                self.metrics.store_refusal();
                 let (key, path, at) = (partial.key.clone(), partial.path.clone(), *written);
                 let store = self.store.clone();
                 match tokio::task::spawn_blocking(move || store.ran_full(&key, path, at)).await {
