@@ -156,6 +156,19 @@ struct Shape {
     usage: &'static str,
 }
 
+impl Shape {
+    /// A node with `args` positional arguments (fewest, most) and neither
+    /// properties nor a block.
+    const fn leaf(args: (usize, usize), usage: &'static str) -> Shape {
+        Shape {
+            args,
+            props: &[],
+            children: false,
+            usage,
+        }
+    }
+}
+
 /// A node's entries after the shape checks: positional arguments in order
 /// and the accepted properties by name.
 struct Entries<'n> {
@@ -756,15 +769,7 @@ pub(super) fn default_state(root: &Path) -> PathBuf {
 
 /// `listen "ADDR:PORT"`
 fn listen(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
-    let e = cx.entries(
-        node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "listen \"127.0.0.1:8080\"",
-        },
-    );
+    let e = cx.entries(node, &Shape::leaf((1, 1), "listen \"127.0.0.1:8080\""));
     let Some(arg) = e.arg(0) else { return };
     let hint = "\"127.0.0.1:8080\", \"0.0.0.0:8080\", \"[::]:8080\"";
     let Some(addr) = cx.socket_addr(e.name, arg, hint) else {
@@ -787,12 +792,7 @@ fn listen(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
 fn mode(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "mode \"normal\"  // or \"static\", \"offline\"",
-        },
+        &Shape::leaf((1, 1), "mode \"normal\"  // or \"static\", \"offline\""),
     );
     let Some(arg) = e.arg(0) else { return };
     let Some(text) = cx.string(e.name, arg) else {
@@ -869,12 +869,7 @@ fn store(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     });
 }
 
-const PATH_ARG: Shape = Shape {
-    args: (1, 1),
-    props: &[],
-    children: false,
-    usage: "NAME \"path\"",
-};
+const PATH_ARG: Shape = Shape::leaf((1, 1), "NAME \"path\"");
 
 fn store_root(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
     let e = cx.entries(node, &PATH_ARG);
@@ -895,12 +890,7 @@ fn store_state(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
 fn store_layout(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "layout \"host-port\"  // or \"flat\"",
-        },
+        &Shape::leaf((1, 1), "layout \"host-port\"  // or \"flat\""),
     );
     let Some(arg) = e.arg(0) else { return };
     let Some(text) = cx.string(e.name, arg) else {
@@ -916,12 +906,7 @@ fn store_layout(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
     }
 }
 
-const SIZE_ARG: Shape = Shape {
-    args: (1, 1),
-    props: &[],
-    children: false,
-    usage: "NAME \"20GiB\"",
-};
+const SIZE_ARG: Shape = Shape::leaf((1, 1), "NAME \"20GiB\"");
 
 fn store_max_size(cx: &mut Cx<'_>, node: &KdlNode, d: &mut StoreDraft) {
     let e = cx.entries(node, &SIZE_ARG);
@@ -995,12 +980,7 @@ fn forward(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     top.forward = Some(d.config);
 }
 
-const BOOL_ARG: Shape = Shape {
-    args: (1, 1),
-    props: &[],
-    children: false,
-    usage: "NAME #true  // or #false",
-};
+const BOOL_ARG: Shape = Shape::leaf((1, 1), "NAME #true  // or #false");
 
 /// `NAME #true` or `NAME #false`.
 fn bool_node(cx: &mut Cx<'_>, node: &KdlNode) -> Option<bool> {
@@ -1012,12 +992,10 @@ fn forward_allow(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ForwardDraft) {
     d.allow_given = true;
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, usize::MAX),
-            props: &[],
-            children: false,
-            usage: "allow \"127.0.0.0/8\" \"::1/128\" \"192.168.1.7\"",
-        },
+        &Shape::leaf(
+            (1, usize::MAX),
+            "allow \"127.0.0.0/8\" \"::1/128\" \"192.168.1.7\"",
+        ),
     );
     for arg in &e.args {
         let Some(text) = cx.string(e.name, arg) else {
@@ -1059,12 +1037,7 @@ fn forward_connect_ports(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ForwardDraft) 
     d.ports_given = true;
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, usize::MAX),
-            props: &[],
-            children: false,
-            usage: "connect-ports 443 8443",
-        },
+        &Shape::leaf((1, usize::MAX), "connect-ports 443 8443"),
     );
     for arg in &e.args {
         if let Some(port) = cx.integer::<u16>(e.name, arg, 1)
@@ -1079,12 +1052,7 @@ fn forward_connect_ports(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ForwardDraft) 
 fn policy_list(cx: &mut Cx<'_>, node: &KdlNode) -> Vec<(String, SourceSpan)> {
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, usize::MAX),
-            props: &[],
-            children: false,
-            usage: "policies \"store-id\" \"distro\"",
-        },
+        &Shape::leaf((1, usize::MAX), "policies \"store-id\" \"distro\""),
     );
     let mut out: Vec<(String, SourceSpan)> = Vec::new();
     for arg in &e.args {
@@ -1173,15 +1141,7 @@ fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
 }
 
 fn mirror_prefix(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
-    let e = cx.entries(
-        node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "prefix \"/debian/\"",
-        },
-    );
+    let e = cx.entries(node, &Shape::leaf((1, 1), "prefix \"/debian/\""));
     let Some(arg) = e.arg(0) else { return };
     let Some(text) = cx.string(e.name, arg) else {
         return;
@@ -1326,12 +1286,7 @@ fn limit_requests(cx: &mut Cx<'_>, node: &KdlNode, l: &mut LimitsConfig) {
 fn limit_download(cx: &mut Cx<'_>, node: &KdlNode, l: &mut LimitsConfig) {
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "download \"10MiB\"  // bytes per second",
-        },
+        &Shape::leaf((1, 1), "download \"10MiB\"  // bytes per second"),
     );
     let Some(arg) = e.arg(0) else { return };
     match cx.size(e.name, arg) {
@@ -1413,12 +1368,7 @@ fn timeouts(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
 fn duration_node(cx: &mut Cx<'_>, node: &KdlNode, zero_ok: bool) -> Option<Duration> {
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "NAME \"15s\"  // units: ms, s, m, h, d",
-        },
+        &Shape::leaf((1, 1), "NAME \"15s\"  // units: ms, s, m, h, d"),
     );
     let arg = e.arg(0)?;
     if zero_ok {
@@ -1590,15 +1540,7 @@ fn policy_source(cx: &mut Cx<'_>, entry: &KdlEntry) -> Option<PolicySource> {
 }
 
 fn policy_param(cx: &mut Cx<'_>, node: &KdlNode, params: &mut Vec<(String, String)>) {
-    let e = cx.entries(
-        node,
-        &Shape {
-            args: (2, 2),
-            props: &[],
-            children: false,
-            usage: "param \"key\" \"value\"",
-        },
-    );
+    let e = cx.entries(node, &Shape::leaf((2, 2), "param \"key\" \"value\""));
     let key = e.arg(0).and_then(|a| cx.string(e.name, a));
     let value = e.arg(1).and_then(|a| cx.string(e.name, a));
     if let (Some(k), Some(v)) = (key, value) {
@@ -1673,15 +1615,7 @@ fn admin_finish(
 }
 
 fn admin_listen(cx: &mut Cx<'_>, node: &KdlNode, d: &mut AdminDraft) {
-    let e = cx.entries(
-        node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "listen \"127.0.0.1:9090\"",
-        },
-    );
+    let e = cx.entries(node, &Shape::leaf((1, 1), "listen \"127.0.0.1:9090\""));
     let Some(arg) = e.arg(0) else { return };
     let hint = "\"127.0.0.1:9090\" (loopback only is the safe choice: the admin UI has no login)";
     if let Some(addr) = cx.socket_addr(e.name, arg, hint) {

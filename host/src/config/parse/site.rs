@@ -149,15 +149,7 @@ fn host_name(cx: &mut Cx<'_>, entry: &KdlEntry) -> Option<String> {
 }
 
 fn site_listen(cx: &mut Cx<'_>, node: &KdlNode, d: &mut SiteDraft) {
-    let e = cx.entries(
-        node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "listen \"127.0.0.1:8443\"",
-        },
-    );
+    let e = cx.entries(node, &Shape::leaf((1, 1), "listen \"127.0.0.1:8443\""));
     let Some(arg) = e.arg(0) else { return };
     let Some(addr) = cx.socket_addr(e.name, arg, "\"0.0.0.0:443\", \"[::]:443\"") else {
         return;
@@ -211,15 +203,7 @@ fn site_upstream(cx: &mut Cx<'_>, node: &KdlNode, d: &mut SiteDraft) {
 
 /// `default-site "example.org"`
 pub(super) fn default_site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
-    let e = cx.entries(
-        node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage: "default-site \"example.org\"",
-        },
-    );
+    let e = cx.entries(node, &Shape::leaf((1, 1), "default-site \"example.org\""));
     let Some(arg) = e.arg(0) else { return };
     if let Some(name) = cx.string(e.name, arg) {
         top.sites.default_site = Some((name.to_ascii_lowercase(), arg.span()));
