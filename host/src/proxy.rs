@@ -510,41 +510,32 @@ impl Proxy {
             settings: snap.settings.clone(),
             hook: policy.map(|p| p.hook(&headers)),
         };
-        match self.engine.fill(job) {
-            FillTicket::Ready(replica) => match self
-                .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
-                .await
-            {
-                Ok(a) => a,
-                Err(e) => Answer::local(internal(&e)),
-            },
+        let (fill, passthrough, outcome) = match self.engine.fill(job) {
+            FillTicket::Ready(replica) => {
+                return match self
+                    .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => Answer::local(internal(&e)),
+                };
+            }
             FillTicket::Leader { fill, passthrough } => {
-                self.follow(
-                    &method,
-                    &headers,
-                    &key_uri,
-                    fill,
-                    Some(passthrough),
-                    CacheOutcome::Miss,
-                    &upstreams,
-                    snap,
-                )
-                .await
+                (fill, Some(passthrough), CacheOutcome::Miss)
             }
-            FillTicket::Follower(fill) => {
-                self.follow(
-                    &method,
-                    &headers,
-                    &key_uri,
-                    fill,
-                    None,
-                    CacheOutcome::Coalesced,
-                    &upstreams,
-                    snap,
-                )
-                .await
-            }
-        }
+            FillTicket::Follower(fill) => (fill, None, CacheOutcome::Coalesced),
+        };
+        self.follow(
+            &method,
+            &headers,
+            &key_uri,
+            fill,
+            passthrough,
+            outcome,
+            &upstreams,
+            snap,
+        )
+        .await
     }
 
     /// Waits for a fill's head, then reads along it.

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use super::api::{Download, FileEntry, Listing, Mirror, Policy, Status};
+use crate::config::units::format_size as bytes;
 use crate::store::meta::from_unix_secs;
 
 /// The stylesheet, served at `/static/cistern.css`.
@@ -36,21 +37,6 @@ pub fn esc(text: &str) -> String {
         }
     }
     out
-}
-
-/// `1536` → `1.5 KiB`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
 }
 
 /// Seconds → `42 s`, `5 min`, `3 h`, `12 d`.

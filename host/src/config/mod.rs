@@ -10,7 +10,7 @@
 mod error;
 mod model;
 mod parse;
-mod units;
+pub(crate) mod units;
 
 #[cfg(test)]
 mod tests;

@@ -913,17 +913,20 @@ impl Inner {
         let announced = announced_sha256(resp.headers());
         let idle = job.settings.idle;
         let mut body = resp.into_body();
-        let mut written = start;
-        // Hash while streaming; a resumed fill hashes the whole file at the end.
-        let mut hasher = (start == 0).then(Sha256::new);
+        let mut sink = BodySink {
+            partial,
+            batch: Vec::new(),
+            batch_len: 0,
+            written: start,
+            // Hash while streaming; a resumed fill hashes the whole file at the end.
+            hasher: (start == 0).then(Sha256::new),
+        };
         let mut orphan_since: Option<Instant> = None;
-        let mut batch: Vec<Bytes> = Vec::new();
-        let mut batch_len = 0usize;
         let mut ended = false;
         while !ended {
             // Gather frames that are already there, up to one batch.
             loop {
-                let next = if batch.is_empty() {
+                let next = if sink.batch.is_empty() {
                     match tokio::time::timeout(idle, body.frame()).await {
                         Ok(f) => f,
                         Err(_) => {
@@ -946,18 +949,10 @@ impl Inner {
                     }
                     Some(Err(e)) => {
                         // Keep what arrived: it is a valid prefix for a resume.
-                        self.flush(
-                            &partial,
-                            &mut batch,
-                            &mut batch_len,
-                            &mut written,
-                            &mut hasher,
-                        )
-                        .await?;
-                        publish_written(fill, written);
+                        self.flush(fill, &mut sink).await?;
                         return Err(FetchError::Body {
                             url: url_s,
-                            written,
+                            written: sink.written,
                             reason: error_chain(&e),
                         });
                     }
@@ -965,9 +960,9 @@ impl Inner {
                         if let Ok(data) = frame.into_data()
                             && !data.is_empty()
                         {
-                            batch_len += data.len();
-                            batch.push(data);
-                            if batch_len >= WRITE_BATCH {
+                            sink.batch_len += data.len();
+                            sink.batch.push(data);
+                            if sink.batch_len >= WRITE_BATCH {
                                 break;
                             }
                         }
@@ -975,17 +970,10 @@ impl Inner {
                 }
             }
             if let Some(bw) = job.settings.limits.download() {
-                bw.acquire(batch_len).await;
+                bw.acquire(sink.batch_len).await;
             }
-            self.flush(
-                &partial,
-                &mut batch,
-                &mut batch_len,
-                &mut written,
-                &mut hasher,
-            )
-            .await?;
-            publish_written(fill, written);
+            self.flush(fill, &mut sink).await?;
+            let written = sink.written;
             if let Some(total) = head.length
                 && written > total
             {
@@ -1007,6 +995,12 @@ impl Inner {
                 orphan_since = None;
             }
         }
+        let BodySink {
+            partial,
+            written,
+            hasher,
+            ..
+        } = sink;
         if let Some(total) = head.length
             && written != total
         {
@@ -1055,22 +1049,16 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes the gathered frames at the end of the partial file.
-    async fn flush(
-        &self,
-        partial: &PartialFile,
-        batch: &mut Vec<Bytes>,
-        batch_len: &mut usize,
-        written: &mut u64,
-        hasher: &mut Option<Sha256>,
-    ) -> Result<(), FetchError> {
-        if batch.is_empty() {
+    /// Writes the gathered frames at the end of the partial file and tells
+    /// the readers how far the file goes.
+    async fn flush(&self, fill: &Fill, sink: &mut BodySink) -> Result<(), FetchError> {
+        if sink.batch.is_empty() {
             return Ok(());
         }
-        let chunks = std::mem::take(batch);
-        let file = partial.file.clone();
-        let offset = *written;
-        let mut h = hasher.take();
+        let chunks = std::mem::take(&mut sink.batch);
+        let file = sink.partial.file.clone();
+        let offset = sink.written;
+        let mut h = sink.hasher.take();
         let result = tokio::task::spawn_blocking(move || {
             let mut at = offset;
             for chunk in &chunks {
@@ -1086,28 +1074,38 @@ impl Inner {
         match result {
             Ok(Ok((h, at))) => {
                 self.metrics.upstream_bytes(at - offset);
-                *hasher = h;
-                *written = at;
-                *batch_len = 0;
+                sink.hasher = h;
+                sink.written = at;
+                sink.batch_len = 0;
+                publish_written(fill, at);
                 Ok(())
             }
             Ok(Err(e)) if crate::store::room::is_no_space(&e) => {
                 self.metrics.store_refusal();
-                let (key, path, at) = (partial.key.clone(), partial.path.clone(), *written);
-                let store = self.store.clone();
-                match tokio::task::spawn_blocking(move || store.ran_full(&key, path, at)).await {
-                    Ok(e) => Err(FetchError::Store(e)),
-                    Err(_) => Err(FetchError::Vanished),
-                }
+                let (key, path) = (sink.partial.key.clone(), sink.partial.path.clone());
+                self.blocking(move |s| Err(s.ran_full(&key, path, offset)))
+                    .await
             }
             Ok(Err(e)) => Err(FetchError::Store(StoreError::Io {
                 op: "write partial file",
-                path: partial.path.clone(),
+                path: sink.partial.path.clone(),
                 source: e,
             })),
             Err(_) => Err(FetchError::Vanished),
         }
     }
+}
+
+/// The partial file a fill appends to, with the frames gathered for its
+/// next write.
+struct BodySink {
+    partial: PartialFile,
+    batch: Vec<Bytes>,
+    batch_len: usize,
+    /// Bytes in the file.
+    written: u64,
+    /// SHA-256 of the bytes so far; `None` when resuming.
+    hasher: Option<Sha256>,
 }
 
 fn publish_written(fill: &Fill, now: u64) {

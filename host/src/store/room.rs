@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::units::format_size;
+
 /// How long after running out of space bodies of unknown length are not
 /// stored.
 pub const FULL_PAUSE: Duration = Duration::from_secs(60);
@@ -49,15 +51,15 @@ impl std::fmt::Display for NoRoom {
             Some(n) => write!(
                 f,
                 "{} free, the body needs {}, fills under way {} more, min-free {}",
-                Bytes(self.available),
-                Bytes(n),
-                Bytes(self.reserved),
-                Bytes(self.min_free)
+                format_size(self.available),
+                format_size(n),
+                format_size(self.reserved),
+                format_size(self.min_free)
             ),
             None => write!(
                 f,
                 "{} free and the disk ran full less than {}s ago; a body of unknown length is not stored",
-                Bytes(self.available),
+                format_size(self.available),
                 FULL_PAUSE.as_secs()
             ),
         }
@@ -153,26 +155,6 @@ pub fn is_no_space(e: &io::Error) -> bool {
 fn available(dir: &Path) -> io::Result<u64> {
     let st = rustix::fs::statvfs(dir)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
-/// A byte count for people: `1.5 MiB`.
-struct Bytes(u64);
-
-impl std::fmt::Display for Bytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-        let mut v = self.0 as f64;
-        let mut unit = 0;
-        while v >= 1024.0 && unit + 1 < UNITS.len() {
-            v /= 1024.0;
-            unit += 1;
-        }
-        if unit == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{v:.1} {}", UNITS[unit])
-        }
-    }
 }
 
 #[cfg(test)]
