@@ -1074,6 +1074,7 @@ impl Inner {
         match result {
             Ok(Ok((h, at))) => {
                 self.metrics.upstream_bytes(at - offset);
+                sink.partial.wrote(at - offset);
                 sink.hasher = h;
                 sink.written = at;
                 sink.batch_len = 0;

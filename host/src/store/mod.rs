@@ -224,7 +224,14 @@ pub struct PartialFile {
     /// What was recorded about the fill.
     pub meta: PartialMeta,
     /// Disk room held for the rest of the body until the fill ends.
-    _room: room::Reservation,
+    room: room::Reservation,
+}
+
+impl PartialFile {
+    /// Records `n` more bytes written, giving back their reserved room.
+    pub fn wrote(&mut self, n: u64) {
+        self.room.wrote(n);
+    }
 }
 
 /// Totals for the admin UI and eviction.
@@ -610,7 +617,7 @@ impl ReplicaStore {
             len,
             path: part,
             meta,
-            _room: reservation,
+            room: reservation,
         })
     }
 

@@ -66,16 +66,28 @@ impl std::fmt::Display for NoRoom {
     }
 }
 
-/// Room held for one fill until it ends (commit, discard or failure).
+/// Room held for the part of one fill's body not written yet, until the
+/// fill ends (commit, discard or failure).
 #[derive(Debug)]
 pub struct Reservation {
-    bytes: u64,
+    /// Bytes still held.
+    left: u64,
     reserved: Arc<AtomicU64>,
+}
+
+impl Reservation {
+    /// Gives back the room of `n` bytes just written: they now show in the
+    /// filesystem's free space, and must not be counted twice.
+    pub fn wrote(&mut self, n: u64) {
+        let n = n.min(self.left);
+        self.left -= n;
+        self.reserved.fetch_sub(n, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.reserved.fetch_sub(self.left, Ordering::Relaxed);
     }
 }
 
@@ -135,7 +147,7 @@ impl Room {
             });
         }
         Ok(Reservation {
-            bytes,
+            left: bytes,
             reserved: self.reserved.clone(),
         })
     }
@@ -171,6 +183,27 @@ mod tests {
         assert!(room.decide(1_000, Some(400)).is_ok());
         drop(first);
         assert!(room.decide(1_000, Some(900)).is_ok());
+    }
+
+    #[test]
+    fn written_bytes_stop_counting_as_reserved() {
+        let room = Room::new(0);
+        let mut first = room.decide(1_000, Some(800)).expect("fits");
+        assert!(room.decide(1_000, Some(300)).is_err());
+        // 600 bytes written: the filesystem now shows 400 free, of which
+        // the first fill still holds 200.
+        first.wrote(600);
+        let second = room.decide(400, Some(200)).expect("fits beside the rest");
+        // Writing past the announced length gives back no more than held.
+        first.wrote(10_000);
+        drop(first);
+        assert_eq!(
+            room.reserved.load(Ordering::Relaxed),
+            200,
+            "the second fill's"
+        );
+        drop(second);
+        assert_eq!(room.reserved.load(Ordering::Relaxed), 0);
     }
 
     #[test]
