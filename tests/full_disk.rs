@@ -141,3 +141,77 @@ admin {{
     // Give a dying process a moment before the lazy unmount.
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_to_resume_that_no_longer_fits_is_served_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_disk) = Tmpfs::mount(&dir.path().join("disk"), "4m") else {
+        eprintln!("skipped: mounting a tmpfs needs root (CAP_SYS_ADMIN)");
+        return;
+    };
+    let origin = Origin::start().await;
+    let iso = pattern(5, 3 << 20);
+    // The first transfer breaks after 1 MiB, leaving a partial to resume.
+    origin.put(
+        "/iso/netinst.iso",
+        Resource::new(iso.clone()).die_after(1 << 20, 1),
+    );
+    let config = format!(
+        r#"listen "127.0.0.1:{{PORT}}"
+store {{
+    root "disk/replica"
+    min-free "256KiB"
+}}
+mirror "files" {{
+    prefix "/files/"
+    upstream "http://{}/"
+}}
+"#,
+        origin.addr
+    );
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    let partials = dir.path().join("disk/replica.cistern/partial");
+
+    let cut = get(cistern.addr, "/files/iso/netinst.iso").await;
+    assert!(cut.body.is_err(), "the cut transfer fails");
+    assert_eq!(
+        find_files(&partials).len(),
+        2,
+        "the partial and its metadata"
+    );
+    // Something else takes 1.5 MiB of the disk: the 2 MiB still to come
+    // no longer fit.
+    std::fs::write(dir.path().join("disk/other"), vec![0u8; 3 << 19]).unwrap();
+
+    let got = get(cistern.addr, "/files/iso/netinst.iso").await;
+    assert_eq!(got.bytes(), &iso, "the whole file, not the resumed tail");
+    assert_eq!(got.header("cache-status"), "cistern; fwd=bypass");
+    assert_eq!(
+        find_files(&partials),
+        Vec::<String>::new(),
+        "the partial that cannot be finished gives its space back"
+    );
+    let ranges: Vec<_> = origin
+        .seen()
+        .iter()
+        .map(|s| {
+            s.headers
+                .get("range")
+                .map(|v| v.to_str().unwrap().to_owned())
+        })
+        .collect();
+    // Asked to resume from what the partial held, then fetched whole for
+    // the client.
+    let resumed_from = ranges[1]
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        ranges.len() == 3
+            && ranges[0].is_none()
+            && resumed_from.is_some_and(|n| n > 0 && n <= 1 << 20)
+            && ranges[2].is_none(),
+        "{ranges:?}"
+    );
+}
