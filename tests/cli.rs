@@ -99,3 +99,68 @@ async fn flat_offline_and_limit_flags() {
     assert_eq!(get(cistern.addr, &origin.url("/never")).await.status, 504);
     assert_eq!(origin.hits("/never"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bind_timeout_and_debug_flags_take_effect() {
+    let origin = Origin::start().await;
+    origin.put("/a", Resource::new(pattern(3, 10)));
+    // 64 KiB, then the origin goes quiet for longer than any test waits.
+    origin.put(
+        "/stalls",
+        Resource::new(pattern(4, 256 * 1024)).slow(Duration::from_secs(60)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("cistern.log")).unwrap();
+    // Not `Cistern::spawn`: it turns debug logging on by itself.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["-b", "127.0.0.3", "-p", &port.to_string()])
+        .args(["--timeout", "2", "--debug"])
+        .env_remove("CISTERN_LOG")
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "cistern never listened on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // --bind: on the address asked for, and only there.
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "--bind 127.0.0.3 also listened on 127.0.0.1"
+    );
+    assert_eq!(get(addr, &origin.url("/a")).await.bytes(), &pattern(3, 10));
+
+    // --timeout 2: a stalled upstream fails the transfer after about two
+    // seconds, not the default fifteen, and never as a complete body.
+    let started = Instant::now();
+    let stalled = get(addr, &origin.url("/stalls")).await;
+    let took = started.elapsed();
+    assert!(stalled.body.is_err(), "a cut body passed as complete");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(12),
+        "the stalled transfer ended after {took:?}"
+    );
+
+    // --debug: engine events (not only access lines) are logged.
+    let text = || std::fs::read_to_string(dir.path().join("cistern.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !text().contains("fill complete") {
+        assert!(
+            Instant::now() < deadline,
+            "--debug logged no fill events:\n{}",
+            text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

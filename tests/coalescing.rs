@@ -105,19 +105,28 @@ async fn range_requests_are_answered_while_the_file_is_still_filling() {
     const SIZE: usize = 8 * 1024 * 1024;
     let origin = Origin::start().await;
     let body = pattern(5, SIZE);
+    // 128 chunks of 64 KiB, 25 ms apart: the fill takes over 3 s.
     origin.put(
         "/pkg.tar",
-        Resource::new(body.clone()).slow(Duration::from_millis(5)),
+        Resource::new(body.clone()).slow(Duration::from_millis(25)),
     );
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &common::files_mirror(&origin), &[]);
+    let committed = cistern.root.join(origin.addr.to_string()).join("pkg.tar");
 
     // Start the fill, then ask for a range near the start and one near the end.
     let leader = tokio::spawn({
         let addr = cistern.addr;
         async move { common::read(send(addr, "GET", "/files/pkg.tar", &[]).await).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while origin.first_byte_at("/pkg.tar").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the origin never started sending"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let early = request(
         cistern.addr,
         "GET",
@@ -131,6 +140,12 @@ async fn range_requests_are_answered_while_the_file_is_still_filling() {
         format!("bytes 100-199/{SIZE}")
     );
     assert_eq!(early.bytes(), &body.slice(100..200));
+    // Answered from the growing partial, not after the download: the
+    // replica is not committed yet and the leader is still reading.
+    assert!(
+        !committed.exists() && !leader.is_finished(),
+        "the early range waited for the whole fill"
+    );
     let tail = request(
         cistern.addr,
         "GET",

@@ -39,7 +39,7 @@ impl Drop for Tmpfs {
 async fn a_full_replica_disk_passes_bodies_through_and_keeps_the_replica() {
     let dir = tempfile::tempdir().unwrap();
     let Some(_disk) = Tmpfs::mount(&dir.path().join("disk"), "4m") else {
-        eprintln!("skipped: mounting a tmpfs needs root (CAP_SYS_ADMIN)");
+        common::skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)");
         return;
     };
     let origin = Origin::start().await;
@@ -146,7 +146,7 @@ admin {{
 async fn a_download_to_resume_that_no_longer_fits_is_served_whole() {
     let dir = tempfile::tempdir().unwrap();
     let Some(_disk) = Tmpfs::mount(&dir.path().join("disk"), "4m") else {
-        eprintln!("skipped: mounting a tmpfs needs root (CAP_SYS_ADMIN)");
+        common::skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)");
         return;
     };
     let origin = Origin::start().await;

@@ -196,8 +196,8 @@ async fn a_trapping_policy_fails_open_or_closed_as_configured() {
             r#"
 listen "127.0.0.1:{{PORT}}"
 store {{ root "{{ROOT}}"; }}
-policy "trap" path="trap.wat" on-error="{on_error}"
-mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "trap"; }}
+policy "guard" path="trap.wat" on-error="{on_error}"
+mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "guard"; }}
 "#,
             origin.addr
         );
@@ -206,9 +206,21 @@ mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "trap"; }}
             let got = request(cistern.addr, "GET", "/file", &[]).await;
             assert_eq!(got.status.as_u16(), want, "on-error={on_error}");
         }
-        // The failure is logged with the policy's name.
+        // The failure is logged with the policy's name, the hook and what
+        // config said to do. (The policy is not called "trap", so the word
+        // in its name cannot pass for the failure's kind.)
+        let want_fields = [
+            "policy failed".to_owned(),
+            r#"policy="guard""#.to_owned(),
+            r#"hook="on_request""#.to_owned(),
+            r#"kind="trap""#.to_owned(),
+            format!(r#"on_error="{on_error}""#),
+        ];
         cistern
-            .log_when("the policy's name", |log| log.contains("trap"))
+            .log_when("the policy failure with its fields", |log| {
+                log.lines()
+                    .any(|l| want_fields.iter().all(|f| l.contains(f.as_str())))
+            })
             .await;
         drop(cistern);
         let _ = std::fs::remove_dir_all(dir.path().join("replica"));

@@ -190,7 +190,7 @@ async fn curl_fetches_a_site_over_http11_and_http2() {
         .output()
         .await
     else {
-        eprintln!("curl is not installed: skipping the curl client check");
+        common::skip("curl is not installed: no curl client check");
         return;
     };
     let features = String::from_utf8_lossy(&version.stdout).into_owned();

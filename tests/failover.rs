@@ -1,0 +1,85 @@
+//! A mirror with several upstreams: a dead or failing first mirror is
+//! skipped, the file still lands under the first mirror's directory, and a
+//! mirror that keeps failing is tried last.
+
+mod common;
+
+use common::{Cistern, Origin, Resource, find_files, free_port, get, pattern};
+
+fn two_mirrors(first: &str, second: &Origin) -> String {
+    format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{
+    root "{{ROOT}}"
+}}
+mirror "debian" {{
+    prefix "/debian/"
+    upstream "{first}"
+    upstream "http://{}/debian/"
+}}
+"#,
+        second.addr
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_first_mirror_fails_over_to_the_second() {
+    let origin = Origin::start().await;
+    let body = pattern(1, 300_000);
+    origin.put("/debian/pool/hello.deb", Resource::new(body.clone()));
+    // Nothing listens there: every connection is refused.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(
+        dir.path(),
+        &two_mirrors(&format!("http://{dead}/debian/"), &origin),
+        &[],
+    );
+
+    let got = get(cistern.addr, "/debian/pool/hello.deb").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.bytes(), &body);
+    assert_eq!(origin.hits("/debian/pool/hello.deb"), 1);
+    // One replica, named after the first mirror, whichever one served it.
+    assert_eq!(
+        find_files(&cistern.root),
+        vec![format!("{dead}/debian/pool/hello.deb")]
+    );
+    let again = get(cistern.addr, "/debian/pool/hello.deb").await;
+    assert_eq!(again.bytes(), &body);
+    assert_eq!(again.header("cache-status"), "cistern; hit");
+    assert_eq!(origin.hits("/debian/pool/hello.deb"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_answering_5xx_is_skipped_then_tried_last() {
+    let broken = Origin::start().await;
+    let good = Origin::start().await;
+    for i in 0..6 {
+        let path = format!("/debian/pool/p{i}.deb");
+        broken.put(
+            &path,
+            Resource {
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                ..Resource::new(pattern(9, 10))
+            },
+        );
+        good.put(&path, Resource::new(pattern(i, 1000)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(
+        dir.path(),
+        &two_mirrors(&format!("http://{}/debian/", broken.addr), &good),
+        &[],
+    );
+    for i in 0..6u8 {
+        let got = get(cistern.addr, &format!("/debian/pool/p{i}.deb")).await;
+        assert_eq!(got.status, 200, "p{i}");
+        assert_eq!(got.bytes(), &pattern(i, 1000), "p{i}: the 503 body leaked");
+    }
+    // Three failures in a row mark the first mirror down: the next
+    // requests go straight to the second.
+    assert_eq!(broken.seen().len(), 3, "{:?}", broken.seen());
+    assert_eq!(good.seen().len(), 6);
+}
