@@ -28,6 +28,12 @@ pub enum CacheOutcome {
     Coalesced,
     /// The replica was stale; the upstream confirmed it (304).
     Revalidated,
+    /// The replica was stale and the upstream failed (connect error,
+    /// timeout, 5xx): served stale, as `stale-if-error` allows.
+    StaleOnError,
+    /// The replica was stale and served at once while a background fetch
+    /// revalidates it, as `stale-while-revalidate` allows.
+    StaleRevalidating,
     /// Passed through without storing (other methods, unshareable responses,
     /// another Vary variant).
     Pass,
@@ -45,6 +51,8 @@ impl CacheOutcome {
             CacheOutcome::Miss => "miss",
             CacheOutcome::Coalesced => "coalesced",
             CacheOutcome::Revalidated => "revalidated",
+            CacheOutcome::StaleOnError => "stale",
+            CacheOutcome::StaleRevalidating => "stale-revalidating",
             CacheOutcome::Pass => "pass",
             CacheOutcome::Tunnel => "tunnel",
             CacheOutcome::Local => "local",
@@ -58,6 +66,10 @@ impl CacheOutcome {
             CacheOutcome::Miss => "cistern; fwd=miss; stored",
             CacheOutcome::Coalesced => "cistern; fwd=miss; collapsed",
             CacheOutcome::Revalidated => "cistern; hit; fwd=stale; fwd-status=304",
+            CacheOutcome::StaleOnError => "cistern; hit; fwd=stale; detail=stale-if-error",
+            CacheOutcome::StaleRevalidating => {
+                "cistern; hit; fwd=stale; detail=stale-while-revalidate"
+            }
             CacheOutcome::Pass => "cistern; fwd=bypass",
             CacheOutcome::Tunnel | CacheOutcome::Local => "cistern; detail=local",
         }

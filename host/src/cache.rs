@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy, RequestLike};
 
-use crate::config::CacheMode;
+use crate::config::{CacheMode, StaleRules};
 use crate::store::ObjectMeta;
 use crate::store::meta::{from_unix_secs, unix_secs};
 
@@ -146,6 +146,103 @@ pub fn evaluate(
     } else {
         Freshness::Stale(conditional)
     }
+}
+
+/// What a stale replica may still be used for, at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StaleUse {
+    /// It may answer when the upstream fails (connect error, timeout, 5xx).
+    pub if_error: bool,
+    /// It may answer at once while a background fetch revalidates it.
+    pub while_revalidate: bool,
+}
+
+/// How a stale replica may be used at `now` (RFC 5861, RFC 9111 §4.2.4).
+///
+/// The response's own `stale-if-error=N` / `stale-while-revalidate=N`
+/// decide where it has them; otherwise `rules` (config) do, unless the
+/// response forbids serving stale (`must-revalidate`, `proxy-revalidate`,
+/// `no-cache`, `s-maxage`). `must-revalidate` and `proxy-revalidate` win
+/// over everything. The windows count from the end of the freshness the
+/// stored headers give explicitly (`max-age`, `Expires`), or a policy's
+/// TTL; a response fresh only by heuristic counts from its last validation.
+pub fn stale_use(meta: &ObjectMeta, now: SystemTime, rules: StaleRules) -> StaleUse {
+    let mut forbid_defaults = false;
+    let mut forbid_all = false;
+    let mut if_error = None;
+    let mut while_revalidate = None;
+    let mut max_age = None;
+    for directive in stored_cache_control(meta) {
+        let (name, value) = match directive.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            None => (directive, None),
+        };
+        let secs = || value.and_then(|v| v.parse::<u64>().ok());
+        match name.to_ascii_lowercase().as_str() {
+            "must-revalidate" | "proxy-revalidate" => forbid_all = true,
+            "no-cache" | "s-maxage" => forbid_defaults = true,
+            "stale-if-error" => if_error = secs().map(Duration::from_secs),
+            "stale-while-revalidate" => while_revalidate = secs().map(Duration::from_secs),
+            "max-age" => max_age = secs(),
+            _ => {}
+        }
+    }
+    if forbid_all {
+        return StaleUse::default();
+    }
+    let (if_error, while_revalidate) = if forbid_defaults {
+        (
+            if_error.unwrap_or_default(),
+            while_revalidate.unwrap_or_default(),
+        )
+    } else {
+        (
+            if_error.unwrap_or(rules.if_error),
+            while_revalidate.unwrap_or(rules.while_revalidate),
+        )
+    };
+    let lifetime = match meta.ttl_override {
+        Some(ttl) => ttl,
+        None => max_age
+            .or_else(|| expires_lifetime(meta))
+            .unwrap_or(0)
+            .saturating_sub(
+                stored_header(meta, "age")
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(0),
+            ),
+    };
+    let stale_since = from_unix_secs(meta.validated_at) + Duration::from_secs(lifetime);
+    let stale_for = now.duration_since(stale_since).unwrap_or_default();
+    StaleUse {
+        if_error: !if_error.is_zero() && stale_for <= if_error,
+        while_revalidate: !while_revalidate.is_zero() && stale_for <= while_revalidate,
+    }
+}
+
+/// The stored response's `Cache-Control` directives, trimmed.
+fn stored_cache_control(meta: &ObjectMeta) -> impl Iterator<Item = &str> {
+    meta.headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("cache-control"))
+        .flat_map(|(_, v)| v.split(','))
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+}
+
+/// A stored response header's first value.
+fn stored_header<'m>(meta: &'m ObjectMeta, name: &str) -> Option<&'m str> {
+    meta.headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// `Expires` minus `Date`, in seconds, when both are there and valid.
+fn expires_lifetime(meta: &ObjectMeta) -> Option<u64> {
+    let expires = httpdate::parse_http_date(stored_header(meta, "expires")?).ok()?;
+    let date = httpdate::parse_http_date(stored_header(meta, "date")?).ok()?;
+    Some(expires.duration_since(date).unwrap_or_default().as_secs())
 }
 
 /// The age to report for a replica at `now`.

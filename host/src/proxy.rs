@@ -14,10 +14,10 @@ use hyper::body::Incoming;
 use crate::accesslog::{AccessRecord, CacheOutcome, LoggedBody};
 use crate::cache::{self, CacheRequest, Freshness};
 use crate::clock::Clock;
-use crate::config::{CacheMode, Config};
+use crate::config::{CacheMode, Config, StaleRules};
 use crate::fetch::{
-    FetchEngine, FetchError, FetchSettings, FillJob, FillState, FillTicket, HeadHook, Upstreams,
-    error_chain,
+    FetchEngine, FetchError, FetchSettings, FillJob, FillState, FillTicket, HeadHook, Side,
+    Upstreams, error_chain,
 };
 use crate::limit::Limits;
 use crate::policy::bridge::{PolicyHook, ProxyPolicyHost};
@@ -279,7 +279,9 @@ impl Proxy {
                     return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path"));
                 };
                 let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
-                self.proxied(req, conn, url, Upstreams::Mirror { set, rest }, chain, snap)
+                let stale = set.stale;
+                let upstreams = Upstreams::Mirror { set, rest };
+                self.proxied(req, conn, url, upstreams, chain, stale, snap)
                     .await
             }
             Route::Connect(authority) => {
@@ -328,6 +330,7 @@ impl Proxy {
                     url.clone(),
                     Upstreams::Single(url),
                     &snap.forward_chain,
+                    snap.config.forward.stale,
                     snap,
                 )
                 .await
@@ -343,13 +346,16 @@ impl Proxy {
                     .mirror_chains
                     .get(&set.name)
                     .unwrap_or(&snap.no_policies);
-                self.proxied(req, conn, url, Upstreams::Mirror { set, rest }, chain, snap)
+                let stale = set.stale;
+                let upstreams = Upstreams::Mirror { set, rest };
+                self.proxied(req, conn, url, upstreams, chain, stale, snap)
                     .await
             }
         }
     }
 
     /// Runs the route's policies on a request for `url`, then proxies it.
+    #[allow(clippy::too_many_arguments)]
     async fn proxied(
         &self,
         mut req: Request<Incoming>,
@@ -357,6 +363,7 @@ impl Proxy {
         url: Uri,
         mut upstreams: Upstreams,
         chain: &PolicyChain,
+        stale: StaleRules,
         snap: &Snapshot,
     ) -> Answer {
         let mut key_url = url;
@@ -392,7 +399,15 @@ impl Proxy {
             None => CacheKey::from_uri(&key_url).map_err(|e| format!("bad URL: {e}")),
         };
         match key {
-            Ok(key) => self.http(req, key, upstreams, policy, bypass, snap).await,
+            Ok(key) => {
+                let route = RouteCache {
+                    upstreams,
+                    policy,
+                    bypass,
+                    stale,
+                };
+                self.http(req, key, route, snap).await
+            }
             Err(why) => Answer::local(serve::text(StatusCode::BAD_REQUEST, why)),
         }
     }
@@ -402,11 +417,15 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         key: CacheKey,
-        upstreams: Upstreams,
-        policy: Option<PolicyRun>,
-        bypass: bool,
+        route: RouteCache,
         snap: &Snapshot,
     ) -> Answer {
+        let RouteCache {
+            upstreams,
+            policy,
+            bypass,
+            stale,
+        } = route;
         let method = req.method().clone();
         if method != Method::GET && method != Method::HEAD {
             let hook = policy.map(|p| p.hook(req.headers()));
@@ -426,6 +445,8 @@ impl Proxy {
         headers.remove(header::HOST);
         let now = self.clock.now();
         let mut revalidate = None;
+        // A stale replica that may answer if the upstream fails.
+        let mut fallback = None;
         if let Some(replica) = self.engine.store().lookup(&key) {
             // The common case is decided without building the RFC 9111 answer
             // (nor parsing the key): see `cache::evaluate_fast`.
@@ -460,7 +481,21 @@ impl Proxy {
                         Err(e) => return Answer::local(internal(&e)),
                     }
                 }
-                Freshness::Stale(validators) => revalidate = Some((replica, validators)),
+                Freshness::Stale(validators) => {
+                    let allowed = cache::stale_use(&replica.meta, now, stale);
+                    if allowed.while_revalidate && method == Method::GET {
+                        return self
+                            .serve_while_revalidating(
+                                &method, &headers, &key, replica, validators, upstreams, policy,
+                                snap,
+                            )
+                            .await;
+                    }
+                    if allowed.if_error {
+                        fallback = Some(replica.clone());
+                    }
+                    revalidate = Some((replica, validators));
+                }
                 Freshness::Mismatch => {
                     let hook = policy.map(|p| p.hook(&headers));
                     return self
@@ -490,6 +525,7 @@ impl Proxy {
                         None,
                         CacheOutcome::Coalesced,
                         &upstreams,
+                        None,
                         snap,
                     )
                     .await
@@ -533,12 +569,68 @@ impl Proxy {
             passthrough,
             outcome,
             &upstreams,
+            fallback,
             snap,
         )
         .await
     }
 
-    /// Waits for a fill's head, then reads along it.
+    /// Serves a stale replica at once and revalidates it in the
+    /// background (`stale-while-revalidate`): the fill runs on its own,
+    /// joined by any client that needs the fresh copy.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_while_revalidating(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        key: &CacheKey,
+        replica: Arc<Replica>,
+        validators: HeaderMap,
+        upstreams: Upstreams,
+        policy: Option<PolicyRun>,
+        snap: &Snapshot,
+    ) -> Answer {
+        if let Ok(key_uri) = key.as_str().parse::<Uri>() {
+            let job = FillJob {
+                key: key.clone(),
+                key_uri,
+                upstreams,
+                headers: upstream_headers(headers, true),
+                revalidate: Some((replica.clone(), validators)),
+                settings: snap.settings.clone(),
+                hook: policy.map(|p| p.hook(headers)),
+            };
+            // Nobody waits for this ticket: the fill task outlives it, and
+            // an unshareable answer is simply dropped.
+            drop(self.engine.fill(job));
+        }
+        match self
+            .serve_replica(method, headers, replica, CacheOutcome::StaleRevalidating)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => Answer::local(internal(&e)),
+        }
+    }
+
+    /// The stale replica instead of an upstream failure, where
+    /// `stale-if-error` allows; `None` when there is none to serve.
+    async fn stale_on_error(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        fallback: Option<Arc<Replica>>,
+        why: &(dyn std::fmt::Display + Sync),
+    ) -> Option<Answer> {
+        let replica = fallback?;
+        tracing::info!(target: "cistern::cache", key = %replica.meta.key, "upstream failed ({why}); serving the stale replica (stale-if-error)");
+        self.serve_replica(method, headers, replica, CacheOutcome::StaleOnError)
+            .await
+            .ok()
+    }
+
+    /// Waits for a fill's head, then reads along it. `fallback` is the
+    /// stale replica to serve if the upstream fails before a body starts.
     #[allow(clippy::too_many_arguments)]
     async fn follow(
         &self,
@@ -549,6 +641,7 @@ impl Proxy {
         passthrough: Option<tokio::sync::oneshot::Receiver<Response<Incoming>>>,
         outcome: CacheOutcome,
         upstreams: &Upstreams,
+        fallback: Option<Arc<Replica>>,
         snap: &Snapshot,
     ) -> Answer {
         let mut progress = fill.subscribe();
@@ -594,16 +687,41 @@ impl Proxy {
                     if let Some(rx) = passthrough
                         && let Ok(resp) = rx.await
                     {
+                        let status = resp.status();
+                        if status.is_server_error()
+                            && let Some(stale) = self
+                                .stale_on_error(method, headers, fallback, &status)
+                                .await
+                        {
+                            return stale;
+                        }
                         return Answer {
                             response: passthrough_response(resp),
                             outcome: CacheOutcome::Pass,
                         };
                     }
-                    return self
+                    let answer = self
                         .uncached(method, headers.clone(), upstreams, None, snap)
                         .await;
+                    let status = answer.response.status();
+                    if status.is_server_error()
+                        && let Some(stale) = self
+                            .stale_on_error(method, headers, fallback, &status)
+                            .await
+                    {
+                        return stale;
+                    }
+                    return answer;
                 }
-                FillState::Failed(e) => return Answer::local(error_response(&e)),
+                FillState::Failed(e) => {
+                    if e.side() == Side::Upstream
+                        && let Some(stale) =
+                            self.stale_on_error(method, headers, fallback, &e).await
+                    {
+                        return stale;
+                    }
+                    return Answer::local(error_response(&e));
+                }
             }
         }
     }
@@ -719,6 +837,18 @@ impl Proxy {
         }
         serve::text(StatusCode::OK, page)
     }
+}
+
+/// What the route decided for a cacheable request, besides its key.
+struct RouteCache {
+    /// Where its bytes come from.
+    upstreams: Upstreams,
+    /// The policy chain that ran, for `on_response`.
+    policy: Option<PolicyRun>,
+    /// A policy asked to bypass the cache.
+    bypass: bool,
+    /// When a stale replica may still answer.
+    stale: StaleRules,
 }
 
 /// A chain that ran `on_request`, kept for `on_response` in case the

@@ -100,6 +100,7 @@ impl Router {
                     prefix: "/".to_owned(),
                     upstreams: s.upstreams.clone(),
                     policies: s.policies.clone(),
+                    stale: s.stale,
                 })),
             })
             .collect();
@@ -307,6 +308,7 @@ mod tests {
             prefix: "/debian/".into(),
             upstreams: vec!["http://deb.example/debian/".parse().unwrap()],
             policies: vec![],
+            stale: Default::default(),
         }];
         c
     }
@@ -431,6 +433,7 @@ mod tests {
             key: "k.pem".into(),
             upstreams: vec![format!("https://origin.{name}/").parse().unwrap()],
             policies: vec![],
+            stale: Default::default(),
         };
         let mut c = config(false);
         c.sites = vec![

@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::accesslog::CacheOutcome;
 
 /// Every cache outcome, in the order of [`Metrics::requests`].
-pub const OUTCOMES: [CacheOutcome; 7] = [
+pub const OUTCOMES: [CacheOutcome; 9] = [
     CacheOutcome::Hit,
     CacheOutcome::Miss,
     CacheOutcome::Coalesced,
     CacheOutcome::Revalidated,
+    CacheOutcome::StaleOnError,
+    CacheOutcome::StaleRevalidating,
     CacheOutcome::Pass,
     CacheOutcome::Tunnel,
     CacheOutcome::Local,
@@ -29,9 +31,11 @@ fn outcome_index(outcome: CacheOutcome) -> usize {
         CacheOutcome::Miss => 1,
         CacheOutcome::Coalesced => 2,
         CacheOutcome::Revalidated => 3,
-        CacheOutcome::Pass => 4,
-        CacheOutcome::Tunnel => 5,
-        CacheOutcome::Local => 6,
+        CacheOutcome::StaleOnError => 4,
+        CacheOutcome::StaleRevalidating => 5,
+        CacheOutcome::Pass => 6,
+        CacheOutcome::Tunnel => 7,
+        CacheOutcome::Local => 8,
     }
 }
 

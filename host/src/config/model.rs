@@ -120,6 +120,35 @@ pub struct ForwardConfig {
     /// Policies run, in order, on forward and transparent requests (names of
     /// [`PolicyDecl`]s).
     pub policies: Vec<String>,
+    /// When a stale replica may still answer a forward request.
+    pub stale: StaleRules,
+}
+
+/// When a replica past its freshness may still be served (RFC 5861,
+/// RFC 9111 §4.2.4): `stale-if-error` and `stale-while-revalidate` in a
+/// `mirror`, `site` or `forward` block. A response's own directives of the
+/// same names take precedence; `must-revalidate`, `proxy-revalidate`,
+/// `no-cache` and `s-maxage` in a response forbid the config's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleRules {
+    /// How long past its freshness a replica may answer when the upstream
+    /// fails (connect error, timeout, 5xx).
+    pub if_error: Duration,
+    /// How long past its freshness a replica may answer at once while it
+    /// is revalidated in the background.
+    pub while_revalidate: Duration,
+}
+
+impl Default for StaleRules {
+    /// A day of stale-if-error, so a package cache keeps serving its
+    /// indexes while every mirror is down; no stale-while-revalidate, so an
+    /// index is never served stale while the upstream answers.
+    fn default() -> StaleRules {
+        StaleRules {
+            if_error: Duration::from_secs(24 * 3600),
+            while_revalidate: Duration::ZERO,
+        }
+    }
 }
 
 /// A `mirror NAME { … }` block: a path prefix on our side served from an
@@ -137,6 +166,8 @@ pub struct MirrorConfig {
     /// Policies run, in order, on this mirror's requests (names of
     /// [`PolicyDecl`]s).
     pub policies: Vec<String>,
+    /// When a stale replica may still answer.
+    pub stale: StaleRules,
 }
 
 /// Rate limits (governor).
@@ -292,6 +323,8 @@ pub struct SiteConfig {
     /// Policies run, in order, on this site's requests (names of
     /// [`PolicyDecl`]s).
     pub policies: Vec<String>,
+    /// When a stale replica may still answer.
+    pub stale: StaleRules,
 }
 
 impl Config {

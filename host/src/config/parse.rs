@@ -750,6 +750,21 @@ pub(super) fn default_forward() -> ForwardConfig {
         ],
         connect_ports: vec![443],
         policies: Vec::new(),
+        stale: StaleRules::default(),
+    }
+}
+
+/// `stale-if-error "1d"` (zero turns it off).
+fn stale_if_error(cx: &mut Cx<'_>, node: &KdlNode, rules: &mut StaleRules) {
+    if let Some(d) = duration_node(cx, node, true) {
+        rules.if_error = d;
+    }
+}
+
+/// `stale-while-revalidate "30s"` (zero turns it off).
+fn stale_while_revalidate(cx: &mut Cx<'_>, node: &KdlNode, rules: &mut StaleRules) {
+    if let Some(d) = duration_node(cx, node, true) {
+        rules.while_revalidate = d;
     }
 }
 
@@ -953,6 +968,12 @@ const FORWARD: &[Rule<ForwardDraft>] = &[
     many("allow", forward_allow),
     many("connect-ports", forward_connect_ports),
     once("policies", |cx, n, d| d.refs = policy_list(cx, n)),
+    once("stale-if-error", |cx, n, d| {
+        stale_if_error(cx, n, &mut d.config.stale)
+    }),
+    once("stale-while-revalidate", |cx, n, d| {
+        stale_while_revalidate(cx, n, &mut d.config.stale)
+    }),
 ];
 
 fn forward(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
@@ -1078,12 +1099,19 @@ struct MirrorDraft {
     upstream_given: bool,
     upstreams: Vec<Uri>,
     refs: Vec<(String, SourceSpan)>,
+    stale: StaleRules,
 }
 
 const MIRROR: &[Rule<MirrorDraft>] = &[
     once("prefix", mirror_prefix),
     many("upstream", mirror_upstream),
     once("policies", |cx, n, d| d.refs = policy_list(cx, n)),
+    once("stale-if-error", |cx, n, d| {
+        stale_if_error(cx, n, &mut d.stale)
+    }),
+    once("stale-while-revalidate", |cx, n, d| {
+        stale_while_revalidate(cx, n, &mut d.stale)
+    }),
 ];
 
 fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
@@ -1102,6 +1130,7 @@ fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         upstream_given: false,
         upstreams: Vec::new(),
         refs: Vec::new(),
+        stale: StaleRules::default(),
     };
     cx.children(node, MIRROR, &mut d);
     let Some(name) = name else { return };
@@ -1137,6 +1166,7 @@ fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         prefix,
         upstreams: d.upstreams,
         policies: d.refs.into_iter().map(|(n, _)| n).collect(),
+        stale: d.stale,
     });
 }
 

@@ -594,3 +594,33 @@ fn every_kdl_example_in_the_docs_parses() {
     }
     assert!(blocks >= 10, "only {blocks} examples found");
 }
+
+#[test]
+fn stale_rules_default_to_a_day_of_stale_if_error_and_are_set_per_block() {
+    let c = ok(r#"
+forward { stale-while-revalidate "30s"; }
+mirror "a" { upstream "http://a.example/"; }
+mirror "b" {
+    upstream "http://b.example/"
+    stale-if-error "0s"
+    stale-while-revalidate "1m"
+}
+"#);
+    let day = Duration::from_secs(24 * 3600);
+    assert_eq!(c.forward.stale.if_error, day);
+    assert_eq!(c.forward.stale.while_revalidate, Duration::from_secs(30));
+    assert_eq!(c.mirrors[0].stale, StaleRules::default());
+    assert_eq!(c.mirrors[0].stale.if_error, day);
+    assert_eq!(c.mirrors[0].stale.while_revalidate, Duration::ZERO);
+    assert_eq!(c.mirrors[1].stale.if_error, Duration::ZERO);
+    assert_eq!(c.mirrors[1].stale.while_revalidate, Duration::from_secs(60));
+    let p = problems(
+        r#"mirror "a" {
+    upstream "http://a.example/"
+    stale-if-error "soon"
+}"#,
+    );
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, 3, "{p:?}");
+    assert!(p[0].2.contains("stale-if-error"), "{p:?}");
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use http::Uri;
 
-use crate::config::MirrorConfig;
+use crate::config::{MirrorConfig, StaleRules};
 
 /// After this many consecutive failures an upstream is tried last for a while.
 const FAILURES_BEFORE_DOWN: u32 = 3;
@@ -38,6 +38,8 @@ pub struct MirrorSet {
     pub prefix: String,
     /// Upstreams in config order; the first one names the replica directory.
     pub upstreams: Vec<MirrorUpstream>,
+    /// When a stale replica of this set may still answer.
+    pub stale: StaleRules,
     epoch: Instant,
 }
 
@@ -75,6 +77,7 @@ impl MirrorSet {
                     last_error: Mutex::new(None),
                 })
                 .collect(),
+            stale: config.stale,
             epoch: Instant::now(),
         }
     }
@@ -152,6 +155,7 @@ mod tests {
                 "http://b.example/d/".parse().unwrap(),
             ],
             policies: vec![],
+            stale: StaleRules::default(),
         })
     }
 

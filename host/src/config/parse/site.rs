@@ -12,8 +12,11 @@ use http::Uri;
 use kdl::{KdlEntry, KdlNode};
 use miette::SourceSpan;
 
-use super::{Cx, Listener, Rule, Shape, Top, many, once, policy_list, suggest, upstream_entry};
-use crate::config::model::SiteConfig;
+use super::{
+    Cx, Listener, Rule, Shape, Top, many, once, policy_list, stale_if_error,
+    stale_while_revalidate, suggest, upstream_entry,
+};
+use crate::config::model::{SiteConfig, StaleRules};
 
 /// Where a site listens when its block names no address: loopback, like
 /// the plaintext default, on the usual unprivileged HTTPS port.
@@ -43,6 +46,7 @@ struct SiteDraft {
     upstream_given: bool,
     upstreams: Vec<Uri>,
     refs: Vec<(String, SourceSpan)>,
+    stale: StaleRules,
 }
 
 const SITE: &[Rule<SiteDraft>] = &[
@@ -50,6 +54,12 @@ const SITE: &[Rule<SiteDraft>] = &[
     once("tls", site_tls),
     many("upstream", site_upstream),
     once("policies", |cx, n, d| d.refs = policy_list(cx, n)),
+    once("stale-if-error", |cx, n, d| {
+        stale_if_error(cx, n, &mut d.stale)
+    }),
+    once("stale-while-revalidate", |cx, n, d| {
+        stale_while_revalidate(cx, n, &mut d.stale)
+    }),
 ];
 
 /// `site "example.org" { listen …; tls cert=… key=…; upstream …; policies … }`
@@ -72,6 +82,7 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         upstream_given: false,
         upstreams: Vec::new(),
         refs: Vec::new(),
+        stale: StaleRules::default(),
     };
     cx.children(node, SITE, &mut d);
     let Some(name) = name else { return };
@@ -113,6 +124,7 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         key,
         upstreams: d.upstreams,
         policies: d.refs.into_iter().map(|(n, _)| n).collect(),
+        stale: d.stale,
     });
 }
 
