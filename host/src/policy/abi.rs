@@ -47,6 +47,15 @@ const CACHE_TTL: i32 = 1;
 const CACHE_TTL_CAP: i32 = 2;
 const CACHE_IMMUTABLE: i32 = 3;
 
+const REPLICA_ABSENT: i32 = 0;
+const REPLICA_PARTIAL: i32 = 1;
+const REPLICA_COMPLETE: i32 = 2;
+
+const LOG_ERROR: i32 = 0;
+const LOG_WARN: i32 = 1;
+const LOG_INFO: i32 = 2;
+const LOG_DEBUG: i32 = 3;
+
 /// Bytes of headers, keys and URLs one call may add to host state. Bounds
 /// what a looping guest can make the host allocate before its deadline.
 pub(crate) const EDIT_BUDGET: usize = 256 * 1024;
@@ -543,9 +552,9 @@ fn replica_state(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Resu
     let key = read_str(mem, ptr, len)?;
     let call = state.call()?;
     Ok(match call.host.replica_state(key) {
-        ReplicaState::Absent => 0,
-        ReplicaState::Partial => 1,
-        ReplicaState::Complete => 2,
+        ReplicaState::Absent => REPLICA_ABSENT,
+        ReplicaState::Partial => REPLICA_PARTIAL,
+        ReplicaState::Complete => REPLICA_COMPLETE,
     })
 }
 
@@ -616,10 +625,10 @@ fn log(caller: &mut Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> Re
     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_LOG_LINE)]);
     let policy = &*state.policy;
     match level {
-        0 => tracing::error!(target: "cistern::policy::guest", policy, "{text}"),
-        1 => tracing::warn!(target: "cistern::policy::guest", policy, "{text}"),
-        2 => tracing::info!(target: "cistern::policy::guest", policy, "{text}"),
-        3 => tracing::debug!(target: "cistern::policy::guest", policy, "{text}"),
+        LOG_ERROR => tracing::error!(target: "cistern::policy::guest", policy, "{text}"),
+        LOG_WARN => tracing::warn!(target: "cistern::policy::guest", policy, "{text}"),
+        LOG_INFO => tracing::info!(target: "cistern::policy::guest", policy, "{text}"),
+        LOG_DEBUG => tracing::debug!(target: "cistern::policy::guest", policy, "{text}"),
         _ => return Err(ERR_INVALID),
     }
     Ok(0)
@@ -715,4 +724,127 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         |mut c: Caller<'_, HostState>, lvl: i32, p: i32, n: i32| code(log(&mut c, lvl, p, n)),
     )?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// The host's side of every numbered constant of ABI.md, by the
+    /// name the Rust SDK gives it.
+    fn host_constants() -> BTreeMap<&'static str, i32> {
+        BTreeMap::from([
+            ("ABI_VERSION", super::super::ABI_VERSION),
+            ("ERR_NOT_FOUND", ERR_NOT_FOUND),
+            ("ERR_OUT_OF_BOUNDS", ERR_OUT_OF_BOUNDS),
+            ("ERR_INVALID", ERR_INVALID),
+            ("ERR_WRONG_HOOK", ERR_WRONG_HOOK),
+            ("ERR_TOO_LARGE", ERR_TOO_LARGE),
+            ("ERR_UNKNOWN_LIMITER", ERR_UNKNOWN_LIMITER),
+            ("FIELD_METHOD", FIELD_METHOD),
+            ("FIELD_URL", FIELD_URL),
+            ("FIELD_PATH", FIELD_PATH),
+            ("FIELD_QUERY", FIELD_QUERY),
+            ("FIELD_HOST", FIELD_HOST),
+            ("FIELD_CLIENT_ADDR", FIELD_CLIENT_ADDR),
+            ("FIELD_CLIENT_IP", FIELD_CLIENT_IP),
+            ("FIELD_CACHE_KEY", FIELD_CACHE_KEY),
+            ("FIELD_UPSTREAM_URL", FIELD_UPSTREAM_URL),
+            ("TARGET_REQUEST", TARGET_REQUEST),
+            ("TARGET_RESPONSE", TARGET_RESPONSE),
+            ("CACHE_UNCACHEABLE", CACHE_UNCACHEABLE),
+            ("CACHE_TTL", CACHE_TTL),
+            ("CACHE_TTL_CAP", CACHE_TTL_CAP),
+            ("CACHE_IMMUTABLE", CACHE_IMMUTABLE),
+            ("REPLICA_ABSENT", REPLICA_ABSENT),
+            ("REPLICA_PARTIAL", REPLICA_PARTIAL),
+            ("REPLICA_COMPLETE", REPLICA_COMPLETE),
+            ("LOG_ERROR", LOG_ERROR),
+            ("LOG_WARN", LOG_WARN),
+            ("LOG_INFO", LOG_INFO),
+            ("LOG_DEBUG", LOG_DEBUG),
+        ])
+    }
+
+    /// `pub const NAME: i32 = VALUE;` lines of the Rust SDK.
+    fn rust_sdk_constants() -> BTreeMap<String, i32> {
+        include_str!("../../../guest-sdk/src/raw.rs")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub const "))
+            .filter_map(|l| {
+                let (name, rest) = l.split_once(": i32 = ")?;
+                let value = rest.trim_end_matches(';').trim().parse().ok()?;
+                Some((name.to_owned(), value))
+            })
+            .collect()
+    }
+
+    /// `#define CISTERN_NAME VALUE` lines of the C header, without the
+    /// prefix; macros that are not numbers are left out.
+    fn c_header_constants() -> BTreeMap<String, i32> {
+        include_str!("../../../guest-sdk/include/cistern.h")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("#define CISTERN_"))
+            .filter_map(|l| {
+                let (name, value) = l.split_once(char::is_whitespace)?;
+                let value = value.trim().trim_start_matches('(').trim_end_matches(')');
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_three_copies_of_the_abi_constants_agree() {
+        let host: BTreeMap<String, i32> = host_constants()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let rust = rust_sdk_constants();
+        let c = c_header_constants();
+        assert_eq!(rust, host, "guest-sdk/src/raw.rs differs from the host");
+        assert_eq!(c, host, "guest-sdk/include/cistern.h differs from the host");
+    }
+
+    /// The numbers ABI.md's tables give: `| `NAME` | 3 |` cells in the
+    /// constants table and `| `-1` | `ERR_NOT_FOUND` |` in the error table.
+    fn abi_md_constants() -> BTreeMap<String, i32> {
+        let mut out = BTreeMap::new();
+        for line in include_str!("../../../guest-sdk/ABI.md").lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            for pair in cells.windows(2) {
+                let unquote = |c: &str| c.strip_prefix('`')?.strip_suffix('`').map(str::to_owned);
+                let (Some(a), b) = (unquote(pair[0]), pair[1]) else {
+                    continue;
+                };
+                if let Ok(v) = b.parse::<i32>() {
+                    out.insert(a, v);
+                } else if let (Ok(v), Some(name)) = (a.parse::<i32>(), unquote(b)) {
+                    out.insert(name, v);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn abi_md_gives_the_same_numbers() {
+        let spec = abi_md_constants();
+        for (name, value) in host_constants() {
+            if name == "ABI_VERSION" {
+                continue;
+            }
+            // The constants table names them without their group's prefix.
+            let short = ["FIELD_", "TARGET_", "CACHE_", "REPLICA_", "LOG_"]
+                .iter()
+                .find_map(|p| name.strip_prefix(p))
+                .unwrap_or(name);
+            assert_eq!(
+                spec.get(short),
+                Some(&value),
+                "ABI.md does not give {name} ({short}) = {value}"
+            );
+        }
+    }
 }
