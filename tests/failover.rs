@@ -83,3 +83,38 @@ async fn a_mirror_answering_5xx_is_skipped_then_tried_last() {
     assert_eq!(broken.seen().len(), 3, "{:?}", broken.seen());
     assert_eq!(good.seen().len(), 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mirror_down_is_a_502_that_names_no_upstream() {
+    let first = format!("127.0.0.1:{}", free_port());
+    let second = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{
+    root "{{ROOT}}"
+}}
+mirror "debian" {{
+    prefix "/debian/"
+    upstream "http://{first}/debian/"
+    upstream "http://{second}/secret-base/"
+}}
+"#
+    );
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    let got = get(cistern.addr, "/debian/pool/hello.deb").await;
+    assert_eq!(got.status, 502);
+    let page = String::from_utf8_lossy(got.bytes()).into_owned();
+    for private in [first.as_str(), second.as_str(), "secret-base", "replica"] {
+        assert!(
+            !page.contains(private),
+            "the error page shows {private}: {page}"
+        );
+    }
+    assert!(page.contains("upstream"), "{page}");
+    // The operator's log has the details.
+    cistern
+        .log_when("the failed upstream's address", |log| log.contains(&second))
+        .await;
+}

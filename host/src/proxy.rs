@@ -956,13 +956,31 @@ fn forbidden() -> Response<ProxyBody> {
     )
 }
 
+/// A fetch failure as the client sees it: what went wrong, never the
+/// upstream's URL or a path on our disk (the log has those: the fill or the
+/// failover logged the failure where it happened).
 fn error_response(e: &FetchError) -> Response<ProxyBody> {
-    serve::text(e.status(), error_chain(e))
+    let status = e.status();
+    tracing::debug!(target: "cistern::fetch", status = status.as_u16(), "answering with an error: {}", error_chain(e));
+    let text = match e {
+        FetchError::Offline { .. } => "offline mode: this is not in the replica",
+        FetchError::PolicyDenied { .. } => "a policy refused the upstream response",
+        _ if e.side() == Side::Internal => {
+            "Cistern could not serve this from its replica (its log says why)"
+        }
+        _ if status == StatusCode::GATEWAY_TIMEOUT => "the upstream did not answer in time",
+        _ => "the upstream could not be reached or sent a broken response",
+    };
+    serve::text(status, text)
 }
 
+/// A replica that could not be read, as the client sees it: no path.
 fn internal(e: &ServeError) -> Response<ProxyBody> {
     tracing::error!(target: "cistern::serve", "{e}");
-    serve::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    serve::text(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Cistern could not read its replica of this (its log says why)",
+    )
 }
 
 /// How long to wait for in-flight requests on shutdown.
