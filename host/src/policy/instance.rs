@@ -35,11 +35,15 @@ fn ticks(d: Duration) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX / 2).saturating_add(1)
 }
 
-/// CPU time used by the calling thread, in nanoseconds; `None` where the
-/// kernel does not say (non-Linux), which falls back to wall time.
+/// CPU time used by the calling thread, in nanoseconds (one
+/// `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`: a vDSO call, no file to read on
+/// the worker); `None` if the clock is unusable, which falls back to wall
+/// time.
 fn thread_cpu_ns() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    stat.split_whitespace().next()?.parse().ok()
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    let secs = u64::try_from(t.tv_sec).ok()?;
+    let nanos = u64::try_from(t.tv_nsec).ok()?;
+    Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
 }
 
 /// The epoch-deadline callback: decides whether a call that reached its
@@ -333,5 +337,30 @@ fn describe(error: &wasmtime::Error, limit_hit: bool) -> String {
     match classify(error, limit_hit, false) {
         Failure::Trap(reason) => reason,
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_cpu_time_counts_work_and_not_sleep() {
+        let start = thread_cpu_ns().expect("a thread CPU clock on Linux");
+        std::thread::sleep(Duration::from_millis(50));
+        let slept = thread_cpu_ns().unwrap() - start;
+        // Work until the clock shows 20 ms of CPU: it must get there within
+        // a few seconds of wall time however loaded the machine is.
+        let mut x = 0u64;
+        let busy_from = std::time::Instant::now();
+        let mut worked = 0;
+        while worked < 20_000_000 && busy_from.elapsed() < Duration::from_secs(5) {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            worked = thread_cpu_ns().unwrap() - start - slept;
+        }
+        assert!(slept < 20_000_000, "sleeping used {slept} ns of CPU");
+        assert!(worked >= 20_000_000, "5 s of work counted {worked} ns");
     }
 }
