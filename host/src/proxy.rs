@@ -299,7 +299,8 @@ impl Proxy {
                         "offline mode: no tunnels",
                     ));
                 }
-                match tunnel::connect(authority.as_str(), snap.config.timeouts.connect).await {
+                let own = self.engine.own_sockets();
+                match tunnel::connect(own, &authority, snap.config.timeouts.connect).await {
                     Ok(upstream) => {
                         let mut req = req;
                         tunnel::splice(
@@ -312,10 +313,16 @@ impl Proxy {
                             outcome: CacheOutcome::Tunnel,
                         }
                     }
-                    Err(e) => Answer::local(serve::text(
-                        StatusCode::BAD_GATEWAY,
-                        format!("cannot reach {authority}: {e}"),
-                    )),
+                    Err(e) => match crate::ours::self_target_in(&e) {
+                        Some(refused) => Answer::local(serve::text(
+                            StatusCode::LOOP_DETECTED,
+                            refused.to_string(),
+                        )),
+                        None => Answer::local(serve::text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("cannot reach {authority}: {e}"),
+                        )),
+                    },
                 }
             }
             Route::Forward(url) | Route::Transparent(url) => {
