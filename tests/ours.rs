@@ -49,21 +49,35 @@ fn admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// Sends `request` as is and reads the whole answer (the request asks the
-/// server to close), for heads a client library would not send.
+/// Sends `request` as is and reads the answer: its head and a body of
+/// `Content-Length` bytes (or up to the end), for heads a client library
+/// would not send.
 async fn raw(addr: SocketAddr, request: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !answer_complete(&out) {
         match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
             _ => break,
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `out` holds a head and all the body its `Content-Length` says.
+fn answer_complete(out: &[u8]) -> bool {
+    let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    length.is_some_and(|n| out.len() >= end + 4 + n)
 }
 
 /// `GET path` with `host` as the `Host` header, on a new connection.
