@@ -396,7 +396,8 @@ fn the_admin_node_is_validated_with_its_position() {
         c.admin,
         AdminConfig {
             listen: Some("127.0.0.1:9090".parse().unwrap()),
-            required: false
+            required: false,
+            hosts: Vec::new(),
         }
     );
     let c = parse("admin {\n    listen \"[::1]:9999\"\n}\n").unwrap();

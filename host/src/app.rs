@@ -15,6 +15,7 @@ use crate::clock::Clock;
 use crate::config::{AdminConfig, Config};
 use crate::fetch::upstream::ClientBuildError;
 use crate::fetch::{FetchEngine, UpstreamClient};
+use crate::ours::OwnSockets;
 use crate::policy::{PolicyEngine, PolicyError};
 use crate::proxy::{DRAIN, Proxy, Snapshot, SnapshotError};
 use crate::reload::{self, ConfigAdjust, ReloadFailure, ReloadStatus, Reloader, Trigger, Triggers};
@@ -130,7 +131,8 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         bytes = stats.bytes,
         "replica index rebuilt"
     );
-    let client = UpstreamClient::new(&config.upstream_tls, &config.timeouts)?;
+    let own = Arc::new(OwnSockets::default());
+    let client = UpstreamClient::new(&config.upstream_tls, &config.timeouts, own.clone())?;
     let engine = FetchEngine::new(Arc::new(store), client, clock.clone());
 
     let source = config.source.clone();
@@ -172,18 +174,21 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         }
     };
     let addrs: Vec<SocketAddr> = bound.iter().map(|b| b.local_addr()).collect();
-    let admin_addr = match proxy.snapshot().config.admin {
+    let admin_config = proxy.snapshot().config.admin.clone();
+    let admin_addr = match admin_config {
         AdminConfig { listen: None, .. } => None,
         AdminConfig {
             listen: Some(addr),
             required,
+            ..
         } => match admin::bind(addr).await {
             Ok(listener) => {
                 let local = listener
                     .local_addr()
                     .map_err(|source| StartError::Bind(BindError::Bind { addr, source }))?;
                 tracing::info!(target: "cistern::admin", "admin UI on http://{local}/");
-                let admin = Arc::new(Admin::new(proxy.clone()));
+                own.set_admin(local);
+                let admin = Arc::new(Admin::new(proxy.clone(), local));
                 tasks.push(tokio::spawn(admin::serve(listener, admin, rx.clone())));
                 Some(local)
             }

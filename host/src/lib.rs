@@ -14,6 +14,8 @@
 //!   the table that picks one by SNI.
 //! - [`route`]: decides what a request is: forward proxy, CONNECT tunnel,
 //!   transparent, a mirror path, or local.
+//! - [`ours`]: what is Cistern's own: the names it answers to and the
+//!   sockets it listens on, which it never connects to on a client's behalf.
 //! - [`proxy`]: the request pipeline; asks the store, the fetch engine and the
 //!   limiter, and writes the access log.
 //! - [`policy`]: WebAssembly policies: the wasmtime runtime, the host side
@@ -47,6 +49,7 @@ pub mod clock;
 pub mod config;
 pub mod fetch;
 pub mod limit;
+pub mod ours;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

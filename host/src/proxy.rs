@@ -301,7 +301,8 @@ impl Proxy {
                         "offline mode: no tunnels",
                     ));
                 }
-                match tunnel::connect(authority.as_str(), snap.config.timeouts.connect).await {
+                let own = self.engine.own_sockets();
+                match tunnel::connect(own, &authority, snap.config.timeouts.connect).await {
                     Ok(upstream) => {
                         let mut req = req;
                         tunnel::splice(
@@ -314,10 +315,16 @@ impl Proxy {
                             outcome: CacheOutcome::Tunnel,
                         }
                     }
-                    Err(e) => Answer::local(serve::text(
-                        StatusCode::BAD_GATEWAY,
-                        format!("cannot reach {authority}: {e}"),
-                    )),
+                    Err(e) => match crate::ours::self_target_in(&e) {
+                        Some(refused) => Answer::local(serve::text(
+                            StatusCode::LOOP_DETECTED,
+                            refused.to_string(),
+                        )),
+                        None => Answer::local(serve::text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("cannot reach {authority}: {e}"),
+                        )),
+                    },
                 }
             }
             Route::Forward(url) | Route::Transparent(url) => {
@@ -963,6 +970,8 @@ fn error_response(e: &FetchError) -> Response<ProxyBody> {
     let status = e.status();
     tracing::debug!(target: "cistern::fetch", status = status.as_u16(), "answering with an error: {}", error_chain(e));
     let text = match e {
+        // The client named the target itself; the message says why not.
+        FetchError::SelfTarget(refused) => return serve::text(status, refused.to_string()),
         FetchError::Offline { .. } => "offline mode: this is not in the replica",
         FetchError::PolicyDenied { .. } => "a policy refused the upstream response",
         _ if e.side() == Side::Internal => {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Uri, Version, header};
 
-use crate::config::{Config, ForwardConfig, MirrorConfig};
+use crate::config::{Config, ForwardConfig, MirrorConfig, ServerName};
 use crate::fetch::MirrorSet;
 
 /// What a request is.
@@ -68,6 +68,8 @@ pub struct Router {
     sites: Vec<SiteRoute>,
     /// Index in `sites` of `default-site`.
     default_site: Option<usize>,
+    /// `server-name`: names that are ours besides our addresses.
+    server_names: Vec<ServerName>,
 }
 
 /// A site as the router sees it.
@@ -113,6 +115,7 @@ impl Router {
             forward: config.forward.clone(),
             sites,
             default_site,
+            server_names: config.server_names.clone(),
         }
     }
 
@@ -185,7 +188,8 @@ impl Router {
         self.forward.connect_ports.contains(&port)
     }
 
-    /// Classifies `req`, received on a connection whose local address is `local`.
+    /// Classifies `req`, received on the plaintext listener bound at
+    /// `local` (a wildcard address for a wildcard listener).
     pub fn route<B>(&self, req: &Request<B>, local: SocketAddr) -> Route {
         if req.method() == Method::CONNECT {
             return match req.uri().authority() {
@@ -208,7 +212,7 @@ impl Router {
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
         let ours = authority
             .as_ref()
-            .is_none_or(|a| is_ours(a, &scheme, local));
+            .is_none_or(|a| is_ours(a, &scheme, local, &self.server_names));
         if ours {
             return self.local_route(uri);
         }
@@ -264,34 +268,24 @@ impl Router {
 
 /// IPv4-mapped IPv6 addresses compare as IPv4 against the ACL.
 fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
+    crate::ours::canonical(ip)
 }
 
-/// Whether `authority` names this listener: its port is the listener's and
-/// the host is `localhost`, a name (clients reach us by many names), or one
-/// of our addresses. A transparent request redirected from port 80 keeps
-/// its original `Host`, whose port is not ours.
-fn is_ours(authority: &Authority, scheme: &Scheme, local: SocketAddr) -> bool {
+/// Whether `authority` names the listener bound at `local`: our address,
+/// `localhost`, a loopback literal or a `server-name` (see
+/// [`crate::ours::names_listener`]). Any other name is someone else's,
+/// even on our port: a forward proxy on port 80 must still forward
+/// `http://127.0.0.2/x`. A transparent request redirected from port 80
+/// keeps its original `Host`, whose port is not ours.
+fn is_ours(
+    authority: &Authority,
+    scheme: &Scheme,
+    local: SocketAddr,
+    names: &[ServerName],
+) -> bool {
     let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
     let port = authority.port_u16().unwrap_or(default_port);
-    if port != local.port() {
-        return false;
-    }
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    match host.parse::<IpAddr>() {
-        Ok(ip) => {
-            canonical(ip) == canonical(local.ip())
-                || ip.is_loopback()
-                || local.ip().is_unspecified()
-        }
-        Err(_) => true,
-    }
+    crate::ours::names_listener(authority.host(), port, local, names)
 }
 
 #[cfg(test)]
@@ -303,6 +297,7 @@ mod tests {
         let mut c = Config::forward_default(std::path::Path::new("/tmp"));
         c.forward.transparent = transparent;
         c.timeouts = Timeouts::default();
+        c.server_names = vec![ServerName::new("named.lan", None)];
         c.mirrors = vec![MirrorConfig {
             name: "debian".into(),
             prefix: "/debian/".into(),
@@ -347,12 +342,57 @@ mod tests {
                 Version::HTTP_11,
                 "mirror",
             ),
+            // A name on our port is not ours unless configured
+            // (`server-name`): with transparent mode it is fetched.
             (
                 Method::GET,
                 "/other",
                 Some("cache.lan:8080"),
                 Version::HTTP_11,
-                "local",
+                "transparent",
+            ),
+            (
+                Method::GET,
+                "/debian/a",
+                Some("named.lan:8080"),
+                Version::HTTP_11,
+                "mirror",
+            ),
+            (
+                Method::GET,
+                "http://named.lan:8080/debian/a",
+                None,
+                Version::HTTP_11,
+                "mirror",
+            ),
+            // Another loopback address on our port is another server.
+            (
+                Method::GET,
+                "http://127.0.0.2:8080/x",
+                None,
+                Version::HTTP_11,
+                "forward",
+            ),
+            (
+                Method::GET,
+                "/x",
+                Some("127.0.0.2:8080"),
+                Version::HTTP_11,
+                "transparent",
+            ),
+            (
+                Method::GET,
+                "http://cache.lan:8080/debian/a",
+                None,
+                Version::HTTP_11,
+                "forward",
+            ),
+            (
+                Method::GET,
+                "/debian/a",
+                Some("[::1]:8080"),
+                Version::HTTP_11,
+                "mirror",
             ),
             (
                 Method::GET,
@@ -397,11 +437,24 @@ mod tests {
             assert_eq!(got.as_str(), *want, "{m} {uri} host={host:?}");
         }
         let no_transparent = Router::new(&config(false));
-        let got = no_transparent.route(
-            &req(Method::GET, "/x", Some("example.org"), Version::HTTP_11),
-            local,
-        );
-        assert_eq!(got.as_str(), "local");
+        for host in ["example.org", "cache.lan:8080"] {
+            let got =
+                no_transparent.route(&req(Method::GET, "/x", Some(host), Version::HTTP_11), local);
+            // Without transparent mode an origin-form request is for us,
+            // whatever name the client used.
+            assert_eq!(got.as_str(), "local", "{host}");
+        }
+        // A forward proxy on port 80 forwards any other host on port 80.
+        let on_80: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        for (uri, want) in [
+            ("http://127.0.0.2/x", "forward"),
+            ("http://example.org/x", "forward"),
+            ("http://127.0.0.1/debian/x", "mirror"),
+            ("http://localhost/x", "local"),
+        ] {
+            let got = no_transparent.route(&req(Method::GET, uri, None, Version::HTTP_11), on_80);
+            assert_eq!(got.as_str(), want, "{uri}");
+        }
     }
 
     #[test]

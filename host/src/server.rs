@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
+use crate::ours::OwnSockets;
 use crate::proxy::{ConnInfo, Proxy};
 
 /// A listener as config names it: an address (port 0 picks a free one)
@@ -130,6 +131,9 @@ pub struct Server {
     active: Mutex<Vec<Active>>,
     /// Listeners removed by a reload that may still be draining.
     closing: Mutex<Vec<JoinHandle<()>>>,
+    /// The addresses the proxy may never connect to, kept in step with
+    /// `active`.
+    own: Arc<OwnSockets>,
 }
 
 /// How long a reload waits for a listener it closed to let go of an
@@ -141,6 +145,7 @@ impl Server {
     /// closing listeners wait up to `drain` for their connections.
     pub fn new(proxy: Arc<Proxy>, drain: Duration) -> Arc<Server> {
         Arc::new(Server {
+            own: proxy.engine().own_sockets().clone(),
             proxy,
             drain,
             active: Mutex::new(Vec::new()),
@@ -223,6 +228,7 @@ impl Server {
             tracing::info!(target: "cistern::server", "listening on {} ({})", info.spec, info.local);
             active.push(Active { info, phase, task });
         }
+        self.own.set_listeners(active.iter().map(|a| &a.info));
     }
 
     /// Stops accepting on `specs` at once; their connections drain in the
@@ -232,6 +238,7 @@ impl Server {
         let (gone, kept): (Vec<Active>, Vec<Active>) =
             active.drain(..).partition(|a| specs.contains(&a.info.spec));
         *active = kept;
+        self.own.set_listeners(active.iter().map(|a| &a.info));
         drop(active);
         let mut closing = self.closing.lock().unwrap_or_else(PoisonError::into_inner);
         closing.retain(|t| !t.is_finished());

@@ -2,14 +2,40 @@
 
 use std::time::Duration;
 
+use http::uri::Authority;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// Connects to `authority` within `connect_timeout`; the caller answers 200
-/// and then hands the upgraded client connection to [`splice`].
-pub async fn connect(authority: &str, connect_timeout: Duration) -> std::io::Result<TcpStream> {
-    match tokio::time::timeout(connect_timeout, TcpStream::connect(authority)).await {
+use crate::ours::OwnSockets;
+
+/// Connects to `authority` within `connect_timeout`, never to one of the
+/// sockets in `own` (a nested CONNECT through Cistern itself, or a tunnel
+/// to its admin listener): the error then wraps a
+/// [`crate::ours::SelfTarget`]. The caller answers 200 and then hands the
+/// upgraded client connection to [`splice`].
+pub async fn connect(
+    own: &OwnSockets,
+    authority: &Authority,
+    connect_timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let port = authority.port_u16().unwrap_or(443);
+    let connect = async {
+        let addrs = own
+            .resolve(authority.host(), port, connect_timeout)
+            .await
+            .map_err(std::io::Error::other)?;
+        // The addresses checked, in the resolver's order.
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no address to connect to")))
+    };
+    match tokio::time::timeout(connect_timeout, connect).await {
         Ok(r) => {
             let stream = r?;
             stream.set_nodelay(true)?;

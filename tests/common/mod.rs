@@ -133,7 +133,13 @@ pub struct Origin {
 impl Origin {
     /// Starts an origin with no resources (404 for everything).
     pub async fn start() -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Origin::start_on("127.0.0.1:0").await
+    }
+
+    /// Starts an origin bound at `addr` (another loopback address, a
+    /// chosen port).
+    pub async fn start_on(addr: &str) -> Origin {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let origin = Origin {
             addr: listener.local_addr().unwrap(),
             resources: Arc::default(),

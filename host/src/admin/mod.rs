@@ -3,7 +3,10 @@
 //!
 //! It is a listener of its own (loopback by default, see `docs/config.md`),
 //! read-only and without login: everything it answers is a view of state the
-//! engines already keep. The replica tree comes from the store's index, never
+//! engines already keep. It answers only requests whose `Host` (or HTTP/2
+//! `:authority`) names it: its address, `localhost`, a loopback literal or
+//! an `admin { host … }` name. Anything else gets 421, so a web page whose
+//! DNS name is rebound to this machine cannot read the replica's URLs. The replica tree comes from the store's index, never
 //! from a walk of the disk; downloads in progress come from the fetch engine.
 //!
 //! | path | what |
@@ -28,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use http::uri::Authority;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -37,6 +41,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::ours;
 use crate::proxy::Proxy;
 use metrics::{Kind, PromWriter};
 
@@ -45,6 +50,9 @@ use metrics::{Kind, PromWriter};
 pub struct Admin {
     proxy: Arc<Proxy>,
     started: SystemTime,
+    /// The admin listener's bound address: its IP and port are names it
+    /// answers to.
+    listen: SocketAddr,
 }
 
 /// How long open admin connections get to finish on shutdown.
@@ -56,16 +64,20 @@ const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 type AdminBody = Full<Bytes>;
 
 impl Admin {
-    /// The admin view of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Admin {
+    /// The admin view of `proxy`, served by the listener bound at `listen`.
+    pub fn new(proxy: Arc<Proxy>, listen: SocketAddr) -> Admin {
         Admin {
             proxy,
             started: SystemTime::now(),
+            listen,
         }
     }
 
     /// Answers one admin request.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<AdminBody> {
+        if let Some(refused) = self.host_refusal(&req) {
+            return refused;
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut resp = plain(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -112,6 +124,55 @@ impl Admin {
             "/static/cistern.js" => asset("text/javascript; charset=utf-8", html::JS),
             _ => plain(StatusCode::NOT_FOUND, "not found; try / or /metrics\n"),
         }
+    }
+
+    /// The refusal of a request that does not name the admin listener: a
+    /// missing, repeated or unparsable `Host` (400), or one, like the
+    /// `:authority` or absolute URL, that is not one of the admin's names
+    /// (421).
+    fn host_refusal<B>(&self, req: &Request<B>) -> Option<Response<AdminBody>> {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host = hosts.next();
+        if hosts.next().is_some() {
+            return Some(plain(
+                StatusCode::BAD_REQUEST,
+                "more than one Host header\n",
+            ));
+        }
+        let host = match host {
+            None => None,
+            Some(v) => match v.to_str().ok().and_then(|h| h.parse::<Authority>().ok()) {
+                Some(a) => Some(a),
+                None => {
+                    return Some(plain(
+                        StatusCode::BAD_REQUEST,
+                        "the Host header is not a host\n",
+                    ));
+                }
+            },
+        };
+        let uri = req.uri().authority();
+        if host.is_none() && uri.is_none() {
+            return Some(plain(
+                StatusCode::BAD_REQUEST,
+                "a Host header is required\n",
+            ));
+        }
+        let snap = self.proxy.snapshot();
+        let names = &snap.config.admin.hosts;
+        for authority in uri.into_iter().chain(host.as_ref()) {
+            let port = authority.port_u16().unwrap_or(80);
+            if !ours::names_listener(authority.host(), port, self.listen, names) {
+                return Some(plain(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!(
+                        "this is Cistern's admin interface, and {:?} is not one of its names: it answers to its own address, localhost and the names listed in `admin {{ host … }}` in config.kdl\n",
+                        authority.as_str()
+                    ),
+                ));
+            }
+        }
+        None
     }
 
     /// `/api/status`.

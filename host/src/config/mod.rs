@@ -77,6 +77,7 @@ impl Config {
             // A quick `cistern` with no file is a throwaway forward proxy:
             // no extra port unless a config file asks for one.
             admin: AdminConfig::DISABLED,
+            server_names: Vec::new(),
         }
     }
 }

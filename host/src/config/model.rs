@@ -2,7 +2,7 @@
 //! holds a [`Config`] never re-checks it. These structs double as the
 //! reference for `config.kdl` (see `docs/config.md`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,10 +43,52 @@ pub struct Config {
     pub default_site: Option<String>,
     /// The admin listener (web UI, metrics, JSON API).
     pub admin: AdminConfig,
+    /// Names the plaintext listeners answer to besides their addresses,
+    /// `localhost` and the loopback literals (`server-name`): a request
+    /// for one of them is served locally, never proxied.
+    pub server_names: Vec<ServerName>,
+}
+
+/// A host name or address Cistern answers to (`server-name`,
+/// `admin { host … }`), with the port it is reached on when that differs
+/// from the listener's (a port mapping in front of Cistern).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerName {
+    /// Lower case, without a trailing dot or IPv6 brackets.
+    pub host: String,
+    /// The host as an address, when it is one (compared as addresses).
+    pub ip: Option<IpAddr>,
+    /// `None`: the port of the listener asked.
+    pub port: Option<u16>,
+}
+
+impl ServerName {
+    /// `host` (a name or an IP literal, already validated) on `port`.
+    pub fn new(host: &str, port: Option<u16>) -> ServerName {
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let ip = host.parse::<IpAddr>().ok().map(crate::ours::canonical);
+        ServerName { host, ip, port }
+    }
+
+    /// Whether a request for `host` (trimmed like [`ServerName::host`],
+    /// any case; `ip` when it is an address) on `port` names this, on a
+    /// listener whose port is `listener_port`.
+    pub fn matches(&self, host: &str, ip: Option<IpAddr>, port: u16, listener_port: u16) -> bool {
+        let same_host = match (self.ip, ip) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self.host.eq_ignore_ascii_case(host),
+            _ => false,
+        };
+        same_host && port == self.port.unwrap_or(listener_port)
+    }
 }
 
 /// The admin listener: web UI, `/metrics`, `/healthz` and the JSON API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     /// Address to bind; `None` turns the admin listener off.
     pub listen: Option<SocketAddr>,
@@ -54,6 +96,10 @@ pub struct AdminConfig {
     /// to bind it stops start-up. The implicit default only logs a warning,
     /// so a second Cistern on the same machine still starts.
     pub required: bool,
+    /// Names the admin listener answers to besides its own address,
+    /// `localhost` and the loopback literals (`admin { host … }`); any
+    /// other `Host` is refused, so a DNS-rebinding page cannot read it.
+    pub hosts: Vec<ServerName>,
 }
 
 impl AdminConfig {
@@ -61,6 +107,7 @@ impl AdminConfig {
     pub const DISABLED: AdminConfig = AdminConfig {
         listen: None,
         required: false,
+        hosts: Vec::new(),
     };
 }
 

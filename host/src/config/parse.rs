@@ -657,6 +657,8 @@ struct Top {
     /// The `admin` block, if the file has one, with the span of its
     /// `listen` address for the cross-check against proxy listeners.
     admin: Option<(AdminConfig, Option<SourceSpan>)>,
+    /// `server-name` nodes.
+    server_names: Vec<ServerName>,
 }
 
 const TOP_LEVEL: &[Rule<Top>] = &[
@@ -673,6 +675,10 @@ const TOP_LEVEL: &[Rule<Top>] = &[
     many("site", site::site),
     once("default-site", site::default_site),
     once("admin", admin),
+    many("server-name", |cx, n, top| {
+        let names = server_names(cx, n, "server-name \"cache.lan\" \"cache.example.org:80\"");
+        top.server_names.extend(names);
+    }),
 ];
 
 impl Top {
@@ -735,6 +741,7 @@ impl Top {
             sites,
             default_site,
             admin,
+            server_names: self.server_names,
         }
     }
 }
@@ -1585,11 +1592,16 @@ fn policy_param(cx: &mut Cx<'_>, node: &KdlNode, params: &mut Vec<(String, Strin
 struct AdminDraft {
     enabled: Option<bool>,
     listen: Option<(SocketAddr, SourceSpan)>,
+    hosts: Vec<ServerName>,
 }
 
 const ADMIN: &[Rule<AdminDraft>] = &[
     once("enabled", |cx, n, d| d.enabled = bool_node(cx, n)),
     once("listen", admin_listen),
+    many("host", |cx, n, d| {
+        let names = server_names(cx, n, "host \"cistern.lan\" \"cistern.example.org:443\"");
+        d.hosts.extend(names);
+    }),
 ];
 
 /// `admin { listen "127.0.0.1:9090" }`, `admin { enabled #false }`.
@@ -1598,6 +1610,7 @@ fn admin(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let mut d = AdminDraft {
         enabled: None,
         listen: None,
+        hosts: Vec::new(),
     };
     cx.children(node, ADMIN, &mut d);
     let (listen, span) = match (d.enabled, d.listen) {
@@ -1609,6 +1622,7 @@ fn admin(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         AdminConfig {
             listen,
             required: true,
+            hosts: d.hosts,
         },
         span,
     ));
@@ -1630,6 +1644,7 @@ fn admin_finish(
         return AdminConfig {
             listen: Some(default_admin_listen()),
             required: false,
+            hosts: Vec::new(),
         };
     };
     // Port 0 asks the OS for a free port, so two of them never clash.
@@ -1651,4 +1666,55 @@ fn admin_listen(cx: &mut Cx<'_>, node: &KdlNode, d: &mut AdminDraft) {
     if let Some(addr) = cx.socket_addr(e.name, arg, hint) {
         d.listen = Some((addr, arg.span()));
     }
+}
+
+// ---------------------------------------------------------------------------
+// server-name "…" …   and   admin { host "…" … }
+
+/// The names of a `server-name` or admin `host` node: host names or IP
+/// literals, each with an optional port (`"cache.lan"`, `"[::1]:80"`).
+fn server_names(cx: &mut Cx<'_>, node: &KdlNode, usage: &'static str) -> Vec<ServerName> {
+    let e = cx.entries(node, &Shape::leaf((1, usize::MAX), usage));
+    let mut out = Vec::new();
+    for arg in &e.args {
+        let Some(text) = cx.string(e.name, arg) else {
+            continue;
+        };
+        match server_name(text) {
+            Ok(name) => out.push(name),
+            Err(why) => {
+                cx.error(arg.span(), format!("`{}`: {text:?} {why}", e.name))
+                    .help = Some(
+                    "write a host name or an IP address, optionally with a port: \"cache.lan\", \"192.168.1.7\", \"cache.example.org:80\""
+                        .to_owned(),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// One name of [`server_names`], or why it is not one.
+fn server_name(text: &str) -> Result<ServerName, &'static str> {
+    if text.contains("://") || text.contains('/') {
+        return Err("is a URL, not a host name");
+    }
+    if text.contains('@') {
+        return Err("holds user information; a host name has none");
+    }
+    let authority: Authority = text.parse().map_err(|_| "is not a host name")?;
+    let host = authority.host();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let is_ip = bare.parse::<IpAddr>().is_ok();
+    let name_ok = !bare.trim_end_matches('.').is_empty()
+        && bare
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !is_ip && !name_ok {
+        return Err("is not a host name");
+    }
+    if authority.port_u16() == Some(0) {
+        return Err("names port 0");
+    }
+    Ok(ServerName::new(host, authority.port_u16()))
 }

@@ -623,4 +623,50 @@ mirror "b" {
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0].0, 3, "{p:?}");
     assert!(p[0].2.contains("stale-if-error"), "{p:?}");
+
+fn server_names_and_admin_hosts() {
+    let c = ok(
+        "server-name \"Cache.LAN.\" \"192.168.1.7\"\nserver-name \"cache.example.org:80\" \"[::1]:8080\"\nadmin {\n    host \"cistern.lan\" \"cistern.example.org:443\"\n}\n",
+    );
+    let names: Vec<(&str, Option<u16>)> = c
+        .server_names
+        .iter()
+        .map(|n| (n.host.as_str(), n.port))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("cache.lan", None),
+            ("192.168.1.7", None),
+            ("cache.example.org", Some(80)),
+            ("::1", Some(8080)),
+        ]
+    );
+    assert_eq!(c.server_names[3].ip, Some("::1".parse().unwrap()));
+    let hosts: Vec<(&str, Option<u16>)> = c
+        .admin
+        .hosts
+        .iter()
+        .map(|n| (n.host.as_str(), n.port))
+        .collect();
+    assert_eq!(
+        hosts,
+        [("cistern.lan", None), ("cistern.example.org", Some(443))]
+    );
+    assert!(ok("listen \"127.0.0.1:8080\"\n").server_names.is_empty());
+
+    let p = problems(
+        "server-name \"http://cache.lan/\" \"user@cache.lan\" \"cache lan\" \"cache.lan:0\"\nserver-name\nadmin {\n    host \"*\"\n}\n",
+    );
+    let texts: Vec<&str> = p.iter().map(|(_, _, t)| t.as_str()).collect();
+    assert_eq!(p.len(), 6, "{p:?}");
+    assert!(texts[0].contains("is a URL"), "{texts:?}");
+    assert!(texts[1].contains("user information"), "{texts:?}");
+    assert!(texts[2].contains("not a host name"), "{texts:?}");
+    assert!(texts[3].contains("port 0"), "{texts:?}");
+    assert_eq!((p[4].0, p[4].1), (2, 1), "{p:?}");
+    assert!(
+        texts[5].contains("`host`: \"*\" is not a host name"),
+        "{texts:?}"
+    );
 }

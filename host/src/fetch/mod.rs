@@ -67,6 +67,9 @@ pub enum FetchError {
         /// The connection error.
         reason: String,
     },
+    /// The upstream is one of Cistern's own listeners: never connected to.
+    #[error("{0}")]
+    SelfTarget(crate::ours::SelfTarget),
     /// The upstream did not answer or stalled past the inactivity timeout.
     #[error("upstream {url} timed out after {after:?} of inactivity")]
     Timeout {
@@ -152,6 +155,7 @@ impl FetchError {
         match self {
             FetchError::Timeout { .. } | FetchError::Offline { .. } => StatusCode::GATEWAY_TIMEOUT,
             FetchError::Store(_) | FetchError::Vanished => StatusCode::INTERNAL_SERVER_ERROR,
+            FetchError::SelfTarget(_) => StatusCode::LOOP_DETECTED,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -396,6 +400,11 @@ impl FetchEngine {
         }
     }
 
+    /// Cistern's own sockets, which no upstream connection may reach.
+    pub fn own_sockets(&self) -> &Arc<crate::ours::OwnSockets> {
+        self.inner.client.own_sockets()
+    }
+
     /// The store the engine fills.
     pub fn store(&self) -> &Arc<ReplicaStore> {
         &self.inner.store
@@ -577,10 +586,13 @@ impl Inner {
                 url: url.to_string(),
                 after: idle,
             }),
-            Ok(Err(e)) => Err(FetchError::Connect {
-                url: url.to_string(),
-                reason: error_chain(&e),
-            }),
+            Ok(Err(e)) => match crate::ours::self_target_in(&e) {
+                Some(refused) => Err(FetchError::SelfTarget(refused.clone())),
+                None => Err(FetchError::Connect {
+                    url: url.to_string(),
+                    reason: error_chain(&e),
+                }),
+            },
             Ok(Ok(resp)) => Ok(resp),
         }
     }

@@ -1,22 +1,30 @@
 //! The upstream HTTP client: pooled connections, http and https (rustls
 //! with the system roots and any CA files named in config), connect
-//! timeout, and `Via` on the way out.
+//! timeout, `Via` on the way out, and never a connection to one of
+//! Cistern's own listeners ([`GuardedConnector`]).
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
 use crate::config::{Timeouts, UpstreamTls};
+use crate::ours::OwnSockets;
 
 /// A request body on its way upstream.
 pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -46,12 +54,18 @@ pub const VIA: HeaderValue = HeaderValue::from_static("1.1 cistern");
 /// The shared upstream client.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    client: Client<HttpsConnector<GuardedConnector>, UpstreamBody>,
+    own: Arc<OwnSockets>,
 }
 
 impl UpstreamClient {
-    /// Builds the client: trust anchors from `tls`, timeouts from `timeouts`.
-    pub fn new(tls: &UpstreamTls, timeouts: &Timeouts) -> Result<UpstreamClient, ClientBuildError> {
+    /// Builds the client: trust anchors from `tls`, timeouts from
+    /// `timeouts`; it refuses to connect to the sockets in `own`.
+    pub fn new(
+        tls: &UpstreamTls,
+        timeouts: &Timeouts,
+        own: Arc<OwnSockets>,
+    ) -> Result<UpstreamClient, ClientBuildError> {
         let mut roots = RootCertStore::empty();
         if tls.system_roots {
             // Unreadable individual system certificates are skipped, as every
@@ -94,11 +108,10 @@ impl UpstreamClient {
             .expect("ring supports the default protocol versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeouts.connect));
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
+        let http = GuardedConnector {
+            own: own.clone(),
+            connect_timeout: timeouts.connect,
+        };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config)
             .https_or_http()
@@ -109,7 +122,12 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .build(https);
-        Ok(UpstreamClient { client })
+        Ok(UpstreamClient { client, own })
+    }
+
+    /// Cistern's own sockets, which no upstream connection may reach.
+    pub fn own_sockets(&self) -> &Arc<OwnSockets> {
+        &self.own
     }
 
     /// Sends one request upstream and returns the response head with its
@@ -120,5 +138,68 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         req.headers_mut().append(http::header::VIA, VIA);
         self.client.request(req).await
+    }
+}
+
+/// The TCP connector under the TLS one: it resolves the name itself,
+/// refuses it when an address is one of Cistern's own listeners (a forward
+/// request for `http://127.0.0.1:9090/` must not reach the admin listener,
+/// nor one for our own proxy port loop), and connects to exactly the
+/// addresses it checked, so a DNS answer cannot change in between.
+#[derive(Clone, Debug)]
+pub struct GuardedConnector {
+    own: Arc<OwnSockets>,
+    connect_timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for GuardedConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = dst.host().ok_or("upstream URL has no host")?;
+            let default_port = if dst.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                443
+            } else {
+                80
+            };
+            let port = dst.port_u16().unwrap_or(default_port);
+            let addrs = this.own.resolve(host, port, this.connect_timeout).await?;
+            // hyper's connector does the rest (happy eyeballs, timeouts,
+            // socket options), fed the checked addresses instead of a
+            // second lookup; an IP literal it parses itself, unchanged.
+            let mut http = HttpConnector::new_with_resolver(Checked(Arc::new(addrs)));
+            http.enforce_http(false);
+            http.set_connect_timeout(Some(this.connect_timeout));
+            http.set_nodelay(true);
+            http.set_keepalive(Some(Duration::from_secs(60)));
+            let stream = tower_service::Service::call(&mut http, dst).await?;
+            Ok(stream)
+        })
+    }
+}
+
+/// A resolver that answers with addresses already resolved and checked.
+#[derive(Clone)]
+struct Checked(Arc<Vec<SocketAddr>>);
+
+impl tower_service::Service<Name> for Checked {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, std::io::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Name) -> Self::Future {
+        std::future::ready(Ok(self.0.as_ref().clone().into_iter()))
     }
 }
