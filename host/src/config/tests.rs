@@ -623,7 +623,9 @@ mirror "b" {
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0].0, 3, "{p:?}");
     assert!(p[0].2.contains("stale-if-error"), "{p:?}");
+}
 
+#[test]
 fn server_names_and_admin_hosts() {
     let c = ok(
         "server-name \"Cache.LAN.\" \"192.168.1.7\"\nserver-name \"cache.example.org:80\" \"[::1]:8080\"\nadmin {\n    host \"cistern.lan\" \"cistern.example.org:443\"\n}\n",
