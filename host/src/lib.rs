@@ -12,6 +12,8 @@
 //!   reloads.
 //! - [`tls`]: the sites' certificates and keys, checked before use, and
 //!   the table that picks one by SNI.
+//! - [`request`]: checks a client's request before routing: one valid
+//!   `Host`, no body on GET or HEAD.
 //! - [`route`]: decides what a request is: forward proxy, CONNECT tunnel,
 //!   transparent, a mirror path, or local.
 //! - [`ours`]: what is Cistern's own: the names it answers to and the
@@ -53,6 +55,7 @@ pub mod ours;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod request;
 pub mod route;
 pub mod serve;
 pub mod server;

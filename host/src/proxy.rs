@@ -257,6 +257,9 @@ impl Proxy {
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry.header_secs()));
             return Answer::local(resp);
         }
+        if let Err(bad) = crate::request::check(&req) {
+            return Answer::local(serve::text(StatusCode::BAD_REQUEST, bad.to_string()));
+        }
         if looped(req.headers()) {
             return Answer::local(serve::text(
                 StatusCode::LOOP_DETECTED,
@@ -944,6 +947,10 @@ fn direct_response(d: DirectResponse) -> Response<ProxyBody> {
     let mut resp = Response::new(serve::full(d.body));
     *resp.status_mut() = d.status;
     *resp.headers_mut() = d.headers;
+    // The body is whole in memory: hyper frames it from its length, so a
+    // policy's Content-Length or Transfer-Encoding can never disagree.
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
+    resp.headers_mut().remove(header::TRANSFER_ENCODING);
     resp
 }
 

@@ -558,7 +558,35 @@ fn build_request(
     *req.headers_mut() = headers.clone();
     // The Host header must name the upstream, not us.
     req.headers_mut().remove(header::HOST);
+    frame_by_body(&mut req);
     req
+}
+
+/// Makes the request's framing headers describe the body actually sent.
+/// A client's `Content-Length` (or one a policy set) with no body behind
+/// it would make a reused upstream connection take the next request's
+/// first bytes as this one's body: request smuggling into the cache. So
+/// the headers are dropped and hyper frames the request from the body
+/// (its exact length, else chunked). An empty body on a method that
+/// defines content says `Content-Length: 0` (RFC 9110 §8.6), so an origin
+/// that wants a length does not answer 411.
+fn frame_by_body(req: &mut Request<UpstreamBody>) {
+    let headers = req.headers_mut();
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::TRANSFER_ENCODING);
+    let defines_content = !matches!(
+        *req.method(),
+        Method::GET
+            | Method::HEAD
+            | Method::DELETE
+            | Method::OPTIONS
+            | Method::TRACE
+            | Method::CONNECT
+    );
+    if defines_content && http_body::Body::is_end_stream(req.body()) {
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
 }
 
 /// How a fill's body is being written.

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, StatusCode, header};
 
 use super::{
     LimitVerdict, PolicyChain, PolicyHost, ReplicaState, RequestView, ResponseDecision,
@@ -81,6 +81,10 @@ impl PolicyHook {
 
 impl HeadHook for PolicyHook {
     fn on_head(&self, status: StatusCode, headers: &mut HeaderMap) -> HeadDecision {
+        // The body that follows is the upstream's, unchanged: its length is
+        // kept as the upstream sent it, whatever a policy does, so a client
+        // is never told a length the body lacks.
+        let length = headers.get(header::CONTENT_LENGTH).cloned();
         let mut response = ResponseView {
             status,
             headers: std::mem::take(headers),
@@ -91,6 +95,12 @@ impl HeadHook for PolicyHook {
                 .on_response(&self.host, &mut request, &mut response)
         };
         *headers = response.headers;
+        // Transfer-Encoding is hop-by-hop: the next hop frames anew.
+        headers.remove(header::TRANSFER_ENCODING);
+        match length {
+            Some(len) => headers.insert(header::CONTENT_LENGTH, len),
+            None => headers.remove(header::CONTENT_LENGTH),
+        };
         HeadDecision {
             uncacheable: decision.uncacheable,
             immutable: decision.immutable,

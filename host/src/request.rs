@@ -1,0 +1,269 @@
+//! Checks that a client's request is well-formed before it is routed:
+//! exactly one valid `Host` (RFC 9112 §3.2, RFC 9113 §8.3.1) and no body on
+//! a GET or HEAD. Both are about the request meaning one thing to every
+//! party: a `Host` the router reads one way and the origin another, or a
+//! body the cache ignores but an upstream connection would frame, lets one
+//! client's request decide what another receives.
+
+use http::uri::Scheme;
+use http::{HeaderValue, Method, Request, Version, header};
+use http_body::Body;
+
+/// Why a request is refused with 400 before it is routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// HTTP/1.1 makes `Host` mandatory (RFC 9112 §3.2).
+    #[error("bad request: an HTTP/1.1 request needs a Host header")]
+    MissingHost,
+    /// More than one `Host` line: which one names the target is ambiguous.
+    #[error("bad request: more than one Host header")]
+    DuplicateHost,
+    /// `Host` is not `host[:port]`.
+    #[error("bad request: the Host header is not a valid host[:port]")]
+    InvalidHost,
+    /// HTTP/2: `Host` names another entity than `:authority`.
+    #[error("bad request: the Host header disagrees with :authority")]
+    HostMismatch,
+    /// A GET or HEAD with content. The cache keys a GET on its URL, so a
+    /// body would be either dropped (and its framing header left for the
+    /// upstream connection to misread) or silently part of the answer.
+    #[error(
+        "bad request: a {0} request must not carry a body (a shared cache cannot key on it); send no body, or Content-Length: 0"
+    )]
+    BodyOnSafeMethod(&'static str),
+}
+
+/// Checks `req` as received from a client; on `Err` the caller answers 400
+/// with the error's text. Allocates nothing.
+pub fn check<B: Body>(req: &Request<B>) -> Result<(), RequestError> {
+    check_host(req)?;
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        _ => return Ok(()),
+    };
+    // Covers every framing: a Content-Length above 0 or chunked on
+    // HTTP/1, DATA frames on HTTP/2. `Content-Length: 0` is no body and
+    // passes; the header itself is never sent upstream (the fetch engine
+    // frames upstream requests from the body it sends).
+    if req.body().is_end_stream() {
+        Ok(())
+    } else {
+        Err(RequestError::BodyOnSafeMethod(method))
+    }
+}
+
+fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(RequestError::DuplicateHost);
+    }
+    let Some(host) = host else {
+        // HTTP/1.0 may omit Host; HTTP/2 names the target in :authority.
+        // A CONNECT's target is an authority already, and clients that
+        // leave Host out of it exist (Go's server makes the same
+        // exception).
+        return if req.version() == Version::HTTP_11 && req.method() != Method::CONNECT {
+            Err(RequestError::MissingHost)
+        } else {
+            Ok(())
+        };
+    };
+    let (name, port) = split_host(host).ok_or(RequestError::InvalidHost)?;
+    // HTTP/1 absolute-form: the proxy ignores Host and uses the target's
+    // authority (RFC 9112 §3.2.2), which the router does. HTTP/2: the two
+    // must name one entity (RFC 9113 §8.3.1).
+    if req.version() == Version::HTTP_2
+        && let Some(authority) = req.uri().authority()
+    {
+        let default = if req.uri().scheme() == Some(&Scheme::HTTPS) {
+            443
+        } else {
+            80
+        };
+        let same_name = authority
+            .host()
+            .as_bytes()
+            .eq_ignore_ascii_case(name.as_bytes());
+        let same_port = authority.port_u16().unwrap_or(default) == port.unwrap_or(default);
+        if !(same_name && same_port) {
+            return Err(RequestError::HostMismatch);
+        }
+    }
+    Ok(())
+}
+
+/// Splits a `Host` value into host and port (`uri-host [":" port]`, RFC
+/// 9110 §7.2), or `None` if it is not one. An empty value is valid (a
+/// target URI without authority) and gives an empty host.
+fn split_host(value: &HeaderValue) -> Option<(&str, Option<u16>)> {
+    let v = value.to_str().ok()?;
+    let (name, port) = if v.starts_with('[') {
+        // IP-literal: `[` IPv6 or IPvFuture `]`.
+        let close = v.find(']')?;
+        let inner = &v[1..close];
+        if inner.is_empty()
+            || !inner
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'.'))
+        {
+            return None;
+        }
+        (&v[..=close], &v[close + 1..])
+    } else {
+        // reg-name or IPv4: unreserved, pct-encoded and sub-delims; no
+        // `@` (userinfo is not allowed in Host), no `:` but the port's.
+        let end = v.find(':').unwrap_or(v.len());
+        let name = &v[..end];
+        if !name.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        }) {
+            return None;
+        }
+        (name, &v[end..])
+    };
+    let port = match port {
+        "" | ":" => None,
+        p => {
+            let digits = p.strip_prefix(':')?;
+            if !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Some(digits.parse().ok()?)
+        }
+    };
+    if name.is_empty() && port.is_some() {
+        return None;
+    }
+    Some((name, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Empty, Full};
+
+    fn req(
+        version: Version,
+        method: Method,
+        uri: &str,
+        hosts: &[&str],
+    ) -> Request<Empty<&'static [u8]>> {
+        let mut b = Request::builder().version(version).method(method).uri(uri);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        b.body(Empty::new()).unwrap()
+    }
+
+    #[test]
+    fn host_rules_of_http1() {
+        use RequestError::*;
+        let v11 = Version::HTTP_11;
+        assert_eq!(check(&req(v11, Method::GET, "/", &["a.org"])), Ok(()));
+        assert_eq!(check(&req(v11, Method::GET, "/", &[])), Err(MissingHost));
+        assert_eq!(check(&req(Version::HTTP_10, Method::GET, "/", &[])), Ok(()));
+        assert_eq!(check(&req(v11, Method::CONNECT, "a.org:443", &[])), Ok(()));
+        assert_eq!(
+            check(&req(Version::HTTP_10, Method::GET, "/", &["a", "a"])),
+            Err(DuplicateHost)
+        );
+        // Absolute-form: Host is ignored, but must still be valid.
+        assert_eq!(
+            check(&req(v11, Method::GET, "http://a.org/", &["b.org"])),
+            Ok(())
+        );
+        assert_eq!(
+            check(&req(v11, Method::GET, "http://a.org/", &[])),
+            Err(MissingHost)
+        );
+    }
+
+    #[test]
+    fn host_values() {
+        for ok in [
+            "",
+            "a.org",
+            "A.ORG:8080",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:80",
+            "a.org:",
+        ] {
+            let v = HeaderValue::from_static(ok);
+            assert!(split_host(&v).is_some(), "{ok:?}");
+        }
+        for bad in [
+            "a b",
+            "u@a.org",
+            "a.org:x",
+            "a.org:99999",
+            "[::1",
+            "[]",
+            ":80",
+            "a:1:2",
+            "a/b",
+        ] {
+            let v = HeaderValue::from_static(bad);
+            assert!(split_host(&v).is_none(), "{bad:?}");
+        }
+        let v = HeaderValue::from_static("[::1]:81");
+        assert_eq!(split_host(&v), Some(("[::1]", Some(81))));
+    }
+
+    #[test]
+    fn http2_host_must_match_authority() {
+        let h2 = Version::HTTP_2;
+        let get = |host: &[&str]| check(&req(h2, Method::GET, "http://a.org/x", host));
+        assert_eq!(get(&[]), Ok(()));
+        assert_eq!(get(&["A.org"]), Ok(()));
+        assert_eq!(get(&["a.org:80"]), Ok(()));
+        assert_eq!(get(&["b.org"]), Err(RequestError::HostMismatch));
+        assert_eq!(get(&["a.org:81"]), Err(RequestError::HostMismatch));
+        let tls = check(&req(h2, Method::GET, "https://a.org/x", &["a.org:443"]));
+        assert_eq!(tls, Ok(()));
+    }
+
+    #[test]
+    fn safe_methods_carry_no_body() {
+        let with_body = |m: Method| {
+            Request::builder()
+                .method(m)
+                .header(header::HOST, "a.org")
+                .body(Full::new(&b"x"[..]))
+                .unwrap()
+        };
+        assert_eq!(
+            check(&with_body(Method::GET)),
+            Err(RequestError::BodyOnSafeMethod("GET"))
+        );
+        assert_eq!(
+            check(&with_body(Method::HEAD)),
+            Err(RequestError::BodyOnSafeMethod("HEAD"))
+        );
+        assert_eq!(check(&with_body(Method::POST)), Ok(()));
+        assert_eq!(
+            check(&req(Version::HTTP_11, Method::GET, "/", &["a"])),
+            Ok(())
+        );
+    }
+}
