@@ -275,8 +275,11 @@ impl Proxy {
                 "no site on this listener serves that host",
             )),
             Route::Site { set, rest } => {
-                let Ok(url) = set.url(0, &rest) else {
-                    return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path"));
+                let url = match set.url(0, &rest) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        return Answer::local(serve::text(StatusCode::BAD_REQUEST, e.to_string()));
+                    }
                 };
                 let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
                 self.proxied(req, conn, url, Upstreams::Mirror { set, rest }, chain, snap)
@@ -335,8 +338,11 @@ impl Proxy {
             Route::Mirror { set, rest } => {
                 // The replica lives under the first upstream's host:port, so
                 // failover between mirrors never duplicates a file.
-                let Ok(url) = set.url(0, &rest) else {
-                    return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path"));
+                let url = match set.url(0, &rest) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        return Answer::local(serve::text(StatusCode::BAD_REQUEST, e.to_string()));
+                    }
                 };
                 // Every mirror has an entry; the empty chain is a safe default.
                 let chain = snap

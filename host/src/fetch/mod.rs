@@ -15,6 +15,7 @@
 //! `Unshared` (the response may not be shared: each client fetches on its
 //! own) or `Failed` (followers see a failed transfer, never a short body).
 
+pub mod confine;
 pub mod mirror;
 pub mod upstream;
 
