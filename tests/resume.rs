@@ -160,3 +160,113 @@ async fn a_body_that_does_not_match_the_announced_digest_is_never_committed() {
         vec![format!("{}/good.deb", origin.addr)]
     );
 }
+
+/// A raw HTTP/1.1 origin that ends every body by closing the connection
+/// (no `Content-Length`, no chunking), the way HTTP/1.0-era servers and
+/// some CGI scripts do. Answers `path → (extra headers, body)`; counts the
+/// requests per path.
+async fn close_delimited_origin(
+    routes: Vec<(&'static str, String, bytes::Bytes)>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let routes = routes.clone();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let path = text.split(' ').nth(1).unwrap_or("").to_owned();
+                log.lock().unwrap().push(path.clone());
+                let Some((_, extra, body)) = routes.iter().find(|(p, _, _)| *p == path) else {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n")
+                        .await;
+                    return;
+                };
+                let head = format!("HTTP/1.1 200 OK\r\nConnection: close\r\n{extra}\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                for chunk in body.chunks(64 * 1024) {
+                    if s.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                }
+                // The end of the body is the FIN.
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_ended_by_connection_close_is_served_but_stored_only_with_a_digest() {
+    let plain = pattern(11, 300_000);
+    let signed = pattern(12, 300_000);
+    let sum = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&signed));
+    let (addr, seen) = close_delimited_origin(vec![
+        // Fresh for ten minutes: a second request that reaches the origin
+        // does so because nothing was stored.
+        (
+            "/plain.tar",
+            "Cache-Control: max-age=600\r\n".to_owned(),
+            plain.clone(),
+        ),
+        (
+            "/signed.tar",
+            format!("Cache-Control: max-age=600\r\nRepr-Digest: sha-256=:{sum}:\r\n"),
+            signed.clone(),
+        ),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "listen \"127.0.0.1:{{PORT}}\"\nstore {{\n    root \"{{ROOT}}\"\n}}\nmirror \"files\" {{\n    prefix \"/files/\"\n    upstream \"http://{addr}/\"\n}}\n"
+    );
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    let hits = |p: &str| seen.lock().unwrap().iter().filter(|s| *s == p).count();
+
+    // No length, no chunking, no digest: nothing proves the FIN was the
+    // end, so the body is served whole but not kept.
+    let first = get(cistern.addr, "/files/plain.tar").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.bytes(), &plain);
+    cistern
+        .log_when("why the body was not stored", |log| {
+            log.contains("plain.tar") && log.contains("ended with the upstream connection")
+        })
+        .await;
+    assert!(find_files(&cistern.root).is_empty(), "nothing was stored");
+    let second = get(cistern.addr, "/files/plain.tar").await;
+    assert_eq!(second.bytes(), &plain);
+    assert_eq!(
+        hits("/plain.tar"),
+        2,
+        "the second request went upstream again"
+    );
+
+    // A matching digest proves it: stored, and the next request is a hit.
+    let first = get(cistern.addr, "/files/signed.tar").await;
+    assert_eq!(first.bytes(), &signed);
+    let again = get(cistern.addr, "/files/signed.tar").await;
+    assert_eq!(again.bytes(), &signed);
+    assert_eq!(hits("/signed.tar"), 1, "served from the replica");
+    assert_eq!(
+        find_files(&cistern.root),
+        vec![format!("{addr}/signed.tar")]
+    );
+}

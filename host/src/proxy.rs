@@ -566,7 +566,9 @@ impl Proxy {
                         return Answer::local(error_response(&FetchError::Vanished));
                     }
                 }
-                FillState::Streaming { head, .. } | FillState::Complete { head, .. } => {
+                FillState::Streaming { head, .. }
+                | FillState::Complete { head, .. }
+                | FillState::Unverified { head, .. } => {
                     let creq = CacheRequest {
                         key: key_uri,
                         method: &Method::GET,

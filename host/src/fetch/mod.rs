@@ -11,7 +11,9 @@
 //! for a later resume.
 //!
 //! A fill moves through [`FillState`]: `Waiting` → `Streaming` →
-//! `Complete`, or ends `Revalidated` (a 304 refreshed the replica),
+//! `Complete`, or ends `Unverified` (a body that ended with the upstream
+//! connection and no digest to prove it whole: served, not stored),
+//! `Revalidated` (a 304 refreshed the replica),
 //! `Unshared` (the response may not be shared: each client fetches on its
 //! own) or `Failed` (followers see a failed transfer, never a short body).
 
@@ -296,6 +298,14 @@ pub enum FillState {
         /// The committed replica.
         replica: Arc<Replica>,
     },
+    /// The body ended with the upstream connection and nothing proves it
+    /// complete: readers get all `length` bytes, nothing is stored.
+    Unverified {
+        /// The response head.
+        head: Arc<FillHead>,
+        /// Bytes of the body, all in the (no longer stored) partial file.
+        length: u64,
+    },
     /// The upstream said 304: the stored replica is good again.
     Revalidated(Arc<Replica>),
     /// The response may not be shared; every client fetches on its own.
@@ -311,6 +321,7 @@ impl FillState {
             FillState::Waiting => "waiting",
             FillState::Streaming { .. } => "streaming",
             FillState::Complete { .. } => "complete",
+            FillState::Unverified { .. } => "unverified",
             FillState::Revalidated(_) => "revalidated",
             FillState::Unshared => "unshared",
             FillState::Failed(_) => "failed",
@@ -912,6 +923,7 @@ impl Inner {
         } = w;
         let url_s = url.to_string();
         let announced = announced_sha256(resp.headers());
+        let close_delimited = close_delimited(&resp);
         let idle = job.settings.idle;
         let mut body = resp.into_body();
         let mut sink = BodySink {
@@ -1010,6 +1022,22 @@ impl Inner {
                 written,
                 expected: total,
             });
+        }
+        if close_delimited && announced.is_none() {
+            // A FIN ends such a body whether it is complete or cut: served to
+            // the readers, never kept as a complete replica.
+            tracing::warn!(target: "cistern::fetch", key = %job.key, url = %url_s, bytes = written,
+                "not stored: the body ended with the upstream connection (no Content-Length, \
+                 no chunked encoding) and no Repr-Digest or Digest proves it complete");
+            self.metrics.store_refusal();
+            drop(partial);
+            let k = job.key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            fill.state.send_replace(FillState::Unverified {
+                head,
+                length: written,
+            });
+            return Ok(());
         }
         let digest: [u8; 32] = match hasher {
             Some(h) => h.finalize().into(),
@@ -1155,6 +1183,23 @@ fn resume_headers(meta: &PartialMeta, len: u64) -> Option<(HeaderValue, HeaderVa
     Some((range, if_range))
 }
 
+/// Whether the body of `resp` ends only when the connection closes: an
+/// HTTP/1.x response with neither `Content-Length` nor chunked
+/// `Transfer-Encoding` (RFC 9112 section 6.3, rule 8). hyper reads such a
+/// body to EOF and reports a normal end, so only the head can tell.
+fn close_delimited<B>(resp: &Response<B>) -> bool {
+    let h1 = resp.version() <= http::Version::HTTP_11;
+    let chunked = resp
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains("chunked"))
+        });
+    h1 && !chunked && !resp.headers().contains_key(header::CONTENT_LENGTH)
+}
+
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
     headers
         .get(name)
@@ -1261,6 +1306,29 @@ mod tests {
         h.insert("digest", format!("MD5=xyz, SHA-256={b64}").parse().unwrap());
         assert_eq!(announced_sha256(&h), Some(sum));
         assert_eq!(announced_sha256(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn close_delimited_bodies_are_told_by_their_head() {
+        let resp = |headers: &[(&str, &str)], version| {
+            let mut b = Response::builder().version(version);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap()
+        };
+        use http::Version;
+        assert!(close_delimited(&resp(&[], Version::HTTP_11)));
+        assert!(close_delimited(&resp(&[], Version::HTTP_10)));
+        assert!(!close_delimited(&resp(
+            &[("content-length", "5")],
+            Version::HTTP_11
+        )));
+        assert!(!close_delimited(&resp(
+            &[("transfer-encoding", "gzip, Chunked")],
+            Version::HTTP_11
+        )));
+        assert!(!close_delimited(&resp(&[], Version::HTTP_2)));
     }
 
     #[test]
