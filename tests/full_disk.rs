@@ -151,10 +151,14 @@ async fn a_download_to_resume_that_no_longer_fits_is_served_whole() {
     };
     let origin = Origin::start().await;
     let iso = pattern(5, 3 << 20);
-    // The first transfer breaks after 1 MiB, leaving a partial to resume.
+    // The first transfer breaks after 256 KiB, and so does each of the
+    // fill's own resumes, leaving a partial of at most 1 MiB to resume.
+    let deaths = cistern::fetch::RESUME_ATTEMPTS as usize + 1;
     origin.put(
         "/iso/netinst.iso",
-        Resource::new(iso.clone()).die_after(1 << 20, 1),
+        Resource::new(iso.clone())
+            .slow(Duration::from_millis(5))
+            .die_after(256 << 10, deaths as u32),
     );
     let config = format!(
         r#"listen "127.0.0.1:{{PORT}}"
@@ -202,16 +206,16 @@ mirror "files" {{
         .collect();
     // Asked to resume from what the partial held, then fetched whole for
     // the client.
-    let resumed_from = ranges[1]
+    let resumed_from = ranges[deaths]
         .as_deref()
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|n| n.parse::<u64>().ok());
     assert!(
-        ranges.len() == 3
+        ranges.len() == deaths + 2
             && ranges[0].is_none()
             && resumed_from.is_some_and(|n| n > 0 && n <= 1 << 20)
-            && ranges[2].is_none(),
+            && ranges[deaths + 1].is_none(),
         "{ranges:?}"
     );
 }

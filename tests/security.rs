@@ -44,40 +44,88 @@ async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traversal_attempts_never_leave_the_replica_root() {
+    // The origin resolves paths the way nginx does (decode, merge `//`,
+    // resolve dot segments, then look up), so whatever climbs out of the
+    // mirror's base `/pub/` on the way there would be served from outside.
     let origin = Origin::start().await;
-    // The origin answers anything it is asked, so whatever path Cistern
-    // computes, a file would be written if it let it through.
+    origin.normalise_like_nginx();
     for p in [
         "/etc/passwd",
-        "/pub/etc/passwd",
-        "/pub/%2e%2e/x",
+        "/secret",
         "/x",
-        "/pub/..%2f..%2fescape",
-        "/pub/a%2fb",
-        "/pub/a%00b",
+        "/outside.txt",
+        "/pub/etc/passwd",
     ] {
         origin.put(p, Resource::new(pattern(1, 10)));
     }
+    let inside = pattern(2, 10);
+    origin.put("/pub/a/b", Resource::new(inside.clone()));
     let dir = tempfile::tempdir().unwrap();
     let sentinel = dir.path().join("outside.txt");
     std::fs::write(&sentinel, "untouched").unwrap();
     let cistern = Cistern::start(dir.path(), &config(&origin, "enabled #true"), &[]);
+    // Each attempt and the status it must get: 400 for anything that climbs
+    // above the base, however it is spelled; a harmless dot segment inside
+    // the base is resolved and served.
     let attempts = [
-        "/files/../../etc/passwd",
-        "/files/%2e%2e/%2e%2e/%2e%2e/outside.txt",
-        "/files/..%2f..%2f..%2foutside.txt",
-        "/files/a%2fb",
-        "/files/a%00b",
-        "/files/.%2e/.%2e/x",
+        ("/files/../secret", 400),
+        ("/files/../../etc/passwd", 400),
+        ("/files/%2e%2e/%2e%2e/%2e%2e/outside.txt", 400),
+        ("/files/%2E%2e/secret", 400),
+        ("/files/.%2e/.%2e/x", 400),
+        ("/files/..%2f..%2f..%2foutside.txt", 400),
+        ("/files/a%2f..%2f..%2fsecret", 400),
+        ("/files/a/../../secret", 400),
+        ("/files/a//../../secret", 400),
+        ("/files/..%5csecret", 400),
+        ("/files/../pub/a/b", 400),
+        ("/files/a/./b", 200),
+        ("/files/a/x/../b", 200),
+        ("/files/a/x/%2e%2e/b", 200),
+        ("/files/a%2fb", 200),
     ];
-    for target in attempts {
+    for (target, want) in attempts {
         let answer = raw(
             cistern.addr,
             &format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
         )
         .await;
-        assert!(answer.starts_with("HTTP/1.1"), "{target}: {answer}");
+        let status = format!("HTTP/1.1 {want} ");
+        assert!(answer.starts_with(&status), "{target}: {answer}");
+        if want == 400 {
+            assert!(
+                answer.contains("climbs above /files/"),
+                "{target}: {answer}"
+            );
+        }
     }
+    assert_eq!(get(cistern.addr, "/files/a/./b").await.bytes(), &inside);
+    // A NUL byte is refused too (the key cannot name a file with it).
+    let nul = raw(
+        cistern.addr,
+        "GET /files/a%00b HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(nul.starts_with("HTTP/1.1 4"), "{nul}");
+
+    // What the origin was asked, resolved as nginx resolves it, is always
+    // below the mirror's base.
+    let seen = origin.seen();
+    assert!(!seen.is_empty());
+    for s in &seen {
+        let resolved = common::nginx_path(&s.path);
+        assert!(
+            resolved.as_deref().is_some_and(|p| p.starts_with("/pub/")),
+            "the origin was asked for {} ({resolved:?}), outside /pub/",
+            s.path
+        );
+    }
+    for p in ["/etc/passwd", "/secret", "/x", "/outside.txt"] {
+        assert_eq!(origin.hits(p), 0, "{p} was asked for directly");
+    }
+
+    // The forward proxy goes where its client says; it still never writes
+    // outside the replica root.
     for target in [
         format!(
             "http://{}/pub/%2e%2e/%2e%2e/%2e%2e/outside.txt",
@@ -96,12 +144,13 @@ async fn traversal_attempts_never_leave_the_replica_root() {
         assert!(answer.starts_with("HTTP/1.1"), "{target}: {answer}");
     }
     assert_eq!(std::fs::read_to_string(&sentinel).unwrap(), "untouched");
-    // Everything that was stored is under root/host:port/.
+    // Everything the mirror stored is under root/host:port/pub/; the
+    // forward proxy's files are under root/host:port/.
     let host = origin.addr.to_string();
     for f in find_files(&cistern.root) {
         assert!(
-            f.starts_with(&format!("{host}/")),
-            "{f} escaped its host directory"
+            f.starts_with(&format!("{host}/pub/")) || f == format!("{host}/outside.txt"),
+            "{f} escaped the mirror's base"
         );
         assert!(!f.split('/').any(|seg| seg == ".." || seg == "."), "{f}");
     }

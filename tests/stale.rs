@@ -255,7 +255,12 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
     loop {
         let got = get(addr, INDEX).await;
         if got.bytes() == &new {
-            assert_eq!(got.header("cache-status"), "cistern; hit");
+            // A hit, or read along the refresh's last moments.
+            let status = got.header("cache-status");
+            assert!(
+                status == "cistern; hit" || status == "cistern; fwd=miss; collapsed",
+                "{status}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the replica was never refreshed");

@@ -278,8 +278,11 @@ impl Proxy {
                 "no site on this listener serves that host",
             )),
             Route::Site { set, rest } => {
-                let Ok(url) = set.url(0, &rest) else {
-                    return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path"));
+                let url = match set.url(0, &rest) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        return Answer::local(serve::text(StatusCode::BAD_REQUEST, e.to_string()));
+                    }
                 };
                 let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
                 let stale = set.stale;
@@ -348,8 +351,11 @@ impl Proxy {
             Route::Mirror { set, rest } => {
                 // The replica lives under the first upstream's host:port, so
                 // failover between mirrors never duplicates a file.
-                let Ok(url) = set.url(0, &rest) else {
-                    return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad path"));
+                let url = match set.url(0, &rest) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        return Answer::local(serve::text(StatusCode::BAD_REQUEST, e.to_string()));
+                    }
                 };
                 // Every mirror has an entry; the empty chain is a safe default.
                 let chain = snap
@@ -663,7 +669,9 @@ impl Proxy {
                         return Answer::local(error_response(&FetchError::Vanished));
                     }
                 }
-                FillState::Streaming { head, .. } | FillState::Complete { head, .. } => {
+                FillState::Streaming { head, .. }
+                | FillState::Complete { head, .. }
+                | FillState::Unverified { head, .. } => {
                     let creq = CacheRequest {
                         key: key_uri,
                         method: &Method::GET,

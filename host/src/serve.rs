@@ -468,6 +468,7 @@ fn growing_body(
                     ))
                 }
                 FillState::Complete { replica, .. } => Ok((replica.meta.length, true)),
+                FillState::Unverified { length, .. } => Ok((*length, true)),
                 FillState::Failed(e) => Err(format!("upstream transfer failed: {e}")),
                 other => Err(format!("fill ended as {}", other.as_str())),
             };

@@ -128,6 +128,59 @@ pub struct Origin {
     first_byte: Arc<Mutex<HashMap<String, Instant>>>,
     /// Connections accepted.
     pub connections: Arc<AtomicU64>,
+    /// Look resources up by the path nginx would resolve (see [`nginx_path`]).
+    nginx_paths: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The path nginx serves for a request target: the path percent-decoded
+/// (`%2e` → `.`, `%2f` → `/`), `//` merged, dot segments resolved, the
+/// query kept. `None` when it climbs above `/` (nginx answers 400).
+pub fn nginx_path(target: &str) -> Option<String> {
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let raw = path.as_bytes();
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if raw[i] == b'%'
+            && i + 2 < raw.len()
+            && let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2]))
+        {
+            decoded.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            decoded.push(raw[i]);
+            i += 1;
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded).into_owned();
+    let mut kept: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in decoded.split('/') {
+        trailing = true;
+        match seg {
+            "" | "." => {}
+            ".." => {
+                kept.pop()?;
+            }
+            s => {
+                kept.push(s);
+                trailing = false;
+            }
+        }
+    }
+    let mut out = format!("/{}", kept.join("/"));
+    if trailing && !kept.is_empty() {
+        out.push('/');
+    }
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Some(out)
 }
 
 impl Origin {
@@ -146,6 +199,7 @@ impl Origin {
             seen: Arc::default(),
             first_byte: Arc::default(),
             connections: Arc::default(),
+            nginx_paths: Arc::default(),
         };
         let o = origin.clone();
         tokio::spawn(async move {
@@ -167,6 +221,12 @@ impl Origin {
             }
         });
         origin
+    }
+
+    /// Resolves request paths the way nginx does before looking them up
+    /// (`/pub/../x` serves `/x`); [`Origin::seen`] keeps what was sent.
+    pub fn normalise_like_nginx(&self) {
+        self.nginx_paths.store(true, Ordering::Relaxed);
     }
 
     /// Serves `resource` at `path`.
@@ -213,9 +273,19 @@ impl Origin {
             path: path.clone(),
             headers: req.headers().clone(),
         });
+        let lookup = if self.nginx_paths.load(Ordering::Relaxed) {
+            let Some(resolved) = nginx_path(&path) else {
+                let mut resp = Response::new(full(Bytes::from_static(b"400 Bad Request\n")));
+                *resp.status_mut() = StatusCode::BAD_REQUEST;
+                return resp;
+            };
+            resolved
+        } else {
+            path.clone()
+        };
         let resource = {
             let mut map = self.resources.lock().unwrap();
-            let Some(r) = map.get_mut(&path) else {
+            let Some(r) = map.get_mut(&lookup) else {
                 let mut resp = Response::new(full(Bytes::from_static(b"no such resource\n")));
                 *resp.status_mut() = StatusCode::NOT_FOUND;
                 return resp;

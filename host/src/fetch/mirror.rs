@@ -9,6 +9,20 @@ use http::Uri;
 
 use crate::config::{MirrorConfig, StaleRules};
 
+use super::confine::{EscapeError, confine};
+
+/// Why a request path has no URL on a mirror's upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorPathError {
+    /// The path climbs above the upstream's base.
+    #[error(transparent)]
+    Escape(#[from] EscapeError),
+    /// The joined text is no URL (the upstream URL is left out: clients
+    /// see this text).
+    #[error("the path is not valid in a URL: {0}")]
+    Url(#[from] http::uri::InvalidUri),
+}
+
 /// After this many consecutive failures an upstream is tried last for a while.
 const FAILURES_BEFORE_DOWN: u32 = 3;
 /// How long a failing upstream is tried last before it gets another chance.
@@ -83,13 +97,16 @@ impl MirrorSet {
     }
 
     /// The URL of `rest` (the request path after our prefix, with its
-    /// query) on upstream `index`.
-    pub fn url(&self, index: usize, rest: &str) -> Result<Uri, http::uri::InvalidUri> {
+    /// query) on upstream `index`, with its dot segments resolved; a rest
+    /// that would climb above the upstream's base is refused (see
+    /// [`super::confine`]).
+    pub fn url(&self, index: usize, rest: &str) -> Result<Uri, MirrorPathError> {
         let base = &self.upstreams[index].base_text;
+        let rest = confine(rest.trim_start_matches('/'), &self.prefix)?;
         let mut url = String::with_capacity(base.len() + rest.len());
         url.push_str(base);
-        url.push_str(rest.trim_start_matches('/'));
-        url.parse()
+        url.push_str(&rest);
+        Ok(url.parse()?)
     }
 
     /// Upstream indexes in the order to try them: healthy ones in config
@@ -170,6 +187,21 @@ mod tests {
             s.url(1, "dists/InRelease?x=1").unwrap(),
             "http://b.example/d/dists/InRelease?x=1"
         );
+    }
+
+    #[test]
+    fn urls_stay_below_each_base() {
+        let s = set();
+        assert_eq!(
+            s.url(1, "pool/x/../y.deb").unwrap(),
+            "http://b.example/d/pool/y.deb"
+        );
+        for rest in ["../secret", "%2e%2e/secret", "a/..%2f..%2fsecret"] {
+            assert!(
+                matches!(s.url(0, rest), Err(MirrorPathError::Escape(_))),
+                "{rest}"
+            );
+        }
     }
 
     #[test]

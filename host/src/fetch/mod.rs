@@ -11,10 +11,13 @@
 //! for a later resume.
 //!
 //! A fill moves through [`FillState`]: `Waiting` → `Streaming` →
-//! `Complete`, or ends `Revalidated` (a 304 refreshed the replica),
+//! `Complete`, or ends `Unverified` (a body that ended with the upstream
+//! connection and no digest to prove it whole: served, not stored),
+//! `Revalidated` (a 304 refreshed the replica),
 //! `Unshared` (the response may not be shared: each client fetches on its
 //! own) or `Failed` (followers see a failed transfer, never a short body).
 
+pub mod confine;
 pub mod mirror;
 pub mod upstream;
 
@@ -45,27 +48,108 @@ use crate::store::{
 pub use mirror::MirrorSet;
 pub use upstream::{BoxError, UpstreamBody, UpstreamClient};
 
-/// Which side of the proxy an error came from: decides the status the
-/// client sees and the wording of the log.
+/// Which side of the proxy an error came from (pingora-error's
+/// `ErrorSource`): decides the status the client sees and the wording of
+/// the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     /// The upstream misbehaved or could not be reached.
     Upstream,
-    /// Cistern itself (disk, configuration).
+    /// The clients: every one of them went away.
+    Downstream,
+    /// Cistern itself (disk, configuration, policies).
     Internal,
 }
 
-/// Why a fetch failed.
+impl Side {
+    /// A short name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Upstream => "upstream",
+            Side::Downstream => "downstream",
+            Side::Internal => "internal",
+        }
+    }
+}
+
+/// Whether trying the same request again can help (pingora-error's
+/// `RetryType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryType {
+    /// A transient failure (connection refused, reset or closed, timeout):
+    /// another attempt may succeed, and a fill may resume its partial.
+    Retryable,
+    /// Trying again gives the same answer (a wrong length or digest, a
+    /// policy's refusal, a full disk).
+    Final,
+}
+
+/// What kind of failure a [`FetchError`] is, without its details: for
+/// logs and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No connection or no response head.
+    Connect,
+    /// Inactivity past the timeout.
+    Timeout,
+    /// The connection broke in the middle of the body.
+    BodyCut,
+    /// The body's length or digest is not what the upstream announced.
+    Integrity,
+    /// A resume was answered with other content than the partial's.
+    ResumeMismatch,
+    /// Offline mode.
+    Offline,
+    /// Nobody reads the fill any more.
+    Orphaned,
+    /// The replica store failed.
+    Store,
+    /// A policy refused the response.
+    Policy,
+    /// The target is one of Cistern's own listeners.
+    SelfTarget,
+    /// A bug: a task ended without saying how.
+    Vanished,
+}
+
+impl ErrorKind {
+    /// A short name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::BodyCut => "body-cut",
+            ErrorKind::Integrity => "integrity",
+            ErrorKind::ResumeMismatch => "resume-mismatch",
+            ErrorKind::Offline => "offline",
+            ErrorKind::Orphaned => "orphaned",
+            ErrorKind::Store => "store",
+            ErrorKind::Policy => "policy",
+            ErrorKind::SelfTarget => "self-target",
+            ErrorKind::Vanished => "vanished",
+        }
+    }
+}
+
+/// Why a fetch failed. The causes are kept typed (`source()`);
+/// [`error_chain`] renders them on one line.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FetchError {
-    /// No upstream could be reached.
-    #[error("upstream {url} unreachable: {reason}")]
+    /// No upstream could be reached, or it gave no response head.
+    #[error("upstream {url} unreachable")]
     Connect {
         /// The last URL tried.
         url: String,
-        /// The connection error.
-        reason: String,
+        /// The client's error.
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The upstream set had no URL to try.
+    #[error("no upstream to ask for {url}")]
+    NoUpstream {
+        /// The primary URL.
+        url: String,
     },
     /// The upstream is one of Cistern's own listeners: never connected to.
     #[error("{0}")]
@@ -79,14 +163,25 @@ pub enum FetchError {
         after: Duration,
     },
     /// The upstream connection broke in the middle of the body.
-    #[error("upstream {url} failed after {written} bytes: {reason}")]
+    #[error("upstream {url} failed after {written} bytes")]
     Body {
         /// The URL being fetched.
         url: String,
         /// Bytes of the body received (and kept in the partial file).
         written: u64,
         /// The transport error.
-        reason: String,
+        #[source]
+        source: hyper::Error,
+    },
+    /// Resuming a partial was answered with bytes that may not continue it.
+    #[error("cannot resume {url} at byte {written}: {why}")]
+    ResumeMismatch {
+        /// The URL being fetched.
+        url: String,
+        /// Bytes in the partial file.
+        written: u64,
+        /// What did not match.
+        why: &'static str,
     },
     /// The body is shorter or longer than the upstream announced.
     #[error("upstream {url} sent {written} bytes of {expected}")]
@@ -140,13 +235,47 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FetchError::Connect { .. } | FetchError::NoUpstream { .. } => ErrorKind::Connect,
+            FetchError::Timeout { .. } => ErrorKind::Timeout,
+            FetchError::Body { .. } => ErrorKind::BodyCut,
+            FetchError::ResumeMismatch { .. } => ErrorKind::ResumeMismatch,
+            FetchError::Length { .. } | FetchError::DigestMismatch { .. } => ErrorKind::Integrity,
+            FetchError::Offline { .. } => ErrorKind::Offline,
+            FetchError::Orphaned { .. } => ErrorKind::Orphaned,
+            FetchError::Store(_) => ErrorKind::Store,
+            FetchError::PolicyDenied { .. } => ErrorKind::Policy,
+            FetchError::SelfTarget(_) => ErrorKind::SelfTarget,
+            FetchError::Vanished => ErrorKind::Vanished,
+        }
+    }
+
     /// The side the error came from.
     pub fn side(&self) -> Side {
         match self {
-            FetchError::Store(_) | FetchError::Vanished | FetchError::Offline { .. } => {
-                Side::Internal
-            }
+            FetchError::Store(_)
+            | FetchError::Vanished
+            | FetchError::Offline { .. }
+            | FetchError::NoUpstream { .. }
+            | FetchError::SelfTarget(_)
+            | FetchError::PolicyDenied { .. } => Side::Internal,
+            FetchError::Orphaned { .. } => Side::Downstream,
             _ => Side::Upstream,
+        }
+    }
+
+    /// Whether another attempt can help.
+    pub fn retry(&self) -> RetryType {
+        match self {
+            FetchError::Connect { .. } | FetchError::Timeout { .. } => RetryType::Retryable,
+            // A reset or closed connection is transient; a body that does
+            // not parse (bad chunking) comes back the same.
+            FetchError::Body { source, .. } if !source.is_parse() && !source.is_user() => {
+                RetryType::Retryable
+            }
+            _ => RetryType::Final,
         }
     }
 
@@ -154,7 +283,9 @@ impl FetchError {
     pub fn status(&self) -> StatusCode {
         match self {
             FetchError::Timeout { .. } | FetchError::Offline { .. } => StatusCode::GATEWAY_TIMEOUT,
-            FetchError::Store(_) | FetchError::Vanished => StatusCode::INTERNAL_SERVER_ERROR,
+            FetchError::Store(_) | FetchError::Vanished | FetchError::NoUpstream { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             FetchError::SelfTarget(_) => StatusCode::LOOP_DETECTED,
             _ => StatusCode::BAD_GATEWAY,
         }
@@ -299,6 +430,14 @@ pub enum FillState {
         /// The committed replica.
         replica: Arc<Replica>,
     },
+    /// The body ended with the upstream connection and nothing proves it
+    /// complete: readers get all `length` bytes, nothing is stored.
+    Unverified {
+        /// The response head.
+        head: Arc<FillHead>,
+        /// Bytes of the body, all in the (no longer stored) partial file.
+        length: u64,
+    },
     /// The upstream said 304: the stored replica is good again.
     Revalidated(Arc<Replica>),
     /// The response may not be shared; every client fetches on its own.
@@ -314,6 +453,7 @@ impl FillState {
             FillState::Waiting => "waiting",
             FillState::Streaming { .. } => "streaming",
             FillState::Complete { .. } => "complete",
+            FillState::Unverified { .. } => "unverified",
             FillState::Revalidated(_) => "revalidated",
             FillState::Unshared => "unshared",
             FillState::Failed(_) => "failed",
@@ -381,6 +521,13 @@ struct Inner {
     inflight: Mutex<HashMap<CacheKey, Arc<Fill>>>,
     metrics: Arc<Metrics>,
 }
+
+/// How many times one fill resumes its body after a transient upstream
+/// failure (reset, closed connection, timeout) before its readers get a
+/// failed transfer.
+pub const RESUME_ATTEMPTS: u32 = 3;
+/// The pause before the first resume; the n-th waits n times as long.
+const RESUME_PAUSE: Duration = Duration::from_millis(200);
 
 /// Bytes accepted from the upstream per positioned write; frames are
 /// gathered up to this size so a fast upstream costs few blocking hops.
@@ -473,7 +620,9 @@ impl FetchEngine {
                 };
                 let url = job.upstreams.primary();
                 if let Err(error) = inner.run(&task_fill, job, tx).await {
-                    tracing::warn!(target: "cistern::fetch", key = %task_fill.key, %url, side = ?error.side(), "fill failed: {error}");
+                    tracing::warn!(target: "cistern::fetch", key = %task_fill.key, %url,
+                        kind = error.kind().as_str(), side = error.side().as_str(),
+                        "fill failed: {}", error_chain(&error));
                     inner.metrics.fill_failed();
                     task_fill
                         .state
@@ -614,11 +763,11 @@ impl Inner {
                 url: url.to_string(),
                 after: idle,
             }),
-            Ok(Err(e)) => match crate::ours::self_target_in(&e) {
+            Ok(Err(source)) => match crate::ours::self_target_in(&source) {
                 Some(refused) => Err(FetchError::SelfTarget(refused.clone())),
                 None => Err(FetchError::Connect {
                     url: url.to_string(),
-                    reason: error_chain(&e),
+                    source,
                 }),
             },
             Ok(Ok(resp)) => Ok(resp),
@@ -808,8 +957,9 @@ impl Inner {
                     return Ok((resp, url));
                 }
                 Err(e) => {
-                    tracing::info!(target: "cistern::fetch", %url, "upstream failed: {e}");
-                    upstreams.report(index, Some(&e.to_string()));
+                    let why = error_chain(&e);
+                    tracing::info!(target: "cistern::fetch", %url, kind = e.kind().as_str(), "upstream failed: {why}");
+                    upstreams.report(index, Some(&why));
                     last = Some(e);
                     if !retryable {
                         break;
@@ -817,9 +967,8 @@ impl Inner {
                 }
             }
         }
-        Err(last.unwrap_or(FetchError::Connect {
+        Err(last.unwrap_or(FetchError::NoUpstream {
             url: upstreams.primary(),
-            reason: "no upstream".into(),
         }))
     }
 
@@ -903,10 +1052,10 @@ impl Inner {
         let start = if resume { partial.len } else { 0 };
         if resumed_from.is_some_and(|from| from != start) {
             // The partial changed under us; never splice mismatched bytes.
-            return Err(FetchError::Body {
+            return Err(FetchError::ResumeMismatch {
                 url: url.to_string(),
                 written: start,
-                reason: "partial file changed during resume".into(),
+                why: "the partial file changed during the resume",
             });
         }
         let head = Arc::new(FillHead {
@@ -951,6 +1100,7 @@ impl Inner {
         } = w;
         let url_s = url.to_string();
         let announced = announced_sha256(resp.headers());
+        let mut ends_at_close = close_delimited(&resp);
         let idle = job.settings.idle;
         let mut body = resp.into_body();
         let mut sink = BodySink {
@@ -961,17 +1111,21 @@ impl Inner {
             // Hash while streaming; a resumed fill hashes the whole file at the end.
             hasher: (start == 0).then(Sha256::new),
         };
+        // The full length: announced by the head, or learnt from a resume's
+        // `Content-Range`.
+        let mut total = head.length;
+        let mut resumes = 0u32;
         let mut orphan_since: Option<Instant> = None;
         let mut ended = false;
         while !ended {
             // Gather frames that are already there, up to one batch.
-            loop {
+            let failure = loop {
                 let next = if sink.batch.is_empty() {
                     match tokio::time::timeout(idle, body.frame()).await {
                         Ok(f) => f,
                         Err(_) => {
-                            return Err(FetchError::Timeout {
-                                url: url_s,
+                            break Some(FetchError::Timeout {
+                                url: url_s.clone(),
                                 after: idle,
                             });
                         }
@@ -979,21 +1133,21 @@ impl Inner {
                 } else {
                     match futures_util::FutureExt::now_or_never(body.frame()) {
                         Some(f) => f,
-                        None => break,
+                        None => break None,
                     }
                 };
                 match next {
                     None => {
                         ended = true;
-                        break;
+                        break None;
                     }
-                    Some(Err(e)) => {
+                    Some(Err(source)) => {
                         // Keep what arrived: it is a valid prefix for a resume.
                         self.flush(fill, &mut sink).await?;
-                        return Err(FetchError::Body {
-                            url: url_s,
+                        break Some(FetchError::Body {
+                            url: url_s.clone(),
                             written: sink.written,
-                            reason: error_chain(&e),
+                            source,
                         });
                     }
                     Some(Ok(frame)) => {
@@ -1003,10 +1157,25 @@ impl Inner {
                             sink.batch_len += data.len();
                             sink.batch.push(data);
                             if sink.batch_len >= WRITE_BATCH {
-                                break;
+                                break None;
                             }
                         }
                     }
+                }
+            };
+            if let Some(error) = failure {
+                // The readers still waiting get the rest from a resume of
+                // the partial; they only see a pause.
+                let rest = self
+                    .resume_body(fill, job, &url, &sink, &mut total, &mut resumes, &error)
+                    .await;
+                match rest {
+                    Some(resp) => {
+                        ends_at_close = close_delimited(&resp);
+                        body = resp.into_body();
+                        continue;
+                    }
+                    None => return Err(error),
                 }
             }
             if let Some(bw) = job.settings.limits.download() {
@@ -1014,7 +1183,7 @@ impl Inner {
             }
             self.flush(fill, &mut sink).await?;
             let written = sink.written;
-            if let Some(total) = head.length
+            if let Some(total) = total
                 && written > total
             {
                 return Err(FetchError::Length {
@@ -1041,7 +1210,7 @@ impl Inner {
             hasher,
             ..
         } = sink;
-        if let Some(total) = head.length
+        if let Some(total) = total
             && written != total
         {
             return Err(FetchError::Length {
@@ -1049,6 +1218,22 @@ impl Inner {
                 written,
                 expected: total,
             });
+        }
+        if ends_at_close && announced.is_none() {
+            // A FIN ends such a body whether it is complete or cut: served to
+            // the readers, never kept as a complete replica.
+            tracing::warn!(target: "cistern::fetch", key = %job.key, url = %url_s, bytes = written,
+                "not stored: the body ended with the upstream connection (no Content-Length, \
+                 no chunked encoding) and no Repr-Digest or Digest proves it complete");
+            self.metrics.store_refusal();
+            drop(partial);
+            let k = job.key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            fill.state.send_replace(FillState::Unverified {
+                head,
+                length: written,
+            });
+            return Ok(());
         }
         let digest: [u8; 32] = match hasher {
             Some(h) => h.finalize().into(),
@@ -1087,6 +1272,71 @@ impl Inner {
         fill.state
             .send_replace(FillState::Complete { head, replica });
         Ok(())
+    }
+
+    /// After `error` cut a fill's body, asks the same upstream URL for the
+    /// rest of it (`Range` from the bytes written, `If-Range` with the
+    /// partial's strong validator), up to [`RESUME_ATTEMPTS`] times per
+    /// fill, pausing a little longer each time. Only a `206` that provably
+    /// continues the partial is used (same start, same total, same
+    /// validator); otherwise `None` and the fill fails with `error`,
+    /// keeping its partial for a later request.
+    #[allow(clippy::too_many_arguments)]
+    async fn resume_body(
+        &self,
+        fill: &Fill,
+        job: &FillJob,
+        url: &Uri,
+        sink: &BodySink,
+        total: &mut Option<u64>,
+        resumes: &mut u32,
+        error: &FetchError,
+    ) -> Option<Response<Incoming>> {
+        let key = &job.key;
+        let written = sink.written;
+        let give_up = |why: &str| {
+            tracing::info!(target: "cistern::fetch", %key, %url, written, "not resuming: {why}");
+            None
+        };
+        if error.retry() == RetryType::Final {
+            return give_up("the failure is not one a retry can help");
+        }
+        if fill.readers() == 0 {
+            return give_up("no client is waiting; the partial is kept for the next one");
+        }
+        let Some((range, if_range)) = resume_headers(&sink.partial.meta, written) else {
+            return give_up(
+                "the upstream sent no strong validator, so a resume could splice two versions",
+            );
+        };
+        while *resumes < RESUME_ATTEMPTS {
+            *resumes += 1;
+            tokio::time::sleep(RESUME_PAUSE * *resumes).await;
+            tracing::info!(target: "cistern::fetch", %key, %url, from = written, attempt = *resumes,
+                "resuming after {}: {}", error.kind().as_str(), error_chain(error));
+            let mut headers = job.headers.clone();
+            headers.insert(header::RANGE, range.clone());
+            headers.insert(header::IF_RANGE, if_range.clone());
+            let req = build_request(Method::GET, url, &headers, empty_body());
+            let resp = match self.send(req, url, job.settings.idle).await {
+                Ok(resp) => resp,
+                Err(e) if e.retry() == RetryType::Retryable => {
+                    tracing::info!(target: "cistern::fetch", %key, %url, "resume failed: {}", error_chain(&e));
+                    continue;
+                }
+                Err(e) => return give_up(&error_chain(&e)),
+            };
+            return match continues(&resp, written, *total, &sink.partial.meta) {
+                Ok(announced) => {
+                    *total = total.or(announced);
+                    Some(resp)
+                }
+                Err(why) => give_up(why),
+            };
+        }
+        give_up(&format!(
+            "{RESUME_ATTEMPTS} resumes did not finish the body"
+        ))
     }
 
     /// Writes the gathered frames at the end of the partial file and tells
@@ -1192,6 +1442,58 @@ fn resume_headers(meta: &PartialMeta, len: u64) -> Option<(HeaderValue, HeaderVa
     let range = HeaderValue::from_str(&format!("bytes={len}-")).ok()?;
     let if_range = HeaderValue::from_str(validator).ok()?;
     Some((range, if_range))
+}
+
+/// Whether the body of `resp` ends only when the connection closes: an
+/// HTTP/1.x response with neither `Content-Length` nor chunked
+/// `Transfer-Encoding` (RFC 9112 section 6.3, rule 8). hyper reads such a
+/// body to EOF and reports a normal end, so only the head can tell.
+fn close_delimited<B>(resp: &Response<B>) -> bool {
+    let h1 = resp.version() <= http::Version::HTTP_11;
+    let chunked = resp
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains("chunked"))
+        });
+    h1 && !chunked && !resp.headers().contains_key(header::CONTENT_LENGTH)
+}
+
+/// Whether `resp` continues a partial of `written` bytes: a `206` starting
+/// exactly there, for the same total, with the same validator. Returns the
+/// total it announces.
+fn continues<B>(
+    resp: &Response<B>,
+    written: u64,
+    total: Option<u64>,
+    meta: &PartialMeta,
+) -> Result<Option<u64>, &'static str> {
+    if resp.status() == StatusCode::OK {
+        return Err("the upstream's copy changed (it answered the resume with a whole 200)");
+    }
+    if resp.status() != StatusCode::PARTIAL_CONTENT {
+        return Err("the upstream did not answer the resume with 206 Partial Content");
+    }
+    if content_range_start(resp.headers()) != Some(written) {
+        return Err("the upstream's 206 starts at another byte than the partial ends");
+    }
+    let announced = content_range_total(resp.headers());
+    if total.is_some() && announced != total {
+        return Err("the upstream's 206 is for another length than the first answer");
+    }
+    let same = |name: header::HeaderName, ours: &Option<String>| match (
+        ours,
+        resp.headers().get(name).and_then(|v| v.to_str().ok()),
+    ) {
+        (Some(ours), Some(theirs)) => ours == theirs,
+        _ => true,
+    };
+    if !same(header::ETAG, &meta.etag) || !same(header::LAST_MODIFIED, &meta.last_modified) {
+        return Err("the upstream's 206 carries another validator than the partial");
+    }
+    Ok(announced)
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
@@ -1303,11 +1605,92 @@ mod tests {
     }
 
     #[test]
+    fn close_delimited_bodies_are_told_by_their_head() {
+        let resp = |headers: &[(&str, &str)], version| {
+            let mut b = Response::builder().version(version);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap()
+        };
+        use http::Version;
+        assert!(close_delimited(&resp(&[], Version::HTTP_11)));
+        assert!(close_delimited(&resp(&[], Version::HTTP_10)));
+        assert!(!close_delimited(&resp(
+            &[("content-length", "5")],
+            Version::HTTP_11
+        )));
+        assert!(!close_delimited(&resp(
+            &[("transfer-encoding", "gzip, Chunked")],
+            Version::HTTP_11
+        )));
+        assert!(!close_delimited(&resp(&[], Version::HTTP_2)));
+    }
+
+    #[test]
     fn content_range_parts() {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_RANGE, "bytes 100-199/1000".parse().unwrap());
         assert_eq!(content_range_start(&h), Some(100));
         assert_eq!(content_range_total(&h), Some(1000));
+    }
+
+    #[test]
+    fn only_a_206_that_continues_the_partial_is_spliced() {
+        let meta = PartialMeta {
+            key: "k".into(),
+            url: "u".into(),
+            total_length: Some(10),
+            etag: Some("\"v1\"".into()),
+            last_modified: None,
+            started_at: 0,
+        };
+        let resp = |status: u16, range: &str, etag: &str| {
+            let mut b = Response::builder().status(status);
+            if !range.is_empty() {
+                b = b.header(header::CONTENT_RANGE, range);
+            }
+            if !etag.is_empty() {
+                b = b.header(header::ETAG, etag);
+            }
+            b.body(()).unwrap()
+        };
+        let ok = resp(206, "bytes 4-9/10", "\"v1\"");
+        assert_eq!(continues(&ok, 4, Some(10), &meta), Ok(Some(10)));
+        assert_eq!(continues(&ok, 4, None, &meta), Ok(Some(10)));
+        for bad in [
+            resp(200, "", "\"v2\""),
+            resp(206, "bytes 0-9/10", "\"v1\""),
+            resp(206, "bytes 4-10/11", "\"v1\""),
+            resp(206, "bytes 4-9/10", "\"v2\""),
+            resp(416, "", ""),
+        ] {
+            assert!(continues(&bad, 4, Some(10), &meta).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn errors_say_their_kind_side_and_whether_to_retry() {
+        let timeout = FetchError::Timeout {
+            url: "u".into(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(timeout.kind(), ErrorKind::Timeout);
+        assert_eq!(timeout.side(), Side::Upstream);
+        assert_eq!(timeout.retry(), RetryType::Retryable);
+        let digest = FetchError::DigestMismatch {
+            url: "u".into(),
+            announced: "a".into(),
+            actual: "b".into(),
+        };
+        assert_eq!(digest.kind(), ErrorKind::Integrity);
+        assert_eq!(digest.retry(), RetryType::Final);
+        let orphan = FetchError::Orphaned {
+            url: "u".into(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(orphan.side(), Side::Downstream);
+        assert_eq!(orphan.retry(), RetryType::Final);
     }
 
     #[test]
