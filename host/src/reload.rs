@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -33,8 +34,6 @@ use crate::server::{ListenerSpec, Server};
 /// How long watched files must be quiet before a reload starts: editors
 /// and `cp` write a file in several steps.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
-/// A file that never stops changing still gets reloaded this often.
-const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
 
 /// What started a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,15 +230,18 @@ pub(crate) fn spawn(
 /// the files: editors and `mv` replace a file with a new one, and a watch
 /// on the old inode would never fire again.
 struct Watch {
-    watcher: Option<RecommendedWatcher>,
+    watcher: Option<Debouncer<RecommendedWatcher, RecommendedCache>>,
     files: BTreeSet<PathBuf>,
     dirs: BTreeSet<PathBuf>,
 }
 
 impl Watch {
-    fn new(enabled: bool, events: mpsc::UnboundedSender<notify::Result<notify::Event>>) -> Watch {
+    fn new(enabled: bool, events: mpsc::UnboundedSender<DebounceEventResult>) -> Watch {
         let watcher = if enabled {
-            match notify::recommended_watcher(move |e| {
+            // notify-debouncer-full batches an editor's burst of writes,
+            // renames and chmods into one delivery once the files have been
+            // quiet for DEBOUNCE.
+            match new_debouncer(DEBOUNCE, None, move |e| {
                 let _ = events.send(e);
             }) {
                 Ok(w) => Some(w),
@@ -290,19 +292,21 @@ impl Watch {
         self.files = files;
     }
 
-    /// Whether `event` is a change to a watched file (not a read of one,
-    /// and not another file in a watched directory).
-    fn concerns(&self, event: &notify::Result<notify::Event>) -> bool {
-        let Ok(event) = event else {
+    /// Whether a debounced batch holds a change to a watched file (not a
+    /// read of one, and not another file in a watched directory).
+    fn concerns(&self, batch: &DebounceEventResult) -> bool {
+        let Ok(events) = batch else {
             // The watcher lost track (queue overflow): reload to be safe.
             return true;
         };
-        match event.kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
-            EventKind::Access(_) => return false,
-            _ => {}
-        }
-        event.paths.iter().any(|p| self.files.contains(p))
+        events.iter().any(|event| {
+            let change = match event.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                EventKind::Access(_) => false,
+                _ => true,
+            };
+            change && event.paths.iter().any(|p| self.files.contains(p))
+        })
     }
 }
 
@@ -315,8 +319,8 @@ fn watched_files(source: &Path, config: Option<&Config>) -> BTreeSet<PathBuf> {
     files
 }
 
-/// A file watcher's events.
-type Events = mpsc::UnboundedReceiver<notify::Result<notify::Event>>;
+/// A file watcher's debounced batches of events.
+type Events = mpsc::UnboundedReceiver<DebounceEventResult>;
 
 async fn run(
     engine: Engine,
@@ -337,38 +341,14 @@ async fn run(
                 continue;
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Signal,
-            Some(event) = events.recv() => {
-                if !watch.concerns(&event) {
+            Some(batch) = events.recv() => {
+                if !watch.concerns(&batch) {
                     continue;
                 }
-                debounce(&mut events, &watch).await;
                 Trigger::Files
             }
         };
         let _ = engine.reload(trigger, &mut watch).await;
-    }
-}
-
-/// Returns once no watched file changed for [`DEBOUNCE`] (or after
-/// [`DEBOUNCE_MAX`]).
-async fn debounce(events: &mut Events, watch: &Watch) {
-    let started = Instant::now();
-    let quiet = tokio::time::sleep(DEBOUNCE);
-    tokio::pin!(quiet);
-    loop {
-        tokio::select! {
-            _ = &mut quiet => return,
-            next = events.recv() => match next {
-                Some(event) if watch.concerns(&event) => {
-                    if started.elapsed() >= DEBOUNCE_MAX {
-                        return;
-                    }
-                    quiet.as_mut().reset(tokio::time::Instant::now() + DEBOUNCE);
-                }
-                Some(_) => {}
-                None => return,
-            },
-        }
     }
 }
 
