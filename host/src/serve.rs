@@ -295,41 +295,26 @@ fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer
             return RangeAnswer::Full;
         }
     }
-    let Some(set) = spec.trim().strip_prefix("bytes=") else {
+    // Parsing is http-range-header's (strict RFC 9110 §14.1.2 grammar). A
+    // malformed or multi-range header is answered with the whole body,
+    // which RFC 9110 §14.2 allows.
+    let Ok(parsed) = http_range_header::parse_range_header(spec.trim()) else {
         return RangeAnswer::Full;
     };
-    if set.contains(',') {
+    if parsed.len() != 1 {
         return RangeAnswer::Full;
     }
-    let Some((a, b)) = set.trim().split_once('-') else {
-        return RangeAnswer::Full;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let range = if a.is_empty() {
-        // Suffix: the last N bytes.
-        match b.parse::<u64>() {
-            Ok(0) => return RangeAnswer::Unsatisfiable,
-            Ok(n) => (len.saturating_sub(n), len.saturating_sub(1)),
-            Err(_) => return RangeAnswer::Full,
+    match parsed.validate(len) {
+        Ok(ranges) => match ranges.first() {
+            Some(r) => RangeAnswer::Partial(*r.start(), *r.end()),
+            // An empty representation: the whole (empty) body.
+            None => RangeAnswer::Full,
+        },
+        Err(http_range_header::RangeUnsatisfiableError::Unsatisfiable) => {
+            RangeAnswer::Unsatisfiable
         }
-    } else {
-        let Ok(first) = a.parse::<u64>() else {
-            return RangeAnswer::Full;
-        };
-        let last = if b.is_empty() {
-            len.saturating_sub(1)
-        } else {
-            match b.parse::<u64>() {
-                Ok(last) if last >= first => last.min(len.saturating_sub(1)),
-                _ => return RangeAnswer::Full,
-            }
-        };
-        (first, last)
-    };
-    if len == 0 || range.0 >= len {
-        return RangeAnswer::Unsatisfiable;
+        Err(_) => RangeAnswer::Full,
     }
-    RangeAnswer::Partial(range.0, range.1)
 }
 
 /// The body of a committed replica, `start..end`: from its copy in RAM
@@ -601,6 +586,10 @@ mod tests {
         check("bytes=0-1,5-6", None);
         check("bytes=9-2", None);
         check("items=0-1", None);
+        check("bytes=-0", Some((u64::MAX, u64::MAX)));
+        check("bytes=-500", Some((0, 99)));
+        check("bytes=x-1", None);
+        check("bytes=99999999999999999999999-", Some((u64::MAX, u64::MAX)));
         // If-Range with another validator: the whole body.
         let r = req(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, "\"v0\"")]);
         assert!(matches!(requested_range(&r, &s, 100), RangeAnswer::Full));
@@ -609,5 +598,8 @@ mod tests {
             requested_range(&r, &s, 100),
             RangeAnswer::Partial(0, 9)
         ));
+        // If-Range compares strongly: a weak tag never matches.
+        let r = req(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, "W/\"v1\"")]);
+        assert!(matches!(requested_range(&r, &s, 100), RangeAnswer::Full));
     }
 }
