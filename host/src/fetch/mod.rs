@@ -1529,44 +1529,41 @@ fn content_range_total(headers: &HeaderMap) -> Option<u64> {
 /// The SHA-256 an upstream announced in `Repr-Digest` (RFC 9530,
 /// `sha-256=:BASE64:`) or `Digest` (RFC 3230, `SHA-256=BASE64`).
 pub fn announced_sha256(headers: &HeaderMap) -> Option<[u8; 32]> {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    for v in headers
-        .get_all("repr-digest")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        for item in v.split(',') {
-            let Some((alg, val)) = item.trim().split_once('=') else {
-                continue;
-            };
-            if alg.trim().eq_ignore_ascii_case("sha-256") {
-                let val = val.trim().trim_matches(':');
-                if let Ok(bytes) = b64.decode(val)
-                    && let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice())
-                {
-                    return Some(arr);
-                }
-            }
-        }
+    repr_digest_sha256(headers).or_else(|| legacy_digest_sha256(headers))
+}
+
+/// `Repr-Digest: sha-256=:BASE64:` (RFC 9530): a structured-field
+/// dictionary, parsed by `sfv`; several field lines are one dictionary.
+fn repr_digest_sha256(headers: &HeaderMap) -> Option<[u8; 32]> {
+    let mut lines = headers.get_all("repr-digest").iter();
+    let first = lines.next()?;
+    let mut joined = String::from(first.to_str().ok()?);
+    for more in lines {
+        joined.push_str(", ");
+        joined.push_str(more.to_str().ok()?);
     }
-    for v in headers
+    let dict: sfv::Dictionary = sfv::Parser::new(&joined).parse().ok()?;
+    match dict.get("sha-256")? {
+        sfv::ListEntry::Item(item) => match &item.bare_item {
+            sfv::BareItem::ByteSequence(bytes) => bytes.as_slice().try_into().ok(),
+            _ => None,
+        },
+        sfv::ListEntry::InnerList(_) => None,
+    }
+}
+
+/// The obsolete `Digest: SHA-256=BASE64` (RFC 3230): not a structured
+/// field, a comma-separated list of `algorithm=value`.
+fn legacy_digest_sha256(headers: &HeaderMap) -> Option<[u8; 32]> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    headers
         .get_all("digest")
         .iter()
         .filter_map(|v| v.to_str().ok())
-    {
-        for item in v.split(',') {
-            let Some((alg, val)) = item.trim().split_once('=') else {
-                continue;
-            };
-            if alg.trim().eq_ignore_ascii_case("sha-256")
-                && let Ok(bytes) = b64.decode(val.trim())
-                && let Ok(arr) = <[u8; 32]>::try_from(bytes.as_slice())
-            {
-                return Some(arr);
-            }
-        }
-    }
-    None
+        .flat_map(|v| v.split(','))
+        .filter_map(|item| item.trim().split_once('='))
+        .filter(|(alg, _)| alg.trim().eq_ignore_ascii_case("sha-256"))
+        .find_map(|(_, val)| <[u8; 32]>::try_from(b64.decode(val.trim()).ok()?).ok())
 }
 
 /// An error and its sources on one line, for logs and error pages.
@@ -1598,6 +1595,15 @@ mod tests {
             format!("sha-512=:AAAA:, sha-256=:{b64}:").parse().unwrap(),
         );
         assert_eq!(announced_sha256(&h), Some(sum));
+        // Two field lines are one dictionary (RFC 9651 §4.2).
+        let mut h = HeaderMap::new();
+        h.append("repr-digest", "sha-512=:AAAA:".parse().unwrap());
+        h.append("repr-digest", format!("sha-256=:{b64}:").parse().unwrap());
+        assert_eq!(announced_sha256(&h), Some(sum));
+        // A malformed field is no digest at all, not a half-read one.
+        let mut h = HeaderMap::new();
+        h.insert("repr-digest", format!("sha-256=:{b64}").parse().unwrap());
+        assert_eq!(announced_sha256(&h), None);
         let mut h = HeaderMap::new();
         h.insert("digest", format!("MD5=xyz, SHA-256={b64}").parse().unwrap());
         assert_eq!(announced_sha256(&h), Some(sum));
