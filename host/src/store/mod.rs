@@ -61,6 +61,7 @@ pub mod meta;
 pub mod path;
 pub mod ram;
 pub mod room;
+pub mod verify;
 
 mod index;
 mod key;
