@@ -15,6 +15,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy, RequestLike};
 
 use crate::config::{CacheMode, StaleRules};
+use crate::store::meta::RfcInputs;
 use crate::store::ObjectMeta;
 use crate::store::meta::{from_unix_secs, unix_secs};
 
@@ -60,10 +61,7 @@ pub enum Freshness {
 
 /// The shared-cache options Cistern uses everywhere.
 pub fn options() -> CacheOptions {
-    CacheOptions {
-        shared: true,
-        ..CacheOptions::default()
-    }
+    crate::store::meta::cache_options()
 }
 
 /// The RFC 9111 state for a fresh upstream response.
@@ -73,6 +71,26 @@ pub fn new_policy(
     now: SystemTime,
 ) -> CachePolicy {
     CachePolicy::new_options(&req, resp, now, options())
+}
+
+/// The RFC 9111 inputs of an exchange, as a replica's metadata keeps them
+/// (the policy is rebuilt from them when the store loads it). `asked` is
+/// when the fetch began asking the upstream, `received` when the head came.
+pub fn rfc_inputs(
+    req: CacheRequest<'_>,
+    resp: &http::response::Parts,
+    asked: SystemTime,
+    received: SystemTime,
+) -> RfcInputs {
+    RfcInputs::new(
+        req.method.clone(),
+        req.key.clone(),
+        req.headers,
+        resp.status,
+        &resp.headers,
+        asked,
+        received,
+    )
 }
 
 /// Whether a response may become a replica: storable by RFC 9111 and a
@@ -250,25 +268,56 @@ pub fn age(meta: &ObjectMeta, now: SystemTime) -> Duration {
     meta.policy.age(now)
 }
 
-/// Applies an upstream's answer to a revalidation. `Some(updated metadata)`
-/// when it was a matching 304 (the replica is still good), `None` when the
-/// body changed and must be fetched again.
+/// Applies an upstream's answer to a revalidation asked at `asked`.
+/// `Some(updated metadata)` when it was a matching 304 (the replica is still
+/// good), `None` when the body changed and must be fetched again.
 pub fn revalidated(
     meta: &ObjectMeta,
     req: CacheRequest<'_>,
     resp: &http::response::Parts,
+    asked: SystemTime,
     now: SystemTime,
 ) -> Option<ObjectMeta> {
     match meta.policy.after_response(&req, resp, now) {
-        AfterResponse::NotModified(policy, parts) => {
+        AfterResponse::NotModified(_, parts) => {
             let mut updated = meta.clone();
             updated.headers = stored_headers(&parts.headers);
-            updated.policy = policy;
+            // The stored response updated by the 304 (RFC 9111 §4.3.4) is
+            // the new input; the policy is rebuilt from it exactly as the
+            // store will rebuild it after a restart.
+            let mut stored = http::Response::new(()).into_parts().0;
+            stored.status = meta.rfc.status;
+            stored.headers = updated_by_304(&meta.rfc.response_headers, &resp.headers);
+            updated.rfc = rfc_inputs(req, &stored, asked, now);
+            updated.policy = updated.rfc.policy();
             updated.validated_at = unix_secs(now);
             Some(updated)
         }
         AfterResponse::Modified(..) => None,
     }
+}
+
+/// The stored response headers with the fields a 304 carries replacing
+/// theirs (RFC 9111 §4.3.4), except those that describe the old body.
+fn updated_by_304(stored: &HeaderMap, not_modified: &HeaderMap) -> HeaderMap {
+    const KEEP: [header::HeaderName; 4] = [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_RANGE,
+    ];
+    let mut out = HeaderMap::with_capacity(stored.len());
+    for name in stored.keys() {
+        let source = if not_modified.contains_key(name) && !KEEP.contains(name) {
+            not_modified
+        } else {
+            stored
+        };
+        for value in source.get_all(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 /// The validators of a stored replica, as conditional request headers.
@@ -409,6 +458,8 @@ mod tests {
             status: 200,
             headers: stored_headers(&parts.headers),
             policy: new_policy(req, &parts, now),
+            rfc: rfc_inputs(req, &parts, now, now),
+            file: None,
             length: 0,
             sha256: String::new(),
             stored_at: unix_secs(now),
@@ -484,6 +535,50 @@ mod tests {
         );
         assert!(meta.headers.iter().all(|(k, _)| k != "set-cookie"));
         assert!(meta.headers.iter().any(|(k, _)| k == "content-type"));
+    }
+
+    #[test]
+    fn a_304_updates_the_inputs_so_a_reload_keeps_the_new_freshness() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut meta = meta_for(
+            &[
+                ("cache-control", "max-age=60"),
+                ("etag", "\"v1\""),
+                ("content-length", "5"),
+            ],
+            t0,
+        );
+        meta.sha256 = "00".repeat(32);
+        let key: Uri = meta.key.parse().unwrap();
+        let h = HeaderMap::new();
+        let req = CacheRequest {
+            key: &key,
+            method: &Method::GET,
+            headers: &h,
+        };
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        for (k, v) in [
+            ("cache-control", "max-age=600"),
+            ("etag", "\"v1\""),
+            ("content-length", "0"),
+        ] {
+            resp.headers_mut().insert(k, v.parse().unwrap());
+        }
+        let (parts, ()) = resp.into_parts();
+        let t1 = t0 + Duration::from_secs(100);
+        let updated = revalidated(&meta, req, &parts, t1, t1).expect("matching 304");
+        assert_eq!(updated.policy.time_to_live(t1), Duration::from_secs(600));
+        // The body's own length is kept from the stored response.
+        assert_eq!(updated.rfc.response_headers["content-length"], "5");
+        let bytes = crate::store::meta::encode_object(&updated).unwrap();
+        let (reloaded, _) = crate::store::meta::decode_object(&bytes).unwrap();
+        let t2 = t1 + Duration::from_secs(30);
+        assert_eq!(
+            reloaded.policy.time_to_live(t2),
+            updated.policy.time_to_live(t2)
+        );
+        assert_eq!(reloaded.policy.age(t2), Duration::from_secs(30));
     }
 
     #[test]

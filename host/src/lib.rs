@@ -28,8 +28,9 @@
 //!   on top of `http-cache-semantics`.
 //! - [`fetch`]: the coalescing fetch engine, the upstream client and mirror
 //!   sets.
-//! - [`store`]: the replica tree, its metadata, partial files, the index
-//!   rebuilt from disk, the digest index and LRU eviction.
+//! - [`store`]: the replica tree, its metadata (a versioned format of its
+//!   own, with migration and quarantine), partial files, the index rebuilt
+//!   from disk, the digest index, LRU eviction and `cistern verify`.
 //! - [`limit`]: per-client request limits and the upstream bandwidth cap.
 //! - [`tunnel`]: CONNECT tunnelling.
 //! - [`accesslog`]: one log line per request, written when its body ends.

@@ -225,6 +225,22 @@ fn escape_label(out: &mut String, v: &str) {
     }
 }
 
+/// Writes what the replica store found wrong on disk since it opened.
+pub fn write_store_health(w: &mut PromWriter, h: &crate::store::StoreHealth) {
+    w.single(
+        "cistern_metadata_quarantined_total",
+        Kind::Counter,
+        "Replica metadata files that could not be read and were moved into the state directory's quarantine/ folder (their files stay in the tree and are fetched again).",
+        h.quarantined,
+    );
+    w.single(
+        "cistern_replicas_changed_outside_total",
+        Kind::Counter,
+        "Replicas dropped because their file was deleted, resized or modified outside Cistern (they are fetched again).",
+        h.changed_outside,
+    );
+}
+
 /// Writes the request-path counters.
 pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
     w.family(

@@ -226,6 +226,7 @@ impl Admin {
             "Bytes of complete files in the replica.",
             stats.bytes,
         );
+        metrics::write_store_health(&mut w, &engine.store().health());
         w.single(
             "cistern_fills_in_progress",
             Kind::Gauge,

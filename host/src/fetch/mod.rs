@@ -818,6 +818,7 @@ impl Inner {
             headers.insert(header::IF_RANGE, if_range.clone());
         }
 
+        let asked = self.clock.now();
         let (mut resp, url) = self.ask(&job, headers).await?;
         let received = self.clock.now();
 
@@ -834,7 +835,8 @@ impl Inner {
             let mut parts = parts;
             parts.status = resp.status();
             parts.headers = resp.headers().clone();
-            if let Some(updated) = cache::revalidated(&replica.meta, creq, &parts, received) {
+            if let Some(updated) = cache::revalidated(&replica.meta, creq, &parts, asked, received)
+            {
                 let k = key.clone();
                 let replica = self.blocking(move |s| s.refresh(&k, updated)).await?;
                 fill.state.send_replace(FillState::Revalidated(replica));
@@ -876,7 +878,7 @@ impl Inner {
             resp = resp2;
         }
 
-        let writing = match self
+        let mut writing = match self
             .prepare(fill, &job, &resp, &url, received, decision, resumed_from)
             .await
         {
@@ -904,6 +906,7 @@ impl Inner {
             }
             Err(e) => return Err(e),
         };
+        writing.meta.rfc.request_time = asked;
         self.stream(fill, &job, resp, writing).await
     }
 
@@ -1029,6 +1032,8 @@ impl Inner {
             status: 200,
             headers: stored,
             policy: policy.clone(),
+            rfc: cache::rfc_inputs(creq, &parts, received, received),
+            file: None,
             length: 0,
             sha256: String::new(),
             stored_at: unix_secs(received),

@@ -1,12 +1,24 @@
 //! Metadata kept beside each replica (in the state directory, as JSON).
+//! The in-memory types are here; their on-disk form, its versions and the
+//! migration of older ones are in [`format`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use http::{HeaderMap, Method, StatusCode, Uri};
+use http_cache_semantics::{CacheOptions, CachePolicy};
 use serde::{Deserialize, Serialize};
+
+pub use format::{META_VERSION, MetaError, decode_object, encode_object};
+
+pub mod format;
 
 /// Metadata of a complete replica. Everything needed to answer a request
 /// from the file without asking the upstream.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// On disk it is Cistern's own versioned format ([`encode_object`],
+/// [`decode_object`], documented in `docs/replica.md`), never a third-party
+/// crate's serde layout: `policy` is rebuilt from `rfc` when it is read.
+#[derive(Debug, Clone)]
 pub struct ObjectMeta {
     /// The cache key (see [`super::CacheKey`]).
     pub key: String,
@@ -17,27 +29,156 @@ pub struct ObjectMeta {
     pub replica: String,
     /// Upstream status; always 200 for replicas.
     pub status: u16,
-    /// End-to-end response headers as stored (hop-by-hop and `Set-Cookie`
+    /// End-to-end response headers as served (hop-by-hop and `Set-Cookie`
     /// removed), in upstream order.
     pub headers: Vec<(String, String)>,
-    /// The RFC 9111 state: freshness, Vary, validators.
-    pub policy: http_cache_semantics::CachePolicy,
+    /// The RFC 9111 inputs the freshness rules are computed from.
+    pub rfc: RfcInputs,
+    /// The RFC 9111 state (freshness, Vary, validators), built from `rfc`.
+    pub policy: CachePolicy,
     /// Body length in bytes.
     pub length: u64,
     /// SHA-256 of the body, lower-case hex.
     pub sha256: String,
+    /// Size and modification time of the replica file as committed; `None`
+    /// until the store commits it (or for metadata from before they were
+    /// recorded, until the next load records them).
+    pub file: Option<FileStamp>,
     /// When the body was stored, seconds since the Unix epoch.
     pub stored_at: u64,
     /// Last successful (re)validation with the upstream, seconds since the
     /// Unix epoch.
     pub validated_at: u64,
     /// A policy marked the object immutable: never revalidated.
-    #[serde(default)]
     pub immutable: bool,
     /// A policy capped or set the time to live, in seconds from
     /// `validated_at`; overrides the HTTP freshness.
-    #[serde(default)]
     pub ttl_override: Option<u64>,
+}
+
+/// The request and response a replica's freshness is computed from
+/// (RFC 9111 §4): what `http-cache-semantics` needs to rebuild its
+/// [`CachePolicy`] exactly, and nothing that identifies a client.
+#[derive(Debug, Clone)]
+pub struct RfcInputs {
+    /// The request method (GET for every fill).
+    pub method: Method,
+    /// The request URI: the cache key.
+    pub uri: Uri,
+    /// The request headers that decide whether a stored response matches a
+    /// later request: `Host` and those the response's `Vary` names.
+    pub request_headers: HeaderMap,
+    /// The response status as stored (200).
+    pub status: StatusCode,
+    /// The response headers as received (policy edits included), without
+    /// hop-by-hop headers; `Set-Cookie` is kept with an empty value because
+    /// its presence changes freshness but its value must not be stored.
+    pub response_headers: HeaderMap,
+    /// When the fetch began asking the upstream for this response.
+    pub request_time: SystemTime,
+    /// When the response head arrived (the base of `Age`).
+    pub response_time: SystemTime,
+}
+
+impl RfcInputs {
+    /// Records an exchange: keeps of the request only the headers that
+    /// select it (`Host`, and those the response's `Vary` names), and of
+    /// the response every header, `Set-Cookie` without its value.
+    pub fn new(
+        method: Method,
+        uri: Uri,
+        request_headers: &HeaderMap,
+        status: StatusCode,
+        response_headers: &HeaderMap,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> RfcInputs {
+        let mut selecting = HeaderMap::new();
+        let vary = response_headers
+            .get_all(http::header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| !n.is_empty() && *n != "*");
+        for name in std::iter::once("host").chain(vary) {
+            let Ok(name) = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            else {
+                continue;
+            };
+            if selecting.contains_key(&name) {
+                continue;
+            }
+            for value in request_headers.get_all(&name) {
+                selecting.append(name.clone(), value.clone());
+            }
+        }
+        let mut response = HeaderMap::with_capacity(response_headers.len());
+        for (name, value) in response_headers {
+            let value = if *name == http::header::SET_COOKIE {
+                http::HeaderValue::from_static("")
+            } else {
+                value.clone()
+            };
+            response.append(name.clone(), value);
+        }
+        RfcInputs {
+            method,
+            uri,
+            request_headers: selecting,
+            status,
+            response_headers: response,
+            request_time,
+            response_time,
+        }
+    }
+
+    /// The RFC 9111 state for these inputs, as at the time they were
+    /// recorded: `response_time` is handed to the rules, so `Age` keeps
+    /// counting from when the response arrived, not from when it was loaded.
+    pub fn policy(&self) -> CachePolicy {
+        let mut req = http::Request::new(()).into_parts().0;
+        req.method = self.method.clone();
+        req.uri = self.uri.clone();
+        req.headers = self.request_headers.clone();
+        let mut resp = http::Response::new(()).into_parts().0;
+        resp.status = self.status;
+        resp.headers = self.response_headers.clone();
+        CachePolicy::new_options(&req, &resp, self.response_time, cache_options())
+    }
+}
+
+/// The shared-cache options Cistern evaluates every response with.
+pub fn cache_options() -> CacheOptions {
+    CacheOptions {
+        shared: true,
+        ..CacheOptions::default()
+    }
+}
+
+/// What the store recorded about a replica file when it committed it; a
+/// file whose size or modification time differs was changed outside
+/// Cistern and its recorded digest no longer vouches for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time in nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+impl FileStamp {
+    /// The stamp of a file's metadata (from `fstat`/`lstat`).
+    pub fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt as _;
+        FileStamp {
+            size: meta.len(),
+            mtime_ns: meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec()),
+        }
+    }
 }
 
 /// Metadata of a partial file: enough to resume the download with

@@ -10,7 +10,11 @@
 //!   directory and removed on the next [`ReplicaStore::open`] if a crash
 //!   left them behind.
 //! - `state/objects/ab/<sha256(key)>.json`: one [`ObjectMeta`] per complete
-//!   replica. A metadata file vouches for the bytes at its `replica` path.
+//!   replica, in Cistern's own versioned format ([`meta::format`]). A
+//!   metadata file vouches for the bytes at its `replica` path, as long as
+//!   the file keeps the size and modification time recorded at commit.
+//! - `state/quarantine/`: metadata that could not be read, moved aside on
+//!   open (never deleted; counted in [`StoreHealth`]).
 //! - `state/objects/ab/<sha256(key)>.json.new`: the metadata of a commit in
 //!   progress (see below).
 //! - `state/partial/<sha256(key)>.part` and `.json`: a fill in progress or
@@ -35,7 +39,9 @@
 //! On [`ReplicaStore::open`], a `.json.new` whose `.part` still exists was
 //! interrupted before step 4 and is dropped (the partial stays resumable);
 //! without its `.part` the bytes are in place and it is promoted. Every
-//! metadata file whose replica is missing or has another length is dropped.
+//! metadata file whose replica is missing, has another length or another
+//! modification time is dropped; one of an older version is rewritten in
+//! the current one; one that cannot be read is quarantined.
 //!
 //! # Reading a replica
 //! [`ReplicaStore::lookup`] returns what the index says now; a commit may
@@ -55,6 +61,7 @@ pub mod meta;
 pub mod path;
 pub mod ram;
 pub mod room;
+pub mod verify;
 
 mod index;
 mod key;
@@ -69,7 +76,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sha2::{Digest as _, Sha256};
 
-pub use meta::{ObjectMeta, PartialMeta};
+pub use meta::{FileStamp, META_VERSION, ObjectMeta, PartialMeta};
 pub use path::{PathError, ReplicaPath};
 
 use crate::config::{Layout, StoreConfig};
@@ -103,7 +110,15 @@ pub enum StoreError {
         /// The OS error.
         source: io::Error,
     },
-    /// A metadata file could not be encoded or decoded.
+    /// A replica's metadata could not be encoded or decoded.
+    #[error("metadata {path}: {source}")]
+    Object {
+        /// The metadata file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: meta::MetaError,
+    },
+    /// A partial's metadata could not be encoded or decoded.
     #[error("metadata {path}: {source}")]
     Meta {
         /// The metadata file.
@@ -257,6 +272,8 @@ pub struct ReplicaStore {
     /// Serialises changes to the tree and to other keys' metadata (commit,
     /// refresh, remove, eviction); lookups never take it.
     tree: Mutex<()>,
+    /// What was found wrong on disk.
+    health: HealthCounters,
 }
 
 impl CacheKey {
@@ -291,6 +308,12 @@ impl std::fmt::Display for CacheKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Whether a file's `stat` matches what `meta` recorded at commit: same
+/// length and, when recorded, same modification time.
+fn describes(meta: &ObjectMeta, stat: &fs::Metadata) -> bool {
+    stat.len() == meta.length && meta.file.is_none_or(|s| s == FileStamp::of(stat))
 }
 
 /// Builds the `map_err` closure for an I/O step.
@@ -333,11 +356,28 @@ fn encode<T: serde::Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, StoreE
     })
 }
 
+/// Encodes a replica's metadata in the current on-disk version.
+fn encode_object(meta: &ObjectMeta, path: &Path) -> Result<Vec<u8>, StoreError> {
+    meta::encode_object(meta).map_err(|source| StoreError::Object {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes a replica's metadata to `path` atomically.
+fn write_object_atomic(path: &Path, meta: &ObjectMeta) -> Result<(), StoreError> {
+    write_bytes_atomic(path, &encode_object(meta, path)?)
+}
+
 /// Writes JSON to `path` atomically: a synced `.tmp` renamed over it.
 fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
-    let bytes = encode(value, path)?;
+    write_bytes_atomic(path, &encode(value, path)?)
+}
+
+/// Writes `bytes` to `path` atomically: a synced `.tmp` renamed over it.
+fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = with_suffix(path, ".tmp");
-    write_synced(&tmp, &bytes).inspect_err(|_| {
+    write_synced(&tmp, bytes).inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })?;
     fs::rename(&tmp, path).map_err(|e| {
@@ -403,8 +443,9 @@ impl Drop for RootTemp {
 impl ReplicaStore {
     /// Opens (creating) the root and state directories and rebuilds the index
     /// from the metadata on disk: complete entries whose replica file exists
-    /// with the recorded length are indexed; dangling metadata is removed;
-    /// partial files with their `.json` are kept for resume, others removed.
+    /// with the recorded length and modification time are indexed (older
+    /// metadata versions rewritten in the current one); dangling metadata is
+    /// removed, unreadable metadata quarantined; partial files with their `.json` are kept for resume, others removed.
     pub fn open(config: &StoreConfig) -> Result<ReplicaStore, StoreError> {
         fs::create_dir_all(&config.root).map_err(io_err("create replica root", &config.root))?;
         fs::create_dir_all(&config.state)
@@ -429,6 +470,7 @@ impl ReplicaStore {
             index: index::Index::default(),
             ram: ram::RamBudget::new(ram::RAM_BUDGET),
             tree: Mutex::new(()),
+            health: HealthCounters::default(),
         };
         store.replay_journal()?;
         // Interrupted commits are settled by whether their `.part` still
@@ -478,8 +520,10 @@ impl ReplicaStore {
     /// checks that the index still describes these bytes (same path, same
     /// digest, same length); `None` means the replica was replaced, moved or
     /// removed meanwhile: look up again (a miss then fetches it). A file
-    /// deleted or changed in size behind the store's back is dropped from
-    /// the index here. Blocking.
+    /// deleted, changed in size or modified (another modification time than
+    /// the commit recorded) behind the store's back is dropped from the index
+    /// here, so its recorded digest is never served with other bytes; the
+    /// check is the `fstat` of the opened file. Blocking.
     pub fn open_replica(&self, replica: &Replica) -> Result<Option<File>, StoreError> {
         let file = match File::open(&replica.path) {
             Ok(f) => f,
@@ -489,14 +533,13 @@ impl ReplicaStore {
             }
             Err(e) => return Err(io_err("open replica", &replica.path)(e)),
         };
-        let len = file
+        let stat = file
             .metadata()
-            .map_err(io_err("stat replica", &replica.path))?
-            .len();
+            .map_err(io_err("stat replica", &replica.path))?;
         if !self.is_current(replica) {
             return Ok(None);
         }
-        if len != replica.meta.length {
+        if !describes(&replica.meta, &stat) {
             self.drop_if_damaged(replica)?;
             return Ok(None);
         }
@@ -514,20 +557,21 @@ impl ReplicaStore {
     }
 
     /// Forgets `replica` if, under the tree lock (so not in the middle of a
-    /// move), it is still current and its file is missing or has another
-    /// length: someone changed the tree by hand.
+    /// move), it is still current and its file is missing, has another
+    /// length or another modification time: someone changed the tree by hand.
     fn drop_if_damaged(&self, replica: &Replica) -> Result<(), StoreError> {
         let _tree = self.lock_tree();
         if !self.is_current(replica) {
             return Ok(());
         }
         let damaged = match fs::symlink_metadata(&replica.path) {
-            Ok(m) => !m.is_file() || m.len() != replica.meta.length,
+            Ok(m) => !m.is_file() || !describes(&replica.meta, &m),
             Err(e) if e.kind() == io::ErrorKind::NotFound => true,
             Err(e) => return Err(io_err("stat replica", &replica.path)(e)),
         };
         if damaged {
-            tracing::warn!(path = %replica.path.display(), "replica changed outside Cistern; dropping it");
+            tracing::warn!(path = %replica.path.display(), "replica file deleted or modified outside Cistern; dropping it (it will be fetched again)");
+            self.health.changed_outside.fetch_add(1, Ordering::Relaxed);
             self.forget(&CacheKey(replica.meta.key.as_str().into()))?;
         }
         Ok(())
@@ -652,11 +696,14 @@ impl ReplicaStore {
             .file
             .sync_data()
             .map_err(io_err("sync partial", &partial.path))?;
-        let actual = partial
+        let stat = partial
             .file
             .metadata()
-            .map_err(io_err("stat partial", &partial.path))?
-            .len();
+            .map_err(io_err("stat partial", &partial.path))?;
+        let actual = stat.len();
+        // The rename keeps the inode and its modification time (a copy
+        // across filesystems sets it), so this is what the tree will show.
+        meta.file = Some(FileStamp::of(&stat));
         if actual != meta.length {
             return Err(StoreError::Length {
                 key: meta.key,
@@ -682,7 +729,7 @@ impl ReplicaStore {
             if let Some(dir) = obj.parent() {
                 fs::create_dir_all(dir).map_err(io_err("create metadata directory", dir))?;
             }
-            write_synced(&pending, &encode(&meta, &pending)?)?;
+            write_synced(&pending, &encode_object(&meta, &pending)?)?;
             remove_file_if_exists(&obj).map_err(io_err("remove old metadata", &obj))?;
             // Durable before the bytes move, or a power cut could keep the
             // old metadata next to the new bytes.
@@ -728,9 +775,8 @@ impl ReplicaStore {
     /// Puts a replica that a failed commit took out of service back, if its
     /// bytes were not touched.
     fn restore(&self, key: &CacheKey, old: &Arc<Replica>, obj: &Path) {
-        let intact =
-            fs::metadata(&old.path).is_ok_and(|m| m.is_file() && m.len() == old.meta.length);
-        if intact && write_json_atomic(obj, &*old.meta).is_ok() {
+        let intact = fs::metadata(&old.path).is_ok_and(|m| m.is_file() && describes(&old.meta, &m));
+        if intact && write_object_atomic(obj, &old.meta).is_ok() {
             self.index.insert(key.clone(), Arc::clone(old));
         } else {
             let _ = fs::remove_file(obj);
@@ -753,6 +799,8 @@ impl ReplicaStore {
                         .create_new(true)
                         .open(&temp.path)?;
                     io::copy(&mut from, &mut to)?;
+                    // The commit recorded the partial's modification time.
+                    to.set_modified(from.metadata()?.modified()?)?;
                     to.sync_all()
                 })();
                 copied.map_err(io_err("copy into replica", &temp.path))?;
@@ -824,7 +872,7 @@ impl ReplicaStore {
             let mut meta = (*replica.meta).clone();
             new_rel.as_str().clone_into(&mut meta.replica);
             let obj = self.object_path(&key.hash_hex());
-            if let Err(e) = write_json_atomic(&obj, &meta) {
+            if let Err(e) = write_object_atomic(&obj, &meta) {
                 let _ = fs::remove_file(&obj);
                 return Err(e);
             }
@@ -933,8 +981,8 @@ impl ReplicaStore {
     /// Replaces the metadata of a complete replica (after a 304
     /// revalidation) atomically. Blocking.
     ///
-    /// The body did not change, so `key`, `replica`, `length` and `sha256`
-    /// are kept from the current entry whatever `meta` says.
+    /// The body did not change, so `key`, `replica`, `length`, `sha256`
+    /// and `file` are kept from the current entry whatever `meta` says.
     pub fn refresh(
         &self,
         key: &CacheKey,
@@ -951,7 +999,8 @@ impl ReplicaStore {
         meta.replica.clone_from(&current.meta.replica);
         meta.length = current.meta.length;
         meta.sha256.clone_from(&current.meta.sha256);
-        write_json_atomic(&self.object_path(&key.hash_hex()), &meta)?;
+        meta.file = current.meta.file;
+        write_object_atomic(&self.object_path(&key.hash_hex()), &meta)?;
         let replica = Arc::new(Replica::new(
             meta,
             current.path.clone(),
@@ -1085,6 +1134,7 @@ impl ReplicaStore {
     /// Rebuilds the index from `state/objects`.
     fn load_objects(&self) -> Result<(), StoreError> {
         let mut metas: Vec<(PathBuf, ObjectMeta)> = Vec::new();
+        let mut rewrites: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
         for path in self.object_files()? {
             let name = path
                 .file_name()
@@ -1094,9 +1144,15 @@ impl ReplicaStore {
                 continue;
             };
             match self.check_object(&path, hash) {
-                Some(meta) => metas.push((path, meta)),
-                None => {
-                    tracing::info!(path = %path.display(), "dropping metadata without a matching replica");
+                Checked::Good { meta, rewrite } => {
+                    if rewrite {
+                        rewrites.insert(path.clone());
+                    }
+                    metas.push((path, *meta));
+                }
+                Checked::Unreadable(reason) => self.quarantine(&path, &reason)?,
+                Checked::Stale(why) => {
+                    tracing::info!(path = %path.display(), "dropping metadata: {why}");
                     remove_file_if_exists(&path).map_err(io_err("remove metadata", &path))?;
                 }
             }
@@ -1124,7 +1180,17 @@ impl ReplicaStore {
             };
             remove_file_if_exists(&loser).map_err(io_err("remove metadata", &loser))?;
         }
-        for (_, meta) in by_path.into_values() {
+        for (path, meta) in by_path.into_values() {
+            if rewrites.contains(&path) {
+                // An older version is rewritten in the current one; if that
+                // fails, the old file is still readable next time.
+                match write_object_atomic(&path, &meta) {
+                    Ok(()) => {
+                        tracing::debug!(path = %path.display(), "metadata rewritten in version {META_VERSION}")
+                    }
+                    Err(e) => tracing::warn!("cannot rewrite metadata in the current version: {e}"),
+                }
+            }
             let key = CacheKey(meta.key.as_str().into());
             let abs = self.root.join(&meta.replica);
             self.index
@@ -1137,7 +1203,15 @@ impl ReplicaStore {
     /// metadata and promoting it.
     fn settle_pending(&self, pending: &Path, hash: &str) -> Result<(), StoreError> {
         let part = self.state.join("partial").join(format!("{hash}.part"));
-        let committed = !part.exists() && self.check_object(pending, hash).is_some();
+        if part.exists() {
+            remove_file_if_exists(pending).map_err(io_err("remove metadata", pending))?;
+            return Ok(());
+        }
+        let committed = match self.check_object(pending, hash) {
+            Checked::Good { .. } => true,
+            Checked::Unreadable(reason) => return self.quarantine(pending, &reason),
+            Checked::Stale(_) => false,
+        };
         if committed {
             let obj = self.object_path(hash);
             fs::rename(pending, &obj).map_err(io_err("promote metadata", &obj))?;
@@ -1147,28 +1221,139 @@ impl ReplicaStore {
         Ok(())
     }
 
-    /// The metadata at `path` if it is well-formed, filed under its key's
-    /// hash, and its replica file exists with the recorded length. A
-    /// replica file of another length is removed: it cannot be trusted.
-    fn check_object(&self, path: &Path, hash: &str) -> Option<ObjectMeta> {
-        let meta: ObjectMeta = read_json(path).ok()?;
-        let key = CacheKey::parse(&meta.key).ok()?;
-        if key.as_str() != meta.key
-            || key.hash_hex() != hash
-            || parse_digest(&meta.sha256).is_none()
-        {
-            return None;
+    /// Reads the metadata at `path` (filed under `hash`) and checks it
+    /// against its replica file. A replica file of another length is
+    /// removed: it cannot be trusted.
+    fn check_object(&self, path: &Path, hash: &str) -> Checked {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) => return Checked::Unreadable(format!("cannot read it: {e}")),
+        };
+        let (mut meta, version) = match meta::decode_object(&bytes) {
+            Ok(m) => m,
+            Err(e) => return Checked::Unreadable(e.to_string()),
+        };
+        match CacheKey::parse(&meta.key) {
+            Ok(key) if key.as_str() == meta.key && key.hash_hex() == hash => {}
+            _ => {
+                return Checked::Unreadable(format!(
+                    "its key {:?} is not a normalised key filed under this name",
+                    meta.key
+                ));
+            }
         }
-        let rel = ReplicaPath::from_relative(meta.replica.as_str()).ok()?;
+        if parse_digest(&meta.sha256).is_none() {
+            return Checked::Unreadable("its sha256 is not 64 hex digits".into());
+        }
+        let Ok(rel) = ReplicaPath::from_relative(meta.replica.as_str()) else {
+            return Checked::Unreadable(format!(
+                "its replica path {:?} is not a safe path",
+                meta.replica
+            ));
+        };
         let abs = self.root.join(rel.as_path());
-        let file = fs::symlink_metadata(&abs).ok()?;
-        if file.is_file() && file.len() != meta.length {
+        let file = match fs::symlink_metadata(&abs) {
+            Ok(f) if f.is_file() => f,
+            _ => return Checked::Stale("its replica file is missing"),
+        };
+        if file.len() != meta.length {
             tracing::warn!(path = %abs.display(), "replica has the wrong length; removing it");
             let _ = fs::remove_file(&abs);
-            return None;
+            return Checked::Stale("its replica file had the wrong length");
         }
-        (file.is_file() && file.len() == meta.length).then_some(meta)
+        let now = FileStamp::of(&file);
+        let mut rewrite = version < META_VERSION;
+        match meta.file {
+            Some(stamp) if stamp != now => {
+                tracing::warn!(
+                    path = %abs.display(),
+                    recorded_mtime_ns = stamp.mtime_ns,
+                    mtime_ns = now.mtime_ns,
+                    "replica file was modified outside Cistern since it was stored; it will be fetched again"
+                );
+                self.health.changed_outside.fetch_add(1, Ordering::Relaxed);
+                return Checked::Stale("its replica file was modified outside Cistern");
+            }
+            Some(_) => {}
+            None => {
+                // Metadata from before stamps were recorded: the length
+                // matched, so take the file as it is now.
+                meta.file = Some(now);
+                rewrite = true;
+            }
+        }
+        Checked::Good {
+            meta: Box::new(meta),
+            rewrite,
+        }
     }
+
+    /// Moves unreadable metadata into `state/quarantine/` (never deletes it:
+    /// a newer Cistern, or a person, may still read it), logs why and counts
+    /// it. Its replica file stays in the tree, unserved, until fetched again.
+    fn quarantine(&self, path: &Path, reason: &str) -> Result<(), StoreError> {
+        let dir = self.state.join(QUARANTINE);
+        fs::create_dir_all(&dir).map_err(io_err("create quarantine directory", &dir))?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let mut dest = dir.join(&*name);
+        let mut n = 1;
+        while dest.exists() {
+            dest = dir.join(format!("{name}.{n}"));
+            n += 1;
+        }
+        fs::rename(path, &dest).map_err(io_err("move metadata into quarantine", path))?;
+        self.health.quarantined.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            path = %path.display(),
+            moved_to = %dest.display(),
+            "unreadable replica metadata quarantined: {reason}"
+        );
+        Ok(())
+    }
+
+    /// Counters of what the store found wrong on disk.
+    pub fn health(&self) -> StoreHealth {
+        StoreHealth {
+            quarantined: self.health.quarantined.load(Ordering::Relaxed),
+            changed_outside: self.health.changed_outside.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where unreadable metadata is moved, under the state directory.
+pub const QUARANTINE: &str = "quarantine";
+
+/// What [`ReplicaStore::check_object`] found.
+enum Checked {
+    /// Usable; `rewrite` when it must be written again in the current
+    /// version (migrated, or its file stamp recorded only now).
+    Good {
+        meta: Box<ObjectMeta>,
+        rewrite: bool,
+    },
+    /// Cannot be read, or does not describe the key it is filed under:
+    /// quarantined.
+    Unreadable(String),
+    /// Readable, but its replica file is gone or changed: dropped.
+    Stale(&'static str),
+}
+
+/// Counters behind [`ReplicaStore::health`].
+#[derive(Debug, Default)]
+struct HealthCounters {
+    quarantined: AtomicU64,
+    changed_outside: AtomicU64,
+}
+
+/// What the store found wrong on disk since it opened (`/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Metadata files moved into `state/quarantine/` because they could not
+    /// be read.
+    pub quarantined: u64,
+    /// Replicas dropped because their file was modified outside Cistern
+    /// (size or modification time differs from the commit).
+    pub changed_outside: u64,
 }
 
 #[cfg(test)]

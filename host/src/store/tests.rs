@@ -2,6 +2,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
@@ -42,28 +43,38 @@ fn key(url: &str) -> CacheKey {
     CacheKey::parse(url).expect("valid key")
 }
 
-fn policy(url: &str) -> http_cache_semantics::CachePolicy {
-    let (req, ()) = http::Request::get(url)
-        .body(())
-        .expect("request")
-        .into_parts();
-    let (res, ()) = http::Response::builder()
-        .status(200)
-        .header("cache-control", "max-age=60")
-        .body(())
-        .expect("response")
-        .into_parts();
-    http_cache_semantics::CachePolicy::new(&req, &res)
+/// The RFC 9111 inputs of a GET of `url` answered with `max-age=60` at
+/// 1_700_000_000.
+fn rfc(url: &str) -> meta::RfcInputs {
+    let at = meta::from_unix_secs(1_700_000_000);
+    let mut req = http::HeaderMap::new();
+    req.insert("host", "example.org".parse().expect("value"));
+    req.insert("authorization", "Basic c2VjcmV0".parse().expect("value"));
+    let mut res = http::HeaderMap::new();
+    res.insert("cache-control", "max-age=60".parse().expect("value"));
+    res.insert("content-type", "text/plain".parse().expect("value"));
+    meta::RfcInputs::new(
+        http::Method::GET,
+        url.parse().expect("uri"),
+        &req,
+        http::StatusCode::OK,
+        &res,
+        at,
+        at,
+    )
 }
 
 fn object_meta(key: &CacheKey, body: &[u8]) -> ObjectMeta {
+    let rfc = rfc(key.as_str());
     ObjectMeta {
         key: key.as_str().to_owned(),
         url: key.as_str().to_owned(),
         replica: String::new(),
         status: 200,
         headers: vec![("content-type".into(), "text/plain".into())],
-        policy: policy(key.as_str()),
+        policy: rfc.policy(),
+        rfc,
+        file: None,
         length: body.len() as u64,
         sha256: hex::encode(Sha256::digest(body)),
         stored_at: 1_700_000_000,
@@ -170,7 +181,9 @@ fn commit_then_lookup_serves_the_bytes_from_a_browsable_tree() {
         .join("objects")
         .join(&hash[..2])
         .join(format!("{hash}.json"));
-    let on_disk: ObjectMeta = read_json(&obj).expect("metadata on disk");
+    let (on_disk, version) =
+        meta::decode_object(&fs::read(&obj).expect("metadata on disk")).expect("readable");
+    assert_eq!(version, META_VERSION);
     assert_eq!(on_disk.replica, committed.meta.replica);
     // The partial and its metadata are gone.
     assert!(tree(&fx.config.state.join("partial")).is_empty());
@@ -478,7 +491,7 @@ fn an_interrupted_commit_never_looks_complete() {
     //    the partial. Nothing may pair the new metadata with the old file.
     let mut new_meta = object_meta(&k, b"new version!");
     new_meta.replica = "example.org:80/f".into();
-    fs::write(&pending, serde_json::to_vec(&new_meta).expect("json")).expect("pending");
+    fs::write(&pending, meta::encode_object(&new_meta).expect("json")).expect("pending");
     fs::remove_file(&obj).expect("old metadata removed");
     fs::write(&part, b"new version!").expect("partial");
     let partial_json = part.with_extension("json");
@@ -501,7 +514,7 @@ fn an_interrupted_commit_never_looks_complete() {
 
     // 2. Killed after the rename, before promoting the metadata: the bytes
     //    in place are the new ones, so the commit is finished on open.
-    fs::write(&pending, serde_json::to_vec(&new_meta).expect("json")).expect("pending");
+    fs::write(&pending, meta::encode_object(&new_meta).expect("json")).expect("pending");
     fs::rename(&part, &replica).expect("rename happened");
     let store = fx.open();
     let hit = store.lookup(&k).expect("commit finished on open");
@@ -867,3 +880,229 @@ fn concurrent_colliding_commits_keep_every_key_on_its_own_bytes() {
 }
 
 static KEY_LOCKS: [Mutex<()>; 10] = [const { Mutex::new(()) }; 10];
+
+/// Metadata as Cistern wrote it before it had a format of its own
+/// (version 0): `ObjectMeta` with `http-cache-semantics` 3's `CachePolicy`
+/// serialised in place, request headers and all.
+fn v0_json(key: &CacheKey, replica: &str, body: &[u8], response_secs: u64) -> String {
+    serde_json::json!({
+        "key": key.as_str(),
+        "url": key.as_str(),
+        "replica": replica,
+        "status": 200,
+        "headers": [["content-type", "text/plain"], ["etag", "\"v0\""]],
+        "policy": {
+            "req": {"host": "example.org", "authorization": "Basic c2VjcmV0", "accept": ["a", "b"]},
+            "res": {"cache-control": "max-age=600", "content-type": "text/plain",
+                    "etag": "\"v0\"", "age": "100", "set-cookie": "id=secret"},
+            "uri": key.as_str(),
+            "status": 200,
+            "method": "GET",
+            "opts": {"shared": true, "cache_heuristic": 0.1,
+                     "immutable_min_time_to_live": {"secs": 86400, "nanos": 0},
+                     "ignore_cargo_cult": false},
+            "res_cc": {"max-age": "600"},
+            "req_cc": {},
+            "response_time": {"secs_since_epoch": response_secs, "nanos_since_epoch": 5}
+        },
+        "length": body.len(),
+        "sha256": hex::encode(Sha256::digest(body)),
+        "stored_at": response_secs,
+        "validated_at": response_secs,
+        "immutable": false,
+        "ttl_override": null
+    })
+    .to_string()
+}
+
+#[test]
+fn metadata_round_trips_through_its_own_format() {
+    let k = key("http://example.org/round");
+    let mut m = object_meta(&k, b"body");
+    m.replica = "example.org:80/round".into();
+    m.file = Some(FileStamp {
+        size: 4,
+        mtime_ns: 1_700_000_000_123_456_789,
+    });
+    m.immutable = true;
+    m.ttl_override = Some(30);
+    let bytes = meta::encode_object(&m).expect("encode");
+    let text = String::from_utf8(bytes.clone()).expect("utf-8");
+    assert!(text.contains("\"version\": 1"), "{text}");
+    assert!(
+        !text.contains("c2VjcmV0"),
+        "credentials are not stored: {text}"
+    );
+    let (back, version) = meta::decode_object(&bytes).expect("decode");
+    assert_eq!(version, 1);
+    assert_eq!(
+        (
+            &back.key,
+            &back.url,
+            &back.replica,
+            back.status,
+            &back.headers
+        ),
+        (&m.key, &m.url, &m.replica, m.status, &m.headers)
+    );
+    assert_eq!(
+        (
+            &back.sha256,
+            back.length,
+            back.file,
+            back.stored_at,
+            back.validated_at
+        ),
+        (&m.sha256, m.length, m.file, m.stored_at, m.validated_at)
+    );
+    assert_eq!((back.immutable, back.ttl_override), (true, Some(30)));
+    assert_eq!(back.rfc.request_headers, m.rfc.request_headers);
+    assert_eq!(back.rfc.response_headers, m.rfc.response_headers);
+    assert_eq!(back.rfc.response_time, m.rfc.response_time);
+    // The rebuilt policy says what the original said.
+    let t = meta::from_unix_secs(1_700_000_030);
+    assert_eq!(back.policy.time_to_live(t), m.policy.time_to_live(t));
+    assert_eq!(back.policy.age(t), Duration::from_secs(30));
+    // And encoding again gives the same bytes.
+    assert_eq!(meta::encode_object(&back).expect("encode"), bytes);
+}
+
+#[test]
+fn version_0_is_read_and_unknown_versions_refused() {
+    let k = key("http://example.org/old");
+    let json = v0_json(&k, "example.org:80/old", b"old", 1_700_000_000);
+    let (m, version) = meta::decode_object(json.as_bytes()).expect("version 0 reads");
+    assert_eq!(version, 0);
+    assert_eq!(m.key, k.as_str());
+    assert_eq!(m.file, None);
+    // Only the selecting request header survives; cookies lose their value.
+    assert_eq!(
+        m.rfc.request_headers.len(),
+        1,
+        "{:?}",
+        m.rfc.request_headers
+    );
+    assert_eq!(m.rfc.response_headers.get("set-cookie").expect("kept"), "");
+    // Age counts from the old response time plus its Age header.
+    let t = meta::from_unix_secs(1_700_000_050) + Duration::from_nanos(5);
+    assert_eq!(m.policy.age(t).as_secs(), 150);
+    // The cookie's presence still counts: a shared cache gives a
+    // response with Set-Cookie no lifetime unless it says `public`.
+    assert_eq!(m.policy.time_to_live(t).as_secs(), 0);
+
+    let newer = br#"{"version": 7, "key": "x"}"#;
+    assert!(matches!(
+        meta::decode_object(newer),
+        Err(meta::MetaError::Unsupported { found: 7 })
+    ));
+    assert!(matches!(
+        meta::decode_object(b"{\"key\": garbled"),
+        Err(meta::MetaError::Syntax { .. })
+    ));
+}
+
+/// A store opened over version-0 metadata serves it and rewrites it in
+/// the current version; unreadable metadata goes into the quarantine
+/// folder, counted, and its replica file stays in the tree.
+#[test]
+fn open_migrates_version_0_and_quarantines_what_it_cannot_read() {
+    let fx = Fixture::new(Layout::HostPort, None);
+    drop(fx.open());
+    let old = key("http://example.org/old");
+    let bad = key("http://example.org/bad");
+    let newer = key("http://example.org/newer");
+    for (k, name) in [(&old, "old"), (&bad, "bad"), (&newer, "newer")] {
+        let file = fx.root().join("example.org:80").join(name);
+        fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+        fs::write(&file, name.as_bytes()).expect("replica");
+        let hash = k.hash_hex();
+        let dir = fx.config.state.join("objects").join(&hash[..2]);
+        fs::create_dir_all(&dir).expect("mkdir");
+        let text = match name {
+            "old" => v0_json(k, "example.org:80/old", b"old", 1_700_000_000),
+            "bad" => "{\"key\": \"http://example.org:80/bad\", \"policy\": {".to_owned(),
+            _ => "{\"version\": 99}".to_owned(),
+        };
+        fs::write(dir.join(format!("{hash}.json")), text).expect("metadata");
+    }
+    let store = fx.open();
+    let r = store.lookup(&old).expect("version 0 is served");
+    assert_eq!(read(&store, &r), b"old");
+    assert!(store.lookup(&bad).is_none());
+    assert!(store.lookup(&newer).is_none());
+    assert_eq!(
+        store.health(),
+        StoreHealth {
+            quarantined: 2,
+            changed_outside: 0
+        }
+    );
+    let hash = old.hash_hex();
+    let obj = fx
+        .config
+        .state
+        .join("objects")
+        .join(&hash[..2])
+        .join(format!("{hash}.json"));
+    let (on_disk, version) =
+        meta::decode_object(&fs::read(&obj).expect("still there")).expect("readable");
+    assert_eq!(version, META_VERSION, "rewritten in the current version");
+    assert!(on_disk.file.is_some(), "the file's stamp is recorded");
+    let quarantined = tree(&fx.config.state.join(QUARANTINE));
+    let mut expected = vec![
+        format!("{}.json", bad.hash_hex()),
+        format!("{}.json", newer.hash_hex()),
+    ];
+    expected.sort();
+    assert_eq!(quarantined, expected);
+    assert_eq!(
+        fs::read(fx.root().join("example.org:80/bad")).expect("left in the tree"),
+        b"bad"
+    );
+    // A fetch of the quarantined key replaces its file as usual.
+    put(&store, bad.as_str(), b"fetched again");
+    drop(store);
+    let store = fx.open();
+    assert_eq!(store.health().quarantined, 0, "nothing new to quarantine");
+    let r = store.lookup(&bad).expect("stored again");
+    assert_eq!(read(&store, &r), b"fetched again");
+    assert!(store.lookup(&old).is_some());
+}
+
+fn set_mtime(path: &Path, secs: u64) {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for mtime");
+    file.set_modified(meta::from_unix_secs(secs))
+        .expect("set mtime");
+}
+
+/// Editing a replica in place without changing its size is noticed when it
+/// is opened and when the store loads: it is never served with the digest
+/// of the bytes it had.
+#[test]
+fn a_same_size_edit_is_not_served() {
+    let fx = Fixture::new(Layout::HostPort, None);
+    let store = fx.open();
+    let k = key("http://example.org/edit");
+    let r = put(&store, k.as_str(), b"original");
+    fs::write(&r.path, b"EDITED!!").expect("edit in place");
+    set_mtime(&r.path, 1_600_000_000);
+    assert!(store.open_replica(&r).expect("open").is_none());
+    assert!(store.lookup(&k).is_none());
+    assert_eq!(store.health().changed_outside, 1);
+
+    // Also when the edit happens while Cistern is stopped.
+    let r = put(&store, k.as_str(), b"original");
+    let other = put(&store, "http://example.org/untouched", b"untouched");
+    drop(store);
+    fs::write(&r.path, b"EDITED!!").expect("edit in place");
+    set_mtime(&r.path, 1_600_000_000);
+    let store = fx.open();
+    assert!(store.lookup(&k).is_none(), "dropped on load");
+    assert_eq!(store.health().changed_outside, 1);
+    assert_eq!(fs::read(&r.path).expect("file kept"), b"EDITED!!");
+    let o = store.lookup(&key(other.meta.key.as_str())).expect("kept");
+    assert_eq!(read(&store, &o), b"untouched");
+}
