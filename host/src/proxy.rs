@@ -210,8 +210,10 @@ impl Proxy {
     }
 
     /// Handles one request end to end.
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
         let started = Instant::now();
+        // Before anything logs, keys or stores the URL.
+        let unusable = crate::credentials::take(&mut req).err();
         let snap = self.snapshot.load_full();
         let method = req.method().clone();
         let url = req.uri().to_string();
@@ -219,7 +221,10 @@ impl Proxy {
         let Answer {
             mut response,
             outcome,
-        } = self.dispatch(req, conn, &snap).await;
+        } = match unusable {
+            Some(bad) => Answer::local(serve::text(StatusCode::BAD_REQUEST, bad.to_string())),
+            None => self.dispatch(req, conn, &snap).await,
+        };
         let metrics = self.engine.metrics();
         metrics.request(outcome);
         let h = response.headers_mut();
@@ -334,6 +339,10 @@ impl Proxy {
                 if !snap.router.forward_allowed(conn.client.ip()) {
                     return Answer::local(forbidden());
                 }
+                // The URL's credentials are for the host it names, and
+                // only that route goes there.
+                let mut req = req;
+                crate::credentials::apply(&mut req);
                 self.proxied(
                     req,
                     conn,
