@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::admin::metrics::Metrics;
+use crate::credentials::Redacted;
 use crate::fetch::BoxError;
 use crate::serve::ProxyBody;
 
@@ -83,7 +84,7 @@ pub struct AccessRecord {
     pub client: SocketAddr,
     /// Request method.
     pub method: Method,
-    /// Request URL as received.
+    /// Request URL as received, without any userinfo.
     pub url: String,
     /// Response status.
     pub status: StatusCode,
@@ -91,7 +92,8 @@ pub struct AccessRecord {
     pub outcome: CacheOutcome,
     /// When the request arrived.
     pub started: Instant,
-    /// Request and response headers, when `-v` asked for them.
+    /// Request and response headers, when `-v` asked for them (logged
+    /// with secrets redacted).
     pub headers: Option<(HeaderMap, HeaderMap)>,
     /// The body length announced in `Content-Length`: a server stops
     /// polling a body once that many bytes went out, so reaching it means
@@ -150,7 +152,12 @@ impl LoggedBody {
             end
         );
         if let Some((req, resp)) = &r.headers {
-            let _ = write!(line, " request={req:?} response={resp:?}");
+            let _ = write!(
+                line,
+                " request={:?} response={:?}",
+                Redacted(req),
+                Redacted(resp)
+            );
         }
         line.push('\n');
         writer::send(line);

@@ -15,8 +15,8 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy, RequestLike};
 
 use crate::config::{CacheMode, StaleRules};
-use crate::store::meta::RfcInputs;
 use crate::store::ObjectMeta;
+use crate::store::meta::RfcInputs;
 use crate::store::meta::{from_unix_secs, unix_secs};
 
 /// A request as the cache rules see it: its URI is the cache key, so that
@@ -64,12 +64,20 @@ pub fn options() -> CacheOptions {
     crate::store::meta::cache_options()
 }
 
-/// The RFC 9111 state for a fresh upstream response.
+/// The RFC 9111 state for a fresh upstream response. A request that
+/// carried `Authorization` makes it storable only when the response allows
+/// a shared cache to (`public`, `s-maxage`, `must-revalidate`: RFC 9111
+/// §3.5); the credentials themselves are not kept (see [`kept_request`]).
 pub fn new_policy(
     req: CacheRequest<'_>,
     resp: &http::response::Parts,
     now: SystemTime,
 ) -> CachePolicy {
+    let headers = kept_request(req.headers);
+    let req = CacheRequest {
+        headers: &headers,
+        ..req
+    };
     CachePolicy::new_options(&req, resp, now, options())
 }
 
@@ -85,12 +93,36 @@ pub fn rfc_inputs(
     RfcInputs::new(
         req.method.clone(),
         req.key.clone(),
-        req.headers,
+        &kept_request(req.headers),
         resp.status,
         &resp.headers,
         asked,
         received,
     )
+}
+
+/// What the placeholder for a credential says in stored metadata.
+const WITHHELD: HeaderValue = HeaderValue::from_static("[withheld]");
+
+/// The request headers as the stored RFC 9111 state keeps them (it keeps
+/// the request's headers, and the metadata is a file on disk): the values
+/// of `Authorization` and `Proxy-Authorization` are replaced by a
+/// placeholder. Their presence still counts for storability; a response
+/// that varies on them never matches a later request, so is never served
+/// from the replica, which is the safe way to fail. Borrows when there is
+/// nothing to replace, the common case.
+fn kept_request(headers: &HeaderMap) -> std::borrow::Cow<'_, HeaderMap> {
+    let secret = [header::AUTHORIZATION, header::PROXY_AUTHORIZATION];
+    if !secret.iter().any(|name| headers.contains_key(name)) {
+        return std::borrow::Cow::Borrowed(headers);
+    }
+    let mut kept = headers.clone();
+    for name in secret {
+        if kept.contains_key(&name) {
+            kept.insert(name, WITHHELD);
+        }
+    }
+    std::borrow::Cow::Owned(kept)
 }
 
 /// Whether a response may become a replica: storable by RFC 9111 and a
@@ -278,6 +310,11 @@ pub fn revalidated(
     asked: SystemTime,
     now: SystemTime,
 ) -> Option<ObjectMeta> {
+    let headers = kept_request(req.headers);
+    let req = CacheRequest {
+        headers: &headers,
+        ..req
+    };
     match meta.policy.after_response(&req, resp, now) {
         AfterResponse::NotModified(_, parts) => {
             let mut updated = meta.clone();
@@ -436,12 +473,19 @@ mod tests {
     use super::*;
 
     fn meta_for(resp_headers: &[(&str, &str)], now: SystemTime) -> ObjectMeta {
+        meta_for_request(&HeaderMap::new(), resp_headers, now)
+    }
+
+    fn meta_for_request(
+        req_headers: &HeaderMap,
+        resp_headers: &[(&str, &str)],
+        now: SystemTime,
+    ) -> ObjectMeta {
         let key: Uri = "http://example.org:80/a".parse().unwrap();
-        let req_headers = HeaderMap::new();
         let req = CacheRequest {
             key: &key,
             method: &Method::GET,
-            headers: &req_headers,
+            headers: req_headers,
         };
         let mut resp = http::Response::new(());
         for (k, v) in resp_headers {
@@ -525,6 +569,89 @@ mod tests {
         let meta = meta_for(&[("cache-control", "max-age=5")], t0);
         assert!(storable(&meta.policy, StatusCode::OK));
         assert!(!storable(&meta.policy, StatusCode::NOT_FOUND));
+    }
+
+    #[test]
+    fn authenticated_requests_are_shared_only_when_the_response_allows() {
+        let t0 = SystemTime::now();
+        let mut auth = HeaderMap::new();
+        auth.insert(
+            header::AUTHORIZATION,
+            "Basic YWxpY2U6czNjcmV0".parse().unwrap(),
+        );
+        // RFC 9111 §3.5: only these let a shared cache store it.
+        for cc in [
+            "public, max-age=60",
+            "s-maxage=60",
+            "max-age=60, must-revalidate",
+        ] {
+            let meta = meta_for_request(&auth, &[("cache-control", cc)], t0);
+            assert!(storable(&meta.policy, StatusCode::OK), "{cc}");
+        }
+        for cc in ["max-age=60", "private, max-age=60"] {
+            let meta = meta_for_request(&auth, &[("cache-control", cc)], t0);
+            assert!(!storable(&meta.policy, StatusCode::OK), "{cc}");
+        }
+        // Fresh by heuristic only: not shareable either.
+        let meta = meta_for_request(
+            &auth,
+            &[("last-modified", "Wed, 01 Jan 2020 00:00:00 GMT")],
+            t0,
+        );
+        assert!(!storable(&meta.policy, StatusCode::OK));
+    }
+
+    #[test]
+    fn stored_state_keeps_no_credentials() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut auth = HeaderMap::new();
+        auth.insert(
+            header::AUTHORIZATION,
+            "Basic YWxpY2U6czNjcmV0".parse().unwrap(),
+        );
+        let meta = meta_for_request(
+            &auth,
+            &[("cache-control", "public, max-age=60"), ("etag", "\"v1\"")],
+            t0,
+        );
+        let json = String::from_utf8(crate::store::meta::encode_object(&meta).unwrap()).unwrap();
+        assert!(!json.contains("YWxpY2U6czNjcmV0"), "{json}");
+        assert_eq!(
+            eval(&meta, &auth, t0, CacheMode::Normal),
+            Freshness::Fresh,
+            "a placeholder still serves a response that does not vary on it"
+        );
+        // A 304 for an authenticated revalidation keeps none either.
+        let key: Uri = meta.key.parse().unwrap();
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        resp.headers_mut()
+            .insert(header::ETAG, "\"v1\"".parse().unwrap());
+        let (parts, ()) = resp.into_parts();
+        let req = CacheRequest {
+            key: &key,
+            method: &Method::GET,
+            headers: &auth,
+        };
+        let later = t0 + Duration::from_secs(90);
+        let updated = revalidated(&meta, req, &parts, later, later).unwrap();
+        let json = String::from_utf8(crate::store::meta::encode_object(&updated).unwrap()).unwrap();
+        assert!(!json.contains("YWxpY2U6czNjcmV0"), "{json}");
+        // Varying on the credentials: never served from the replica.
+        let meta = meta_for_request(
+            &auth,
+            &[
+                ("cache-control", "public, max-age=60"),
+                ("vary", "authorization"),
+            ],
+            t0,
+        );
+        let json = String::from_utf8(crate::store::meta::encode_object(&meta).unwrap()).unwrap();
+        assert!(!json.contains("YWxpY2U6czNjcmV0"), "{json}");
+        assert_eq!(
+            eval(&meta, &auth, t0, CacheMode::Normal),
+            Freshness::Mismatch
+        );
     }
 
     #[test]

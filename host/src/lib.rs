@@ -14,6 +14,10 @@
 //!   the table that picks one by SNI.
 //! - [`request`]: checks a client's request before routing: one valid
 //!   `Host`, no body on GET or HEAD.
+//! - [`credentials`]: user and password in a request's URL: taken out
+//!   before anything logs or stores the URL, sent upstream as
+//!   `Authorization: Basic` for forward-proxied requests; secret headers
+//!   redacted in logs.
 //! - [`route`]: decides what a request is: forward proxy, CONNECT tunnel,
 //!   transparent, a mirror path, or local.
 //! - [`ours`]: what is Cistern's own: the names it answers to and the
@@ -50,6 +54,7 @@ pub mod app;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod fetch;
 pub mod limit;
 pub mod ours;

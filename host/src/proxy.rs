@@ -210,8 +210,10 @@ impl Proxy {
     }
 
     /// Handles one request end to end.
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
         let started = Instant::now();
+        // Before anything logs, keys or stores the URL.
+        let unusable = crate::credentials::take(&mut req).err();
         let snap = self.snapshot.load_full();
         let method = req.method().clone();
         let url = req.uri().to_string();
@@ -219,7 +221,10 @@ impl Proxy {
         let Answer {
             mut response,
             outcome,
-        } = self.dispatch(req, conn, &snap).await;
+        } = match unusable {
+            Some(bad) => Answer::local(serve::text(StatusCode::BAD_REQUEST, bad.to_string())),
+            None => self.dispatch(req, conn, &snap).await,
+        };
         let metrics = self.engine.metrics();
         metrics.request(outcome);
         let h = response.headers_mut();
@@ -337,6 +342,10 @@ impl Proxy {
                 if !snap.router.forward_allowed(conn.client.ip()) {
                     return Answer::local(forbidden());
                 }
+                // The URL's credentials are for the host it names, and
+                // only that route goes there.
+                let mut req = req;
+                crate::credentials::apply(&mut req);
                 self.proxied(
                     req,
                     conn,
@@ -993,9 +1002,39 @@ fn error_response(e: &FetchError) -> Response<ProxyBody> {
             "Cistern could not serve this from its replica (its log says why)"
         }
         _ if status == StatusCode::GATEWAY_TIMEOUT => "the upstream did not answer in time",
+        _ if tls_refused(e) => {
+            "the upstream's TLS certificate was not accepted (see upstream-tls in config.kdl)"
+        }
         _ => "the upstream could not be reached or sent a broken response",
     };
     serve::text(status, text)
+}
+
+/// Whether rustls refused the upstream's TLS session somewhere in `e`'s
+/// causes (an unknown CA, a name mismatch, an expired certificate).
+fn tls_refused(e: &FetchError) -> bool {
+    // `io::Error` hides what it wraps from `source()` (it returns the
+    // wrapped error's source), so each one is opened with `get_ref`.
+    fn is_tls(c: &(dyn std::error::Error + 'static)) -> bool {
+        if c.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => is_tls(inner),
+            None => false,
+        }
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if is_tls(c) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// A replica that could not be read, as the client sees it: no path.

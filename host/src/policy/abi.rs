@@ -331,10 +331,13 @@ fn code(result: Result<i32, i32>) -> i32 {
     result.unwrap_or_else(|code| code)
 }
 
+/// An absolute `http(s)` URL a policy sets. Credentials (`user:pass@`)
+/// are refused: the URL is logged, stored in metadata and shown by the
+/// admin; a policy that authenticates upstream sets `Authorization`.
 fn parse_absolute(text: &str) -> Result<Uri, i32> {
     let uri: Uri = text.parse().map_err(|_| ERR_INVALID)?;
     match (uri.scheme_str(), uri.authority()) {
-        (Some("http" | "https"), Some(_)) => Ok(uri),
+        (Some("http" | "https"), Some(a)) if !a.as_str().contains('@') => Ok(uri),
         _ => Err(ERR_INVALID),
     }
 }
@@ -826,6 +829,19 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn policies_cannot_put_credentials_in_urls() {
+        assert!(parse_absolute("http://mirror.example/a").is_ok());
+        assert!(parse_absolute("http://mirror.example/a@b").is_ok());
+        for bad in [
+            "http://u:p@mirror.example/a",
+            "https://u@mirror.example/",
+            "/a",
+        ] {
+            assert_eq!(parse_absolute(bad).err(), Some(ERR_INVALID), "{bad}");
+        }
     }
 
     #[test]
