@@ -27,7 +27,9 @@
 //! - [`store`]: the replica tree, its metadata, partial files, the index
 //!   rebuilt from disk, the digest index and LRU eviction.
 //! - [`limit`]: per-client request limits and the upstream bandwidth cap.
-//! - [`tunnel`]: CONNECT tunnelling.
+//! - [`gate`]: connection admission: caps on open connections, the
+//!   accept back-off and the descriptor limit.
+//! - [`tunnel`]: CONNECT tunnelling, closed when idle.
 //! - [`accesslog`]: one log line per request, written when its body ends.
 //! - [`admin`]: the admin listener: web UI, Prometheus `/metrics`,
 //!   `/healthz` and a JSON API; the request-path counters.
@@ -46,6 +48,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod fetch;
+pub mod gate;
 pub mod limit;
 pub mod policy;
 pub mod proxy;
