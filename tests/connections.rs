@@ -2,7 +2,9 @@
 //! connections that say nothing (or stop inside the HTTP/2 preface) are
 //! closed after the idle timeout on the proxy and the admin listener;
 //! connections over `max-connections` or `max-connections-per-client` are
-//! closed at once while other clients are still served.
+//! closed at once while other clients are still served; and a CONNECT
+//! tunnel that moves no byte for the idle timeout is closed while a busy
+//! one stays open.
 
 mod common;
 
@@ -15,7 +17,7 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// The idle timeout the tests start Cistern with (`-t`).
 const IDLE: Duration = Duration::from_secs(2);
@@ -325,4 +327,96 @@ async fn connections_over_the_global_cap_are_closed_at_once() {
     );
     held.pop();
     eventually_served(localhost(3), cistern.addr).await;
+}
+
+/// A TCP echo server: what a tunnel's far end would be.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Opens a CONNECT tunnel to `target` through `proxy`.
+async fn tunnel(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("CONNECT answer in time")
+            .unwrap();
+        assert_eq!(n, 1, "closed before answering CONNECT: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunnels_are_closed_and_busy_ones_are_not() {
+    let origin = Origin::start().await;
+    let echo = echo_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let forward = format!(
+        "forward {{\n    enabled #true\n    connect-ports {}\n}}",
+        echo.port()
+    );
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, &forward), &["-t", "2"]);
+
+    let mut idle = tunnel(cistern.addr, echo).await;
+    let mut busy = tunnel(cistern.addr, echo).await;
+    // Tunnels count as the connections they came on.
+    wait_listening(admin).await;
+    let m = metrics(admin).await;
+    assert!(
+        sample(&m, "cistern_connections_open{listener=\"proxy\"}") >= 2,
+        "{m}"
+    );
+    let idle_check = async {
+        let (closed, _) = closed_within(&mut idle, IDLE + SLACK).await;
+        closed
+    };
+    // Bytes every half-timeout for three timeouts, each echoed back.
+    let busy_check = async {
+        let start = Instant::now();
+        let mut round = 0u32;
+        while start.elapsed() < IDLE * 3 {
+            let msg = format!("ping {round}\n");
+            busy.write_all(msg.as_bytes())
+                .await
+                .expect("busy tunnel open");
+            let mut back = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(5), busy.read_exact(&mut back))
+                .await
+                .expect("echo in time")
+                .unwrap_or_else(|e| panic!("busy tunnel closed after {:?}: {e}", start.elapsed()));
+            assert_eq!(back, msg.as_bytes());
+            round += 1;
+            tokio::time::sleep(IDLE / 2).await;
+        }
+        round
+    };
+    let (closed, rounds) = tokio::join!(idle_check, busy_check);
+    let after = closed.expect("an idle tunnel was still open after the timeout");
+    assert!(after >= IDLE / 2, "idle tunnel closed after only {after:?}");
+    assert!(rounds >= 5, "{rounds}");
+    // Once quiet, the busy one goes too.
+    let (closed, _) = closed_within(&mut busy, IDLE + SLACK).await;
+    assert!(closed.is_some(), "a tunnel gone quiet was never closed");
+    let m = metrics(admin).await;
+    assert!(sample(&m, "cistern_tunnels_idle_closed_total") >= 2, "{m}");
 }

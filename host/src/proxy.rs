@@ -312,9 +312,10 @@ impl Proxy {
                     Ok(upstream) => {
                         let mut req = req;
                         tunnel::splice(
-                            hyper::upgrade::on(&mut req),
+                            &mut req,
                             upstream,
                             authority.to_string(),
+                            snap.config.timeouts.idle,
                         );
                         Answer {
                             response: Response::new(serve::empty()),
