@@ -1,12 +1,14 @@
 //! What a connection may hold, tried as an attacker would on loopback:
-//! connections that say nothing (or stop inside the HTTP/2 preface) are
-//! closed after the idle timeout on the proxy and the admin listener;
+//! connections that say nothing (or stop inside the HTTP/2 preface, or
+//! after a TLS handshake) are closed after the idle timeout on the proxy,
+//! site and admin listeners;
 //! connections over `max-connections` or `max-connections-per-client` are
 //! closed at once while other clients are still served; and a CONNECT
 //! tunnel that moves no byte for the idle timeout is closed while a busy
 //! one stays open.
 
 mod common;
+mod tls_common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -16,7 +18,7 @@ use common::{Cistern, Origin, Resource, free_port, get, pattern};
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// The idle timeout the tests start Cistern with (`-t`).
@@ -71,7 +73,10 @@ async fn wait_listening(addr: SocketAddr) {
 /// Reads until the peer closes (EOF or reset), up to `bound`; how long
 /// that took, or `None` when the connection was still open at `bound`.
 /// Whatever it sent before closing is returned too.
-async fn closed_within(s: &mut TcpStream, bound: Duration) -> (Option<Duration>, Vec<u8>) {
+async fn closed_within(
+    s: &mut (impl AsyncRead + Unpin),
+    bound: Duration,
+) -> (Option<Duration>, Vec<u8>) {
     let start = Instant::now();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -251,6 +256,56 @@ async fn silent_and_half_open_connections_are_closed_after_the_idle_timeout() {
         ) >= 2,
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_that_send_no_request_are_closed_after_the_idle_timeout() {
+    let origin = Origin::start().await;
+    origin.put("/a", Resource::new(pattern(4, 100)));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tls_common::Ca::new();
+    ca.leaf(&["one.test"]).write(dir.path(), "one");
+    // Only the site's TLS listener, on the port the fixture waits for.
+    let text = format!(
+        r#"
+store {{
+    root "{{ROOT}}"
+}}
+site "one.test" {{
+    listen "127.0.0.1:{{PORT}}"
+    tls cert="one.pem" key="one.key"
+    upstream "http://{}/"
+}}
+"#,
+        origin.addr
+    );
+    let cistern = Cistern::start(dir.path(), &text, &["-t", "2"]);
+    // A handshake, then nothing: h2 and HTTP/1.1 by ALPN.
+    let mut streams = Vec::new();
+    for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
+        let tcp = TcpStream::connect(cistern.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("one.test").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(ca.client(&[alpn]))
+            .connect(name, tcp)
+            .await
+            .expect("handshake");
+        streams.push((String::from_utf8_lossy(alpn).into_owned(), tls));
+    }
+    let checks = streams.into_iter().map(|(alpn, mut s)| async move {
+        let (closed, _) = closed_within(&mut s, IDLE + SLACK).await;
+        (alpn, closed)
+    });
+    let mut wrong = Vec::new();
+    for (alpn, closed) in futures_util::future::join_all(checks).await {
+        match closed {
+            None => wrong.push(format!("{alpn}: still open after {:?}", IDLE + SLACK)),
+            Some(after) if after < IDLE / 4 => {
+                wrong.push(format!("{alpn}: closed after only {after:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
