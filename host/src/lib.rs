@@ -36,7 +36,9 @@
 //!   own, with migration and quarantine), partial files, the index rebuilt
 //!   from disk, the digest index, LRU eviction and `cistern verify`.
 //! - [`limit`]: per-client request limits and the upstream bandwidth cap.
-//! - [`tunnel`]: CONNECT tunnelling.
+//! - [`gate`]: connection admission: caps on open connections, the
+//!   accept back-off and the descriptor limit.
+//! - [`tunnel`]: CONNECT tunnelling, closed when idle.
 //! - [`accesslog`]: one log line per request, written when its body ends.
 //! - [`admin`]: the admin listener: web UI, Prometheus `/metrics`,
 //!   `/healthz` and a JSON API; the request-path counters.
@@ -56,6 +58,7 @@ pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod fetch;
+pub mod gate;
 pub mod limit;
 pub mod ours;
 pub mod policy;

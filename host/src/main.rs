@@ -320,6 +320,7 @@ async fn run(config: Config, cli: &Cli) -> ExitCode {
             .ok()
             .map(|o| ConfigAdjust(Arc::new(move |c: &mut Config| o.apply(c)))),
     };
+    descriptor_limit(&config);
     let source = config.source.as_ref().map_or_else(
         || "built-in forward proxy defaults".to_owned(),
         |p| p.display().to_string(),
@@ -337,6 +338,31 @@ async fn run(config: Config, cli: &Cli) -> ExitCode {
     running.shutdown().await;
     cistern::accesslog::flush();
     ExitCode::SUCCESS
+}
+
+/// Raises the open-file limit to the hard limit and says what it is, with
+/// a warning when it is below what `max-connections` lets in.
+fn descriptor_limit(config: &Config) {
+    let show = |n: Option<u64>| n.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    let now = match cistern::gate::raise_descriptor_limit() {
+        Ok(l) => {
+            tracing::info!(target: "cistern::gate", "open-file limit {} (was {})", show(l.now), show(l.before));
+            l.now
+        }
+        Err(e) => {
+            tracing::warn!(target: "cistern::gate", "{e}");
+            e.before
+        }
+    };
+    let max = config.limits.max_connections;
+    if let Some(n) = now
+        && n < u64::from(max)
+    {
+        tracing::warn!(
+            target: "cistern::gate",
+            "the open-file limit ({n}) is below limit {{ max-connections {max} }}: accepts will fail with \"too many open files\" before the cap is reached"
+        );
+    }
 }
 
 async fn wait_for_signal() {

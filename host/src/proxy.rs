@@ -19,6 +19,7 @@ use crate::fetch::{
     FetchEngine, FetchError, FetchSettings, FillJob, FillState, FillTicket, HeadHook, Side,
     Upstreams, error_chain,
 };
+use crate::gate::ConnGate;
 use crate::limit::Limits;
 use crate::policy::bridge::{PolicyHook, ProxyPolicyHost};
 use crate::policy::{
@@ -139,6 +140,8 @@ pub struct Proxy {
     clock: Clock,
     /// Written by the reload engine only; read by the admin UI.
     reload: Mutex<ReloadStatus>,
+    /// Open client connections of every proxy listener, against the caps.
+    connections: ConnGate,
 }
 
 /// What the pipeline decided, before the access log wraps the body.
@@ -171,7 +174,13 @@ impl Proxy {
             policy_engine,
             clock,
             reload: Mutex::new(ReloadStatus::started(SystemTime::now())),
+            connections: ConnGate::new(),
         }
+    }
+
+    /// The connection caps' counts, shared by every proxy listener.
+    pub fn connections(&self) -> &ConnGate {
+        &self.connections
     }
 
     /// The reload status: the generation serving, when it was loaded, and
@@ -317,9 +326,10 @@ impl Proxy {
                     Ok(upstream) => {
                         let mut req = req;
                         tunnel::splice(
-                            hyper::upgrade::on(&mut req),
+                            &mut req,
                             upstream,
                             authority.to_string(),
+                            snap.config.timeouts.idle,
                         );
                         Answer {
                             response: Response::new(serve::empty()),

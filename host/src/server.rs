@@ -12,9 +12,12 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use http::{Method, Request};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -27,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
+use crate::gate::{AcceptBackoff, ConnCaps, ConnPermit};
 use crate::ours::OwnSockets;
 use crate::proxy::{ConnInfo, Proxy};
 
@@ -301,27 +305,28 @@ async fn run_listener(
     } = bound;
     // Every connection holds a clone; `recv` yields `None` once all are gone.
     let (guard, mut drained) = mpsc::channel::<()>(1);
+    let mut backoff = AcceptBackoff::new();
     loop {
-        tokio::select! {
+        let wait = tokio::select! {
             _ = reached(&mut phase, Phase::Draining) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, client)) => {
-                    let conn = Connection {
-                        proxy: proxy.clone(),
-                        info,
-                        client,
-                        phase: phase.clone(),
-                        _guard: guard.clone(),
-                    };
-                    tokio::spawn(conn.run(stream, tls.clone()));
+                    backoff.succeeded();
+                    admit(&proxy, info, stream, client, &phase, &guard, &tls);
+                    continue;
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off
                     // instead of spinning.
-                    tracing::warn!(target: "cistern::server", "accept on {}: {e}", info.local);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let wait = backoff.failed();
+                    tracing::warn!(target: "cistern::server", "accept on {}: {e}; retrying in {wait:?}", info.local);
+                    wait
                 }
             },
+        };
+        tokio::select! {
+            _ = reached(&mut phase, Phase::Draining) => break,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     drop(listener);
@@ -335,12 +340,49 @@ async fn run_listener(
     }
 }
 
+/// Lets an accepted connection in if the caps allow it, else closes it at
+/// once (see [`crate::gate`] for why without an answer).
+fn admit(
+    proxy: &Arc<Proxy>,
+    info: ListenerInfo,
+    stream: TcpStream,
+    client: SocketAddr,
+    phase: &watch::Receiver<Phase>,
+    guard: &mpsc::Sender<()>,
+    tls: &Option<TlsAcceptor>,
+) {
+    let snap = proxy.snapshot();
+    let caps = ConnCaps::from_config(&snap.config.limits);
+    let permit = match proxy.connections().admit(client.ip(), caps) {
+        Ok(p) => Arc::new(p),
+        Err(why) => {
+            tracing::debug!(target: "cistern::server", %client, "refusing a connection on {}: {why}", info.spec);
+            return;
+        }
+    };
+    let conn = Connection {
+        proxy: proxy.clone(),
+        info,
+        client,
+        phase: phase.clone(),
+        first_by: Instant::now() + snap.config.timeouts.idle,
+        permit,
+        _guard: guard.clone(),
+    };
+    tokio::spawn(conn.run(stream, tls.clone()));
+}
+
 /// One accepted connection.
 struct Connection {
     proxy: Arc<Proxy>,
     info: ListenerInfo,
     client: SocketAddr,
     phase: watch::Receiver<Phase>,
+    /// The idle timeout after accept: by then the TLS handshake is done and
+    /// a first whole request head has arrived, or the connection is closed.
+    first_by: Instant,
+    /// Its place under the connection caps; CONNECT tunnels share it.
+    permit: Arc<ConnPermit>,
     _guard: mpsc::Sender<()>,
 }
 
@@ -350,10 +392,9 @@ impl Connection {
         let Some(acceptor) = tls else {
             return self.serve(stream).await;
         };
-        // The idle timeout bounds the handshake too, so a client that
-        // opens a connection and says nothing does not hold it.
-        let idle = self.proxy.snapshot().config.timeouts.idle;
-        let handshake = tokio::time::timeout(idle, acceptor.accept(stream));
+        // The first-request deadline bounds the handshake too, so a client
+        // that opens a connection and says nothing does not hold it.
+        let handshake = tokio::time::timeout_at(self.first_by.into(), acceptor.accept(stream));
         let accepted = tokio::select! {
             r = handshake => r,
             _ = reached(&mut self.phase, Phase::Draining) => return,
@@ -364,6 +405,7 @@ impl Connection {
                 tracing::debug!(target: "cistern::server", client = %self.client, "TLS handshake on {} failed: {e}", self.info.spec);
             }
             Err(_) => {
+                self.proxy.connections().closed_silent();
                 tracing::debug!(target: "cistern::server", client = %self.client, "TLS handshake on {} timed out", self.info.spec);
             }
         }
@@ -393,16 +435,43 @@ impl Connection {
             site_listener: self.info.spec.tls.then_some(self.info.spec.addr),
         };
         let proxy = self.proxy.clone();
-        let service = service_fn(move |req| {
+        let permit = self.permit.clone();
+        let started = Arc::new(AtomicBool::new(false));
+        let first = started.clone();
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            first.store(true, Ordering::Relaxed);
+            if req.method() == Method::CONNECT {
+                // The tunnel outlives this connection's task: it takes a
+                // share of the permit so it still counts.
+                req.extensions_mut().insert(permit.clone());
+            }
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let client = self.client;
-        let ended = tokio::select! {
-            r = conn.as_mut() => Some(r),
-            _ = reached(&mut self.phase, Phase::Draining) => None,
+        // hyper's header timeout only starts once the auto builder has seen
+        // enough bytes to pick HTTP/1 or HTTP/2: a silent client, or one
+        // that stops inside the HTTP/2 preface, would be held for ever.
+        // So the whole first read has a deadline of its own.
+        let mut first_due = true;
+        let ended = loop {
+            tokio::select! {
+                // First: hyper's own header timer, started later, fires in
+                // the same tick at the earliest; the close is ours to count.
+                biased;
+                _ = tokio::time::sleep_until(self.first_by.into()), if first_due => {
+                    if !started.load(Ordering::Relaxed) {
+                        self.proxy.connections().closed_silent();
+                        tracing::debug!(target: "cistern::server", %client, "no request within the idle timeout on {}; closing", self.info.spec);
+                        return;
+                    }
+                    first_due = false;
+                }
+                r = conn.as_mut() => break Some(r),
+                _ = reached(&mut self.phase, Phase::Draining) => break None,
+            }
         };
         let result = match ended {
             Some(r) => r,

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::accesslog::CacheOutcome;
+use crate::gate::GateStats;
 
 /// Every cache outcome, in the order of [`Metrics::requests`].
 pub const OUTCOMES: [CacheOutcome; 9] = [
@@ -304,6 +305,59 @@ pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
         Kind::Counter,
         "Responses the replica could not keep (no disk room beside min-free, or a write error): passed through unstored, or cut when the disk ran full mid-body.",
         m.store_refusals,
+    );
+}
+
+/// Writes the connection gates' counts, one sample per listener kind
+/// (`proxy`, `admin`).
+pub fn write_connections(w: &mut PromWriter, gates: &[(&str, GateStats)]) {
+    w.family(
+        "cistern_connections_open",
+        Kind::Gauge,
+        "Client connections open now (CONNECT tunnels included).",
+    );
+    for (listener, g) in gates {
+        w.sample(
+            "cistern_connections_open",
+            &[("listener", listener)],
+            g.open,
+        );
+    }
+    w.family(
+        "cistern_connections_refused_total",
+        Kind::Counter,
+        "Connections closed as soon as accepted, by the cap they hit (max-connections, max-connections-per-client).",
+    );
+    for (listener, g) in gates {
+        for (cap, n) in [
+            ("max-connections", g.refused_total),
+            ("max-connections-per-client", g.refused_per_client),
+        ] {
+            w.sample(
+                "cistern_connections_refused_total",
+                &[("listener", listener), ("cap", cap)],
+                n,
+            );
+        }
+    }
+    w.family(
+        "cistern_connections_silent_closed_total",
+        Kind::Counter,
+        "Connections closed because no whole request (and TLS handshake) arrived within the idle timeout of their accept.",
+    );
+    for (listener, g) in gates {
+        w.sample(
+            "cistern_connections_silent_closed_total",
+            &[("listener", listener)],
+            g.silent,
+        );
+    }
+    let tunnels: u64 = gates.iter().map(|(_, g)| g.idle_tunnels).sum();
+    w.single(
+        "cistern_tunnels_idle_closed_total",
+        Kind::Counter,
+        "CONNECT tunnels closed after the idle timeout with no byte either way.",
+        tunnels,
     );
 }
 

@@ -28,6 +28,7 @@ pub mod metrics;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -41,6 +42,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::gate::{AcceptBackoff, ConnCaps, ConnGate};
 use crate::ours;
 use crate::proxy::Proxy;
 use metrics::{Kind, PromWriter};
@@ -53,13 +55,13 @@ pub struct Admin {
     /// The admin listener's bound address: its IP and port are names it
     /// answers to.
     listen: SocketAddr,
+    /// The admin listener's own connection counts: a flood of proxy
+    /// connections never locks the operator out of `/metrics`.
+    connections: ConnGate,
 }
 
 /// How long open admin connections get to finish on shutdown.
 const ADMIN_DRAIN: Duration = Duration::from_secs(1);
-
-/// Header read timeout of admin connections.
-const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 type AdminBody = Full<Bytes>;
 
@@ -70,6 +72,7 @@ impl Admin {
             proxy,
             started: SystemTime::now(),
             listen,
+            connections: ConnGate::new(),
         }
     }
 
@@ -212,6 +215,13 @@ impl Admin {
         let engine = self.proxy.engine();
         let mut w = PromWriter::default();
         metrics::write_counters(&mut w, &engine.metrics().snapshot());
+        metrics::write_connections(
+            &mut w,
+            &[
+                ("proxy", self.proxy.connections().stats()),
+                ("admin", self.connections.stats()),
+            ],
+        );
 
         let stats = engine.store().stats();
         w.single(
@@ -459,38 +469,89 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves admin requests on `listener` until `shutdown` turns true.
+///
+/// Connections follow the proxy listeners' rules: the same caps (counted
+/// apart), and the idle timeout from accept to a first whole request, then
+/// between requests.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {
     let graceful = GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+    let mut backoff = AcceptBackoff::new();
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             _ = shutdown.changed() => break,
-            accepted = listener.accept() => {
-                let (stream, client) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(target: "cistern::admin", "accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let admin = admin.clone();
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
-                });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(target: "cistern::admin", %client, "admin connection ended: {e}");
-                    }
-                });
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => {
+                backoff.succeeded();
+                a
             }
-        }
+            Err(e) => {
+                let wait = backoff.failed();
+                tracing::warn!(target: "cistern::admin", "accept: {e}; retrying in {wait:?}");
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
+        };
+        let config = admin.proxy.snapshot().config.clone();
+        let caps = ConnCaps::from_config(&config.limits);
+        let permit = match admin.connections.admit(client.ip(), caps) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::debug!(target: "cistern::admin", %client, "refusing an admin connection: {why}");
+                continue;
+            }
+        };
+        // Read per connection, so a reload's idle timeout applies to the
+        // next one.
+        let idle = config.timeouts.idle;
+        let first_by = tokio::time::Instant::now() + idle;
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(idle);
+        let started = Arc::new(AtomicBool::new(false));
+        let first = started.clone();
+        let handler = admin.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            first.store(true, Ordering::Relaxed);
+            let admin = handler.clone();
+            async move { Ok::<_, Infallible>(admin.handle(req).await) }
+        });
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::pin!(conn);
+            // The auto builder's version detection has no timeout of its
+            // own: the first read gets the idle timeout (see `server`).
+            let mut first_due = true;
+            let result = loop {
+                tokio::select! {
+                    // Before hyper's header timer, which cannot fire earlier.
+                    biased;
+                    _ = tokio::time::sleep_until(first_by), if first_due => {
+                        if !started.load(Ordering::Relaxed) {
+                            admin.connections.closed_silent();
+                            tracing::debug!(target: "cistern::admin", %client, "no request within the idle timeout; closing");
+                            return;
+                        }
+                        first_due = false;
+                    }
+                    r = conn.as_mut() => break r,
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(target: "cistern::admin", %client, "admin connection ended: {e}");
+            }
+        });
     }
     tokio::select! {
         _ = graceful.shutdown() => {}

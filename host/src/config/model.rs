@@ -217,14 +217,36 @@ pub struct MirrorConfig {
     pub stale: StaleRules,
 }
 
-/// Rate limits (governor).
-#[derive(Debug, Clone, Default)]
+/// Rate limits (governor) and connection caps.
+#[derive(Debug, Clone)]
 pub struct LimitsConfig {
     /// Requests per client address; excess requests get 429 + Retry-After.
     pub requests_per_client: Option<RequestRate>,
     /// Cap on upstream download bandwidth in bytes per second, shared by all
     /// fetches.
     pub download_bytes_per_sec: Option<u64>,
+    /// Client connections open at once over all proxy listeners; one more
+    /// is closed as soon as it is accepted. At least 1.
+    pub max_connections: u32,
+    /// Client connections open at once from one address. At least 1.
+    pub max_connections_per_client: u32,
+}
+
+/// `max-connections` when the config leaves it out.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+
+/// `max-connections-per-client` when the config leaves it out.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            requests_per_client: None,
+            download_bytes_per_sec: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        }
+    }
 }
 
 /// A request rate: `count` requests per `period`, with bursts up to `burst`.

@@ -1281,7 +1281,24 @@ fn upstream_url(text: &str) -> Result<Uri, String> {
 const LIMIT: &[Rule<LimitsConfig>] = &[
     once("requests-per-client", limit_requests),
     once("download", limit_download),
+    once("max-connections", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "max-connections 10000") {
+            l.max_connections = v;
+        }
+    }),
+    once("max-connections-per-client", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "max-connections-per-client 256") {
+            l.max_connections_per_client = v;
+        }
+    }),
 ];
+
+/// A leaf with one whole number of at least 1.
+fn count_node(cx: &mut Cx<'_>, node: &KdlNode, usage: &'static str) -> Option<u32> {
+    let e = cx.entries(node, &Shape::leaf((1, 1), usage));
+    let arg = e.arg(0)?;
+    cx.integer::<u32>(e.name, arg, 1)
+}
 
 fn limit(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     cx.entries(node, &BLOCK);

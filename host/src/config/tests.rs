@@ -95,6 +95,9 @@ fn an_empty_file_gets_the_defaults_and_no_forward_proxy() {
     assert!(c.upstream_tls.system_roots);
     assert!(c.upstream_tls.ca_files.is_empty());
     assert!(c.policies.is_empty() && c.limiters.is_empty());
+    // Connections are capped even without a `limit` block.
+    assert_eq!(c.limits.max_connections, 10_000);
+    assert_eq!(c.limits.max_connections_per_client, 256);
 }
 
 #[test]
@@ -151,6 +154,8 @@ fn the_full_syntax_parses_into_the_model() {
         limit {
             requests-per-client 100 per="1s" burst=200
             download "10MiB"
+            max-connections 500
+            max-connections-per-client 8
         }
         limiter "per-path" rate=10 per="1m" burst=10
         limiter "slow" rate=3
@@ -212,6 +217,8 @@ fn the_full_syntax_parses_into_the_model() {
         })
     );
     assert_eq!(c.limits.download_bytes_per_sec, Some(10 << 20));
+    assert_eq!(c.limits.max_connections, 500);
+    assert_eq!(c.limits.max_connections_per_client, 8);
     assert_eq!(c.limiters.len(), 2);
     assert_eq!(c.limiters[0].name, "per-path");
     assert_eq!(
@@ -388,6 +395,9 @@ fn bad_configs_are_refused_with_positions() {
         ("limit {\n    requests-per-client 5 per=\"0s\"\n}", &[(2, 27, "`requests-per-client` must be longer than zero")]),
         ("limit {\n    requests-per-client 5 burst=0\n}", &[(2, 27, "0 is out of range")]),
         ("limit {\n    download 0\n}", &[(2, 14, "`download` must be more than zero")]),
+        ("limit {\n    max-connections 0\n}", &[(2, 21, "`max-connections`: 0 is out of range (1 to 4294967295)")]),
+        ("limit {\n    max-connections-per-client \"9\"\n}", &[(2, 32, "`max-connections-per-client` expects a whole number here")]),
+        ("limit {\n    max-connections-per-client 1 2\n}", &[(2, 34, "`max-connections-per-client` takes 1 argument")]),
         // TLS.
         ("upstream-tls {\n    system-roots #false\n}", &[(1, 1, "`upstream-tls` trusts no certificate authority")]),
         // Type annotations mean nothing here and are refused, not ignored.
