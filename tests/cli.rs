@@ -104,10 +104,14 @@ async fn flat_offline_and_limit_flags() {
 async fn bind_timeout_and_debug_flags_take_effect() {
     let origin = Origin::start().await;
     origin.put("/a", Resource::new(pattern(3, 10)));
-    // 64 KiB, then the origin goes quiet for longer than any test waits.
+    // 64 KiB, then the origin goes quiet for longer than any test waits;
+    // it cannot resume (no ranges), so the fill cannot recover either.
     origin.put(
         "/stalls",
-        Resource::new(pattern(4, 256 * 1024)).slow(Duration::from_secs(60)),
+        Resource {
+            ranges: false,
+            ..Resource::new(pattern(4, 256 * 1024)).slow(Duration::from_secs(60))
+        },
     );
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
