@@ -17,9 +17,12 @@ use crate::fetch::upstream::ClientBuildError;
 use crate::fetch::{FetchEngine, UpstreamClient};
 use crate::ours::OwnSockets;
 use crate::policy::{PolicyEngine, PolicyError};
-use crate::proxy::{DRAIN, Proxy, Snapshot, SnapshotError};
-use crate::reload::{self, ConfigAdjust, ReloadFailure, ReloadStatus, Reloader, Trigger, Triggers};
+use crate::proxy::{DRAIN, Proxy};
+use crate::reload::{
+    self, ConfigAdjust, ReloadFailure, ReloadLog, ReloadStatus, Reloader, Trigger, Triggers,
+};
 use crate::server::{BindError, ListenerInfo, ListenerSpec, Server};
+use crate::snapshot::{Snapshot, SnapshotError};
 use crate::store::{ReplicaStore, StoreError};
 
 /// Why Cistern could not start.
@@ -69,6 +72,7 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     server: Arc<Server>,
     reloader: Option<Reloader>,
+    reload_log: Arc<ReloadLog>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -81,7 +85,7 @@ impl Running {
 
     /// Where reloads stand: the generation serving, the last error.
     pub fn reload_status(&self) -> ReloadStatus {
-        self.proxy.reload_status()
+        self.reload_log.status()
     }
 
     /// The handle that asks for reloads (for the admin UI); `None` when
@@ -154,9 +158,11 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     let mut tasks = Vec::new();
     // The reload engine (and its SIGHUP handler) is in place before any
     // port is open: a client that sees the port may signal at once.
+    let reload_log = Arc::new(ReloadLog::new(std::time::SystemTime::now()));
     let reloader = source.map(|source| {
         let engine = reload::Engine {
             proxy: proxy.clone(),
+            log: reload_log.clone(),
             server: server.clone(),
             source,
             adjust: options.adjust.clone(),
@@ -188,7 +194,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
                     .map_err(|source| StartError::Bind(BindError::Bind { addr, source }))?;
                 tracing::info!(target: "cistern::admin", "admin UI on http://{local}/");
                 own.set_admin(local);
-                let admin = Arc::new(Admin::new(proxy.clone(), local));
+                let admin = Arc::new(Admin::new(proxy.clone(), local, reload_log.clone()));
                 tasks.push(tokio::spawn(admin::serve(listener, admin, rx.clone())));
                 Some(local)
             }
@@ -228,6 +234,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         admin_addr,
         server,
         reloader,
+        reload_log,
         shutdown,
         tasks,
     })

@@ -50,9 +50,9 @@
 
 #![forbid(unsafe_code)]
 
-pub mod accesslog;
 pub mod admin;
 pub mod app;
+pub mod body;
 pub mod cache;
 pub mod clock;
 pub mod config;
@@ -60,6 +60,7 @@ pub mod credentials;
 pub mod fetch;
 pub mod gate;
 pub mod limit;
+pub mod observe;
 pub mod ours;
 pub mod policy;
 pub mod proxy;
@@ -68,6 +69,7 @@ pub mod request;
 pub mod route;
 pub mod serve;
 pub mod server;
+pub mod snapshot;
 pub mod store;
 pub mod tls;
 pub mod tunnel;

@@ -336,7 +336,7 @@ async fn run(config: Config, cli: &Cli) -> ExitCode {
     wait_for_signal().await;
     tracing::info!("shutting down");
     running.shutdown().await;
-    cistern::accesslog::flush();
+    cistern::observe::accesslog::flush();
     ExitCode::SUCCESS
 }
 

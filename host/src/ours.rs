@@ -22,7 +22,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::config::ServerName;
-use crate::server::ListenerInfo;
 
 /// What one of Cistern's listening sockets is for (for messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,19 +89,9 @@ struct Parts {
 
 impl OwnSockets {
     /// Replaces the proxy and TLS site listeners with `listeners`.
-    pub fn set_listeners<'a>(&self, listeners: impl IntoIterator<Item = &'a ListenerInfo>) {
+    pub fn set_listeners(&self, listeners: impl IntoIterator<Item = OwnSocket>) {
         let mut parts = self.parts.lock().unwrap_or_else(PoisonError::into_inner);
-        parts.listeners = listeners
-            .into_iter()
-            .map(|l| OwnSocket {
-                addr: l.local,
-                kind: if l.spec.tls {
-                    SocketKind::TlsSite
-                } else {
-                    SocketKind::Proxy
-                },
-            })
-            .collect();
+        parts.listeners = listeners.into_iter().collect();
         self.publish(&parts);
     }
 
@@ -297,13 +286,7 @@ pub fn names_listener(host: &str, port: u16, bound: SocketAddr, names: &[ServerN
     }
 }
 
-/// IPv4-mapped IPv6 addresses compare as IPv4.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
+pub use crate::config::canonical_ip as canonical;
 
 /// Whether `ip` is an address of this machine: loopback, unspecified, or
 /// one the kernel lets us bind (the cheapest exact test, with no interface

@@ -1,123 +1,34 @@
 //! The request pipeline: limit, route, look in the replica, join or start
 //! a fill, serve, and log.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::accesslog::{AccessRecord, CacheOutcome, LoggedBody};
+use crate::body::{self, ProxyBody};
 use crate::cache::{self, CacheRequest, Freshness};
 use crate::clock::Clock;
-use crate::config::{CacheMode, Config, StaleRules};
+use crate::config::{CacheMode, StaleRules};
 use crate::fetch::{
-    FetchEngine, FetchError, FetchSettings, FillJob, FillState, FillTicket, HeadHook, Side,
-    Upstreams, error_chain,
+    FetchEngine, FetchError, FillJob, FillState, FillTicket, HeadHook, Side, Upstreams, error_chain,
 };
 use crate::gate::ConnGate;
-use crate::limit::Limits;
-use crate::policy::bridge::{PolicyHook, ProxyPolicyHost};
+use crate::observe::CacheOutcome;
+use crate::observe::accesslog::{AccessRecord, LoggedBody};
+use crate::policy::bridge::PolicyHook;
 use crate::policy::{
-    DirectResponse, PolicyChain, PolicyEngine, PolicyError, PolicyHost, PolicySet, RequestOutcome,
-    RequestView,
+    DirectResponse, PolicyChain, PolicyEngine, PolicyHost, RequestOutcome, RequestView,
 };
-use crate::reload::ReloadStatus;
-use crate::route::{Route, Router};
-use crate::serve::{self, ProxyBody, ServeError, Source};
+use crate::route::Route;
+use crate::serve::{self, ServeError, Source};
+use crate::snapshot::Snapshot;
 use crate::store::{CacheKey, Replica};
-use crate::tls::{CertTable, TlsError};
 use crate::tunnel;
-
-/// Everything derived from one configuration; swapped whole on reload so a
-/// request finishes on the snapshot it started with.
-pub struct Snapshot {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// Its routing table.
-    pub router: Router,
-    /// Its limiters.
-    pub limits: Arc<Limits>,
-    /// Fetch settings derived from it.
-    pub settings: FetchSettings,
-    /// Log request and response headers (`-v`).
-    pub log_headers: bool,
-    /// Its compiled policies.
-    pub policies: PolicySet,
-    forward_chain: PolicyChain,
-    /// Policy chains of the mirrors, by mirror name.
-    mirror_chains: HashMap<String, PolicyChain>,
-    /// Policy chains of the sites, by site name.
-    site_chains: HashMap<String, PolicyChain>,
-    /// The sites' certificates, picked by SNI on TLS listeners.
-    pub certs: CertTable,
-    no_policies: PolicyChain,
-    policy_host: Arc<dyn PolicyHost>,
-}
-
-/// Why a snapshot could not be built from a valid config.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    /// A policy could not be loaded or compiled.
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    /// A site's certificate or key is unusable.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-}
-
-impl Snapshot {
-    /// Derives a snapshot from a validated config, compiling its policies
-    /// and loading the sites' certificates. Blocking (compilation, file
-    /// reads): call it from `spawn_blocking`.
-    pub fn build(
-        config: Config,
-        policy_engine: &PolicyEngine,
-        fetch: &FetchEngine,
-        log_headers: bool,
-    ) -> Result<Snapshot, SnapshotError> {
-        // Certificates first: cheap to check, and a bad one should not wait
-        // for every policy to compile.
-        let certs = CertTable::load(&config, std::time::SystemTime::now())?;
-        let policies = policy_engine.load(&config.policies)?;
-        let forward_chain = policies.chain(&config.forward.policies)?;
-        let mut mirror_chains = HashMap::new();
-        for m in &config.mirrors {
-            mirror_chains.insert(m.name.clone(), policies.chain(&m.policies)?);
-        }
-        let mut site_chains = HashMap::new();
-        for site in &config.sites {
-            site_chains.insert(site.name.clone(), policies.chain(&site.policies)?);
-        }
-        let limits = Arc::new(Limits::new(&config));
-        let settings = FetchSettings {
-            idle: config.timeouts.idle,
-            orphan: config.timeouts.orphan_fill,
-            mode: config.mode,
-            limits: limits.clone(),
-        };
-        let policy_host: Arc<dyn PolicyHost> =
-            Arc::new(ProxyPolicyHost::new(fetch.clone(), limits.clone()));
-        Ok(Snapshot {
-            router: Router::new(&config),
-            config: Arc::new(config),
-            limits,
-            settings,
-            log_headers,
-            policies,
-            forward_chain,
-            mirror_chains,
-            site_chains,
-            certs,
-            no_policies: PolicyChain::default(),
-            policy_host,
-        })
-    }
-}
 
 /// Facts about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -138,8 +49,6 @@ pub struct Proxy {
     engine: FetchEngine,
     policy_engine: PolicyEngine,
     clock: Clock,
-    /// Written by the reload engine only; read by the admin UI.
-    reload: Mutex<ReloadStatus>,
     /// Open client connections of every proxy listener, against the caps.
     connections: ConnGate,
 }
@@ -173,7 +82,6 @@ impl Proxy {
             engine,
             policy_engine,
             clock,
-            reload: Mutex::new(ReloadStatus::started(SystemTime::now())),
             connections: ConnGate::new(),
         }
     }
@@ -181,21 +89,6 @@ impl Proxy {
     /// The connection caps' counts, shared by every proxy listener.
     pub fn connections(&self) -> &ConnGate {
         &self.connections
-    }
-
-    /// The reload status: the generation serving, when it was loaded, and
-    /// the last failed reload's problems (for logs and the admin UI).
-    pub fn reload_status(&self) -> ReloadStatus {
-        self.reload
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Updates the reload status (the reload engine's, under its own
-    /// serialisation).
-    pub(crate) fn update_reload_status(&self, update: impl FnOnce(&mut ReloadStatus)) {
-        update(&mut self.reload.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
     /// The policy engine (one per process).
@@ -231,7 +124,7 @@ impl Proxy {
             mut response,
             outcome,
         } = match unusable {
-            Some(bad) => Answer::local(serve::text(StatusCode::BAD_REQUEST, bad.to_string())),
+            Some(bad) => Answer::local(body::text(StatusCode::BAD_REQUEST, bad.to_string())),
             None => self.dispatch(req, conn, &snap).await,
         };
         let metrics = self.engine.metrics();
@@ -263,7 +156,7 @@ impl Proxy {
     async fn dispatch(&self, req: Request<Incoming>, conn: ConnInfo, snap: &Snapshot) -> Answer {
         if let Err(retry) = snap.limits.check_client(conn.client.ip()) {
             self.engine.metrics().limited();
-            let mut resp = serve::text(
+            let mut resp = body::text(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests from this address",
             );
@@ -272,10 +165,10 @@ impl Proxy {
             return Answer::local(resp);
         }
         if let Err(bad) = crate::request::check(&req) {
-            return Answer::local(serve::text(StatusCode::BAD_REQUEST, bad.to_string()));
+            return Answer::local(body::text(StatusCode::BAD_REQUEST, bad.to_string()));
         }
         if looped(req.headers()) {
-            return Answer::local(serve::text(
+            return Answer::local(body::text(
                 StatusCode::LOOP_DETECTED,
                 "request loop: this request already passed through Cistern",
             ));
@@ -285,9 +178,9 @@ impl Proxy {
             None => snap.router.route(&req, conn.local),
         };
         match route {
-            Route::Invalid(why) => Answer::local(serve::text(StatusCode::BAD_REQUEST, why)),
+            Route::Invalid(why) => Answer::local(body::text(StatusCode::BAD_REQUEST, why)),
             Route::Local => Answer::local(self.local_page(&req, snap)),
-            Route::Misdirected => Answer::local(serve::text(
+            Route::Misdirected => Answer::local(body::text(
                 StatusCode::MISDIRECTED_REQUEST,
                 "no site on this listener serves that host",
             )),
@@ -295,7 +188,7 @@ impl Proxy {
                 let url = match set.url(0, &rest) {
                     Ok(url) => url,
                     Err(e) => {
-                        return Answer::local(serve::text(StatusCode::BAD_REQUEST, e.to_string()));
+                        return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string()));
                     }
                 };
                 let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
@@ -310,13 +203,13 @@ impl Proxy {
                 }
                 let port = authority.port_u16().unwrap_or(0);
                 if !snap.router.connect_port_allowed(port) {
-                    return Answer::local(serve::text(
+                    return Answer::local(body::text(
                         StatusCode::FORBIDDEN,
                         format!("CONNECT to port {port} is not allowed"),
                     ));
                 }
                 if snap.config.mode == CacheMode::Offline {
-                    return Answer::local(serve::text(
+                    return Answer::local(body::text(
                         StatusCode::GATEWAY_TIMEOUT,
                         "offline mode: no tunnels",
                     ));
@@ -332,16 +225,16 @@ impl Proxy {
                             snap.config.timeouts.idle,
                         );
                         Answer {
-                            response: Response::new(serve::empty()),
+                            response: Response::new(body::empty()),
                             outcome: CacheOutcome::Tunnel,
                         }
                     }
                     Err(e) => match crate::ours::self_target_in(&e) {
-                        Some(refused) => Answer::local(serve::text(
+                        Some(refused) => Answer::local(body::text(
                             StatusCode::LOOP_DETECTED,
                             refused.to_string(),
                         )),
-                        None => Answer::local(serve::text(
+                        None => Answer::local(body::text(
                             StatusCode::BAD_GATEWAY,
                             format!("cannot reach {authority}: {e}"),
                         )),
@@ -373,7 +266,7 @@ impl Proxy {
                 let url = match set.url(0, &rest) {
                     Ok(url) => url,
                     Err(e) => {
-                        return Answer::local(serve::text(StatusCode::BAD_REQUEST, e.to_string()));
+                        return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string()));
                     }
                 };
                 // Every mirror has an entry; the empty chain is a safe default.
@@ -443,7 +336,7 @@ impl Proxy {
                 };
                 self.http(req, key, route, snap).await
             }
-            Err(why) => Answer::local(serve::text(StatusCode::BAD_REQUEST, why)),
+            Err(why) => Answer::local(body::text(StatusCode::BAD_REQUEST, why)),
         }
     }
 
@@ -500,7 +393,7 @@ impl Proxy {
                             cache::evaluate(&replica.meta, creq, now, snap.config.mode)
                         }
                         Err(_) => {
-                            return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
+                            return Answer::local(body::text(StatusCode::BAD_REQUEST, "bad URL"));
                         }
                     },
                 };
@@ -540,10 +433,10 @@ impl Proxy {
             }
         }
         let Ok(key_uri) = key.as_str().parse::<Uri>() else {
-            return Answer::local(serve::text(StatusCode::BAD_REQUEST, "bad URL"));
+            return Answer::local(body::text(StatusCode::BAD_REQUEST, "bad URL"));
         };
         if snap.config.mode == CacheMode::Offline && revalidate.is_none() {
-            return Answer::local(serve::text(
+            return Answer::local(body::text(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("offline mode: {key} is not in the replica"),
             ));
@@ -809,7 +702,7 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let headers = upstream_headers(&parts.headers, false);
         let body = body
-            .map_err(|e| -> crate::fetch::BoxError { Box::new(e) })
+            .map_err(|e| -> crate::body::BoxError { Box::new(e) })
             .boxed_unsync();
         let unsafe_method = !matches!(parts.method, Method::OPTIONS | Method::TRACE);
         match self
@@ -848,7 +741,7 @@ impl Proxy {
 
     fn local_page(&self, req: &Request<Incoming>, snap: &Snapshot) -> Response<ProxyBody> {
         if req.uri().path() != "/" {
-            return serve::text(
+            return body::text(
                 StatusCode::NOT_FOUND,
                 "not found: no mirror serves this path",
             );
@@ -872,7 +765,7 @@ impl Proxy {
         if snap.config.forward.enabled {
             page.push_str("\nForward proxy: on (set http_proxy to this address)\n");
         }
-        serve::text(StatusCode::OK, page)
+        body::text(StatusCode::OK, page)
     }
 }
 
@@ -957,7 +850,7 @@ fn passed(mut resp: Response<Incoming>, hook: Option<&dyn HeadHook>) -> Answer {
     if let Some(hook) = hook {
         let status = resp.status();
         if hook.on_head(status, resp.headers_mut()).deny {
-            return Answer::local(serve::text(
+            return Answer::local(body::text(
                 StatusCode::BAD_GATEWAY,
                 "a policy refused the upstream response",
             ));
@@ -971,7 +864,7 @@ fn passed(mut resp: Response<Incoming>, hook: Option<&dyn HeadHook>) -> Answer {
 
 /// A policy's direct answer.
 fn direct_response(d: DirectResponse) -> Response<ProxyBody> {
-    let mut resp = Response::new(serve::full(d.body));
+    let mut resp = Response::new(body::full(d.body));
     *resp.status_mut() = d.status;
     *resp.headers_mut() = d.headers;
     // The body is whole in memory: hyper frames it from its length, so a
@@ -985,13 +878,13 @@ fn passthrough_response(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     cache::strip_hop_by_hop(&mut parts.headers);
     let body = body
-        .map_err(|e| -> crate::fetch::BoxError { Box::new(e) })
+        .map_err(|e| -> crate::body::BoxError { Box::new(e) })
         .boxed_unsync();
     Response::from_parts(parts, body)
 }
 
 fn forbidden() -> Response<ProxyBody> {
-    serve::text(
+    body::text(
         StatusCode::FORBIDDEN,
         "forward proxying is not allowed for this address (see `forward { allow … }` in config.kdl)",
     )
@@ -1005,7 +898,7 @@ fn error_response(e: &FetchError) -> Response<ProxyBody> {
     tracing::debug!(target: "cistern::fetch", status = status.as_u16(), "answering with an error: {}", error_chain(e));
     let text = match e {
         // The client named the target itself; the message says why not.
-        FetchError::SelfTarget(refused) => return serve::text(status, refused.to_string()),
+        FetchError::SelfTarget(refused) => return body::text(status, refused.to_string()),
         FetchError::Offline { .. } => "offline mode: this is not in the replica",
         FetchError::PolicyDenied { .. } => "a policy refused the upstream response",
         _ if e.side() == Side::Internal => {
@@ -1017,7 +910,7 @@ fn error_response(e: &FetchError) -> Response<ProxyBody> {
         }
         _ => "the upstream could not be reached or sent a broken response",
     };
-    serve::text(status, text)
+    body::text(status, text)
 }
 
 /// Whether rustls refused the upstream's TLS session somewhere in `e`'s
@@ -1050,7 +943,7 @@ fn tls_refused(e: &FetchError) -> bool {
 /// A replica that could not be read, as the client sees it: no path.
 fn internal(e: &ServeError) -> Response<ProxyBody> {
     tracing::error!(target: "cistern::serve", "{e}");
-    serve::text(
+    body::text(
         StatusCode::INTERNAL_SERVER_ERROR,
         "Cistern could not read its replica of this (its log says why)",
     )

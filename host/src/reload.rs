@@ -28,8 +28,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
-use crate::proxy::{Proxy, Snapshot, SnapshotError};
+use crate::proxy::Proxy;
 use crate::server::{ListenerSpec, Server};
+use crate::snapshot::{Snapshot, SnapshotError};
 
 /// How long watched files must be quiet before a reload starts: editors
 /// and `cp` write a file in several steps.
@@ -137,6 +138,39 @@ impl ReloadStatus {
     }
 }
 
+/// The reload status, shared by the reload engine (its only writer) and
+/// the admin listener; outside the request path, which never reads it.
+#[derive(Debug)]
+pub struct ReloadLog {
+    status: std::sync::Mutex<ReloadStatus>,
+}
+
+impl ReloadLog {
+    /// The log of a configuration that went live at `now`.
+    pub fn new(now: SystemTime) -> ReloadLog {
+        ReloadLog {
+            status: std::sync::Mutex::new(ReloadStatus::started(now)),
+        }
+    }
+
+    /// Where reloads stand now.
+    pub fn status(&self) -> ReloadStatus {
+        self.lock().clone()
+    }
+
+    /// Updates the status (the reload engine's, under its own
+    /// serialisation).
+    pub(crate) fn update(&self, update: impl FnOnce(&mut ReloadStatus)) {
+        update(&mut self.lock());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReloadStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// A change applied to every configuration read from the file before it
 /// is used: how command-line flags that override the file (`--port`,
 /// `--root`…) survive a reload.
@@ -175,6 +209,8 @@ impl Reloader {
 pub(crate) struct Engine {
     /// The proxy whose snapshot is swapped.
     pub proxy: Arc<Proxy>,
+    /// Where the outcome of each reload is written.
+    pub log: Arc<ReloadLog>,
     /// The listener registry.
     pub server: Arc<Server>,
     /// The config file.
@@ -368,7 +404,7 @@ impl Engine {
             Ok(files) => {
                 watch.set(files);
                 let mut generation = 0;
-                self.proxy.update_reload_status(|s| {
+                self.log.update(|s| {
                     s.generation += 1;
                     s.attempts += 1;
                     s.loaded_at = now;
@@ -398,7 +434,7 @@ impl Engine {
                     report,
                 };
                 let mut generation = 0;
-                self.proxy.update_reload_status(|s| {
+                self.log.update(|s| {
                     s.attempts += 1;
                     s.last_error = Some(failure.clone());
                     generation = s.generation;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Uri, Version, header};
 
-use crate::config::{Config, ForwardConfig, MirrorConfig, ServerName};
+use crate::config::{Config, ForwardConfig, MirrorConfig, ServerName, canonical_ip};
 use crate::fetch::MirrorSet;
 
 /// What a request is.
@@ -179,7 +179,7 @@ impl Router {
 
     /// Whether `client` may use the forward proxy, CONNECT and transparent mode.
     pub fn forward_allowed(&self, client: IpAddr) -> bool {
-        let client = canonical(client);
+        let client = canonical_ip(client);
         self.forward.enabled && self.forward.allow.iter().any(|net| net.contains(&client))
     }
 
@@ -264,11 +264,6 @@ impl Router {
         }
         Route::Local
     }
-}
-
-/// IPv4-mapped IPv6 addresses compare as IPv4 against the ACL.
-fn canonical(ip: IpAddr) -> IpAddr {
-    crate::ours::canonical(ip)
 }
 
 /// Whether `authority` names the listener bound at `local`: our address,

@@ -17,14 +17,12 @@ use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body::Frame;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::watch;
 
-use crate::fetch::{BoxError, FillHead, FillState};
+use crate::body::{BoxError, ProxyBody, empty, full};
+use crate::fetch::{FillHead, FillState};
 use crate::store::{Replica, ReplicaStore};
-
-/// The body type of every response Cistern sends.
-pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// Bodies up to this size are read in one blocking call and sent whole.
 const SMALL_BODY: u64 = 128 * 1024;
@@ -59,33 +57,6 @@ pub enum ServeError {
         /// The OS error.
         source: io::Error,
     },
-}
-
-/// An empty body.
-pub fn empty() -> ProxyBody {
-    Empty::<Bytes>::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// A body held in memory (small generated pages, error messages).
-pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// A plain-text response with a status.
-pub fn text(status: StatusCode, message: impl Into<String>) -> Response<ProxyBody> {
-    let mut body = message.into();
-    body.push('\n');
-    let mut resp = Response::new(full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }
 
 /// Answers `method`/`req_headers` from `source`. `age` is the age of the

@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
 use crate::gate::{AcceptBackoff, ConnCaps, ConnPermit};
-use crate::ours::OwnSockets;
+use crate::ours::{OwnSocket, OwnSockets, SocketKind};
 use crate::proxy::{ConnInfo, Proxy};
 
 /// A listener as config names it: an address (port 0 picks a free one)
@@ -74,6 +74,20 @@ pub struct ListenerInfo {
     pub spec: ListenerSpec,
     /// The address actually bound.
     pub local: SocketAddr,
+}
+
+impl ListenerInfo {
+    /// This listener as the self-connection guard knows it.
+    pub fn own_socket(&self) -> OwnSocket {
+        OwnSocket {
+            addr: self.local,
+            kind: if self.spec.tls {
+                SocketKind::TlsSite
+            } else {
+                SocketKind::Proxy
+            },
+        }
+    }
 }
 
 /// Why listeners could not be set up.
@@ -232,7 +246,8 @@ impl Server {
             tracing::info!(target: "cistern::server", "listening on {} ({})", info.spec, info.local);
             active.push(Active { info, phase, task });
         }
-        self.own.set_listeners(active.iter().map(|a| &a.info));
+        self.own
+            .set_listeners(active.iter().map(|a| a.info.own_socket()));
     }
 
     /// Stops accepting on `specs` at once; their connections drain in the
@@ -242,7 +257,8 @@ impl Server {
         let (gone, kept): (Vec<Active>, Vec<Active>) =
             active.drain(..).partition(|a| specs.contains(&a.info.spec));
         *active = kept;
-        self.own.set_listeners(active.iter().map(|a| &a.info));
+        self.own
+            .set_listeners(active.iter().map(|a| a.info.own_socket()));
         drop(active);
         let mut closing = self.closing.lock().unwrap_or_else(PoisonError::into_inner);
         closing.retain(|t| !t.is_finished());

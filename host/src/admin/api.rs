@@ -9,11 +9,13 @@ use serde::Serialize;
 
 use crate::config::CacheMode;
 use crate::fetch::{Fill, FillState};
-use crate::proxy::{Proxy, Snapshot};
+use crate::proxy::Proxy;
+use crate::reload::ReloadStatus;
+use crate::snapshot::Snapshot;
 use crate::store::meta::unix_secs;
 use crate::store::{Replica, ReplicaPath};
 
-use super::metrics::MetricsSnapshot;
+use crate::observe::MetricsSnapshot;
 
 /// Directory entries per page when the request does not say.
 pub const DEFAULT_PAGE: usize = 500;
@@ -56,9 +58,8 @@ pub struct Status {
 }
 
 /// Builds `/api/status`.
-pub fn status(proxy: &Proxy, started: SystemTime) -> Status {
+pub fn status(proxy: &Proxy, started: SystemTime, reload: &ReloadStatus) -> Status {
     let snap = proxy.snapshot();
-    let reload = proxy.reload_status();
     let engine = proxy.engine();
     let stats = engine.store().stats();
     Status {

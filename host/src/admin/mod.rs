@@ -23,7 +23,7 @@
 
 pub mod api;
 mod html;
-pub mod metrics;
+pub mod prometheus;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,7 +45,8 @@ use tokio::sync::watch;
 use crate::gate::{AcceptBackoff, ConnCaps, ConnGate};
 use crate::ours;
 use crate::proxy::Proxy;
-use metrics::{Kind, PromWriter};
+use crate::reload::ReloadLog;
+use prometheus::{Kind, PromWriter};
 
 /// What the admin handlers read: the proxy (snapshot, engine, store,
 /// counters) and facts from start-up.
@@ -58,6 +59,8 @@ pub struct Admin {
     /// The admin listener's own connection counts: a flood of proxy
     /// connections never locks the operator out of `/metrics`.
     connections: ConnGate,
+    /// The reload engine's reports.
+    reload: Arc<ReloadLog>,
 }
 
 /// How long open admin connections get to finish on shutdown.
@@ -66,13 +69,15 @@ const ADMIN_DRAIN: Duration = Duration::from_secs(1);
 type AdminBody = Full<Bytes>;
 
 impl Admin {
-    /// The admin view of `proxy`, served by the listener bound at `listen`.
-    pub fn new(proxy: Arc<Proxy>, listen: SocketAddr) -> Admin {
+    /// The admin view of `proxy`, served by the listener bound at
+    /// `listen`; `reload` is where the reload engine reports.
+    pub fn new(proxy: Arc<Proxy>, listen: SocketAddr, reload: Arc<ReloadLog>) -> Admin {
         Admin {
             proxy,
             started: SystemTime::now(),
             listen,
             connections: ConnGate::new(),
+            reload,
         }
     }
 
@@ -180,7 +185,7 @@ impl Admin {
 
     /// `/api/status`.
     pub fn status(&self) -> api::Status {
-        api::status(&self.proxy, self.started)
+        api::status(&self.proxy, self.started, &self.reload.status())
     }
 
     async fn listing(&self, query: &Query) -> Result<api::Listing, Response<AdminBody>> {
@@ -214,8 +219,8 @@ impl Admin {
         let snap = self.proxy.snapshot();
         let engine = self.proxy.engine();
         let mut w = PromWriter::default();
-        metrics::write_counters(&mut w, &engine.metrics().snapshot());
-        metrics::write_connections(
+        prometheus::write_counters(&mut w, &engine.metrics().snapshot());
+        prometheus::write_connections(
             &mut w,
             &[
                 ("proxy", self.proxy.connections().stats()),
@@ -236,7 +241,7 @@ impl Admin {
             "Bytes of complete files in the replica.",
             stats.bytes,
         );
-        metrics::write_store_health(&mut w, &engine.store().health());
+        prometheus::write_store_health(&mut w, &engine.store().health());
         w.single(
             "cistern_fills_in_progress",
             Kind::Gauge,
@@ -336,7 +341,7 @@ impl Admin {
             }
         }
 
-        let reload = self.proxy.reload_status();
+        let reload = self.reload.status();
         w.single(
             "cistern_config_generation",
             Kind::Gauge,

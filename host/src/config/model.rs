@@ -70,7 +70,7 @@ impl ServerName {
             .trim_end_matches(']')
             .trim_end_matches('.')
             .to_ascii_lowercase();
-        let ip = host.parse::<IpAddr>().ok().map(crate::ours::canonical);
+        let ip = host.parse::<IpAddr>().ok().map(canonical_ip);
         ServerName { host, ip, port }
     }
 
@@ -427,5 +427,13 @@ impl Config {
             }
         }
         out
+    }
+}
+
+/// IPv4-mapped IPv6 addresses compare as IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }

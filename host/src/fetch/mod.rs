@@ -35,11 +35,11 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, watch};
 
-use crate::admin::metrics::Metrics;
 use crate::cache::{self, CacheRequest};
 use crate::clock::Clock;
 use crate::config::CacheMode;
 use crate::limit::Limits;
+use crate::observe::Metrics;
 use crate::store::meta::unix_secs;
 use crate::store::{
     CacheKey, ObjectMeta, PartialFile, PartialMeta, Replica, ReplicaStore, StoreError,

@@ -29,8 +29,7 @@ use crate::ours::OwnSockets;
 /// A request body on its way upstream.
 pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// The boxed error type of bodies crossing the proxy.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::body::BoxError;
 
 /// Errors building the upstream client from config.
 #[derive(Debug, thiserror::Error)]

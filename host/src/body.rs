@@ -1,0 +1,40 @@
+//! The body type every response Cistern sends, and the small bodies it
+//! makes itself (empty, in-memory, plain-text messages). A leaf: the
+//! serve, fetch, pipeline and observability modules all speak it.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Full};
+
+/// The error type of streamed bodies, upstream and downstream.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response Cistern sends.
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A body held in memory (small generated pages, error messages).
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A plain-text response with a status.
+pub fn text(status: StatusCode, message: impl Into<String>) -> Response<ProxyBody> {
+    let mut body = message.into();
+    body.push('\n');
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
