@@ -18,8 +18,8 @@ use crate::fetch::{
     FetchEngine, FetchError, FillJob, FillState, FillTicket, HeadHook, Side, Upstreams, error_chain,
 };
 use crate::gate::ConnGate;
-use crate::observe::CacheOutcome;
 use crate::observe::accesslog::{AccessRecord, LoggedBody};
+use crate::observe::{CacheOutcome, NoCacheReason};
 use crate::policy::bridge::PolicyHook;
 use crate::policy::{
     DirectResponse, PolicyChain, PolicyEngine, PolicyHost, RequestOutcome, RequestView,
@@ -363,7 +363,14 @@ impl Proxy {
             let (parts, _) = req.into_parts();
             let hook = policy.map(|p| p.hook(&parts.headers));
             return self
-                .uncached(&method, parts.headers, &upstreams, hook.as_deref(), snap)
+                .uncached(
+                    NoCacheReason::PolicyBypass,
+                    &method,
+                    parts.headers,
+                    &upstreams,
+                    hook.as_deref(),
+                    snap,
+                )
                 .await;
         }
         let (parts, _body) = req.into_parts();
@@ -427,7 +434,14 @@ impl Proxy {
                 Freshness::Mismatch => {
                     let hook = policy.map(|p| p.hook(&headers));
                     return self
-                        .uncached(&method, headers, &upstreams, hook.as_deref(), snap)
+                        .uncached(
+                            NoCacheReason::OtherVariant,
+                            &method,
+                            headers,
+                            &upstreams,
+                            hook.as_deref(),
+                            snap,
+                        )
                         .await;
                 }
             }
@@ -460,8 +474,15 @@ impl Proxy {
                 }
                 None => {
                     let hook = policy.map(|p| p.hook(&headers));
-                    self.uncached(&method, headers, &upstreams, hook.as_deref(), snap)
-                        .await
+                    self.uncached(
+                        NoCacheReason::HeadOnly,
+                        &method,
+                        headers,
+                        &upstreams,
+                        hook.as_deref(),
+                        snap,
+                    )
+                    .await
                 }
             };
         }
@@ -592,7 +613,14 @@ impl Proxy {
                     if !variant_matches(&head.policy, creq, self.clock.now()) {
                         drop(progress);
                         return self
-                            .uncached(method, headers.clone(), upstreams, None, snap)
+                            .uncached(
+                                NoCacheReason::OtherVariant,
+                                method,
+                                headers.clone(),
+                                upstreams,
+                                None,
+                                snap,
+                            )
                             .await;
                     }
                     let age = serve::fill_age(&head, self.clock.now());
@@ -612,7 +640,7 @@ impl Proxy {
                         Err(e) => Answer::local(internal(&e)),
                     };
                 }
-                FillState::Unshared => {
+                FillState::Unshared(reason) => {
                     drop(progress);
                     if let Some(rx) = passthrough
                         && let Ok(resp) = rx.await
@@ -627,11 +655,11 @@ impl Proxy {
                         }
                         return Answer {
                             response: passthrough_response(resp),
-                            outcome: CacheOutcome::Pass,
+                            outcome: CacheOutcome::Pass(reason),
                         };
                     }
                     let answer = self
-                        .uncached(method, headers.clone(), upstreams, None, snap)
+                        .uncached(reason, method, headers.clone(), upstreams, None, snap)
                         .await;
                     let status = answer.response.status();
                     if status.is_server_error()
@@ -669,9 +697,10 @@ impl Proxy {
         Ok(Answer { response, outcome })
     }
 
-    /// Fetches for this client only, storing nothing.
+    /// Fetches for this client only, storing nothing, for `reason`.
     async fn uncached(
         &self,
+        reason: NoCacheReason,
         method: &Method,
         headers: HeaderMap,
         upstreams: &Upstreams,
@@ -684,7 +713,7 @@ impl Proxy {
             .direct(method.clone(), upstreams, up, None, &snap.settings)
             .await
         {
-            Ok(resp) => passed(resp, hook),
+            Ok(resp) => passed(resp, hook, reason),
             Err(e) => Answer::local(error_response(&e)),
         }
     }
@@ -733,7 +762,7 @@ impl Proxy {
                         tracing::warn!(target: "cistern::store", %key, "invalidation failed: {e}");
                     }
                 }
-                passed(resp, hook.as_deref())
+                passed(resp, hook.as_deref(), NoCacheReason::Method)
             }
             Err(e) => Answer::local(error_response(&e)),
         }
@@ -846,7 +875,11 @@ fn upstream_headers(client: &HeaderMap, for_fill: bool) -> HeaderMap {
 }
 
 /// An uncached upstream response, after the policies' `on_response`.
-fn passed(mut resp: Response<Incoming>, hook: Option<&dyn HeadHook>) -> Answer {
+fn passed(
+    mut resp: Response<Incoming>,
+    hook: Option<&dyn HeadHook>,
+    reason: NoCacheReason,
+) -> Answer {
     if let Some(hook) = hook {
         let status = resp.status();
         if hook.on_head(status, resp.headers_mut()).deny {
@@ -858,7 +891,7 @@ fn passed(mut resp: Response<Incoming>, hook: Option<&dyn HeadHook>) -> Answer {
     }
     Answer {
         response: passthrough_response(resp),
-        outcome: CacheOutcome::Pass,
+        outcome: CacheOutcome::Pass(reason),
     }
 }
 

@@ -104,6 +104,14 @@ pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
     for (outcome, n) in &m.requests {
         w.sample("cistern_requests_total", &[("cache", outcome)], n);
     }
+    w.family(
+        "cistern_passes_total",
+        Kind::Counter,
+        "Responses passed to their client without being stored, by reason.",
+    );
+    for (reason, n) in &m.passes {
+        w.sample("cistern_passes_total", &[("reason", reason)], n);
+    }
     w.single(
         "cistern_client_bytes_total",
         Kind::Counter,

@@ -39,7 +39,7 @@ use crate::cache::{self, CacheRequest};
 use crate::clock::Clock;
 use crate::config::CacheMode;
 use crate::limit::Limits;
-use crate::observe::Metrics;
+use crate::observe::{Metrics, NoCacheReason};
 use crate::store::meta::unix_secs;
 use crate::store::{
     CacheKey, ObjectMeta, PartialFile, PartialMeta, Replica, ReplicaStore, StoreError,
@@ -440,8 +440,9 @@ pub enum FillState {
     },
     /// The upstream said 304: the stored replica is good again.
     Revalidated(Arc<Replica>),
-    /// The response may not be shared; every client fetches on its own.
-    Unshared,
+    /// The response is not stored, for the reason given; every client
+    /// fetches on its own.
+    Unshared(NoCacheReason),
     /// The fill failed; readers abort their transfers.
     Failed(Arc<FetchError>),
 }
@@ -455,7 +456,7 @@ impl FillState {
             FillState::Complete { .. } => "complete",
             FillState::Unverified { .. } => "unverified",
             FillState::Revalidated(_) => "revalidated",
-            FillState::Unshared => "unshared",
+            FillState::Unshared(_) => "unshared",
             FillState::Failed(_) => "failed",
         }
     }
@@ -878,13 +879,19 @@ impl Inner {
             resp = resp2;
         }
 
+        let policy_uncacheable = decision.uncacheable;
         let mut writing = match self
             .prepare(fill, &job, &resp, &url, received, decision, resumed_from)
             .await
         {
             Ok(Some(w)) => w,
             Ok(None) => {
-                fill.state.send_replace(FillState::Unshared);
+                let reason = if policy_uncacheable {
+                    NoCacheReason::PolicyUncacheable
+                } else {
+                    NoCacheReason::NotStorable
+                };
+                fill.state.send_replace(FillState::Unshared(reason));
                 let _ = leader.send(resp);
                 return Ok(());
             }
@@ -900,7 +907,8 @@ impl Inner {
                     self.blocking(move |s| s.discard_partial(&k)).await?;
                     resp = self.ask(&job, job.headers.clone()).await?.0;
                 }
-                fill.state.send_replace(FillState::Unshared);
+                fill.state
+                    .send_replace(FillState::Unshared(NoCacheReason::NoRoom));
                 let _ = leader.send(resp);
                 return Ok(());
             }

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::CacheOutcome;
+use super::{CacheOutcome, NoCacheReason};
 
 /// Every cache outcome, in the order of [`Metrics::requests`].
 pub const OUTCOMES: [CacheOutcome; 9] = [
@@ -15,7 +15,7 @@ pub const OUTCOMES: [CacheOutcome; 9] = [
     CacheOutcome::Revalidated,
     CacheOutcome::StaleOnError,
     CacheOutcome::StaleRevalidating,
-    CacheOutcome::Pass,
+    CacheOutcome::Pass(NoCacheReason::Method),
     CacheOutcome::Tunnel,
     CacheOutcome::Local,
 ];
@@ -28,7 +28,7 @@ fn outcome_index(outcome: CacheOutcome) -> usize {
         CacheOutcome::Revalidated => 3,
         CacheOutcome::StaleOnError => 4,
         CacheOutcome::StaleRevalidating => 5,
-        CacheOutcome::Pass => 6,
+        CacheOutcome::Pass(_) => 6,
         CacheOutcome::Tunnel => 7,
         CacheOutcome::Local => 8,
     }
@@ -39,6 +39,8 @@ fn outcome_index(outcome: CacheOutcome) -> usize {
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: [AtomicU64; OUTCOMES.len()],
+    /// Passes by reason, in [`NoCacheReason::ALL`] order.
+    passes: [AtomicU64; NoCacheReason::ALL.len()],
     client_bytes: AtomicU64,
     upstream_bytes: AtomicU64,
     upstream_requests: AtomicU64,
@@ -55,6 +57,8 @@ pub struct Metrics {
 pub struct MetricsSnapshot {
     /// Requests by cache outcome, as `(outcome, count)` in [`OUTCOMES`] order.
     pub requests: Vec<(&'static str, u64)>,
+    /// Passes by reason, as `(reason, count)` in [`NoCacheReason::ALL`] order.
+    pub passes: Vec<(&'static str, u64)>,
     /// Response body bytes sent to clients.
     pub client_bytes: u64,
     /// Body bytes that fills received from upstreams.
@@ -80,6 +84,9 @@ impl Metrics {
     /// Counts one answered request.
     pub fn request(&self, outcome: CacheOutcome) {
         self.requests[outcome_index(outcome)].fetch_add(1, Ordering::Relaxed);
+        if let CacheOutcome::Pass(reason) = outcome {
+            self.passes[reason as usize].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Counts body bytes sent to a client.
@@ -136,7 +143,11 @@ impl Metrics {
         MetricsSnapshot {
             requests: OUTCOMES
                 .iter()
-                .map(|o| (o.as_str(), self.requests(*o)))
+                .map(|o| (o.kind(), self.requests(*o)))
+                .collect(),
+            passes: NoCacheReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), self.passes[*r as usize].load(Ordering::Relaxed)))
                 .collect(),
             client_bytes: load(&self.client_bytes),
             upstream_bytes: load(&self.upstream_bytes),

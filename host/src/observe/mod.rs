@@ -8,4 +8,4 @@ pub mod metrics;
 mod outcome;
 
 pub use metrics::{Metrics, MetricsSnapshot, OUTCOMES};
-pub use outcome::CacheOutcome;
+pub use outcome::{CacheOutcome, NoCacheReason};
