@@ -86,7 +86,10 @@ admin {{
     let got = get(cistern.addr, "/files/iso/big.iso").await;
     assert_eq!(got.status, 200);
     assert_eq!(got.bytes(), &iso, "the client gets the whole file");
-    assert_eq!(got.header("cache-status"), "cistern; fwd=uri-miss; detail=no-room");
+    assert_eq!(
+        got.header("cache-status"),
+        "cistern; fwd=uri-miss; detail=no-room"
+    );
     cistern
         .log_when("why the ISO was not stored", |log| {
             log.contains("no room to store") && log.contains("big.iso")
@@ -189,7 +192,10 @@ mirror "files" {{
 
     let got = get(cistern.addr, "/files/iso/netinst.iso").await;
     assert_eq!(got.bytes(), &iso, "the whole file, not the resumed tail");
-    assert_eq!(got.header("cache-status"), "cistern; fwd=uri-miss; detail=no-room");
+    assert_eq!(
+        got.header("cache-status"),
+        "cistern; fwd=uri-miss; detail=no-room"
+    );
     assert_eq!(
         find_files(&partials),
         Vec::<String>::new(),

@@ -246,3 +246,76 @@ fn a_policy_that_does_not_load_stops_start_up_with_its_name() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("broken"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_values_reach_a_policy_as_bytes_not_only_utf8() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Copies the request's `x-name` value, byte for byte, into a header of
+    // a direct answer.
+    std::fs::write(
+        dir.path().join("echo.wat"),
+        r#"(module
+  (import "cistern" "header_get" (func $get (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "cistern" "header_set" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (import "cistern" "respond" (func $respond (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x-name")
+  (data (i32.const 16) "x-echo")
+  (func (export "cistern_abi_version") (result i32) (i32.const 1))
+  (func (export "on_request") (result i32)
+    (local $n i32)
+    (local.set $n (call $get (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 0) (i32.const 100) (i32.const 200)))
+    (if (i32.lt_s (local.get $n) (i32.const 0)) (then (return (i32.const 1))))
+    (drop (call $respond (i32.const 200) (i32.const 0) (i32.const 0)))
+    (call $set (i32.const 1) (i32.const 16) (i32.const 6) (i32.const 100) (local.get $n))))"#,
+    )
+    .unwrap();
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "echo" path="echo.wat" on-error="deny"
+mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "echo"; }}
+"#,
+        origin.addr
+    );
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    // "Zoë" in Latin-1, as an old server or client would send it: not UTF-8.
+    let latin1 = b"Zo\xeb";
+    let mut s = tokio::net::TcpStream::connect(cistern.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut req = b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Name: ".to_vec();
+    req.extend_from_slice(latin1);
+    req.extend_from_slice(b"\r\n\r\n");
+    s.write_all(&req).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_end(&mut answer),
+    )
+    .await
+    .expect("an answer")
+    .unwrap();
+    let head_end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = &answer[..head_end];
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(head)
+    );
+    let mut want = b"\r\nx-echo: ".to_vec();
+    want.extend_from_slice(latin1);
+    want.extend_from_slice(b"\r\n");
+    let mut head_crlf = head.to_vec();
+    head_crlf.extend_from_slice(b"\r\n");
+    assert!(
+        head_crlf.windows(want.len()).any(|w| w == want.as_slice()),
+        "the value did not come back byte for byte: {}",
+        String::from_utf8_lossy(head)
+    );
+    assert_eq!(origin.seen().len(), 0, "the policy answered directly");
+}

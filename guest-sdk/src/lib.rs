@@ -149,9 +149,24 @@ pub mod headers {
         optional(nth(target, name, 0))
     }
 
-    /// The `index`-th value of header `name`.
+    /// The `index`-th value of header `name`, as text; [`Error::Invalid`]
+    /// if it is not UTF-8 (values are bytes: see [`nth_bytes`]).
     pub fn nth(target: Target, name: &str, index: i32) -> Result<String> {
-        read_string(|out, cap| unsafe {
+        String::from_utf8(nth_bytes(target, name, index)?).map_err(|_| Error::Invalid)
+    }
+
+    /// The first value of header `name` as the bytes received, if any.
+    pub fn get_bytes(target: Target, name: &str) -> Result<Option<Vec<u8>>> {
+        match nth_bytes(target, name, 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(Error::NotFound) => Ok(None),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// The `index`-th value of header `name` as the bytes received.
+    pub fn nth_bytes(target: Target, name: &str, index: i32) -> Result<Vec<u8>> {
+        read_bytes(|out, cap| unsafe {
             raw::header_get(
                 target.code(),
                 name.as_ptr(),
@@ -183,13 +198,19 @@ pub mod headers {
 
     /// Replaces every value of `name` with `value`.
     pub fn set(target: Target, name: &str, value: &str) -> Result<()> {
+        set_bytes(target, name, value.as_bytes())
+    }
+
+    /// Replaces every value of `name` with `value`, bytes that need not be
+    /// UTF-8 (but no NUL, CR, LF or other controls than tab).
+    pub fn set_bytes(target: Target, name: &str, value: &[u8]) -> Result<()> {
         check(unsafe {
             raw::header_set(
                 target.code(),
                 name.as_ptr(),
                 len_i32(name.as_bytes()),
                 value.as_ptr(),
-                len_i32(value.as_bytes()),
+                len_i32(value),
             )
         })
         .map(drop)
