@@ -131,30 +131,7 @@ impl fmt::Debug for Redacted<'_> {
 
 /// Decodes `%XX` escapes; a `%` that starts no escape stays as it is.
 fn percent_decode(text: &str) -> Vec<u8> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| {
-                let hex = |b: &u8| char::from(*b).to_digit(16);
-                let h = hex(bytes.get(i + 1)?)?;
-                let l = hex(bytes.get(i + 2)?)?;
-                u8::try_from(h << 4 | l).ok()
-            })
-            .flatten();
-        match escaped {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    out
+    percent_encoding::percent_decode_str(text).collect()
 }
 
 #[cfg(test)]
