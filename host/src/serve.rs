@@ -178,28 +178,34 @@ pub fn header_map(pairs: &[(String, String)]) -> HeaderMap {
 }
 
 /// Evaluates the client's conditional headers against the stored ones
-/// (RFC 9110 §13.2.2 order); `Some(status)` answers the request.
+/// (RFC 9110 §13.2.2 order); `Some(status)` answers the request. The
+/// headers are parsed and compared by the `headers` crate (strong
+/// comparison for `If-Match`, weak for `If-None-Match`); a malformed one is
+/// ignored, as RFC 9110 §13.1 allows. The replica exists, so `*` matches.
 fn precondition(method: &Method, req: &HeaderMap, stored: &HeaderMap) -> Option<StatusCode> {
-    let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
-    let last_modified = stored
-        .get(header::LAST_MODIFIED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok());
-    if let Some(cond) = req.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
-        if !etag_list_matches(cond, etag, true) {
+    use headers::{
+        ETag, HeaderMapExt, IfMatch, IfModifiedSince, IfNoneMatch, IfUnmodifiedSince, LastModified,
+    };
+    let etag = || stored.typed_get::<ETag>();
+    let last_modified = || stored.typed_get::<LastModified>().map(SystemTime::from);
+    if let Some(cond) = req.typed_get::<IfMatch>() {
+        let passes = cond.is_any() || etag().is_some_and(|e| cond.precondition_passes(&e));
+        if !passes {
             return Some(StatusCode::PRECONDITION_FAILED);
         }
-    } else if let Some(since) = req
-        .get(header::IF_UNMODIFIED_SINCE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| httpdate::parse_http_date(v).ok())
-        && last_modified.is_some_and(|lm| lm > since)
+    } else if let Some(cond) = req.typed_get::<IfUnmodifiedSince>()
+        && last_modified().is_some_and(|lm| !cond.precondition_passes(lm))
     {
         return Some(StatusCode::PRECONDITION_FAILED);
     }
     let get_or_head = method == Method::GET || method == Method::HEAD;
-    if let Some(cond) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        if etag_list_matches(cond, etag, false) {
+    if let Some(cond) = req.typed_get::<IfNoneMatch>() {
+        let matched = if cond == IfNoneMatch::any() {
+            true
+        } else {
+            etag().is_some_and(|e| !cond.precondition_passes(&e))
+        };
+        if matched {
             return Some(if get_or_head {
                 StatusCode::NOT_MODIFIED
             } else {
@@ -207,34 +213,12 @@ fn precondition(method: &Method, req: &HeaderMap, stored: &HeaderMap) -> Option<
             });
         }
     } else if get_or_head
-        && let Some(since) = req
-            .get(header::IF_MODIFIED_SINCE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok())
-        && last_modified.is_some_and(|lm| lm <= since)
+        && let Some(cond) = req.typed_get::<IfModifiedSince>()
+        && last_modified().is_some_and(|lm| !cond.is_modified(lm))
     {
         return Some(StatusCode::NOT_MODIFIED);
     }
     None
-}
-
-/// Whether an `If-Match`/`If-None-Match` list matches `etag`; strong
-/// comparison for `If-Match`, weak for `If-None-Match`.
-fn etag_list_matches(list: &str, etag: Option<&str>, strong: bool) -> bool {
-    if list.trim() == "*" {
-        return etag.is_some();
-    }
-    let Some(etag) = etag else { return false };
-    if strong && etag.starts_with("W/") {
-        return false;
-    }
-    let ours = etag.trim_start_matches("W/");
-    list.split(',').map(str::trim).any(|candidate| {
-        if strong && candidate.starts_with("W/") {
-            return false;
-        }
-        candidate.trim_start_matches("W/") == ours
-    })
 }
 
 enum RangeAnswer {
@@ -528,6 +512,18 @@ mod tests {
                 Some(StatusCode::PRECONDITION_FAILED),
             ),
             (&[(header::IF_MATCH, "\"v1\"")], None),
+            // If-Match compares strongly.
+            (
+                &[(header::IF_MATCH, "W/\"v1\"")],
+                Some(StatusCode::PRECONDITION_FAILED),
+            ),
+            (
+                &[(header::IF_UNMODIFIED_SINCE, "Tue, 31 Dec 2024 00:00:00 GMT")],
+                Some(StatusCode::PRECONDITION_FAILED),
+            ),
+            // A malformed condition is ignored.
+            (&[(header::IF_NONE_MATCH, "v1-unquoted")], None),
+            (&[(header::IF_MODIFIED_SINCE, "yesterday")], None),
         ];
         for (headers, want) in cases {
             assert_eq!(
@@ -536,6 +532,21 @@ mod tests {
                 "{headers:?}"
             );
         }
+        // A replica without validators: `*` still names it (it exists).
+        let bare = HeaderMap::new();
+        let star = |name| req(&[(name, "*")]);
+        assert_eq!(
+            precondition(&Method::GET, &star(header::IF_NONE_MATCH), &bare),
+            Some(StatusCode::NOT_MODIFIED)
+        );
+        assert_eq!(
+            precondition(&Method::GET, &star(header::IF_MATCH), &bare),
+            None
+        );
+        assert_eq!(
+            precondition(&Method::GET, &req(&[(header::IF_MATCH, "\"v1\"")]), &bare),
+            Some(StatusCode::PRECONDITION_FAILED)
+        );
     }
 
     #[test]
