@@ -16,8 +16,8 @@ use crate::config::{AdminConfig, Config};
 use crate::fetch::upstream::ClientBuildError;
 use crate::fetch::{FetchEngine, UpstreamClient};
 use crate::ours::OwnSockets;
+use crate::pipeline::{DRAIN, Proxy};
 use crate::policy::{PolicyEngine, PolicyError};
-use crate::proxy::{DRAIN, Proxy};
 use crate::reload::{
     self, ConfigAdjust, ReloadFailure, ReloadLog, ReloadStatus, Reloader, Trigger, Triggers,
 };

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
-use crate::proxy::Proxy;
+use crate::pipeline::Proxy;
 use crate::server::{ListenerSpec, Server};
 use crate::snapshot::{Snapshot, SnapshotError};
 

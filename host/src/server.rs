@@ -32,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Config;
 use crate::gate::{AcceptBackoff, ConnCaps, ConnPermit};
 use crate::ours::{OwnSocket, OwnSockets, SocketKind};
-use crate::proxy::{ConnInfo, Proxy};
+use crate::pipeline::{ConnInfo, Proxy};
 
 /// A listener as config names it: an address (port 0 picks a free one)
 /// and whether it terminates TLS for sites.

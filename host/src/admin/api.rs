@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::config::CacheMode;
 use crate::fetch::{Fill, FillState};
-use crate::proxy::Proxy;
+use crate::pipeline::Proxy;
 use crate::reload::ReloadStatus;
 use crate::snapshot::Snapshot;
 use crate::store::meta::unix_secs;

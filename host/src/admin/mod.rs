@@ -44,7 +44,7 @@ use tokio::sync::watch;
 
 use crate::gate::{AcceptBackoff, ConnCaps, ConnGate};
 use crate::ours;
-use crate::proxy::Proxy;
+use crate::pipeline::Proxy;
 use crate::reload::ReloadLog;
 use prometheus::{Kind, PromWriter};
 

@@ -1,0 +1,415 @@
+//! A cacheable request (GET, HEAD): look the key up in the replica, then
+//! serve a hit, revalidate a stale replica (serving it stale where
+//! `stale-if-error` or `stale-while-revalidate` allow), or start or join
+//! the key's fill and read along it.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
+use hyper::body::Incoming;
+
+use super::answers::{error_response, internal};
+use super::passthrough::passthrough_response;
+use super::{Answer, PolicyRun, Proxy, RouteCache};
+use crate::body;
+use crate::cache::{self, CacheRequest, Freshness};
+use crate::config::CacheMode;
+use crate::fetch::{FetchError, FillJob, FillState, FillTicket, Side, Upstreams};
+use crate::observe::{CacheOutcome, NoCacheReason};
+use crate::serve::{self, ServeError, Source};
+use crate::snapshot::Snapshot;
+use crate::store::{CacheKey, Replica};
+
+impl Proxy {
+    /// A proxied HTTP request: cached for GET and HEAD, passed through otherwise.
+    pub(super) async fn http(
+        &self,
+        req: Request<Incoming>,
+        key: CacheKey,
+        route: RouteCache,
+        snap: &Snapshot,
+    ) -> Answer {
+        let RouteCache {
+            upstreams,
+            policy,
+            bypass,
+            stale,
+        } = route;
+        let method = req.method().clone();
+        if method != Method::GET && method != Method::HEAD {
+            let hook = policy.map(|p| p.hook(req.headers()));
+            return self.pass(req, key, upstreams, hook, snap).await;
+        }
+        if bypass {
+            let (parts, _) = req.into_parts();
+            let hook = policy.map(|p| p.hook(&parts.headers));
+            return self
+                .uncached(
+                    NoCacheReason::PolicyBypass,
+                    &method,
+                    parts.headers,
+                    &upstreams,
+                    hook.as_deref(),
+                    snap,
+                )
+                .await;
+        }
+        let (parts, _body) = req.into_parts();
+        let mut headers = parts.headers;
+        // The key names the resource; which name the client used to reach
+        // us (Host) must not make the cache rules see another request.
+        headers.remove(header::HOST);
+        let now = self.clock.now();
+        let mut revalidate = None;
+        // A stale replica that may answer if the upstream fails.
+        let mut fallback = None;
+        if let Some(replica) = self.engine.store().lookup(&key) {
+            // The common case is decided without building the RFC 9111 answer
+            // (nor parsing the key): see `cache::evaluate_fast`.
+            let freshness =
+                match cache::evaluate_fast(&replica.meta, &headers, now, snap.config.mode) {
+                    Some(fresh) => fresh,
+                    None => match key.as_str().parse::<Uri>() {
+                        // A stored GET answers HEAD too (RFC 9110 §9.3.2): the
+                        // rules see GET.
+                        Ok(key_uri) => {
+                            let creq = CacheRequest {
+                                key: &key_uri,
+                                method: &Method::GET,
+                                headers: &headers,
+                            };
+                            cache::evaluate(&replica.meta, creq, now, snap.config.mode)
+                        }
+                        Err(_) => {
+                            return Answer::local(body::text(StatusCode::BAD_REQUEST, "bad URL"));
+                        }
+                    },
+                };
+            match freshness {
+                Freshness::Fresh => {
+                    match self
+                        .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
+                        .await
+                    {
+                        Ok(a) => return a,
+                        // Evicted or replaced under us: fetch it like a miss.
+                        Err(ServeError::Gone(_)) => {}
+                        Err(e) => return Answer::local(internal(&e)),
+                    }
+                }
+                Freshness::Stale(validators) => {
+                    let allowed = cache::stale_use(&replica.meta, now, stale);
+                    if allowed.while_revalidate && method == Method::GET {
+                        return self
+                            .serve_while_revalidating(
+                                &method, &headers, &key, replica, validators, upstreams, policy,
+                                snap,
+                            )
+                            .await;
+                    }
+                    if allowed.if_error {
+                        fallback = Some(replica.clone());
+                    }
+                    revalidate = Some((replica, validators));
+                }
+                Freshness::Mismatch => {
+                    let hook = policy.map(|p| p.hook(&headers));
+                    return self
+                        .uncached(
+                            NoCacheReason::OtherVariant,
+                            &method,
+                            headers,
+                            &upstreams,
+                            hook.as_deref(),
+                            snap,
+                        )
+                        .await;
+                }
+            }
+        }
+        let Ok(key_uri) = key.as_str().parse::<Uri>() else {
+            return Answer::local(body::text(StatusCode::BAD_REQUEST, "bad URL"));
+        };
+        if snap.config.mode == CacheMode::Offline && revalidate.is_none() {
+            return Answer::local(body::text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("offline mode: {key} is not in the replica"),
+            ));
+        }
+        if method == Method::HEAD && revalidate.is_none() {
+            // A HEAD joins a fill under way but never starts a download.
+            return match self.engine.find(&key) {
+                Some(fill) => {
+                    self.follow(
+                        &method,
+                        &headers,
+                        &key_uri,
+                        fill,
+                        None,
+                        CacheOutcome::Coalesced,
+                        &upstreams,
+                        None,
+                        snap,
+                    )
+                    .await
+                }
+                None => {
+                    let hook = policy.map(|p| p.hook(&headers));
+                    self.uncached(
+                        NoCacheReason::HeadOnly,
+                        &method,
+                        headers,
+                        &upstreams,
+                        hook.as_deref(),
+                        snap,
+                    )
+                    .await
+                }
+            };
+        }
+        let job = FillJob {
+            key: key.clone(),
+            key_uri: key_uri.clone(),
+            upstreams: upstreams.clone(),
+            headers: upstream_headers(&headers, true),
+            revalidate,
+            settings: snap.settings.clone(),
+            hook: policy.map(|p| p.hook(&headers)),
+        };
+        let (fill, passthrough, outcome) = match self.engine.fill(job) {
+            FillTicket::Ready(replica) => {
+                return match self
+                    .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => Answer::local(internal(&e)),
+                };
+            }
+            FillTicket::Leader { fill, passthrough } => {
+                (fill, Some(passthrough), CacheOutcome::Miss)
+            }
+            FillTicket::Follower(fill) => (fill, None, CacheOutcome::Coalesced),
+        };
+        self.follow(
+            &method,
+            &headers,
+            &key_uri,
+            fill,
+            passthrough,
+            outcome,
+            &upstreams,
+            fallback,
+            snap,
+        )
+        .await
+    }
+
+    /// Serves a stale replica at once and revalidates it in the
+    /// background (`stale-while-revalidate`): the fill runs on its own,
+    /// joined by any client that needs the fresh copy.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_while_revalidating(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        key: &CacheKey,
+        replica: Arc<Replica>,
+        validators: HeaderMap,
+        upstreams: Upstreams,
+        policy: Option<PolicyRun>,
+        snap: &Snapshot,
+    ) -> Answer {
+        if let Ok(key_uri) = key.as_str().parse::<Uri>() {
+            let job = FillJob {
+                key: key.clone(),
+                key_uri,
+                upstreams,
+                headers: upstream_headers(headers, true),
+                revalidate: Some((replica.clone(), validators)),
+                settings: snap.settings.clone(),
+                hook: policy.map(|p| p.hook(headers)),
+            };
+            // Nobody waits for this ticket: the fill task outlives it, and
+            // an unshareable answer is simply dropped.
+            drop(self.engine.fill(job));
+        }
+        match self
+            .serve_replica(method, headers, replica, CacheOutcome::StaleRevalidating)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => Answer::local(internal(&e)),
+        }
+    }
+
+    /// The stale replica instead of an upstream failure, where
+    /// `stale-if-error` allows; `None` when there is none to serve.
+    async fn stale_on_error(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        fallback: Option<Arc<Replica>>,
+        why: &(dyn std::fmt::Display + Sync),
+    ) -> Option<Answer> {
+        let replica = fallback?;
+        tracing::info!(target: "cistern::cache", key = %replica.meta.key, "upstream failed ({why}); serving the stale replica (stale-if-error)");
+        self.serve_replica(method, headers, replica, CacheOutcome::StaleOnError)
+            .await
+            .ok()
+    }
+
+    /// Waits for a fill's head, then reads along it. `fallback` is the
+    /// stale replica to serve if the upstream fails before a body starts.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        key_uri: &Uri,
+        fill: Arc<crate::fetch::Fill>,
+        passthrough: Option<tokio::sync::oneshot::Receiver<Response<Incoming>>>,
+        outcome: CacheOutcome,
+        upstreams: &Upstreams,
+        fallback: Option<Arc<Replica>>,
+        snap: &Snapshot,
+    ) -> Answer {
+        let mut progress = fill.subscribe();
+        loop {
+            let state = progress.borrow_and_update().clone();
+            match state {
+                FillState::Waiting => {
+                    if progress.changed().await.is_err() {
+                        return Answer::local(error_response(&FetchError::Vanished));
+                    }
+                }
+                FillState::Streaming { head, .. }
+                | FillState::Complete { head, .. }
+                | FillState::Unverified { head, .. } => {
+                    let creq = CacheRequest {
+                        key: key_uri,
+                        method: &Method::GET,
+                        headers,
+                    };
+                    if !variant_matches(&head.policy, creq, self.clock.now()) {
+                        drop(progress);
+                        return self
+                            .uncached(
+                                NoCacheReason::OtherVariant,
+                                method,
+                                headers.clone(),
+                                upstreams,
+                                None,
+                                snap,
+                            )
+                            .await;
+                    }
+                    let age = serve::fill_age(&head, self.clock.now());
+                    let source = Source::Fill { head, progress };
+                    return match serve::respond(method, headers, source, age).await {
+                        Ok(response) => Answer { response, outcome },
+                        Err(e) => Answer::local(internal(&e)),
+                    };
+                }
+                FillState::Revalidated(replica) => {
+                    drop(progress);
+                    return match self
+                        .serve_replica(method, headers, replica, CacheOutcome::Revalidated)
+                        .await
+                    {
+                        Ok(a) => a,
+                        Err(e) => Answer::local(internal(&e)),
+                    };
+                }
+                FillState::Unshared(reason) => {
+                    drop(progress);
+                    if let Some(rx) = passthrough
+                        && let Ok(resp) = rx.await
+                    {
+                        let status = resp.status();
+                        if status.is_server_error()
+                            && let Some(stale) = self
+                                .stale_on_error(method, headers, fallback, &status)
+                                .await
+                        {
+                            return stale;
+                        }
+                        return Answer {
+                            response: passthrough_response(resp),
+                            outcome: CacheOutcome::Pass(reason),
+                        };
+                    }
+                    let answer = self
+                        .uncached(reason, method, headers.clone(), upstreams, None, snap)
+                        .await;
+                    let status = answer.response.status();
+                    if status.is_server_error()
+                        && let Some(stale) = self
+                            .stale_on_error(method, headers, fallback, &status)
+                            .await
+                    {
+                        return stale;
+                    }
+                    return answer;
+                }
+                FillState::Failed(e) => {
+                    if e.side() == Side::Upstream
+                        && let Some(stale) =
+                            self.stale_on_error(method, headers, fallback, &e).await
+                    {
+                        return stale;
+                    }
+                    return Answer::local(error_response(&e));
+                }
+            }
+        }
+    }
+
+    pub(super) async fn serve_replica(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        replica: Arc<Replica>,
+        outcome: CacheOutcome,
+    ) -> Result<Answer, ServeError> {
+        let age = cache::age(&replica.meta, self.clock.now());
+        let source = Source::Replica(replica, self.engine.store().clone());
+        let response = serve::respond(method, headers, source, age).await?;
+        Ok(Answer { response, outcome })
+    }
+}
+
+/// Whether the stored response's Vary matches this request.
+fn variant_matches(
+    policy: &http_cache_semantics::CachePolicy,
+    req: CacheRequest<'_>,
+    now: std::time::SystemTime,
+) -> bool {
+    match policy.before_request(&req, now) {
+        http_cache_semantics::BeforeRequest::Fresh(_) => true,
+        http_cache_semantics::BeforeRequest::Stale { matches, .. } => matches,
+    }
+}
+
+/// The headers to send upstream: end-to-end ones only. For a fill (shared
+/// by every reader) the client's conditionals and ranges are dropped: the
+/// fill fetches the whole body and each reader's own conditions are
+/// answered from the replica.
+pub(super) fn upstream_headers(client: &HeaderMap, for_fill: bool) -> HeaderMap {
+    let mut h = client.clone();
+    cache::strip_hop_by_hop(&mut h);
+    h.remove(header::HOST);
+    if for_fill {
+        for name in [
+            header::RANGE,
+            header::IF_RANGE,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::IF_MATCH,
+            header::IF_UNMODIFIED_SINCE,
+        ] {
+            h.remove(name);
+        }
+    }
+    h
+}

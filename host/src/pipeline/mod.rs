@@ -1,0 +1,345 @@
+//! The request pipeline: limit, validate, route, run the route's policies,
+//! then one of: a tunnel ([`connect`]), a cacheable GET or HEAD
+//! ([`cached`]: look in the replica, join or start a fill, serve stale when
+//! allowed), or a pass-through ([`passthrough`]); every answer Cistern makes
+//! itself is in [`answers`]. `handle` wraps each response for the access
+//! log and the counters.
+
+mod answers;
+mod cached;
+mod connect;
+mod passthrough;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use hyper::body::Incoming;
+
+use crate::body::{self, ProxyBody};
+use crate::clock::Clock;
+use crate::config::StaleRules;
+use crate::fetch::{FetchEngine, HeadHook, Upstreams};
+use crate::gate::ConnGate;
+use crate::observe::CacheOutcome;
+use crate::observe::accesslog::{AccessRecord, LoggedBody};
+use crate::policy::bridge::PolicyHook;
+use crate::policy::{PolicyChain, PolicyEngine, PolicyHost, RequestOutcome, RequestView};
+use crate::route::Route;
+use crate::snapshot::Snapshot;
+use crate::store::CacheKey;
+use answers::{direct_response, forbidden};
+
+/// Facts about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// Our address on this connection.
+    pub local: SocketAddr,
+    /// For a connection on a TLS site listener, that listener's address as
+    /// configured (it picks the sites the request may reach); `None` on a
+    /// plaintext listener.
+    pub site_listener: Option<SocketAddr>,
+}
+
+/// The proxy: the current snapshot plus the engines that outlive reloads.
+pub struct Proxy {
+    snapshot: ArcSwap<Snapshot>,
+    engine: FetchEngine,
+    policy_engine: PolicyEngine,
+    clock: Clock,
+    /// Open client connections of every proxy listener, against the caps.
+    connections: ConnGate,
+}
+
+/// What the pipeline decided, before the access log wraps the body.
+struct Answer {
+    response: Response<ProxyBody>,
+    outcome: CacheOutcome,
+}
+
+impl Answer {
+    fn local(response: Response<ProxyBody>) -> Answer {
+        Answer {
+            response,
+            outcome: CacheOutcome::Local,
+        }
+    }
+}
+
+impl Proxy {
+    /// A proxy serving `snapshot` with `engine`; `policy_engine` compiles
+    /// the policies of later snapshots.
+    pub fn new(
+        snapshot: Snapshot,
+        engine: FetchEngine,
+        policy_engine: PolicyEngine,
+        clock: Clock,
+    ) -> Proxy {
+        Proxy {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            engine,
+            policy_engine,
+            clock,
+            connections: ConnGate::new(),
+        }
+    }
+
+    /// The connection caps' counts, shared by every proxy listener.
+    pub fn connections(&self) -> &ConnGate {
+        &self.connections
+    }
+
+    /// The policy engine (one per process).
+    pub fn policy_engine(&self) -> &PolicyEngine {
+        &self.policy_engine
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Makes `snapshot` current for new requests.
+    pub fn swap(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// The fetch engine.
+    pub fn engine(&self) -> &FetchEngine {
+        &self.engine
+    }
+
+    /// Handles one request end to end.
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        let started = Instant::now();
+        // Before anything logs, keys or stores the URL.
+        let unusable = crate::credentials::take(&mut req).err();
+        let snap = self.snapshot.load_full();
+        let method = req.method().clone();
+        let url = req.uri().to_string();
+        let req_headers = snap.log_headers.then(|| req.headers().clone());
+        let Answer {
+            mut response,
+            outcome,
+        } = match unusable {
+            Some(bad) => Answer::local(body::text(StatusCode::BAD_REQUEST, bad.to_string())),
+            None => self.dispatch(req, conn, &snap).await,
+        };
+        let metrics = self.engine.metrics();
+        metrics.request(outcome);
+        let h = response.headers_mut();
+        h.append(header::VIA, crate::fetch::upstream::VIA);
+        h.insert(
+            http::HeaderName::from_static("cache-status"),
+            HeaderValue::from_static(outcome.cache_status()),
+        );
+        let record = AccessRecord {
+            client: conn.client,
+            method,
+            url,
+            status: response.status(),
+            outcome,
+            started,
+            headers: req_headers.map(|r| (r, response.headers().clone())),
+            expected: response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+        };
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, LoggedBody::wrap(body, record, metrics.clone()))
+    }
+
+    async fn dispatch(&self, req: Request<Incoming>, conn: ConnInfo, snap: &Snapshot) -> Answer {
+        if let Err(retry) = snap.limits.check_client(conn.client.ip()) {
+            self.engine.metrics().limited();
+            let mut resp = body::text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests from this address",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry.header_secs()));
+            return Answer::local(resp);
+        }
+        if let Err(bad) = crate::request::check(&req) {
+            return Answer::local(body::text(StatusCode::BAD_REQUEST, bad.to_string()));
+        }
+        if looped(req.headers()) {
+            return Answer::local(body::text(
+                StatusCode::LOOP_DETECTED,
+                "request loop: this request already passed through Cistern",
+            ));
+        }
+        let route = match conn.site_listener {
+            Some(listener) => snap.router.route_site(&req, listener),
+            None => snap.router.route(&req, conn.local),
+        };
+        match route {
+            Route::Invalid(why) => Answer::local(body::text(StatusCode::BAD_REQUEST, why)),
+            Route::Local => Answer::local(self.local_page(&req, snap)),
+            Route::Misdirected => Answer::local(body::text(
+                StatusCode::MISDIRECTED_REQUEST,
+                "no site on this listener serves that host",
+            )),
+            Route::Site { set, rest } => {
+                let url = match set.url(0, &rest) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string()));
+                    }
+                };
+                let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
+                let stale = set.stale;
+                let upstreams = Upstreams::Mirror { set, rest };
+                self.proxied(req, conn, url, upstreams, chain, stale, snap)
+                    .await
+            }
+            Route::Connect(authority) => self.connect(req, authority, conn, snap).await,
+            Route::Forward(url) | Route::Transparent(url) => {
+                if !snap.router.forward_allowed(conn.client.ip()) {
+                    return Answer::local(forbidden());
+                }
+                // The URL's credentials are for the host it names, and
+                // only that route goes there.
+                let mut req = req;
+                crate::credentials::apply(&mut req);
+                self.proxied(
+                    req,
+                    conn,
+                    url.clone(),
+                    Upstreams::Single(url),
+                    &snap.forward_chain,
+                    snap.config.forward.stale,
+                    snap,
+                )
+                .await
+            }
+            Route::Mirror { set, rest } => {
+                // The replica lives under the first upstream's host:port, so
+                // failover between mirrors never duplicates a file.
+                let url = match set.url(0, &rest) {
+                    Ok(url) => url,
+                    Err(e) => {
+                        return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string()));
+                    }
+                };
+                // Every mirror has an entry; the empty chain is a safe default.
+                let chain = snap
+                    .mirror_chains
+                    .get(&set.name)
+                    .unwrap_or(&snap.no_policies);
+                let stale = set.stale;
+                let upstreams = Upstreams::Mirror { set, rest };
+                self.proxied(req, conn, url, upstreams, chain, stale, snap)
+                    .await
+            }
+        }
+    }
+
+    /// Runs the route's policies on a request for `url`, then proxies it.
+    #[allow(clippy::too_many_arguments)]
+    async fn proxied(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        url: Uri,
+        mut upstreams: Upstreams,
+        chain: &PolicyChain,
+        stale: StaleRules,
+        snap: &Snapshot,
+    ) -> Answer {
+        let mut key_url = url;
+        let mut policy = None;
+        let mut bypass = false;
+        let mut store_id = None;
+        if !chain.is_empty() {
+            let headers = std::mem::take(req.headers_mut());
+            let mut view =
+                RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
+            if let RequestOutcome::Respond(direct) = chain.on_request(&snap.policy_host, &mut view)
+            {
+                return Answer::local(direct_response(direct));
+            }
+            *req.headers_mut() = std::mem::take(&mut view.headers);
+            if view.url != key_url {
+                key_url = view.url.clone();
+                upstreams = Upstreams::Single(view.url.clone());
+            }
+            if let Some(up) = &view.upstream_url {
+                upstreams = Upstreams::Single(up.clone());
+            }
+            store_id = view.cache_key.clone();
+            bypass = view.bypass_cache;
+            policy = Some(PolicyRun {
+                chain: chain.clone(),
+                host: snap.policy_host.clone(),
+                view,
+            });
+        }
+        let key = match store_id {
+            Some(id) => CacheKey::parse(&id).map_err(|e| format!("policy store-id {id:?}: {e}")),
+            None => CacheKey::from_uri(&key_url).map_err(|e| format!("bad URL: {e}")),
+        };
+        match key {
+            Ok(key) => {
+                let route = RouteCache {
+                    upstreams,
+                    policy,
+                    bypass,
+                    stale,
+                };
+                self.http(req, key, route, snap).await
+            }
+            Err(why) => Answer::local(body::text(StatusCode::BAD_REQUEST, why)),
+        }
+    }
+}
+
+/// What the route decided for a cacheable request, besides its key.
+struct RouteCache {
+    /// Where its bytes come from.
+    upstreams: Upstreams,
+    /// The policy chain that ran, for `on_response`.
+    policy: Option<PolicyRun>,
+    /// A policy asked to bypass the cache.
+    bypass: bool,
+    /// When a stale replica may still answer.
+    stale: StaleRules,
+}
+
+/// A chain that ran `on_request`, kept for `on_response` in case the
+/// request goes upstream; a hit never pays for building the hook.
+struct PolicyRun {
+    chain: PolicyChain,
+    host: Arc<dyn PolicyHost>,
+    /// The request as the chain left it, without its headers (they went back
+    /// to the request).
+    view: RequestView,
+}
+
+impl PolicyRun {
+    /// The response hook for a request with `headers`.
+    fn hook(self, headers: &HeaderMap) -> Arc<dyn HeadHook> {
+        let mut view = self.view;
+        view.headers = headers.clone();
+        Arc::new(PolicyHook::new(self.chain, self.host, view))
+    }
+}
+
+/// A request that already went through a Cistern (ours or another) names
+/// it in `Via`; a second pass is a loop.
+fn looped(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|hop| hop.trim().ends_with(" cistern")))
+}
+
+/// How long to wait for in-flight requests on shutdown.
+pub const DRAIN: Duration = Duration::from_secs(10);
