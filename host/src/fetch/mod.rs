@@ -168,6 +168,11 @@ impl FetchEngine {
         self.inner.client.own_sockets()
     }
 
+    /// The engine's clock (freshness, upstream health, orphaned fills).
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
     /// The store the engine fills.
     pub fn store(&self) -> &Arc<ReplicaStore> {
         &self.inner.store
