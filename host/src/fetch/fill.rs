@@ -392,9 +392,14 @@ impl Inner {
                     expected: total,
                 });
             }
+            // Whether the fill has been without readers for orphan-fill is
+            // decided here, after each write, on the engine's clock. No timer
+            // is needed: with no bytes coming the idle timeout ends the fill,
+            // and without readers a failure is not resumed.
             if fill.readers() == 0 {
-                let since = *orphan_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > job.settings.orphan {
+                let now = self.clock.monotonic();
+                let since = *orphan_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= job.settings.orphan {
                     return Err(FetchError::Orphaned {
                         url: url_s,
                         after: job.settings.orphan,
