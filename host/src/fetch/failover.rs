@@ -10,12 +10,15 @@ use hyper::body::Incoming;
 
 use super::{FetchError, FillJob, Inner, UpstreamBody, Upstreams, error_chain};
 
+/// The body of a request that has none.
 pub(super) fn empty_body() -> UpstreamBody {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
+/// A request for `url` with the client's end-to-end headers, framed by
+/// its body.
 pub(super) fn build_request(
     method: Method,
     url: &Uri,
@@ -82,6 +85,7 @@ impl Upstreams {
 }
 
 impl Inner {
+    /// Sends one request, bounded by the inactivity timeout, and counts it.
     pub(super) async fn send(
         &self,
         req: Request<UpstreamBody>,

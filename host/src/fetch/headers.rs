@@ -40,6 +40,7 @@ pub(super) fn close_delimited<B>(resp: &Response<B>) -> bool {
     h1 && !chunked && !resp.headers().contains_key(header::CONTENT_LENGTH)
 }
 
+/// A header's value as text, if it is text.
 pub(super) fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
     headers
         .get(name)
@@ -47,6 +48,7 @@ pub(super) fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Optio
         .map(str::to_owned)
 }
 
+/// The `Content-Length` the upstream announced.
 pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?

@@ -55,6 +55,7 @@ pub use mirror::MirrorSet;
 pub use upstream::{BoxError, UpstreamBody, UpstreamClient};
 
 use coalesce::{FillGuard, Inflight};
+
 /// Where a key's bytes can come from.
 #[derive(Debug, Clone)]
 pub enum Upstreams {
@@ -141,6 +142,7 @@ pub struct FetchEngine {
     inner: Arc<Inner>,
 }
 
+/// What the clones of one engine share.
 struct Inner {
     store: Arc<ReplicaStore>,
     client: UpstreamClient,
@@ -269,7 +271,8 @@ impl FetchEngine {
 }
 
 impl Inner {
-    pub(super) async fn blocking<T: Send + 'static>(
+    /// Runs a store operation on the blocking pool, off the async workers.
+    async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&ReplicaStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, FetchError> {

@@ -87,6 +87,7 @@ fn publish_written(fill: &Fill, now: u64) {
     });
 }
 
+/// SHA-256 of the first `len` bytes of `file` (a resumed fill's whole body).
 pub(super) fn hash_file(file: &File, len: u64) -> std::io::Result<[u8; 32]> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
