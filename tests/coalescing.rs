@@ -3,8 +3,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use cistern::app::{self, StartOptions};
+use cistern::clock::Clock;
+use cistern::config::Config;
+use cistern::fetch::{ErrorKind, FillState};
 use common::{Cistern, Origin, Resource, get, pattern, request, send};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
@@ -224,6 +228,106 @@ async fn a_fill_nobody_reads_stops_after_orphan_fill_and_is_resumed_later() {
     );
 
     let again = get(cistern.addr, "/files/orphan.bin").await;
+    assert_eq!(again.bytes(), &body);
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[1].headers.get("range").is_some(),
+        "the second fetch resumes the partial"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_without_readers_goes_on_for_orphan_fill_on_the_clock() {
+    // About 3 s of body in real time: far less than orphan-fill, so only the
+    // manual clock can make the fill an orphan before the body ends.
+    const SIZE: usize = 8 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(12, SIZE);
+    origin.put(
+        "/orphan.bin",
+        Resource::new(body.clone()).slow(Duration::from_millis(25)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("replica");
+    let text = format!(
+        r#"
+listen "127.0.0.1:0"
+store {{
+    root "{}"
+}}
+mirror "files" {{
+    prefix "/files/"
+    upstream "http://{}/"
+}}
+timeouts {{
+    orphan-fill "60s"
+}}
+"#,
+        root.display(),
+        origin.addr
+    );
+    let config = Config::parse(&text, &dir.path().join("config.kdl")).expect("valid config");
+    let clock = Clock::manual(SystemTime::now());
+    let cistern = app::start(
+        config,
+        StartOptions {
+            clock: Some(clock.clone()),
+            ..StartOptions::default()
+        },
+    )
+    .await
+    .expect("start");
+    let addr = cistern.addrs[0];
+    let engine = cistern.proxy.engine();
+
+    let resp = send(addr, "GET", "/files/orphan.bin", &[]).await;
+    let mut b = resp.into_body();
+    let _ = b.frame().await;
+    drop(b);
+    let fill = {
+        let fills = engine.in_progress();
+        assert_eq!(fills.len(), 1, "the fill outlives its only client");
+        fills[0].clone()
+    };
+    let written = || match fill.state() {
+        FillState::Streaming { written, .. } => Some(written),
+        _ => None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fill.readers() > 0 {
+        assert!(Instant::now() < deadline, "the client never left");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Two more writes without readers: the fill has seen it has none (it
+    // looks after each write) and goes on, as orphan-fill has not passed.
+    let mut last = written().expect("still streaming");
+    for _ in 0..2 {
+        while written() == Some(last) {
+            assert!(Instant::now() < deadline, "the fill stalled");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        last = written().expect("an orphan goes on until orphan-fill has passed");
+    }
+    clock.advance(Duration::from_secs(61));
+    while engine
+        .in_progress()
+        .iter()
+        .any(|f| std::sync::Arc::ptr_eq(f, &fill))
+    {
+        assert!(Instant::now() < deadline, "the orphan was not stopped");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    match fill.state() {
+        FillState::Failed(e) => assert_eq!(e.kind(), ErrorKind::Orphaned, "{e}"),
+        other => panic!("the orphaned fill ended {}", other.as_str()),
+    }
+    assert!(
+        common::find_files(&root).is_empty(),
+        "an abandoned fill is not a replica"
+    );
+
+    let again = get(addr, "/files/orphan.bin").await;
     assert_eq!(again.bytes(), &body);
     let seen = origin.seen();
     assert_eq!(seen.len(), 2);

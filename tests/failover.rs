@@ -4,6 +4,11 @@
 
 mod common;
 
+use std::time::{Duration, SystemTime};
+
+use cistern::app::{self, StartOptions};
+use cistern::clock::Clock;
+use cistern::config::Config;
 use common::{Cistern, Origin, Resource, find_files, free_port, get, pattern};
 
 fn two_mirrors(first: &str, second: &Origin) -> String {
@@ -117,4 +122,97 @@ mirror "debian" {{
     cistern
         .log_when("the failed upstream's address", |log| log.contains(&second))
         .await;
+}
+
+/// The paths the origin was asked for, in order.
+fn paths(origin: &Origin) -> Vec<String> {
+    origin.seen().into_iter().map(|s| s.path).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_marked_down_gets_another_chance_after_30_seconds_on_the_clock() {
+    let broken = Origin::start().await;
+    let good = Origin::start().await;
+    for i in 0..7u8 {
+        let path = format!("/debian/pool/p{i}.deb");
+        broken.put(
+            &path,
+            Resource {
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                ..Resource::new(pattern(9, 10))
+            },
+        );
+        good.put(&path, Resource::new(pattern(i, 1000)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+listen "127.0.0.1:0"
+store {{
+    root "{}"
+}}
+mirror "debian" {{
+    prefix "/debian/"
+    upstream "http://{}/debian/"
+    upstream "http://{}/debian/"
+}}
+"#,
+        dir.path().join("replica").display(),
+        broken.addr,
+        good.addr
+    );
+    let config = Config::parse(&text, &dir.path().join("config.kdl")).expect("valid config");
+    let clock = Clock::manual(SystemTime::now());
+    let cistern = app::start(
+        config,
+        StartOptions {
+            clock: Some(clock.clone()),
+            ..StartOptions::default()
+        },
+    )
+    .await
+    .expect("start");
+    let addr = cistern.addrs[0];
+    let fetch = |i: u8| async move {
+        let got = get(addr, &format!("/debian/pool/p{i}.deb")).await;
+        assert_eq!(got.status, 200, "p{i}");
+        assert_eq!(got.bytes(), &pattern(i, 1000), "p{i}");
+    };
+
+    // Three 503s in a row mark the first mirror down.
+    for i in 0..3 {
+        fetch(i).await;
+    }
+    let first_three: Vec<String> = (0..3).map(|i| format!("/debian/pool/p{i}.deb")).collect();
+    assert_eq!(paths(&broken), first_three);
+    // While it is down, requests go to the second without touching it,
+    // however long that takes in real time: only the clock counts.
+    clock.advance(Duration::from_secs(29));
+    for i in 3..5 {
+        fetch(i).await;
+    }
+    assert_eq!(
+        paths(&broken),
+        first_three,
+        "a mirror marked down was asked"
+    );
+    // 30 s after it was marked down it is tried first again.
+    clock.advance(Duration::from_secs(2));
+    fetch(5).await;
+    let mut expected = first_three.clone();
+    expected.push("/debian/pool/p5.deb".into());
+    assert_eq!(
+        paths(&broken),
+        expected,
+        "the first mirror got no second chance"
+    );
+    // It failed again, so it is down again for the next request.
+    fetch(6).await;
+    assert_eq!(paths(&broken), expected);
+    assert_eq!(
+        paths(&good),
+        (0..7)
+            .map(|i| format!("/debian/pool/p{i}.deb"))
+            .collect::<Vec<_>>()
+    );
 }

@@ -30,8 +30,14 @@
 //!   filling): ranges, conditionals, `Age`, `Cache-Status`, digests.
 //! - [`cache`]: the RFC 9111 rules (freshness, storability, revalidation),
 //!   on top of `http-cache-semantics`.
-//! - [`fetch`]: the coalescing fetch engine, the upstream client and mirror
-//!   sets.
+//! - [`fetch`]: the coalescing fetch engine: `mod.rs` the facade,
+//!   `coalesce` (one fill per key, its states, the in-flight registry),
+//!   `fill` (the fill task: revalidate, resume, prepare, stream, commit),
+//!   `failover` (sending along a mirror set, reporting health), `sink`
+//!   (writing and hashing the body), `headers` (response-header parsers),
+//!   `error` (kinds, sides, retryability), `mirror` (mirror sets and their
+//!   health), `upstream` (the HTTP client), `confine` (keeping paths below
+//!   an upstream's base).
 //! - [`store`]: the replica tree, its metadata (a versioned format of its
 //!   own, with migration and quarantine), partial files, the index rebuilt
 //!   from disk, the digest index, LRU eviction and `cistern verify`.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Uri, Version, header};
 
+use crate::clock::Clock;
 use crate::config::{Config, ForwardConfig, MirrorConfig, ServerName, canonical_ip};
 use crate::fetch::MirrorSet;
 
@@ -81,12 +82,13 @@ struct SiteRoute {
 }
 
 impl Router {
-    /// Builds the table for `config`.
-    pub fn new(config: &Config) -> Router {
+    /// Builds the table for `config`; the mirror sets measure upstream
+    /// health on `clock`.
+    pub fn new(config: &Config, clock: &Clock) -> Router {
         let mut mirrors: Vec<Arc<MirrorSet>> = config
             .mirrors
             .iter()
-            .map(|m| Arc::new(MirrorSet::new(m)))
+            .map(|m| Arc::new(MirrorSet::new(m, clock)))
             .collect();
         mirrors.sort_by_key(|m| std::cmp::Reverse(m.prefix.len()));
         let sites: Vec<SiteRoute> = config
@@ -97,13 +99,16 @@ impl Router {
                 listen: s.listen.clone(),
                 // A site is a mirror of its upstreams rooted at `/`: the
                 // same failover, coalescing and replica layout.
-                set: Arc::new(MirrorSet::new(&MirrorConfig {
-                    name: s.name.clone(),
-                    prefix: "/".to_owned(),
-                    upstreams: s.upstreams.clone(),
-                    policies: s.policies.clone(),
-                    stale: s.stale,
-                })),
+                set: Arc::new(MirrorSet::new(
+                    &MirrorConfig {
+                        name: s.name.clone(),
+                        prefix: "/".to_owned(),
+                        upstreams: s.upstreams.clone(),
+                        policies: s.policies.clone(),
+                        stale: s.stale,
+                    },
+                    clock,
+                )),
             })
             .collect();
         let default_site = config
@@ -314,7 +319,7 @@ mod tests {
     #[test]
     fn classification_table() {
         let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        let r = Router::new(&config(true));
+        let r = Router::new(&config(true), &Clock::default());
         let cases: &[(Method, &str, Option<&str>, Version, &str)] = &[
             (
                 Method::GET,
@@ -431,7 +436,7 @@ mod tests {
             let got = r.route(&req(m.clone(), uri, *host, *v), local);
             assert_eq!(got.as_str(), *want, "{m} {uri} host={host:?}");
         }
-        let no_transparent = Router::new(&config(false));
+        let no_transparent = Router::new(&config(false), &Clock::default());
         for host in ["example.org", "cache.lan:8080"] {
             let got =
                 no_transparent.route(&req(Method::GET, "/x", Some(host), Version::HTTP_11), local);
@@ -455,7 +460,7 @@ mod tests {
     #[test]
     fn mirror_rest_keeps_the_query() {
         let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        let r = Router::new(&config(false));
+        let r = Router::new(&config(false), &Clock::default());
         match r.route(
             &req(
                 Method::GET,
@@ -489,7 +494,7 @@ mod tests {
             site("two.test", a),
             site("three.test", b),
         ];
-        let r = Router::new(&c);
+        let r = Router::new(&c, &Clock::default());
         let on = |host: &str, listener| match r.route_site(
             &req(Method::GET, "/p/x?y=1", Some(host), Version::HTTP_11),
             listener,
@@ -503,7 +508,7 @@ mod tests {
         assert_eq!(on("three.test", a), "misdirected");
         assert_eq!(on("unknown.test", a), "misdirected");
         c.default_site = Some("one.test".into());
-        let r = Router::new(&c);
+        let r = Router::new(&c, &Clock::default());
         match r.route_site(
             &req(Method::GET, "/", Some("unknown.test"), Version::HTTP_11),
             a,
@@ -521,7 +526,7 @@ mod tests {
 
     #[test]
     fn forward_acl_is_loopback_by_default() {
-        let r = Router::new(&config(false));
+        let r = Router::new(&config(false), &Clock::default());
         assert!(r.forward_allowed("127.0.0.1".parse().unwrap()));
         assert!(r.forward_allowed("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!r.forward_allowed("192.0.2.7".parse().unwrap()));

@@ -84,7 +84,7 @@ impl Snapshot {
         let policy_host: Arc<dyn PolicyHost> =
             Arc::new(ProxyPolicyHost::new(fetch.clone(), limits.clone()));
         Ok(Snapshot {
-            router: Router::new(&config),
+            router: Router::new(&config, fetch.clock()),
             config: Arc::new(config),
             limits,
             settings,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use http::Uri;
 
+use crate::clock::Clock;
 use crate::config::{MirrorConfig, StaleRules};
 
 use super::confine::{EscapeError, confine};
@@ -25,7 +26,8 @@ pub enum MirrorPathError {
 
 /// After this many consecutive failures an upstream is tried last for a while.
 const FAILURES_BEFORE_DOWN: u32 = 3;
-/// How long a failing upstream is tried last before it gets another chance.
+/// How long a failing upstream is tried last before it gets another chance,
+/// on the engine's clock.
 const DOWN_FOR: Duration = Duration::from_secs(30);
 
 /// One upstream of a mirror set and what we know about its health.
@@ -54,6 +56,10 @@ pub struct MirrorSet {
     pub upstreams: Vec<MirrorUpstream>,
     /// When a stale replica of this set may still answer.
     pub stale: StaleRules,
+    /// The engine's clock: marks are measured on its monotonic reading,
+    /// so tests move them with the manual clock.
+    clock: Clock,
+    /// The clock's reading when the set was made; marks count from it.
     epoch: Instant,
 }
 
@@ -73,8 +79,9 @@ pub struct UpstreamHealth {
 }
 
 impl MirrorSet {
-    /// Builds a set from its validated config block.
-    pub fn new(config: &MirrorConfig) -> MirrorSet {
+    /// Builds a set from its validated config block; health is measured
+    /// on `clock`.
+    pub fn new(config: &MirrorConfig, clock: &Clock) -> MirrorSet {
         MirrorSet {
             name: config.name.clone(),
             prefix: config.prefix.clone(),
@@ -92,8 +99,14 @@ impl MirrorSet {
                 })
                 .collect(),
             stale: config.stale,
-            epoch: Instant::now(),
+            clock: clock.clone(),
+            epoch: clock.monotonic(),
         }
+    }
+
+    /// Time since the set was made, on its clock.
+    fn elapsed(&self) -> Duration {
+        self.clock.monotonic().saturating_duration_since(self.epoch)
     }
 
     /// The URL of `rest` (the request path after our prefix, with its
@@ -112,7 +125,7 @@ impl MirrorSet {
     /// Upstream indexes in the order to try them: healthy ones in config
     /// order, then the ones currently marked down.
     pub fn order(&self) -> Vec<usize> {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = self.elapsed().as_millis() as u64;
         let (mut up, down): (Vec<usize>, Vec<usize>) = (0..self.upstreams.len())
             .partition(|&i| self.upstreams[i].down_until_ms.load(Ordering::Relaxed) <= now);
         up.extend(down);
@@ -132,7 +145,7 @@ impl MirrorSet {
                 up.failures.fetch_add(1, Ordering::Relaxed);
                 let n = up.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= FAILURES_BEFORE_DOWN {
-                    let until = self.epoch.elapsed() + DOWN_FOR;
+                    let until = self.elapsed() + DOWN_FOR;
                     up.down_until_ms
                         .store(until.as_millis() as u64, Ordering::Relaxed);
                 }
@@ -145,7 +158,7 @@ impl MirrorSet {
 
     /// Health of every upstream, in config order.
     pub fn health(&self) -> Vec<UpstreamHealth> {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = self.elapsed().as_millis() as u64;
         self.upstreams
             .iter()
             .map(|u| UpstreamHealth {
@@ -164,16 +177,23 @@ mod tests {
     use super::*;
 
     fn set() -> MirrorSet {
-        MirrorSet::new(&MirrorConfig {
-            name: "debian".into(),
-            prefix: "/debian/".into(),
-            upstreams: vec![
-                "http://a.example/debian/".parse().unwrap(),
-                "http://b.example/d/".parse().unwrap(),
-            ],
-            policies: vec![],
-            stale: StaleRules::default(),
-        })
+        set_on(&Clock::default())
+    }
+
+    fn set_on(clock: &Clock) -> MirrorSet {
+        MirrorSet::new(
+            &MirrorConfig {
+                name: "debian".into(),
+                prefix: "/debian/".into(),
+                upstreams: vec![
+                    "http://a.example/debian/".parse().unwrap(),
+                    "http://b.example/d/".parse().unwrap(),
+                ],
+                policies: vec![],
+                stale: StaleRules::default(),
+            },
+            clock,
+        )
     }
 
     #[test]
@@ -219,5 +239,19 @@ mod tests {
         );
         s.report(0, None);
         assert_eq!(s.order(), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_mirror_marked_down_is_tried_first_again_after_down_for() {
+        let clock = Clock::manual(std::time::SystemTime::now());
+        let s = set_on(&clock);
+        for _ in 0..FAILURES_BEFORE_DOWN {
+            s.report(0, Some("status 503"));
+        }
+        clock.advance(DOWN_FOR - Duration::from_millis(1));
+        assert_eq!(s.order(), vec![1, 0]);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(s.order(), vec![0, 1]);
+        assert!(!s.health()[0].down);
     }
 }

@@ -1,0 +1,178 @@
+//! Sending requests upstream: building them, trying the candidate
+//! upstreams in order and reporting each one's health to its mirror set.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+
+use super::{FetchError, FillJob, Inner, UpstreamBody, Upstreams, error_chain};
+
+/// The body of a request that has none.
+pub(super) fn empty_body() -> UpstreamBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A request for `url` with the client's end-to-end headers, framed by
+/// its body.
+pub(super) fn build_request(
+    method: Method,
+    url: &Uri,
+    headers: &HeaderMap,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = url.clone();
+    *req.headers_mut() = headers.clone();
+    // The Host header must name the upstream, not us.
+    req.headers_mut().remove(header::HOST);
+    frame_by_body(&mut req);
+    req
+}
+
+/// Makes the request's framing headers describe the body actually sent.
+/// A client's `Content-Length` (or one a policy set) with no body behind
+/// it would make a reused upstream connection take the next request's
+/// first bytes as this one's body: request smuggling into the cache. So
+/// the headers are dropped and hyper frames the request from the body
+/// (its exact length, else chunked). An empty body on a method that
+/// defines content says `Content-Length: 0` (RFC 9110 §8.6), so an origin
+/// that wants a length does not answer 411.
+fn frame_by_body(req: &mut Request<UpstreamBody>) {
+    let headers = req.headers_mut();
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::TRANSFER_ENCODING);
+    let defines_content = !matches!(
+        *req.method(),
+        Method::GET
+            | Method::HEAD
+            | Method::DELETE
+            | Method::OPTIONS
+            | Method::TRACE
+            | Method::CONNECT
+    );
+    if defines_content && http_body::Body::is_end_stream(req.body()) {
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
+}
+
+impl Upstreams {
+    /// Candidate URLs in the order to try, with the mirror index to report
+    /// health to.
+    pub(super) fn candidates(&self) -> Vec<(Option<usize>, Uri)> {
+        match self {
+            Upstreams::Single(uri) => vec![(None, uri.clone())],
+            Upstreams::Mirror { set, rest } => set
+                .order()
+                .into_iter()
+                .filter_map(|i| set.url(i, rest).ok().map(|u| (Some(i), u)))
+                .collect(),
+        }
+    }
+
+    /// Tells a mirror set how its upstream `index` did.
+    pub(super) fn report(&self, index: Option<usize>, failure: Option<&str>) {
+        if let (Upstreams::Mirror { set, .. }, Some(i)) = (self, index) {
+            set.report(i, failure);
+        }
+    }
+}
+
+impl Inner {
+    /// Sends one request, bounded by the inactivity timeout, and counts it.
+    pub(super) async fn send(
+        &self,
+        req: Request<UpstreamBody>,
+        url: &Uri,
+        idle: Duration,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let sent = tokio::time::timeout(idle, self.client.send(req)).await;
+        let failed = !matches!(&sent, Ok(Ok(resp)) if !resp.status().is_server_error());
+        self.metrics.upstream_request(failed);
+        match sent {
+            Err(_) => Err(FetchError::Timeout {
+                url: url.to_string(),
+                after: idle,
+            }),
+            Ok(Err(source)) => match crate::ours::self_target_in(&source) {
+                Some(refused) => Err(FetchError::SelfTarget(refused.clone())),
+                None => Err(FetchError::Connect {
+                    url: url.to_string(),
+                    source,
+                }),
+            },
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    /// Sends a GET for a fill along the job's upstreams.
+    pub(super) async fn ask(
+        &self,
+        job: &FillJob,
+        headers: HeaderMap,
+    ) -> Result<(Response<Incoming>, Uri), FetchError> {
+        self.failover(
+            Method::GET,
+            &job.upstreams,
+            &headers,
+            None,
+            job.settings.idle,
+        )
+        .await
+    }
+
+    /// Sends the request to each candidate upstream until one answers
+    /// without a connect error or a 5xx; the last one's 5xx is passed on.
+    /// With a request body only the first candidate is tried: a streamed
+    /// body cannot be sent twice.
+    pub(super) async fn failover(
+        &self,
+        method: Method,
+        upstreams: &Upstreams,
+        headers: &HeaderMap,
+        body: Option<UpstreamBody>,
+        idle: Duration,
+    ) -> Result<(Response<Incoming>, Uri), FetchError> {
+        let retryable = body.is_none();
+        let mut body = body;
+        let candidates = upstreams.candidates();
+        let count = candidates.len();
+        let mut last = None;
+        for (n, (index, url)) in candidates.into_iter().enumerate() {
+            let req_body = body.take().unwrap_or_else(empty_body);
+            let req = build_request(method.clone(), &url, headers, req_body);
+            match self.send(req, &url, idle).await {
+                Ok(resp) if resp.status().is_server_error() && retryable && n + 1 < count => {
+                    tracing::info!(target: "cistern::fetch", %url, status = %resp.status(), "upstream error, trying the next mirror");
+                    upstreams.report(index, Some(&format!("status {}", resp.status())));
+                }
+                Ok(resp) => {
+                    let failure = resp
+                        .status()
+                        .is_server_error()
+                        .then(|| format!("status {}", resp.status()));
+                    upstreams.report(index, failure.as_deref());
+                    return Ok((resp, url));
+                }
+                Err(e) => {
+                    let why = error_chain(&e);
+                    tracing::info!(target: "cistern::fetch", %url, kind = e.kind().as_str(), "upstream failed: {why}");
+                    upstreams.report(index, Some(&why));
+                    last = Some(e);
+                    if !retryable {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or(FetchError::NoUpstream {
+            url: upstreams.primary(),
+        }))
+    }
+}

@@ -1,0 +1,628 @@
+//! The fill task: the decision tree of one key's upstream fetch
+//! (revalidate, resume a partial, prepare the replica or pass an
+//! unshareable response to its leader, stream the body, verify and
+//! commit it, resume after a transient failure).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::cache::{self, CacheRequest};
+use crate::config::CacheMode;
+use crate::observe::NoCacheReason;
+use crate::store::meta::unix_secs;
+use crate::store::{ObjectMeta, PartialFile, PartialMeta, StoreError};
+
+use super::failover::{build_request, empty_body};
+use super::headers::{
+    announced_sha256, close_delimited, content_length, content_range_start, content_range_total,
+    header_str, resume_headers,
+};
+use super::sink::{BodySink, WRITE_BATCH, hash_file};
+use super::{
+    FetchError, Fill, FillHead, FillJob, FillState, HeadDecision, Inner, RetryType, error_chain,
+};
+
+/// How many times one fill resumes its body after a transient upstream
+/// failure (reset, closed connection, timeout) before its readers get a
+/// failed transfer.
+pub const RESUME_ATTEMPTS: u32 = 3;
+/// The pause before the first resume; the n-th waits n times as long.
+const RESUME_PAUSE: Duration = Duration::from_millis(200);
+
+/// How a fill's body is being written.
+struct Writing {
+    partial: PartialFile,
+    head: Arc<FillHead>,
+    /// Where the first new byte goes (non-zero when resuming).
+    start: u64,
+    url: Uri,
+    meta: ObjectMeta,
+}
+
+impl Inner {
+    /// The fill task: ask upstream, then either refresh, stream into the
+    /// replica, or hand an unshareable response to the leader.
+    pub(super) async fn run(
+        &self,
+        fill: &Fill,
+        job: FillJob,
+        leader: oneshot::Sender<Response<Incoming>>,
+    ) -> Result<(), FetchError> {
+        if job.settings.mode == CacheMode::Offline {
+            return Err(FetchError::Offline {
+                url: job.upstreams.primary(),
+            });
+        }
+        let key = job.key.clone();
+        // An interrupted fill of this key is resumed rather than restarted.
+        let partial = if job.revalidate.is_none() {
+            let k = key.clone();
+            self.blocking(move |s| s.find_partial(&k)).await?
+        } else {
+            None
+        };
+        let mut headers = job.headers.clone();
+        if let Some((_, validators)) = &job.revalidate {
+            headers.extend(validators.clone());
+        }
+        let resume = partial
+            .as_ref()
+            .and_then(|(meta, len)| resume_headers(meta, *len));
+        if let Some((range, if_range)) = &resume {
+            headers.insert(header::RANGE, range.clone());
+            headers.insert(header::IF_RANGE, if_range.clone());
+        }
+
+        let asked = self.clock.now();
+        let (mut resp, url) = self.ask(&job, headers).await?;
+        let received = self.clock.now();
+
+        if let Some((replica, _)) = &job.revalidate
+            && resp.status() == StatusCode::NOT_MODIFIED
+        {
+            let req_headers = job.headers.clone();
+            let creq = CacheRequest {
+                key: &job.key_uri,
+                method: &Method::GET,
+                headers: &req_headers,
+            };
+            let (parts, _) = Response::new(()).into_parts();
+            let mut parts = parts;
+            parts.status = resp.status();
+            parts.headers = resp.headers().clone();
+            if let Some(updated) = cache::revalidated(&replica.meta, creq, &parts, asked, received)
+            {
+                let k = key.clone();
+                let replica = self.blocking(move |s| s.refresh(&k, updated)).await?;
+                fill.state.send_replace(FillState::Revalidated(replica));
+                return Ok(());
+            }
+            // A 304 that does not match what we hold: fetch it whole.
+            let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
+            resp = resp2;
+        }
+
+        let decision = match &job.hook {
+            Some(hook) => {
+                let status = resp.status();
+                hook.on_head(status, resp.headers_mut())
+            }
+            None => HeadDecision::default(),
+        };
+        if decision.deny {
+            return Err(FetchError::PolicyDenied {
+                url: url.to_string(),
+            });
+        }
+
+        let resumed_from = match (&partial, resp.status()) {
+            (Some((_, len)), StatusCode::PARTIAL_CONTENT) if resume.is_some() => {
+                match content_range_start(resp.headers()) {
+                    Some(start) if start == *len => Some(*len),
+                    // The upstream answered another range than we asked for.
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if resp.status() == StatusCode::PARTIAL_CONTENT && resumed_from.is_none() {
+            // Unusable partial answer: start over without a range.
+            let k = key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
+            resp = resp2;
+        }
+
+        let policy_uncacheable = decision.uncacheable;
+        let mut writing = match self
+            .prepare(fill, &job, &resp, &url, received, decision, resumed_from)
+            .await
+        {
+            Ok(Some(w)) => w,
+            Ok(None) => {
+                let reason = if policy_uncacheable {
+                    NoCacheReason::PolicyUncacheable
+                } else {
+                    NoCacheReason::NotStorable
+                };
+                fill.state.send_replace(FillState::Unshared(reason));
+                let _ = leader.send(resp);
+                return Ok(());
+            }
+            Err(e @ FetchError::Store(_)) => {
+                // The disk refuses the replica: this client is still served,
+                // uncached, and the reason is logged.
+                tracing::warn!(target: "cistern::fetch", key = %key, "not caching: {e}");
+                self.metrics.store_refusal();
+                if resumed_from.is_some() {
+                    // The 206 continues our partial, but the client asked
+                    // for the whole body; the partial cannot be finished.
+                    let k = key.clone();
+                    self.blocking(move |s| s.discard_partial(&k)).await?;
+                    resp = self.ask(&job, job.headers.clone()).await?.0;
+                }
+                fill.state
+                    .send_replace(FillState::Unshared(NoCacheReason::NoRoom));
+                let _ = leader.send(resp);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        writing.meta.rfc.request_time = asked;
+        self.stream(fill, &job, resp, writing).await
+    }
+
+    /// Decides whether the response becomes a replica and, if so, opens its
+    /// partial file and publishes the head to readers.
+    #[allow(clippy::too_many_arguments)]
+    async fn prepare(
+        &self,
+        fill: &Fill,
+        job: &FillJob,
+        resp: &Response<Incoming>,
+        url: &Uri,
+        received: SystemTime,
+        decision: HeadDecision,
+        resumed_from: Option<u64>,
+    ) -> Result<Option<Writing>, FetchError> {
+        // The stored form is the full 200 response, even when resuming.
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = if resumed_from.is_some() {
+            StatusCode::OK
+        } else {
+            resp.status()
+        };
+        parts.headers = resp.headers().clone();
+        let length = match resumed_from {
+            Some(_) => content_range_total(resp.headers()),
+            None => content_length(resp.headers()),
+        };
+        parts.headers.remove(header::CONTENT_RANGE);
+        let creq = CacheRequest {
+            key: &job.key_uri,
+            method: &Method::GET,
+            headers: &job.headers,
+        };
+        let policy = cache::new_policy(creq, &parts, received);
+        if decision.uncacheable || !cache::storable(&policy, parts.status) {
+            return Ok(None);
+        }
+        let stored = cache::stored_headers(&parts.headers);
+        let mut client_headers = HeaderMap::with_capacity(stored.len());
+        for (k, v) in &stored {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                client_headers.append(k, v);
+            }
+        }
+        let ttl_override = match (decision.ttl, decision.ttl_cap) {
+            (Some(ttl), cap) => Some(cap.map_or(ttl, |c| ttl.min(c))),
+            (None, Some(cap)) => Some(policy.time_to_live(received).min(cap)),
+            (None, None) => None,
+        };
+        let meta = ObjectMeta {
+            key: job.key.to_string(),
+            url: url.to_string(),
+            replica: String::new(),
+            status: 200,
+            headers: stored,
+            policy: policy.clone(),
+            rfc: cache::rfc_inputs(creq, &parts, received, received),
+            file: None,
+            length: 0,
+            sha256: String::new(),
+            stored_at: unix_secs(received),
+            validated_at: unix_secs(received),
+            immutable: decision.immutable,
+            ttl_override: ttl_override.map(|d| d.as_secs()),
+        };
+        let partial_meta = PartialMeta {
+            key: job.key.to_string(),
+            url: url.to_string(),
+            total_length: length,
+            etag: header_str(&parts.headers, header::ETAG),
+            last_modified: header_str(&parts.headers, header::LAST_MODIFIED),
+            started_at: unix_secs(received),
+        };
+        let k = job.key.clone();
+        let resume = resumed_from.is_some();
+        let partial = self
+            .blocking(move |s| s.begin_partial(&k, partial_meta, resume))
+            .await?;
+        let start = if resume { partial.len } else { 0 };
+        if resumed_from.is_some_and(|from| from != start) {
+            // The partial changed under us; never splice mismatched bytes.
+            return Err(FetchError::ResumeMismatch {
+                url: url.to_string(),
+                written: start,
+                why: "the partial file changed during the resume",
+            });
+        }
+        let head = Arc::new(FillHead {
+            url: url.to_string(),
+            headers: client_headers,
+            length,
+            file: partial.file.clone(),
+            policy,
+            received,
+            start,
+        });
+        fill.state.send_replace(FillState::Streaming {
+            head: head.clone(),
+            written: start,
+        });
+        if start > 0 {
+            tracing::info!(target: "cistern::fetch", key = %job.key, from = start, "resuming partial download");
+        }
+        Ok(Some(Writing {
+            partial,
+            head,
+            start,
+            url: url.clone(),
+            meta,
+        }))
+    }
+
+    /// Copies the body into the partial file, then verifies and commits it.
+    async fn stream(
+        &self,
+        fill: &Fill,
+        job: &FillJob,
+        resp: Response<Incoming>,
+        w: Writing,
+    ) -> Result<(), FetchError> {
+        let Writing {
+            partial,
+            head,
+            start,
+            url,
+            mut meta,
+        } = w;
+        let url_s = url.to_string();
+        let announced = announced_sha256(resp.headers());
+        let mut ends_at_close = close_delimited(&resp);
+        let idle = job.settings.idle;
+        let mut body = resp.into_body();
+        let mut sink = BodySink {
+            partial,
+            batch: Vec::new(),
+            batch_len: 0,
+            written: start,
+            // Hash while streaming; a resumed fill hashes the whole file at the end.
+            hasher: (start == 0).then(Sha256::new),
+        };
+        // The full length: announced by the head, or learnt from a resume's
+        // `Content-Range`.
+        let mut total = head.length;
+        let mut resumes = 0u32;
+        let mut orphan_since: Option<Instant> = None;
+        let mut ended = false;
+        while !ended {
+            // Gather frames that are already there, up to one batch.
+            let failure = loop {
+                let next = if sink.batch.is_empty() {
+                    match tokio::time::timeout(idle, body.frame()).await {
+                        Ok(f) => f,
+                        Err(_) => {
+                            break Some(FetchError::Timeout {
+                                url: url_s.clone(),
+                                after: idle,
+                            });
+                        }
+                    }
+                } else {
+                    match futures_util::FutureExt::now_or_never(body.frame()) {
+                        Some(f) => f,
+                        None => break None,
+                    }
+                };
+                match next {
+                    None => {
+                        ended = true;
+                        break None;
+                    }
+                    Some(Err(source)) => {
+                        // Keep what arrived: it is a valid prefix for a resume.
+                        self.flush(fill, &mut sink).await?;
+                        break Some(FetchError::Body {
+                            url: url_s.clone(),
+                            written: sink.written,
+                            source,
+                        });
+                    }
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data()
+                            && !data.is_empty()
+                        {
+                            sink.batch_len += data.len();
+                            sink.batch.push(data);
+                            if sink.batch_len >= WRITE_BATCH {
+                                break None;
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(error) = failure {
+                // The readers still waiting get the rest from a resume of
+                // the partial; they only see a pause.
+                let rest = self
+                    .resume_body(fill, job, &url, &sink, &mut total, &mut resumes, &error)
+                    .await;
+                match rest {
+                    Some(resp) => {
+                        ends_at_close = close_delimited(&resp);
+                        body = resp.into_body();
+                        continue;
+                    }
+                    None => return Err(error),
+                }
+            }
+            if let Some(bw) = job.settings.limits.download() {
+                bw.acquire(sink.batch_len).await;
+            }
+            self.flush(fill, &mut sink).await?;
+            let written = sink.written;
+            if let Some(total) = total
+                && written > total
+            {
+                return Err(FetchError::Length {
+                    url: url_s,
+                    written,
+                    expected: total,
+                });
+            }
+            // Whether the fill has been without readers for orphan-fill is
+            // decided here, after each write, on the engine's clock. No timer
+            // is needed: with no bytes coming the idle timeout ends the fill,
+            // and without readers a failure is not resumed.
+            if fill.readers() == 0 {
+                let now = self.clock.monotonic();
+                let since = *orphan_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= job.settings.orphan {
+                    return Err(FetchError::Orphaned {
+                        url: url_s,
+                        after: job.settings.orphan,
+                    });
+                }
+            } else {
+                orphan_since = None;
+            }
+        }
+        let BodySink {
+            partial,
+            written,
+            hasher,
+            ..
+        } = sink;
+        if let Some(total) = total
+            && written != total
+        {
+            return Err(FetchError::Length {
+                url: url_s,
+                written,
+                expected: total,
+            });
+        }
+        if ends_at_close && announced.is_none() {
+            // A FIN ends such a body whether it is complete or cut: served to
+            // the readers, never kept as a complete replica.
+            tracing::warn!(target: "cistern::fetch", key = %job.key, url = %url_s, bytes = written,
+                "not stored: the body ended with the upstream connection (no Content-Length, \
+                 no chunked encoding) and no Repr-Digest or Digest proves it complete");
+            self.metrics.store_refusal();
+            drop(partial);
+            let k = job.key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            fill.state.send_replace(FillState::Unverified {
+                head,
+                length: written,
+            });
+            return Ok(());
+        }
+        let digest: [u8; 32] = match hasher {
+            Some(h) => h.finalize().into(),
+            None => {
+                let file = partial.file.clone();
+                match tokio::task::spawn_blocking(move || hash_file(&file, written)).await {
+                    Ok(Ok(d)) => d,
+                    Ok(Err(e)) => {
+                        return Err(FetchError::Store(StoreError::Io {
+                            op: "hash partial file",
+                            path: partial.path.clone(),
+                            source: e,
+                        }));
+                    }
+                    Err(_) => return Err(FetchError::Vanished),
+                }
+            }
+        };
+        let actual = hex::encode(digest);
+        if let Some(announced) = announced
+            && announced != digest
+        {
+            let k = job.key.clone();
+            // A corrupt body is useless for resuming too.
+            let _ = self.blocking(move |s| s.discard_partial(&k)).await;
+            return Err(FetchError::DigestMismatch {
+                url: url_s,
+                announced: hex::encode(announced),
+                actual,
+            });
+        }
+        meta.length = written;
+        meta.sha256 = actual;
+        let replica = self.blocking(move |s| s.commit(partial, meta)).await?;
+        tracing::debug!(target: "cistern::fetch", key = %job.key, bytes = written, elapsed = ?fill.started.elapsed(), "fill complete");
+        fill.state
+            .send_replace(FillState::Complete { head, replica });
+        Ok(())
+    }
+
+    /// After `error` cut a fill's body, asks the same upstream URL for the
+    /// rest of it (`Range` from the bytes written, `If-Range` with the
+    /// partial's strong validator), up to [`RESUME_ATTEMPTS`] times per
+    /// fill, pausing a little longer each time. Only a `206` that provably
+    /// continues the partial is used (same start, same total, same
+    /// validator); otherwise `None` and the fill fails with `error`,
+    /// keeping its partial for a later request.
+    #[allow(clippy::too_many_arguments)]
+    async fn resume_body(
+        &self,
+        fill: &Fill,
+        job: &FillJob,
+        url: &Uri,
+        sink: &BodySink,
+        total: &mut Option<u64>,
+        resumes: &mut u32,
+        error: &FetchError,
+    ) -> Option<Response<Incoming>> {
+        let key = &job.key;
+        let written = sink.written;
+        let give_up = |why: &str| {
+            tracing::info!(target: "cistern::fetch", %key, %url, written, "not resuming: {why}");
+            None
+        };
+        if error.retry() == RetryType::Final {
+            return give_up("the failure is not one a retry can help");
+        }
+        if fill.readers() == 0 {
+            return give_up("no client is waiting; the partial is kept for the next one");
+        }
+        let Some((range, if_range)) = resume_headers(&sink.partial.meta, written) else {
+            return give_up(
+                "the upstream sent no strong validator, so a resume could splice two versions",
+            );
+        };
+        while *resumes < RESUME_ATTEMPTS {
+            *resumes += 1;
+            tokio::time::sleep(RESUME_PAUSE * *resumes).await;
+            tracing::info!(target: "cistern::fetch", %key, %url, from = written, attempt = *resumes,
+                "resuming after {}: {}", error.kind().as_str(), error_chain(error));
+            let mut headers = job.headers.clone();
+            headers.insert(header::RANGE, range.clone());
+            headers.insert(header::IF_RANGE, if_range.clone());
+            let req = build_request(Method::GET, url, &headers, empty_body());
+            let resp = match self.send(req, url, job.settings.idle).await {
+                Ok(resp) => resp,
+                Err(e) if e.retry() == RetryType::Retryable => {
+                    tracing::info!(target: "cistern::fetch", %key, %url, "resume failed: {}", error_chain(&e));
+                    continue;
+                }
+                Err(e) => return give_up(&error_chain(&e)),
+            };
+            return match continues(&resp, written, *total, &sink.partial.meta) {
+                Ok(announced) => {
+                    *total = total.or(announced);
+                    Some(resp)
+                }
+                Err(why) => give_up(why),
+            };
+        }
+        give_up(&format!(
+            "{RESUME_ATTEMPTS} resumes did not finish the body"
+        ))
+    }
+}
+
+/// Whether `resp` continues a partial of `written` bytes: a `206` starting
+/// exactly there, for the same total, with the same validator. Returns the
+/// total it announces.
+fn continues<B>(
+    resp: &Response<B>,
+    written: u64,
+    total: Option<u64>,
+    meta: &PartialMeta,
+) -> Result<Option<u64>, &'static str> {
+    if resp.status() == StatusCode::OK {
+        return Err("the upstream's copy changed (it answered the resume with a whole 200)");
+    }
+    if resp.status() != StatusCode::PARTIAL_CONTENT {
+        return Err("the upstream did not answer the resume with 206 Partial Content");
+    }
+    if content_range_start(resp.headers()) != Some(written) {
+        return Err("the upstream's 206 starts at another byte than the partial ends");
+    }
+    let announced = content_range_total(resp.headers());
+    if total.is_some() && announced != total {
+        return Err("the upstream's 206 is for another length than the first answer");
+    }
+    let same = |name: header::HeaderName, ours: &Option<String>| match (
+        ours,
+        resp.headers().get(name).and_then(|v| v.to_str().ok()),
+    ) {
+        (Some(ours), Some(theirs)) => ours == theirs,
+        _ => true,
+    };
+    if !same(header::ETAG, &meta.etag) || !same(header::LAST_MODIFIED, &meta.last_modified) {
+        return Err("the upstream's 206 carries another validator than the partial");
+    }
+    Ok(announced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_206_that_continues_the_partial_is_spliced() {
+        let meta = PartialMeta {
+            key: "k".into(),
+            url: "u".into(),
+            total_length: Some(10),
+            etag: Some("\"v1\"".into()),
+            last_modified: None,
+            started_at: 0,
+        };
+        let resp = |status: u16, range: &str, etag: &str| {
+            let mut b = Response::builder().status(status);
+            if !range.is_empty() {
+                b = b.header(header::CONTENT_RANGE, range);
+            }
+            if !etag.is_empty() {
+                b = b.header(header::ETAG, etag);
+            }
+            b.body(()).unwrap()
+        };
+        let ok = resp(206, "bytes 4-9/10", "\"v1\"");
+        assert_eq!(continues(&ok, 4, Some(10), &meta), Ok(Some(10)));
+        assert_eq!(continues(&ok, 4, None, &meta), Ok(Some(10)));
+        for bad in [
+            resp(200, "", "\"v2\""),
+            resp(206, "bytes 0-9/10", "\"v1\""),
+            resp(206, "bytes 4-10/11", "\"v1\""),
+            resp(206, "bytes 4-9/10", "\"v2\""),
+            resp(416, "", ""),
+        ] {
+            assert!(continues(&bad, 4, Some(10), &meta).is_err(), "{bad:?}");
+        }
+    }
+}
