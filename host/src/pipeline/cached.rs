@@ -3,7 +3,7 @@
 //! `stale-if-error` or `stale-while-revalidate` allow), or start or join
 //! the key's fill and read along it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
@@ -12,8 +12,8 @@ use super::answers::{error_response, internal};
 use super::passthrough::passthrough_response;
 use super::{Answer, PolicyRun, Proxy, RouteCache};
 use crate::body;
-use crate::cache::{self, CacheRequest, Freshness};
-use crate::config::CacheMode;
+use crate::cache::{self, CacheRequest, Freshness, StaleUse};
+use crate::config::{CacheMode, StaleRules};
 use crate::fetch::{FetchError, FillJob, FillState, FillTicket, Side, Upstreams};
 use crate::observe::{CacheOutcome, NoCacheReason};
 use crate::serve::{self, ServeError, Source};
@@ -21,7 +21,10 @@ use crate::snapshot::Snapshot;
 use crate::store::{CacheKey, Replica};
 
 impl Proxy {
-    /// A proxied HTTP request: cached for GET and HEAD, passed through otherwise.
+    /// A proxied HTTP request: cached for GET and HEAD, passed through
+    /// otherwise. Two phases: the replica lookup decides (hit, stale,
+    /// another variant, nothing), then a miss or a revalidation goes
+    /// through the key's fill.
     pub(super) async fn http(
         &self,
         req: Request<Incoming>,
@@ -40,53 +43,18 @@ impl Proxy {
             let hook = policy.map(|p| p.hook(req.headers()));
             return self.pass(req, key, upstreams, hook, snap).await;
         }
-        if bypass {
-            let (parts, _) = req.into_parts();
-            let hook = policy.map(|p| p.hook(&parts.headers));
-            return self
-                .uncached(
-                    NoCacheReason::PolicyBypass,
-                    &method,
-                    parts.headers,
-                    &upstreams,
-                    hook.as_deref(),
-                    snap,
-                )
-                .await;
-        }
         let (parts, _body) = req.into_parts();
         let mut headers = parts.headers;
-        // The key names the resource; which name the client used to reach
-        // us (Host) must not make the cache rules see another request.
-        headers.remove(header::HOST);
-        let now = self.clock.now();
-        let mut revalidate = None;
-        // A stale replica that may answer if the upstream fails.
-        let mut fallback = None;
-        if let Some(replica) = self.engine.store().lookup(&key) {
-            // The common case is decided without building the RFC 9111 answer
-            // (nor parsing the key): see `cache::evaluate_fast`.
-            let freshness =
-                match cache::evaluate_fast(&replica.meta, &headers, now, snap.config.mode) {
-                    Some(fresh) => fresh,
-                    None => match key.as_str().parse::<Uri>() {
-                        // A stored GET answers HEAD too (RFC 9110 §9.3.2): the
-                        // rules see GET.
-                        Ok(key_uri) => {
-                            let creq = CacheRequest {
-                                key: &key_uri,
-                                method: &Method::GET,
-                                headers: &headers,
-                            };
-                            cache::evaluate(&replica.meta, creq, now, snap.config.mode)
-                        }
-                        Err(_) => {
-                            return Answer::local(body::text(StatusCode::BAD_REQUEST, "bad URL"));
-                        }
-                    },
-                };
-            match freshness {
-                Freshness::Fresh => {
+        let reason = if bypass {
+            NoCacheReason::PolicyBypass
+        } else {
+            // The key names the resource; which name the client used to
+            // reach us (Host) must not make the cache rules see another
+            // request.
+            headers.remove(header::HOST);
+            let key_uri = KeyUri::new(&key);
+            match self.lookup(&key_uri, &headers, stale, snap) {
+                Lookup::Fresh(replica) => {
                     match self
                         .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
                         .await
@@ -96,54 +64,144 @@ impl Proxy {
                         Err(ServeError::Gone(_)) => {}
                         Err(e) => return Answer::local(internal(&e)),
                     }
+                    return self
+                        .miss(&method, headers, &key_uri, None, upstreams, policy, snap)
+                        .await;
                 }
-                Freshness::Stale(validators) => {
-                    let allowed = cache::stale_use(&replica.meta, now, stale);
-                    if allowed.while_revalidate && method == Method::GET {
-                        return self
-                            .serve_while_revalidating(
-                                &method, &headers, &key, replica, validators, upstreams, policy,
-                                snap,
-                            )
-                            .await;
-                    }
-                    if allowed.if_error {
-                        fallback = Some(replica.clone());
-                    }
-                    revalidate = Some((replica, validators));
+                Lookup::Stale {
+                    replica,
+                    validators,
+                    allowed,
+                } if allowed.while_revalidate && method == Method::GET => {
+                    return self
+                        .serve_while_revalidating(
+                            &method, &headers, &key_uri, replica, validators, upstreams, policy,
+                            snap,
+                        )
+                        .await;
                 }
-                Freshness::Mismatch => {
+                Lookup::Stale {
+                    replica,
+                    validators,
+                    allowed,
+                } => {
+                    let stale = Revalidation {
+                        fallback: allowed.if_error.then(|| replica.clone()),
+                        replica,
+                        validators,
+                    };
+                    return self
+                        .miss(
+                            &method,
+                            headers,
+                            &key_uri,
+                            Some(stale),
+                            upstreams,
+                            policy,
+                            snap,
+                        )
+                        .await;
+                }
+                Lookup::Absent => {
+                    return self
+                        .miss(&method, headers, &key_uri, None, upstreams, policy, snap)
+                        .await;
+                }
+                Lookup::OtherVariant => NoCacheReason::OtherVariant,
+                Lookup::BadKey => {
+                    return Answer::local(body::text(StatusCode::BAD_REQUEST, "bad URL"));
+                }
+            }
+        };
+        let hook = policy.map(|p| p.hook(&headers));
+        self.uncached(reason, &method, headers, &upstreams, hook.as_deref(), snap)
+            .await
+    }
+
+    /// What the replica holds for this request, by the RFC 9111 rules (a
+    /// stored GET answers HEAD too, RFC 9110 §9.3.2: the rules see GET).
+    fn lookup(
+        &self,
+        key_uri: &KeyUri<'_>,
+        headers: &HeaderMap,
+        stale: StaleRules,
+        snap: &Snapshot,
+    ) -> Lookup {
+        let Some(replica) = self.engine.store().lookup(key_uri.key) else {
+            return Lookup::Absent;
+        };
+        let now = self.clock.now();
+        // The common case is decided without building the RFC 9111 answer
+        // (nor parsing the key): see `cache::evaluate_fast`.
+        let freshness = match cache::evaluate_fast(&replica.meta, headers, now, snap.config.mode) {
+            Some(fresh) => fresh,
+            None => {
+                let Some(uri) = key_uri.get() else {
+                    return Lookup::BadKey;
+                };
+                let creq = CacheRequest {
+                    key: uri,
+                    method: &Method::GET,
+                    headers,
+                };
+                cache::evaluate(&replica.meta, creq, now, snap.config.mode)
+            }
+        };
+        match freshness {
+            Freshness::Fresh => Lookup::Fresh(replica),
+            Freshness::Stale(validators) => Lookup::Stale {
+                allowed: cache::stale_use(&replica.meta, now, stale),
+                replica,
+                validators,
+            },
+            Freshness::Mismatch => Lookup::OtherVariant,
+        }
+    }
+
+    /// Nothing usable in the replica, or a stale one to revalidate: the
+    /// key's fill (a HEAD only joins one under way, it never starts a
+    /// download).
+    #[allow(clippy::too_many_arguments)]
+    async fn miss(
+        &self,
+        method: &Method,
+        headers: HeaderMap,
+        key_uri: &KeyUri<'_>,
+        revalidation: Option<Revalidation>,
+        upstreams: Upstreams,
+        policy: Option<PolicyRun>,
+        snap: &Snapshot,
+    ) -> Answer {
+        let key = key_uri.key;
+        let Some(uri) = key_uri.get() else {
+            return Answer::local(body::text(StatusCode::BAD_REQUEST, "bad URL"));
+        };
+        if revalidation.is_none() {
+            if snap.config.mode == CacheMode::Offline {
+                return Answer::local(body::text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("offline mode: {key} is not in the replica"),
+                ));
+            }
+            if *method == Method::HEAD {
+                let Some(fill) = self.engine.find(key) else {
                     let hook = policy.map(|p| p.hook(&headers));
                     return self
                         .uncached(
-                            NoCacheReason::OtherVariant,
-                            &method,
+                            NoCacheReason::HeadOnly,
+                            method,
                             headers,
                             &upstreams,
                             hook.as_deref(),
                             snap,
                         )
                         .await;
-                }
-            }
-        }
-        let Ok(key_uri) = key.as_str().parse::<Uri>() else {
-            return Answer::local(body::text(StatusCode::BAD_REQUEST, "bad URL"));
-        };
-        if snap.config.mode == CacheMode::Offline && revalidate.is_none() {
-            return Answer::local(body::text(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("offline mode: {key} is not in the replica"),
-            ));
-        }
-        if method == Method::HEAD && revalidate.is_none() {
-            // A HEAD joins a fill under way but never starts a download.
-            return match self.engine.find(&key) {
-                Some(fill) => {
-                    self.follow(
-                        &method,
+                };
+                return self
+                    .follow(
+                        method,
                         &headers,
-                        &key_uri,
+                        uri,
                         fill,
                         None,
                         CacheOutcome::Coalesced,
@@ -151,25 +209,16 @@ impl Proxy {
                         None,
                         snap,
                     )
-                    .await
-                }
-                None => {
-                    let hook = policy.map(|p| p.hook(&headers));
-                    self.uncached(
-                        NoCacheReason::HeadOnly,
-                        &method,
-                        headers,
-                        &upstreams,
-                        hook.as_deref(),
-                        snap,
-                    )
-                    .await
-                }
-            };
+                    .await;
+            }
         }
+        let (revalidate, fallback) = match revalidation {
+            Some(r) => (Some((r.replica, r.validators)), r.fallback),
+            None => (None, None),
+        };
         let job = FillJob {
             key: key.clone(),
-            key_uri: key_uri.clone(),
+            key_uri: uri.clone(),
             upstreams: upstreams.clone(),
             headers: upstream_headers(&headers, true),
             revalidate,
@@ -179,7 +228,7 @@ impl Proxy {
         let (fill, passthrough, outcome) = match self.engine.fill(job) {
             FillTicket::Ready(replica) => {
                 return match self
-                    .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
+                    .serve_replica(method, &headers, replica, CacheOutcome::Hit)
                     .await
                 {
                     Ok(a) => a,
@@ -192,9 +241,9 @@ impl Proxy {
             FillTicket::Follower(fill) => (fill, None, CacheOutcome::Coalesced),
         };
         self.follow(
-            &method,
+            method,
             &headers,
-            &key_uri,
+            uri,
             fill,
             passthrough,
             outcome,
@@ -213,17 +262,17 @@ impl Proxy {
         &self,
         method: &Method,
         headers: &HeaderMap,
-        key: &CacheKey,
+        key_uri: &KeyUri<'_>,
         replica: Arc<Replica>,
         validators: HeaderMap,
         upstreams: Upstreams,
         policy: Option<PolicyRun>,
         snap: &Snapshot,
     ) -> Answer {
-        if let Ok(key_uri) = key.as_str().parse::<Uri>() {
+        if let Some(uri) = key_uri.get() {
             let job = FillJob {
-                key: key.clone(),
-                key_uri,
+                key: key_uri.key.clone(),
+                key_uri: uri.clone(),
                 upstreams,
                 headers: upstream_headers(headers, true),
                 revalidate: Some((replica.clone(), validators)),
@@ -412,4 +461,55 @@ pub(super) fn upstream_headers(client: &HeaderMap, for_fill: bool) -> HeaderMap 
         }
     }
     h
+}
+
+/// What the replica lookup found for a GET or HEAD.
+enum Lookup {
+    /// A fresh replica: serve it.
+    Fresh(Arc<Replica>),
+    /// A stale one, with the validators to revalidate it and what
+    /// `stale-if-error`/`stale-while-revalidate` allow now.
+    Stale {
+        replica: Arc<Replica>,
+        validators: HeaderMap,
+        allowed: StaleUse,
+    },
+    /// The replica holds another `Vary` variant.
+    OtherVariant,
+    /// Nothing stored under the key.
+    Absent,
+    /// The key is not a URL the cache rules can read.
+    BadKey,
+}
+
+/// A stale replica to revalidate through the fill.
+struct Revalidation {
+    replica: Arc<Replica>,
+    validators: HeaderMap,
+    /// The replica again where `stale-if-error` allows serving it on an
+    /// upstream failure.
+    fallback: Option<Arc<Replica>>,
+}
+
+/// The cache key as a `Uri`, parsed once and only when a decision needs
+/// it: a fresh hit on the fast path never does.
+struct KeyUri<'k> {
+    key: &'k CacheKey,
+    uri: OnceLock<Option<Uri>>,
+}
+
+impl<'k> KeyUri<'k> {
+    fn new(key: &'k CacheKey) -> KeyUri<'k> {
+        KeyUri {
+            key,
+            uri: OnceLock::new(),
+        }
+    }
+
+    /// The key as a `Uri`; `None` if it does not parse as one.
+    fn get(&self) -> Option<&Uri> {
+        self.uri
+            .get_or_init(|| self.key.as_str().parse().ok())
+            .as_ref()
+    }
 }
