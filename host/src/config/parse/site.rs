@@ -12,11 +12,11 @@ use http::Uri;
 use kdl::{KdlEntry, KdlNode};
 use miette::SourceSpan;
 
-use super::{
-    Cx, Listener, Rule, Shape, Top, many, once, policy_list, stale_if_error,
-    stale_while_revalidate, suggest, upstream_entry,
-};
-use crate::config::model::{SiteConfig, StaleRules};
+use super::policy::policy_list;
+use super::top::Top;
+use super::upstream_block::{stale_if_error, stale_while_revalidate, upstream_entry};
+use super::walker::{Cx, Rule, Shape, many, once, suggest};
+use crate::config::model::{Listener, SiteConfig, StaleRules};
 
 /// Where a site listens when its block names no address: loopback, like
 /// the plaintext default, on the usual unprivileged HTTPS port.
