@@ -1,36 +1,35 @@
 //! `mirror NAME { … }`: a path prefix served from a set of upstreams.
 
-use http::Uri;
 use kdl::{KdlEntry, KdlNode};
 use miette::SourceSpan;
 
-use super::policy::policy_list;
 use super::top::Top;
-use super::upstream_block::{stale_if_error, stale_while_revalidate, upstream_entry};
-use super::walker::{Cx, Rule, Shape, many, once};
+use super::upstream_block::{HasUpstreamBlock, UpstreamBlock, UpstreamHints, upstream_rules};
+use super::walker::{Cx, Rule, Shape, once};
 use crate::config::model::*;
 
+/// A `mirror` block as read.
 struct MirrorDraft {
     prefix: Option<(String, SourceSpan)>,
-    /// Any `upstream` node at all, valid or not: a bad one is already
-    /// reported and must not also read as "no upstream".
-    upstream_given: bool,
-    upstreams: Vec<Uri>,
-    refs: Vec<(String, SourceSpan)>,
-    stale: StaleRules,
+    upstream: UpstreamBlock,
 }
 
-const MIRROR: &[Rule<MirrorDraft>] = &[
-    once("prefix", mirror_prefix),
-    many("upstream", mirror_upstream),
-    once("policies", |cx, n, d| d.refs = policy_list(cx, n)),
-    once("stale-if-error", |cx, n, d| {
-        stale_if_error(cx, n, &mut d.stale)
-    }),
-    once("stale-while-revalidate", |cx, n, d| {
-        stale_while_revalidate(cx, n, &mut d.stale)
-    }),
-];
+impl HasUpstreamBlock for MirrorDraft {
+    fn upstream_block(&mut self) -> &mut UpstreamBlock {
+        &mut self.upstream
+    }
+}
+
+/// A mirror's own nodes; the upstream block's follow them.
+const MIRROR: &[Rule<MirrorDraft>] = &[once("prefix", mirror_prefix)];
+
+/// How a mirror's upstreams read in messages.
+const MIRROR_HINTS: UpstreamHints = UpstreamHints {
+    block: "mirror",
+    usage: "upstream \"http://deb.debian.org/debian/\"",
+    example: "http://deb.debian.org/debian/",
+    missing: "https://mirror.example.org/path/",
+};
 
 pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let e = cx.entries(
@@ -45,12 +44,9 @@ pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let name = e.arg(0).and_then(|a| cx.ident(e.name, a));
     let mut d = MirrorDraft {
         prefix: None,
-        upstream_given: false,
-        upstreams: Vec::new(),
-        refs: Vec::new(),
-        stale: StaleRules::default(),
+        upstream: UpstreamBlock::new(&MIRROR_HINTS),
     };
-    cx.children(node, MIRROR, &mut d);
+    cx.children_with(node, MIRROR, &upstream_rules(), &mut d);
     let Some(name) = name else { return };
     let name_span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
     if let Some(first) = top.mirror_names.get(name) {
@@ -62,11 +58,7 @@ pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         return;
     }
     top.mirror_names.insert(name.to_owned(), name_span);
-    if !d.upstream_given {
-        cx.error(name_span, format!("mirror {name:?} has no upstream"))
-            .help =
-            Some("add at least one: upstream \"https://mirror.example.org/path/\"".to_owned());
-    }
+    d.upstream.require_upstream(cx, name, name_span);
     // The default prefix is the name, so `mirror "debian"` serves /debian/.
     let (prefix, prefix_span) = d.prefix.unwrap_or_else(|| (format!("/{name}/"), name_span));
     if let Some(first) = top.mirror_prefixes.get(&prefix) {
@@ -78,13 +70,13 @@ pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     } else {
         top.mirror_prefixes.insert(prefix.clone(), prefix_span);
     }
-    top.policy_refs.extend(d.refs.iter().cloned());
+    let u = d.upstream.finish(&mut top.policy_refs);
     top.mirrors.push(MirrorConfig {
         name: name.to_owned(),
         prefix,
-        upstreams: d.upstreams,
-        policies: d.refs.into_iter().map(|(n, _)| n).collect(),
-        stale: d.stale,
+        upstreams: u.upstreams,
+        policies: u.policies,
+        stale: u.stale,
     });
 }
 
@@ -116,15 +108,4 @@ fn mirror_prefix(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
         prefix.push('/');
     }
     d.prefix = Some((prefix, arg.span()));
-}
-
-fn mirror_upstream(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
-    d.upstream_given = true;
-    upstream_entry(
-        cx,
-        node,
-        "upstream \"http://deb.debian.org/debian/\"",
-        "http://deb.debian.org/debian/",
-        &mut d.upstreams,
-    );
 }

@@ -1,11 +1,16 @@
-//! What the blocks backed by upstreams (`mirror`, `site`) share: the
-//! `upstream` URLs and the stale rules.
+//! The upstream block: the nodes `mirror` and `site` share (`upstream`,
+//! `policies`, `stale-if-error`, `stale-while-revalidate`), defined once in
+//! [`upstream_rules`] and read into an [`UpstreamBlock`], so an option of
+//! every upstream set is added in this one place. The stale readers also
+//! serve the `forward` block, which has stale rules but no upstreams.
 
 use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use kdl::KdlNode;
+use miette::SourceSpan;
 
-use super::walker::{Cx, Shape, duration_node};
+use super::policy::policy_list;
+use super::walker::{Cx, Rule, Shape, duration_node, many, once};
 use crate::config::model::*;
 
 /// `stale-if-error "1d"` (zero turns it off).
@@ -22,37 +27,125 @@ pub(super) fn stale_while_revalidate(cx: &mut Cx<'_>, node: &KdlNode, rules: &mu
     }
 }
 
-/// One `upstream "URL"` child of a mirror or a site, added to `upstreams`
-/// unless it is invalid or listed twice. `usage` and `example` are shown in
-/// messages.
-pub(super) fn upstream_entry(
-    cx: &mut Cx<'_>,
-    node: &KdlNode,
-    usage: &'static str,
-    example: &str,
-    upstreams: &mut Vec<Uri>,
-) {
-    let e = cx.entries(
-        node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: false,
-            usage,
-        },
-    );
-    let Some(arg) = e.arg(0) else { return };
-    let Some(text) = cx.string(e.name, arg) else {
-        return;
-    };
-    match upstream_url(text) {
-        Ok(uri) if upstreams.contains(&uri) => {
-            cx.error(arg.span(), format!("upstream {uri} is listed twice"));
+/// How one kind of upstream-backed block words its upstreams in messages.
+pub(super) struct UpstreamHints {
+    /// The block's node name: "mirror", "site".
+    pub(super) block: &'static str,
+    /// How to write an `upstream` node, for "wrong arguments" help.
+    pub(super) usage: &'static str,
+    /// The base URL shown when an `upstream` URL is bad.
+    pub(super) example: &'static str,
+    /// The URL suggested when the block has no `upstream` at all.
+    pub(super) missing: &'static str,
+}
+
+/// The shared part of an upstream-backed block as read: its upstream set,
+/// the policies it names and its stale rules.
+pub(super) struct UpstreamBlock {
+    hints: &'static UpstreamHints,
+    /// Any `upstream` node at all, valid or not: a bad one is already
+    /// reported and must not also read as "no upstream".
+    given: bool,
+    upstreams: Vec<Uri>,
+    refs: Vec<(String, SourceSpan)>,
+    stale: StaleRules,
+}
+
+/// What an [`UpstreamBlock`] yields for the block's config.
+pub(super) struct Upstreams {
+    /// The base URLs, in the order given, without repeats.
+    pub(super) upstreams: Vec<Uri>,
+    /// The names in the block's `policies`.
+    pub(super) policies: Vec<String>,
+    /// `stale-if-error` and `stale-while-revalidate`.
+    pub(super) stale: StaleRules,
+}
+
+/// A block's draft that holds an [`UpstreamBlock`], so that
+/// [`upstream_rules`] can read into it.
+pub(super) trait HasUpstreamBlock {
+    /// The draft's upstream block.
+    fn upstream_block(&mut self) -> &mut UpstreamBlock;
+}
+
+/// The nodes every upstream-backed block accepts, after its own (see
+/// [`Cx::children_with`]).
+pub(super) const fn upstream_rules<T: HasUpstreamBlock>() -> [Rule<T>; 4] {
+    [
+        many("upstream", |cx, n, d| d.upstream_block().upstream(cx, n)),
+        once("policies", |cx, n, d| {
+            d.upstream_block().refs = policy_list(cx, n)
+        }),
+        once("stale-if-error", |cx, n, d| {
+            stale_if_error(cx, n, &mut d.upstream_block().stale)
+        }),
+        once("stale-while-revalidate", |cx, n, d| {
+            stale_while_revalidate(cx, n, &mut d.upstream_block().stale)
+        }),
+    ]
+}
+
+impl UpstreamBlock {
+    /// An empty block of the kind `hints` describes.
+    pub(super) fn new(hints: &'static UpstreamHints) -> UpstreamBlock {
+        UpstreamBlock {
+            hints,
+            given: false,
+            upstreams: Vec::new(),
+            refs: Vec::new(),
+            stale: StaleRules::default(),
         }
-        Ok(uri) => upstreams.push(uri),
-        Err(why) => {
-            cx.error(arg.span(), format!("`upstream` {text:?} {why}"))
-                .help = Some(format!("write a base URL, like \"{example}\""));
+    }
+
+    /// Reports a block named `name` (at `span`) that has no `upstream`.
+    pub(super) fn require_upstream(&self, cx: &mut Cx<'_>, name: &str, span: SourceSpan) {
+        if !self.given {
+            let block = self.hints.block;
+            cx.error(span, format!("{block} {name:?} has no upstream"))
+                .help = Some(format!(
+                "add at least one: upstream \"{}\"",
+                self.hints.missing
+            ));
+        }
+    }
+
+    /// The block's parts, its policy references added to `policy_refs`
+    /// for the check against the declarations.
+    pub(super) fn finish(self, policy_refs: &mut Vec<(String, SourceSpan)>) -> Upstreams {
+        policy_refs.extend(self.refs.iter().cloned());
+        Upstreams {
+            upstreams: self.upstreams,
+            policies: self.refs.into_iter().map(|(n, _)| n).collect(),
+            stale: self.stale,
+        }
+    }
+
+    /// One `upstream "URL"` child, added to the set unless it is invalid
+    /// or listed twice.
+    fn upstream(&mut self, cx: &mut Cx<'_>, node: &KdlNode) {
+        self.given = true;
+        let e = cx.entries(
+            node,
+            &Shape {
+                args: (1, 1),
+                props: &[],
+                children: false,
+                usage: self.hints.usage,
+            },
+        );
+        let Some(arg) = e.arg(0) else { return };
+        let Some(text) = cx.string(e.name, arg) else {
+            return;
+        };
+        match upstream_url(text) {
+            Ok(uri) if self.upstreams.contains(&uri) => {
+                cx.error(arg.span(), format!("upstream {uri} is listed twice"));
+            }
+            Ok(uri) => self.upstreams.push(uri),
+            Err(why) => {
+                cx.error(arg.span(), format!("`upstream` {text:?} {why}"))
+                    .help = Some(format!("write a base URL, like \"{}\"", self.hints.example));
+            }
         }
     }
 }

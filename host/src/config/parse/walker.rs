@@ -161,11 +161,18 @@ impl Cx<'_> {
     /// Walks a block's children against its rules: unknown names and
     /// repeats of single nodes are problems; the rest go to their readers.
     pub(super) fn block<T>(&mut self, doc: &KdlDocument, rules: &[Rule<T>], draft: &mut T) {
+        self.walk(doc, &[rules], draft);
+    }
+
+    /// [`Cx::block`] over several tables read as one, in order: a block's
+    /// own rules and the rule sets it shares with other blocks.
+    fn walk<T>(&mut self, doc: &KdlDocument, tables: &[&[Rule<T>]], draft: &mut T) {
+        let rules = || tables.iter().flat_map(|t| t.iter());
         let mut seen: HashMap<&'static str, SourceSpan> = HashMap::new();
         for node in doc.nodes() {
             let name = node.name().value();
-            let Some(rule) = rules.iter().find(|r| r.name == name) else {
-                let names: Vec<&str> = rules.iter().map(|r| r.name).collect();
+            let Some(rule) = rules().find(|r| r.name == name) else {
+                let names: Vec<&str> = rules().map(|r| r.name).collect();
                 let help = match suggest(name, &names) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("expected one of: {}", names.join(", ")),
@@ -194,6 +201,21 @@ impl Cx<'_> {
     pub(super) fn children<T>(&mut self, node: &KdlNode, rules: &[Rule<T>], draft: &mut T) {
         if let Some(doc) = node.children() {
             self.block(doc, rules, draft);
+        }
+    }
+
+    /// Walks `node`'s children block, if any, against its own `rules` and
+    /// then a `shared` rule set (one several blocks include, like the
+    /// upstream block of `mirror` and `site`).
+    pub(super) fn children_with<T>(
+        &mut self,
+        node: &KdlNode,
+        rules: &[Rule<T>],
+        shared: &[Rule<T>],
+        draft: &mut T,
+    ) {
+        if let Some(doc) = node.children() {
+            self.walk(doc, &[rules, shared], draft);
         }
     }
 
