@@ -20,8 +20,7 @@ use super::site;
 use super::store::{default_state, store};
 use super::timeouts::timeouts;
 use super::upstream_tls::upstream_tls;
-use super::walker::suggest;
-use super::walker::{Cx, Rule, Shape, many, once};
+use super::walker::{Cx, Rule, Shape, many, once, suggest};
 use crate::config::model::*;
 
 /// The top-level draft: the config's parts as read, plus what the

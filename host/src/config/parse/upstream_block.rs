@@ -190,3 +190,64 @@ fn upstream_url(text: &str) -> Result<Uri, String> {
         .build()
         .map_err(|e| format!("is not a URL ({e})"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, ConfigError};
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/cistern/config.kdl"))
+    }
+
+    const SHARED: &str = "    upstream \"http://a.test/\"\n    upstream \"https://b.test/x\"\n    policies \"p\"\n    stale-if-error \"2h\"\n    stale-while-revalidate \"5s\"\n";
+
+    #[test]
+    fn mirror_and_site_read_the_upstream_block_alike() {
+        let text = format!(
+            "policy \"p\" path=\"builtin:distro\"\nmirror \"m\" {{\n{SHARED}}}\nsite \"s.test\" {{\n    tls cert=\"c\" key=\"k\"\n{SHARED}}}\n"
+        );
+        let c = parse(&text).unwrap_or_else(|e| panic!("{}", e.report()));
+        let (m, s) = (&c.mirrors[0], &c.sites[0]);
+        assert_eq!(m.upstreams, ["http://a.test/", "https://b.test/x/"]);
+        assert_eq!(m.upstreams, s.upstreams);
+        assert_eq!(m.policies, ["p"]);
+        assert_eq!(m.policies, s.policies);
+        assert_eq!(m.stale.if_error.as_secs(), 7200);
+        assert_eq!(m.stale.while_revalidate.as_secs(), 5);
+        assert_eq!(m.stale, s.stale);
+    }
+
+    #[test]
+    fn an_unknown_node_lists_the_blocks_own_nodes_then_the_shared_ones() {
+        let cases = [
+            (
+                "mirror \"m\" {\n    qqqqqqqqqq 1\n}\n",
+                "expected one of: prefix, upstream, policies, stale-if-error, stale-while-revalidate",
+            ),
+            (
+                "site \"s.test\" {\n    qqqqqqqqqq 1\n}\n",
+                "expected one of: listen, tls, upstream, policies, stale-if-error, stale-while-revalidate",
+            ),
+        ];
+        for (text, help) in cases {
+            let report = parse(text).expect_err(text).report();
+            assert!(report.contains(help), "{text}\nwant {help:?}\ngot {report}");
+        }
+    }
+
+    #[test]
+    fn a_shared_single_node_given_twice_is_refused_in_either_block() {
+        for block in ["mirror \"m\"", "site \"s.test\""] {
+            let text =
+                format!("{block} {{\n    stale-if-error \"1h\"\n    stale-if-error \"2h\"\n}}\n");
+            let problems = parse(&text).expect_err(&text).problems();
+            assert!(
+                problems.iter().any(|(l, c, m)| (*l, *c) == (3, 5)
+                    && m == "`stale-if-error` is given twice (first on line 2)"),
+                "{text}\n{problems:?}"
+            );
+        }
+    }
+}
