@@ -87,15 +87,9 @@ pub(super) fn limiter(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         return;
     };
     let span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
-    if let Some(first) = top.limiter_names.get(name) {
-        let line = cx.line_of(*first);
-        cx.error(
-            span,
-            format!("limiter {name:?} is declared twice (first on line {line})"),
-        );
+    if !cx.declare(&mut top.limiter_names, "limiter", name, span) {
         return;
     }
-    top.limiter_names.insert(name.to_owned(), span);
     top.limiters.push(NamedLimiter {
         name: name.to_owned(),
         rate,

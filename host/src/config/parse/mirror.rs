@@ -34,12 +34,7 @@ const MIRROR_HINTS: UpstreamHints = UpstreamHints {
 pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: true,
-            usage: "mirror \"debian\" { upstream \"http://deb.debian.org/debian/\" }",
-        },
+        &Shape::named_block("mirror \"debian\" { upstream \"http://deb.debian.org/debian/\" }"),
     );
     let name = e.arg(0).and_then(|a| cx.ident(e.name, a));
     let mut d = MirrorDraft {
@@ -49,15 +44,9 @@ pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     cx.children_with(node, MIRROR, &upstream_rules(), &mut d);
     let Some(name) = name else { return };
     let name_span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
-    if let Some(first) = top.mirror_names.get(name) {
-        let line = cx.line_of(*first);
-        cx.error(
-            name_span,
-            format!("mirror {name:?} is declared twice (first on line {line})"),
-        );
+    if !cx.declare(&mut top.mirror_names, "mirror", name, name_span) {
         return;
     }
-    top.mirror_names.insert(name.to_owned(), name_span);
     d.upstream.require_upstream(cx, name, name_span);
     // The default prefix is the name, so `mirror "debian"` serves /debian/.
     let (prefix, prefix_span) = d.prefix.unwrap_or_else(|| (format!("/{name}/"), name_span));

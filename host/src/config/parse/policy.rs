@@ -91,15 +91,9 @@ pub(super) fn policy(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     cx.children(node, POLICY, &mut params);
     let Some(name) = name else { return };
     let span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
-    if let Some(first) = top.policy_names.get(name) {
-        let line = cx.line_of(*first);
-        cx.error(
-            span,
-            format!("policy {name:?} is declared twice (first on line {line})"),
-        );
+    if !cx.declare(&mut top.policy_names, "policy", name, span) {
         return;
     }
-    top.policy_names.insert(name.to_owned(), span);
     let (Some(source), Some(on_error), Some(isolation), Some(deadline), Some(memory_limit)) =
         (source, on_error, isolation, deadline, memory_limit)
     else {

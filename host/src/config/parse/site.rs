@@ -66,12 +66,7 @@ const SITE_HINTS: UpstreamHints = UpstreamHints {
 pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: true,
-            usage: "site \"example.org\" { tls cert=\"example.org.pem\" key=\"example.org.key\"; upstream \"https://origin.example.org/\" }",
-        },
+        &Shape::named_block("site \"example.org\" { tls cert=\"example.org.pem\" key=\"example.org.key\"; upstream \"https://origin.example.org/\" }"),
     );
     let name_span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
     let name = e.arg(0).and_then(|a| host_name(cx, a));
@@ -83,15 +78,9 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     };
     cx.children_with(node, SITE, &upstream_rules(), &mut d);
     let Some(name) = name else { return };
-    if let Some(first) = top.sites.names.get(&name) {
-        let line = cx.line_of(*first);
-        cx.error(
-            name_span,
-            format!("site {name:?} is declared twice (first on line {line})"),
-        );
+    if !cx.declare(&mut top.sites.names, "site", &name, name_span) {
         return;
     }
-    top.sites.names.insert(name.clone(), name_span);
     if !d.tls_given {
         cx.error(name_span, format!("site {name:?} has no `tls`"))
             .help = Some(

@@ -110,6 +110,16 @@ impl Shape {
             usage,
         }
     }
+
+    /// A named block, `NAME "name" { … }`: one argument, no properties.
+    pub(super) const fn named_block(usage: &'static str) -> Shape {
+        Shape {
+            args: (1, 1),
+            props: &[],
+            children: true,
+            usage,
+        }
+    }
 }
 
 /// A node's entries after the shape checks: positional arguments in order
@@ -156,6 +166,27 @@ impl Cx<'_> {
 
     pub(super) fn line_of(&self, span: SourceSpan) -> usize {
         Problem::new(self.text, self.trim(span), "").line
+    }
+
+    /// Records that the `kind` named `name` is declared at `span`; a second
+    /// declaration of the name is a problem. Returns whether it is the first.
+    pub(super) fn declare(
+        &mut self,
+        names: &mut HashMap<String, SourceSpan>,
+        kind: &str,
+        name: &str,
+        span: SourceSpan,
+    ) -> bool {
+        if let Some(first) = names.get(name) {
+            let line = self.line_of(*first);
+            self.error(
+                span,
+                format!("{kind} {name:?} is declared twice (first on line {line})"),
+            );
+            return false;
+        }
+        names.insert(name.to_owned(), span);
+        true
     }
 
     /// Walks a block's children against its rules: unknown names and
