@@ -6,7 +6,14 @@
 //! The modules follow a request through the proxy:
 //!
 //! - [`config`]: `config.kdl` → a typed, validated [`config::Config`], with
-//!   diagnostics that name file, line and column.
+//!   diagnostics that name file, line and column. `model` is the typed
+//!   config, `error` the problems, `units` sizes and durations; `parse`
+//!   walks the KDL: `parse/walker.rs` is the generic walker (rule tables,
+//!   node shapes, value readers, suggestions), and every block has its
+//!   own file of rules (`top`, `listen`, `store`, `forward`, `mirror`,
+//!   `site`, `policy`, `limit`, `timeouts`, `upstream_tls`, `admin`,
+//!   `server_name`), with `upstream_block` the rule set `mirror` and
+//!   `site` share.
 //! - [`server`]: listeners (plaintext and TLS), HTTP/1.1 and HTTP/2
 //!   connections, timeouts and graceful drain; listeners come and go with
 //!   reloads.

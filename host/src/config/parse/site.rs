@@ -8,15 +8,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use http::Uri;
 use kdl::{KdlEntry, KdlNode};
 use miette::SourceSpan;
 
-use super::{
-    Cx, Listener, Rule, Shape, Top, many, once, policy_list, stale_if_error,
-    stale_while_revalidate, suggest, upstream_entry,
-};
-use crate::config::model::{SiteConfig, StaleRules};
+use super::top::Top;
+use super::upstream_block::{HasUpstreamBlock, UpstreamBlock, UpstreamHints, upstream_rules};
+use super::walker::{Cx, Rule, Shape, many, once, suggest};
+use crate::config::model::{Listener, SiteConfig};
 
 /// Where a site listens when its block names no address: loopback, like
 /// the plaintext default, on the usual unprivileged HTTPS port.
@@ -39,39 +37,36 @@ impl Sites {
     }
 }
 
+/// A `site` block as read.
 struct SiteDraft {
     listen: Vec<(SocketAddr, SourceSpan)>,
     tls: Option<(PathBuf, PathBuf)>,
     tls_given: bool,
-    upstream_given: bool,
-    upstreams: Vec<Uri>,
-    refs: Vec<(String, SourceSpan)>,
-    stale: StaleRules,
+    upstream: UpstreamBlock,
 }
 
-const SITE: &[Rule<SiteDraft>] = &[
-    many("listen", site_listen),
-    once("tls", site_tls),
-    many("upstream", site_upstream),
-    once("policies", |cx, n, d| d.refs = policy_list(cx, n)),
-    once("stale-if-error", |cx, n, d| {
-        stale_if_error(cx, n, &mut d.stale)
-    }),
-    once("stale-while-revalidate", |cx, n, d| {
-        stale_while_revalidate(cx, n, &mut d.stale)
-    }),
-];
+impl HasUpstreamBlock for SiteDraft {
+    fn upstream_block(&mut self) -> &mut UpstreamBlock {
+        &mut self.upstream
+    }
+}
+
+/// A site's own nodes; the upstream block's follow them.
+const SITE: &[Rule<SiteDraft>] = &[many("listen", site_listen), once("tls", site_tls)];
+
+/// How a site's upstreams read in messages.
+const SITE_HINTS: UpstreamHints = UpstreamHints {
+    block: "site",
+    usage: "upstream \"https://origin.example.org/\"",
+    example: "https://origin.example.org/",
+    missing: "https://origin.example.org/",
+};
 
 /// `site "example.org" { listen …; tls cert=… key=…; upstream …; policies … }`
 pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let e = cx.entries(
         node,
-        &Shape {
-            args: (1, 1),
-            props: &[],
-            children: true,
-            usage: "site \"example.org\" { tls cert=\"example.org.pem\" key=\"example.org.key\"; upstream \"https://origin.example.org/\" }",
-        },
+        &Shape::named_block("site \"example.org\" { tls cert=\"example.org.pem\" key=\"example.org.key\"; upstream \"https://origin.example.org/\" }"),
     );
     let name_span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
     let name = e.arg(0).and_then(|a| host_name(cx, a));
@@ -79,22 +74,13 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         listen: Vec::new(),
         tls: None,
         tls_given: false,
-        upstream_given: false,
-        upstreams: Vec::new(),
-        refs: Vec::new(),
-        stale: StaleRules::default(),
+        upstream: UpstreamBlock::new(&SITE_HINTS),
     };
-    cx.children(node, SITE, &mut d);
+    cx.children_with(node, SITE, &upstream_rules(), &mut d);
     let Some(name) = name else { return };
-    if let Some(first) = top.sites.names.get(&name) {
-        let line = cx.line_of(*first);
-        cx.error(
-            name_span,
-            format!("site {name:?} is declared twice (first on line {line})"),
-        );
+    if !cx.declare(&mut top.sites.names, "site", &name, name_span) {
         return;
     }
-    top.sites.names.insert(name.clone(), name_span);
     if !d.tls_given {
         cx.error(name_span, format!("site {name:?} has no `tls`"))
             .help = Some(
@@ -102,10 +88,7 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
                 .to_owned(),
         );
     }
-    if !d.upstream_given {
-        cx.error(name_span, format!("site {name:?} has no upstream"))
-            .help = Some("add at least one: upstream \"https://origin.example.org/\"".to_owned());
-    }
+    d.upstream.require_upstream(cx, &name, name_span);
     if d.listen.is_empty() {
         let addr = DEFAULT_SITE_LISTEN.parse().expect("valid default address");
         d.listen.push((addr, name_span));
@@ -115,16 +98,16 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
             top.sites.listens.push((*addr, *span));
         }
     }
-    top.policy_refs.extend(d.refs.iter().cloned());
+    let u = d.upstream.finish(&mut top.policy_refs);
     let Some((cert, key)) = d.tls else { return };
     top.sites.sites.push(SiteConfig {
         name,
         listen: d.listen.into_iter().map(|(a, _)| a).collect(),
         cert,
         key,
-        upstreams: d.upstreams,
-        policies: d.refs.into_iter().map(|(n, _)| n).collect(),
-        stale: d.stale,
+        upstreams: u.upstreams,
+        policies: u.policies,
+        stale: u.stale,
     });
 }
 
@@ -200,17 +183,6 @@ fn site_tls(cx: &mut Cx<'_>, node: &KdlNode, d: &mut SiteDraft) {
     if let (Some(cert), Some(key)) = (cert, key) {
         d.tls = Some((cert, key));
     }
-}
-
-fn site_upstream(cx: &mut Cx<'_>, node: &KdlNode, d: &mut SiteDraft) {
-    d.upstream_given = true;
-    upstream_entry(
-        cx,
-        node,
-        "upstream \"https://origin.example.org/\"",
-        "https://origin.example.org/",
-        &mut d.upstreams,
-    );
 }
 
 /// `default-site "example.org"`
