@@ -3,8 +3,26 @@
 //! lets WebAssembly policies steer its decisions.
 //!
 //! # Layout
-//! The modules follow a request through the proxy:
+//! One engine per module. Dependencies run one way, in the order below: a
+//! module uses only those listed before it (the leaves first), so the
+//! request path reads top to bottom and nothing imports back.
 //!
+//! Shared vocabulary (leaves):
+//! - [`body`]: the response body type, its error type and the small bodies
+//!   Cistern makes (empty, in-memory, plain-text messages).
+//! - [`clock`]: wall-clock and monotonic time behind a seam, so freshness,
+//!   mirror health and orphaned fills can be tested without sleeping.
+//! - [`observe`]: what the cache did ([`observe::CacheOutcome`], with a
+//!   [`observe::NoCacheReason`] for every pass), the request counters and
+//!   the access log; the admin renders them, the engines report into them.
+//! - [`credentials`]: user and password in a request's URL: taken out
+//!   before anything logs or stores the URL, sent upstream as
+//!   `Authorization: Basic` for forward-proxied requests; secret headers
+//!   redacted in logs.
+//! - [`request`]: checks a client's request before routing: one valid
+//!   `Host`, no body on GET or HEAD.
+//!
+//! The engines:
 //! - [`config`]: `config.kdl` → a typed, validated [`config::Config`], with
 //!   diagnostics that name file, line and column. `model` is the typed
 //!   config, `error` the problems, `units` sizes and durations; `parse`
@@ -14,29 +32,16 @@
 //!   `site`, `policy`, `limit`, `timeouts`, `upstream_tls`, `admin`,
 //!   `server_name`), with `upstream_block` the rule set `mirror` and
 //!   `site` share.
-//! - [`server`]: listeners (plaintext and TLS), HTTP/1.1 and HTTP/2
-//!   connections, timeouts and graceful drain; listeners come and go with
-//!   reloads.
-//! - [`tls`]: the sites' certificates and keys, checked before use, and
-//!   the table that picks one by SNI.
-//! - [`request`]: checks a client's request before routing: one valid
-//!   `Host`, no body on GET or HEAD.
-//! - [`credentials`]: user and password in a request's URL: taken out
-//!   before anything logs or stores the URL, sent upstream as
-//!   `Authorization: Basic` for forward-proxied requests; secret headers
-//!   redacted in logs.
-//! - [`route`]: decides what a request is: forward proxy, CONNECT tunnel,
-//!   transparent, a mirror path, or local.
+//! - [`gate`]: connection admission: caps on open connections, the accept
+//!   back-off and the descriptor limit.
 //! - [`ours`]: what is Cistern's own: the names it answers to and the
 //!   sockets it listens on, which it never connects to on a client's behalf.
-//! - [`proxy`]: the request pipeline; asks the store, the fetch engine and the
-//!   limiter, and writes the access log.
-//! - [`policy`]: WebAssembly policies: the wasmtime runtime, the host side
-//!   of the guest ABI (`guest-sdk/ABI.md`) and the built-in policies.
-//! - [`serve`]: answers a request from a replica file (complete or still
-//!   filling): ranges, conditionals, `Age`, `Cache-Status`, digests.
-//! - [`cache`]: the RFC 9111 rules (freshness, storability, revalidation),
-//!   on top of `http-cache-semantics`.
+//! - [`store`]: the replica tree, its metadata (a versioned format of its
+//!   own, with migration and quarantine), partial files, the index rebuilt
+//!   from disk, the digest index, LRU eviction and `cistern verify`.
+//! - [`cache`]: the RFC 9111 rules (freshness, storability, revalidation,
+//!   serving stale), on top of `http-cache-semantics`.
+//! - [`limit`]: per-client request limits and the upstream bandwidth cap.
 //! - [`fetch`]: the coalescing fetch engine: `mod.rs` the facade,
 //!   `coalesce` (one fill per key, its states, the in-flight registry),
 //!   `fill` (the fill task: revalidate, resume, prepare, stream, commit),
@@ -45,21 +50,29 @@
 //!   `error` (kinds, sides, retryability), `mirror` (mirror sets and their
 //!   health), `upstream` (the HTTP client), `confine` (keeping paths below
 //!   an upstream's base).
-//! - [`store`]: the replica tree, its metadata (a versioned format of its
-//!   own, with migration and quarantine), partial files, the index rebuilt
-//!   from disk, the digest index, LRU eviction and `cistern verify`.
-//! - [`limit`]: per-client request limits and the upstream bandwidth cap.
-//! - [`gate`]: connection admission: caps on open connections, the
-//!   accept back-off and the descriptor limit.
+//! - [`serve`]: answers a request from a replica file (complete or still
+//!   filling): ranges, conditionals, `Age`, digests.
+//! - [`policy`]: WebAssembly policies: the wasmtime runtime, the host side
+//!   of the guest ABI (`guest-sdk/ABI.md`) and the built-in policies.
+//! - [`route`]: decides what a request is: forward proxy, CONNECT tunnel,
+//!   transparent, a mirror path, a site, or local.
+//! - [`tls`]: the sites' certificates and keys, checked before use, and
+//!   the table that picks one by SNI.
+//! - [`snapshot`]: one configuration's derived state (router, limiters,
+//!   policy chains, certificates), swapped whole on reload.
 //! - [`tunnel`]: CONNECT tunnelling, closed when idle.
-//! - [`accesslog`]: one log line per request, written when its body ends.
-//! - [`admin`]: the admin listener: web UI, Prometheus `/metrics`,
-//!   `/healthz` and a JSON API; the request-path counters.
-//! - [`app`]: assembles the engines and listeners from a config.
+//! - [`pipeline`]: the request pipeline: validate, route, run policies,
+//!   then a tunnel (`connect`), a cacheable request (`cached`: lookup,
+//!   then hit, stale, or the key's fill) or a pass-through
+//!   (`passthrough`); Cistern's own answers and error pages (`answers`).
+//! - [`server`]: listeners (plaintext and TLS), HTTP/1.1 and HTTP/2
+//!   connections, timeouts and graceful drain; listeners come and go with
+//!   reloads.
 //! - [`reload`]: watches the config and the files it names, rebuilds and
-//!   swaps the snapshot; keeps the reload status.
-//! - [`clock`]: wall-clock time behind a seam, so freshness can be tested
-//!   without sleeping.
+//!   swaps the snapshot; keeps the reload log.
+//! - [`app`]: assembles the engines and listeners from a config.
+//! - [`admin`]: the admin listener: web UI, Prometheus `/metrics`,
+//!   `/healthz` and a JSON API; it only renders what the others own.
 
 #![forbid(unsafe_code)]
 
