@@ -67,7 +67,7 @@ pub fn options() -> CacheOptions {
 /// The RFC 9111 state for a fresh upstream response. A request that
 /// carried `Authorization` makes it storable only when the response allows
 /// a shared cache to (`public`, `s-maxage`, `must-revalidate`: RFC 9111
-/// §3.5); the credentials themselves are not kept (see [`kept_request`]).
+/// §3.5); the credentials themselves are not kept (see `kept_request`).
 pub fn new_policy(
     req: CacheRequest<'_>,
     resp: &http::response::Parts,

@@ -1,8 +1,8 @@
 //! The request pipeline: limit, validate, route, run the route's policies,
-//! then one of: a tunnel ([`connect`]), a cacheable GET or HEAD
-//! ([`cached`]: look in the replica, join or start a fill, serve stale when
-//! allowed), or a pass-through ([`passthrough`]); every answer Cistern makes
-//! itself is in [`answers`]. `handle` wraps each response for the access
+//! then one of: a tunnel (`connect`), a cacheable GET or HEAD
+//! (`cached`: look in the replica, join or start a fill, serve stale when
+//! allowed), or a pass-through (`passthrough`); every answer Cistern makes
+//! itself is in `answers`. `handle` wraps each response for the access
 //! log and the counters.
 
 mod answers;
