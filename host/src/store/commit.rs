@@ -139,6 +139,7 @@ impl ReplicaStore {
             // take them out rather than keep an unexplained file.
             let _ = fs::remove_file(&pending);
             let _ = fs::remove_file(&abs);
+            self.index.recency.forget(&key);
             return Err(e);
         }
         if let Some(Err(e)) = obj.parent().map(sync_dir) {
@@ -148,8 +149,10 @@ impl ReplicaStore {
         let _ = remove_file_if_exists(&partial_json);
 
         let hits = old.as_ref().map_or(0, |o| o.hits());
-        let replica = Arc::new(Replica::new(meta, abs, hits, self.index.now_ms()));
+        let replica = Arc::new(Replica::new(meta, abs, hits));
         self.index.insert(key.clone(), Arc::clone(&replica));
+        // A new version is the most recently used, whatever the old one was.
+        self.index.recency.touch(&key);
         if let Some(old) = old
             && old.path != replica.path
             && self.index.owner_of(&old.meta.replica).is_none()
@@ -168,6 +171,7 @@ impl ReplicaStore {
             self.index.insert(key.clone(), Arc::clone(old));
         } else {
             let _ = fs::remove_file(obj);
+            self.index.recency.forget(key);
         }
     }
 
@@ -262,12 +266,17 @@ impl ReplicaStore {
             let obj = self.object_path(&key.hash_hex());
             if let Err(e) = write_object_atomic(&obj, &meta) {
                 let _ = fs::remove_file(&obj);
+                self.index.recency.forget(key);
                 return Err(e);
             }
             new_meta = Some(meta);
         }
         let parent = abs.parent().unwrap_or(&self.root);
-        let temp = RootTemp::new(self, parent)?;
+        let temp = RootTemp::new(self, parent).inspect_err(|_| {
+            if let Some(key) = &owner {
+                self.index.recency.forget(key);
+            }
+        })?;
         let moved = fs::rename(&abs, &temp.path)
             .map_err(io_err("move file aside", &abs))
             .and_then(|()| fs::create_dir(&abs).map_err(io_err("create directory", &abs)))
@@ -282,6 +291,7 @@ impl ReplicaStore {
             let _ = fs::rename(&temp.path, &abs);
             if let Some(key) = &owner {
                 let _ = fs::remove_file(self.object_path(&key.hash_hex()));
+                self.index.recency.forget(key);
             }
             return Err(e);
         }
@@ -290,12 +300,7 @@ impl ReplicaStore {
             tracing::warn!(error = %e, "cannot sync replica directory");
         }
         if let (Some(key), Some(replica), Some(meta)) = (owner, moving, new_meta) {
-            let moved = Replica::new(
-                meta,
-                self.root.join(new_rel.as_path()),
-                replica.hits(),
-                replica.last_access.load(Ordering::Relaxed),
-            );
+            let moved = Replica::new(meta, self.root.join(new_rel.as_path()), replica.hits());
             self.index.insert(key, Arc::new(moved));
         }
         Ok(())

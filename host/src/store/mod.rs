@@ -198,8 +198,6 @@ pub struct Replica {
     pub path: PathBuf,
     /// Times served from the replica (for the admin UI).
     pub hits: AtomicU64,
-    /// Last access, in milliseconds since the store opened (LRU order).
-    pub last_access: AtomicU64,
     /// The response headers built from `meta` the first time the replica
     /// is served, so a hit does not parse stored headers again.
     pub served_headers: std::sync::OnceLock<http::HeaderMap>,
@@ -213,12 +211,11 @@ impl Replica {
         self.hits.load(Ordering::Relaxed)
     }
 
-    fn new(meta: ObjectMeta, path: PathBuf, hits: u64, last_access: u64) -> Replica {
+    fn new(meta: ObjectMeta, path: PathBuf, hits: u64) -> Replica {
         Replica {
             meta: Arc::new(meta),
             path,
             hits: AtomicU64::new(hits),
-            last_access: AtomicU64::new(last_access),
             served_headers: std::sync::OnceLock::new(),
             ram: std::sync::OnceLock::new(),
         }
@@ -500,7 +497,7 @@ impl ReplicaStore {
     /// Drops `key` from the index and removes its metadata, leaving its
     /// file (about to be replaced). Returns the dropped replica.
     fn forget(&self, key: &CacheKey) -> Result<Option<Arc<Replica>>, StoreError> {
-        let replica = self.index.remove(key);
+        let replica = self.index.forget(key);
         let obj = self.object_path(&key.hash_hex());
         remove_file_if_exists(&obj).map_err(io_err("remove metadata", &obj))?;
         Ok(replica)
@@ -545,12 +542,7 @@ impl ReplicaStore {
         meta.sha256.clone_from(&current.meta.sha256);
         meta.file = current.meta.file;
         write_object_atomic(&self.object_path(&key.hash_hex()), &meta)?;
-        let replica = Arc::new(Replica::new(
-            meta,
-            current.path.clone(),
-            current.hits(),
-            current.last_access.load(Ordering::Relaxed),
-        ));
+        let replica = Arc::new(Replica::new(meta, current.path.clone(), current.hits()));
         self.index.insert(key.clone(), Arc::clone(&replica));
         Ok(replica)
     }

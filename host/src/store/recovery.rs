@@ -167,7 +167,11 @@ impl ReplicaStore {
             };
             remove_file_if_exists(&loser).map_err(io_err("remove metadata", &loser))?;
         }
-        for (path, meta) in by_path.into_values() {
+        // Nothing tells which replica was used last before the restart, so
+        // the LRU order starts as key order (the smallest key goes first).
+        let mut loaded: Vec<(PathBuf, ObjectMeta)> = by_path.into_values().collect();
+        loaded.sort_unstable_by(|a, b| a.1.key.cmp(&b.1.key));
+        for (path, meta) in loaded {
             if rewrites.contains(&path) {
                 // An older version is rewritten in the current one; if that
                 // fails, the old file is still readable next time.
@@ -180,8 +184,7 @@ impl ReplicaStore {
             }
             let key = CacheKey(meta.key.as_str().into());
             let abs = self.root.join(&meta.replica);
-            self.index
-                .insert(key, Arc::new(Replica::new(meta, abs, 0, 0)));
+            self.index.insert(key, Arc::new(Replica::new(meta, abs, 0)));
         }
         Ok(())
     }
