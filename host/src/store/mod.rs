@@ -89,6 +89,7 @@ pub use partial::PartialFile;
 pub use path::{PathError, ReplicaPath};
 pub use recovery::QUARANTINE;
 
+use crate::clock::Clock;
 use crate::config::{Layout, StoreConfig};
 
 /// Errors of the replica store.
@@ -351,6 +352,12 @@ impl ReplicaStore {
     /// metadata versions rewritten in the current one); dangling metadata is
     /// removed, unreadable metadata quarantined; partial files with their `.json` are kept for resume, others removed.
     pub fn open(config: &StoreConfig) -> Result<ReplicaStore, StoreError> {
+        ReplicaStore::open_with_clock(config, Clock::default())
+    }
+
+    /// [`ReplicaStore::open`] with the clock that times the store's pauses
+    /// (the one after a full disk); tests pass a manual one.
+    pub fn open_with_clock(config: &StoreConfig, clock: Clock) -> Result<ReplicaStore, StoreError> {
         fs::create_dir_all(&config.root).map_err(io_err("create replica root", &config.root))?;
         fs::create_dir_all(&config.state)
             .map_err(io_err("create state directory", &config.state))?;
@@ -370,7 +377,7 @@ impl ReplicaStore {
             state,
             layout: config.layout,
             max_size: config.max_size,
-            room: room::Room::new(config.min_free),
+            room: room::Room::new(config.min_free, clock),
             index: index::Index::default(),
             ram: ram::RamBudget::new(ram::RAM_BUDGET),
             tree: Mutex::new(()),
