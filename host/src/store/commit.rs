@@ -134,6 +134,8 @@ impl ReplicaStore {
             }
             return Err(e);
         }
+        // The data has left the partial directory.
+        self.partials.forget(&key);
         if let Err(e) = fs::rename(&pending, &obj).map_err(io_err("rename metadata", &obj)) {
             // The bytes are in place but nothing durable vouches for them:
             // take them out rather than keep an unexplained file.

@@ -248,6 +248,8 @@ pub struct ReplicaStore {
     tree: Mutex<()>,
     /// What was found wrong on disk.
     health: HealthCounters,
+    /// The keys with a partial on disk.
+    partials: partial::PartialKeys,
 }
 
 /// Whether a file's `stat` matches what `meta` recorded at commit: same
@@ -382,6 +384,7 @@ impl ReplicaStore {
             ram: ram::RamBudget::new(ram::RAM_BUDGET),
             tree: Mutex::new(()),
             health: HealthCounters::default(),
+            partials: partial::PartialKeys::default(),
         };
         store.replay_journal()?;
         // Interrupted commits are settled by whether their `.part` still

@@ -1,10 +1,14 @@
 //! Partial files: a fill in progress or interrupted, its `.part` data and
-//! the `.json` metadata needed to resume it, in `state/partial/`.
+//! the `.json` metadata needed to resume it, in `state/partial/`; and the
+//! in-memory set of keys that have one ([`PartialKeys`]), so that a policy
+//! asking about a key (`replica_state`) gets an answer without file I/O on
+//! an async worker.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use super::{
     CacheKey, PartialMeta, ReplicaStore, StoreError, io_err, read_json, remove_file_if_exists,
@@ -35,6 +39,39 @@ impl PartialFile {
     /// Records `n` more bytes written, giving back their reserved room.
     pub fn wrote(&mut self, n: u64) {
         self.room.wrote(n);
+    }
+}
+
+/// The keys with a partial on disk (data and metadata), kept in step with
+/// `state/partial/`: filled at open from what recovery keeps, added to when
+/// a fill begins, taken from when a commit moves the data into the tree or
+/// a partial is discarded.
+#[derive(Debug, Default)]
+pub(super) struct PartialKeys(RwLock<HashSet<CacheKey>>);
+
+impl PartialKeys {
+    /// Records that `key` has a partial.
+    pub(super) fn add(&self, key: &CacheKey) {
+        let mut keys = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if !keys.contains(key) {
+            keys.insert(key.clone());
+        }
+    }
+
+    /// Records that `key` has no partial any more.
+    pub(super) fn forget(&self, key: &CacheKey) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Whether `key` has a partial.
+    fn contains(&self, key: &CacheKey) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
     }
 }
 
@@ -104,6 +141,7 @@ impl ReplicaStore {
             .metadata()
             .map_err(io_err("stat partial", &part))?
             .len();
+        self.partials.add(key);
         Ok(PartialFile {
             key: key.clone(),
             file: Arc::new(file),
@@ -119,7 +157,17 @@ impl ReplicaStore {
     pub fn discard_partial(&self, key: &CacheKey) -> Result<(), StoreError> {
         let (part, json) = self.partial_paths(key);
         remove_file_if_exists(&json).map_err(io_err("remove partial metadata", &json))?;
+        // Without its metadata a partial cannot be resumed, whatever
+        // happens to its data.
+        self.partials.forget(key);
         remove_file_if_exists(&part).map_err(io_err("remove partial", &part))
+    }
+
+    /// Whether `key` has a partial on disk: a fill under way or one that was
+    /// interrupted (a cut download, a crash) and can be resumed. Memory
+    /// only: safe on the async hot path and in policy hooks.
+    pub fn has_partial(&self, key: &CacheKey) -> bool {
+        self.partials.contains(key)
     }
 
     /// Gives back the space of a fill whose write ran out of it, and stops

@@ -58,7 +58,21 @@ impl ReplicaStore {
             let keep = if let Some(stem) = name.strip_suffix(".part") {
                 dir.join(format!("{stem}.json")).is_file()
             } else if let Some(stem) = name.strip_suffix(".json") {
-                dir.join(format!("{stem}.part")).is_file() && read_json::<PartialMeta>(path).is_ok()
+                let meta = dir
+                    .join(format!("{stem}.part"))
+                    .is_file()
+                    .then(|| read_json::<PartialMeta>(path).ok())
+                    .flatten();
+                // Recorded only if `find_partial` will find it: filed
+                // under the hash of the normalised key it names.
+                if let Some(m) = &meta
+                    && let Ok(key) = CacheKey::parse(&m.key)
+                    && key.as_str() == m.key
+                    && key.hash_hex() == stem
+                {
+                    self.partials.add(&key);
+                }
+                meta.is_some()
             } else {
                 false
             };

@@ -679,6 +679,42 @@ fn lru_order_follows_hits_and_survives_eviction_and_refresh() {
 }
 
 #[test]
+fn has_partial_follows_the_partial_directory_without_touching_it() {
+    let fx = Fixture::new(Layout::HostPort, None);
+    let store = fx.open();
+    let (a, b, c) = (
+        key("http://example.org/a"),
+        key("http://example.org/b"),
+        key("http://example.org/c"),
+    );
+    assert!(!store.has_partial(&a));
+
+    let partial = store.begin_partial(&a, partial_meta(&a), false).expect("a");
+    partial.file.write_all_at(b"abc", 0).expect("write");
+    assert!(store.has_partial(&a), "a fill under way");
+    store
+        .commit(partial, object_meta(&a, b"abc"))
+        .expect("commit");
+    assert!(!store.has_partial(&a), "committed: the data is in the tree");
+
+    let partial = store.begin_partial(&b, partial_meta(&b), false).expect("b");
+    partial.file.write_all_at(b"ab", 0).expect("write");
+    drop(partial);
+    assert!(store.has_partial(&b), "an interrupted fill stays a partial");
+    drop(store.begin_partial(&c, partial_meta(&c), false).expect("c"));
+    store.discard_partial(&c).expect("discard");
+    assert!(!store.has_partial(&c), "discarded");
+
+    // Recovery finds the interrupted partial again, and only that one.
+    drop(store);
+    let store = fx.open();
+    assert!(store.has_partial(&b), "found at open");
+    assert!(!store.has_partial(&a) && !store.has_partial(&c));
+    let _ = store.ran_full(&b, fx.config.state.join("x"), 2);
+    assert!(!store.has_partial(&b), "a partial given up on a full disk");
+}
+
+#[test]
 fn state_inside_root_is_refused() {
     let dir = TempDir::new().expect("temp dir");
     let config = StoreConfig {
