@@ -247,6 +247,94 @@ fn a_policy_that_does_not_load_stops_start_up_with_its_name() {
     assert!(text.contains("broken"), "{text}");
 }
 
+/// A policy answering every request with the `replica_state` of the key in
+/// its `key` parameter, as one ASCII digit (ABI.md §11).
+const REPLICA_STATE_PROBE: &str = r#"(module
+  (import "cistern" "param_get" (func $param_get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "cistern" "replica_state" (func $replica_state (param i32 i32) (result i32)))
+  (import "cistern" "respond" (func $respond (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "key")
+  (func (export "cistern_abi_version") (result i32) (i32.const 1))
+  (func (export "on_request") (result i32)
+    (local $len i32)
+    (local.set $len
+      (call $param_get (i32.const 0) (i32.const 3) (i32.const 0) (i32.const 256) (i32.const 1024)))
+    (if (i32.lt_s (local.get $len) (i32.const 0)) (then (return (i32.const 1))))
+    (i32.store8 (i32.const 16)
+      (i32.add (i32.const 48) (call $replica_state (i32.const 256) (local.get $len))))
+    (drop (call $respond (i32.const 200) (i32.const 16) (i32.const 1)))
+    (i32.const 0)))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_state_reports_an_interrupted_partial_as_partial() {
+    const SIZE: usize = 1024 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(5, SIZE);
+    // Dies once more than a fill resumes: the transfer fails and the
+    // partial stays on disk, resumable.
+    let deaths = cistern::fetch::RESUME_ATTEMPTS + 1;
+    origin.put(
+        "/dvd.iso",
+        Resource::new(body.clone())
+            .slow(std::time::Duration::from_millis(20))
+            .die_after(100_000, deaths),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("probe.wat"), REPLICA_STATE_PROBE).unwrap();
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "probe" path="probe.wat" {{
+    param "key" "http://{addr}/dvd.iso"
+}}
+mirror "files" {{ prefix "/files/"; upstream "http://{addr}/"; }}
+mirror "probe" {{ prefix "/probe/"; upstream "http://{addr}/"; policies "probe"; }}
+"#,
+        addr = origin.addr
+    );
+    let state = |cistern: &Cistern| {
+        let addr = cistern.addr;
+        async move {
+            let got = get(addr, "/probe/state").await;
+            assert_eq!(got.status, 200);
+            String::from_utf8_lossy(got.bytes()).into_owned()
+        }
+    };
+
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    assert_eq!(state(&cistern).await, "0", "ABSENT before any fetch");
+    let cut = get(cistern.addr, "/files/dvd.iso").await;
+    assert!(cut.body.is_err(), "the transfer was cut");
+    assert!(find_files(&cistern.root).is_empty());
+    assert_eq!(
+        state(&cistern).await,
+        "1",
+        "PARTIAL: the cut download's partial is on disk\n{}",
+        cistern.log()
+    );
+
+    // After a restart no fill is under way: only the partial on disk says
+    // the key is PARTIAL.
+    drop(cistern);
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    assert_eq!(
+        state(&cistern).await,
+        "1",
+        "PARTIAL: the partial found at open\n{}",
+        cistern.log()
+    );
+
+    let whole = get(cistern.addr, "/files/dvd.iso").await;
+    assert!(
+        whole.bytes() == &body,
+        "the partial was resumed into the file"
+    );
+    assert_eq!(state(&cistern).await, "2", "COMPLETE once committed");
+    assert_eq!(origin.hits("/state"), 0, "the probe never went upstream");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_values_reach_a_policy_as_bytes_not_only_utf8() {
     let origin = Origin::start().await;

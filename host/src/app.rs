@@ -50,7 +50,8 @@ pub enum StartError {
 pub struct StartOptions {
     /// Log request and response headers (`-v`).
     pub log_headers: bool,
-    /// The clock for freshness; the system clock when `None`.
+    /// The clock for freshness and the store's full-disk pause; the system
+    /// clock when `None`.
     pub clock: Option<Clock>,
     /// What reloads the config file besides [`Running::reload`]: watching
     /// it and the files it names, SIGHUP. Nothing when the config has no
@@ -124,9 +125,12 @@ impl Running {
 pub async fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
     let clock = options.clock.unwrap_or_default();
     let store_config = config.store.clone();
-    let store = tokio::task::spawn_blocking(move || ReplicaStore::open(&store_config))
-        .await
-        .expect("store open task panicked")?;
+    let store_clock = clock.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        ReplicaStore::open_with_clock(&store_config, store_clock)
+    })
+    .await
+    .expect("store open task panicked")?;
     let stats = store.stats();
     tracing::info!(
         target: "cistern::store",

@@ -39,6 +39,12 @@
 //! - [`store`]: the replica tree, its metadata (a versioned format of its
 //!   own, with migration and quarantine), partial files, the index rebuilt
 //!   from disk, the digest index, LRU eviction and `cistern verify`.
+//!   `store/mod.rs` is the [`store::ReplicaStore`] facade (open, lookup,
+//!   refresh, remove); `key` (URL → [`store::CacheKey`]) ← `path` (key →
+//!   replica path, one way); `commit` (atomic commit of a fill), `partial`
+//!   (partial files and their metadata), `recovery` (rebuilding the index at
+//!   open, quarantine), `evict` (LRU order and eviction), `index` (the maps),
+//!   `meta` (+ `meta/format`), `room` (disk room), `ram`, `verify`.
 //! - [`cache`]: the RFC 9111 rules (freshness, storability, revalidation,
 //!   serving stale), on top of `http-cache-semantics`.
 //! - [`limit`]: per-client request limits and the upstream bandwidth cap.

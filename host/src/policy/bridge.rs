@@ -32,9 +32,13 @@ impl PolicyHost for ProxyPolicyHost {
         let Ok(key) = CacheKey::parse(key) else {
             return ReplicaState::Absent;
         };
-        if self.engine.store().peek(&key).is_some() {
+        let store = self.engine.store();
+        if store.peek(&key).is_some() {
             ReplicaState::Complete
-        } else if self.engine.find(&key).is_some() {
+        } else if self.engine.find(&key).is_some() || store.has_partial(&key) {
+            // A fill under way, or an interrupted partial on disk (a cut
+            // download, a crash) that a later fill resumes (ABI.md §11).
+            // Both answers come from memory: hooks run on async workers.
             ReplicaState::Partial
         } else {
             ReplicaState::Absent

@@ -2,16 +2,17 @@
 //! → keys, replica path → key, and the byte total that drives eviction.
 //!
 //! The hit path takes the read lock just long enough to clone an `Arc`;
-//! hit counting and the LRU bump are atomics on the replica itself, so hits
-//! never wait for each other. Writers (commit, refresh, remove, eviction)
+//! hit counting is an atomic on the replica itself, and the LRU bump an
+//! O(1) move in the recency list ([`super::evict`]) under its own short
+//! lock, never held together with the maps' lock on the hit path. Writers (commit, refresh, remove, eviction)
 //! are already serialised by the store's commit lock and hold the write
 //! lock only for map updates, never for file I/O.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
 
+use super::evict::Recency;
 use super::{CacheKey, Replica, StoreStats};
 
 /// A SHA-256 digest.
@@ -27,23 +28,11 @@ struct Maps {
 }
 
 /// The index.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Index {
     maps: RwLock<Maps>,
-    opened: Instant,
-    /// Added to the wall time since `opened`; tests move time forward with
-    /// it instead of sleeping.
-    offset_ms: AtomicU64,
-}
-
-impl Default for Index {
-    fn default() -> Self {
-        Index {
-            maps: RwLock::default(),
-            opened: Instant::now(),
-            offset_ms: AtomicU64::new(0),
-        }
-    }
+    /// LRU order of the keys in `maps`.
+    pub(super) recency: Recency,
 }
 
 /// Parses a lower-case (or upper-case) hex SHA-256.
@@ -64,27 +53,13 @@ impl Index {
         self.maps.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Milliseconds since the store opened (the LRU clock).
-    pub(crate) fn now_ms(&self) -> u64 {
-        let elapsed = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        elapsed.saturating_add(self.offset_ms.load(Ordering::Relaxed))
-    }
-
-    /// Moves the LRU clock forward (tests).
-    #[cfg(test)]
-    pub(crate) fn advance_ms(&self, ms: u64) {
-        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
-    }
-
     /// The replica of `key`, optionally counting a hit and bumping its LRU
     /// position.
     pub(crate) fn get(&self, key: &CacheKey, touch: bool) -> Option<Arc<Replica>> {
         let replica = self.read().by_key.get(key).cloned()?;
         if touch {
             replica.hits.fetch_add(1, Ordering::Relaxed);
-            replica
-                .last_access
-                .fetch_max(self.now_ms(), Ordering::Relaxed);
+            self.recency.touch(key);
         }
         Some(replica)
     }
@@ -102,7 +77,10 @@ impl Index {
     }
 
     /// Adds (or replaces) the replica of `key`; returns the one it replaced.
+    /// A key new to the LRU order comes in as the most recently used; one
+    /// that has a place (a refresh, a move, a restored replica) keeps it.
     pub(crate) fn insert(&self, key: CacheKey, replica: Arc<Replica>) -> Option<Arc<Replica>> {
+        self.recency.add(&key);
         let mut maps = self.write();
         let old = remove_locked(&mut maps, &key);
         maps.bytes = maps.bytes.saturating_add(replica.meta.length);
@@ -115,9 +93,18 @@ impl Index {
         old
     }
 
-    /// Removes `key`; returns its replica.
+    /// Takes `key` out of service while it is replaced or moved; returns
+    /// its replica. The key keeps its LRU place: [`Index::forget`] is for a
+    /// key removed for good.
     pub(crate) fn remove(&self, key: &CacheKey) -> Option<Arc<Replica>> {
         remove_locked(&mut self.write(), key)
+    }
+
+    /// Removes `key` and its LRU place; returns its replica.
+    pub(crate) fn forget(&self, key: &CacheKey) -> Option<Arc<Replica>> {
+        let old = self.remove(key);
+        self.recency.forget(key);
+        old
     }
 
     /// Files and bytes.
@@ -141,21 +128,28 @@ impl Index {
         if maps.bytes <= target {
             return Vec::new();
         }
-        let mut all: Vec<(u64, &CacheKey, u64)> = maps
-            .by_key
-            .iter()
-            .filter(|(k, _)| *k != keep)
-            .map(|(k, r)| (r.last_access.load(Ordering::Relaxed), k, r.meta.length))
-            .collect();
-        all.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         let mut excess = maps.bytes - target;
         let mut out = Vec::new();
-        for (_, key, length) in all {
-            if excess == 0 {
-                break;
+        let mut stale = Vec::new();
+        // Lock order: the maps, then the recency list (the hit path never
+        // holds both).
+        self.recency.walk_lru(|key| {
+            match maps.by_key.get(key) {
+                Some(_) if key == keep => {}
+                Some(replica) => {
+                    out.push(key.clone());
+                    excess = excess.saturating_sub(replica.meta.length);
+                }
+                // Eviction runs under the store's tree lock, so no replica
+                // is out of service for a replacement now: a key without
+                // one was left by a failed commit or move.
+                None => stale.push(key.clone()),
             }
-            out.push(key.clone());
-            excess = excess.saturating_sub(length);
+            excess > 0
+        });
+        drop(maps);
+        for key in &stale {
+            self.recency.forget(key);
         }
         out
     }

@@ -14,7 +14,78 @@
 //!   climbs above `/`); an empty path becomes `/`;
 //! - an empty query (`?` alone) is dropped, a fragment never reaches a key.
 
-use super::path::PathError;
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+/// Identifies one cached object: a normalized absolute URL
+/// (`scheme://host:port/path?query`), possibly chosen by a policy so that
+/// many mirror URLs share one replica (store-id).
+#[derive(Clone, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct CacheKey(pub(super) Arc<str>);
+
+impl CacheKey {
+    /// Builds the key for an absolute URL: lower-case scheme and host, the
+    /// port always explicit, dot segments removed, the query kept.
+    pub fn from_uri(uri: &http::Uri) -> Result<CacheKey, PathError> {
+        normalize(uri).map(|k| CacheKey(k.into()))
+    }
+
+    /// Parses a key given as text (a policy's store-id); it must be an
+    /// absolute http(s) URL.
+    pub fn parse(text: &str) -> Result<CacheKey, PathError> {
+        let uri = text
+            .parse::<http::Uri>()
+            .map_err(|e| PathError::Invalid(e.to_string()))?;
+        CacheKey::from_uri(&uri)
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Lower-case hex SHA-256 of the key: the name of its metadata and
+    /// partial files.
+    pub fn hash_hex(&self) -> String {
+        hex::encode(Sha256::digest(self.0.as_bytes()))
+    }
+}
+
+impl std::fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Longest relative replica path, leaving room for the root under Linux's
+/// It bounds what a key may map to, so it is defined with the key's error
+/// type ([`PathError::TooLong`]); [`super::path`] re-exports it.
+pub const MAX_PATH_LEN: usize = 3072;
+
+/// Why a key has no safe replica path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PathError {
+    /// The URL is not absolute http(s).
+    #[error("not an absolute http(s) URL")]
+    NotAbsolute,
+    /// The URL's scheme is neither `http` nor `https`.
+    #[error("unsupported scheme {0:?}, only http and https are cached")]
+    Scheme(String),
+    /// The host is empty or holds characters no host name has.
+    #[error("invalid host {0:?}")]
+    Host(String),
+    /// The text is not a URI at all.
+    #[error("invalid URL: {0}")]
+    Invalid(String),
+    /// The mapped path would be longer than [`MAX_PATH_LEN`] bytes.
+    #[error("replica path longer than {MAX_PATH_LEN} bytes")]
+    TooLong,
+    /// A path read back from metadata is absolute or leaves the root.
+    #[error("unsafe replica path {0:?}")]
+    Unsafe(String),
+}
 
 /// The parts of a normalised key, borrowed from its text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -62,16 +62,14 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::CacheKey;
-use super::key::{self, hex_val, push_escaped};
+// Paths are derived from keys, never the other way round: this module
+// depends on `key` (including the error type both share), `key` on nothing here.
+use super::key::{self, CacheKey, hex_val, push_escaped};
+pub use super::key::{MAX_PATH_LEN, PathError};
 use crate::config::Layout;
 
 /// Longest file name component most filesystems accept.
 pub const MAX_NAME_LEN: usize = 255;
-
-/// Longest relative replica path, leaving room for the root under Linux's
-/// 4096-byte `PATH_MAX`.
-pub const MAX_PATH_LEN: usize = 3072;
 
 /// Name used for a directory's own content (rule 5).
 pub const INDEX_NAME: &str = "index.html";
@@ -82,30 +80,6 @@ const TRUNCATED_LEN: usize = MAX_NAME_LEN - 17;
 /// A path relative to the replica root that is known to stay inside it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ReplicaPath(PathBuf);
-
-/// Why a key has no safe replica path.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PathError {
-    /// The URL is not absolute http(s).
-    #[error("not an absolute http(s) URL")]
-    NotAbsolute,
-    /// The URL's scheme is neither `http` nor `https`.
-    #[error("unsupported scheme {0:?}, only http and https are cached")]
-    Scheme(String),
-    /// The host is empty or holds characters no host name has.
-    #[error("invalid host {0:?}")]
-    Host(String),
-    /// The text is not a URI at all.
-    #[error("invalid URL: {0}")]
-    Invalid(String),
-    /// The mapped path would be longer than [`MAX_PATH_LEN`] bytes.
-    #[error("replica path longer than {MAX_PATH_LEN} bytes")]
-    TooLong,
-    /// A path read back from metadata is absolute or leaves the root.
-    #[error("unsafe replica path {0:?}")]
-    Unsafe(String),
-}
 
 impl ReplicaPath {
     /// The replica path of `key` in `layout`, following the module's rules.

@@ -6,14 +6,17 @@
 //!
 //! A body of unknown length cannot be checked up front. When a write does
 //! run out of space ([`is_no_space`]), the store remembers it for
-//! [`FULL_PAUSE`] and stores no body of unknown length meanwhile.
+//! [`FULL_PAUSE`] and stores no body of unknown length meanwhile. The pause
+//! is timed on the store's [`Clock`], so tests move past it without
+//! sleeping.
 
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
+use crate::clock::Clock;
 use crate::config::units::format_size;
 
 /// How long after running out of space bodies of unknown length are not
@@ -28,7 +31,9 @@ pub struct Room {
     /// Bytes that fills under way announced and have not written yet.
     reserved: Arc<AtomicU64>,
     /// When a write last ran out of space.
-    full_at: Mutex<Option<Instant>>,
+    full_at: Mutex<Option<SystemTime>>,
+    /// What times the pause after a full disk.
+    clock: Clock,
 }
 
 /// Why a fill may not write: what the filesystem has and what it needs.
@@ -92,12 +97,14 @@ impl Drop for Reservation {
 }
 
 impl Room {
-    /// An account keeping `min_free` bytes free.
-    pub fn new(min_free: u64) -> Room {
+    /// An account keeping `min_free` bytes free, timing the pause after a
+    /// full disk on `clock`.
+    pub fn new(min_free: u64, clock: Clock) -> Room {
         Room {
             min_free,
             reserved: Arc::default(),
             full_at: Mutex::new(None),
+            clock,
         }
     }
 
@@ -128,7 +135,14 @@ impl Room {
             .full_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|at| at.elapsed() < FULL_PAUSE);
+            // A clock set back past the moment is taken as the pause being
+            // over: a pause must not last as long as the clock's jump.
+            .is_some_and(|at| {
+                self.clock
+                    .now()
+                    .duration_since(at)
+                    .is_ok_and(|since| since < FULL_PAUSE)
+            });
         if needed.is_none() && recently_full {
             return Err(refuse(None));
         }
@@ -154,7 +168,7 @@ impl Room {
 
     /// Records that a write ran out of space.
     pub fn ran_full(&self) {
-        *self.full_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.full_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.clock.now());
     }
 }
 
@@ -175,7 +189,7 @@ mod tests {
 
     #[test]
     fn a_body_fits_only_beside_the_fills_under_way_and_min_free() {
-        let room = Room::new(100);
+        let room = Room::new(100, Clock::default());
         let first = room.decide(1_000, Some(500)).expect("fits");
         // 500 reserved + 100 min-free leave 400.
         let refused = room.decide(1_000, Some(401)).unwrap_err();
@@ -187,7 +201,7 @@ mod tests {
 
     #[test]
     fn written_bytes_stop_counting_as_reserved() {
-        let room = Room::new(0);
+        let room = Room::new(0, Clock::default());
         let mut first = room.decide(1_000, Some(800)).expect("fits");
         assert!(room.decide(1_000, Some(300)).is_err());
         // 600 bytes written: the filesystem now shows 400 free, of which
@@ -208,7 +222,8 @@ mod tests {
 
     #[test]
     fn unknown_lengths_pause_after_the_disk_ran_full() {
-        let room = Room::new(0);
+        let clock = Clock::manual(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000));
+        let room = Room::new(0, clock.clone());
         assert!(room.decide(10, None).is_ok());
         room.ran_full();
         let refused = room.decide(1 << 30, None).unwrap_err();
@@ -216,11 +231,23 @@ mod tests {
         assert!(refused.to_string().contains("unknown length"), "{refused}");
         // A known length is still checked against what is free.
         assert!(room.decide(1 << 30, Some(1 << 20)).is_ok());
+
+        // The pause lasts FULL_PAUSE on the store's clock, not longer.
+        clock.advance(FULL_PAUSE - Duration::from_millis(1));
+        assert!(room.decide(1 << 30, None).is_err(), "still paused");
+        clock.advance(Duration::from_millis(1));
+        assert!(room.decide(1 << 30, None).is_ok(), "pause over");
+
+        // Running full again starts a new pause from then.
+        room.ran_full();
+        assert!(room.decide(1 << 30, None).is_err());
+        clock.advance(FULL_PAUSE);
+        assert!(room.decide(1 << 30, None).is_ok());
     }
 
     #[test]
     fn the_refusal_reads_in_units() {
-        let room = Room::new(64 << 20);
+        let room = Room::new(64 << 20, Clock::default());
         let refused = room.decide(3 << 20, Some(5 << 20)).unwrap_err();
         assert_eq!(
             refused.to_string(),

@@ -581,14 +581,10 @@ fn eviction_removes_least_recently_used_first() {
     let fx = Fixture::new(Layout::HostPort, Some(100));
     let store = fx.open();
     put(&store, "http://example.org/a", &[b'a'; 30]);
-    store.index.advance_ms(10);
     put(&store, "http://example.org/b", &[b'b'; 30]);
-    store.index.advance_ms(10);
     put(&store, "http://example.org/c", &[b'c'; 30]);
-    store.index.advance_ms(10);
     // `a` is the oldest commit but was just used.
     store.lookup(&key("http://example.org/a")).expect("a");
-    store.index.advance_ms(10);
 
     // 120 bytes > 100: evict to at most 90, LRU first: `b` goes, then
     // `c`; the entry being committed stays whatever its age.
@@ -628,6 +624,94 @@ fn eviction_removes_least_recently_used_first() {
             bytes: 150
         }
     );
+}
+
+#[test]
+fn lru_order_follows_hits_and_survives_eviction_and_refresh() {
+    let fx = Fixture::new(Layout::HostPort, Some(100));
+    let store = fx.open();
+    let order = |store: &ReplicaStore| -> Vec<String> {
+        store
+            .index
+            .recency
+            .lru_first()
+            .iter()
+            .map(|k| {
+                k.as_str()
+                    .trim_start_matches("http://example.org:80/")
+                    .to_owned()
+            })
+            .collect()
+    };
+    for name in ["a", "b", "c"] {
+        put(&store, &format!("http://example.org/{name}"), &[b'x'; 30]);
+    }
+    assert_eq!(
+        order(&store),
+        ["a", "b", "c"],
+        "commits come in as most recent"
+    );
+    store.lookup(&key("http://example.org/a")).expect("a");
+    // A peek (admin, policies) is not a use.
+    store.peek(&key("http://example.org/b")).expect("b");
+    assert_eq!(order(&store), ["b", "c", "a"], "a hit moves to the front");
+    // A 304 refresh rewrites metadata; it is not a use either.
+    let c = key("http://example.org/c");
+    store
+        .refresh(&c, object_meta(&c, &[b'x'; 30]))
+        .expect("refresh");
+    assert_eq!(order(&store), ["b", "c", "a"]);
+
+    // 120 bytes > 100: one commit evicts exactly the least recently used
+    // and leaves the others where they were.
+    put(&store, "http://example.org/d", &[b'x'; 30]);
+    assert_eq!(order(&store), ["c", "a", "d"]);
+    assert!(store.peek(&key("http://example.org/b")).is_none());
+
+    store.lookup(&c).expect("c");
+    put(&store, "http://example.org/e", &[b'x'; 30]);
+    assert_eq!(order(&store), ["d", "c", "e"], "a, least recent, went");
+
+    // After a restart, nothing says which was used last: key order.
+    drop(store);
+    let store = fx.open();
+    assert_eq!(order(&store), ["c", "d", "e"]);
+}
+
+#[test]
+fn has_partial_follows_the_partial_directory_without_touching_it() {
+    let fx = Fixture::new(Layout::HostPort, None);
+    let store = fx.open();
+    let (a, b, c) = (
+        key("http://example.org/a"),
+        key("http://example.org/b"),
+        key("http://example.org/c"),
+    );
+    assert!(!store.has_partial(&a));
+
+    let partial = store.begin_partial(&a, partial_meta(&a), false).expect("a");
+    partial.file.write_all_at(b"abc", 0).expect("write");
+    assert!(store.has_partial(&a), "a fill under way");
+    store
+        .commit(partial, object_meta(&a, b"abc"))
+        .expect("commit");
+    assert!(!store.has_partial(&a), "committed: the data is in the tree");
+
+    let partial = store.begin_partial(&b, partial_meta(&b), false).expect("b");
+    partial.file.write_all_at(b"ab", 0).expect("write");
+    drop(partial);
+    assert!(store.has_partial(&b), "an interrupted fill stays a partial");
+    drop(store.begin_partial(&c, partial_meta(&c), false).expect("c"));
+    store.discard_partial(&c).expect("discard");
+    assert!(!store.has_partial(&c), "discarded");
+
+    // Recovery finds the interrupted partial again, and only that one.
+    drop(store);
+    let store = fx.open();
+    assert!(store.has_partial(&b), "found at open");
+    assert!(!store.has_partial(&a) && !store.has_partial(&c));
+    let _ = store.ran_full(&b, fx.config.state.join("x"), 2);
+    assert!(!store.has_partial(&b), "a partial given up on a full disk");
 }
 
 #[test]
