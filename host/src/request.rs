@@ -116,27 +116,10 @@ fn split_host(value: &HeaderValue) -> Option<(&str, Option<u16>)> {
         // `@` (userinfo is not allowed in Host), no `:` but the port's.
         let end = v.find(':').unwrap_or(v.len());
         let name = &v[..end];
-        if !name.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                )
-        }) {
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || reg_name_symbol(b))
+        {
             return None;
         }
         (name, &v[end..])
@@ -155,6 +138,29 @@ fn split_host(value: &HeaderValue) -> Option<(&str, Option<u16>)> {
         return None;
     }
     Some((name, port))
+}
+
+/// The bytes of an RFC 3986 `reg-name` other than letters and digits:
+/// unreserved punctuation, `%` of a pct-encoding, and the sub-delims.
+pub(crate) fn reg_name_symbol(b: u8) -> bool {
+    matches!(
+        b,
+        b'-' | b'.'
+            | b'_'
+            | b'~'
+            | b'%'
+            | b'!'
+            | b'$'
+            | b'&'
+            | b'\''
+            | b'('
+            | b')'
+            | b'*'
+            | b'+'
+            | b','
+            | b';'
+            | b'='
+    )
 }
 
 #[cfg(test)]

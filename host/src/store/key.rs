@@ -176,26 +176,7 @@ fn check_host(host: &str) -> Result<(), PathError> {
         return if ok { Ok(()) } else { Err(bad()) };
     }
     let ok = host.bytes().all(|b| {
-        b.is_ascii_lowercase()
-            || b.is_ascii_digit()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-            )
+        b.is_ascii_lowercase() || b.is_ascii_digit() || crate::request::reg_name_symbol(b)
     });
     if ok { Ok(()) } else { Err(bad()) }
 }
