@@ -3,6 +3,7 @@
 //! `Range`/`If-Range` pair that resumes a partial.
 
 use base64::Engine as _;
+use headers::HeaderMapExt;
 use http::{HeaderMap, HeaderValue, Response, header};
 
 use crate::store::PartialMeta;
@@ -61,15 +62,13 @@ pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// `Content-Range: bytes START-END/TOTAL` → START.
 pub(super) fn content_range_start(headers: &HeaderMap) -> Option<u64> {
-    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    let rest = v.trim().strip_prefix("bytes ")?;
-    rest.split('-').next()?.trim().parse().ok()
+    let range = headers.typed_get::<headers::ContentRange>()?;
+    range.bytes_range().map(|(start, _)| start)
 }
 
-/// `Content-Range: bytes START-END/TOTAL` → TOTAL.
+/// `Content-Range: bytes START-END/TOTAL` → TOTAL (none for `*`).
 pub(super) fn content_range_total(headers: &HeaderMap) -> Option<u64> {
-    let v = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
-    v.rsplit('/').next()?.trim().parse().ok()
+    headers.typed_get::<headers::ContentRange>()?.bytes_len()
 }
 
 /// The SHA-256 an upstream announced in `Repr-Digest` (RFC 9530,
@@ -171,6 +170,15 @@ mod tests {
         h.insert(header::CONTENT_RANGE, "bytes 100-199/1000".parse().unwrap());
         assert_eq!(content_range_start(&h), Some(100));
         assert_eq!(content_range_total(&h), Some(1000));
+        // An unknown total, an unsatisfied range, garbage.
+        h.insert(header::CONTENT_RANGE, "bytes 100-199/*".parse().unwrap());
+        assert_eq!(content_range_start(&h), Some(100));
+        assert_eq!(content_range_total(&h), None);
+        h.insert(header::CONTENT_RANGE, "bytes */1000".parse().unwrap());
+        assert_eq!(content_range_start(&h), None);
+        h.insert(header::CONTENT_RANGE, "bytes 9-x/10".parse().unwrap());
+        assert_eq!(content_range_start(&h), None);
+        assert_eq!(content_range_total(&h), None);
     }
 
     #[test]
