@@ -475,3 +475,56 @@ async fn idle_tunnels_are_closed_and_busy_ones_are_not() {
     let m = metrics(admin).await;
     assert!(sample(&m, "cistern_tunnels_idle_closed_total") >= 2, "{m}");
 }
+
+/// The soft and hard "Max open files" of process `pid`, from /proc.
+fn open_file_limits(pid: &str) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_owned(),
+        fields.next().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_is_raised_to_the_hard_limit_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("cistern.log")).unwrap();
+    // Started the way a distribution's default (soft 1024) or a careless
+    // unit file would start it: with a soft limit far below the hard one.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" -p \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_cistern"))
+        .arg(port.to_string())
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cistern never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (soft, hard) = open_file_limits(&child.id().to_string());
+    let text = std::fs::read_to_string(dir.path().join("cistern.log")).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, hard, "the soft limit stayed below the hard one");
+    assert_ne!(soft, "256");
+    assert!(
+        text.contains(&format!("open-file limit {hard} (was 256)")),
+        "{text}"
+    );
+}
