@@ -271,6 +271,11 @@ pub struct Timeouts {
     /// How long a fetch whose clients have all gone keeps filling the replica
     /// (default 10 min); past it the partial is kept for a later resume.
     pub orphan_fill: Duration,
+    /// How long an upstream connection is kept in the pool for reuse
+    /// (default 4 s): below the keep-alive timeouts servers commonly use
+    /// (Apache and many load balancers 5 s), so Cistern drops a connection
+    /// before the server closes it under a request.
+    pub upstream_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -279,6 +284,7 @@ impl Default for Timeouts {
             idle: Duration::from_secs(15),
             connect: Duration::from_secs(10),
             orphan_fill: Duration::from_secs(600),
+            upstream_idle: Duration::from_secs(4),
         }
     }
 }

@@ -63,6 +63,7 @@ fn shipped_config_parses_to_the_documented_setup() {
     assert_eq!(c.timeouts.idle, Duration::from_secs(15));
     assert_eq!(c.timeouts.connect, Duration::from_secs(10));
     assert_eq!(c.timeouts.orphan_fill, Duration::from_secs(600));
+    assert_eq!(c.timeouts.upstream_idle, Duration::from_secs(4));
     assert_eq!(c.mode, CacheMode::Normal);
     assert!(c.limits.requests_per_client.is_none());
     assert!(c.limits.download_bytes_per_sec.is_none());
@@ -159,7 +160,7 @@ fn the_full_syntax_parses_into_the_model() {
         }
         limiter "per-path" rate=10 per="1m" burst=10
         limiter "slow" rate=3
-        timeouts { idle "1m"; connect "500ms"; orphan-fill "0s"; }
+        timeouts { idle "1m"; connect "500ms"; orphan-fill "0s"; upstream-idle "0s"; }
         mode "offline"
         upstream-tls { system-roots #false; ca-file "ca.pem"; ca-file "/etc/ssl/extra.pem"; }
         policy "distro" path="builtin:distro" on-error="deny" isolation="fresh" deadline="20ms" memory="32MiB" {
@@ -241,6 +242,7 @@ fn the_full_syntax_parses_into_the_model() {
     assert_eq!(c.timeouts.idle, Duration::from_secs(60));
     assert_eq!(c.timeouts.connect, Duration::from_millis(500));
     assert_eq!(c.timeouts.orphan_fill, Duration::ZERO);
+    assert_eq!(c.timeouts.upstream_idle, Duration::ZERO);
     assert_eq!(c.mode, CacheMode::Offline);
     assert!(!c.upstream_tls.system_roots);
     assert_eq!(

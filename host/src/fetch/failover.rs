@@ -62,6 +62,15 @@ fn frame_by_body(req: &mut Request<UpstreamBody>) {
     }
 }
 
+/// Whether `req` may be sent again after its connection failed under it:
+/// an idempotent method (RFC 9110 §9.2.2) and no body to replay.
+fn replayable(req: &Request<UpstreamBody>) -> bool {
+    matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+    ) && http_body::Body::is_end_stream(req.body())
+}
+
 impl Upstreams {
     /// Candidate URLs in the order to try, with the mirror index to report
     /// health to.
@@ -86,13 +95,33 @@ impl Upstreams {
 
 impl Inner {
     /// Sends one request, bounded by the inactivity timeout, and counts it.
+    /// An idempotent request without a body whose pooled connection the
+    /// upstream closed before answering is sent once more on a new
+    /// connection: the upstream never saw it answered, and nothing but the
+    /// head has to be sent again. A request with a body is not: its body
+    /// is streamed and gone, and a non-idempotent one may have been acted
+    /// on (RFC 9110 §9.2.2).
     pub(super) async fn send(
         &self,
         req: Request<UpstreamBody>,
         url: &Uri,
         idle: Duration,
     ) -> Result<Response<Incoming>, FetchError> {
-        let sent = tokio::time::timeout(idle, self.client.send(req)).await;
+        let replay = replayable(&req).then(|| (req.method().clone(), req.headers().clone()));
+        let mut sent = tokio::time::timeout(idle, self.client.send(req)).await;
+        if let (Ok(Err(e)), Some((method, headers))) = (&sent, replay)
+            && super::upstream::closed_before_answer(e)
+        {
+            tracing::info!(target: "cistern::fetch", %url, %method,
+                "upstream closed the connection before answering ({}); sending again once on a new connection",
+                error_chain(e));
+            self.metrics.upstream_request(true);
+            let mut again = Request::new(empty_body());
+            *again.method_mut() = method;
+            *again.uri_mut() = url.clone();
+            *again.headers_mut() = headers;
+            sent = tokio::time::timeout(idle, self.client.send_fresh(again)).await;
+        }
         let failed = !matches!(&sent, Ok(Ok(resp)) if !resp.status().is_server_error());
         self.metrics.upstream_request(failed);
         match sent {

@@ -18,7 +18,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -50,10 +50,17 @@ pub enum ClientBuildError {
 /// The value Cistern adds to `Via` on requests and responses.
 pub const VIA: HeaderValue = HeaderValue::from_static("1.1 cistern");
 
+/// The pooled hyper client under [`UpstreamClient`].
+type Pooled = Client<HttpsConnector<GuardedConnector>, UpstreamBody>;
+
 /// The shared upstream client.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<GuardedConnector>, UpstreamBody>,
+    client: Pooled,
+    /// The same connector with no pool: every request on a new
+    /// connection, for a request sent again after a reused connection
+    /// failed under it (the pool may hold more of the same age).
+    fresh: Pooled,
     own: Arc<OwnSockets>,
 }
 
@@ -117,11 +124,19 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
+        // Idle connections go before the server's own keep-alive timeout
+        // would close them under a request; the timer reaps them so their
+        // sockets do not linger until the next checkout.
+        let idle = timeouts.upstream_idle;
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(idle)
+            .pool_max_idle_per_host(if idle.is_zero() { 0 } else { 64 })
+            .build(https.clone());
+        let fresh = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
             .build(https);
-        Ok(UpstreamClient { client, own })
+        Ok(UpstreamClient { client, fresh, own })
     }
 
     /// Cistern's own sockets, which no upstream connection may reach.
@@ -138,6 +153,37 @@ impl UpstreamClient {
         req.headers_mut().append(http::header::VIA, VIA);
         self.client.request(req).await
     }
+
+    /// Sends one request on a new connection, never a pooled one.
+    pub async fn send_fresh(
+        &self,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        req.headers_mut().append(http::header::VIA, VIA);
+        self.fresh.request(req).await
+    }
+}
+
+/// Whether `error` is an upstream connection closed after the request
+/// went out and before any byte of a response came back: the race a
+/// kept-alive connection loses when the server's idle timer fires as the
+/// request arrives. hyper-util says nothing of it beyond "not a connect
+/// error" (a request it had not started yet it already retries itself),
+/// so the hyper error under it is asked: an incomplete message (EOF
+/// where the response head should be) or a request canceled because
+/// the connection closed.
+pub fn closed_before_answer(error: &hyper_util::client::legacy::Error) -> bool {
+    if error.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message() || h.is_canceled();
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The TCP connector under the TLS one: it resolves the name itself,

@@ -1,4 +1,4 @@
-//! `timeouts { … }`: idle, connect and orphan-fill times.
+//! `timeouts { … }`: idle, connect, orphan-fill and upstream-idle times.
 
 use kdl::KdlNode;
 
@@ -21,6 +21,12 @@ const TIMEOUTS: &[Rule<Timeouts>] = &[
     once("orphan-fill", |cx, n, t| {
         if let Some(d) = duration_node(cx, n, true) {
             t.orphan_fill = d;
+        }
+    }),
+    // Zero is meaningful: no upstream connection is reused.
+    once("upstream-idle", |cx, n, t| {
+        if let Some(d) = duration_node(cx, n, true) {
+            t.upstream_idle = d;
         }
     }),
 ];
