@@ -302,7 +302,8 @@ pub fn age(meta: &ObjectMeta, now: SystemTime) -> Duration {
 
 /// Applies an upstream's answer to a revalidation asked at `asked`.
 /// `Some(updated metadata)` when it was a matching 304 (the replica is still
-/// good), `None` when the body changed and must be fetched again.
+/// good), `None` when the body changed and must be fetched again: a 304
+/// naming another validator than the stored one's.
 pub fn revalidated(
     meta: &ObjectMeta,
     req: CacheRequest<'_>,
@@ -314,6 +315,30 @@ pub fn revalidated(
     let req = CacheRequest {
         headers: &headers,
         ..req
+    };
+    // A 304 that repeats no validator selects the single stored response
+    // (RFC 9111 §4.3.4): Cistern keeps one per key and asked with that
+    // one's own validators. http-cache-semantics only selects it when the
+    // stored response has no validator either, so the 304 it is shown
+    // carries the stored ones.
+    let bare;
+    let resp = if resp.status == StatusCode::NOT_MODIFIED
+        && !resp.headers.contains_key(header::ETAG)
+        && !resp.headers.contains_key(header::LAST_MODIFIED)
+    {
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = resp.status;
+        parts.version = resp.version;
+        parts.headers = resp.headers.clone();
+        for name in [header::ETAG, header::LAST_MODIFIED] {
+            if let Some(v) = meta.rfc.response_headers.get(&name) {
+                parts.headers.insert(name, v.clone());
+            }
+        }
+        bare = parts;
+        &bare
+    } else {
+        resp
     };
     match meta.policy.after_response(&req, resp, now) {
         AfterResponse::NotModified(_, parts) => {

@@ -103,7 +103,10 @@ impl Inner {
                 fill.state.send_replace(FillState::Revalidated(replica));
                 return Ok(());
             }
-            // A 304 that does not match what we hold: fetch it whole.
+            // A 304 naming another validator than the replica's: what the
+            // upstream holds is not what we hold, so fetch it whole.
+            tracing::info!(target: "cistern::fetch", %key, %url,
+                "the upstream's 304 names another validator than the replica's; fetching the object again");
             let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
             resp = resp2;
         }
