@@ -125,6 +125,18 @@ fn kept_request(headers: &HeaderMap) -> std::borrow::Cow<'_, HeaderMap> {
     std::borrow::Cow::Owned(kept)
 }
 
+/// Whether a response says it varies on everything (`Vary: *`): no later
+/// request can ever match it (RFC 9111 §4.1), so storing it only costs a
+/// second fetch.
+pub fn varies_on_everything(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim() == "*")
+}
+
 /// Whether a response may become a replica: storable by RFC 9111 and a
 /// status whose body is the resource itself. Other statuses pass through.
 pub fn storable(policy: &CachePolicy, status: StatusCode) -> bool {
@@ -719,5 +731,14 @@ mod tests {
             eval(&meta, &h, t0, CacheMode::Normal),
             Freshness::Stale(_)
         ));
+    }
+
+    #[test]
+    fn vary_star_is_recognised_in_a_list() {
+        let mut h = HeaderMap::new();
+        h.append(header::VARY, "accept-encoding".parse().unwrap());
+        assert!(!varies_on_everything(&h));
+        h.append(header::VARY, "Accept, *".parse().unwrap());
+        assert!(varies_on_everything(&h));
     }
 }
