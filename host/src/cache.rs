@@ -78,7 +78,112 @@ pub fn new_policy(
         headers: &headers,
         ..req
     };
-    CachePolicy::new_options(&req, resp, now, options())
+    CachePolicy::new_options(&req, &for_rules(resp), now, options())
+}
+
+/// The response fields that steer Cistern in place of `Cache-Control`,
+/// first match wins: our own targeted field, then the one every CDN reads
+/// (RFC 9213). Never forwarded downstream: they address this cache only.
+pub const TARGETED_FIELDS: [&str; 2] = ["cistern-cache-control", "cdn-cache-control"];
+
+/// A response head as the RFC 9111 rules of `http-cache-semantics` should
+/// read it. A correction layer rather than a fork: the crate is maintained
+/// and its rules are right once its inputs are normalised, so a fork would
+/// mean carrying its whole code for a few parsers. It corrects:
+/// - hop-by-hop fields and those `Connection` names are dropped;
+/// - a targeted field ([`TARGETED_FIELDS`]) with a value replaces
+///   `Cache-Control` and hides `Expires` (RFC 9213 §2.2);
+/// - `Cache-Control` directive names are lowercased (RFC 9111 §5.2: they
+///   are case-insensitive; the crate matches them exactly);
+/// - `Age` keeps its first value; an invalid one is dropped, not 0 (§5.1);
+/// - `Date`, `Expires` and `Last-Modified` in RFC 850 or asctime form are
+///   rewritten as IMF-fixdate (the crate reads only RFC 2822 dates, so a
+///   valid `Expires` was taken as already expired); an invalid `Expires`
+///   stays invalid, which the crate rightly reads as expired (§5.3).
+pub fn for_rules(resp: &http::response::Parts) -> http::response::Parts {
+    let mut out = http::Response::new(()).into_parts().0;
+    out.status = resp.status;
+    out.version = resp.version;
+    out.headers = corrected_headers(&resp.headers);
+    out
+}
+
+/// The header half of [`for_rules`]. Idempotent, so stored inputs can be
+/// corrected again after a 304 merged new fields into them.
+fn corrected_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut h = headers.clone();
+    strip_hop_by_hop(&mut h);
+    let targeted = TARGETED_FIELDS.iter().find_map(|name| {
+        let joined = joined(&h, name);
+        (!joined.trim().is_empty()).then_some(joined)
+    });
+    let cache_control = match targeted {
+        Some(value) => {
+            h.remove(header::EXPIRES);
+            Some(value)
+        }
+        None => h
+            .contains_key(header::CACHE_CONTROL)
+            .then(|| joined(&h, header::CACHE_CONTROL.as_str())),
+    };
+    if let Some(cc) = cache_control {
+        let lowered = cc
+            .split(',')
+            .map(|directive| match directive.split_once('=') {
+                Some((name, value)) => format!("{}={value}", name.trim().to_ascii_lowercase()),
+                None => directive.trim().to_ascii_lowercase(),
+            })
+            .filter(|d| !d.is_empty())
+            .collect::<Vec<_>>()
+            .join(", ");
+        match HeaderValue::from_str(&lowered) {
+            Ok(v) => {
+                h.insert(header::CACHE_CONTROL, v);
+            }
+            Err(_) => {
+                h.remove(header::CACHE_CONTROL);
+            }
+        }
+    }
+    if h.contains_key(header::AGE) {
+        let first = joined(&h, header::AGE.as_str())
+            .split(',')
+            .next()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+        // Too many digits for u64 is still a valid age: it saturates.
+        let secs = first.map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
+        match secs.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+            Some(v) => {
+                h.insert(header::AGE, v);
+            }
+            None => {
+                h.remove(header::AGE);
+            }
+        }
+    }
+    for name in [header::DATE, header::EXPIRES, header::LAST_MODIFIED] {
+        let parsed = h
+            .get(&name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v.trim()).ok());
+        if let Some(t) = parsed
+            && let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(t))
+        {
+            h.insert(name, v);
+        }
+    }
+    h
+}
+
+/// Every value of a field, joined with commas as RFC 9110 §5.3 allows.
+fn joined(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The RFC 9111 inputs of an exchange, as a replica's metadata keeps them
@@ -95,7 +200,7 @@ pub fn rfc_inputs(
         req.key.clone(),
         &kept_request(req.headers),
         resp.status,
-        &resp.headers,
+        &corrected_headers(&resp.headers),
         asked,
         received,
     )
@@ -123,6 +228,18 @@ fn kept_request(headers: &HeaderMap) -> std::borrow::Cow<'_, HeaderMap> {
         }
     }
     std::borrow::Cow::Owned(kept)
+}
+
+/// Whether a response says it varies on everything (`Vary: *`): no later
+/// request can ever match it (RFC 9111 §4.1), so storing it only costs a
+/// second fetch.
+pub fn varies_on_everything(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim() == "*")
 }
 
 /// Whether a response may become a replica: storable by RFC 9111 and a
@@ -270,12 +387,15 @@ pub fn stale_use(meta: &ObjectMeta, now: SystemTime, rules: StaleRules) -> Stale
     }
 }
 
-/// The stored response's `Cache-Control` directives, trimmed.
+/// The stored response's `Cache-Control` directives as the rules read
+/// them (a targeted field in its place), trimmed.
 fn stored_cache_control(meta: &ObjectMeta) -> impl Iterator<Item = &str> {
-    meta.headers
+    meta.rfc
+        .response_headers
+        .get_all(header::CACHE_CONTROL)
         .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case("cache-control"))
-        .flat_map(|(_, v)| v.split(','))
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|d| !d.is_empty())
 }
@@ -340,10 +460,22 @@ pub fn revalidated(
     } else {
         resp
     };
-    match meta.policy.after_response(&req, resp, now) {
-        AfterResponse::NotModified(_, parts) => {
+    match meta.policy.after_response(&req, &for_rules(resp), now) {
+        AfterResponse::NotModified(..) => {
             let mut updated = meta.clone();
-            updated.headers = stored_headers(&parts.headers);
+            // The served headers are merged from the stored ones as served,
+            // not from the rules' corrected view the crate returns, which would hand
+            // clients a targeted field's value as their `Cache-Control`.
+            let mut served = HeaderMap::with_capacity(meta.headers.len());
+            for (k, v) in &meta.headers {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(v),
+                ) {
+                    served.append(k, v);
+                }
+            }
+            updated.headers = stored_headers(&updated_by_304(&served, &resp.headers));
             // The stored response updated by the 304 (RFC 9111 §4.3.4) is
             // the new input; the policy is rebuilt from it exactly as the
             // store will rebuild it after a restart.
@@ -452,15 +584,7 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 
 /// Removes hop-by-hop headers, including those listed in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for name in named {
+    for name in connection_named(headers) {
         headers.remove(name.as_str());
     }
     for name in HOP_BY_HOP {
@@ -468,15 +592,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The headers kept in a replica's metadata: end-to-end headers without
-/// `Set-Cookie` (never shared between clients) and without the ones Cistern
-/// computes itself when serving.
+/// The fields `Connection` names (RFC 9110 §7.6.1), lowercased; none in
+/// the common case, which allocates nothing.
+fn connection_named(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Removes the fields that address Cistern alone ([`TARGETED_FIELDS`])
+/// from a response passed to a client.
+pub fn strip_targeted(headers: &mut HeaderMap) {
+    for name in TARGETED_FIELDS {
+        headers.remove(name);
+    }
+}
+
+/// The headers kept in a replica's metadata: end-to-end headers (neither
+/// hop-by-hop nor named by `Connection`) without `Set-Cookie` (never
+/// shared between clients), the targeted fields (for Cistern only) and the
+/// ones Cistern computes itself when serving.
 pub fn stored_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    let named = connection_named(headers);
     headers
         .iter()
         .filter(|(name, _)| {
             let n = name.as_str();
             !is_hop_by_hop(n)
+                && !named.iter().any(|c| c == n)
+                && !TARGETED_FIELDS.contains(&n)
                 && !matches!(
                     n,
                     "set-cookie"
@@ -744,5 +893,171 @@ mod tests {
             eval(&meta, &h, t0, CacheMode::Normal),
             Freshness::Stale(_)
         ));
+    }
+
+    /// 1994-11-06 08:49:37 UTC, the RFC 9110 example date.
+    fn rfc_example_date() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)
+    }
+
+    #[test]
+    fn age_takes_its_first_value_and_an_invalid_one_is_ignored() {
+        let t0 = rfc_example_date();
+        let date = ("date", "Sun, 06 Nov 1994 08:49:37 GMT");
+        let meta = meta_for(
+            &[date, ("cache-control", "max-age=3600"), ("age", "7200, 0")],
+            t0,
+        );
+        assert_eq!(meta.policy.age(t0), Duration::from_secs(7200));
+        assert!(meta.policy.is_stale(t0), "older than its max-age already");
+        for invalid in ["abc", "-5", ""] {
+            let meta = meta_for(
+                &[date, ("cache-control", "max-age=3600"), ("age", invalid)],
+                t0,
+            );
+            assert_eq!(meta.policy.age(t0), Duration::ZERO, "{invalid:?}");
+            assert!(!meta.policy.is_stale(t0), "{invalid:?}");
+            assert!(!meta.rfc.response_headers.contains_key(header::AGE));
+        }
+    }
+
+    #[test]
+    fn cache_control_directive_names_are_case_insensitive() {
+        let t0 = rfc_example_date();
+        let date = ("date", "Sun, 06 Nov 1994 08:49:37 GMT");
+        let meta = meta_for(&[date, ("cache-control", "MAX-AGE=60")], t0);
+        assert_eq!(meta.policy.time_to_live(t0), Duration::from_secs(60));
+        let meta = meta_for(&[date, ("cache-control", "max-age=600, No-CaChE")], t0);
+        assert!(meta.policy.is_stale(t0), "no-cache: never fresh");
+        let meta = meta_for(&[date, ("cache-control", "No-Store")], t0);
+        assert!(!storable(&meta.policy, StatusCode::OK));
+    }
+
+    #[test]
+    fn expires_in_every_http_date_format_and_an_invalid_one_is_expired() {
+        let t0 = rfc_example_date();
+        let date = ("date", "Sun, 06 Nov 1994 08:49:37 GMT");
+        for expires in [
+            "Sun, 06 Nov 1994 09:49:37 GMT",
+            "Sunday, 06-Nov-94 09:49:37 GMT",
+            "Sun Nov  6 09:49:37 1994",
+        ] {
+            let meta = meta_for(&[date, ("expires", expires)], t0);
+            assert_eq!(
+                meta.policy.time_to_live(t0),
+                Duration::from_secs(3600),
+                "{expires}"
+            );
+        }
+        for invalid in ["0", "tomorrow", "-1"] {
+            let meta = meta_for(&[date, ("expires", invalid)], t0);
+            assert!(meta.policy.is_stale(t0), "{invalid}");
+        }
+    }
+
+    #[test]
+    fn a_targeted_field_steers_the_cache_and_is_never_served() {
+        let t0 = rfc_example_date();
+        let date = ("date", "Sun, 06 Nov 1994 08:49:37 GMT");
+        let meta = meta_for(
+            &[
+                date,
+                ("cache-control", "no-store"),
+                ("expires", "0"),
+                ("cdn-cache-control", "max-age=600"),
+            ],
+            t0,
+        );
+        assert!(storable(&meta.policy, StatusCode::OK));
+        assert_eq!(meta.policy.time_to_live(t0), Duration::from_secs(600));
+        // Ours first, then CDN-Cache-Control, then Cache-Control.
+        let meta = meta_for(
+            &[
+                date,
+                ("cache-control", "max-age=5"),
+                ("cdn-cache-control", "max-age=600"),
+                ("cistern-cache-control", "Max-Age=60"),
+            ],
+            t0,
+        );
+        assert_eq!(meta.policy.time_to_live(t0), Duration::from_secs(60));
+        assert!(
+            meta.headers
+                .iter()
+                .all(|(k, _)| !TARGETED_FIELDS.contains(&k.as_str())),
+            "{:?}",
+            meta.headers
+        );
+        assert!(
+            meta.headers
+                .contains(&("cache-control".into(), "max-age=5".into()))
+        );
+    }
+
+    #[test]
+    fn a_304_keeps_the_targeted_field_for_the_rules_and_out_of_the_served_headers() {
+        let t0 = rfc_example_date();
+        let meta = meta_for(
+            &[
+                ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=60"),
+                ("etag", "\"v1\""),
+            ],
+            t0,
+        );
+        let key: Uri = meta.key.parse().unwrap();
+        let h = HeaderMap::new();
+        let req = CacheRequest {
+            key: &key,
+            method: &Method::GET,
+            headers: &h,
+        };
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        resp.headers_mut()
+            .insert(header::ETAG, "\"v1\"".parse().unwrap());
+        let (parts, ()) = resp.into_parts();
+        let t1 = t0 + Duration::from_secs(90);
+        let updated = revalidated(&meta, req, &parts, t1, t1).expect("matching 304");
+        assert_eq!(updated.policy.time_to_live(t1), Duration::from_secs(60));
+        assert!(
+            updated
+                .headers
+                .contains(&("cache-control".into(), "no-store".into())),
+            "{:?}",
+            updated.headers
+        );
+        assert!(
+            updated
+                .headers
+                .iter()
+                .all(|(k, _)| k != "cdn-cache-control")
+        );
+    }
+
+    #[test]
+    fn fields_named_by_connection_are_neither_stored_nor_ruled_on() {
+        let meta = meta_for(
+            &[
+                ("connection", "close, X-Secret-Hop"),
+                ("x-secret-hop", "1"),
+                ("content-type", "text/plain"),
+            ],
+            SystemTime::now(),
+        );
+        assert!(meta.headers.iter().all(|(k, _)| k != "x-secret-hop"));
+        assert!(!meta.rfc.response_headers.contains_key("x-secret-hop"));
+        assert!(!meta.rfc.response_headers.contains_key(header::CONNECTION));
+        assert!(meta.headers.iter().any(|(k, _)| k == "content-type"));
+    }
+
+    #[test]
+    fn vary_star_is_recognised_in_a_list() {
+        let mut h = HeaderMap::new();
+        h.append(header::VARY, "accept-encoding".parse().unwrap());
+        assert!(!varies_on_everything(&h));
+        h.append(header::VARY, "Accept, *".parse().unwrap());
+        assert!(varies_on_everything(&h));
     }
 }

@@ -213,7 +213,10 @@ impl Inner {
             headers: &job.headers,
         };
         let policy = cache::new_policy(creq, &parts, received);
-        if decision.uncacheable || !cache::storable(&policy, parts.status) {
+        if decision.uncacheable
+            || !cache::storable(&policy, parts.status)
+            || cache::varies_on_everything(&parts.headers)
+        {
             return Ok(None);
         }
         let stored = cache::stored_headers(&parts.headers);

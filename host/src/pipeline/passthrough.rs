@@ -115,6 +115,7 @@ pub(super) fn passed(
 pub(super) fn passthrough_response(resp: Response<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     cache::strip_hop_by_hop(&mut parts.headers);
+    cache::strip_targeted(&mut parts.headers);
     let body = body
         .map_err(|e| -> crate::body::BoxError { Box::new(e) })
         .boxed_unsync();
