@@ -47,6 +47,9 @@ pub struct Config {
     /// `localhost` and the loopback literals (`server-name`): a request
     /// for one of them is served locally, never proxied.
     pub server_names: Vec<ServerName>,
+    /// This Cistern's id in `Via` (`node-id`), checked to be token
+    /// characters; `None` gives a random one at start.
+    pub node_id: Option<String>,
 }
 
 /// A host name or address Cistern answers to (`server-name`,

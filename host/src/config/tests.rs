@@ -682,3 +682,17 @@ fn server_names_and_admin_hosts() {
         "{texts:?}"
     );
 }
+
+#[test]
+fn node_id_is_a_via_token() {
+    assert_eq!(ok("node-id \"edge-1\"").node_id.as_deref(), Some("edge-1"));
+    assert_eq!(ok("").node_id, None);
+    let p = problems("node-id \"edge 1\"");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!((p[0].0, p[0].1), (1, 9), "{p:?}");
+    assert!(
+        p[0].2.contains("`node-id`: ' ' cannot be in a node id"),
+        "{p:?}"
+    );
+    assert_eq!(problems("node-id \"\"").len(), 1);
+}

@@ -170,6 +170,11 @@ impl FetchEngine {
         self.inner.client.own_sockets()
     }
 
+    /// This Cistern's `Via` hop.
+    pub fn via(&self) -> &Arc<crate::via::ViaHop> {
+        self.inner.client.via()
+    }
+
     /// The engine's clock (freshness, upstream health, orphaned fills).
     pub fn clock(&self) -> &Clock {
         &self.inner.clock

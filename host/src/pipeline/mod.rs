@@ -132,7 +132,7 @@ impl Proxy {
         let metrics = self.engine.metrics();
         metrics.request(outcome);
         let h = response.headers_mut();
-        h.append(header::VIA, crate::fetch::upstream::VIA);
+        h.append(header::VIA, self.engine.via().value());
         h.insert(
             http::HeaderName::from_static("cache-status"),
             HeaderValue::from_static(outcome.cache_status()),
@@ -169,10 +169,10 @@ impl Proxy {
         if let Err(bad) = crate::request::check(&req) {
             return Answer::local(body::text(StatusCode::BAD_REQUEST, bad.to_string()));
         }
-        if looped(req.headers()) {
+        if self.engine.via().looped(req.headers()) {
             return Answer::local(body::text(
                 StatusCode::LOOP_DETECTED,
-                "request loop: this request already passed through Cistern",
+                "request loop: this request already passed through this Cistern",
             ));
         }
         let route = match conn.site_listener {
@@ -329,16 +329,6 @@ impl PolicyRun {
         view.headers = headers.clone();
         Arc::new(PolicyHook::new(self.chain, self.host, view))
     }
-}
-
-/// A request that already went through a Cistern (ours or another) names
-/// it in `Via`; a second pass is a loop.
-fn looped(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::VIA)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|hop| hop.trim().ends_with(" cistern")))
 }
 
 /// How long to wait for in-flight requests on shutdown.
