@@ -132,3 +132,68 @@ async fn a_mirror_pointing_at_its_own_cistern_is_refused_with_508() {
     let got = get(c.addr, "/files/x").await;
     assert_eq!(got.status, StatusCode::LOOP_DETECTED, "{:?}", got.bytes());
 }
+
+/// The `X-Forwarded-For` and `Forwarded` lines the origin saw on its
+/// request for `path`.
+fn forwarded_seen(origin: &Origin, path: &str) -> (Vec<String>, Vec<String>) {
+    let seen = origin.seen();
+    let req = seen.iter().find(|s| s.path == path).expect("origin saw it");
+    let all = |name: &str| {
+        req.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    (all("x-forwarded-for"), all("forwarded"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_tells_the_origin_the_client_address_and_drops_spoofed_ones() {
+    let origin = Origin::start().await;
+    for p in ["/a", "/b"] {
+        origin.put(p, Resource::new(Bytes::from_static(b"x")));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(
+        dir.path(),
+        &mirror_config("{PORT}", &origin.url("/"), ""),
+        &[],
+    );
+    let got = get(cistern.addr, "/files/a").await;
+    assert_eq!(got.status, StatusCode::OK);
+    let (xff, fwd) = forwarded_seen(&origin, "/a");
+    assert_eq!(xff, ["127.0.0.1"]);
+    assert_eq!(fwd, ["for=127.0.0.1"]);
+    // Anyone can write these headers: by default they are replaced.
+    let spoof = [("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")];
+    let got = common::request(cistern.addr, "GET", "/files/b", &spoof).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let (xff, fwd) = forwarded_seen(&origin, "/b");
+    assert_eq!(xff, ["127.0.0.1"]);
+    assert_eq!(fwd, ["for=127.0.0.1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_client_keeps_its_list_and_the_forward_proxy_adds_nothing() {
+    let origin = Origin::start().await;
+    for p in ["/a", "/b"] {
+        origin.put(p, Resource::new(Bytes::from_static(b"x")));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = mirror_config("{PORT}", &origin.url("/"), "forward {\n}\n").replace(
+        "    prefix \"/files/\"",
+        "    prefix \"/files/\"\n    forwarded-for \"append\"",
+    );
+    let cistern = Cistern::start(dir.path(), &text, &[]);
+    let lb = [("x-forwarded-for", "203.0.113.9")];
+    let got = common::request(cistern.addr, "GET", "/files/a", &lb).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let (xff, fwd) = forwarded_seen(&origin, "/a");
+    assert_eq!(xff, ["203.0.113.9, 127.0.0.1"]);
+    assert_eq!(fwd, ["for=127.0.0.1"]);
+    // The forward proxy would tell every web site the LAN behind it.
+    let got = get(cistern.addr, &origin.url("/b")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(forwarded_seen(&origin, "/b"), (vec![], vec![]));
+}

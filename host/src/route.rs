@@ -106,6 +106,7 @@ impl Router {
                         upstreams: s.upstreams.clone(),
                         policies: s.policies.clone(),
                         stale: s.stale,
+                        forwarded_for: s.forwarded_for,
                     },
                     clock,
                 )),
@@ -304,6 +305,7 @@ mod tests {
             upstreams: vec!["http://deb.example/debian/".parse().unwrap()],
             policies: vec![],
             stale: Default::default(),
+            forwarded_for: crate::config::ForwardedFor::Replace,
         }];
         c
     }
@@ -487,6 +489,7 @@ mod tests {
             upstreams: vec![format!("https://origin.{name}/").parse().unwrap()],
             policies: vec![],
             stale: Default::default(),
+            forwarded_for: crate::config::ForwardedFor::Replace,
         };
         let mut c = config(false);
         c.sites = vec![

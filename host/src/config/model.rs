@@ -172,6 +172,25 @@ pub struct ForwardConfig {
     pub policies: Vec<String>,
     /// When a stale replica may still answer a forward request.
     pub stale: StaleRules,
+    /// What upstreams learn of the client (`forwarded-for`); off by
+    /// default: a forward proxy would otherwise tell every web site the
+    /// LAN addresses behind it.
+    pub forwarded_for: ForwardedFor,
+}
+
+/// What Cistern tells an upstream about the client (`forwarded-for`):
+/// `X-Forwarded-For` and `Forwarded: for=` (RFC 7239).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedFor {
+    /// Drop whatever the client sent in those headers (anyone can write
+    /// them) and send its address: the default for mirrors and sites.
+    Replace,
+    /// The client is trusted (a load balancer in front): keep its values
+    /// and append its address.
+    Append,
+    /// Add nothing; the headers go on as the client sent them: the
+    /// default for the forward proxy.
+    Off,
 }
 
 /// When a replica past its freshness may still be served (RFC 5861,
@@ -218,6 +237,8 @@ pub struct MirrorConfig {
     pub policies: Vec<String>,
     /// When a stale replica may still answer.
     pub stale: StaleRules,
+    /// What the upstream learns of the client (`forwarded-for`).
+    pub forwarded_for: ForwardedFor,
 }
 
 /// Rate limits (governor) and connection caps.
@@ -397,6 +418,8 @@ pub struct SiteConfig {
     pub policies: Vec<String>,
     /// When a stale replica may still answer.
     pub stale: StaleRules,
+    /// What the upstream learns of the client (`forwarded-for`).
+    pub forwarded_for: ForwardedFor,
 }
 
 impl Config {

@@ -696,3 +696,23 @@ fn node_id_is_a_via_token() {
     );
     assert_eq!(problems("node-id \"\"").len(), 1);
 }
+
+#[test]
+fn forwarded_for_defaults_and_modes() {
+    let c = ok(
+        "forward {\n}\nmirror \"m\" {\n    prefix \"/m/\"\n    upstream \"http://a.test/\"\n}\n",
+    );
+    assert_eq!(c.forward.forwarded_for, ForwardedFor::Off);
+    assert_eq!(c.mirrors[0].forwarded_for, ForwardedFor::Replace);
+    let c = ok(
+        "forward {\n    forwarded-for \"replace\"\n}\nmirror \"m\" {\n    prefix \"/m/\"\n    upstream \"http://a.test/\"\n    forwarded-for \"append\"\n}\n",
+    );
+    assert_eq!(c.forward.forwarded_for, ForwardedFor::Replace);
+    assert_eq!(c.mirrors[0].forwarded_for, ForwardedFor::Append);
+    let p = problems("forward {\n    forwarded-for \"yes\"\n}\n");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].2.contains("`forwarded-for`: unknown mode \"yes\""),
+        "{p:?}"
+    );
+}

@@ -8,6 +8,7 @@
 mod answers;
 mod cached;
 mod connect;
+mod forwarded;
 mod passthrough;
 
 use std::net::SocketAddr;
@@ -155,7 +156,12 @@ impl Proxy {
         Response::from_parts(parts, LoggedBody::wrap(body, record, metrics.clone()))
     }
 
-    async fn dispatch(&self, req: Request<Incoming>, conn: ConnInfo, snap: &Snapshot) -> Answer {
+    async fn dispatch(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        snap: &Snapshot,
+    ) -> Answer {
         if let Err(retry) = snap.limits.check_client(conn.client.ip()) {
             self.engine.metrics().limited();
             let mut resp = body::text(
@@ -195,6 +201,7 @@ impl Proxy {
                 };
                 let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
                 let stale = set.stale;
+                forwarded::apply(req.headers_mut(), set.forwarded_for, conn.client.ip());
                 let upstreams = Upstreams::Mirror { set, rest };
                 self.proxied(req, conn, url, upstreams, chain, stale, snap)
                     .await
@@ -206,8 +213,9 @@ impl Proxy {
                 }
                 // The URL's credentials are for the host it names, and
                 // only that route goes there.
-                let mut req = req;
                 crate::credentials::apply(&mut req);
+                let mode = snap.config.forward.forwarded_for;
+                forwarded::apply(req.headers_mut(), mode, conn.client.ip());
                 self.proxied(
                     req,
                     conn,
@@ -234,6 +242,7 @@ impl Proxy {
                     .get(&set.name)
                     .unwrap_or(&snap.no_policies);
                 let stale = set.stale;
+                forwarded::apply(req.headers_mut(), set.forwarded_for, conn.client.ip());
                 let upstreams = Upstreams::Mirror { set, rest };
                 self.proxied(req, conn, url, upstreams, chain, stale, snap)
                     .await

@@ -108,6 +108,7 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         upstreams: u.upstreams,
         policies: u.policies,
         stale: u.stale,
+        forwarded_for: u.forwarded_for,
     });
 }
 
