@@ -99,17 +99,21 @@ impl Router {
                 listen: s.listen.clone(),
                 // A site is a mirror of its upstreams rooted at `/`: the
                 // same failover, coalescing and replica layout.
-                set: Arc::new(MirrorSet::new(
-                    &MirrorConfig {
-                        name: s.name.clone(),
-                        prefix: "/".to_owned(),
-                        upstreams: s.upstreams.clone(),
-                        policies: s.policies.clone(),
-                        stale: s.stale,
-                        forwarded_for: s.forwarded_for,
-                    },
-                    clock,
-                )),
+                set: Arc::new({
+                    let mut set = MirrorSet::new(
+                        &MirrorConfig {
+                            name: s.name.clone(),
+                            prefix: "/".to_owned(),
+                            upstreams: s.upstreams.clone(),
+                            policies: s.policies.clone(),
+                            stale: s.stale,
+                            forwarded_for: s.forwarded_for,
+                        },
+                        clock,
+                    );
+                    set.preserve_host = s.preserve_host;
+                    set
+                }),
             })
             .collect();
         let default_site = config
@@ -490,6 +494,7 @@ mod tests {
             policies: vec![],
             stale: Default::default(),
             forwarded_for: crate::config::ForwardedFor::Replace,
+            preserve_host: false,
         };
         let mut c = config(false);
         c.sites = vec![

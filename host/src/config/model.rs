@@ -420,6 +420,9 @@ pub struct SiteConfig {
     pub stale: StaleRules,
     /// What the upstream learns of the client (`forwarded-for`).
     pub forwarded_for: ForwardedFor,
+    /// Send the client's `Host` upstream instead of the upstream URL's
+    /// authority (`preserve-host`).
+    pub preserve_host: bool,
 }
 
 impl Config {

@@ -58,6 +58,9 @@ pub struct MirrorSet {
     pub stale: StaleRules,
     /// What the upstreams learn of the client.
     pub forwarded_for: ForwardedFor,
+    /// A site's `preserve-host`: its upstreams get the client's `Host`.
+    /// Always off for mirrors, whose clients name Cistern.
+    pub preserve_host: bool,
     /// The engine's clock: marks are measured on its monotonic reading,
     /// so tests move them with the manual clock.
     clock: Clock,
@@ -102,6 +105,7 @@ impl MirrorSet {
                 .collect(),
             stale: config.stale,
             forwarded_for: config.forwarded_for,
+            preserve_host: false,
             clock: clock.clone(),
             epoch: clock.monotonic(),
         }

@@ -67,15 +67,26 @@ pub enum Upstreams {
         set: Arc<MirrorSet>,
         /// Path and query below the mirror prefix.
         rest: String,
+        /// The `Host` to send instead of the upstream URL's authority (a
+        /// site's `preserve-host`).
+        host: Option<http::HeaderValue>,
     },
 }
 
 impl Upstreams {
+    /// The `Host` to send instead of the upstream URL's authority.
+    pub fn host(&self) -> Option<&http::HeaderValue> {
+        match self {
+            Upstreams::Mirror { host, .. } => host.as_ref(),
+            Upstreams::Single(_) => None,
+        }
+    }
+
     /// The primary URL, for logs and errors.
     pub fn primary(&self) -> String {
         match self {
             Upstreams::Single(uri) => uri.to_string(),
-            Upstreams::Mirror { set, rest } => {
+            Upstreams::Mirror { set, rest, .. } => {
                 set.url(0, rest).map(|u| u.to_string()).unwrap_or_default()
             }
         }

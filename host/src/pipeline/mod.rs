@@ -202,7 +202,8 @@ impl Proxy {
                 let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
                 let stale = set.stale;
                 forwarded::apply(req.headers_mut(), set.forwarded_for, conn.client.ip());
-                let upstreams = Upstreams::Mirror { set, rest };
+                let host = set.preserve_host.then(|| site_host(&req, &set.name));
+                let upstreams = Upstreams::Mirror { set, rest, host };
                 self.proxied(req, conn, url, upstreams, chain, stale, snap)
                     .await
             }
@@ -243,7 +244,11 @@ impl Proxy {
                     .unwrap_or(&snap.no_policies);
                 let stale = set.stale;
                 forwarded::apply(req.headers_mut(), set.forwarded_for, conn.client.ip());
-                let upstreams = Upstreams::Mirror { set, rest };
+                let upstreams = Upstreams::Mirror {
+                    set,
+                    rest,
+                    host: None,
+                };
                 self.proxied(req, conn, url, upstreams, chain, stale, snap)
                     .await
             }
@@ -338,6 +343,28 @@ impl PolicyRun {
         view.headers = headers.clone();
         Arc::new(PolicyHook::new(self.chain, self.host, view))
     }
+}
+
+/// The `Host` a `preserve-host` site sends upstream: the client's, when
+/// it names the site (any case, with the port the client used); the
+/// site's name when the request reached it as the default site under
+/// another name, so the origin never sees a host whose answers would share
+/// the site's replica unasked.
+fn site_host(req: &Request<Incoming>, site: &str) -> HeaderValue {
+    let client = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Some(client) = client {
+        let name = client.rsplit_once(':').map_or(client, |(h, _)| h);
+        if name.trim_end_matches('.').eq_ignore_ascii_case(site)
+            && let Ok(v) = HeaderValue::from_str(client)
+        {
+            return v;
+        }
+    }
+    HeaderValue::from_str(site).expect("site names are DNS names")
 }
 
 /// How long to wait for in-flight requests on shutdown.

@@ -264,7 +264,7 @@ mod tests {
             ),
             (
                 "site \"s.test\" {\n    qqqqqqqqqq 1\n}\n",
-                "expected one of: listen, tls, upstream, policies, stale-if-error, stale-while-revalidate,",
+                "expected one of: listen, tls, preserve-host, upstream, policies, stale-if-error,",
             ),
         ];
         for (text, help) in cases {
