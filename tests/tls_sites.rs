@@ -399,3 +399,51 @@ async fn a_certificate_replaced_on_disk_is_served_to_new_connections_while_old_o
         .expect("still serving");
     assert_eq!(c.peer, renewed.der);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserve_host_sends_the_clients_host_to_the_upstream() {
+    let (o1, o2) = origins().await;
+    o2.put("/b/d.txt", Resource::new(pattern(3, 100)));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    ca.leaf(&["one.test"]).write(dir.path(), "one");
+    ca.leaf(&["two.test"]).write(dir.path(), "two");
+    let port = free_port();
+    // one.test keeps the client's Host; two.test does not.
+    let text = two_sites(port, &o1, &o2, "default-site \"one.test\"").replace(
+        "    tls cert=\"one.pem\" key=\"one.key\"\n",
+        "    tls cert=\"one.pem\" key=\"one.key\"\n    preserve-host #true\n",
+    );
+    let _cistern = Cistern::start(dir.path(), &text, &[]);
+    let addr = tls_addr(port);
+    let host_seen = |o: &Origin, path: &str| {
+        let seen = o.seen();
+        let req = seen
+            .iter()
+            .rfind(|s| s.path == path)
+            .expect("origin saw it");
+        req.headers["host"].to_str().unwrap().to_owned()
+    };
+    for (alpn, path) in [(&b"h2"[..], "/a.txt"), (&b"http/1.1"[..], "/e.txt")] {
+        o1.put(path, Resource::new(pattern(4, 10)));
+        let mut c = connect(addr, "one.test", ca.client(&[alpn])).await.unwrap();
+        let got = c.get_host(path, &format!("One.Test:{port}")).await.unwrap();
+        assert_eq!(got.status, 200, "{:?}", got.headers);
+        assert_eq!(host_seen(&o1, path), format!("One.Test:{port}"));
+    }
+    // Another name answered by one.test as the default site: the origin
+    // gets the site's name, never a host the replica was not keyed for.
+    o1.put("/f.txt", Resource::new(pattern(5, 10)));
+    let mut c = connect(addr, "one.test", ca.client(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let got = c.get_host("/f.txt", "nobody.test").await.unwrap();
+    assert_eq!(got.status, 200, "{:?}", got.headers);
+    assert_eq!(host_seen(&o1, "/f.txt"), "one.test");
+    let mut c = connect(addr, "two.test", ca.client(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let got = c.get("/d.txt").await.unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(host_seen(&o2, "/b/d.txt"), o2.addr.to_string());
+}

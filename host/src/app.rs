@@ -140,7 +140,9 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         "replica index rebuilt"
     );
     let own = Arc::new(OwnSockets::default());
-    let client = UpstreamClient::new(&config.upstream_tls, &config.timeouts, own.clone())?;
+    let via = Arc::new(crate::via::ViaHop::new(config.node_id.as_deref()));
+    tracing::info!(target: "cistern::app", "Via names this node {}", via.pseudonym());
+    let client = UpstreamClient::new(&config.upstream_tls, &config.timeouts, own.clone(), via)?;
     let engine = FetchEngine::new(Arc::new(store), client, clock.clone());
 
     let source = config.source.clone();

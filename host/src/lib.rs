@@ -21,6 +21,8 @@
 //!   redacted in logs.
 //! - [`request`]: checks a client's request before routing: one valid
 //!   `Host`, no body on GET or HEAD.
+//! - [`via`]: this Cistern's `Via` hop (`cistern-<node id>`) and loop
+//!   detection by it, so Cisterns in series pass each other's requests.
 //!
 //! The engines:
 //! - [`config`]: `config.kdl` → a typed, validated [`config::Config`], with
@@ -105,3 +107,4 @@ pub mod snapshot;
 pub mod store;
 pub mod tls;
 pub mod tunnel;
+pub mod via;

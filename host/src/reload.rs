@@ -574,7 +574,8 @@ fn snapshot_problems(
 
 /// Parts of the config that only take effect at start-up: the replica
 /// store (opened once, its index built from disk), upstream TLS trust and
-/// the connect and upstream-idle timeouts (the shared upstream client). A reload keeps the
+/// the connect and upstream-idle timeouts and the `Via` node id (the shared
+/// upstream client). A reload keeps the
 /// running values and says so.
 fn keep_restart_only(new: &mut Config, running: &Config) {
     let (s, r) = (&new.store, &running.store);
@@ -595,4 +596,8 @@ fn keep_restart_only(new: &mut Config, running: &Config) {
         tracing::warn!(target: "cistern::reload", "`timeouts upstream-idle` changed; it takes effect at the next restart");
     }
     new.timeouts.upstream_idle = running.timeouts.upstream_idle;
+    if new.node_id != running.node_id {
+        tracing::warn!(target: "cistern::reload", "`node-id` changed; it takes effect at the next restart");
+    }
+    new.node_id = running.node_id.clone();
 }

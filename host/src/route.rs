@@ -99,16 +99,21 @@ impl Router {
                 listen: s.listen.clone(),
                 // A site is a mirror of its upstreams rooted at `/`: the
                 // same failover, coalescing and replica layout.
-                set: Arc::new(MirrorSet::new(
-                    &MirrorConfig {
-                        name: s.name.clone(),
-                        prefix: "/".to_owned(),
-                        upstreams: s.upstreams.clone(),
-                        policies: s.policies.clone(),
-                        stale: s.stale,
-                    },
-                    clock,
-                )),
+                set: Arc::new({
+                    let mut set = MirrorSet::new(
+                        &MirrorConfig {
+                            name: s.name.clone(),
+                            prefix: "/".to_owned(),
+                            upstreams: s.upstreams.clone(),
+                            policies: s.policies.clone(),
+                            stale: s.stale,
+                            forwarded_for: s.forwarded_for,
+                        },
+                        clock,
+                    );
+                    set.preserve_host = s.preserve_host;
+                    set
+                }),
             })
             .collect();
         let default_site = config
@@ -304,6 +309,7 @@ mod tests {
             upstreams: vec!["http://deb.example/debian/".parse().unwrap()],
             policies: vec![],
             stale: Default::default(),
+            forwarded_for: crate::config::ForwardedFor::Replace,
         }];
         c
     }
@@ -487,6 +493,8 @@ mod tests {
             upstreams: vec![format!("https://origin.{name}/").parse().unwrap()],
             policies: vec![],
             stale: Default::default(),
+            forwarded_for: crate::config::ForwardedFor::Replace,
+            preserve_host: false,
         };
         let mut c = config(false);
         c.sites = vec![

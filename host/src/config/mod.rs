@@ -78,6 +78,7 @@ impl Config {
             // no extra port unless a config file asks for one.
             admin: AdminConfig::DISABLED,
             server_names: Vec::new(),
+            node_id: None,
         }
     }
 }

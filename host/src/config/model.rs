@@ -47,6 +47,9 @@ pub struct Config {
     /// `localhost` and the loopback literals (`server-name`): a request
     /// for one of them is served locally, never proxied.
     pub server_names: Vec<ServerName>,
+    /// This Cistern's id in `Via` (`node-id`), checked to be token
+    /// characters; `None` gives a random one at start.
+    pub node_id: Option<String>,
 }
 
 /// A host name or address Cistern answers to (`server-name`,
@@ -169,6 +172,25 @@ pub struct ForwardConfig {
     pub policies: Vec<String>,
     /// When a stale replica may still answer a forward request.
     pub stale: StaleRules,
+    /// What upstreams learn of the client (`forwarded-for`); off by
+    /// default: a forward proxy would otherwise tell every web site the
+    /// LAN addresses behind it.
+    pub forwarded_for: ForwardedFor,
+}
+
+/// What Cistern tells an upstream about the client (`forwarded-for`):
+/// `X-Forwarded-For` and `Forwarded: for=` (RFC 7239).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedFor {
+    /// Drop whatever the client sent in those headers (anyone can write
+    /// them) and send its address: the default for mirrors and sites.
+    Replace,
+    /// The client is trusted (a load balancer in front): keep its values
+    /// and append its address.
+    Append,
+    /// Add nothing; the headers go on as the client sent them: the
+    /// default for the forward proxy.
+    Off,
 }
 
 /// When a replica past its freshness may still be served (RFC 5861,
@@ -215,6 +237,8 @@ pub struct MirrorConfig {
     pub policies: Vec<String>,
     /// When a stale replica may still answer.
     pub stale: StaleRules,
+    /// What the upstream learns of the client (`forwarded-for`).
+    pub forwarded_for: ForwardedFor,
 }
 
 /// Rate limits (governor) and connection caps.
@@ -400,6 +424,11 @@ pub struct SiteConfig {
     pub policies: Vec<String>,
     /// When a stale replica may still answer.
     pub stale: StaleRules,
+    /// What the upstream learns of the client (`forwarded-for`).
+    pub forwarded_for: ForwardedFor,
+    /// Send the client's `Host` upstream instead of the upstream URL's
+    /// authority (`preserve-host`).
+    pub preserve_host: bool,
 }
 
 impl Config {

@@ -684,3 +684,37 @@ fn server_names_and_admin_hosts() {
         "{texts:?}"
     );
 }
+
+#[test]
+fn node_id_is_a_via_token() {
+    assert_eq!(ok("node-id \"edge-1\"").node_id.as_deref(), Some("edge-1"));
+    assert_eq!(ok("").node_id, None);
+    let p = problems("node-id \"edge 1\"");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!((p[0].0, p[0].1), (1, 9), "{p:?}");
+    assert!(
+        p[0].2.contains("`node-id`: ' ' cannot be in a node id"),
+        "{p:?}"
+    );
+    assert_eq!(problems("node-id \"\"").len(), 1);
+}
+
+#[test]
+fn forwarded_for_defaults_and_modes() {
+    let c = ok(
+        "forward {\n}\nmirror \"m\" {\n    prefix \"/m/\"\n    upstream \"http://a.test/\"\n}\n",
+    );
+    assert_eq!(c.forward.forwarded_for, ForwardedFor::Off);
+    assert_eq!(c.mirrors[0].forwarded_for, ForwardedFor::Replace);
+    let c = ok(
+        "forward {\n    forwarded-for \"replace\"\n}\nmirror \"m\" {\n    prefix \"/m/\"\n    upstream \"http://a.test/\"\n    forwarded-for \"append\"\n}\n",
+    );
+    assert_eq!(c.forward.forwarded_for, ForwardedFor::Replace);
+    assert_eq!(c.mirrors[0].forwarded_for, ForwardedFor::Append);
+    let p = problems("forward {\n    forwarded-for \"yes\"\n}\n");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].2.contains("`forwarded-for`: unknown mode \"yes\""),
+        "{p:?}"
+    );
+}

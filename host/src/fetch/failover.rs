@@ -77,7 +77,7 @@ impl Upstreams {
     pub(super) fn candidates(&self) -> Vec<(Option<usize>, Uri)> {
         match self {
             Upstreams::Single(uri) => vec![(None, uri.clone())],
-            Upstreams::Mirror { set, rest } => set
+            Upstreams::Mirror { set, rest, .. } => set
                 .order()
                 .into_iter()
                 .filter_map(|i| set.url(i, rest).ok().map(|u| (Some(i), u)))
@@ -175,7 +175,10 @@ impl Inner {
         let mut last = None;
         for (n, (index, url)) in candidates.into_iter().enumerate() {
             let req_body = body.take().unwrap_or_else(empty_body);
-            let req = build_request(method.clone(), &url, headers, req_body);
+            let mut req = build_request(method.clone(), &url, headers, req_body);
+            if let Some(host) = upstreams.host() {
+                req.headers_mut().insert(header::HOST, host.clone());
+            }
             match self.send(req, &url, idle).await {
                 Ok(resp) if resp.status().is_server_error() && retryable && n + 1 < count => {
                     tracing::info!(target: "cistern::fetch", %url, status = %resp.status(), "upstream error, trying the next mirror");

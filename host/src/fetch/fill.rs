@@ -536,7 +536,10 @@ impl Inner {
             let mut headers = job.headers.clone();
             headers.insert(header::RANGE, range.clone());
             headers.insert(header::IF_RANGE, if_range.clone());
-            let req = build_request(Method::GET, url, &headers, empty_body());
+            let mut req = build_request(Method::GET, url, &headers, empty_body());
+            if let Some(host) = job.upstreams.host() {
+                req.headers_mut().insert(header::HOST, host.clone());
+            }
             let resp = match self.send(req, url, job.settings.idle).await {
                 Ok(resp) => resp,
                 Err(e) if e.retry() == RetryType::Retryable => {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http::Uri;
 
 use crate::clock::Clock;
-use crate::config::{MirrorConfig, StaleRules};
+use crate::config::{ForwardedFor, MirrorConfig, StaleRules};
 
 use super::confine::{EscapeError, confine};
 
@@ -56,6 +56,11 @@ pub struct MirrorSet {
     pub upstreams: Vec<MirrorUpstream>,
     /// When a stale replica of this set may still answer.
     pub stale: StaleRules,
+    /// What the upstreams learn of the client.
+    pub forwarded_for: ForwardedFor,
+    /// A site's `preserve-host`: its upstreams get the client's `Host`.
+    /// Always off for mirrors, whose clients name Cistern.
+    pub preserve_host: bool,
     /// The engine's clock: marks are measured on its monotonic reading,
     /// so tests move them with the manual clock.
     clock: Clock,
@@ -99,6 +104,8 @@ impl MirrorSet {
                 })
                 .collect(),
             stale: config.stale,
+            forwarded_for: config.forwarded_for,
+            preserve_host: false,
             clock: clock.clone(),
             epoch: clock.monotonic(),
         }
@@ -191,6 +198,7 @@ mod tests {
                 ],
                 policies: vec![],
                 stale: StaleRules::default(),
+                forwarded_for: ForwardedFor::Replace,
             },
             clock,
         )

@@ -67,15 +67,26 @@ pub enum Upstreams {
         set: Arc<MirrorSet>,
         /// Path and query below the mirror prefix.
         rest: String,
+        /// The `Host` to send instead of the upstream URL's authority (a
+        /// site's `preserve-host`).
+        host: Option<http::HeaderValue>,
     },
 }
 
 impl Upstreams {
+    /// The `Host` to send instead of the upstream URL's authority.
+    pub fn host(&self) -> Option<&http::HeaderValue> {
+        match self {
+            Upstreams::Mirror { host, .. } => host.as_ref(),
+            Upstreams::Single(_) => None,
+        }
+    }
+
     /// The primary URL, for logs and errors.
     pub fn primary(&self) -> String {
         match self {
             Upstreams::Single(uri) => uri.to_string(),
-            Upstreams::Mirror { set, rest } => {
+            Upstreams::Mirror { set, rest, .. } => {
                 set.url(0, rest).map(|u| u.to_string()).unwrap_or_default()
             }
         }
@@ -168,6 +179,11 @@ impl FetchEngine {
     /// Cistern's own sockets, which no upstream connection may reach.
     pub fn own_sockets(&self) -> &Arc<crate::ours::OwnSockets> {
         self.inner.client.own_sockets()
+    }
+
+    /// This Cistern's `Via` hop.
+    pub fn via(&self) -> &Arc<crate::via::ViaHop> {
+        self.inner.client.via()
     }
 
     /// The engine's clock (freshness, upstream health, orphaned fills).

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{Request, Response, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -25,6 +25,7 @@ use rustls::pki_types::pem::PemObject;
 
 use crate::config::{Timeouts, UpstreamTls};
 use crate::ours::OwnSockets;
+use crate::via::ViaHop;
 
 /// A request body on its way upstream.
 pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -47,9 +48,6 @@ pub enum ClientBuildError {
     NoRoots,
 }
 
-/// The value Cistern adds to `Via` on requests and responses.
-pub const VIA: HeaderValue = HeaderValue::from_static("1.1 cistern");
-
 /// The pooled hyper client under [`UpstreamClient`].
 type Pooled = Client<HttpsConnector<GuardedConnector>, UpstreamBody>;
 
@@ -62,15 +60,19 @@ pub struct UpstreamClient {
     /// failed under it (the pool may hold more of the same age).
     fresh: Pooled,
     own: Arc<OwnSockets>,
+    /// Our hop, added to `Via` on every request sent.
+    via: Arc<ViaHop>,
 }
 
 impl UpstreamClient {
     /// Builds the client: trust anchors from `tls`, timeouts from
-    /// `timeouts`; it refuses to connect to the sockets in `own`.
+    /// `timeouts`; it refuses to connect to the sockets in `own` and names
+    /// itself `via` in `Via`.
     pub fn new(
         tls: &UpstreamTls,
         timeouts: &Timeouts,
         own: Arc<OwnSockets>,
+        via: Arc<ViaHop>,
     ) -> Result<UpstreamClient, ClientBuildError> {
         let mut roots = RootCertStore::empty();
         if tls.system_roots {
@@ -136,12 +138,22 @@ impl UpstreamClient {
         let fresh = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(https);
-        Ok(UpstreamClient { client, fresh, own })
+        Ok(UpstreamClient {
+            client,
+            fresh,
+            own,
+            via,
+        })
     }
 
     /// Cistern's own sockets, which no upstream connection may reach.
     pub fn own_sockets(&self) -> &Arc<OwnSockets> {
         &self.own
+    }
+
+    /// This Cistern's `Via` hop.
+    pub fn via(&self) -> &Arc<ViaHop> {
+        &self.via
     }
 
     /// Sends one request upstream and returns the response head with its
@@ -150,7 +162,8 @@ impl UpstreamClient {
         &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        req.headers_mut().append(http::header::VIA, VIA);
+        req.headers_mut()
+            .append(http::header::VIA, self.via.value());
         self.client.request(req).await
     }
 
@@ -159,7 +172,8 @@ impl UpstreamClient {
         &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        req.headers_mut().append(http::header::VIA, VIA);
+        req.headers_mut()
+            .append(http::header::VIA, self.via.value());
         self.fresh.request(req).await
     }
 }

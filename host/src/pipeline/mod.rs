@@ -8,6 +8,7 @@
 mod answers;
 mod cached;
 mod connect;
+mod forwarded;
 mod passthrough;
 
 use std::net::SocketAddr;
@@ -132,7 +133,7 @@ impl Proxy {
         let metrics = self.engine.metrics();
         metrics.request(outcome);
         let h = response.headers_mut();
-        h.append(header::VIA, crate::fetch::upstream::VIA);
+        h.append(header::VIA, self.engine.via().value());
         h.insert(
             http::HeaderName::from_static("cache-status"),
             HeaderValue::from_static(outcome.cache_status()),
@@ -155,7 +156,12 @@ impl Proxy {
         Response::from_parts(parts, LoggedBody::wrap(body, record, metrics.clone()))
     }
 
-    async fn dispatch(&self, req: Request<Incoming>, conn: ConnInfo, snap: &Snapshot) -> Answer {
+    async fn dispatch(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        snap: &Snapshot,
+    ) -> Answer {
         if let Err(retry) = snap.limits.check_client(conn.client.ip()) {
             self.engine.metrics().limited();
             let mut resp = body::text(
@@ -169,10 +175,10 @@ impl Proxy {
         if let Err(bad) = crate::request::check(&req) {
             return Answer::local(body::text(StatusCode::BAD_REQUEST, bad.to_string()));
         }
-        if looped(req.headers()) {
+        if self.engine.via().looped(req.headers()) {
             return Answer::local(body::text(
                 StatusCode::LOOP_DETECTED,
-                "request loop: this request already passed through Cistern",
+                "request loop: this request already passed through this Cistern",
             ));
         }
         let route = match conn.site_listener {
@@ -195,7 +201,9 @@ impl Proxy {
                 };
                 let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
                 let stale = set.stale;
-                let upstreams = Upstreams::Mirror { set, rest };
+                forwarded::apply(req.headers_mut(), set.forwarded_for, conn.client.ip());
+                let host = set.preserve_host.then(|| site_host(&req, &set.name));
+                let upstreams = Upstreams::Mirror { set, rest, host };
                 self.proxied(req, conn, url, upstreams, chain, stale, snap)
                     .await
             }
@@ -206,8 +214,9 @@ impl Proxy {
                 }
                 // The URL's credentials are for the host it names, and
                 // only that route goes there.
-                let mut req = req;
                 crate::credentials::apply(&mut req);
+                let mode = snap.config.forward.forwarded_for;
+                forwarded::apply(req.headers_mut(), mode, conn.client.ip());
                 self.proxied(
                     req,
                     conn,
@@ -234,7 +243,12 @@ impl Proxy {
                     .get(&set.name)
                     .unwrap_or(&snap.no_policies);
                 let stale = set.stale;
-                let upstreams = Upstreams::Mirror { set, rest };
+                forwarded::apply(req.headers_mut(), set.forwarded_for, conn.client.ip());
+                let upstreams = Upstreams::Mirror {
+                    set,
+                    rest,
+                    host: None,
+                };
                 self.proxied(req, conn, url, upstreams, chain, stale, snap)
                     .await
             }
@@ -331,14 +345,26 @@ impl PolicyRun {
     }
 }
 
-/// A request that already went through a Cistern (ours or another) names
-/// it in `Via`; a second pass is a loop.
-fn looped(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::VIA)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|hop| hop.trim().ends_with(" cistern")))
+/// The `Host` a `preserve-host` site sends upstream: the client's, when
+/// it names the site (any case, with the port the client used); the
+/// site's name when the request reached it as the default site under
+/// another name, so the origin never sees a host whose answers would share
+/// the site's replica unasked.
+fn site_host(req: &Request<Incoming>, site: &str) -> HeaderValue {
+    let client = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Some(client) = client {
+        let name = client.rsplit_once(':').map_or(client, |(h, _)| h);
+        if name.trim_end_matches('.').eq_ignore_ascii_case(site)
+            && let Ok(v) = HeaderValue::from_str(client)
+        {
+            return v;
+        }
+    }
+    HeaderValue::from_str(site).expect("site names are DNS names")
 }
 
 /// How long to wait for in-flight requests on shutdown.

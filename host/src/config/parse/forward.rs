@@ -9,7 +9,7 @@ use miette::SourceSpan;
 
 use super::policy::policy_list;
 use super::top::Top;
-use super::upstream_block::{stale_if_error, stale_while_revalidate};
+use super::upstream_block::{forwarded_for, stale_if_error, stale_while_revalidate};
 use super::walker::{BLOCK, Cx, Rule, Shape, bool_node, many, once};
 use crate::config::model::*;
 
@@ -25,6 +25,7 @@ pub(in crate::config) fn default_forward() -> ForwardConfig {
         connect_ports: vec![443],
         policies: Vec::new(),
         stale: StaleRules::default(),
+        forwarded_for: ForwardedFor::Off,
     }
 }
 
@@ -56,6 +57,9 @@ const FORWARD: &[Rule<ForwardDraft>] = &[
     }),
     once("stale-while-revalidate", |cx, n, d| {
         stale_while_revalidate(cx, n, &mut d.config.stale)
+    }),
+    once("forwarded-for", |cx, n, d| {
+        forwarded_for(cx, n, &mut d.config.forwarded_for)
     }),
 ];
 

@@ -66,6 +66,7 @@ pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         upstreams: u.upstreams,
         policies: u.policies,
         stale: u.stale,
+        forwarded_for: u.forwarded_for,
     });
 }
 

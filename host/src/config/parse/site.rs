@@ -13,7 +13,7 @@ use miette::SourceSpan;
 
 use super::top::Top;
 use super::upstream_block::{HasUpstreamBlock, UpstreamBlock, UpstreamHints, upstream_rules};
-use super::walker::{Cx, Rule, Shape, many, once, suggest};
+use super::walker::{Cx, Rule, Shape, bool_node, many, once, suggest};
 use crate::config::model::{Listener, SiteConfig};
 
 /// Where a site listens when its block names no address: loopback, like
@@ -43,6 +43,7 @@ struct SiteDraft {
     tls: Option<(PathBuf, PathBuf)>,
     tls_given: bool,
     upstream: UpstreamBlock,
+    preserve_host: bool,
 }
 
 impl HasUpstreamBlock for SiteDraft {
@@ -52,7 +53,15 @@ impl HasUpstreamBlock for SiteDraft {
 }
 
 /// A site's own nodes; the upstream block's follow them.
-const SITE: &[Rule<SiteDraft>] = &[many("listen", site_listen), once("tls", site_tls)];
+const SITE: &[Rule<SiteDraft>] = &[
+    many("listen", site_listen),
+    once("tls", site_tls),
+    once("preserve-host", |cx, n, d| {
+        if let Some(b) = bool_node(cx, n) {
+            d.preserve_host = b;
+        }
+    }),
+];
 
 /// How a site's upstreams read in messages.
 const SITE_HINTS: UpstreamHints = UpstreamHints {
@@ -75,6 +84,7 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         tls: None,
         tls_given: false,
         upstream: UpstreamBlock::new(&SITE_HINTS),
+        preserve_host: false,
     };
     cx.children_with(node, SITE, &upstream_rules(), &mut d);
     let Some(name) = name else { return };
@@ -108,6 +118,8 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         upstreams: u.upstreams,
         policies: u.policies,
         stale: u.stale,
+        forwarded_for: u.forwarded_for,
+        preserve_host: d.preserve_host,
     });
 }
 

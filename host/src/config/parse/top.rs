@@ -52,6 +52,8 @@ pub(super) struct Top {
     pub(super) admin: Option<(AdminConfig, Option<SourceSpan>)>,
     /// `server-name` nodes.
     pub(super) server_names: Vec<ServerName>,
+    /// `node-id`.
+    pub(super) node_id: Option<String>,
 }
 
 /// The nodes a file may hold at the top level.
@@ -64,6 +66,7 @@ pub(super) const TOP_LEVEL: &[Rule<Top>] = &[
     many("limiter", limiter),
     once("timeouts", timeouts),
     once("mode", mode),
+    once("node-id", node_id),
     once("upstream-tls", upstream_tls),
     many("policy", policy),
     many("site", site::site),
@@ -136,6 +139,7 @@ impl Top {
             default_site,
             admin,
             server_names: self.server_names,
+            node_id: self.node_id,
         }
     }
 }
@@ -160,4 +164,20 @@ fn mode(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
             return;
         }
     };
+}
+
+/// `node-id "edge-1"`: this Cistern's name in `Via`, by which it knows a
+/// request that looped back to it.
+fn node_id(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    let e = cx.entries(node, &Shape::leaf((1, 1), "node-id \"edge-1\""));
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    match crate::via::check_node_id(text) {
+        Ok(()) => top.node_id = Some(text.to_owned()),
+        Err(why) => {
+            cx.error(arg.span(), format!("`node-id`: {why}"));
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! The upstream block: the nodes `mirror` and `site` share (`upstream`,
-//! `policies`, `stale-if-error`, `stale-while-revalidate`), defined once in
+//! `policies`, `stale-if-error`, `stale-while-revalidate`, `forwarded-for`), defined once in
 //! [`upstream_rules`] and read into an [`UpstreamBlock`], so an option of
 //! every upstream set is added in this one place. The stale readers also
 //! serve the `forward` block, which has stale rules but no upstreams.
@@ -27,6 +27,34 @@ pub(super) fn stale_while_revalidate(cx: &mut Cx<'_>, node: &KdlNode, rules: &mu
     }
 }
 
+/// `forwarded-for "replace" | "append" | "off"`.
+pub(super) fn forwarded_for(cx: &mut Cx<'_>, node: &KdlNode, mode: &mut ForwardedFor) {
+    let e = cx.entries(
+        node,
+        &Shape::leaf(
+            (1, 1),
+            "forwarded-for \"replace\"  // or \"append\", \"off\"",
+        ),
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    *mode = match text {
+        "replace" => ForwardedFor::Replace,
+        "append" => ForwardedFor::Append,
+        "off" => ForwardedFor::Off,
+        other => {
+            cx.error(
+                arg.span(),
+                format!("`forwarded-for`: unknown mode {other:?}"),
+            )
+            .help = Some("use \"replace\", \"append\" or \"off\"".to_owned());
+            return;
+        }
+    };
+}
+
 /// How one kind of upstream-backed block words its upstreams in messages.
 pub(super) struct UpstreamHints {
     /// The block's node name: "mirror", "site".
@@ -49,6 +77,7 @@ pub(super) struct UpstreamBlock {
     upstreams: Vec<Uri>,
     refs: Vec<(String, SourceSpan)>,
     stale: StaleRules,
+    forwarded_for: ForwardedFor,
 }
 
 /// What an [`UpstreamBlock`] yields for the block's config.
@@ -59,6 +88,8 @@ pub(super) struct Upstreams {
     pub(super) policies: Vec<String>,
     /// `stale-if-error` and `stale-while-revalidate`.
     pub(super) stale: StaleRules,
+    /// `forwarded-for`.
+    pub(super) forwarded_for: ForwardedFor,
 }
 
 /// A block's draft that holds an [`UpstreamBlock`], so that
@@ -70,7 +101,7 @@ pub(super) trait HasUpstreamBlock {
 
 /// The nodes every upstream-backed block accepts, after its own (see
 /// [`Cx::children_with`]).
-pub(super) const fn upstream_rules<T: HasUpstreamBlock>() -> [Rule<T>; 4] {
+pub(super) const fn upstream_rules<T: HasUpstreamBlock>() -> [Rule<T>; 5] {
     [
         many("upstream", |cx, n, d| d.upstream_block().upstream(cx, n)),
         once("policies", |cx, n, d| {
@@ -81,6 +112,9 @@ pub(super) const fn upstream_rules<T: HasUpstreamBlock>() -> [Rule<T>; 4] {
         }),
         once("stale-while-revalidate", |cx, n, d| {
             stale_while_revalidate(cx, n, &mut d.upstream_block().stale)
+        }),
+        once("forwarded-for", |cx, n, d| {
+            forwarded_for(cx, n, &mut d.upstream_block().forwarded_for)
         }),
     ]
 }
@@ -94,6 +128,7 @@ impl UpstreamBlock {
             upstreams: Vec::new(),
             refs: Vec::new(),
             stale: StaleRules::default(),
+            forwarded_for: ForwardedFor::Replace,
         }
     }
 
@@ -117,6 +152,7 @@ impl UpstreamBlock {
             upstreams: self.upstreams,
             policies: self.refs.into_iter().map(|(n, _)| n).collect(),
             stale: self.stale,
+            forwarded_for: self.forwarded_for,
         }
     }
 
@@ -224,16 +260,17 @@ mod tests {
         let cases = [
             (
                 "mirror \"m\" {\n    qqqqqqqqqq 1\n}\n",
-                "expected one of: prefix, upstream, policies, stale-if-error, stale-while-revalidate",
+                "expected one of: prefix, upstream, policies, stale-if-error, stale-while-revalidate,",
             ),
             (
                 "site \"s.test\" {\n    qqqqqqqqqq 1\n}\n",
-                "expected one of: listen, tls, upstream, policies, stale-if-error, stale-while-revalidate",
+                "expected one of: listen, tls, preserve-host, upstream, policies, stale-if-error,",
             ),
         ];
         for (text, help) in cases {
             let report = parse(text).expect_err(text).report();
             assert!(report.contains(help), "{text}\nwant {help:?}\ngot {report}");
+            assert!(report.contains("forwarded-for"), "{report}");
         }
     }
 
