@@ -5,9 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use cistern::app::{self, StartOptions};
 use cistern::clock::Clock;
-use cistern::config::Config;
 use cistern::fetch::{ErrorKind, FillState};
 use common::{Cistern, Origin, Resource, get, pattern, request, send};
 use http_body_util::BodyExt;
@@ -267,17 +265,8 @@ timeouts {{
         root.display(),
         origin.addr
     );
-    let config = Config::parse(&text, &dir.path().join("config.kdl")).expect("valid config");
     let clock = Clock::manual(SystemTime::now());
-    let cistern = app::start(
-        config,
-        StartOptions {
-            clock: Some(clock.clone()),
-            ..StartOptions::default()
-        },
-    )
-    .await
-    .expect("start");
+    let cistern = common::start_on_clock(&text, &dir.path().join("config.kdl"), &clock).await;
     let addr = cistern.addrs[0];
     let engine = cistern.proxy.engine();
 

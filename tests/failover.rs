@@ -6,9 +6,7 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use cistern::app::{self, StartOptions};
 use cistern::clock::Clock;
-use cistern::config::Config;
 use common::{Cistern, Origin, Resource, find_files, free_port, get, pattern};
 
 fn two_mirrors(first: &str, second: &Origin) -> String {
@@ -161,17 +159,8 @@ mirror "debian" {{
         broken.addr,
         good.addr
     );
-    let config = Config::parse(&text, &dir.path().join("config.kdl")).expect("valid config");
     let clock = Clock::manual(SystemTime::now());
-    let cistern = app::start(
-        config,
-        StartOptions {
-            clock: Some(clock.clone()),
-            ..StartOptions::default()
-        },
-    )
-    .await
-    .expect("start");
+    let cistern = common::start_on_clock(&text, &dir.path().join("config.kdl"), &clock).await;
     let addr = cistern.addrs[0];
     let fetch = |i: u8| async move {
         let got = get(addr, &format!("/debian/pool/p{i}.deb")).await;

@@ -7,9 +7,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use cistern::app::{self, Running, StartOptions};
+use cistern::app::Running;
 use cistern::clock::Clock;
-use cistern::config::Config;
 use common::{Origin, Resource, get, pattern, request};
 
 async fn start(origin: &Origin, dir: &Path, clock: &Clock, extra: &str) -> Running {
@@ -28,17 +27,7 @@ mirror "site" {{
         dir.join("replica").display(),
         origin.addr
     );
-    let config = Config::parse(&text, &dir.join("config.kdl")).expect("valid config");
-    app::start(
-        config,
-        StartOptions {
-            log_headers: false,
-            clock: Some(clock.clone()),
-            ..StartOptions::default()
-        },
-    )
-    .await
-    .expect("start")
+    common::start_on_clock(&text, &dir.join("config.kdl"), clock).await
 }
 
 fn t0() -> SystemTime {

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use cistern::app::{self, Running, StartOptions};
+use cistern::app::Running;
 use cistern::clock::Clock;
-use cistern::config::Config;
 use common::{Origin, Resource, get, pattern, request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -30,17 +29,7 @@ mirror "site" {{
 "#,
         dir.join("replica").display(),
     );
-    let config = Config::parse(&text, &dir.join("config.kdl")).expect("valid config");
-    app::start(
-        config,
-        StartOptions {
-            log_headers: false,
-            clock: Some(clock.clone()),
-            ..StartOptions::default()
-        },
-    )
-    .await
-    .expect("start")
+    common::start_on_clock(&text, &dir.join("config.kdl"), clock).await
 }
 
 /// Every file under `root` as lowercased text.

@@ -13,9 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use cistern::app::{self, Running, StartOptions};
+use cistern::app::Running;
 use cistern::clock::Clock;
-use cistern::config::Config;
 use common::{Origin, Resource, get, pattern};
 use http_body_util::Full;
 use hyper::service::service_fn;
@@ -91,17 +90,7 @@ mirror "debian" {{
 "#,
         dir.join("replica").display(),
     );
-    let config = Config::parse(&text, &dir.join("config.kdl")).expect("valid config");
-    app::start(
-        config,
-        StartOptions {
-            log_headers: false,
-            clock: Some(clock.clone()),
-            ..StartOptions::default()
-        },
-    )
-    .await
-    .expect("start")
+    common::start_on_clock(&text, &dir.join("config.kdl"), clock).await
 }
 
 const INDEX: &str = "/debian/dists/stable/InRelease";

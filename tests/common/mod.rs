@@ -690,3 +690,23 @@ pub fn skip(why: &str) {
     );
     eprintln!("skipped: {why}");
 }
+
+/// Starts Cistern in this process from config `text` (as if read from
+/// `config_path`), on `clock`: for tests that move time instead of
+/// sleeping.
+pub async fn start_on_clock(
+    text: &str,
+    config_path: &Path,
+    clock: &cistern::clock::Clock,
+) -> cistern::app::Running {
+    let config = cistern::config::Config::parse(text, config_path).expect("valid config");
+    cistern::app::start(
+        config,
+        cistern::app::StartOptions {
+            clock: Some(clock.clone()),
+            ..cistern::app::StartOptions::default()
+        },
+    )
+    .await
+    .expect("start")
+}
