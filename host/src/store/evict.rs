@@ -9,9 +9,17 @@
 //! by key) and nothing to misuse, and its `hashbrown` is already in the
 //! build.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::{CacheKey, ReplicaStore};
+
+/// A replica is moved to the front at most this often by its hits (as
+/// Varnish's `lru_interval`): a hot object is hit thousands of times a
+/// second, and each move takes the order's lock; for eviction, a second
+/// of precision is plenty.
+const PROMOTE_EVERY: Duration = Duration::from_secs(1);
 
 /// The recency order of indexed keys, least recently used at the back.
 ///
@@ -21,12 +29,15 @@ use super::{CacheKey, ReplicaStore};
 #[derive(Debug)]
 pub(super) struct Recency {
     order: Mutex<lru::LruCache<CacheKey, ()>>,
+    /// The origin of the replicas' `promoted_ms` marks.
+    epoch: Instant,
 }
 
 impl Default for Recency {
     fn default() -> Self {
         Recency {
             order: Mutex::new(lru::LruCache::unbounded()),
+            epoch: Instant::now(),
         }
     }
 }
@@ -38,10 +49,23 @@ impl Recency {
         self.order.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Moves `key` to the front (a hit, or a new commit); no effect on a key
-    /// not in the order.
+    /// Moves `key` to the front (a new commit); no effect on a key not in
+    /// the order.
     pub(super) fn touch(&self, key: &CacheKey) {
         self.lock().promote(key);
+    }
+
+    /// A hit on `key`, whose replica keeps its last move in `promoted_ms`:
+    /// moves it to the front unless a hit already did within
+    /// [`PROMOTE_EVERY`], so most hits take no lock.
+    pub(super) fn hit(&self, key: &CacheKey, promoted_ms: &AtomicU64) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        let last = promoted_ms.load(Ordering::Relaxed);
+        if last != u64::MAX && now.saturating_sub(last) < PROMOTE_EVERY.as_millis() as u64 {
+            return;
+        }
+        promoted_ms.store(now, Ordering::Relaxed);
+        self.touch(key);
     }
 
     /// Adds `key` at the front unless it already has a place, which it keeps.

@@ -59,7 +59,7 @@ impl Index {
         let replica = self.read().by_key.get(key).cloned()?;
         if touch {
             replica.hits.fetch_add(1, Ordering::Relaxed);
-            self.recency.touch(key);
+            self.recency.hit(key, &replica.promoted_ms);
         }
         Some(replica)
     }

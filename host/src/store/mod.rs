@@ -199,6 +199,9 @@ pub struct Replica {
     pub path: PathBuf,
     /// Times served from the replica (for the admin UI).
     pub hits: AtomicU64,
+    /// When a hit last moved it to the front of the LRU order, in ms on
+    /// the order's own clock; `u64::MAX` before the first hit.
+    promoted_ms: AtomicU64,
     /// The response headers built from `meta` the first time the replica
     /// is served, so a hit does not parse stored headers again.
     pub served_headers: std::sync::OnceLock<http::HeaderMap>,
@@ -217,6 +220,7 @@ impl Replica {
             meta: Arc::new(meta),
             path,
             hits: AtomicU64::new(hits),
+            promoted_ms: AtomicU64::new(u64::MAX),
             served_headers: std::sync::OnceLock::new(),
             ram: std::sync::OnceLock::new(),
         }

@@ -1190,3 +1190,34 @@ fn a_same_size_edit_is_not_served() {
     let o = store.lookup(&key(other.meta.key.as_str())).expect("kept");
     assert_eq!(read(&store, &o), b"untouched");
 }
+
+#[test]
+fn a_hot_replica_is_moved_to_the_front_at_most_once_a_second() {
+    let fx = Fixture::new(Layout::HostPort, Some(1000));
+    let store = fx.open();
+    for name in ["a", "b"] {
+        put(&store, &format!("http://example.org/{name}"), &[b'x'; 10]);
+    }
+    let a = key("http://example.org/a");
+    let names = |store: &ReplicaStore| -> Vec<String> {
+        store
+            .index
+            .recency
+            .lru_first()
+            .iter()
+            .map(|k| {
+                k.as_str()
+                    .trim_start_matches("http://example.org:80/")
+                    .to_owned()
+            })
+            .collect()
+    };
+    store.lookup(&a).expect("a");
+    assert_eq!(names(&store), ["b", "a"], "the first hit moves it");
+    put(&store, "http://example.org/c", &[b'x'; 10]);
+    assert_eq!(names(&store), ["b", "a", "c"]);
+    // Hit again at once: counted, but not moved (no lock taken).
+    store.lookup(&a).expect("a");
+    assert_eq!(names(&store), ["b", "a", "c"]);
+    assert_eq!(store.peek(&a).unwrap().hits(), 2);
+}
