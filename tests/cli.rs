@@ -117,16 +117,18 @@ async fn bind_timeout_and_debug_flags_take_effect() {
     let port = free_port();
     let log = std::fs::File::create(dir.path().join("cistern.log")).unwrap();
     // Not `Cistern::spawn`: it turns debug logging on by itself.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["-b", "127.0.0.3", "-p", &port.to_string()])
-        .args(["--timeout", "2", "--debug"])
-        .env_remove("CISTERN_LOG")
-        .current_dir(dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let _child = common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_cistern"))
+            .args(["-b", "127.0.0.3", "-p", &port.to_string()])
+            .args(["--timeout", "2", "--debug"])
+            .env_remove("CISTERN_LOG")
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let addr: std::net::SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(addr).is_err() {
@@ -165,6 +167,4 @@ async fn bind_timeout_and_debug_flags_take_effect() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }

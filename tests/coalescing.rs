@@ -107,10 +107,11 @@ async fn range_requests_are_answered_while_the_file_is_still_filling() {
     const SIZE: usize = 8 * 1024 * 1024;
     let origin = Origin::start().await;
     let body = pattern(5, SIZE);
-    // 128 chunks of 64 KiB, 25 ms apart: the fill takes over 3 s.
+    // 128 chunks of 64 KiB, 100 ms apart: the fill takes about 13 s, far
+    // longer than asking for a range takes on a loaded machine.
     origin.put(
         "/pkg.tar",
-        Resource::new(body.clone()).slow(Duration::from_millis(25)),
+        Resource::new(body.clone()).slow(Duration::from_millis(100)),
     );
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &common::files_mirror(&origin), &[]);

@@ -468,7 +468,7 @@ async fn idle_tunnels_are_closed_and_busy_ones_are_not() {
     let (closed, rounds) = tokio::join!(idle_check, busy_check);
     let after = closed.expect("an idle tunnel was still open after the timeout");
     assert!(after >= IDLE / 2, "idle tunnel closed after only {after:?}");
-    assert!(rounds >= 5, "{rounds}");
+    assert!(rounds >= 3, "{rounds}");
     // Once quiet, the busy one goes too.
     let (closed, _) = closed_within(&mut busy, IDLE + SLACK).await;
     assert!(closed.is_some(), "a tunnel gone quiet was never closed");
@@ -497,17 +497,19 @@ async fn a_low_open_file_limit_is_raised_to_the_hard_limit_at_start() {
     let log = std::fs::File::create(dir.path().join("cistern.log")).unwrap();
     // Started the way a distribution's default (soft 1024) or a careless
     // unit file would start it: with a soft limit far below the hard one.
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -Sn 256 && exec \"$0\" -p \"$1\"")
-        .arg(env!("CARGO_BIN_EXE_cistern"))
-        .arg(port.to_string())
-        .current_dir(dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = common::KillOnDrop(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -Sn 256 && exec \"$0\" -p \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_cistern"))
+            .arg(port.to_string())
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(addr).is_err() {
@@ -517,10 +519,9 @@ async fn a_low_open_file_limit_is_raised_to_the_hard_limit_at_start() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (soft, hard) = open_file_limits(&child.id().to_string());
+    let (soft, hard) = open_file_limits(&child.0.id().to_string());
     let text = std::fs::read_to_string(dir.path().join("cistern.log")).unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(soft, hard, "the soft limit stayed below the hard one");
     assert_ne!(soft, "256");
     assert!(

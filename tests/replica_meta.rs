@@ -17,22 +17,7 @@ use sha2::{Digest, Sha256};
 
 /// The mirror `/files/` of the origin's root, and an admin listener.
 fn config(origin: &Origin, admin: SocketAddr) -> String {
-    format!(
-        r#"
-listen "127.0.0.1:{{PORT}}"
-store {{
-    root "{{ROOT}}"
-}}
-mirror "files" {{
-    prefix "/files/"
-    upstream "http://{origin}/"
-}}
-admin {{
-    listen "{admin}"
-}}
-"#,
-        origin = origin.addr,
-    )
+    common::files_mirror(origin) + &format!("admin {{\n    listen \"{admin}\"\n}}\n")
 }
 
 fn admin_addr() -> SocketAddr {
@@ -98,10 +83,12 @@ fn sample(page: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// `Repr-Digest` names the bytes that were served.
-fn assert_digest_matches(got: &Got) {
+/// `Repr-Digest`, if sent, names the bytes that were served; a hit from a
+/// replica must send it.
+fn assert_digest_matches(got: &Got, required: bool) {
     let b64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(got.bytes()));
     let digest = got.header("repr-digest");
+    assert!(!required || !digest.is_empty(), "a hit without Repr-Digest");
     assert!(
         digest.is_empty() || digest == format!("sha-256=:{b64}:"),
         "Repr-Digest {digest} does not name the served bytes {:?}",
@@ -159,7 +146,7 @@ async fn old_metadata_is_served_and_rewritten_unreadable_metadata_is_quarantined
     let age: u64 = got.header("age").parse().unwrap();
     assert!((10..60).contains(&age), "Age {age}");
     assert_eq!(origin.hits("/old.txt"), 0);
-    assert_digest_matches(&got);
+    assert_digest_matches(&got, false);
     // ... and its metadata was rewritten in the current version.
     let rewritten: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&old_meta).unwrap()).unwrap();
@@ -197,7 +184,7 @@ async fn old_metadata_is_served_and_rewritten_unreadable_metadata_is_quarantined
     let got = get(cistern.addr, "/files/bad.txt").await;
     assert_eq!(got.bytes().as_ref(), b"fetched again");
     assert_eq!(origin.hits("/bad.txt"), 1);
-    assert_digest_matches(&got);
+    assert_digest_matches(&got, false);
 }
 
 /// Overwrites `path` in place with `bytes` (same size) and gives it a
@@ -278,13 +265,15 @@ async fn a_replica_edited_in_place_is_fetched_again_also_after_a_restart() {
         "verify names the edited file:\n{out}"
     );
     let got = get(cistern.addr, "/files/e.txt").await;
-    assert_digest_matches(&got);
+    assert_digest_matches(&got, false);
     assert_eq!(got.bytes().as_ref(), BODY, "never the edited bytes");
     assert_eq!(origin.hits("/e.txt"), 2);
     // Served once more from the replica (now also from memory).
     wait_fills(&cistern, 2).await;
     let got = get(cistern.addr, "/files/e.txt").await;
     assert_eq!(got.bytes().as_ref(), BODY);
+    assert_eq!(got.header("cache-status"), "cistern; hit");
+    assert_digest_matches(&got, true);
     assert_eq!(origin.hits("/e.txt"), 2);
     assert_eq!(std::fs::read(&file).unwrap(), BODY);
     let page = get(admin, "/metrics").await;
@@ -300,7 +289,7 @@ async fn a_replica_edited_in_place_is_fetched_again_also_after_a_restart() {
     edit_in_place(&file, EDIT);
     let cistern = Cistern::start(dir.path(), &config(&origin, admin), &[]);
     let got = get(cistern.addr, "/files/e.txt").await;
-    assert_digest_matches(&got);
+    assert_digest_matches(&got, false);
     assert_eq!(got.bytes().as_ref(), BODY, "never the edited bytes");
     assert_eq!(origin.hits("/e.txt"), 3);
     let log = cistern.log();

@@ -710,3 +710,14 @@ pub async fn start_on_clock(
     .await
     .expect("start")
 }
+
+/// A child process killed when the test ends, passed or failed, so a
+/// failing assertion leaves no Cistern running behind it.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
