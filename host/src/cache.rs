@@ -217,7 +217,7 @@ const WITHHELD: HeaderValue = HeaderValue::from_static("[withheld]");
 /// from the replica, which is the safe way to fail. Borrows when there is
 /// nothing to replace, the common case.
 fn kept_request(headers: &HeaderMap) -> std::borrow::Cow<'_, HeaderMap> {
-    let secret = [header::AUTHORIZATION, header::PROXY_AUTHORIZATION];
+    let secret = crate::credentials::CREDENTIAL_HEADERS;
     if !secret.iter().any(|name| headers.contains_key(name)) {
         return std::borrow::Cow::Borrowed(headers);
     }
@@ -466,15 +466,7 @@ pub fn revalidated(
             // The served headers are merged from the stored ones as served,
             // not from the rules' corrected view the crate returns, which would hand
             // clients a targeted field's value as their `Cache-Control`.
-            let mut served = HeaderMap::with_capacity(meta.headers.len());
-            for (k, v) in &meta.headers {
-                if let (Ok(k), Ok(v)) = (
-                    http::HeaderName::from_bytes(k.as_bytes()),
-                    HeaderValue::from_str(v),
-                ) {
-                    served.append(k, v);
-                }
-            }
+            let served = meta.header_map();
             updated.headers = stored_headers(&updated_by_304(&served, &resp.headers));
             // The stored response updated by the 304 (RFC 9111 §4.3.4) is
             // the new input; the policy is rebuilt from it exactly as the

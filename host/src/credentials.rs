@@ -88,12 +88,14 @@ pub fn apply<B>(req: &mut Request<B>) {
     }
 }
 
+/// The request headers that carry credentials: never written to a log,
+/// nor into stored metadata.
+pub const CREDENTIAL_HEADERS: [HeaderName; 2] =
+    [header::AUTHORIZATION, header::PROXY_AUTHORIZATION];
+
 /// Headers whose values are secrets: never written to a log.
 fn is_secret(name: &HeaderName) -> bool {
-    name == header::AUTHORIZATION
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::COOKIE
-        || name == header::SET_COOKIE
+    CREDENTIAL_HEADERS.contains(name) || name == header::COOKIE || name == header::SET_COOKIE
 }
 
 /// A header map for the log: like its `Debug`, but the values of

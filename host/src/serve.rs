@@ -148,7 +148,7 @@ pub async fn respond(
 /// The headers every answer from a complete replica carries: the stored
 /// ones plus its digests (RFC 9530 and RFC 3230).
 fn replica_headers(replica: &Replica) -> HeaderMap {
-    let mut headers = header_map(&replica.meta.headers);
+    let mut headers = replica.meta.header_map();
     if let Ok(d) = hex::decode(&replica.meta.sha256)
         && d.len() == 32
     {
@@ -161,20 +161,6 @@ fn replica_headers(replica: &Replica) -> HeaderMap {
         }
     }
     headers
-}
-
-/// Rebuilds a header map from stored pairs.
-pub fn header_map(pairs: &[(String, String)]) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(pairs.len() + 6);
-    for (k, v) in pairs {
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(v),
-        ) {
-            map.append(k, v);
-        }
-    }
-    map
 }
 
 /// Evaluates the client's conditional headers against the stored ones

@@ -25,7 +25,7 @@ pub struct AccessRecord {
     /// Request method.
     pub method: Method,
     /// Request URL as received, without any userinfo.
-    pub url: String,
+    pub url: http::Uri,
     /// Response status.
     pub status: StatusCode,
     /// Cache outcome.

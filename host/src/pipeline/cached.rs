@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 
 use super::answers::{error_response, internal};
 use super::passthrough::passthrough_response;
-use super::{Answer, PolicyRun, Proxy, RouteCache};
+use super::{Answer, PolicyRun, Proxy, RouteCache, forwarded};
 use crate::body;
 use crate::cache::{self, CacheRequest, Freshness, StaleUse};
 use crate::config::{CacheMode, StaleRules};
@@ -37,15 +37,19 @@ impl Proxy {
             policy,
             bypass,
             stale,
+            forwarded: (forwarded_for, client),
         } = route;
         let method = req.method().clone();
         if method != Method::GET && method != Method::HEAD {
+            let mut req = req;
+            forwarded::apply(req.headers_mut(), forwarded_for, client);
             let hook = policy.map(|p| p.hook(req.headers()));
             return self.pass(req, key, upstreams, hook, snap).await;
         }
         let (parts, _body) = req.into_parts();
         let mut headers = parts.headers;
         let reason = if bypass {
+            forwarded::apply(&mut headers, forwarded_for, client);
             NoCacheReason::PolicyBypass
         } else {
             // The key names the resource; which name the client used to
@@ -53,7 +57,7 @@ impl Proxy {
             // request.
             headers.remove(header::HOST);
             let key_uri = KeyUri::new(&key);
-            match self.lookup(&key_uri, &headers, stale, snap) {
+            let found = match self.lookup(&key_uri, &headers, stale, snap) {
                 Lookup::Fresh(replica) => {
                     match self
                         .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
@@ -61,13 +65,16 @@ impl Proxy {
                     {
                         Ok(a) => return a,
                         // Evicted or replaced under us: fetch it like a miss.
-                        Err(ServeError::Gone(_)) => {}
+                        Err(ServeError::Gone(_)) => Lookup::Absent,
                         Err(e) => return Answer::local(internal(&e)),
                     }
-                    return self
-                        .miss(&method, headers, &key_uri, None, upstreams, policy, snap)
-                        .await;
                 }
+                other => other,
+            };
+            // From here on the request goes upstream (a hit never pays for
+            // this): tell the upstream who the client is, as the route says.
+            forwarded::apply(&mut headers, forwarded_for, client);
+            match found {
                 Lookup::Stale {
                     replica,
                     validators,
@@ -102,7 +109,7 @@ impl Proxy {
                         )
                         .await;
                 }
-                Lookup::Absent => {
+                Lookup::Fresh(_) | Lookup::Absent => {
                     return self
                         .miss(&method, headers, &key_uri, None, upstreams, policy, snap)
                         .await;

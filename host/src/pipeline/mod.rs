@@ -11,7 +11,7 @@ mod connect;
 mod forwarded;
 mod passthrough;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +21,8 @@ use hyper::body::Incoming;
 
 use crate::body::{self, ProxyBody};
 use crate::clock::Clock;
-use crate::config::StaleRules;
-use crate::fetch::{FetchEngine, HeadHook, Upstreams};
+use crate::config::{ForwardedFor, StaleRules};
+use crate::fetch::{FetchEngine, HeadHook, MirrorSet, Upstreams};
 use crate::gate::ConnGate;
 use crate::observe::CacheOutcome;
 use crate::observe::accesslog::{AccessRecord, LoggedBody};
@@ -121,7 +121,9 @@ impl Proxy {
         let unusable = crate::credentials::take(&mut req).err();
         let snap = self.snapshot.load_full();
         let method = req.method().clone();
-        let url = req.uri().to_string();
+        // A clone of the Uri shares its bytes; it is formatted only if the
+        // access line is written.
+        let url = req.uri().clone();
         let req_headers = snap.log_headers.then(|| req.headers().clone());
         let Answer {
             mut response,
@@ -193,19 +195,9 @@ impl Proxy {
                 "no site on this listener serves that host",
             )),
             Route::Site { set, rest } => {
-                let url = match set.url(0, &rest) {
-                    Ok(url) => url,
-                    Err(e) => {
-                        return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string()));
-                    }
-                };
-                let chain = snap.site_chains.get(&set.name).unwrap_or(&snap.no_policies);
-                let stale = set.stale;
-                forwarded::apply(req.headers_mut(), set.forwarded_for, conn.client.ip());
                 let host = set.preserve_host.then(|| site_host(&req, &set.name));
-                let upstreams = Upstreams::Mirror { set, rest, host };
-                self.proxied(req, conn, url, upstreams, chain, stale, snap)
-                    .await
+                let chain = snap.site_chains.get(&set.name);
+                self.mirrored(req, conn, set, rest, host, chain, snap).await
             }
             Route::Connect(authority) => self.connect(req, authority, conn, snap).await,
             Route::Forward(url) | Route::Transparent(url) => {
@@ -215,44 +207,57 @@ impl Proxy {
                 // The URL's credentials are for the host it names, and
                 // only that route goes there.
                 crate::credentials::apply(&mut req);
-                let mode = snap.config.forward.forwarded_for;
-                forwarded::apply(req.headers_mut(), mode, conn.client.ip());
+                let rules = RouteRules {
+                    stale: snap.config.forward.stale,
+                    forwarded_for: snap.config.forward.forwarded_for,
+                };
                 self.proxied(
                     req,
                     conn,
                     url.clone(),
                     Upstreams::Single(url),
                     &snap.forward_chain,
-                    snap.config.forward.stale,
+                    rules,
                     snap,
                 )
                 .await
             }
             Route::Mirror { set, rest } => {
-                // The replica lives under the first upstream's host:port, so
-                // failover between mirrors never duplicates a file.
-                let url = match set.url(0, &rest) {
-                    Ok(url) => url,
-                    Err(e) => {
-                        return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string()));
-                    }
-                };
-                // Every mirror has an entry; the empty chain is a safe default.
-                let chain = snap
-                    .mirror_chains
-                    .get(&set.name)
-                    .unwrap_or(&snap.no_policies);
-                let stale = set.stale;
-                forwarded::apply(req.headers_mut(), set.forwarded_for, conn.client.ip());
-                let upstreams = Upstreams::Mirror {
-                    set,
-                    rest,
-                    host: None,
-                };
-                self.proxied(req, conn, url, upstreams, chain, stale, snap)
-                    .await
+                let chain = snap.mirror_chains.get(&set.name);
+                self.mirrored(req, conn, set, rest, None, chain, snap).await
             }
         }
+    }
+
+    /// A request for `rest` below a mirror set (a mirror, or a site rooted
+    /// at `/`), sent with `host` as its `Host` when the site keeps the
+    /// client's. The replica lives under the first upstream's host:port,
+    /// so failover between mirrors never duplicates a file.
+    #[allow(clippy::too_many_arguments)]
+    async fn mirrored(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        set: Arc<MirrorSet>,
+        rest: String,
+        host: Option<HeaderValue>,
+        chain: Option<&PolicyChain>,
+        snap: &Snapshot,
+    ) -> Answer {
+        let url = match set.url(0, &rest) {
+            Ok(url) => url,
+            Err(e) => return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string())),
+        };
+        // Every mirror and site has an entry; the empty chain is a safe
+        // default.
+        let chain = chain.unwrap_or(&snap.no_policies);
+        let rules = RouteRules {
+            stale: set.stale,
+            forwarded_for: set.forwarded_for,
+        };
+        let upstreams = Upstreams::Mirror { set, rest, host };
+        self.proxied(req, conn, url, upstreams, chain, rules, snap)
+            .await
     }
 
     /// Runs the route's policies on a request for `url`, then proxies it.
@@ -264,7 +269,7 @@ impl Proxy {
         url: Uri,
         mut upstreams: Upstreams,
         chain: &PolicyChain,
-        stale: StaleRules,
+        rules: RouteRules,
         snap: &Snapshot,
     ) -> Answer {
         let mut key_url = url;
@@ -305,7 +310,8 @@ impl Proxy {
                     upstreams,
                     policy,
                     bypass,
-                    stale,
+                    stale: rules.stale,
+                    forwarded: (rules.forwarded_for, conn.client.ip()),
                 };
                 self.http(req, key, route, snap).await
             }
@@ -324,6 +330,16 @@ struct RouteCache {
     bypass: bool,
     /// When a stale replica may still answer.
     stale: StaleRules,
+    /// What to tell the upstream of the client, and its address: applied
+    /// only to requests that go upstream, never on a hit.
+    forwarded: (ForwardedFor, IpAddr),
+}
+
+/// The rules of a route that the cached path needs besides its upstreams.
+#[derive(Debug, Clone, Copy)]
+struct RouteRules {
+    stale: StaleRules,
+    forwarded_for: ForwardedFor,
 }
 
 /// A chain that ran `on_request`, kept for `on_response` in case the

@@ -56,6 +56,23 @@ pub struct ObjectMeta {
     pub ttl_override: Option<u64>,
 }
 
+impl ObjectMeta {
+    /// The stored response headers as a map (room left for the few a hit
+    /// adds: `Age`, `Cache-Status`, `Via`, digests).
+    pub fn header_map(&self) -> http::HeaderMap {
+        let mut map = http::HeaderMap::with_capacity(self.headers.len() + 6);
+        for (k, v) in &self.headers {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                map.append(k, v);
+            }
+        }
+        map
+    }
+}
+
 /// The request and response a replica's freshness is computed from
 /// (RFC 9111 §4): what `http-cache-semantics` needs to rebuild its
 /// [`CachePolicy`] exactly, and nothing that identifies a client.
