@@ -58,11 +58,15 @@ pub async fn connect(
 }
 
 /// Copies bytes both ways between the client connection `req` is upgraded
-/// to and `upstream`, in a task of its own, until either side closes or
-/// nothing has moved either way for `idle`. The connection's
+/// to and `upstream` (a CONNECT target's socket, or an upstream
+/// connection that switched protocols), in a task of its own, until
+/// either side closes or nothing has moved either way for `idle`. The connection's
 /// [`ConnPermit`], when the listener put one in `req`'s extensions, goes
 /// with the tunnel: it counts against the connection caps while it is open.
-pub fn splice<B>(req: &mut Request<B>, upstream: TcpStream, authority: String, idle: Duration) {
+pub fn splice<B, U>(req: &mut Request<B>, upstream: U, authority: String, idle: Duration)
+where
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let upgrade = hyper::upgrade::on(&mut *req);
     let permit = req.extensions_mut().remove::<Arc<ConnPermit>>();
     tokio::spawn(async move {

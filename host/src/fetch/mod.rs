@@ -32,6 +32,7 @@ mod fill;
 mod headers;
 pub mod mirror;
 mod sink;
+mod upgrade;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -59,6 +59,10 @@ pub struct UpstreamClient {
     /// connection, for a request sent again after a reused connection
     /// failed under it (the pool may hold more of the same age).
     fresh: Pooled,
+    /// HTTP/1.1 only and unpooled, for requests that switch protocols
+    /// (`Upgrade`, e.g. WebSocket): HTTP/2 has no `Upgrade`, and an
+    /// upgraded connection never goes back to a pool.
+    upgrades: Pooled,
     own: Arc<OwnSockets>,
     /// Our hop, added to `Via` on every request sent.
     via: Arc<ViaHop>,
@@ -120,6 +124,15 @@ impl UpstreamClient {
             own: own.clone(),
             connect_timeout: timeouts.connect,
         };
+        let upgrades = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(
+                hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls_config.clone())
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http.clone()),
+            );
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config)
             .https_or_http()
@@ -141,6 +154,7 @@ impl UpstreamClient {
         Ok(UpstreamClient {
             client,
             fresh,
+            upgrades,
             own,
             via,
         })
@@ -175,6 +189,18 @@ impl UpstreamClient {
         req.headers_mut()
             .append(http::header::VIA, self.via.value());
         self.fresh.request(req).await
+    }
+
+    /// Sends a request that asks to switch protocols, over HTTP/1.1 on a
+    /// new connection; a `101` answer's connection is then the caller's
+    /// (`hyper::upgrade::on`).
+    pub async fn send_upgrade(
+        &self,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        req.headers_mut()
+            .append(http::header::VIA, self.via.value());
+        self.upgrades.request(req).await
     }
 }
 

@@ -91,11 +91,14 @@ pub enum NoCacheReason {
     NotStorable,
     /// The replica's disk has no room for it beside `min-free`.
     NoRoom,
+    /// The request switches protocols (`Upgrade`, e.g. WebSocket): its
+    /// connection becomes a tunnel to the upstream.
+    Upgrade,
 }
 
 impl NoCacheReason {
     /// Every reason, in the order of the counters.
-    pub const ALL: [NoCacheReason; 7] = [
+    pub const ALL: [NoCacheReason; 8] = [
         NoCacheReason::Method,
         NoCacheReason::PolicyBypass,
         NoCacheReason::PolicyUncacheable,
@@ -103,6 +106,7 @@ impl NoCacheReason {
         NoCacheReason::HeadOnly,
         NoCacheReason::NotStorable,
         NoCacheReason::NoRoom,
+        NoCacheReason::Upgrade,
     ];
 
     /// A short name, as in metrics labels and `Cache-Status` details.
@@ -115,6 +119,7 @@ impl NoCacheReason {
             NoCacheReason::HeadOnly => "head",
             NoCacheReason::NotStorable => "not-storable",
             NoCacheReason::NoRoom => "no-room",
+            NoCacheReason::Upgrade => "upgrade",
         }
     }
 
@@ -128,6 +133,7 @@ impl NoCacheReason {
             NoCacheReason::HeadOnly => "pass:head",
             NoCacheReason::NotStorable => "pass:not-storable",
             NoCacheReason::NoRoom => "pass:no-room",
+            NoCacheReason::Upgrade => "pass:upgrade",
         }
     }
 
@@ -142,6 +148,7 @@ impl NoCacheReason {
             NoCacheReason::HeadOnly => "cistern; fwd=uri-miss; detail=head",
             NoCacheReason::NotStorable => "cistern; fwd=uri-miss; detail=not-storable",
             NoCacheReason::NoRoom => "cistern; fwd=uri-miss; detail=no-room",
+            NoCacheReason::Upgrade => "cistern; fwd=method; detail=upgrade",
         }
     }
 }

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 
 use super::answers::{error_response, internal};
 use super::passthrough::passthrough_response;
-use super::{Answer, PolicyRun, Proxy, RouteCache, forwarded};
+use super::{Answer, PolicyRun, Proxy, RouteCache, forwarded, upgrade};
 use crate::body;
 use crate::cache::{self, CacheRequest, Freshness, StaleUse};
 use crate::config::{CacheMode, StaleRules};
@@ -40,6 +40,15 @@ impl Proxy {
             forwarded: (forwarded_for, client),
         } = route;
         let method = req.method().clone();
+        if method == Method::GET
+            && let Some(protocols) = upgrade::requested(req.version(), req.headers())
+        {
+            let hook = policy.map(|p| p.hook(req.headers()));
+            let forwarded = (forwarded_for, client);
+            return self
+                .upgrade(req, protocols, upstreams, hook, forwarded, snap)
+                .await;
+        }
         if method != Method::GET && method != Method::HEAD {
             let mut req = req;
             forwarded::apply(req.headers_mut(), forwarded_for, client);

@@ -10,6 +10,7 @@ mod cached;
 mod connect;
 mod forwarded;
 mod passthrough;
+mod upgrade;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
