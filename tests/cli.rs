@@ -168,3 +168,66 @@ async fn bind_timeout_and_debug_flags_take_effect() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// HTTP Replicator's session, with apt's kind of mirror: no `config.kdl`,
+/// and a mirror that sends no `Last-Modified`, `ETag` or `Cache-Control`
+/// (deb.debian.org sends none). A package is fetched once and then served
+/// from the replica; an index file is asked for every time; and
+/// `--no-package-policies` leaves only HTTP's rules, which can reuse
+/// neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_mode_caches_packages_from_a_mirror_that_sends_no_validators() {
+    let origin = Origin::start().await;
+    let deb = pattern(7, 20_000);
+    let bare = |body: bytes::Bytes| {
+        let mut r = Resource::new(body);
+        r.headers.clear();
+        r
+    };
+    origin.put(
+        "/debian/pool/main/h/hello_2.10_amd64.deb",
+        bare(deb.clone()),
+    );
+    origin.put(
+        "/debian/dists/bookworm/InRelease",
+        bare(bytes::Bytes::from_static(b"Suite: bookworm\n")),
+    );
+    let package = origin.url("/debian/pool/main/h/hello_2.10_amd64.deb");
+    let index = origin.url("/debian/dists/bookworm/InRelease");
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let port_s = port.to_string();
+    let args = ["-p", port_s.as_str(), "-r", "replica"];
+    let cistern = Cistern::spawn(dir.path(), port, dir.path().join("replica"), &args, &[]);
+    let first = get(cistern.addr, &package).await;
+    assert_eq!(first.bytes(), &deb);
+    assert_eq!(first.header("cache-status"), "cistern; fwd=miss; stored");
+    let second = get(cistern.addr, &package).await;
+    assert_eq!(second.bytes(), &deb);
+    assert_eq!(second.header("cache-status"), "cistern; hit");
+    assert_eq!(origin.hits("/debian/pool/main/h/hello_2.10_amd64.deb"), 1);
+    for _ in 0..2 {
+        assert_eq!(get(cistern.addr, &index).await.status, 200);
+    }
+    assert_eq!(origin.hits("/debian/dists/bookworm/InRelease"), 2);
+    drop(cistern);
+
+    // Without the package policies, nothing says the file may be reused.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let port_s = port.to_string();
+    let args = [
+        "-p",
+        port_s.as_str(),
+        "-r",
+        "replica",
+        "--no-package-policies",
+    ];
+    let cistern = Cistern::spawn(dir.path(), port, dir.path().join("replica"), &args, &[]);
+    get(cistern.addr, &package).await;
+    let again = get(cistern.addr, &package).await;
+    assert_eq!(again.bytes(), &deb);
+    assert_ne!(again.header("cache-status"), "cistern; hit");
+    assert_eq!(origin.hits("/debian/pool/main/h/hello_2.10_amd64.deb"), 3);
+}

@@ -84,6 +84,45 @@ async fn fresh_then_stale_then_revalidated_with_a_304() {
     cistern.shutdown().await;
 }
 
+/// A stale replica the origin replaces with new content is reported as
+/// RFC 9211 says: the request went upstream because the stored response
+/// was stale (`fwd=stale`), and the new one was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_replica_replaced_by_new_content_says_fwd_stale() {
+    let origin = Origin::start().await;
+    origin.put(
+        "/news",
+        Resource::new(pattern(2, 500)).header("cache-control", "max-age=60"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(t0());
+    let cistern = start(&origin, dir.path(), &clock, "").await;
+    let addr = cistern.addrs[0];
+    let first = get(addr, "/news").await;
+    assert_eq!(first.header("cache-status"), "cistern; fwd=miss; stored");
+    // A new edition: another body, another validator.
+    origin.put(
+        "/news",
+        Resource::new(pattern(3, 700))
+            .header("cache-control", "max-age=60")
+            .header("etag", "\"v2\""),
+    );
+    clock.advance(Duration::from_secs(61));
+    let replaced = get(addr, "/news").await;
+    assert_eq!(replaced.bytes(), &pattern(3, 700));
+    assert_eq!(
+        replaced.header("cache-status"),
+        "cistern; fwd=stale; stored",
+        "{:?}",
+        replaced.headers
+    );
+    let hit = get(addr, "/news").await;
+    assert_eq!(hit.bytes(), &pattern(3, 700));
+    assert_eq!(hit.header("cache-status"), "cistern; hit");
+    assert_eq!(origin.hits("/news"), 2);
+    cistern.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_a_shared_cache_must_not_store_are_fetched_every_time() {
     let origin = Origin::start().await;

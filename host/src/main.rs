@@ -58,6 +58,10 @@ struct Cli {
     /// Log engine events (fills, resumes, store decisions).
     #[arg(long)]
     debug: bool,
+    /// Plain mode (no config file) without its package policies
+    /// (`distro`, `store-id`): cache by HTTP's rules alone.
+    #[arg(long)]
+    no_package_policies: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -195,7 +199,7 @@ fn load_config(cli: &Cli) -> Result<Config, miette::Report> {
         None if cwd.join("config.kdl").is_file() => {
             Config::load(&cwd.join("config.kdl")).map_err(miette::Report::new)?
         }
-        None => Config::forward_default(&cwd),
+        None => Config::plain(&cwd, !cli.no_package_policies),
     };
     Overrides::from_cli(cli, &cwd).apply(&mut config);
     Ok(config)

@@ -20,6 +20,19 @@ use std::path::{Path, PathBuf};
 pub use error::{ConfigError, Problem};
 pub use model::*;
 
+/// The policies of plain mode ([`Config::plain`]), in the config file's
+/// own words: what a `config.kdl` needs to do the same.
+pub const PLAIN_POLICIES: &str = r#"
+policy "store-id" path="builtin:store-id" {
+    param "rule" "http://*/debian/pool/* http://debian.cistern/pool/$2"
+    param "rule" "http://*/debian-security/pool/* http://debian-security.cistern/pool/$2"
+}
+policy "distro" path="builtin:distro"
+forward {
+    policies "store-id" "distro"
+}
+"#;
+
 impl Config {
     /// Reads, parses and validates the config file at `path`. Relative paths
     /// in it resolve against its directory (made absolute first, so later
@@ -43,6 +56,23 @@ impl Config {
     /// checked for existence ([`Config::load`] does that).
     pub fn parse(text: &str, name: &Path) -> Result<Config, ConfigError> {
         parse::parse(text, name, false)
+    }
+
+    /// Plain mode, when there is no config file: [`Config::forward_default`]
+    /// and, unless `package_policies` is off (`--no-package-policies`),
+    /// the built-in `store-id` (Debian's pools as one replica) and `distro`
+    /// policies ([`PLAIN_POLICIES`]) on the forward proxy, so that packages
+    /// are cached even from mirrors that send no validators or freshness
+    /// (Debian's send neither) and index files are revalidated.
+    pub fn plain(cwd: &Path, package_policies: bool) -> Config {
+        let mut config = Config::forward_default(cwd);
+        if package_policies {
+            let policies = parse::parse(PLAIN_POLICIES, &cwd.join("(plain mode)"), false)
+                .expect("the built-in plain-mode policies are valid");
+            config.policies = policies.policies;
+            config.forward.policies = policies.forward.policies;
+        }
+        config
     }
 
     /// The configuration used when there is no config file: a plain forward

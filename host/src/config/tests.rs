@@ -322,6 +322,18 @@ fn forward_default_is_a_plain_forward_proxy_in_the_working_directory() {
     assert_eq!(c.mode, CacheMode::Normal);
 }
 
+#[test]
+fn plain_mode_runs_the_package_policies_on_the_forward_proxy_unless_told_not_to() {
+    let c = Config::plain(Path::new("/srv/cache"), true);
+    assert_eq!(c.store.root, Path::new("/srv/cache"));
+    assert_eq!(c.forward.policies, ["store-id", "distro"]);
+    let names: Vec<&str> = c.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["store-id", "distro"]);
+    assert_eq!(c.policies[1].source, PolicySource::Builtin("distro".into()));
+    let bare = Config::plain(Path::new("/srv/cache"), false);
+    assert!(bare.policies.is_empty() && bare.forward.policies.is_empty());
+}
+
 /// A config text and every problem it must produce: line, column and a part
 /// of the message.
 type BadCase = (&'static str, &'static [(usize, usize, &'static str)]);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{CacheOutcome, NoCacheReason};
 
 /// Every cache outcome, in the order of [`Metrics::requests`].
-pub const OUTCOMES: [CacheOutcome; 9] = [
+pub const OUTCOMES: [CacheOutcome; 10] = [
     CacheOutcome::Hit,
     CacheOutcome::Miss,
     CacheOutcome::Coalesced,
@@ -18,6 +18,7 @@ pub const OUTCOMES: [CacheOutcome; 9] = [
     CacheOutcome::Pass(NoCacheReason::Method),
     CacheOutcome::Tunnel,
     CacheOutcome::Local,
+    CacheOutcome::Refreshed,
 ];
 
 fn outcome_index(outcome: CacheOutcome) -> usize {
@@ -31,6 +32,7 @@ fn outcome_index(outcome: CacheOutcome) -> usize {
         CacheOutcome::Pass(_) => 6,
         CacheOutcome::Tunnel => 7,
         CacheOutcome::Local => 8,
+        CacheOutcome::Refreshed => 9,
     }
 }
 

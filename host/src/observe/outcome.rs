@@ -10,6 +10,9 @@ pub enum CacheOutcome {
     Hit,
     /// Fetched from upstream and stored; this client started the fetch.
     Miss,
+    /// The replica was stale and the upstream sent a new response, which
+    /// replaced it; this client started the fetch (RFC 9211 `fwd=stale`).
+    Refreshed,
     /// Read along another client's fetch of the same key.
     Coalesced,
     /// The replica was stale; the upstream confirmed it (304).
@@ -34,6 +37,7 @@ impl CacheOutcome {
         match self {
             CacheOutcome::Hit => "hit",
             CacheOutcome::Miss => "miss",
+            CacheOutcome::Refreshed => "refreshed",
             CacheOutcome::Coalesced => "coalesced",
             CacheOutcome::Revalidated => "revalidated",
             CacheOutcome::StaleOnError => "stale",
@@ -58,6 +62,7 @@ impl CacheOutcome {
         match self {
             CacheOutcome::Hit => "cistern; hit",
             CacheOutcome::Miss => "cistern; fwd=miss; stored",
+            CacheOutcome::Refreshed => "cistern; fwd=stale; stored",
             CacheOutcome::Coalesced => "cistern; fwd=miss; collapsed",
             CacheOutcome::Revalidated => "cistern; hit; fwd=stale; fwd-status=304",
             CacheOutcome::StaleOnError => "cistern; hit; fwd=stale; detail=stale-if-error",

@@ -228,6 +228,11 @@ impl Proxy {
                     .await;
             }
         }
+        // A stale replica the upstream replaces is `fwd=stale`, not a miss.
+        let fresh_outcome = match revalidation {
+            Some(_) => CacheOutcome::Refreshed,
+            None => CacheOutcome::Miss,
+        };
         let (revalidate, fallback) = match revalidation {
             Some(r) => (Some((r.replica, r.validators)), r.fallback),
             None => (None, None),
@@ -251,9 +256,7 @@ impl Proxy {
                     Err(e) => Answer::local(internal(&e)),
                 };
             }
-            FillTicket::Leader { fill, passthrough } => {
-                (fill, Some(passthrough), CacheOutcome::Miss)
-            }
+            FillTicket::Leader { fill, passthrough } => (fill, Some(passthrough), fresh_outcome),
             FillTicket::Follower(fill) => (fill, None, CacheOutcome::Coalesced),
         };
         self.follow(
