@@ -76,7 +76,8 @@ pub async fn respond(
     };
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
 
-    if let Some(status) = precondition(method, req_headers, &headers) {
+    let plan = plan(method, req_headers, &headers, length);
+    if let Plan::Status(status) = plan {
         let mut resp = Response::new(empty());
         *resp.status_mut() = status;
         if status == StatusCode::NOT_MODIFIED {
@@ -103,9 +104,9 @@ pub async fn respond(
     let (mut start, mut end) = (0u64, length);
     if let Some(len) = length {
         headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        match requested_range(req_headers, &headers, len) {
-            RangeAnswer::Full => {}
-            RangeAnswer::Partial(a, b) => {
+        match plan {
+            Plan::Status(_) | Plan::Full => {}
+            Plan::Range(a, b) => {
                 status = StatusCode::PARTIAL_CONTENT;
                 start = a;
                 end = Some(b + 1);
@@ -113,7 +114,7 @@ pub async fn respond(
                     headers.insert(header::CONTENT_RANGE, v);
                 }
             }
-            RangeAnswer::Unsatisfiable => {
+            Plan::Unsatisfiable => {
                 let mut resp = Response::new(empty());
                 *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
@@ -207,17 +208,39 @@ fn precondition(method: &Method, req: &HeaderMap, stored: &HeaderMap) -> Option<
     None
 }
 
-enum RangeAnswer {
+/// What a request gets from a stored response: the decision [`respond`]
+/// makes from the request's conditionals and `Range` alone, before any
+/// byte is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// No body: `304 Not Modified` or `412 Precondition Failed`.
+    Status(StatusCode),
+    /// The whole body, `200`.
     Full,
-    Partial(u64, u64),
+    /// `206` with the bytes `start..=end` (inclusive, as `Content-Range`).
+    Range(u64, u64),
+    /// `416`: the one range asked for lies past the end.
     Unsatisfiable,
+}
+
+/// Decides the answer to `method` with `req` headers for a stored response
+/// with `stored` headers and `len` bytes (`None` while its length is not
+/// known yet: no range is answered then).
+pub fn plan(method: &Method, req: &HeaderMap, stored: &HeaderMap, len: Option<u64>) -> Plan {
+    if let Some(status) = precondition(method, req, stored) {
+        return Plan::Status(status);
+    }
+    match len {
+        Some(len) => requested_range(req, stored, len),
+        None => Plan::Full,
+    }
 }
 
 /// One `bytes=` range, honouring `If-Range`. Several ranges are answered
 /// with the whole body, which RFC 9110 allows.
-fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer {
+fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> Plan {
     let Some(spec) = req.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
-        return RangeAnswer::Full;
+        return Plan::Full;
     };
     if let Some(if_range) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
         let if_range = if_range.trim();
@@ -233,28 +256,26 @@ fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer
                 == Some(if_range)
         };
         if !still_same {
-            return RangeAnswer::Full;
+            return Plan::Full;
         }
     }
     // Parsing is http-range-header's (strict RFC 9110 §14.1.2 grammar). A
     // malformed or multi-range header is answered with the whole body,
     // which RFC 9110 §14.2 allows.
     let Ok(parsed) = http_range_header::parse_range_header(spec.trim()) else {
-        return RangeAnswer::Full;
+        return Plan::Full;
     };
     if parsed.len() != 1 {
-        return RangeAnswer::Full;
+        return Plan::Full;
     }
     match parsed.validate(len) {
         Ok(ranges) => match ranges.first() {
-            Some(r) => RangeAnswer::Partial(*r.start(), *r.end()),
+            Some(r) => Plan::Range(*r.start(), *r.end()),
             // An empty representation: the whole (empty) body.
-            None => RangeAnswer::Full,
+            None => Plan::Full,
         },
-        Err(http_range_header::RangeUnsatisfiableError::Unsatisfiable) => {
-            RangeAnswer::Unsatisfiable
-        }
-        Err(_) => RangeAnswer::Full,
+        Err(http_range_header::RangeUnsatisfiableError::Unsatisfiable) => Plan::Unsatisfiable,
+        Err(_) => Plan::Full,
     }
 }
 
@@ -540,9 +561,10 @@ mod tests {
         let s = stored("\"v1\"", "Wed, 01 Jan 2025 00:00:00 GMT");
         let check = |spec: &str, want: Option<(u64, u64)>| {
             let got = match requested_range(&req(&[(header::RANGE, spec)]), &s, 100) {
-                RangeAnswer::Full => None,
-                RangeAnswer::Partial(a, b) => Some((a, b)),
-                RangeAnswer::Unsatisfiable => Some((u64::MAX, u64::MAX)),
+                Plan::Full => None,
+                Plan::Range(a, b) => Some((a, b)),
+                Plan::Unsatisfiable => Some((u64::MAX, u64::MAX)),
+                Plan::Status(s) => panic!("a range alone gave {s}"),
             };
             assert_eq!(got, want, "{spec}");
         };
@@ -560,14 +582,11 @@ mod tests {
         check("bytes=99999999999999999999999-", Some((u64::MAX, u64::MAX)));
         // If-Range with another validator: the whole body.
         let r = req(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, "\"v0\"")]);
-        assert!(matches!(requested_range(&r, &s, 100), RangeAnswer::Full));
+        assert!(matches!(requested_range(&r, &s, 100), Plan::Full));
         let r = req(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, "\"v1\"")]);
-        assert!(matches!(
-            requested_range(&r, &s, 100),
-            RangeAnswer::Partial(0, 9)
-        ));
+        assert!(matches!(requested_range(&r, &s, 100), Plan::Range(0, 9)));
         // If-Range compares strongly: a weak tag never matches.
         let r = req(&[(header::RANGE, "bytes=0-9"), (header::IF_RANGE, "W/\"v1\"")]);
-        assert!(matches!(requested_range(&r, &s, 100), RangeAnswer::Full));
+        assert!(matches!(requested_range(&r, &s, 100), Plan::Full));
     }
 }
