@@ -213,10 +213,21 @@ impl Inner {
             headers: &job.headers,
         };
         let policy = cache::new_policy(creq, &parts, received);
-        if decision.uncacheable
-            || !cache::storable(&policy, parts.status)
+        let refusal = if decision.uncacheable
+            || !cache::storable(&policy, parts.status, &parts.headers)
             || cache::varies_on_everything(&parts.headers)
         {
+            Some(None)
+        } else {
+            self.status_refusal(job, parts.status, length, &policy, received, &decision)
+                .map(Some)
+        };
+        if let Some(why) = refusal {
+            if let Some(why) = why {
+                tracing::info!(target: "cistern::fetch", key = %job.key, %url, status = parts.status.as_u16(),
+                    "not stored: {why}");
+            }
+            self.superseded(job, parts.status).await?;
             return Ok(None);
         }
         let stored = cache::stored_headers(&parts.headers);
@@ -229,16 +240,12 @@ impl Inner {
                 client_headers.append(k, v);
             }
         }
-        let ttl_override = match (decision.ttl, decision.ttl_cap) {
-            (Some(ttl), cap) => Some(cap.map_or(ttl, |c| ttl.min(c))),
-            (None, Some(cap)) => Some(policy.time_to_live(received).min(cap)),
-            (None, None) => None,
-        };
+        let ttl_override = ttl_override(&decision, &policy, received);
         let meta = ObjectMeta {
             key: job.key.to_string(),
             url: url.to_string(),
             replica: String::new(),
-            status: 200,
+            status: parts.status.as_u16(),
             headers: stored,
             policy: policy.clone(),
             rfc: cache::rfc_inputs(creq, &parts, received, received),
@@ -250,12 +257,15 @@ impl Inner {
             immutable: decision.immutable,
             ttl_override: ttl_override.map(|d| d.as_secs()),
         };
+        // Only a 200 is ever resumed with a range: a partial of a small
+        // 404 or redirect is fetched again whole.
+        let resumable = parts.status == StatusCode::OK;
         let partial_meta = PartialMeta {
             key: job.key.to_string(),
             url: url.to_string(),
             total_length: length,
-            etag: header_str(&parts.headers, header::ETAG),
-            last_modified: header_str(&parts.headers, header::LAST_MODIFIED),
+            etag: header_str(&parts.headers, header::ETAG).filter(|_| resumable),
+            last_modified: header_str(&parts.headers, header::LAST_MODIFIED).filter(|_| resumable),
             started_at: unix_secs(received),
         };
         let k = job.key.clone();
@@ -273,6 +283,7 @@ impl Inner {
             });
         }
         let head = Arc::new(FillHead {
+            status: parts.status,
             url: url.to_string(),
             headers: client_headers,
             length,
@@ -295,6 +306,55 @@ impl Inner {
             url: url.clone(),
             meta,
         }))
+    }
+
+    /// Why a response that the RFC lets Cistern store is still not stored
+    /// (`None`: it is): what the key holds is kept ([`cache::kept_over`]),
+    /// or, for a response kept aside (not a 200), its body is larger than
+    /// [`cache::MAX_ASIDE_BODY`] or it has no freshness at all (stored, it
+    /// would only be fetched again at its next use; in `static` mode it
+    /// would hide a file published later).
+    fn status_refusal(
+        &self,
+        job: &FillJob,
+        status: StatusCode,
+        length: Option<u64>,
+        policy: &http_cache_semantics::CachePolicy,
+        received: SystemTime,
+        decision: &HeadDecision,
+    ) -> Option<String> {
+        let current = self.store.peek(&job.key);
+        if let Some(why) = cache::kept_over(current.as_deref().map(|r| &*r.meta), status) {
+            return Some(why.to_owned());
+        }
+        if status == StatusCode::OK {
+            return None;
+        }
+        if let Some(len) = length.filter(|l| *l > cache::MAX_ASIDE_BODY) {
+            return Some(format!(
+                "its body ({len} bytes) is larger than the {} bytes a response other than 200 may keep",
+                cache::MAX_ASIDE_BODY
+            ));
+        }
+        let lifetime = ttl_override(decision, policy, received)
+            .unwrap_or_else(|| policy.time_to_live(received));
+        let fresh_for_some_time = decision.immutable || !lifetime.is_zero();
+        (!fresh_for_some_time)
+            .then(|| "a response other than 200 without freshness is not kept".to_owned())
+    }
+
+    /// A revalidation of a response kept aside got another answer that is
+    /// not stored: the old one is superseded and goes (a stored file in the
+    /// tree stays, and so does anything when the answer is an error).
+    async fn superseded(&self, job: &FillJob, status: StatusCode) -> Result<(), FetchError> {
+        let Some((replica, _)) = &job.revalidate else {
+            return Ok(());
+        };
+        if replica.meta.in_tree() || status.is_server_error() {
+            return Ok(());
+        }
+        let k = job.key.clone();
+        self.blocking(move |s| s.remove(&k)).await
     }
 
     /// Copies the body into the partial file, then verifies and commits it.
@@ -438,6 +498,21 @@ impl Inner {
                 expected: total,
             });
         }
+        if meta.status != 200 && written > cache::MAX_ASIDE_BODY {
+            // Its length was not announced, so this shows only now: served
+            // to the readers, not kept aside.
+            tracing::info!(target: "cistern::fetch", key = %job.key, url = %url_s, status = meta.status, bytes = written,
+                "not stored: the body of a response kept aside may be up to {} bytes", cache::MAX_ASIDE_BODY);
+            self.metrics.store_refusal();
+            drop(partial);
+            let k = job.key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            fill.state.send_replace(FillState::Unverified {
+                head,
+                length: written,
+            });
+            return Ok(());
+        }
         if ends_at_close && announced.is_none() {
             // A FIN ends such a body whether it is complete or cut: served to
             // the readers, never kept as a complete replica.
@@ -559,6 +634,19 @@ impl Inner {
         give_up(&format!(
             "{RESUME_ATTEMPTS} resumes did not finish the body"
         ))
+    }
+}
+
+/// The time to live a policy set or capped, if it did.
+fn ttl_override(
+    decision: &HeadDecision,
+    policy: &http_cache_semantics::CachePolicy,
+    received: SystemTime,
+) -> Option<Duration> {
+    match (decision.ttl, decision.ttl_cap) {
+        (Some(ttl), cap) => Some(cap.map_or(ttl, |c| ttl.min(c))),
+        (None, Some(cap)) => Some(policy.time_to_live(received).min(cap)),
+        (None, None) => None,
     }
 }
 
