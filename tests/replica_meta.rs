@@ -150,7 +150,7 @@ async fn old_metadata_is_served_and_rewritten_unreadable_metadata_is_quarantined
     // ... and its metadata was rewritten in the current version.
     let rewritten: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&old_meta).unwrap()).unwrap();
-    assert_eq!(rewritten["version"], 1, "{rewritten:#}");
+    assert_eq!(rewritten["version"], 2, "{rewritten:#}");
     assert!(
         !rewritten.to_string().contains("user-agent"),
         "request headers that do not select the response are not kept: {rewritten:#}"

@@ -16,7 +16,7 @@ use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePoli
 
 use crate::config::{CacheMode, StaleRules};
 use crate::store::ObjectMeta;
-use crate::store::meta::RfcInputs;
+use crate::store::meta::{RfcInputs, STATUSES_THE_RULES_KNOW, status_for_rules};
 use crate::store::meta::{from_unix_secs, unix_secs};
 
 /// A request as the cache rules see it: its URI is the cache key, so that
@@ -99,10 +99,13 @@ pub const TARGETED_FIELDS: [&str; 2] = ["cistern-cache-control", "cdn-cache-cont
 /// - `Date`, `Expires` and `Last-Modified` in RFC 850 or asctime form are
 ///   rewritten as IMF-fixdate (the crate reads only RFC 2822 dates, so a
 ///   valid `Expires` was taken as already expired); an invalid `Expires`
-///   stays invalid, which the crate rightly reads as expired (§5.3).
+///   stays invalid, which the crate rightly reads as expired (§5.3);
+/// - a status the crate does not know is shown as one with the same
+///   RFC 9111 rules ([`status_for_rules`]): the crate never stored a 503
+///   or a 429, even with `max-age`.
 pub fn for_rules(resp: &http::response::Parts) -> http::response::Parts {
     let mut out = http::Response::new(()).into_parts().0;
-    out.status = resp.status;
+    out.status = status_for_rules(resp.status);
     out.version = resp.version;
     out.headers = corrected_headers(&resp.headers);
     out
@@ -242,10 +245,56 @@ pub fn varies_on_everything(headers: &HeaderMap) -> bool {
         .any(|v| v.trim() == "*")
 }
 
-/// Whether a response may become a replica: storable by RFC 9111 and a
-/// status whose body is the resource itself. Other statuses pass through.
-pub fn storable(policy: &CachePolicy, status: StatusCode) -> bool {
-    status == StatusCode::OK && policy.is_storable()
+/// Whether a response may be stored: storable by RFC 9111 (§3: a final
+/// status with explicit freshness, or heuristically cacheable by RFC 9110
+/// §15.1, and nothing that forbids it). A 200 becomes a file in the tree,
+/// any other status is kept aside ([`ObjectMeta::in_tree`]). Never stored
+/// here: 206 (a part, not the response) and 304 (an answer about a stored
+/// response, not one), and, with `must-understand` (§5.2.2.3), a status
+/// whose rules Cistern does not implement in full.
+pub fn storable(policy: &CachePolicy, status: StatusCode, headers: &HeaderMap) -> bool {
+    if status == StatusCode::PARTIAL_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational()
+        || !policy.is_storable()
+    {
+        return false;
+    }
+    if STATUSES_THE_RULES_KNOW.contains(&status.as_u16()) {
+        return true;
+    }
+    // Rare: read the directives only for an unusual status.
+    let rules = corrected_headers(headers);
+    !rules
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim() == "must-understand")
+}
+
+/// The largest body of a response kept aside (not a 200) that is stored;
+/// a bigger one is passed through unstored. Redirects, 404s and error
+/// pages are small; this keeps the state directory small too.
+pub const MAX_ASIDE_BODY: u64 = 64 * 1024;
+
+/// Why a storable response of `status` is nevertheless not stored over
+/// what the key holds now (`current`), or `None` when it may be:
+/// - a file in the tree (a 200) is replaced only by another 200: a 404,
+///   a redirect or an error for a package that was there goes to the
+///   client, and the file stays (stale: the next request asks again), so
+///   a mirror's passing 404 during a sync never costs a good file;
+/// - an error (5xx) never replaces anything stored: the stale response
+///   may still answer (`stale-if-error`) and is asked about again next.
+pub fn kept_over(current: Option<&ObjectMeta>, status: StatusCode) -> Option<&'static str> {
+    let current = current?;
+    if current.in_tree() && status != StatusCode::OK {
+        Some("a stored file is replaced only by a 200; the file is kept")
+    } else if status.is_server_error() {
+        Some("an error never replaces a stored response")
+    } else {
+        None
+    }
 }
 
 /// The common case decided without building the full RFC 9111 answer: a
@@ -257,6 +306,7 @@ pub fn evaluate_fast(
     now: SystemTime,
     mode: CacheMode,
 ) -> Option<Freshness> {
+    let mode = mode_for(meta, mode);
     if headers.contains_key(header::CACHE_CONTROL)
         || headers.contains_key(header::PRAGMA)
         || meta
@@ -285,6 +335,7 @@ pub fn evaluate(
     now: SystemTime,
     mode: CacheMode,
 ) -> Freshness {
+    let mode = mode_for(meta, mode);
     let verdict = meta.policy.before_request(&req, now);
     let (fresh_by_rfc, matches, conditional) = match verdict {
         BeforeRequest::Fresh(_) => (true, true, HeaderMap::new()),
@@ -312,6 +363,18 @@ pub fn evaluate(
         Freshness::Stale(validators(meta))
     } else {
         Freshness::Stale(conditional)
+    }
+}
+
+/// The mode a stored response is judged in: `static` serves the tree's
+/// files as they are, but a response kept aside (a 404, a redirect) keeps
+/// its own freshness, or a file published after its 404 was stored would
+/// never be fetched.
+fn mode_for(meta: &ObjectMeta, mode: CacheMode) -> CacheMode {
+    if mode == CacheMode::Static && !meta.in_tree() {
+        CacheMode::Normal
+    } else {
+        mode
     }
 }
 
@@ -730,11 +793,13 @@ mod tests {
         let t0 = SystemTime::now();
         for cc in ["private", "no-store"] {
             let meta = meta_for(&[("cache-control", cc)], t0);
-            assert!(!storable(&meta.policy, StatusCode::OK), "{cc}");
+            assert!(
+                !storable(&meta.policy, StatusCode::OK, &HeaderMap::new()),
+                "{cc}"
+            );
         }
         let meta = meta_for(&[("cache-control", "max-age=5")], t0);
-        assert!(storable(&meta.policy, StatusCode::OK));
-        assert!(!storable(&meta.policy, StatusCode::NOT_FOUND));
+        assert!(storable(&meta.policy, StatusCode::OK, &HeaderMap::new()));
     }
 
     #[test]
@@ -752,11 +817,17 @@ mod tests {
             "max-age=60, must-revalidate",
         ] {
             let meta = meta_for_request(&auth, &[("cache-control", cc)], t0);
-            assert!(storable(&meta.policy, StatusCode::OK), "{cc}");
+            assert!(
+                storable(&meta.policy, StatusCode::OK, &HeaderMap::new()),
+                "{cc}"
+            );
         }
         for cc in ["max-age=60", "private, max-age=60"] {
             let meta = meta_for_request(&auth, &[("cache-control", cc)], t0);
-            assert!(!storable(&meta.policy, StatusCode::OK), "{cc}");
+            assert!(
+                !storable(&meta.policy, StatusCode::OK, &HeaderMap::new()),
+                "{cc}"
+            );
         }
         // Fresh by heuristic only: not shareable either.
         let meta = meta_for_request(
@@ -764,7 +835,7 @@ mod tests {
             &[("last-modified", "Wed, 01 Jan 2020 00:00:00 GMT")],
             t0,
         );
-        assert!(!storable(&meta.policy, StatusCode::OK));
+        assert!(!storable(&meta.policy, StatusCode::OK, &HeaderMap::new()));
     }
 
     #[test]
@@ -922,7 +993,7 @@ mod tests {
         let meta = meta_for(&[date, ("cache-control", "max-age=600, No-CaChE")], t0);
         assert!(meta.policy.is_stale(t0), "no-cache: never fresh");
         let meta = meta_for(&[date, ("cache-control", "No-Store")], t0);
-        assert!(!storable(&meta.policy, StatusCode::OK));
+        assert!(!storable(&meta.policy, StatusCode::OK, &HeaderMap::new()));
     }
 
     #[test]
@@ -960,7 +1031,7 @@ mod tests {
             ],
             t0,
         );
-        assert!(storable(&meta.policy, StatusCode::OK));
+        assert!(storable(&meta.policy, StatusCode::OK, &HeaderMap::new()));
         assert_eq!(meta.policy.time_to_live(t0), Duration::from_secs(600));
         // Ours first, then CDN-Cache-Control, then Cache-Control.
         let meta = meta_for(
@@ -1051,5 +1122,114 @@ mod tests {
         assert!(!varies_on_everything(&h));
         h.append(header::VARY, "Accept, *".parse().unwrap());
         assert!(varies_on_everything(&h));
+    }
+
+    /// The policy and headers of a response of `status` at `t0`.
+    fn policy_for(
+        status: u16,
+        headers: &[(&str, &str)],
+        t0: SystemTime,
+    ) -> (CachePolicy, HeaderMap) {
+        let key: Uri = "http://example.org:80/a".parse().unwrap();
+        let h = HeaderMap::new();
+        let req = CacheRequest {
+            key: &key,
+            method: &Method::GET,
+            headers: &h,
+        };
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (k, v) in headers {
+            resp.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let (parts, ()) = resp.into_parts();
+        (new_policy(req, &parts, t0), parts.headers)
+    }
+
+    #[test]
+    fn every_final_status_with_explicit_freshness_is_storable() {
+        let t0 = rfc_example_date();
+        let date = ("date", "Sun, 06 Nov 1994 08:49:37 GMT");
+        for status in [
+            200, 203, 204, 301, 302, 303, 307, 308, 404, 410, 429, 500, 503, 599,
+        ] {
+            for explicit in [
+                ("cache-control", "max-age=60"),
+                ("cache-control", "s-maxage=60"),
+                ("expires", "Sun, 06 Nov 1994 08:50:37 GMT"),
+            ] {
+                let (p, h) = policy_for(status, &[date, explicit], t0);
+                assert!(storable(&p, p_status(status), &h), "{status} {explicit:?}");
+                assert_eq!(
+                    p.time_to_live(t0),
+                    Duration::from_secs(60),
+                    "{status} {explicit:?}"
+                );
+            }
+        }
+        // Never: a part, a 304, a status not understood with must-understand.
+        for status in [206, 304] {
+            let (p, h) = policy_for(status, &[date, ("cache-control", "max-age=60")], t0);
+            assert!(!storable(&p, p_status(status), &h), "{status}");
+        }
+        let (p, h) = policy_for(
+            599,
+            &[date, ("cache-control", "max-age=60, must-understand")],
+            t0,
+        );
+        assert!(!storable(&p, p_status(599), &h));
+        let (p, h) = policy_for(
+            404,
+            &[date, ("cache-control", "max-age=60, must-understand")],
+            t0,
+        );
+        assert!(storable(&p, p_status(404), &h));
+    }
+
+    fn p_status(code: u16) -> StatusCode {
+        StatusCode::from_u16(code).unwrap()
+    }
+
+    #[test]
+    fn only_the_rfc_9110_list_is_fresh_by_heuristic() {
+        let t0 = rfc_example_date();
+        let headers = [
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("last-modified", "Sun, 28 Aug 1994 08:49:37 GMT"),
+        ];
+        // 70 days old: fresh for 10 % of it, 7 days.
+        let week = Duration::from_secs(7 * 86400);
+        for status in [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501] {
+            let (p, h) = policy_for(status, &headers, t0);
+            assert!(storable(&p, p_status(status), &h), "{status}");
+            assert_eq!(p.time_to_live(t0), week, "{status}");
+        }
+        for status in [302, 303, 307, 403, 500, 502, 503, 504] {
+            let (p, h) = policy_for(status, &headers, t0);
+            assert!(!storable(&p, p_status(status), &h), "{status}");
+            assert_eq!(p.time_to_live(t0), Duration::ZERO, "{status}");
+        }
+    }
+
+    #[test]
+    fn a_file_is_replaced_only_by_a_200_and_an_error_replaces_nothing() {
+        let t0 = SystemTime::now();
+        let file = meta_for(&[("cache-control", "max-age=60")], t0);
+        let mut kept_aside = file.clone();
+        kept_aside.status = 404;
+        assert_eq!(kept_over(None, StatusCode::SERVICE_UNAVAILABLE), None);
+        assert_eq!(kept_over(Some(&file), StatusCode::OK), None);
+        for status in [301, 404, 410, 503] {
+            assert!(
+                kept_over(Some(&file), p_status(status)).is_some(),
+                "{status}"
+            );
+        }
+        assert_eq!(kept_over(Some(&kept_aside), StatusCode::OK), None);
+        assert_eq!(kept_over(Some(&kept_aside), StatusCode::GONE), None);
+        assert!(kept_over(Some(&kept_aside), StatusCode::BAD_GATEWAY).is_some());
     }
 }

@@ -43,7 +43,8 @@
 //!   from disk, the digest index, LRU eviction and `cistern verify`.
 //!   `store/mod.rs` is the [`store::ReplicaStore`] facade (open, lookup,
 //!   refresh, remove); `key` (URL → [`store::CacheKey`]) ← `path` (key →
-//!   replica path, one way); `commit` (atomic commit of a fill), `partial`
+//!   replica path, one way); `commit` (atomic commit of a fill), `aside`
+//!   (responses other than 200, kept in the state directory), `partial`
 //!   (partial files and their metadata), `recovery` (rebuilding the index at
 //!   open, quarantine), `evict` (LRU order and eviction), `index` (the maps),
 //!   `meta` (+ `meta/format`), `room` (disk room), `ram`, `verify`.

@@ -67,16 +67,26 @@ pub async fn respond(
     source: Source,
     age: Duration,
 ) -> Result<Response<ProxyBody>, ServeError> {
-    let (mut headers, length) = match &source {
+    let (mut headers, length, stored_status) = match &source {
         Source::Replica(r, _) => (
             r.served_headers.get_or_init(|| replica_headers(r)).clone(),
             Some(r.meta.length),
+            StatusCode::from_u16(r.meta.status).unwrap_or(StatusCode::OK),
         ),
-        Source::Fill { head, .. } => (head.headers.clone(), head.length),
+        Source::Fill { head, .. } => (head.headers.clone(), head.length, head.status),
     };
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
 
-    let plan = plan(method, req_headers, &headers, length);
+    // RFC 9110 §13.2.1: conditions apply to what would be a 2xx; a stored
+    // response other than 200 is always sent whole.
+    let plan = if stored_status.is_success() {
+        plan(method, req_headers, &headers, length)
+    } else {
+        Plan::Full
+    };
+    if stored_status != StatusCode::OK && !matches!(plan, Plan::Status(_)) {
+        return aside_response(method, stored_status, headers, length, source).await;
+    }
     if let Plan::Status(status) = plan {
         let mut resp = Response::new(empty());
         *resp.status_mut() = status;
@@ -146,11 +156,52 @@ pub async fn respond(
     Ok(resp)
 }
 
+/// A stored response other than 200 (a redirect, a 404, a 204 …), as it
+/// came: its status and headers, its whole body (never a range: a range
+/// selects part of a representation, and these are not one, RFC 9110
+/// §14.2), no `Accept-Ranges`. The client's conditions are ignored except
+/// for a 2xx, as an origin would (RFC 9110 §13.2.1).
+async fn aside_response(
+    method: &Method,
+    status: StatusCode,
+    mut headers: HeaderMap,
+    length: Option<u64>,
+    source: Source,
+) -> Result<Response<ProxyBody>, ServeError> {
+    headers.remove(header::ACCEPT_RANGES);
+    let (start, end) = (0u64, length);
+    // RFC 9110 §8.6: never a length on a 204.
+    if status != StatusCode::NO_CONTENT
+        && let Some(len) = length
+    {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    let body = if method == Method::HEAD || status == StatusCode::NO_CONTENT {
+        empty()
+    } else {
+        match source {
+            Source::Replica(replica, store) => {
+                let end = end.unwrap_or(replica.meta.length);
+                replica_body(replica, store, start, end).await?
+            }
+            Source::Fill { head, progress } => {
+                growing_body(head.file.clone(), start, end, progress)
+            }
+        }
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    Ok(resp)
+}
+
 /// The headers every answer from a complete replica carries: the stored
-/// ones plus its digests (RFC 9530 and RFC 3230).
+/// ones plus, for a file (a 200), its digests (RFC 9530 and RFC 3230); a
+/// response kept aside is not the representation a digest names.
 fn replica_headers(replica: &Replica) -> HeaderMap {
     let mut headers = replica.meta.header_map();
-    if let Ok(d) = hex::decode(&replica.meta.sha256)
+    if replica.meta.in_tree()
+        && let Ok(d) = hex::decode(&replica.meta.sha256)
         && d.len() == 32
     {
         let b64 = base64::engine::general_purpose::STANDARD.encode(d);

@@ -377,7 +377,8 @@ pub fn list_dir(
 ) -> Listing {
     let mut dirs: BTreeMap<&str, DirEntry> = BTreeMap::new();
     let mut files: Vec<FileEntry> = Vec::new();
-    for r in replicas {
+    // Responses kept aside (404s, redirects) are not files of the tree.
+    for r in replicas.iter().filter(|r| r.meta.in_tree()) {
         let Some(rest) = below(&r.meta.replica, dir) else {
             continue;
         };

@@ -19,6 +19,8 @@ use super::{FetchError, Inner};
 /// What readers need to serve a fill's bytes.
 #[derive(Debug)]
 pub struct FillHead {
+    /// The response's status: 200, or a status kept aside (a 404 …).
+    pub status: http::StatusCode,
     /// The upstream URL.
     pub url: String,
     /// Headers to send to clients (stored form: no hop-by-hop, no cookies).

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use headers::HeaderMapExt as _;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -43,6 +44,9 @@ struct Writing {
     start: u64,
     url: Uri,
     meta: ObjectMeta,
+    /// The body comes as 206 parts: when one ends short of the whole, the
+    /// next is asked for.
+    parts: bool,
 }
 
 impl Inner {
@@ -134,12 +138,41 @@ impl Inner {
             }
             _ => None,
         };
-        if resp.status() == StatusCode::PARTIAL_CONTENT && resumed_from.is_none() {
-            // Unusable partial answer: start over without a range.
+        if resp.status() == StatusCode::PARTIAL_CONTENT
+            && resumed_from.is_none()
+            && resume.is_some()
+        {
+            // Another range than the resume asked for: start over without one.
             let k = key.clone();
             self.blocking(move |s| s.discard_partial(&k)).await?;
             let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
             resp = resp2;
+        }
+        let mut resumed_from = resumed_from;
+        // The body starts with a 206 nobody asked for (see below).
+        let mut unasked_part = false;
+        if resp.status() == StatusCode::PARTIAL_CONTENT && resumed_from.is_none() {
+            // A 206 nobody asked for (some CDNs answer every GET so).
+            if first_part(resp.headers()) {
+                // The beginning of the whole: kept as a partial from byte
+                // 0, the rest asked for as it ends (see `stream`).
+                if partial.is_some() {
+                    let k = key.clone();
+                    self.blocking(move |s| s.discard_partial(&k)).await?;
+                }
+                resumed_from = Some(0);
+                unasked_part = true;
+            } else {
+                // A part the store cannot hold (not from byte 0, or short
+                // with no validator to join the rest safely): this client
+                // gets it as it came, and the upstream is not asked again.
+                tracing::info!(target: "cistern::fetch", %key, %url,
+                    "not stored: the upstream answered with a part that is not the start of the whole");
+                fill.state
+                    .send_replace(FillState::Unshared(NoCacheReason::NotStorable));
+                let _ = leader.send(resp);
+                return Ok(());
+            }
         }
 
         let policy_uncacheable = decision.uncacheable;
@@ -168,7 +201,11 @@ impl Inner {
                     // for the whole body; the partial cannot be finished.
                     let k = key.clone();
                     self.blocking(move |s| s.discard_partial(&k)).await?;
-                    resp = self.ask(&job, job.headers.clone()).await?.0;
+                    if !unasked_part {
+                        // (An upstream that answers in parts would only
+                        // send the same part again: it goes as it came.)
+                        resp = self.ask(&job, job.headers.clone()).await?.0;
+                    }
                 }
                 fill.state
                     .send_replace(FillState::Unshared(NoCacheReason::NoRoom));
@@ -213,10 +250,21 @@ impl Inner {
             headers: &job.headers,
         };
         let policy = cache::new_policy(creq, &parts, received);
-        if decision.uncacheable
-            || !cache::storable(&policy, parts.status)
+        let refusal = if decision.uncacheable
+            || !cache::storable(&policy, parts.status, &parts.headers)
             || cache::varies_on_everything(&parts.headers)
         {
+            Some(None)
+        } else {
+            self.status_refusal(job, parts.status, length, &policy, received, &decision)
+                .map(Some)
+        };
+        if let Some(why) = refusal {
+            if let Some(why) = why {
+                tracing::info!(target: "cistern::fetch", key = %job.key, %url, status = parts.status.as_u16(),
+                    "not stored: {why}");
+            }
+            self.superseded(job, parts.status).await?;
             return Ok(None);
         }
         let stored = cache::stored_headers(&parts.headers);
@@ -229,16 +277,12 @@ impl Inner {
                 client_headers.append(k, v);
             }
         }
-        let ttl_override = match (decision.ttl, decision.ttl_cap) {
-            (Some(ttl), cap) => Some(cap.map_or(ttl, |c| ttl.min(c))),
-            (None, Some(cap)) => Some(policy.time_to_live(received).min(cap)),
-            (None, None) => None,
-        };
+        let ttl_override = ttl_override(&decision, &policy, received);
         let meta = ObjectMeta {
             key: job.key.to_string(),
             url: url.to_string(),
             replica: String::new(),
-            status: 200,
+            status: parts.status.as_u16(),
             headers: stored,
             policy: policy.clone(),
             rfc: cache::rfc_inputs(creq, &parts, received, received),
@@ -250,12 +294,15 @@ impl Inner {
             immutable: decision.immutable,
             ttl_override: ttl_override.map(|d| d.as_secs()),
         };
+        // Only a 200 is ever resumed with a range: a partial of a small
+        // 404 or redirect is fetched again whole.
+        let resumable = parts.status == StatusCode::OK;
         let partial_meta = PartialMeta {
             key: job.key.to_string(),
             url: url.to_string(),
             total_length: length,
-            etag: header_str(&parts.headers, header::ETAG),
-            last_modified: header_str(&parts.headers, header::LAST_MODIFIED),
+            etag: header_str(&parts.headers, header::ETAG).filter(|_| resumable),
+            last_modified: header_str(&parts.headers, header::LAST_MODIFIED).filter(|_| resumable),
             started_at: unix_secs(received),
         };
         let k = job.key.clone();
@@ -273,6 +320,7 @@ impl Inner {
             });
         }
         let head = Arc::new(FillHead {
+            status: parts.status,
             url: url.to_string(),
             headers: client_headers,
             length,
@@ -294,7 +342,57 @@ impl Inner {
             start,
             url: url.clone(),
             meta,
+            parts: resumed_from.is_some(),
         }))
+    }
+
+    /// Why a response that the RFC lets Cistern store is still not stored
+    /// (`None`: it is): what the key holds is kept ([`cache::kept_over`]),
+    /// or, for a response kept aside (not a 200), its body is larger than
+    /// [`cache::MAX_ASIDE_BODY`] or it has no freshness at all (stored, it
+    /// would only be fetched again at its next use; in `static` mode it
+    /// would hide a file published later).
+    fn status_refusal(
+        &self,
+        job: &FillJob,
+        status: StatusCode,
+        length: Option<u64>,
+        policy: &http_cache_semantics::CachePolicy,
+        received: SystemTime,
+        decision: &HeadDecision,
+    ) -> Option<String> {
+        let current = self.store.peek(&job.key);
+        if let Some(why) = cache::kept_over(current.as_deref().map(|r| &*r.meta), status) {
+            return Some(why.to_owned());
+        }
+        if status == StatusCode::OK {
+            return None;
+        }
+        if let Some(len) = length.filter(|l| *l > cache::MAX_ASIDE_BODY) {
+            return Some(format!(
+                "its body ({len} bytes) is larger than the {} bytes a response other than 200 may keep",
+                cache::MAX_ASIDE_BODY
+            ));
+        }
+        let lifetime = ttl_override(decision, policy, received)
+            .unwrap_or_else(|| policy.time_to_live(received));
+        let fresh_for_some_time = decision.immutable || !lifetime.is_zero();
+        (!fresh_for_some_time)
+            .then(|| "a response other than 200 without freshness is not kept".to_owned())
+    }
+
+    /// A revalidation of a response kept aside got another answer that is
+    /// not stored: the old one is superseded and goes (a stored file in the
+    /// tree stays, and so does anything when the answer is an error).
+    async fn superseded(&self, job: &FillJob, status: StatusCode) -> Result<(), FetchError> {
+        let Some((replica, _)) = &job.revalidate else {
+            return Ok(());
+        };
+        if replica.meta.in_tree() || status.is_server_error() {
+            return Ok(());
+        }
+        let k = job.key.clone();
+        self.blocking(move |s| s.remove(&k)).await
     }
 
     /// Copies the body into the partial file, then verifies and commits it.
@@ -311,6 +409,7 @@ impl Inner {
             start,
             url,
             mut meta,
+            parts,
         } = w;
         let url_s = url.to_string();
         let announced = announced_sha256(resp.headers());
@@ -331,6 +430,9 @@ impl Inner {
         let mut resumes = 0u32;
         let mut orphan_since: Option<Instant> = None;
         let mut ended = false;
+        // Where the last part asked for began: a part that brings nothing
+        // ends the fill rather than asking forever.
+        let mut part_from = start;
         while !ended {
             // Gather frames that are already there, up to one batch.
             let failure = loop {
@@ -422,6 +524,18 @@ impl Inner {
             } else {
                 orphan_since = None;
             }
+            if ended
+                && parts
+                && let Some(total) = total
+                && written < total
+                && written > part_from
+            {
+                part_from = written;
+                let resp = self.next_part(job, &url, &sink, total).await?;
+                ends_at_close = close_delimited(&resp);
+                body = resp.into_body();
+                ended = false;
+            }
         }
         let BodySink {
             partial,
@@ -437,6 +551,21 @@ impl Inner {
                 written,
                 expected: total,
             });
+        }
+        if meta.status != 200 && written > cache::MAX_ASIDE_BODY {
+            // Its length was not announced, so this shows only now: served
+            // to the readers, not kept aside.
+            tracing::info!(target: "cistern::fetch", key = %job.key, url = %url_s, status = meta.status, bytes = written,
+                "not stored: the body of a response kept aside may be up to {} bytes", cache::MAX_ASIDE_BODY);
+            self.metrics.store_refusal();
+            drop(partial);
+            let k = job.key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            fill.state.send_replace(FillState::Unverified {
+                head,
+                length: written,
+            });
+            return Ok(());
         }
         if ends_at_close && announced.is_none() {
             // A FIN ends such a body whether it is complete or cut: served to
@@ -491,6 +620,38 @@ impl Inner {
         fill.state
             .send_replace(FillState::Complete { head, replica });
         Ok(())
+    }
+
+    /// Asks for the part of a body that follows the `sink.written` bytes
+    /// of the parts so far (`Range` and `If-Range`, as a resume), for an
+    /// upstream that answers with parts (a 206 it was not asked for).
+    /// Only a 206 that provably continues the partial is used.
+    async fn next_part(
+        &self,
+        job: &FillJob,
+        url: &Uri,
+        sink: &BodySink,
+        total: u64,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let written = sink.written;
+        let mismatch = |why| FetchError::ResumeMismatch {
+            url: url.to_string(),
+            written,
+            why,
+        };
+        let (range, if_range) = resume_headers(&sink.partial.meta, written)
+            .ok_or_else(|| mismatch("the parts carry no strong validator to join them by"))?;
+        let mut headers = job.headers.clone();
+        headers.insert(header::RANGE, range);
+        headers.insert(header::IF_RANGE, if_range);
+        let mut req = build_request(Method::GET, url, &headers, empty_body());
+        if let Some(host) = job.upstreams.host() {
+            req.headers_mut().insert(header::HOST, host.clone());
+        }
+        tracing::debug!(target: "cistern::fetch", key = %job.key, %url, from = written, total, "asking for the next part");
+        let resp = self.send(req, url, job.settings.idle).await?;
+        continues(&resp, written, Some(total), &sink.partial.meta).map_err(mismatch)?;
+        Ok(resp)
     }
 
     /// After `error` cut a fill's body, asks the same upstream URL for the
@@ -559,6 +720,38 @@ impl Inner {
         give_up(&format!(
             "{RESUME_ATTEMPTS} resumes did not finish the body"
         ))
+    }
+}
+
+/// Whether a 206 that was not asked for is the start of the whole
+/// representation that the store can take as a partial from byte 0: its
+/// `Content-Range` starts at 0 and names the full length, and either it
+/// is the whole or a strong validator lets the rest be joined to it.
+fn first_part(headers: &HeaderMap) -> bool {
+    let Some(range) = headers.typed_get::<headers::ContentRange>() else {
+        return false;
+    };
+    let (Some((0, end)), Some(total)) = (range.bytes_range(), range.bytes_len()) else {
+        return false;
+    };
+    let strong = headers
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|e| !e.starts_with("W/"))
+        || headers.contains_key(header::LAST_MODIFIED);
+    end + 1 == total || (end + 1 < total && strong)
+}
+
+/// The time to live a policy set or capped, if it did.
+fn ttl_override(
+    decision: &HeadDecision,
+    policy: &http_cache_semantics::CachePolicy,
+    received: SystemTime,
+) -> Option<Duration> {
+    match (decision.ttl, decision.ttl_cap) {
+        (Some(ttl), cap) => Some(cap.map_or(ttl, |c| ttl.min(c))),
+        (None, Some(cap)) => Some(policy.time_to_live(received).min(cap)),
+        (None, None) => None,
     }
 }
 
@@ -633,5 +826,30 @@ mod tests {
         ] {
             assert!(continues(&bad, 4, Some(10), &meta).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_unasked_206_is_taken_only_when_it_starts_the_whole() {
+        let head = |range: &str, etag: Option<&str>| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_RANGE, range.parse().unwrap());
+            if let Some(e) = etag {
+                h.insert(header::ETAG, e.parse().unwrap());
+            }
+            h
+        };
+        assert!(first_part(&head("bytes 0-9/10", None)), "the whole");
+        assert!(first_part(&head("bytes 0-3/10", Some("\"v1\""))));
+        assert!(!first_part(&head("bytes 0-3/10", None)), "no validator");
+        assert!(!first_part(&head("bytes 0-3/10", Some("W/\"v1\""))), "weak");
+        assert!(
+            !first_part(&head("bytes 4-9/10", Some("\"v1\""))),
+            "not from 0"
+        );
+        assert!(
+            !first_part(&head("bytes 0-3/*", Some("\"v1\""))),
+            "no total"
+        );
+        assert!(!first_part(&HeaderMap::new()));
     }
 }

@@ -91,8 +91,9 @@ pub enum NoCacheReason {
     /// (a HEAD starts no download).
     HeadOnly,
     /// The response forbids a shared cache to keep it (`no-store`,
-    /// `private`, `Authorization`, `Vary: *`) or its status is not one
-    /// that is stored.
+    /// `private`, `Authorization`, `Vary: *`), its status is not one
+    /// that is stored, or it is a response other than 200 that is not
+    /// kept (too big, no freshness, or it would replace what is stored).
     NotStorable,
     /// The replica's disk has no room for it beside `min-free`.
     NoRoom,

@@ -33,7 +33,8 @@ impl PolicyHost for ProxyPolicyHost {
             return ReplicaState::Absent;
         };
         let store = self.engine.store();
-        if store.peek(&key).is_some() {
+        // A stored 404 or redirect (kept aside) is not the resource.
+        if store.peek(&key).is_some_and(|r| r.meta.in_tree()) {
             ReplicaState::Complete
         } else if self.engine.find(&key).is_some() || store.has_partial(&key) {
             // A fill under way, or an interrupted partial on disk (a cut

@@ -59,6 +59,8 @@ impl ReplicaStore {
     /// [`path`]), indexes it, records its digest and evicts least recently
     /// used replicas past `max-size`. Blocking.
     ///
+    /// A response other than 200 is kept aside instead (see `aside`).
+    ///
     /// `meta.key` and `meta.replica` are set by the store. On error the
     /// partial stays where it was (resumable) unless the failure came after
     /// the rename.
@@ -67,6 +69,9 @@ impl ReplicaStore {
         partial: PartialFile,
         mut meta: ObjectMeta,
     ) -> Result<Arc<Replica>, StoreError> {
+        if !meta.in_tree() {
+            return self.commit_aside(partial, meta);
+        }
         let key = partial.key.clone();
         key.as_str().clone_into(&mut meta.key);
         if parse_digest(&meta.sha256).is_none() {
@@ -155,11 +160,13 @@ impl ReplicaStore {
         self.index.insert(key.clone(), Arc::clone(&replica));
         // A new version is the most recently used, whatever the old one was.
         self.index.recency.touch(&key);
-        if let Some(old) = old
-            && old.path != replica.path
-            && self.index.owner_of(&old.meta.replica).is_none()
-        {
-            self.unlink_replica(&old.meta.replica);
+        if let Some(old) = old {
+            if !old.meta.in_tree() {
+                // A 404 or a redirect the file now replaces.
+                self.discard_bytes(&old);
+            } else if old.path != replica.path && self.index.owner_of(&old.meta.replica).is_none() {
+                self.unlink_replica(&old.meta.replica);
+            }
         }
         self.evict(&key);
         Ok(replica)
@@ -167,7 +174,7 @@ impl ReplicaStore {
 
     /// Puts a replica that a failed commit took out of service back, if its
     /// bytes were not touched.
-    fn restore(&self, key: &CacheKey, old: &Arc<Replica>, obj: &Path) {
+    pub(super) fn restore(&self, key: &CacheKey, old: &Arc<Replica>, obj: &Path) {
         let intact = fs::metadata(&old.path).is_ok_and(|m| m.is_file() && describes(&old.meta, &m));
         if intact && write_object_atomic(obj, &old.meta).is_ok() {
             self.index.insert(key.clone(), Arc::clone(old));

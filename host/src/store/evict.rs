@@ -112,7 +112,7 @@ impl ReplicaStore {
             match self.forget(&key) {
                 Ok(Some(replica)) => {
                     tracing::debug!(key = %key, bytes = replica.meta.length, "evicted");
-                    self.unlink_replica(&replica.meta.replica);
+                    self.discard_bytes(&replica);
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(key = %key, error = %e, "eviction failed"),

@@ -84,11 +84,15 @@ impl Index {
         let mut maps = self.write();
         let old = remove_locked(&mut maps, &key);
         maps.bytes = maps.bytes.saturating_add(replica.meta.length);
-        if let Some(digest) = parse_digest(&replica.meta.sha256) {
-            maps.by_digest.entry(digest).or_default().push(key.clone());
+        // Only files in the tree have a path there, and only they are the
+        // content a digest names (a 404 page is not the file it stands for).
+        if replica.meta.in_tree() {
+            if let Some(digest) = parse_digest(&replica.meta.sha256) {
+                maps.by_digest.entry(digest).or_default().push(key.clone());
+            }
+            maps.by_path
+                .insert(replica.meta.replica.clone(), key.clone());
         }
-        maps.by_path
-            .insert(replica.meta.replica.clone(), key.clone());
         maps.by_key.insert(key, replica);
         old
     }
@@ -158,6 +162,9 @@ impl Index {
 fn remove_locked(maps: &mut Maps, key: &CacheKey) -> Option<Arc<Replica>> {
     let old = maps.by_key.remove(key)?;
     maps.bytes = maps.bytes.saturating_sub(old.meta.length);
+    if !old.meta.in_tree() {
+        return Some(old);
+    }
     if let Some(digest) = parse_digest(&old.meta.sha256)
         && let Some(keys) = maps.by_digest.get_mut(&digest)
     {

@@ -25,9 +25,12 @@ pub struct ObjectMeta {
     /// The upstream URL the bytes came from (may differ from the key for
     /// mirrors and store-ids).
     pub url: String,
-    /// Path of the replica file relative to the root, as committed.
+    /// Path of the replica file relative to the root, as committed; empty
+    /// for a response kept aside (any status but 200, see
+    /// [`ObjectMeta::in_tree`]).
     pub replica: String,
-    /// Upstream status; always 200 for replicas.
+    /// Upstream status: 200 for a file in the tree, any other storable
+    /// status for a response kept aside.
     pub status: u16,
     /// End-to-end response headers as served (hop-by-hop and `Set-Cookie`
     /// removed), in upstream order.
@@ -57,6 +60,15 @@ pub struct ObjectMeta {
 }
 
 impl ObjectMeta {
+    /// Whether the body is a file in the browsable tree. Only a 200 is: a
+    /// redirect, a 404 or an error page is kept aside, its body beside its
+    /// metadata in the state directory (`objects/ab/<hash>.body`), so the
+    /// tree only ever holds the resources themselves and a 404 never takes
+    /// the place where the real file will go.
+    pub fn in_tree(&self) -> bool {
+        self.status == 200
+    }
+
     /// The stored response headers as a map (room left for the few a hit
     /// adds: `Age`, `Cache-Status`, `Via`, digests).
     pub fn header_map(&self) -> http::HeaderMap {
@@ -85,7 +97,7 @@ pub struct RfcInputs {
     /// The request headers that decide whether a stored response matches a
     /// later request: `Host` and those the response's `Vary` names.
     pub request_headers: HeaderMap,
-    /// The response status as stored (200).
+    /// The response status as stored.
     pub status: StatusCode,
     /// The response headers as received (policy edits included), without
     /// hop-by-hop headers; `Set-Cookie` is kept with an empty value because
@@ -159,10 +171,32 @@ impl RfcInputs {
         req.uri = self.uri.clone();
         req.headers = self.request_headers.clone();
         let mut resp = http::Response::new(()).into_parts().0;
-        resp.status = self.status;
+        resp.status = status_for_rules(self.status);
         resp.headers = self.response_headers.clone();
         CachePolicy::new_options(&req, &resp, self.response_time, cache_options())
     }
+}
+
+/// The statuses `http-cache-semantics` stores, with their own rules
+/// (heuristically cacheable or not), besides 206 and 304, which Cistern
+/// never keeps as a stored response.
+pub const STATUSES_THE_RULES_KNOW: [u16; 14] = [
+    200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501,
+];
+
+/// The status `http-cache-semantics` is shown for a response of `status`.
+/// The crate predates RFC 9111 and never stores a status outside
+/// [`STATUSES_THE_RULES_KNOW`]; RFC 9111 §3 stores any final status that
+/// has explicit freshness (`max-age`, `s-maxage`, `Expires`, `public`),
+/// heuristically only those of RFC 9110 §15.1. So any other final status
+/// (a 503, a 429, an unknown 599) is shown as 302, whose rules are exactly
+/// those: stored with explicit freshness only, never by heuristic.
+pub fn status_for_rules(status: StatusCode) -> StatusCode {
+    let known = STATUSES_THE_RULES_KNOW.contains(&status.as_u16())
+        || status == StatusCode::PARTIAL_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational();
+    if known { status } else { StatusCode::FOUND }
 }
 
 /// The shared-cache options Cistern evaluates every response with.

@@ -3,7 +3,8 @@
 //!
 //! This file is the [`ReplicaStore`] facade (open, lookup, reading,
 //! refresh, remove) and the small file helpers its parts share; the parts
-//! are `commit` (atomic commit of a fill), `partial` (partial files),
+//! are `commit` (atomic commit of a fill), `aside` (responses other than
+//! 200, kept in the state directory), `partial` (partial files),
 //! `recovery` (rebuilding the index at open, quarantine), `evict` (LRU
 //! eviction), `index` (the in-memory maps), `key` and [`path`] (URL → key →
 //! replica path).
@@ -20,6 +21,9 @@
 //!   replica, in Cistern's own versioned format ([`meta::format`]). A
 //!   metadata file vouches for the bytes at its `replica` path, as long as
 //!   the file keeps the size and modification time recorded at commit.
+//! - `state/objects/ab/<sha256(key)>.body`: the body of a response kept
+//!   aside (any stored status but 200: a redirect, a 404), which never
+//!   becomes a file in the tree (see `aside`).
 //! - `state/quarantine/`: metadata that could not be read, moved aside on
 //!   open (never deleted; counted in [`StoreHealth`]).
 //! - `state/objects/ab/<sha256(key)>.json.new`: the metadata of a commit in
@@ -70,6 +74,7 @@ pub mod ram;
 pub mod room;
 pub mod verify;
 
+mod aside;
 mod commit;
 mod evict;
 mod index;
@@ -396,6 +401,7 @@ impl ReplicaStore {
         store.settle_pendings()?;
         store.clean_partials()?;
         store.load_objects()?;
+        store.sweep_bodies()?;
         Ok(store)
     }
 
@@ -565,7 +571,7 @@ impl ReplicaStore {
     pub fn remove(&self, key: &CacheKey) -> Result<(), StoreError> {
         let _tree = self.lock_tree();
         if let Some(replica) = self.forget(key)? {
-            self.unlink_replica(&replica.meta.replica);
+            self.discard_bytes(&replica);
         }
         Ok(())
     }

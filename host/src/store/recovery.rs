@@ -97,7 +97,7 @@ impl ReplicaStore {
     }
 
     /// Every file under `state/objects`, sorted.
-    fn object_files(&self) -> Result<Vec<PathBuf>, StoreError> {
+    pub(super) fn object_files(&self) -> Result<Vec<PathBuf>, StoreError> {
         let objects = self.state.join("objects");
         let mut files: Vec<PathBuf> = Vec::new();
         for sub in fs::read_dir(&objects).map_err(io_err("read metadata directory", &objects))? {
@@ -125,7 +125,8 @@ impl ReplicaStore {
                 .unwrap_or_default();
             if let Some(hash) = name.strip_suffix(".json.new") {
                 self.settle_pending(&path, hash)?;
-            } else if !name.ends_with(".json") {
+            } else if !name.ends_with(".json") && !name.ends_with(super::aside::BODY_SUFFIX) {
+                // Kept-aside bodies are settled once the index is loaded.
                 remove_file_if_exists(&path).map_err(io_err("remove stray metadata", &path))?;
             }
         }
@@ -162,7 +163,12 @@ impl ReplicaStore {
         // Two metadata files can only claim one path after outside
         // interference; the newest wins.
         let mut by_path: HashMap<String, (PathBuf, ObjectMeta)> = HashMap::new();
+        let mut aside: Vec<(PathBuf, ObjectMeta)> = Vec::new();
         for (path, meta) in metas {
+            if !meta.in_tree() {
+                aside.push((path, meta));
+                continue;
+            }
             let loser = match by_path.remove(&meta.replica) {
                 Some((other_path, other))
                     if (other.stored_at, &other.key) > (meta.stored_at, &meta.key) =>
@@ -183,7 +189,7 @@ impl ReplicaStore {
         }
         // Nothing tells which replica was used last before the restart, so
         // the LRU order starts as key order (the smallest key goes first).
-        let mut loaded: Vec<(PathBuf, ObjectMeta)> = by_path.into_values().collect();
+        let mut loaded: Vec<(PathBuf, ObjectMeta)> = by_path.into_values().chain(aside).collect();
         loaded.sort_unstable_by(|a, b| a.1.key.cmp(&b.1.key));
         for (path, meta) in loaded {
             if rewrites.contains(&path) {
@@ -197,7 +203,11 @@ impl ReplicaStore {
                 }
             }
             let key = CacheKey(meta.key.as_str().into());
-            let abs = self.root.join(&meta.replica);
+            let abs = if meta.in_tree() {
+                self.root.join(&meta.replica)
+            } else {
+                self.body_path(&key.hash_hex())
+            };
             self.index.insert(key, Arc::new(Replica::new(meta, abs, 0)));
         }
         Ok(())
@@ -249,13 +259,17 @@ impl ReplicaStore {
         if parse_digest(&meta.sha256).is_none() {
             return Checked::Unreadable("its sha256 is not 64 hex digits".into());
         }
-        let Ok(rel) = ReplicaPath::from_relative(meta.replica.as_str()) else {
-            return Checked::Unreadable(format!(
-                "its replica path {:?} is not a safe path",
-                meta.replica
-            ));
+        let abs = if meta.in_tree() {
+            let Ok(rel) = ReplicaPath::from_relative(meta.replica.as_str()) else {
+                return Checked::Unreadable(format!(
+                    "its replica path {:?} is not a safe path",
+                    meta.replica
+                ));
+            };
+            self.root.join(rel.as_path())
+        } else {
+            self.body_path(hash)
         };
-        let abs = self.root.join(rel.as_path());
         let file = match fs::symlink_metadata(&abs) {
             Ok(f) if f.is_file() => f,
             _ => return Checked::Stale("its replica file is missing"),

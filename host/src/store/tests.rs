@@ -1012,13 +1012,13 @@ fn metadata_round_trips_through_its_own_format() {
     m.ttl_override = Some(30);
     let bytes = meta::encode_object(&m).expect("encode");
     let text = String::from_utf8(bytes.clone()).expect("utf-8");
-    assert!(text.contains("\"version\": 1"), "{text}");
+    assert!(text.contains("\"version\": 2"), "{text}");
     assert!(
         !text.contains("c2VjcmV0"),
         "credentials are not stored: {text}"
     );
     let (back, version) = meta::decode_object(&bytes).expect("decode");
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     assert_eq!(
         (
             &back.key,
@@ -1220,4 +1220,118 @@ fn a_hot_replica_is_moved_to_the_front_at_most_once_a_second() {
     store.lookup(&a).expect("a");
     assert_eq!(names(&store), ["b", "a", "c"]);
     assert_eq!(store.peek(&a).unwrap().hits(), 2);
+}
+
+/// Fills and commits `body` as a response of `status` kept aside.
+fn put_status(store: &ReplicaStore, url: &str, status: u16, body: &[u8]) -> Arc<Replica> {
+    let key = key(url);
+    let partial = store
+        .begin_partial(&key, partial_meta(&key), false)
+        .expect("begin");
+    partial.file.write_all_at(body, 0).expect("write");
+    let mut meta = object_meta(&key, body);
+    meta.status = status;
+    meta.rfc.status = http::StatusCode::from_u16(status).expect("status");
+    meta.policy = meta.rfc.policy();
+    store.commit(partial, meta).expect("commit")
+}
+
+#[test]
+fn a_response_kept_aside_never_enters_the_tree_and_survives_a_reopen() {
+    let fx = Fixture::new(Layout::HostPort, None);
+    let store = fx.open();
+    let url = "http://example.org/pool/missing.deb";
+    let r = put_status(&store, url, 404, b"no such file");
+    assert!(!r.meta.in_tree());
+    assert!(r.meta.replica.is_empty());
+    assert!(r.path.starts_with(&fx.config.state), "{}", r.path.display());
+    assert_eq!(read(&store, &r), b"no such file");
+    assert!(tree(fx.root()).is_empty(), "{:?}", tree(fx.root()));
+    // Not a content the digest index offers for another URL.
+    let digest: [u8; 32] = Sha256::digest(b"no such file").into();
+    assert!(store.by_sha256(&digest).is_none());
+    drop(store);
+
+    let store = fx.open();
+    let r = store.lookup(&key(url)).expect("indexed after reopen");
+    assert_eq!(r.meta.status, 404);
+    assert_eq!(read(&store, &r), b"no such file");
+    // A 200 replaces it: the file goes into the tree, the body goes.
+    let file = put(&store, url, b"the package");
+    assert!(file.meta.in_tree());
+    assert_eq!(
+        tree(fx.root()).last().map(String::as_str),
+        Some("example.org:80/pool/missing.deb")
+    );
+    assert!(!r.path.exists(), "the kept-aside body is removed");
+    // And a 410 after it (the store does as told; the fill decides).
+    let gone = put_status(&store, url, 410, b"gone");
+    assert!(gone.path.exists());
+    assert!(!fx.root().join("example.org:80/pool/missing.deb").exists());
+    store.remove(&key(url)).expect("remove");
+    assert!(!gone.path.exists(), "removal takes the body");
+}
+
+#[test]
+fn a_stray_body_is_swept_and_a_damaged_one_dropped_on_open() {
+    let fx = Fixture::new(Layout::HostPort, None);
+    let store = fx.open();
+    let kept = put_status(&store, "http://example.org/a", 301, b"moved");
+    let lost = put_status(&store, "http://example.org/b", 404, b"missing");
+    drop(store);
+    // The metadata of one is lost (as a crash between steps could leave).
+    let hash = key("http://example.org/b").hash_hex();
+    fs::remove_file(
+        fx.config
+            .state
+            .join("objects")
+            .join(&hash[..2])
+            .join(format!("{hash}.json")),
+    )
+    .expect("remove metadata");
+    let store = fx.open();
+    assert!(store.lookup(&key("http://example.org/a")).is_some());
+    assert!(kept.path.exists());
+    assert!(store.lookup(&key("http://example.org/b")).is_none());
+    assert!(!lost.path.exists(), "a body without metadata is swept");
+}
+
+#[test]
+fn eviction_counts_and_removes_kept_aside_bodies() {
+    let fx = Fixture::new(Layout::HostPort, Some(100));
+    let store = fx.open();
+    let old = put_status(&store, "http://example.org/old", 404, &[b'x'; 60]);
+    let _new = put(&store, "http://example.org/new", &[b'y'; 60]);
+    assert!(
+        store.lookup(&key("http://example.org/old")).is_none(),
+        "evicted"
+    );
+    assert!(!old.path.exists());
+}
+
+#[test]
+fn version_1_metadata_is_read_and_a_mislabelled_entry_refused() {
+    let k = key("http://example.org/v1");
+    let mut m = object_meta(&k, b"body");
+    m.replica = "example.org:80/v1".into();
+    let text = String::from_utf8(meta::encode_object(&m).expect("encode")).expect("utf-8");
+    let v1 = text.replace("\"version\": 2", "\"version\": 1");
+    let (back, version) = meta::decode_object(v1.as_bytes()).expect("version 1 reads");
+    assert_eq!(
+        (version, back.replica.as_str(), back.status),
+        (1, "example.org:80/v1", 200)
+    );
+    // Version 1 never kept anything aside: a null replica is not one.
+    let null = v1.replace("\"replica\": \"example.org:80/v1\"", "\"replica\": null");
+    assert!(meta::decode_object(null.as_bytes()).is_err());
+    // Version 2: a 404 has no replica path, a 200 has one.
+    let mut aside = object_meta(&k, b"body");
+    aside.status = 404;
+    aside.rfc.status = http::StatusCode::NOT_FOUND;
+    let text = String::from_utf8(meta::encode_object(&aside).expect("encode")).expect("utf-8");
+    assert!(text.contains("\"replica\": null"), "{text}");
+    let (back, _) = meta::decode_object(text.as_bytes()).expect("reads");
+    assert!(!back.in_tree());
+    let wrong = text.replace("\"replica\": null", "\"replica\": \"example.org:80/v1\"");
+    assert!(meta::decode_object(wrong.as_bytes()).is_err());
 }

@@ -1,5 +1,5 @@
-//! `cistern verify`: reads every replica and checks it against the SHA-256
-//! its metadata recorded, without changing anything on disk (so it may run
+//! `cistern verify`: reads every replica (and every body kept aside, see
+//! `aside`) and checks it against the SHA-256 its metadata recorded, without changing anything on disk (so it may run
 //! beside a running Cistern).
 
 use std::fs::{self, File};
@@ -162,11 +162,16 @@ fn check(root: &Path, meta_path: &Path) -> Checked {
         }
     };
     let key = Some(meta.key.clone());
-    let Ok(rel) = ReplicaPath::from_relative(meta.replica.as_str()) else {
-        let why = format!("unsafe replica path {:?}", meta.replica);
-        return Checked::Bad(meta_path.to_owned(), key, Problem::Unreadable(why));
+    let path = if meta.in_tree() {
+        let Ok(rel) = ReplicaPath::from_relative(meta.replica.as_str()) else {
+            let why = format!("unsafe replica path {:?}", meta.replica);
+            return Checked::Bad(meta_path.to_owned(), key, Problem::Unreadable(why));
+        };
+        root.join(rel.as_path())
+    } else {
+        // A response kept aside: its body is beside its metadata.
+        meta_path.with_extension("body")
     };
-    let path = root.join(rel.as_path());
     let bad = |problem| Checked::Bad(path.clone(), key.clone(), problem);
     let mut file = match File::open(&path) {
         Ok(f) => f,

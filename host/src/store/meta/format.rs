@@ -1,10 +1,14 @@
 //! The on-disk form of [`ObjectMeta`], owned by Cistern and versioned.
 //!
-//! Version 1 (current) records the RFC 9111 inputs (request method, URI
+//! Version 2 (current) records the RFC 9111 inputs (request method, URI
 //! and selecting headers; response status and headers; request and
 //! response times) and rebuilds the `http-cache-semantics` policy from them
 //! on load, so that an upgrade of that crate can never make the index
-//! unreadable. Version 0 (no `version` field) was that crate's own serde
+//! unreadable. Its `replica` is `null` for a response kept aside (any
+//! status but 200: the body is `<hash>.body` beside the metadata file).
+//! Version 1 is the same layout from before responses were kept aside: a
+//! `replica` path always, status 200; it is read as is and rewritten as
+//! version 2. Version 0 (no `version` field) was that crate's own serde
 //! layout of its `CachePolicy`; it is read through a copy of that layout
 //! kept here, so it stays readable whatever the crate does next, and the
 //! store rewrites it as version 1. `docs/replica.md` describes the fields.
@@ -18,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::{FileStamp, ObjectMeta, RfcInputs};
 
 /// The metadata version this build writes.
-pub const META_VERSION: u32 = 1;
+pub const META_VERSION: u32 = 2;
 
 /// Why a metadata file cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -51,13 +55,15 @@ pub enum MetaError {
     Encode(serde_json::Error),
 }
 
-/// Version 1 as it is written.
+/// Versions 1 and 2 as they are written (version 1 always has a
+/// `replica` and status 200).
 #[derive(Debug, Serialize, Deserialize)]
 struct V1 {
     version: u32,
     key: String,
     url: String,
-    replica: String,
+    /// `None` (written as `null`, version 2 only) for a response kept aside.
+    replica: Option<String>,
     length: u64,
     sha256: String,
     file: Option<FileStamp>,
@@ -163,7 +169,7 @@ pub fn encode_object(meta: &ObjectMeta) -> Result<Vec<u8>, MetaError> {
         version: META_VERSION,
         key: meta.key.clone(),
         url: meta.url.clone(),
-        replica: meta.replica.clone(),
+        replica: meta.in_tree().then(|| meta.replica.clone()),
         length: meta.length,
         sha256: meta.sha256.clone(),
         file: meta.file,
@@ -202,10 +208,13 @@ pub fn decode_object(bytes: &[u8]) -> Result<(ObjectMeta, u32), MetaError> {
                 .map_err(|source| MetaError::Syntax { version: 0, source })?;
             Ok((from_v0(v0)?, 0))
         }
-        Some(1) => {
+        Some(version @ (1 | 2)) => {
             let v1: V1 = serde_json::from_slice(bytes)
-                .map_err(|source| MetaError::Syntax { version: 1, source })?;
-            Ok((from_v1(v1)?, 1))
+                .map_err(|source| MetaError::Syntax { version, source })?;
+            if u64::from(v1.version) != version {
+                return Err(invalid("version", &v1.version.to_string()));
+            }
+            Ok((from_v1(v1)?, version as u32))
         }
         Some(found) => Err(MetaError::Unsupported { found }),
     }
@@ -221,10 +230,19 @@ fn from_v1(v: V1) -> Result<ObjectMeta, MetaError> {
         request_time: from_unix_ms(v.request.time_ms),
         response_time: from_unix_ms(v.response.time_ms),
     };
+    // Where the body is follows from the status; a file that says
+    // otherwise (or a version 1 file with another status) was not written
+    // by Cistern.
+    let replica = match (v.replica, rfc.status == StatusCode::OK) {
+        (Some(path), true) => path,
+        (None, false) if v.version >= 2 => String::new(),
+        (Some(path), false) => return Err(invalid("replica of a response kept aside", &path)),
+        (None, _) => return Err(invalid("replica", "null")),
+    };
     Ok(ObjectMeta {
         key: v.key,
         url: v.url,
-        replica: v.replica,
+        replica,
         status: rfc.status.as_u16(),
         headers: v.headers,
         policy: rfc.policy(),
@@ -263,6 +281,12 @@ fn from_v0(v: V0) -> Result<ObjectMeta, MetaError> {
     // Version 0 kept every request header (credentials too); only the ones
     // that select the response are carried over. It did not record when
     // the request was sent: the response time stands in for it.
+    if p.status != 200 {
+        return Err(invalid(
+            "status of version 0 metadata",
+            &p.status.to_string(),
+        ));
+    }
     let rfc = RfcInputs::new(
         method(&p.method)?,
         uri(&p.uri)?,
