@@ -378,6 +378,8 @@ impl Inner {
                 }
             };
             if let Some(error) = failure {
+                // A body cut short or stalled counts against its mirror.
+                job.upstreams.report_url(&url, &error_chain(&error));
                 // The readers still waiting get the rest from a resume of
                 // the partial; they only see a pause.
                 let rest = self

@@ -31,6 +31,7 @@ mod failover;
 mod fill;
 mod headers;
 pub mod mirror;
+mod probe;
 mod sink;
 pub mod upstream;
 
