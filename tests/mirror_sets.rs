@@ -448,3 +448,175 @@ async fn a_404_on_a_partial_mirror_sends_the_file_to_the_next_and_is_remembered(
         assert_eq!(o.hits("/pub/nowhere"), 1);
     }
 }
+
+/// Which of `origins` a HEAD of `path` (on Cistern) reached: the mirror
+/// chosen for that file.
+async fn chosen(addr: SocketAddr, path: &str, origins: &[&Origin], upstream_path: &str) -> usize {
+    let got = common::request(addr, "HEAD", path, &[]).await;
+    assert_eq!(got.status, 200, "HEAD {path}");
+    let asked: Vec<usize> = (0..origins.len())
+        .filter(|&i| origins[i].hits(upstream_path) > 0)
+        .collect();
+    assert_eq!(asked.len(), 1, "HEAD {path} reached {asked:?}");
+    asked[0]
+}
+
+/// Reads a response body until it ends or fails: the bytes that arrived
+/// and whether it ended cleanly.
+async fn read_until_failure(resp: http::Response<hyper::body::Incoming>) -> (Vec<u8>, bool) {
+    use http_body_util::BodyExt;
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    loop {
+        match body.frame().await {
+            None => return (got, true),
+            Some(Err(_)) => return (got, false),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    got.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
+/// Requests for `path` that carried a `Range` header, with it and `If-Range`.
+fn ranged(origin: &Origin, path: &str) -> Vec<(String, String)> {
+    origin
+        .seen()
+        .iter()
+        .filter(|s| s.path == path && s.method == "GET")
+        .filter_map(|s| {
+            let h = |n: &str| s.headers.get(n).map(|v| v.to_str().unwrap().to_owned());
+            Some((h("range")?, h("if-range").unwrap_or_default()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_whose_mirror_dies_mid_body_continues_on_another_with_range_and_if_range() {
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    let body = pattern(7, 3 << 20);
+    for o in [&a, &b] {
+        // The same file (same length, same strong ETag "v1") on both.
+        o.put("/pub/big.iso", Resource::new(body.clone()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(dir.path(), &[(&a, 1), (&b, 1)], "");
+    let cistern = start(dir.path(), &text, &Clock::default()).await;
+    let addr = cistern.addrs[0];
+    let origins = [&a, &b];
+    let first = chosen(addr, "/m/big.iso", &origins, "/pub/big.iso").await;
+    let (dies, other) = (origins[first], origins[1 - first]);
+    // The chosen mirror dies after 1 MiB of its next answer.
+    dies.put(
+        "/pub/big.iso",
+        Resource::new(body.clone()).die_after(1 << 20, 1),
+    );
+
+    let resp = common::send(addr, "GET", "/m/big.iso", &[]).await;
+    assert_eq!(resp.status(), 200);
+    let (got, clean) = read_until_failure(resp).await;
+    assert!(
+        clean,
+        "the client's transfer failed after {} bytes",
+        got.len()
+    );
+    assert!(
+        got == body,
+        "the client got other bytes ({} of {})",
+        got.len(),
+        body.len()
+    );
+    // The other mirror was asked for the rest only, and only if its copy
+    // is still "v1"; the dead one was not asked again.
+    let asked = ranged(other, "/pub/big.iso");
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    let from: usize = asked[0]
+        .0
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{asked:?}"));
+    // From where the fill had got to (what had arrived of the first MiB).
+    assert!(from > 0 && from <= 1 << 20, "{asked:?}");
+    assert_eq!(asked[0].1, "\"v1\"");
+    assert!(ranged(dies, "/pub/big.iso").is_empty());
+    // The committed replica is the origin's content, byte for byte (and
+    // so its SHA-256).
+    let again = get(addr, "/m/big.iso").await;
+    assert_eq!(again.header("cache-status"), "cistern; hit");
+    assert!(again.bytes() == &body);
+    let files = common::find_files(&dir.path().join("replica"));
+    let stored = files
+        .iter()
+        .find(|f| f.ends_with("/pub/big.iso"))
+        .unwrap_or_else(|| panic!("no replica in {files:?}"));
+    let on_disk = std::fs::read(dir.path().join("replica").join(stored)).unwrap();
+    assert!(on_disk == body, "the replica on disk differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_with_another_version_is_not_spliced_into_a_fill() {
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    let ours = pattern(1, 4 << 20);
+    let theirs = pattern(2, 4 << 20);
+    a.put("/pub/big.iso", Resource::new(ours.clone()));
+    b.put("/pub/big.iso", Resource::new(ours.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(dir.path(), &[(&a, 1), (&b, 1)], "");
+    let cistern = start(dir.path(), &text, &Clock::default()).await;
+    let addr = cistern.addrs[0];
+    let origins = [&a, &b];
+    let first = chosen(addr, "/m/big.iso", &origins, "/pub/big.iso").await;
+    let (dies, other) = (origins[first], origins[1 - first]);
+    // The chosen mirror dies after every MiB; the other has another
+    // version of the file (same length, ETag "v2").
+    dies.put(
+        "/pub/big.iso",
+        Resource::new(ours.clone()).die_after(1 << 20, 100),
+    );
+    other.put(
+        "/pub/big.iso",
+        Resource::new(theirs.clone()).header("etag", "\"v2\""),
+    );
+
+    let resp = common::send(addr, "GET", "/m/big.iso", &[]).await;
+    assert_eq!(resp.status(), 200);
+    let (got, clean) = read_until_failure(resp).await;
+    // The other mirror was asked, with If-Range "v1", and its whole "v2"
+    // answer was refused: the client got only bytes of "v1" and a failed
+    // transfer, never a splice.
+    assert!(
+        !ranged(other, "/pub/big.iso").is_empty(),
+        "the other mirror was not tried"
+    );
+    assert!(
+        ranged(other, "/pub/big.iso")
+            .iter()
+            .all(|(_, ir)| ir == "\"v1\""),
+        "{:?}",
+        ranged(other, "/pub/big.iso")
+    );
+    assert!(
+        !clean,
+        "a transfer of {} bytes ended as if whole",
+        got.len()
+    );
+    assert!(
+        got.len() >= 1 << 20 && got.len() < ours.len(),
+        "{}",
+        got.len()
+    );
+    assert!(
+        got[..] == ours[..got.len()],
+        "the client got bytes of another version"
+    );
+    // Nothing was committed; a later request starts over and gets one
+    // whole version.
+    let files = common::find_files(&dir.path().join("replica"));
+    assert!(
+        !files.iter().any(|f| f.ends_with("/pub/big.iso")),
+        "{files:?}"
+    );
+}

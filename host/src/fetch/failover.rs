@@ -122,6 +122,28 @@ impl Upstreams {
         }
     }
 
+    /// Where a fill whose body from `current` failed may fetch the rest:
+    /// with `other_mirrors` (the partial is provably identifiable: a known
+    /// length and a strong ETag) the set's other upstreams in their order
+    /// for this file, known-missing ones left out, then `current`; else
+    /// `current` alone.
+    pub(super) fn resume_targets(&self, current: &Uri, other_mirrors: bool) -> Vec<Uri> {
+        let mut out = Vec::new();
+        if let Upstreams::Mirror { set, rest, .. } = self
+            && other_mirrors
+        {
+            let here = set.index_of(current);
+            out.extend(
+                set.order(rest)
+                    .into_iter()
+                    .filter(|c| Some(c.index) != here && !c.known_missing)
+                    .filter_map(|c| set.url(c.index, rest).ok()),
+            );
+        }
+        out.push(current.clone());
+        out
+    }
+
     /// Remembers that upstream `index` has no such file.
     fn remember_missing(&self, index: Option<usize>) {
         if let (Upstreams::Mirror { set, rest, .. }, Some(i)) = (self, index) {
