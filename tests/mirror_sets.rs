@@ -542,6 +542,10 @@ async fn a_fill_whose_mirror_dies_mid_body_continues_on_another_with_range_and_i
     assert!(from > 0 && from <= 1 << 20, "{asked:?}");
     assert_eq!(asked[0].1, "\"v1\"");
     assert!(ranged(dies, "/pub/big.iso").is_empty());
+    // The cut body counted against the mirror that cut it.
+    let ups = upstreams(cistern.admin_addr.unwrap()).await;
+    assert_eq!(ups[first]["failures"], 1, "{:#}", ups[first]);
+    assert_eq!(ups[1 - first]["failures"], 0, "{:#}", ups[1 - first]);
     // The committed replica is the origin's content, byte for byte (and
     // so its SHA-256).
     let again = get(addr, "/m/big.iso").await;
@@ -619,4 +623,43 @@ async fn a_mirror_with_another_version_is_not_spliced_into_a_fill() {
         !files.iter().any(|f| f.ends_with("/pub/big.iso")),
         "{files:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_and_health_settings_change_with_a_reload() {
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    for o in [&a, &b] {
+        o.put("/pub/probe", Resource::new(pattern(0, 10)));
+        for i in 0..400u32 {
+            o.put(&format!("/pub/f{i}"), unstored(i as u8));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.kdl");
+    let text = config(dir.path(), &[(&a, 1), (&b, 1)], "");
+    std::fs::write(&path, &text).unwrap();
+    let cistern = start(dir.path(), &text, &Clock::default()).await;
+    let (addr, admin) = (cistern.addrs[0], cistern.admin_addr.unwrap());
+    assert_eq!(upstreams(admin).await[1]["weight"], 1);
+    assert_eq!(probes(&a), 0, "no probe path, no probes");
+
+    let text = config(
+        dir.path(),
+        &[(&a, 1), (&b, 9)],
+        "    health {\n        probe \"/probe\"\n    }",
+    );
+    std::fs::write(&path, &text).unwrap();
+    cistern.reload().await.expect("reload");
+    let ups = upstreams(admin).await;
+    assert_eq!(ups[1]["weight"], 9);
+    // The new set is probed at once.
+    wait_probes(&a, 1).await;
+    wait_probes(&b, 1).await;
+    for i in 0..400u32 {
+        assert_eq!(get(addr, &format!("/m/f{i}")).await.status, 200);
+    }
+    // 9 in 10 of 400 files to b: 360 ± 5 sd (±30).
+    let to_b = file_hits(&b);
+    assert_eq!(file_hits(&a) + to_b, 400);
+    assert!((330..=390).contains(&to_b), "b got {to_b} of 400");
 }
