@@ -497,9 +497,10 @@ fn ranged(origin: &Origin, path: &str) -> Vec<(String, String)> {
 async fn a_fill_whose_mirror_dies_mid_body_continues_on_another_with_range_and_if_range() {
     let (a, b) = (Origin::start().await, Origin::start().await);
     let body = pattern(7, 3 << 20);
+    let slow = Duration::from_millis(20);
     for o in [&a, &b] {
         // The same file (same length, same strong ETag "v1") on both.
-        o.put("/pub/big.iso", Resource::new(body.clone()));
+        o.put("/pub/big.iso", Resource::new(body.clone()).slow(slow));
     }
     let dir = tempfile::tempdir().unwrap();
     let text = config(dir.path(), &[(&a, 1), (&b, 1)], "");
@@ -511,11 +512,18 @@ async fn a_fill_whose_mirror_dies_mid_body_continues_on_another_with_range_and_i
     // The chosen mirror dies after 1 MiB of its next answer.
     dies.put(
         "/pub/big.iso",
-        Resource::new(body.clone()).die_after(1 << 20, 1),
+        Resource::new(body.clone()).slow(slow).die_after(1 << 20, 1),
     );
 
     let resp = common::send(addr, "GET", "/m/big.iso", &[]).await;
     assert_eq!(resp.status(), 200);
+    // A second client joins the same fill while it streams (20 ms per
+    // 64 KiB: the fill takes about a second).
+    let follower = tokio::spawn(async move {
+        let resp = common::send(addr, "GET", "/m/big.iso", &[]).await;
+        assert_eq!(resp.status(), 200);
+        read_until_failure(resp).await
+    });
     let (got, clean) = read_until_failure(resp).await;
     assert!(
         clean,
@@ -528,6 +536,9 @@ async fn a_fill_whose_mirror_dies_mid_body_continues_on_another_with_range_and_i
         got.len(),
         body.len()
     );
+    // The follower saw only a pause too.
+    let (got, clean) = follower.await.unwrap();
+    assert!(clean && got == body, "the follower got {} bytes", got.len());
     // The other mirror was asked for the rest only, and only if its copy
     // is still "v1"; the dead one was not asked again.
     let asked = ranged(other, "/pub/big.iso");
