@@ -28,6 +28,8 @@ struct Manual {
     /// The monotonic instant the clock was made, which `advance` moves
     /// [`Clock::monotonic`] away from.
     start: Instant,
+    /// Bumped by every `advance`, so [`Clock::sleep`] wakes to look again.
+    advanced: tokio::sync::watch::Sender<u64>,
 }
 
 impl Clock {
@@ -41,6 +43,7 @@ impl Clock {
                 now_ms: AtomicU64::new(ms),
                 start_ms: ms,
                 start: Instant::now(),
+                advanced: tokio::sync::watch::Sender::new(0),
             })),
         }
     }
@@ -70,6 +73,32 @@ impl Clock {
     pub fn advance(&self, by: Duration) {
         if let Some(m) = &self.manual {
             m.now_ms.fetch_add(by.as_millis() as u64, Ordering::Relaxed);
+            m.advanced.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Waits until [`Clock::monotonic`] has moved on by `by` from now (the
+    /// call, not the first poll): a tokio sleep on the system clock; on a
+    /// manual clock, until tests have advanced it that far (timed work
+    /// such as health probes then runs when a test moves time, never on
+    /// its own).
+    pub fn sleep(&self, by: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let deadline = self.monotonic() + by;
+        let clock = self.clone();
+        async move {
+            match &clock.manual {
+                None => tokio::time::sleep_until(deadline.into()).await,
+                Some(m) => {
+                    // Subscribed before the first look, so an advance
+                    // between the look and the wait is not missed.
+                    let mut advanced = m.advanced.subscribe();
+                    while clock.monotonic() < deadline {
+                        if advanced.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -86,5 +115,19 @@ mod tests {
         clock.advance(Duration::from_secs(31));
         assert_eq!(clock.now(), wall + Duration::from_secs(31));
         assert_eq!(clock.monotonic() - mono, Duration::from_secs(31));
+    }
+
+    #[tokio::test]
+    async fn a_sleep_on_a_manual_clock_ends_when_time_is_advanced_past_it() {
+        let clock = Clock::manual(UNIX_EPOCH + Duration::from_secs(1000));
+        let sleeper = tokio::spawn(clock.sleep(Duration::from_secs(10)));
+        clock.advance(Duration::from_secs(9));
+        tokio::task::yield_now().await;
+        assert!(!sleeper.is_finished(), "woke before its time");
+        clock.advance(Duration::from_secs(1));
+        tokio::time::timeout(Duration::from_secs(5), sleeper)
+            .await
+            .expect("the sleep ends once the clock passes it")
+            .unwrap();
     }
 }

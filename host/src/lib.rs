@@ -56,8 +56,9 @@
 //!   `fill` (the fill task: revalidate, resume, prepare, stream, commit),
 //!   `failover` (sending along a mirror set, reporting health), `sink`
 //!   (writing and hashing the body), `headers` (response-header parsers),
-//!   `error` (kinds, sides, retryability), `mirror` (mirror sets and their
-//!   health), `upstream` (the HTTP client), `confine` (keeping paths below
+//!   `error` (kinds, sides, retryability), `mirror` (mirror sets: the
+//!   weighted choice per file and the health), `probe` (active health
+//!   probes on the engine clock), `upstream` (the HTTP client), `confine` (keeping paths below
 //!   an upstream's base).
 //! - [`serve`]: answers a request from a replica file (complete or still
 //!   filling): ranges, conditionals, `Age`, digests.

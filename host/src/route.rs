@@ -108,6 +108,8 @@ impl Router {
                             policies: s.policies.clone(),
                             stale: s.stale,
                             forwarded_for: s.forwarded_for,
+                            weights: s.weights.clone(),
+                            health: s.health.clone(),
                         },
                         clock,
                     );
@@ -310,6 +312,8 @@ mod tests {
             policies: vec![],
             stale: Default::default(),
             forwarded_for: crate::config::ForwardedFor::Replace,
+            weights: vec![1],
+            health: Default::default(),
         }];
         c
     }
@@ -495,6 +499,8 @@ mod tests {
             stale: Default::default(),
             forwarded_for: crate::config::ForwardedFor::Replace,
             preserve_host: false,
+            weights: vec![1],
+            health: Default::default(),
         };
         let mut c = config(false);
         c.sites = vec![

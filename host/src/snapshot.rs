@@ -83,8 +83,12 @@ impl Snapshot {
         };
         let policy_host: Arc<dyn PolicyHost> =
             Arc::new(ProxyPolicyHost::new(fetch.clone(), limits.clone()));
+        let router = Router::new(&config, fetch.clock());
+        for set in router.mirrors().iter().chain(router.sites()) {
+            fetch.watch_health(set);
+        }
         Ok(Snapshot {
-            router: Router::new(&config, fetch.clock()),
+            router,
             config: Arc::new(config),
             limits,
             settings,

@@ -183,14 +183,39 @@ pub struct Mirror {
 pub struct Upstream {
     /// Base URL.
     pub base: String,
-    /// `up`, or `down` while repeated failures put it last.
+    /// `up`, or `down` while disabled by failures (clients reach it only
+    /// when every enabled upstream failed).
     pub state: &'static str,
+    /// `weight=` from the config.
+    pub weight: u32,
+    /// Its share of new files now, 0 to 1: weight cut by latency and
+    /// recent errors, 0 while down.
+    pub share: f64,
+    /// Moving average time to a response head, in milliseconds.
+    pub latency_ms: Option<f64>,
     /// Requests sent to it.
     pub fetches: u64,
     /// Of which failed.
     pub failures: u64,
+    /// Failures (requests or probes) since its last success.
+    pub consecutive_failures: u32,
     /// The last failure's reason.
     pub last_error: Option<String>,
+    /// The last health probe, when the set has a `probe`.
+    pub last_probe: Option<Probe>,
+}
+
+/// One health probe's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    /// When it was sent, Unix seconds.
+    pub at: u64,
+    /// A 2xx within the timeout.
+    pub ok: bool,
+    /// `status 200`, or why it failed.
+    pub detail: String,
+    /// How long it took, in milliseconds.
+    pub took_ms: f64,
 }
 
 /// Builds `/api/mirrors`, sorted by prefix.
@@ -207,10 +232,20 @@ pub fn mirrors(snap: &Snapshot) -> Vec<Mirror> {
                 .into_iter()
                 .map(|h| Upstream {
                     base: h.base,
-                    state: if h.down { "down" } else { "up" },
+                    state: h.state,
+                    weight: h.weight,
+                    share: h.share,
+                    latency_ms: h.latency.map(|l| l.as_secs_f64() * 1000.0),
                     fetches: h.fetches,
                     failures: h.failures,
+                    consecutive_failures: h.consecutive_failures,
                     last_error: h.last_error,
+                    last_probe: h.last_probe.map(|p| Probe {
+                        at: unix_secs(p.at),
+                        ok: p.ok,
+                        detail: p.detail,
+                        took_ms: p.took.as_secs_f64() * 1000.0,
+                    }),
                 })
                 .collect(),
         })

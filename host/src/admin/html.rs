@@ -210,7 +210,9 @@ pub fn overview(
     } else {
         b.push_str(
             "<table><thead><tr><th>Mirror</th><th>Prefix</th><th>Upstream</th><th>State</th>\
-             <th class=\"num\">Requests</th><th class=\"num\">Failures</th><th>Last error</th></tr></thead><tbody>\n",
+             <th class=\"num\">Weight</th><th class=\"num\">Share</th><th class=\"num\">Latency</th>\
+             <th class=\"num\">Requests</th><th class=\"num\">Failures</th><th>Last error</th>\
+             <th>Last probe</th></tr></thead><tbody>\n",
         );
         for m in mirrors {
             for (i, u) in m.upstreams.iter().enumerate() {
@@ -219,13 +221,28 @@ pub fn overview(
                 } else {
                     (String::new(), String::new())
                 };
+                let latency = u
+                    .latency_ms
+                    .map_or_else(String::new, |l| format!("{l:.1} ms"));
+                let probe = u.last_probe.as_ref().map_or_else(String::new, |p| {
+                    format!(
+                        "{} {} ({:.1} ms)",
+                        if p.ok { "ok" } else { "failed:" },
+                        esc(&p.detail),
+                        p.took_ms
+                    )
+                });
                 let _ = writeln!(
                     b,
                     "<tr><td>{name}</td><td><code>{prefix}</code></td><td><code>{base}</code></td>\
-                     <td><span class=\"badge {state}\">{state}</span></td><td class=\"num\">{fetches}</td>\
-                     <td class=\"num\">{failures}</td><td class=\"muted\">{err}</td></tr>",
+                     <td><span class=\"badge {state}\">{state}</span></td><td class=\"num\">{weight}</td>\
+                     <td class=\"num\">{share:.0} %</td><td class=\"num\">{latency}</td>\
+                     <td class=\"num\">{fetches}</td><td class=\"num\">{failures}</td>\
+                     <td class=\"muted\">{err}</td><td class=\"muted\">{probe}</td></tr>",
                     base = esc(&u.base),
                     state = u.state,
+                    weight = u.weight,
+                    share = u.share * 100.0,
                     fetches = u.fetches,
                     failures = u.failures,
                     err = esc(u.last_error.as_deref().unwrap_or("")),

@@ -315,7 +315,7 @@ impl Admin {
         w.family(
             "cistern_mirror_upstream_up",
             Kind::Gauge,
-            "1 when the upstream is tried in config order, 0 while repeated failures put it last.",
+            "1 while the upstream is enabled, 0 while failures have disabled it.",
         );
         for (name, health) in &mirrors {
             for u in health {
@@ -340,6 +340,7 @@ impl Admin {
                 );
             }
         }
+        mirror_gauges(&mut w, &mirrors);
 
         let reload = self.reload.status();
         w.single(
@@ -561,5 +562,55 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(ADMIN_DRAIN) => {}
+    }
+}
+
+/// The per-upstream gauges of `/metrics` beside up and failures: weight,
+/// share, latency and the last probe.
+fn mirror_gauges(
+    w: &mut PromWriter,
+    mirrors: &[(String, Vec<crate::fetch::mirror::UpstreamHealth>)],
+) {
+    type Value = fn(&crate::fetch::mirror::UpstreamHealth) -> Option<f64>;
+    let gauges: [(&str, &str, Value); 5] = [
+        (
+            "cistern_mirror_upstream_weight",
+            "The upstream's configured weight.",
+            |u| Some(f64::from(u.weight)),
+        ),
+        (
+            "cistern_mirror_upstream_share",
+            "The upstream's share of new files, 0 to 1 (weight cut by latency and errors; 0 while down).",
+            |u| Some(u.share),
+        ),
+        (
+            "cistern_mirror_upstream_latency_seconds",
+            "Moving average time to a response head.",
+            |u| u.latency.map(|l| l.as_secs_f64()),
+        ),
+        (
+            "cistern_mirror_upstream_probe_success",
+            "1 if the last health probe succeeded, 0 if it failed.",
+            |u| u.last_probe.as_ref().map(|p| f64::from(u8::from(p.ok))),
+        ),
+        (
+            "cistern_mirror_upstream_probe_timestamp_seconds",
+            "When the last health probe was sent, Unix seconds.",
+            |u| {
+                u.last_probe
+                    .as_ref()
+                    .map(|p| crate::store::meta::unix_secs(p.at) as f64)
+            },
+        ),
+    ];
+    for (metric, help, value) in gauges {
+        w.family(metric, Kind::Gauge, help);
+        for (name, health) in mirrors {
+            for u in health {
+                if let Some(v) = value(u) {
+                    w.sample(metric, &[("mirror", name), ("upstream", &u.base)], v);
+                }
+            }
+        }
     }
 }

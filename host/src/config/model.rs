@@ -228,8 +228,8 @@ pub struct MirrorConfig {
     pub name: String,
     /// Path prefix on our side; starts and ends with `/`.
     pub prefix: String,
-    /// Upstream base URLs (http or https), each ending with `/`, tried in
-    /// order on connect errors and 5xx. Never empty. The first one names the
+    /// Upstream base URLs (http or https), each ending with `/`, chosen by
+    /// weight and health per file (see [`HealthConfig`]). Never empty. The first one names the
     /// replica directory (`root/host:port/...`).
     pub upstreams: Vec<Uri>,
     /// Policies run, in order, on this mirror's requests (names of
@@ -239,6 +239,46 @@ pub struct MirrorConfig {
     pub stale: StaleRules,
     /// What the upstream learns of the client (`forwarded-for`).
     pub forwarded_for: ForwardedFor,
+    /// Each upstream's `weight=`, in the order of `upstreams` (default 1).
+    pub weights: Vec<u32>,
+    /// How the upstreams' health is checked (`health { … }`).
+    pub health: HealthConfig,
+}
+
+/// `health { … }` of a mirror set: active probes and the thresholds that
+/// disable and re-enable an upstream (see `docs/config.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Path probed on every upstream, joined to its base like a client's
+    /// path; `None` turns active probes off.
+    pub probe: Option<String>,
+    /// Time between probes of an enabled upstream.
+    pub interval: Duration,
+    /// How long a probe may take before it counts as failed.
+    pub timeout: Duration,
+    /// Consecutive failures (requests or probes) that disable an upstream.
+    pub fail_after: u32,
+    /// Consecutive successful probes that re-enable a disabled upstream.
+    pub ok_after: u32,
+    /// First wait before a disabled upstream is tried again; doubled after
+    /// every failed retry.
+    pub retry: Duration,
+    /// The longest wait between retries.
+    pub retry_max: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            probe: None,
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(2),
+            fail_after: 3,
+            ok_after: 2,
+            retry: Duration::from_secs(30),
+            retry_max: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Rate limits (governor) and connection caps.
@@ -415,8 +455,8 @@ pub struct SiteConfig {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
     pub key: PathBuf,
-    /// Upstream base URLs (http or https), each ending with `/`, tried in
-    /// order on connect errors and 5xx. Never empty. The first one names the
+    /// Upstream base URLs (http or https), each ending with `/`, chosen by
+    /// weight and health per file (see [`HealthConfig`]). Never empty. The first one names the
     /// replica directory (`root/host:port/...`).
     pub upstreams: Vec<Uri>,
     /// Policies run, in order, on this site's requests (names of
@@ -429,6 +469,10 @@ pub struct SiteConfig {
     /// Send the client's `Host` upstream instead of the upstream URL's
     /// authority (`preserve-host`).
     pub preserve_host: bool,
+    /// Each upstream's `weight=`, in the order of `upstreams` (default 1).
+    pub weights: Vec<u32>,
+    /// How the upstreams' health is checked (`health { … }`).
+    pub health: HealthConfig,
 }
 
 impl Config {

@@ -24,6 +24,7 @@ use super::model::Config;
 
 mod admin;
 mod forward;
+mod health;
 mod limit;
 mod listen;
 mod mirror;

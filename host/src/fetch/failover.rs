@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 
+use super::mirror::Outcome;
 use super::{FetchError, FillJob, Inner, UpstreamBody, Upstreams, error_chain};
 
 /// The body of a request that has none.
@@ -71,24 +72,82 @@ fn replayable(req: &Request<UpstreamBody>) -> bool {
     ) && http_body::Body::is_end_stream(req.body())
 }
 
+/// One upstream to try for a request.
+pub(super) struct Candidate {
+    /// Its index in the mirror set, to report health to.
+    pub(super) index: Option<usize>,
+    /// The request's URL there.
+    pub(super) url: Uri,
+    /// It answered 404 for this file recently.
+    pub(super) known_missing: bool,
+}
+
 impl Upstreams {
-    /// Candidate URLs in the order to try, with the mirror index to report
-    /// health to.
-    pub(super) fn candidates(&self) -> Vec<(Option<usize>, Uri)> {
+    /// Candidate URLs in the order to try (see [`super::mirror`]).
+    pub(super) fn candidates(&self) -> Vec<Candidate> {
         match self {
-            Upstreams::Single(uri) => vec![(None, uri.clone())],
+            Upstreams::Single(uri) => vec![Candidate {
+                index: None,
+                url: uri.clone(),
+                known_missing: false,
+            }],
             Upstreams::Mirror { set, rest, .. } => set
-                .order()
+                .order(rest)
                 .into_iter()
-                .filter_map(|i| set.url(i, rest).ok().map(|u| (Some(i), u)))
+                .filter_map(|c| {
+                    set.url(c.index, rest).ok().map(|url| Candidate {
+                        index: Some(c.index),
+                        url,
+                        known_missing: c.known_missing,
+                    })
+                })
                 .collect(),
         }
     }
 
     /// Tells a mirror set how its upstream `index` did.
-    pub(super) fn report(&self, index: Option<usize>, failure: Option<&str>) {
+    pub(super) fn report(&self, index: Option<usize>, outcome: Outcome<'_>) {
         if let (Upstreams::Mirror { set, .. }, Some(i)) = (self, index) {
-            set.report(i, failure);
+            set.report(i, outcome);
+        }
+    }
+
+    /// Tells a mirror set that the upstream `url` was sent to failed
+    /// after its head (a body cut short or stalled).
+    pub(super) fn report_url(&self, url: &Uri, why: &str) {
+        if let Upstreams::Mirror { set, .. } = self
+            && let Some(i) = set.index_of(url)
+        {
+            set.report(i, Outcome::Failed(why));
+        }
+    }
+
+    /// Where a fill whose body from `current` failed may fetch the rest:
+    /// with `other_mirrors` (the partial is provably identifiable: a known
+    /// length and a strong ETag) the set's other upstreams in their order
+    /// for this file, known-missing ones left out, then `current`; else
+    /// `current` alone.
+    pub(super) fn resume_targets(&self, current: &Uri, other_mirrors: bool) -> Vec<Uri> {
+        let mut out = Vec::new();
+        if let Upstreams::Mirror { set, rest, .. } = self
+            && other_mirrors
+        {
+            let here = set.index_of(current);
+            out.extend(
+                set.order(rest)
+                    .into_iter()
+                    .filter(|c| Some(c.index) != here && !c.known_missing)
+                    .filter_map(|c| set.url(c.index, rest).ok()),
+            );
+        }
+        out.push(current.clone());
+        out
+    }
+
+    /// Remembers that upstream `index` has no such file.
+    fn remember_missing(&self, index: Option<usize>) {
+        if let (Upstreams::Mirror { set, rest, .. }, Some(i)) = (self, index) {
+            set.remember_missing(i, rest);
         }
     }
 }
@@ -157,9 +216,12 @@ impl Inner {
     }
 
     /// Sends the request to each candidate upstream until one answers
-    /// without a connect error or a 5xx; the last one's 5xx is passed on.
-    /// With a request body only the first candidate is tried: a streamed
-    /// body cannot be sent twice.
+    /// without a connect error, a 5xx or a 404. A 404 reaches the client
+    /// only when every upstream said 404: a failure anywhere wins (the
+    /// file may be there), the first 5xx answer passed on as it came.
+    /// An upstream that said 404 for this file recently is asked only
+    /// when no other had it. With a request body only the first candidate
+    /// is tried: a streamed body cannot be sent twice.
     pub(super) async fn failover(
         &self,
         method: Method,
@@ -173,29 +235,52 @@ impl Inner {
         let candidates = upstreams.candidates();
         let count = candidates.len();
         let mut last = None;
-        for (n, (index, url)) in candidates.into_iter().enumerate() {
+        let mut server_error: Option<(Response<Incoming>, Uri)> = None;
+        let mut not_found: Option<(Response<Incoming>, Uri)> = None;
+        for (n, c) in candidates.into_iter().enumerate() {
+            let Candidate {
+                index,
+                url,
+                known_missing,
+            } = c;
+            if known_missing && not_found.is_some() {
+                // The rest said 404 already; no need to hear it again.
+                break;
+            }
             let req_body = body.take().unwrap_or_else(empty_body);
             let mut req = build_request(method.clone(), &url, headers, req_body);
             if let Some(host) = upstreams.host() {
                 req.headers_mut().insert(header::HOST, host.clone());
             }
+            let asked = std::time::Instant::now();
+            let more = retryable && n + 1 < count;
             match self.send(req, &url, idle).await {
-                Ok(resp) if resp.status().is_server_error() && retryable && n + 1 < count => {
-                    tracing::info!(target: "cistern::fetch", %url, status = %resp.status(), "upstream error, trying the next mirror");
-                    upstreams.report(index, Some(&format!("status {}", resp.status())));
+                Ok(resp) if resp.status().is_server_error() => {
+                    let status = resp.status();
+                    upstreams.report(index, Outcome::Failed(&format!("status {status}")));
+                    if !more {
+                        return Ok((resp, url));
+                    }
+                    tracing::info!(target: "cistern::fetch", %url, %status, "upstream error, trying the next mirror");
+                    server_error.get_or_insert((resp, url));
                 }
                 Ok(resp) => {
-                    let failure = resp
-                        .status()
-                        .is_server_error()
-                        .then(|| format!("status {}", resp.status()));
-                    upstreams.report(index, failure.as_deref());
+                    upstreams.report(index, Outcome::Answered(asked.elapsed()));
+                    if resp.status() == http::StatusCode::NOT_FOUND && retryable && index.is_some()
+                    {
+                        upstreams.remember_missing(index);
+                        if more {
+                            tracing::info!(target: "cistern::fetch", %url, "not on this mirror (404), trying the next");
+                        }
+                        not_found = Some((resp, url));
+                        continue;
+                    }
                     return Ok((resp, url));
                 }
                 Err(e) => {
                     let why = error_chain(&e);
                     tracing::info!(target: "cistern::fetch", %url, kind = e.kind().as_str(), "upstream failed: {why}");
-                    upstreams.report(index, Some(&why));
+                    upstreams.report(index, Outcome::Failed(&why));
                     last = Some(e);
                     if !retryable {
                         break;
@@ -203,8 +288,14 @@ impl Inner {
                 }
             }
         }
-        Err(last.unwrap_or(FetchError::NoUpstream {
+        if let Some(answer) = server_error {
+            return Ok(answer);
+        }
+        if let Some(e) = last {
+            return Err(e);
+        }
+        not_found.ok_or_else(|| FetchError::NoUpstream {
             url: upstreams.primary(),
-        }))
+        })
     }
 }

@@ -407,11 +407,11 @@ impl Inner {
             partial,
             head,
             start,
-            url,
+            mut url,
             mut meta,
             parts,
         } = w;
-        let url_s = url.to_string();
+        let mut url_s = url.to_string();
         let announced = announced_sha256(resp.headers());
         let mut ends_at_close = close_delimited(&resp);
         let idle = job.settings.idle;
@@ -480,13 +480,19 @@ impl Inner {
                 }
             };
             if let Some(error) = failure {
+                // A body cut short or stalled counts against its mirror.
+                job.upstreams.report_url(&url, &error_chain(&error));
                 // The readers still waiting get the rest from a resume of
                 // the partial; they only see a pause.
                 let rest = self
                     .resume_body(fill, job, &url, &sink, &mut total, &mut resumes, &error)
                     .await;
                 match rest {
-                    Some(resp) => {
+                    Some((resp, from)) => {
+                        if from != url {
+                            url_s = from.to_string();
+                            url = from;
+                        }
                         ends_at_close = close_delimited(&resp);
                         body = resp.into_body();
                         continue;
@@ -657,10 +663,16 @@ impl Inner {
     /// After `error` cut a fill's body, asks the same upstream URL for the
     /// rest of it (`Range` from the bytes written, `If-Range` with the
     /// partial's strong validator), up to [`RESUME_ATTEMPTS`] times per
-    /// fill, pausing a little longer each time. Only a `206` that provably
-    /// continues the partial is used (same start, same total, same
-    /// validator); otherwise `None` and the fill fails with `error`,
-    /// keeping its partial for a later request.
+    /// fill. On a mirror set whose partial is provably identifiable (a
+    /// known length and a strong ETag) the other mirrors are asked first,
+    /// at once, and the one that failed last after a pause; otherwise only
+    /// the same upstream, pausing a little longer each time. Only a `206`
+    /// that provably continues the partial is used (same start, same
+    /// total, same validator, and from another mirror that same strong
+    /// ETag present); otherwise `None` and the fill fails with `error`
+    /// (its readers have only bytes of one version), keeping its partial
+    /// for a later request, which starts over if the file changed. Returns
+    /// the answer and the URL it came from.
     #[allow(clippy::too_many_arguments)]
     async fn resume_body(
         &self,
@@ -671,7 +683,7 @@ impl Inner {
         total: &mut Option<u64>,
         resumes: &mut u32,
         error: &FetchError,
-    ) -> Option<Response<Incoming>> {
+    ) -> Option<(Response<Incoming>, Uri)> {
         let key = &job.key;
         let written = sink.written;
         let give_up = |why: &str| {
@@ -689,33 +701,72 @@ impl Inner {
                 "the upstream sent no strong validator, so a resume could splice two versions",
             );
         };
+        // Another mirror's bytes are spliced on only when its copy is
+        // provably the same file: the same length and strong ETag.
+        let strong_etag = sink
+            .partial
+            .meta
+            .etag
+            .as_deref()
+            .filter(|e| !e.starts_with("W/"));
+        let targets = job
+            .upstreams
+            .resume_targets(url, strong_etag.is_some() && total.is_some());
+        let mut next = 0usize;
         while *resumes < RESUME_ATTEMPTS {
             *resumes += 1;
-            tokio::time::sleep(RESUME_PAUSE * *resumes).await;
-            tracing::info!(target: "cistern::fetch", %key, %url, from = written, attempt = *resumes,
+            let target = &targets[next % targets.len()];
+            next += 1;
+            let elsewhere = target != url;
+            // Another server can be asked at once; the one that just
+            // failed gets a moment.
+            if !elsewhere {
+                tokio::time::sleep(RESUME_PAUSE * *resumes).await;
+            }
+            tracing::info!(target: "cistern::fetch", %key, url = %target, from = written, attempt = *resumes,
                 "resuming after {}: {}", error.kind().as_str(), error_chain(error));
             let mut headers = job.headers.clone();
             headers.insert(header::RANGE, range.clone());
             headers.insert(header::IF_RANGE, if_range.clone());
-            let mut req = build_request(Method::GET, url, &headers, empty_body());
+            let mut req = build_request(Method::GET, target, &headers, empty_body());
             if let Some(host) = job.upstreams.host() {
                 req.headers_mut().insert(header::HOST, host.clone());
             }
-            let resp = match self.send(req, url, job.settings.idle).await {
+            let resp = match self.send(req, target, job.settings.idle).await {
                 Ok(resp) => resp,
-                Err(e) if e.retry() == RetryType::Retryable => {
-                    tracing::info!(target: "cistern::fetch", %key, %url, "resume failed: {}", error_chain(&e));
+                Err(e) if elsewhere || e.retry() == RetryType::Retryable => {
+                    tracing::info!(target: "cistern::fetch", %key, url = %target, "resume failed: {}", error_chain(&e));
+                    job.upstreams.report_url(target, &error_chain(&e));
                     continue;
                 }
                 Err(e) => return give_up(&error_chain(&e)),
             };
-            return match continues(&resp, written, *total, &sink.partial.meta) {
+            let spliced = continues(&resp, written, *total, &sink.partial.meta).and_then(|a| {
+                let theirs = resp
+                    .headers()
+                    .get(header::ETAG)
+                    .and_then(|v| v.to_str().ok());
+                if elsewhere && theirs != strong_etag {
+                    Err("another mirror's 206 does not carry the partial's strong ETag")
+                } else {
+                    Ok(a)
+                }
+            });
+            match spliced {
                 Ok(announced) => {
                     *total = total.or(announced);
-                    Some(resp)
+                    if elsewhere {
+                        tracing::info!(target: "cistern::fetch", %key, from = %url, to = %target, written,
+                            "the fill continues on another mirror");
+                    }
+                    return Some((resp, target.clone()));
                 }
-                Err(why) => give_up(why),
-            };
+                // That mirror has another version: try the next.
+                Err(why) if elsewhere => {
+                    tracing::info!(target: "cistern::fetch", %key, url = %target, "not resuming there: {why}");
+                }
+                Err(why) => return give_up(why),
+            }
         }
         give_up(&format!(
             "{RESUME_ATTEMPTS} resumes did not finish the body"

@@ -1,14 +1,51 @@
-//! Mirror sets: the ordered upstreams of a `mirror` block, with the health
-//! that decides which one is tried first.
+//! Mirror sets: the upstreams of a `mirror` (or `site`) block, the choice
+//! of one per file and the health that takes a failing one out.
+//!
+//! # Choice
+//! Each file (the request's path below the prefix, with its query) goes to
+//! the enabled upstream with the highest weighted rendezvous score
+//! `w / -ln(u)`, where `u` in (0, 1) is a hash of the file and the
+//! upstream's base URL and `w` its effective weight. So an upstream gets a
+//! share `w / Σw` of the files, the same file keeps going to the same
+//! upstream while the set's health is unchanged (its replica can be
+//! resumed there, where its validators came from), and when an upstream
+//! leaves or comes back only its own files move. The others follow in
+//! score order as failover, then the disabled ones (a last resort when
+//! every enabled one failed), then those that answered 404 for this file.
+//!
+//! The effective weight is `weight × 2^-(latency steps + error steps)`:
+//! - latency steps: `⌊log2(L / Lmin)⌋` capped at 3, where `L` is the
+//!   upstream's moving average time to a response head (each new sample
+//!   counts 1/8) and `Lmin` the lowest among the enabled upstreams, both
+//!   floored at 50 ms (so loopback and LAN jitter moves nothing);
+//! - error steps: its consecutive failures, capped at 3.
+//!
+//! Both are whole steps, so the shares change only when an upstream gets
+//! twice as slow or fails again, not with every sample.
+//!
+//! # Health
+//! `fail-after` consecutive failures (connect errors, timeouts, 5xx, a
+//! body cut short; or failed probes) disable an upstream. It is tried
+//! again after `retry`, doubling after each failed retry up to
+//! `retry-max`. Without a `probe` the retry is one client request: the
+//! first one after the retry time tries it first, and a success
+//! re-enables it. With a `probe` only probes retry it, and `ok-after`
+//! successful probes in a row re-enable it: a client never lands on a
+//! mirror that has not proved itself (unless every enabled one failed).
+//!
+//! A 404 from one upstream is remembered for that file (for
+//! [`MISSING_FOR`], at most [`MISSING_CAP`] files per set) and the next
+//! upstream is asked; the upstream is not disabled for it.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::Uri;
 
 use crate::clock::Clock;
-use crate::config::{ForwardedFor, MirrorConfig, StaleRules};
+use crate::config::{ForwardedFor, HealthConfig, MirrorConfig, StaleRules};
 
 use super::confine::{EscapeError, confine};
 
@@ -24,11 +61,14 @@ pub enum MirrorPathError {
     Url(#[from] http::uri::InvalidUri),
 }
 
-/// After this many consecutive failures an upstream is tried last for a while.
-const FAILURES_BEFORE_DOWN: u32 = 3;
-/// How long a failing upstream is tried last before it gets another chance,
-/// on the engine's clock.
-const DOWN_FOR: Duration = Duration::from_secs(30);
+/// How long a 404 from one upstream for one file is remembered.
+pub const MISSING_FOR: Duration = Duration::from_secs(300);
+/// How many (file, upstream) 404s a set remembers at most.
+pub const MISSING_CAP: usize = 10_000;
+/// Latencies below this count as this (see the module docs).
+const LATENCY_FLOOR_US: u64 = 50_000;
+/// The most halvings of a share for latency, and for errors.
+const MAX_STEPS: u32 = 3;
 
 /// One upstream of a mirror set and what we know about its health.
 #[derive(Debug)]
@@ -37,12 +77,70 @@ pub struct MirrorUpstream {
     pub base: Uri,
     /// `base` as text, joined with each request's path without re-rendering.
     base_text: String,
-    consecutive_failures: AtomicU32,
-    /// Milliseconds after `MirrorSet::epoch` until which it is tried last.
-    down_until_ms: AtomicU64,
+    /// `weight=` from the config.
+    pub weight: u32,
+    /// The base URL's hash, mixed with each file's for the rendezvous score.
+    seed: u64,
     fetches: AtomicU64,
     failures: AtomicU64,
-    last_error: Mutex<Option<String>>,
+    health: Mutex<Health>,
+}
+
+/// The changing part of an upstream's health; its lock is never held
+/// across an `.await`.
+#[derive(Debug, Default)]
+struct Health {
+    consecutive_failures: u32,
+    /// `Some` while disabled.
+    down: Option<Down>,
+    last_error: Option<String>,
+    /// Moving average of the time to a response head, in microseconds.
+    latency_us: Option<u64>,
+    last_probe: Option<ProbeRecord>,
+    /// Milliseconds after the set's epoch when the next probe is due.
+    next_probe_ms: u64,
+}
+
+/// A disabled upstream's retry schedule.
+#[derive(Debug, Clone, Copy)]
+struct Down {
+    /// When it may be tried again (milliseconds after the set's epoch).
+    retry_at_ms: u64,
+    /// The current wait between retries.
+    backoff: Duration,
+    /// Successful probes in a row since it was disabled.
+    probes_ok: u32,
+}
+
+/// The outcome of one health probe, for the admin UI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeRecord {
+    /// When it was sent (wall clock of the engine).
+    pub at: SystemTime,
+    /// Whether it succeeded (a 2xx within the timeout).
+    pub ok: bool,
+    /// `status 200`, or why it failed.
+    pub detail: String,
+    /// How long the answer took (real time).
+    pub took: Duration,
+}
+
+/// How a request to an upstream went, for its health.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    /// It answered (anything but a 5xx) after this long.
+    Answered(Duration),
+    /// It failed: connect error, timeout, 5xx, a body cut short.
+    Failed(&'a str),
+}
+
+/// One place to try, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    /// Index in [`MirrorSet::upstreams`].
+    pub index: usize,
+    /// It answered 404 for this file recently.
+    pub known_missing: bool,
 }
 
 /// The upstreams of one `mirror` block.
@@ -61,26 +159,116 @@ pub struct MirrorSet {
     /// A site's `preserve-host`: its upstreams get the client's `Host`.
     /// Always off for mirrors, whose clients name Cistern.
     pub preserve_host: bool,
+    /// Probes and thresholds.
+    pub health: HealthConfig,
     /// The engine's clock: marks are measured on its monotonic reading,
     /// so tests move them with the manual clock.
     clock: Clock,
     /// The clock's reading when the set was made; marks count from it.
     epoch: Instant,
+    /// (file hash, upstream index) → when its 404 is forgotten (ms after
+    /// the epoch).
+    missing: Mutex<HashMap<(u64, usize), u64>>,
 }
 
 /// A snapshot of one upstream's health, for logs and the admin UI.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamHealth {
     /// Base URL.
     pub base: String,
-    /// Currently tried last because of repeated failures.
+    /// Disabled: clients reach it only when every enabled upstream failed.
     pub down: bool,
+    /// `up` or `down`.
+    pub state: &'static str,
+    /// `weight=` from the config.
+    pub weight: u32,
+    /// Its share of new files now, 0 to 1 (0 while disabled).
+    pub share: f64,
+    /// Moving average time to a response head.
+    pub latency: Option<Duration>,
     /// Requests sent to it.
     pub fetches: u64,
-    /// Requests that failed (connect error, timeout, 5xx).
+    /// Requests that failed (connect error, timeout, 5xx, a cut body).
     pub failures: u64,
+    /// Failures (requests or probes) since its last success.
+    pub consecutive_failures: u32,
     /// The last failure's reason.
     pub last_error: Option<String>,
+    /// The last probe, if probes are on.
+    pub last_probe: Option<ProbeRecord>,
+}
+
+/// FNV-1a over `bytes`, then a SplitMix64 finalizer so that nearby inputs
+/// land far apart; stable across builds and restarts (unlike std's
+/// hasher), so a file maps to the same upstream after a restart.
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix(h)
+}
+
+/// SplitMix64's finalizer.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The weighted rendezvous score of an upstream for a file: `w / -ln(u)`
+/// with `u` uniform in (0, 1). The highest score wins; an upstream wins a
+/// share `w / Σw` of all files.
+fn score(seed: u64, file: u64, weight: f64) -> f64 {
+    let h = mix(seed ^ file);
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    weight / -u.ln()
+}
+
+/// Latency halvings for an average of `us` against the set's best `min`.
+fn latency_steps(us: Option<u64>, min: u64) -> u32 {
+    let Some(us) = us else { return 0 };
+    let ratio = us.max(LATENCY_FLOOR_US) / min.max(LATENCY_FLOOR_US);
+    // ⌊log2(ratio)⌋, ratio ≥ 1.
+    (u64::BITS - 1 - ratio.max(1).leading_zeros()).min(MAX_STEPS)
+}
+
+impl Health {
+    /// Without probes: claims the retry of a disabled upstream whose
+    /// retry is due, for the request being ordered. The next retry is
+    /// pushed a backoff away, so a claimed retry that never reports back
+    /// cannot leave the upstream out for good.
+    fn claim_retry(&mut self, now_ms: u64) -> bool {
+        match &mut self.down {
+            Some(d) if now_ms >= d.retry_at_ms => {
+                d.retry_at_ms = now_ms + d.backoff.as_millis() as u64;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Disables the upstream, first retry after `retry`.
+    fn disable(&mut self, now_ms: u64, config: &HealthConfig) {
+        let retry_at_ms = now_ms + config.retry.as_millis() as u64;
+        self.down = Some(Down {
+            retry_at_ms,
+            backoff: config.retry,
+            probes_ok: 0,
+        });
+        self.next_probe_ms = retry_at_ms;
+    }
+
+    /// A retry failed: wait twice as long, up to `retry-max`.
+    fn back_off(&mut self, now_ms: u64, config: &HealthConfig) {
+        if let Some(d) = &mut self.down {
+            d.backoff = (d.backoff * 2).min(config.retry_max);
+            d.retry_at_ms = now_ms + d.backoff.as_millis() as u64;
+            d.probes_ok = 0;
+            self.next_probe_ms = d.retry_at_ms;
+        }
+    }
 }
 
 impl MirrorSet {
@@ -93,27 +281,41 @@ impl MirrorSet {
             upstreams: config
                 .upstreams
                 .iter()
-                .map(|base| MirrorUpstream {
-                    base: base.clone(),
-                    base_text: base.to_string(),
-                    consecutive_failures: AtomicU32::new(0),
-                    down_until_ms: AtomicU64::new(0),
-                    fetches: AtomicU64::new(0),
-                    failures: AtomicU64::new(0),
-                    last_error: Mutex::new(None),
+                .enumerate()
+                .map(|(i, base)| {
+                    let base_text = base.to_string();
+                    MirrorUpstream {
+                        base: base.clone(),
+                        seed: hash(base_text.as_bytes()),
+                        base_text,
+                        weight: config.weights.get(i).copied().unwrap_or(1).max(1),
+                        fetches: AtomicU64::new(0),
+                        failures: AtomicU64::new(0),
+                        health: Mutex::new(Health::default()),
+                    }
                 })
                 .collect(),
             stale: config.stale,
             forwarded_for: config.forwarded_for,
             preserve_host: false,
+            health: config.health.clone(),
             clock: clock.clone(),
             epoch: clock.monotonic(),
+            missing: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Time since the set was made, on its clock.
-    fn elapsed(&self) -> Duration {
-        self.clock.monotonic().saturating_duration_since(self.epoch)
+    /// The engine's clock the set measures health on.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Time since the set was made, on its clock, in milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.clock
+            .monotonic()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64
     }
 
     /// The URL of `rest` (the request path after our prefix, with its
@@ -129,54 +331,267 @@ impl MirrorSet {
         Ok(url.parse()?)
     }
 
-    /// Upstream indexes in the order to try them: healthy ones in config
-    /// order, then the ones currently marked down.
-    pub fn order(&self) -> Vec<usize> {
-        let now = self.elapsed().as_millis() as u64;
-        let (mut up, down): (Vec<usize>, Vec<usize>) = (0..self.upstreams.len())
-            .partition(|&i| self.upstreams[i].down_until_ms.load(Ordering::Relaxed) <= now);
-        up.extend(down);
-        up
+    /// The index of the upstream `url` was sent to (the longest base that
+    /// starts it).
+    pub fn index_of(&self, url: &Uri) -> Option<usize> {
+        let text = url.to_string();
+        (0..self.upstreams.len())
+            .filter(|&i| text.starts_with(&self.upstreams[i].base_text))
+            .max_by_key(|&i| self.upstreams[i].base_text.len())
     }
 
-    /// Records the outcome of a request to upstream `index`.
-    pub fn report(&self, index: usize, failure: Option<&str>) {
+    /// Each upstream's effective weight now, 0 when disabled (see the
+    /// module docs for the formula).
+    fn effective_weights(&self) -> Vec<f64> {
+        let healths: Vec<(bool, u32, Option<u64>)> = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                let h = lock(&u.health);
+                (h.down.is_none(), h.consecutive_failures, h.latency_us)
+            })
+            .collect();
+        let min = healths
+            .iter()
+            .filter(|(enabled, _, _)| *enabled)
+            .filter_map(|(_, _, l)| *l)
+            .min()
+            .unwrap_or(LATENCY_FLOOR_US);
+        self.upstreams
+            .iter()
+            .zip(&healths)
+            .map(|(u, &(enabled, failures, latency))| {
+                if !enabled {
+                    return 0.0;
+                }
+                let steps = latency_steps(latency, min) + failures.min(MAX_STEPS);
+                f64::from(u.weight) / f64::from(1u32 << steps)
+            })
+            .collect()
+    }
+
+    /// Upstreams in the order to try them for `rest` (the path below the
+    /// prefix, with its query): a disabled one whose retry is due (without
+    /// probes), the enabled ones by weighted rendezvous score, then the
+    /// disabled ones, then those that said 404 for it.
+    pub fn order(&self, rest: &str) -> Vec<Choice> {
+        let now = self.now_ms();
+        let file = hash(rest.as_bytes());
+        let weights = self.effective_weights();
+        let retry = if self.health.probe.is_none() {
+            self.upstreams
+                .iter()
+                .position(|u| lock(&u.health).claim_retry(now))
+        } else {
+            None
+        };
+        // Disabled ones are ordered among themselves by their own weight.
+        let mut ranked: Vec<(usize, bool, f64)> = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let enabled = weights[i] > 0.0;
+                let w = if enabled {
+                    weights[i]
+                } else {
+                    f64::from(u.weight)
+                };
+                (i, enabled, score(u.seed, file, w))
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.total_cmp(&a.2)));
+        if let Some(r) = retry
+            && let Some(at) = ranked.iter().position(|c| c.0 == r)
+        {
+            let tried = ranked.remove(at);
+            ranked.insert(0, tried);
+        }
+        let mut out: Vec<Choice> = {
+            let missing = lock(&self.missing);
+            ranked
+                .into_iter()
+                .map(|(index, _, _)| Choice {
+                    index,
+                    known_missing: missing.get(&(file, index)).is_some_and(|&t| t > now),
+                })
+                .collect()
+        };
+        // Stable: the known-missing keep their order, at the end.
+        out.sort_by_key(|c| c.known_missing);
+        out
+    }
+
+    /// Remembers that upstream `index` answered 404 for `rest`.
+    pub fn remember_missing(&self, index: usize, rest: &str) {
+        let now = self.now_ms();
+        let mut missing = lock(&self.missing);
+        if missing.len() >= MISSING_CAP {
+            missing.retain(|_, &mut until| until > now);
+            if missing.len() >= MISSING_CAP {
+                // All still fresh: forgetting them costs one more 404 each.
+                missing.clear();
+            }
+        }
+        missing.insert(
+            (hash(rest.as_bytes()), index),
+            now + MISSING_FOR.as_millis() as u64,
+        );
+    }
+
+    /// Records the outcome of a client's request to upstream `index`.
+    pub fn report(&self, index: usize, outcome: Outcome<'_>) {
         let up = &self.upstreams[index];
         up.fetches.fetch_add(1, Ordering::Relaxed);
-        match failure {
-            None => {
-                up.consecutive_failures.store(0, Ordering::Relaxed);
-                up.down_until_ms.store(0, Ordering::Relaxed);
+        let now = self.now_ms();
+        let probing = self.health.probe.is_some();
+        let mut h = lock(&up.health);
+        match outcome {
+            Outcome::Answered(took) => {
+                let sample = took.as_micros() as u64;
+                h.latency_us = Some(match h.latency_us {
+                    None => sample,
+                    Some(avg) => avg - avg / 8 + sample / 8,
+                });
+                h.consecutive_failures = 0;
+                // Without probes a client's request is the retry.
+                if !probing && h.down.is_some() {
+                    h.down = None;
+                    tracing::info!(target: "cistern::fetch", mirror = %self.name,
+                        upstream = %up.base_text, "upstream re-enabled: a retry succeeded");
+                }
             }
-            Some(reason) => {
+            Outcome::Failed(reason) => {
                 up.failures.fetch_add(1, Ordering::Relaxed);
-                let n = up.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= FAILURES_BEFORE_DOWN {
-                    let until = self.elapsed() + DOWN_FOR;
-                    up.down_until_ms
-                        .store(until.as_millis() as u64, Ordering::Relaxed);
+                h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+                h.last_error = Some(reason.to_owned());
+                match h.down {
+                    None if h.consecutive_failures >= self.health.fail_after => {
+                        h.disable(now, &self.health);
+                        tracing::warn!(target: "cistern::fetch", mirror = %self.name,
+                            upstream = %up.base_text, failures = h.consecutive_failures,
+                            retry_in = ?self.health.retry, "upstream disabled: {reason}");
+                    }
+                    // A client's retry failed; with probes they decide.
+                    Some(_) if !probing => h.back_off(now, &self.health),
+                    _ => {}
                 }
-                if let Ok(mut last) = up.last_error.lock() {
-                    *last = Some(reason.to_owned());
+            }
+        }
+    }
+
+    /// Upstreams whose probe is due at `now_ms`, or none when probes are off.
+    pub fn due_probes(&self, now_ms: u64) -> Vec<usize> {
+        if self.health.probe.is_none() {
+            return Vec::new();
+        }
+        (0..self.upstreams.len())
+            .filter(|&i| lock(&self.upstreams[i].health).next_probe_ms <= now_ms)
+            .collect()
+    }
+
+    /// How long until the next probe is due.
+    pub fn next_probe_in(&self, now_ms: u64) -> Duration {
+        let next = self
+            .upstreams
+            .iter()
+            .map(|u| lock(&u.health).next_probe_ms)
+            .min()
+            .unwrap_or(now_ms);
+        Duration::from_millis(next.saturating_sub(now_ms))
+    }
+
+    /// Records a probe of upstream `index`: `Ok` for a 2xx, else why not.
+    pub fn probed(
+        &self,
+        index: usize,
+        at: SystemTime,
+        took: Duration,
+        result: Result<u16, String>,
+    ) {
+        let up = &self.upstreams[index];
+        let now = self.now_ms();
+        let config = &self.health;
+        let mut h = lock(&up.health);
+        let (ok, detail) = match &result {
+            Ok(status) => (true, format!("status {status}")),
+            Err(why) => (false, why.clone()),
+        };
+        h.last_probe = Some(ProbeRecord {
+            at,
+            ok,
+            detail: detail.clone(),
+            took,
+        });
+        let interval = now + config.interval.as_millis() as u64;
+        match (h.down, ok) {
+            (None, true) => {
+                h.consecutive_failures = 0;
+                h.next_probe_ms = interval;
+            }
+            (None, false) => {
+                h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+                h.last_error = Some(format!("probe: {detail}"));
+                h.next_probe_ms = interval;
+                if h.consecutive_failures >= config.fail_after {
+                    h.disable(now, config);
+                    tracing::warn!(target: "cistern::fetch", mirror = %self.name,
+                        upstream = %up.base_text, retry_in = ?config.retry,
+                        "upstream disabled: probe {detail}");
                 }
+            }
+            (Some(mut d), true) => {
+                d.probes_ok += 1;
+                if d.probes_ok >= config.ok_after {
+                    h.down = None;
+                    h.consecutive_failures = 0;
+                    tracing::info!(target: "cistern::fetch", mirror = %self.name,
+                        upstream = %up.base_text, probes = d.probes_ok,
+                        "upstream re-enabled after successful probes");
+                } else {
+                    h.down = Some(d);
+                }
+                h.next_probe_ms = interval;
+            }
+            (Some(_), false) => {
+                h.last_error = Some(format!("probe: {detail}"));
+                h.back_off(now, config);
             }
         }
     }
 
     /// Health of every upstream, in config order.
     pub fn health(&self) -> Vec<UpstreamHealth> {
-        let now = self.elapsed().as_millis() as u64;
+        let weights = self.effective_weights();
+        let total: f64 = weights.iter().sum();
         self.upstreams
             .iter()
-            .map(|u| UpstreamHealth {
-                base: u.base.to_string(),
-                down: u.down_until_ms.load(Ordering::Relaxed) > now,
-                fetches: u.fetches.load(Ordering::Relaxed),
-                failures: u.failures.load(Ordering::Relaxed),
-                last_error: u.last_error.lock().ok().and_then(|l| l.clone()),
+            .zip(&weights)
+            .map(|(u, w)| {
+                let h = lock(&u.health);
+                let state = if h.down.is_some() { "down" } else { "up" };
+                UpstreamHealth {
+                    base: u.base_text.clone(),
+                    down: h.down.is_some(),
+                    state,
+                    weight: u.weight,
+                    share: if total > 0.0 { w / total } else { 0.0 },
+                    latency: h.latency_us.map(Duration::from_micros),
+                    fetches: u.fetches.load(Ordering::Relaxed),
+                    failures: u.failures.load(Ordering::Relaxed),
+                    consecutive_failures: h.consecutive_failures,
+                    last_error: h.last_error.clone(),
+                    last_probe: h.last_probe.clone(),
+                }
             })
             .collect()
     }
+}
+
+/// Locks a health mutex; a panic elsewhere leaves plain data behind, still
+/// usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -184,10 +599,10 @@ mod tests {
     use super::*;
 
     fn set() -> MirrorSet {
-        set_on(&Clock::default())
+        set_on(&Clock::default(), HealthConfig::default())
     }
 
-    fn set_on(clock: &Clock) -> MirrorSet {
+    fn set_on(clock: &Clock, health: HealthConfig) -> MirrorSet {
         MirrorSet::new(
             &MirrorConfig {
                 name: "debian".into(),
@@ -199,9 +614,23 @@ mod tests {
                 policies: vec![],
                 stale: StaleRules::default(),
                 forwarded_for: ForwardedFor::Replace,
+                weights: vec![1, 1],
+                health,
             },
             clock,
         )
+    }
+
+    fn first(s: &MirrorSet, rest: &str) -> usize {
+        s.order(rest)[0].index
+    }
+
+    /// A file whose first choice is upstream `i`.
+    fn file_of(s: &MirrorSet, i: usize) -> String {
+        (0..1000)
+            .map(|n| format!("pool/f{n}.deb"))
+            .find(|f| first(s, f) == i)
+            .expect("some file maps to each upstream")
     }
 
     #[test]
@@ -215,6 +644,7 @@ mod tests {
             s.url(1, "dists/InRelease?x=1").unwrap(),
             "http://b.example/d/dists/InRelease?x=1"
         );
+        assert_eq!(s.index_of(&s.url(1, "x").unwrap()), Some(1));
     }
 
     #[test]
@@ -233,33 +663,138 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_upstream_moves_to_the_back_and_recovers_on_success() {
+    fn files_spread_by_weight_and_each_sticks_to_its_upstream() {
+        let mut s = set();
+        s.upstreams[1].weight = 3;
+        let n = 20_000;
+        let to_b = (0..n)
+            .filter(|i| first(&s, &format!("pool/{i}.deb")) == 1)
+            .count();
+        // 3/4 of the files, within 1 % (the standard deviation is 0.3 %).
+        assert!((to_b as f64 / n as f64 - 0.75).abs() < 0.01, "{to_b}");
+        assert_eq!(s.order("pool/7.deb"), s.order("pool/7.deb"));
+    }
+
+    #[test]
+    fn slow_and_failing_upstreams_lose_share_in_whole_steps() {
+        assert_eq!(latency_steps(Some(1_000), 200), 0, "below the floor");
+        assert_eq!(latency_steps(Some(99_000), 50_000), 0);
+        assert_eq!(latency_steps(Some(100_000), 50_000), 1);
+        assert_eq!(latency_steps(Some(250_000), 60_000), 2);
+        assert_eq!(latency_steps(Some(10_000_000), 50_000), MAX_STEPS);
         let s = set();
-        assert_eq!(s.order(), vec![0, 1]);
-        for _ in 0..FAILURES_BEFORE_DOWN {
-            s.report(0, Some("connection refused"));
+        s.report(0, Outcome::Answered(Duration::from_millis(400)));
+        s.report(1, Outcome::Answered(Duration::from_millis(100)));
+        let h = s.health();
+        // a: 4× slower, two halvings: 0.25 against 1.
+        assert!((h[0].share - 0.2).abs() < 1e-9, "{h:?}");
+        s.report(1, Outcome::Failed("status 503"));
+        let h = s.health();
+        // b: one failure, one halving: 0.25 against 0.5.
+        assert!((h[0].share - 1.0 / 3.0).abs() < 1e-9, "{h:?}");
+    }
+
+    #[test]
+    fn without_probes_a_failing_upstream_is_disabled_then_retried_with_backoff() {
+        let clock = Clock::manual(SystemTime::now());
+        let s = set_on(&clock, HealthConfig::default());
+        let f = file_of(&s, 0);
+        let other = file_of(&s, 1);
+        for _ in 0..3 {
+            s.report(0, Outcome::Failed("connection refused"));
         }
-        assert_eq!(s.order(), vec![1, 0]);
+        assert_eq!(first(&s, &f), 1);
         assert!(s.health()[0].down);
+        assert_eq!(s.health()[0].state, "down");
         assert_eq!(
             s.health()[0].last_error.as_deref(),
             Some("connection refused")
         );
-        s.report(0, None);
-        assert_eq!(s.order(), vec![0, 1]);
+        clock.advance(Duration::from_secs(30) - Duration::from_millis(1));
+        assert_eq!(first(&s, &f), 1);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(
+            first(&s, &other),
+            0,
+            "its retry is due: one request tries it first"
+        );
+        assert_eq!(first(&s, &other), 1, "only one");
+        // The retry fails: twice as long to wait.
+        s.report(0, Outcome::Failed("connection refused"));
+        clock.advance(Duration::from_secs(59));
+        assert_eq!(first(&s, &f), 1);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(first(&s, &other), 0);
+        s.report(0, Outcome::Answered(Duration::from_millis(5)));
+        assert_eq!(s.health()[0].state, "up");
+        assert_eq!(first(&s, &f), 0, "its files are back");
     }
 
     #[test]
-    fn a_mirror_marked_down_is_tried_first_again_after_down_for() {
-        let clock = Clock::manual(std::time::SystemTime::now());
-        let s = set_on(&clock);
-        for _ in 0..FAILURES_BEFORE_DOWN {
-            s.report(0, Some("status 503"));
+    fn with_probes_only_successful_probes_re_enable() {
+        let clock = Clock::manual(SystemTime::now());
+        let health = HealthConfig {
+            probe: Some("trace".into()),
+            ..HealthConfig::default()
+        };
+        let s = set_on(&clock, health);
+        let f = file_of(&s, 0);
+        let now = SystemTime::now();
+        let ms = Duration::from_millis(1);
+        assert_eq!(s.due_probes(s.now_ms()), vec![0, 1], "probed at once");
+        for _ in 0..3 {
+            s.probed(0, now, ms, Err("status 503".into()));
         }
-        clock.advance(DOWN_FOR - Duration::from_millis(1));
-        assert_eq!(s.order(), vec![1, 0]);
-        clock.advance(Duration::from_millis(1));
-        assert_eq!(s.order(), vec![0, 1]);
+        s.probed(1, now, ms, Ok(200));
+        assert!(s.health()[0].down);
+        assert_eq!(s.next_probe_in(s.now_ms()), Duration::from_secs(10));
+        // Past its retry time a client still does not get it.
+        clock.advance(Duration::from_secs(31));
+        assert_eq!(first(&s, &f), 1);
+        s.report(0, Outcome::Answered(ms));
+        assert!(s.health()[0].down, "a client's success is no probe");
+        assert!(s.due_probes(s.now_ms()).contains(&0));
+        s.probed(0, now, ms, Err("status 503".into()));
+        // Backed off to 60 s.
+        clock.advance(Duration::from_secs(59));
+        assert!(!s.due_probes(s.now_ms()).contains(&0));
+        clock.advance(Duration::from_secs(1));
+        assert!(s.due_probes(s.now_ms()).contains(&0));
+        s.probed(0, now, ms, Ok(200));
+        assert!(s.health()[0].down, "one probe of ok-after 2");
+        clock.advance(Duration::from_secs(10));
+        assert!(s.due_probes(s.now_ms()).contains(&0));
+        s.probed(0, now, ms, Ok(200));
         assert!(!s.health()[0].down);
+        assert_eq!(first(&s, &f), 0);
+        assert_eq!(
+            s.health()[0].last_probe.as_ref().unwrap().detail,
+            "status 200"
+        );
+    }
+
+    #[test]
+    fn a_404_is_remembered_per_file_and_forgotten_after_a_while() {
+        let clock = Clock::manual(SystemTime::now());
+        let s = set_on(&clock, HealthConfig::default());
+        let f = file_of(&s, 0);
+        s.remember_missing(0, &f);
+        let order = s.order(&f);
+        assert_eq!(order[0].index, 1);
+        assert_eq!(
+            order[1],
+            Choice {
+                index: 0,
+                known_missing: true
+            }
+        );
+        assert!(!s.health()[0].down, "a 404 does not disable");
+        let other = (0..1000)
+            .map(|n| format!("pool/g{n}.deb"))
+            .find(|g| first(&s, g) == 0)
+            .unwrap();
+        assert_eq!(first(&s, &other), 0, "only that file");
+        clock.advance(MISSING_FOR);
+        assert_eq!(first(&s, &f), 0, "forgotten");
     }
 }

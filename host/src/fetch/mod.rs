@@ -21,7 +21,8 @@
 //! [`FetchSettings`] and the policy hook's types. The work is done in
 //! `coalesce` (fills, their states and the in-flight registry), `fill`
 //! (the fill task's decision tree), `failover` (sending along the
-//! upstreams), `sink` (writing and hashing the body), `headers` (response
+//! upstreams), `mirror` (choosing and healing them), `probe` (their
+//! health probes), `sink` (writing and hashing the body), `headers` (response
 //! header parsers) and `error` ([`FetchError`]).
 
 mod coalesce;
@@ -31,6 +32,7 @@ mod failover;
 mod fill;
 mod headers;
 pub mod mirror;
+mod probe;
 mod sink;
 mod upgrade;
 pub mod upstream;

@@ -5,7 +5,8 @@
 use http::{HeaderMap, Method, Response, header};
 use hyper::body::Incoming;
 
-use super::failover::{build_request, empty_body};
+use super::failover::{Candidate, build_request, empty_body};
+use super::mirror::Outcome;
 use super::{FetchEngine, FetchError, FetchSettings, Upstreams, error_chain};
 use crate::config::CacheMode;
 
@@ -27,7 +28,8 @@ impl FetchEngine {
         }
         let inner = &self.inner;
         let mut last = None;
-        for (index, url) in upstreams.candidates() {
+        for Candidate { index, url, .. } in upstreams.candidates() {
+            let asked = std::time::Instant::now();
             let mut req = build_request(Method::GET, &url, headers, empty_body());
             if let Some(host) = upstreams.host() {
                 req.headers_mut().insert(header::HOST, host.clone());
@@ -38,7 +40,12 @@ impl FetchEngine {
                     inner
                         .metrics
                         .upstream_request(resp.status().is_server_error());
-                    upstreams.report(index, None);
+                    let status = resp.status();
+                    if status.is_server_error() {
+                        upstreams.report(index, Outcome::Failed(&format!("status {status}")));
+                    } else {
+                        upstreams.report(index, Outcome::Answered(asked.elapsed()));
+                    }
                     return Ok(resp);
                 }
                 Err(_) => FetchError::Timeout {
@@ -56,7 +63,7 @@ impl FetchEngine {
             inner.metrics.upstream_request(true);
             let why = error_chain(&error);
             tracing::info!(target: "cistern::fetch", %url, kind = error.kind().as_str(), "upgrade request failed: {why}");
-            upstreams.report(index, Some(&why));
+            upstreams.report(index, Outcome::Failed(&why));
             // Never through ourselves, on any mirror.
             if matches!(error, FetchError::SelfTarget(_)) {
                 return Err(error);

@@ -67,6 +67,8 @@ pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         policies: u.policies,
         stale: u.stale,
         forwarded_for: u.forwarded_for,
+        weights: u.weights,
+        health: u.health,
     });
 }
 

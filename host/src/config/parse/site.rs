@@ -119,6 +119,8 @@ pub(super) fn site(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         policies: u.policies,
         stale: u.stale,
         forwarded_for: u.forwarded_for,
+        weights: u.weights,
+        health: u.health,
         preserve_host: d.preserve_host,
     });
 }

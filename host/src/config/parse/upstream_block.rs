@@ -1,5 +1,6 @@
 //! The upstream block: the nodes `mirror` and `site` share (`upstream`,
-//! `policies`, `stale-if-error`, `stale-while-revalidate`, `forwarded-for`), defined once in
+//! `policies`, `stale-if-error`, `stale-while-revalidate`, `forwarded-for`,
+//! `health`), defined once in
 //! [`upstream_rules`] and read into an [`UpstreamBlock`], so an option of
 //! every upstream set is added in this one place. The stale readers also
 //! serve the `forward` block, which has stale rules but no upstreams.
@@ -9,6 +10,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use kdl::KdlNode;
 use miette::SourceSpan;
 
+use super::health::health;
 use super::policy::policy_list;
 use super::walker::{Cx, Rule, Shape, duration_node, many, once};
 use crate::config::model::*;
@@ -75,9 +77,11 @@ pub(super) struct UpstreamBlock {
     /// reported and must not also read as "no upstream".
     given: bool,
     upstreams: Vec<Uri>,
+    weights: Vec<u32>,
     refs: Vec<(String, SourceSpan)>,
     stale: StaleRules,
     forwarded_for: ForwardedFor,
+    health: HealthConfig,
 }
 
 /// What an [`UpstreamBlock`] yields for the block's config.
@@ -90,6 +94,10 @@ pub(super) struct Upstreams {
     pub(super) stale: StaleRules,
     /// `forwarded-for`.
     pub(super) forwarded_for: ForwardedFor,
+    /// Each upstream's `weight=`, in the order of `upstreams`.
+    pub(super) weights: Vec<u32>,
+    /// `health { … }`.
+    pub(super) health: HealthConfig,
 }
 
 /// A block's draft that holds an [`UpstreamBlock`], so that
@@ -101,7 +109,7 @@ pub(super) trait HasUpstreamBlock {
 
 /// The nodes every upstream-backed block accepts, after its own (see
 /// [`Cx::children_with`]).
-pub(super) const fn upstream_rules<T: HasUpstreamBlock>() -> [Rule<T>; 5] {
+pub(super) const fn upstream_rules<T: HasUpstreamBlock>() -> [Rule<T>; 6] {
     [
         many("upstream", |cx, n, d| d.upstream_block().upstream(cx, n)),
         once("policies", |cx, n, d| {
@@ -116,6 +124,9 @@ pub(super) const fn upstream_rules<T: HasUpstreamBlock>() -> [Rule<T>; 5] {
         once("forwarded-for", |cx, n, d| {
             forwarded_for(cx, n, &mut d.upstream_block().forwarded_for)
         }),
+        once("health", |cx, n, d| {
+            health(cx, n, &mut d.upstream_block().health)
+        }),
     ]
 }
 
@@ -126,9 +137,11 @@ impl UpstreamBlock {
             hints,
             given: false,
             upstreams: Vec::new(),
+            weights: Vec::new(),
             refs: Vec::new(),
             stale: StaleRules::default(),
             forwarded_for: ForwardedFor::Replace,
+            health: HealthConfig::default(),
         }
     }
 
@@ -153,22 +166,30 @@ impl UpstreamBlock {
             policies: self.refs.into_iter().map(|(n, _)| n).collect(),
             stale: self.stale,
             forwarded_for: self.forwarded_for,
+            weights: self.weights,
+            health: self.health,
         }
     }
 
-    /// One `upstream "URL"` child, added to the set unless it is invalid
-    /// or listed twice.
+    /// One `upstream "URL" weight=N` child, added to the set unless it is
+    /// invalid or listed twice.
     fn upstream(&mut self, cx: &mut Cx<'_>, node: &KdlNode) {
         self.given = true;
         let e = cx.entries(
             node,
             &Shape {
                 args: (1, 1),
-                props: &[],
+                props: &["weight"],
                 children: false,
                 usage: self.hints.usage,
             },
         );
+        // A share of the set's files: 1 unless given; zero would be a
+        // mirror that is never chosen, which is no mirror at all.
+        let weight = match e.prop("weight") {
+            None => Some(1),
+            Some(w) => cx.integer::<u32>("weight", w, 1),
+        };
         let Some(arg) = e.arg(0) else { return };
         let Some(text) = cx.string(e.name, arg) else {
             return;
@@ -177,7 +198,10 @@ impl UpstreamBlock {
             Ok(uri) if self.upstreams.contains(&uri) => {
                 cx.error(arg.span(), format!("upstream {uri} is listed twice"));
             }
-            Ok(uri) => self.upstreams.push(uri),
+            Ok(uri) => {
+                self.upstreams.push(uri);
+                self.weights.push(weight.unwrap_or(1));
+            }
             Err(why) => {
                 cx.error(arg.span(), format!("`upstream` {text:?} {why}"))
                     .help = Some(format!("write a base URL, like \"{}\"", self.hints.example));
@@ -285,6 +309,78 @@ mod tests {
                     && m == "`stale-if-error` is given twice (first on line 2)"),
                 "{text}\n{problems:?}"
             );
+        }
+    }
+
+    #[test]
+    fn weights_and_health_are_read_in_mirrors_and_sites_alike() {
+        let block = "    upstream \"http://a.test/\" weight=10\n    upstream \"http://b.test/\"\n    health {\n        probe \"/trace/master\"\n        interval \"5s\"\n        timeout \"1s\"\n        fail-after 4\n        ok-after 3\n        retry \"1m\"\n        retry-max \"1h\"\n    }\n";
+        let text = format!(
+            "mirror \"m\" {{\n{block}}}\nsite \"s.test\" {{\n    tls cert=\"c\" key=\"k\"\n{block}}}\n"
+        );
+        let c = parse(&text).unwrap_or_else(|e| panic!("{}", e.report()));
+        let (m, s) = (&c.mirrors[0], &c.sites[0]);
+        assert_eq!(m.weights, [10, 1]);
+        assert_eq!(m.health.probe.as_deref(), Some("trace/master"));
+        assert_eq!(m.health.interval.as_secs(), 5);
+        assert_eq!(m.health.timeout.as_secs(), 1);
+        assert_eq!((m.health.fail_after, m.health.ok_after), (4, 3));
+        assert_eq!(m.health.retry.as_secs(), 60);
+        assert_eq!(m.health.retry_max.as_secs(), 3600);
+        assert_eq!((&s.weights, &s.health), (&m.weights, &m.health));
+        let plain = parse("mirror \"m\" {\n    upstream \"http://a.test/\"\n}\n").unwrap();
+        assert_eq!(plain.mirrors[0].weights, [1]);
+        assert_eq!(
+            plain.mirrors[0].health,
+            crate::config::HealthConfig::default()
+        );
+        assert_eq!(
+            plain.mirrors[0].health.probe, None,
+            "no probes unless asked"
+        );
+    }
+
+    #[test]
+    fn bad_weights_and_health_settings_are_refused_with_their_place() {
+        let cases = [
+            (
+                "upstream \"http://a.test/\" weight=0",
+                "`weight`: 0 is out of range (1 to 4294967295)",
+            ),
+            (
+                "upstream \"http://a.test/\" weight=\"heavy\"",
+                "`weight` expects a whole number here",
+            ),
+            ("upstream \"http://a.test/\" wait=2", "wait"),
+            (
+                "upstream \"http://a.test/\"\n    health {\n        probe \"../x\"\n    }",
+                "cannot climb above",
+            ),
+            (
+                "upstream \"http://a.test/\"\n    health {\n        probe \"http://x/\"\n    }",
+                "not a URL",
+            ),
+            (
+                "upstream \"http://a.test/\"\n    health {\n        fail-after 0\n    }",
+                "`fail-after`: 0 is out of range",
+            ),
+            (
+                "upstream \"http://a.test/\"\n    health {\n        interval \"0s\"\n    }",
+                "`interval` must be longer than zero",
+            ),
+            (
+                "upstream \"http://a.test/\"\n    health {\n        retry \"5m\"\n        retry-max \"1m\"\n    }",
+                "retry-max (60s) is shorter than retry (300s)",
+            ),
+            (
+                "upstream \"http://a.test/\"\n    health {\n        probes \"/x\"\n    }",
+                "probe",
+            ),
+        ];
+        for (body, want) in cases {
+            let text = format!("mirror \"m\" {{\n    {body}\n}}\n");
+            let report = parse(&text).expect_err(&text).report();
+            assert!(report.contains(want), "{text}\nwant {want:?}\ngot {report}");
         }
     }
 }

@@ -1,0 +1,74 @@
+//! Active health probes of a mirror set: a `HEAD` of the configured path
+//! on each upstream, on the engine's clock (see [`super::mirror`] for what
+//! the results do).
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Method};
+
+use super::failover::{build_request, empty_body};
+use super::mirror::MirrorSet;
+use super::{FetchEngine, Inner, error_chain};
+
+impl FetchEngine {
+    /// Starts probing `set`'s upstreams if its `health` names a probe path.
+    /// The task holds the set weakly and ends once a reload has dropped it.
+    /// Outside a tokio runtime (unit tests building routers) nothing runs.
+    pub fn watch_health(&self, set: &Arc<MirrorSet>) {
+        if set.health.probe.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = Arc::downgrade(&self.inner);
+        let set = Arc::downgrade(set);
+        runtime.spawn(probe_loop(inner, set));
+    }
+}
+
+/// Probes what is due, then sleeps on the set's clock until the next one.
+async fn probe_loop(inner: Weak<Inner>, set: Weak<MirrorSet>) {
+    loop {
+        let (Some(inner), Some(set)) = (inner.upgrade(), set.upgrade()) else {
+            return;
+        };
+        let now = set.now_ms();
+        let due = set.due_probes(now);
+        let probes = due.iter().map(|&i| probe(&inner, &set, i));
+        futures_util::future::join_all(probes).await;
+        let wait = set.next_probe_in(set.now_ms());
+        let clock = set.clock().clone();
+        // Hold neither while asleep: a reload must be able to drop the set.
+        drop((inner, set));
+        // A probe whose answer took a while may leave nothing due yet;
+        // waiting at least a moment keeps a broken schedule from spinning.
+        clock.sleep(wait.max(Duration::from_millis(1))).await;
+    }
+}
+
+/// Sends one probe to upstream `index` and records its result.
+async fn probe(inner: &Inner, set: &MirrorSet, index: usize) {
+    let Some(path) = set.health.probe.as_deref() else {
+        return;
+    };
+    let at = set.clock().now();
+    let started = Instant::now();
+    let result = match set.url(index, path) {
+        Err(e) => Err(format!("no probe URL: {e}")),
+        Ok(url) => {
+            let req = build_request(Method::HEAD, &url, &HeaderMap::new(), empty_body());
+            match tokio::time::timeout(set.health.timeout, inner.client.send(req)).await {
+                Err(_) => Err(format!("no answer within {:?}", set.health.timeout)),
+                Ok(Err(e)) => Err(error_chain(&e)),
+                Ok(Ok(resp)) if resp.status().is_success() => Ok(resp.status().as_u16()),
+                Ok(Ok(resp)) => Err(format!("status {}", resp.status())),
+            }
+        }
+    };
+    if let Err(why) = &result {
+        tracing::debug!(target: "cistern::fetch", mirror = %set.name, index, "probe failed: {why}");
+    }
+    set.probed(index, at, started.elapsed(), result);
+}
