@@ -114,7 +114,7 @@ impl Inner {
         let decision = match &job.hook {
             Some(hook) => {
                 let status = resp.status();
-                hook.on_head(status, resp.headers_mut())
+                hook.on_head(status, resp.headers_mut()).await
             }
             None => HeadDecision::default(),
         };

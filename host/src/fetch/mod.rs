@@ -111,8 +111,14 @@ pub struct HeadDecision {
 /// Called on every upstream response head before anything is decided;
 /// may edit the headers (e.g. rewrite `Location`).
 pub trait HeadHook: Send + Sync {
-    /// Inspects and edits the head; returns the policy's decision.
-    fn on_head(&self, status: StatusCode, headers: &mut HeaderMap) -> HeadDecision;
+    /// Inspects and edits the head; returns the policy's decision. A
+    /// future, because a policy runs off the async workers and the fill
+    /// waits for it without holding one.
+    fn on_head<'a>(
+        &'a self,
+        status: StatusCode,
+        headers: &'a mut HeaderMap,
+    ) -> std::pin::Pin<Box<dyn Future<Output = HeadDecision> + Send + 'a>>;
 }
 
 /// Per-request settings of a fetch, from the config snapshot.

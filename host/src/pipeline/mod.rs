@@ -278,10 +278,10 @@ impl Proxy {
         let mut store_id = None;
         if !chain.is_empty() {
             let headers = std::mem::take(req.headers_mut());
-            let mut view =
+            let view =
                 RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
-            if let RequestOutcome::Respond(direct) = chain.on_request(&snap.policy_host, &mut view)
-            {
+            let (mut view, outcome) = chain.run_on_request(&snap.policy_host, view).await;
+            if let RequestOutcome::Respond(direct) = outcome {
                 return Answer::local(direct_response(direct));
             }
             *req.headers_mut() = std::mem::take(&mut view.headers);
