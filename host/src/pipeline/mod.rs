@@ -114,8 +114,9 @@ impl Proxy {
         &self.engine
     }
 
-    /// Handles one request end to end.
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+    /// Handles one request end to end; the body logs the request's access
+    /// line when it ends.
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<LoggedBody> {
         let started = Instant::now();
         // Before anything logs, keys or stores the URL.
         let unusable = crate::credentials::take(&mut req).err();
