@@ -72,16 +72,24 @@ fn replayable(req: &Request<UpstreamBody>) -> bool {
 }
 
 impl Upstreams {
-    /// Candidate URLs in the order to try, with the mirror index to report
-    /// health to.
-    pub(super) fn candidates(&self) -> Vec<(Option<usize>, Uri)> {
+    /// The upstreams in the order to try (the mirror index to report
+    /// health to, `None` for a single URL); [`Upstreams::candidate`] builds
+    /// each one's URL when it is tried, so a first mirror that answers
+    /// spares building the others'.
+    pub(super) fn order(&self) -> Vec<Option<usize>> {
         match self {
-            Upstreams::Single(uri) => vec![(None, uri.clone())],
-            Upstreams::Mirror { set, rest, .. } => set
-                .order()
-                .into_iter()
-                .filter_map(|i| set.url(i, rest).ok().map(|u| (Some(i), u)))
-                .collect(),
+            Upstreams::Single(_) => vec![None],
+            Upstreams::Mirror { set, .. } => set.order().into_iter().map(Some).collect(),
+        }
+    }
+
+    /// The URL of an upstream of [`Upstreams::order`]; `None` if the rest
+    /// does not make one below that mirror's base.
+    pub(super) fn candidate(&self, index: Option<usize>) -> Option<Uri> {
+        match (self, index) {
+            (Upstreams::Single(uri), _) => Some(uri.clone()),
+            (Upstreams::Mirror { set, rest, .. }, Some(i)) => set.url(i, rest).ok(),
+            (Upstreams::Mirror { .. }, None) => None,
         }
     }
 
@@ -170,17 +178,28 @@ impl Inner {
     ) -> Result<(Response<Incoming>, Uri), FetchError> {
         let retryable = body.is_none();
         let mut body = body;
-        let candidates = upstreams.candidates();
-        let count = candidates.len();
+        let mut order = upstreams.order().into_iter();
+        // Each URL is built when it is tried, or looked at to decide
+        // whether there is another to try.
+        let mut candidates = std::iter::from_fn(|| {
+            order
+                .by_ref()
+                .find_map(|i| upstreams.candidate(i).map(|url| (i, url)))
+        })
+        .peekable();
         let mut last = None;
-        for (n, (index, url)) in candidates.into_iter().enumerate() {
+        while let Some((index, url)) = candidates.next() {
             let req_body = body.take().unwrap_or_else(empty_body);
             let mut req = build_request(method.clone(), &url, headers, req_body);
             if let Some(host) = upstreams.host() {
                 req.headers_mut().insert(header::HOST, host.clone());
             }
             match self.send(req, &url, idle).await {
-                Ok(resp) if resp.status().is_server_error() && retryable && n + 1 < count => {
+                Ok(resp)
+                    if resp.status().is_server_error()
+                        && retryable
+                        && candidates.peek().is_some() =>
+                {
                     tracing::info!(target: "cistern::fetch", %url, status = %resp.status(), "upstream error, trying the next mirror");
                     upstreams.report(index, Some(&format!("status {}", resp.status())));
                 }
