@@ -51,7 +51,7 @@ impl Inner {
     pub(super) async fn run(
         &self,
         fill: &Fill,
-        job: FillJob,
+        job: &FillJob,
         leader: oneshot::Sender<Response<Incoming>>,
     ) -> Result<(), FetchError> {
         if job.settings.mode == CacheMode::Offline {
@@ -80,7 +80,7 @@ impl Inner {
         }
 
         let asked = self.clock.now();
-        let (mut resp, url) = self.ask(&job, headers).await?;
+        let (mut resp, url) = self.ask(job, headers).await?;
         let received = self.clock.now();
 
         if let Some((replica, _)) = &job.revalidate
@@ -107,7 +107,7 @@ impl Inner {
             // upstream holds is not what we hold, so fetch it whole.
             tracing::info!(target: "cistern::fetch", %key, %url,
                 "the upstream's 304 names another validator than the replica's; fetching the object again");
-            let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
+            let (resp2, _) = self.ask(job, job.headers.clone()).await?;
             resp = resp2;
         }
 
@@ -138,13 +138,13 @@ impl Inner {
             // Unusable partial answer: start over without a range.
             let k = key.clone();
             self.blocking(move |s| s.discard_partial(&k)).await?;
-            let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
+            let (resp2, _) = self.ask(job, job.headers.clone()).await?;
             resp = resp2;
         }
 
         let policy_uncacheable = decision.uncacheable;
         let mut writing = match self
-            .prepare(fill, &job, &resp, &url, received, decision, resumed_from)
+            .prepare(fill, job, &resp, &url, received, decision, resumed_from)
             .await
         {
             Ok(Some(w)) => w,
@@ -168,7 +168,7 @@ impl Inner {
                     // for the whole body; the partial cannot be finished.
                     let k = key.clone();
                     self.blocking(move |s| s.discard_partial(&k)).await?;
-                    resp = self.ask(&job, job.headers.clone()).await?.0;
+                    resp = self.ask(job, job.headers.clone()).await?.0;
                 }
                 fill.state
                     .send_replace(FillState::Unshared(NoCacheReason::NoRoom));
@@ -178,7 +178,7 @@ impl Inner {
             Err(e) => return Err(e),
         };
         writing.meta.rfc.request_time = asked;
-        self.stream(fill, &job, resp, writing).await
+        self.stream(fill, job, resp, writing).await
     }
 
     /// Decides whether the response becomes a replica and, if so, opens its

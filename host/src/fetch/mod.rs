@@ -251,8 +251,9 @@ impl FetchEngine {
                     inner: inner.clone(),
                     fill: task_fill.clone(),
                 };
-                let url = job.upstreams.primary();
-                if let Err(error) = inner.run(&task_fill, job, tx).await {
+                if let Err(error) = inner.run(&task_fill, &job, tx).await {
+                    // Built only here: a fill that succeeds never renders it.
+                    let url = job.upstreams.primary();
                     tracing::warn!(target: "cistern::fetch", key = %task_fill.key, %url,
                         kind = error.kind().as_str(), side = error.side().as_str(),
                         "fill failed: {}", error_chain(&error));
