@@ -221,6 +221,16 @@ impl FetchEngine {
         map.get(key).cloned()
     }
 
+    /// Joins the fill of `key` if one is under way, counted as a coalesced
+    /// follower. Asking before building a [`FillJob`] spares a follower
+    /// the job's copies of its request; [`FetchEngine::fill`] asks again,
+    /// so a fill that starts in between is still joined.
+    pub fn join(&self, key: &CacheKey) -> Option<Arc<Fill>> {
+        let fill = self.find(key)?;
+        self.inner.metrics.coalesced_follower();
+        Some(fill)
+    }
+
     /// Joins the fill of `job.key`, or starts it.
     pub fn fill(&self, job: FillJob) -> FillTicket {
         let (fill, passthrough) = {
