@@ -3,6 +3,7 @@
 //! unshareable response to its leader, stream the body, verify and
 //! commit it, resume after a transient failure).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -67,20 +68,23 @@ impl Inner {
         } else {
             None
         };
-        let mut headers = job.headers.clone();
-        if let Some((_, validators)) = &job.revalidate {
-            headers.extend(validators.clone());
-        }
         let resume = partial
             .as_ref()
             .and_then(|(meta, len)| resume_headers(meta, *len));
+        // The job's headers as they are, unless this first request adds
+        // validators or a range: a plain miss copies none of them.
+        let mut headers = Cow::Borrowed(&job.headers);
+        if let Some((_, validators)) = &job.revalidate {
+            headers.to_mut().extend(validators.clone());
+        }
         if let Some((range, if_range)) = &resume {
-            headers.insert(header::RANGE, range.clone());
-            headers.insert(header::IF_RANGE, if_range.clone());
+            let h = headers.to_mut();
+            h.insert(header::RANGE, range.clone());
+            h.insert(header::IF_RANGE, if_range.clone());
         }
 
         let asked = self.clock.now();
-        let (mut resp, url) = self.ask(job, headers).await?;
+        let (mut resp, url) = self.ask(job, &headers).await?;
         let received = self.clock.now();
 
         if let Some((replica, _)) = &job.revalidate
@@ -107,7 +111,7 @@ impl Inner {
             // upstream holds is not what we hold, so fetch it whole.
             tracing::info!(target: "cistern::fetch", %key, %url,
                 "the upstream's 304 names another validator than the replica's; fetching the object again");
-            let (resp2, _) = self.ask(job, job.headers.clone()).await?;
+            let (resp2, _) = self.ask(job, &job.headers).await?;
             resp = resp2;
         }
 
@@ -138,7 +142,7 @@ impl Inner {
             // Unusable partial answer: start over without a range.
             let k = key.clone();
             self.blocking(move |s| s.discard_partial(&k)).await?;
-            let (resp2, _) = self.ask(job, job.headers.clone()).await?;
+            let (resp2, _) = self.ask(job, &job.headers).await?;
             resp = resp2;
         }
 
@@ -168,7 +172,7 @@ impl Inner {
                     // for the whole body; the partial cannot be finished.
                     let k = key.clone();
                     self.blocking(move |s| s.discard_partial(&k)).await?;
-                    resp = self.ask(job, job.headers.clone()).await?.0;
+                    resp = self.ask(job, &job.headers).await?.0;
                 }
                 fill.state
                     .send_replace(FillState::Unshared(NoCacheReason::NoRoom));
