@@ -295,7 +295,9 @@ impl Proxy {
             }
             store_id = view.cache_key.clone();
             bypass = view.bypass_cache;
-            policy = Some(PolicyRun {
+            // A chain without `on_response` (store-id alone) needs no
+            // response hook, nor the copy of the headers that makes one.
+            policy = chain.has_on_response().then(|| PolicyRun {
                 chain: chain.clone(),
                 host: snap.policy_host.clone(),
                 view,

@@ -390,6 +390,12 @@ impl PolicyChain {
         self.policies.iter().map(|p| &*p.settings.name).collect()
     }
 
+    /// Some policy of the chain exports `on_response`: without one an
+    /// upstream response needs no hook.
+    pub fn has_on_response(&self) -> bool {
+        self.has_on_response
+    }
+
     /// [`PolicyChain::on_request`] on a policy thread, so a hook that runs
     /// to its deadline holds no async worker; the request's task waits for
     /// the whole chain at once. A chain without an `on_request` hook
