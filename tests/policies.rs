@@ -491,3 +491,52 @@ mirror "slow" {{ prefix "/slow/"; upstream "http://{o}/slow/"; policies "spin"; 
         let _ = std::fs::remove_dir_all(dir.path().join("replica.cistern"));
     }
 }
+
+/// `on_response` runs on a policy thread now, for the fill (GET) and for
+/// a pass-through (POST): a trapping hook still fails open (the upstream's
+/// answer, and a GET is stored) or closed (502) as `on-error` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_response_hook_fails_open_or_closed_as_configured() {
+    let origin = Origin::start().await;
+    origin.put("/file", Resource::new(pattern(8, 100)));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("trap_response.wat"),
+        r#"(module
+  (memory (export "memory") 1)
+  (func (export "cistern_abi_version") (result i32) (i32.const 1))
+  (func (export "on_response") (result i32) unreachable))"#,
+    )
+    .unwrap();
+    for (on_error, want) in [("pass", 200u16), ("deny", 502)] {
+        let config = format!(
+            r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "guard" path="trap_response.wat" on-error="{on_error}"
+mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "guard"; }}
+"#,
+            origin.addr
+        );
+        let cistern = Cistern::start(dir.path(), &config, &[]);
+        let got = request(cistern.addr, "GET", "/file", &[]).await;
+        assert_eq!(got.status.as_u16(), want, "GET, on-error={on_error}");
+        let posted = request(cistern.addr, "POST", "/file", &[]).await;
+        assert_eq!(posted.status.as_u16(), want, "POST, on-error={on_error}");
+        if want == 200 {
+            assert_eq!(got.bytes(), &pattern(8, 100));
+        }
+        cistern
+            .log_when("the response hook's failure", |log| {
+                log.lines().any(|l| {
+                    l.contains("policy failed")
+                        && l.contains(r#"hook="on_response""#)
+                        && l.contains(&format!(r#"on_error="{on_error}""#))
+                })
+            })
+            .await;
+        drop(cistern);
+        let _ = std::fs::remove_dir_all(dir.path().join("replica"));
+        let _ = std::fs::remove_dir_all(dir.path().join("replica.cistern"));
+    }
+}
