@@ -407,3 +407,136 @@ mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "echo"; }}
     );
     assert_eq!(origin.seen().len(), 0, "the policy answered directly");
 }
+
+/// A policy hook that loops until its deadline holds one of the few policy
+/// threads, never a runtime worker: with the binary's runtime cut to ONE
+/// worker, hits on a route without policies are answered promptly the
+/// whole time it loops. Checked for a looping `on_request` (the hook runs
+/// before the lookup) and a looping `on_response` (it runs in the fill,
+/// once the upstream's head is in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_looping_to_its_deadline_does_not_stall_other_requests() {
+    let origin = Origin::start().await;
+    origin.put("/plain/hit", Resource::new(pattern(3, 1024)));
+    origin.put("/slow/file", Resource::new(pattern(4, 1024)));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("loop_response.wat"),
+        r#"(module
+  (memory (export "memory") 1)
+  (func (export "cistern_abi_version") (result i32) (i32.const 1))
+  (func (export "on_response") (result i32) (loop $forever (br $forever)) (i32.const 0)))"#,
+    )
+    .unwrap();
+    let loop_request = repo().join("tests/guests/loop.wat");
+    let deadline = std::time::Duration::from_secs(2);
+    for guest in [
+        loop_request.display().to_string(),
+        "loop_response.wat".into(),
+    ] {
+        let config = format!(
+            r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "spin" path="{guest}" deadline="2s"
+mirror "plain" {{ prefix "/plain/"; upstream "http://{o}/plain/"; }}
+mirror "slow" {{ prefix "/slow/"; upstream "http://{o}/slow/"; policies "spin"; }}
+"#,
+            o = origin.addr
+        );
+        let cistern = Cistern::start_env(dir.path(), &config, &[("TOKIO_WORKER_THREADS", "1")]);
+        let primed = get(cistern.addr, "/plain/hit").await;
+        assert_eq!(primed.status, StatusCode::OK, "{}", cistern.log());
+
+        let addr = cistern.addr;
+        let sent = std::time::Instant::now();
+        let slow = tokio::spawn(async move {
+            let got = get(addr, "/slow/file").await;
+            (got.status, sent.elapsed())
+        });
+        // Hits one after another for as long as the spinning request is in
+        // flight (bounded): once its hook runs, a hook on the worker would
+        // hold the next hit until the deadline.
+        let mut hits = 0;
+        let mut slowest = std::time::Duration::ZERO;
+        while !slow.is_finished() && sent.elapsed() < std::time::Duration::from_secs(30) {
+            let started = std::time::Instant::now();
+            let got = get(cistern.addr, "/plain/hit").await;
+            let took = started.elapsed();
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(got.header("cache-status"), "cistern; hit");
+            slowest = slowest.max(took);
+            hits += 1;
+        }
+        let (status, slow_took) = slow.await.unwrap();
+        // on-error="pass": the request goes on as if the policy were absent.
+        assert_eq!(status, StatusCode::OK, "{guest}: {}", cistern.log());
+        assert!(
+            slow_took >= deadline / 2,
+            "{guest}: the hook did not loop ({slow_took:?})"
+        );
+        assert!(hits >= 2, "{guest}: only {hits} hits while the hook looped");
+        assert!(
+            slowest < deadline / 2,
+            "{guest}: a hit took {slowest:?} while a hook looped (deadline {deadline:?})"
+        );
+        cistern
+            .log_when("the timeout", |log| {
+                log.lines()
+                    .any(|l| l.contains("policy failed") && l.contains(r#"kind="timeout""#))
+            })
+            .await;
+        drop(cistern);
+        let _ = std::fs::remove_dir_all(dir.path().join("replica"));
+        let _ = std::fs::remove_dir_all(dir.path().join("replica.cistern"));
+    }
+}
+
+/// `on_response` runs on a policy thread now, for the fill (GET) and for
+/// a pass-through (POST): a trapping hook still fails open (the upstream's
+/// answer, and a GET is stored) or closed (502) as `on-error` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_response_hook_fails_open_or_closed_as_configured() {
+    let origin = Origin::start().await;
+    origin.put("/file", Resource::new(pattern(8, 100)));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("trap_response.wat"),
+        r#"(module
+  (memory (export "memory") 1)
+  (func (export "cistern_abi_version") (result i32) (i32.const 1))
+  (func (export "on_response") (result i32) unreachable))"#,
+    )
+    .unwrap();
+    for (on_error, want) in [("pass", 200u16), ("deny", 502)] {
+        let config = format!(
+            r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "guard" path="trap_response.wat" on-error="{on_error}"
+mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "guard"; }}
+"#,
+            origin.addr
+        );
+        let cistern = Cistern::start(dir.path(), &config, &[]);
+        let got = request(cistern.addr, "GET", "/file", &[]).await;
+        assert_eq!(got.status.as_u16(), want, "GET, on-error={on_error}");
+        let posted = request(cistern.addr, "POST", "/file", &[]).await;
+        assert_eq!(posted.status.as_u16(), want, "POST, on-error={on_error}");
+        if want == 200 {
+            assert_eq!(got.bytes(), &pattern(8, 100));
+        }
+        cistern
+            .log_when("the response hook's failure", |log| {
+                log.lines().any(|l| {
+                    l.contains("policy failed")
+                        && l.contains(r#"hook="on_response""#)
+                        && l.contains(&format!(r#"on_error="{on_error}""#))
+                })
+            })
+            .await;
+        drop(cistern);
+        let _ = std::fs::remove_dir_all(dir.path().join("replica"));
+        let _ = std::fs::remove_dir_all(dir.path().join("replica.cistern"));
+    }
+}

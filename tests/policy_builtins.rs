@@ -130,6 +130,44 @@ fn store_id_collapses_mirrors_into_one_key() {
     );
 }
 
+/// A crafted URL against a rule with many `*` must cost store-id time in
+/// proportion to the URL, not the combinations of its stars: thirty `*`
+/// against a 4 KiB URL that almost matches used to backtrack until the
+/// deadline (and then fail open, losing the rule for that request).
+#[test]
+fn store_id_matches_a_crafted_url_against_many_stars_in_linear_time() {
+    let stars = "*a".repeat(29);
+    let mut d = decl("store-id", builtin("store-id"));
+    d.deadline = Duration::from_secs(3);
+    d.params = vec![(
+        "rule".into(),
+        format!("http://h.test/{stars}*b http://k.test/$1-$2-$9"),
+    )];
+    let set = engine().load(&[d]).unwrap();
+    let chain = set.chain(&["store-id".into()]).unwrap();
+    let host = TestHost::default().shared();
+    let almost = format!("http://h.test/{}", "a".repeat(4096));
+    let matching = format!("{almost}b");
+    for (url, want) in [
+        (&almost, None),
+        // Each `*` takes the shortest run that still lets the rest match:
+        // the first 29 are empty, the last takes the rest of the `a`s.
+        (&matching, Some("http://k.test/--".to_owned())),
+    ] {
+        let started = std::time::Instant::now();
+        let mut req = request(url, &[]);
+        assert!(matches!(
+            chain.on_request(&host, &mut req),
+            RequestOutcome::Continue
+        ));
+        let took = started.elapsed();
+        assert_eq!(req.cache_key, want);
+        assert!(took < Duration::from_secs(1), "matching took {took:?}");
+    }
+    let stats = &set.stats()[0];
+    assert_eq!((stats.calls, stats.failures), (2, 0), "{stats:?}");
+}
+
 #[test]
 fn metalink_sends_redirects_to_the_cached_copy() {
     let content = b"the same file on every mirror";

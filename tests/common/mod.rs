@@ -536,13 +536,38 @@ impl Cistern {
         Self::spawn(dir, port, root, &["--config", "config.kdl"], extra_args)
     }
 
+    /// [`Cistern::start`] with `env` added to the process's environment
+    /// (e.g. `TOKIO_WORKER_THREADS=1` for a runtime with one worker).
+    pub fn start_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Cistern {
+        let port = free_port();
+        let root = dir.join("replica");
+        let text = config
+            .replace("{PORT}", &port.to_string())
+            .replace("{ROOT}", &root.display().to_string());
+        std::fs::write(dir.join("config.kdl"), text).unwrap();
+        Self::spawn_env(dir, port, root, &["--config", "config.kdl"], &[], env)
+    }
+
     /// Starts the binary with `args` in `dir`, expecting it on `port`.
     pub fn spawn(dir: &Path, port: u16, root: PathBuf, args: &[&str], extra: &[&str]) -> Cistern {
+        Self::spawn_env(dir, port, root, args, extra, &[])
+    }
+
+    /// [`Cistern::spawn`] with `env` added to the process's environment.
+    pub fn spawn_env(
+        dir: &Path,
+        port: u16,
+        root: PathBuf,
+        args: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Cistern {
         let log = std::fs::File::create(dir.join("cistern.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cistern"))
             .args(args)
             .args(extra)
             .current_dir(dir)
+            .envs(env.iter().copied())
             .env("CISTERN_LOG", "info,cistern=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

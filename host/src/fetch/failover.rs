@@ -203,12 +203,12 @@ impl Inner {
     pub(super) async fn ask(
         &self,
         job: &FillJob,
-        headers: HeaderMap,
+        headers: &HeaderMap,
     ) -> Result<(Response<Incoming>, Uri), FetchError> {
         self.failover(
             Method::GET,
             &job.upstreams,
-            &headers,
+            headers,
             None,
             job.settings.idle,
         )

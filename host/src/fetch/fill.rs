@@ -3,6 +3,7 @@
 //! unshareable response to its leader, stream the body, verify and
 //! commit it, resume after a transient failure).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -55,7 +56,7 @@ impl Inner {
     pub(super) async fn run(
         &self,
         fill: &Fill,
-        job: FillJob,
+        job: &FillJob,
         leader: oneshot::Sender<Response<Incoming>>,
     ) -> Result<(), FetchError> {
         if job.settings.mode == CacheMode::Offline {
@@ -71,20 +72,23 @@ impl Inner {
         } else {
             None
         };
-        let mut headers = job.headers.clone();
-        if let Some((_, validators)) = &job.revalidate {
-            headers.extend(validators.clone());
-        }
         let resume = partial
             .as_ref()
             .and_then(|(meta, len)| resume_headers(meta, *len));
+        // The job's headers as they are, unless this first request adds
+        // validators or a range: a plain miss copies none of them.
+        let mut headers = Cow::Borrowed(&job.headers);
+        if let Some((_, validators)) = &job.revalidate {
+            headers.to_mut().extend(validators.clone());
+        }
         if let Some((range, if_range)) = &resume {
-            headers.insert(header::RANGE, range.clone());
-            headers.insert(header::IF_RANGE, if_range.clone());
+            let h = headers.to_mut();
+            h.insert(header::RANGE, range.clone());
+            h.insert(header::IF_RANGE, if_range.clone());
         }
 
         let asked = self.clock.now();
-        let (mut resp, url) = self.ask(&job, headers).await?;
+        let (mut resp, url) = self.ask(job, &headers).await?;
         let received = self.clock.now();
 
         if let Some((replica, _)) = &job.revalidate
@@ -111,14 +115,14 @@ impl Inner {
             // upstream holds is not what we hold, so fetch it whole.
             tracing::info!(target: "cistern::fetch", %key, %url,
                 "the upstream's 304 names another validator than the replica's; fetching the object again");
-            let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
+            let (resp2, _) = self.ask(job, &job.headers).await?;
             resp = resp2;
         }
 
         let decision = match &job.hook {
             Some(hook) => {
                 let status = resp.status();
-                hook.on_head(status, resp.headers_mut())
+                hook.on_head(status, resp.headers_mut()).await
             }
             None => HeadDecision::default(),
         };
@@ -145,7 +149,7 @@ impl Inner {
             // Another range than the resume asked for: start over without one.
             let k = key.clone();
             self.blocking(move |s| s.discard_partial(&k)).await?;
-            let (resp2, _) = self.ask(&job, job.headers.clone()).await?;
+            let (resp2, _) = self.ask(job, &job.headers).await?;
             resp = resp2;
         }
         let mut resumed_from = resumed_from;
@@ -177,7 +181,7 @@ impl Inner {
 
         let policy_uncacheable = decision.uncacheable;
         let mut writing = match self
-            .prepare(fill, &job, &resp, &url, received, decision, resumed_from)
+            .prepare(fill, job, &resp, &url, received, decision, resumed_from)
             .await
         {
             Ok(Some(w)) => w,
@@ -204,7 +208,7 @@ impl Inner {
                     if !unasked_part {
                         // (An upstream that answers in parts would only
                         // send the same part again: it goes as it came.)
-                        resp = self.ask(&job, job.headers.clone()).await?.0;
+                        resp = self.ask(job, &job.headers).await?.0;
                     }
                 }
                 fill.state
@@ -215,7 +219,7 @@ impl Inner {
             Err(e) => return Err(e),
         };
         writing.meta.rfc.request_time = asked;
-        self.stream(fill, &job, resp, writing).await
+        self.stream(fill, job, resp, writing).await
     }
 
     /// Decides whether the response becomes a replica and, if so, opens its

@@ -328,7 +328,8 @@ impl MirrorSet {
         let mut url = String::with_capacity(base.len() + rest.len());
         url.push_str(base);
         url.push_str(&rest);
-        Ok(url.parse()?)
+        // From the String itself: `parse` would copy it into a new buffer.
+        Ok(Uri::try_from(url)?)
     }
 
     /// The index of the upstream `url` was sent to (the longest base that

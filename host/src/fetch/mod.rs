@@ -114,8 +114,14 @@ pub struct HeadDecision {
 /// Called on every upstream response head before anything is decided;
 /// may edit the headers (e.g. rewrite `Location`).
 pub trait HeadHook: Send + Sync {
-    /// Inspects and edits the head; returns the policy's decision.
-    fn on_head(&self, status: StatusCode, headers: &mut HeaderMap) -> HeadDecision;
+    /// Inspects and edits the head; returns the policy's decision. A
+    /// future, because a policy runs off the async workers and the fill
+    /// waits for it without holding one.
+    fn on_head<'a>(
+        &'a self,
+        status: StatusCode,
+        headers: &'a mut HeaderMap,
+    ) -> std::pin::Pin<Box<dyn Future<Output = HeadDecision> + Send + 'a>>;
 }
 
 /// Per-request settings of a fetch, from the config snapshot.
@@ -218,6 +224,16 @@ impl FetchEngine {
         map.get(key).cloned()
     }
 
+    /// Joins the fill of `key` if one is under way, counted as a coalesced
+    /// follower. Asking before building a [`FillJob`] spares a follower
+    /// the job's copies of its request; [`FetchEngine::fill`] asks again,
+    /// so a fill that starts in between is still joined.
+    pub fn join(&self, key: &CacheKey) -> Option<Arc<Fill>> {
+        let fill = self.find(key)?;
+        self.inner.metrics.coalesced_follower();
+        Some(fill)
+    }
+
     /// Joins the fill of `job.key`, or starts it.
     pub fn fill(&self, job: FillJob) -> FillTicket {
         let (fill, passthrough) = {
@@ -248,8 +264,9 @@ impl FetchEngine {
                     inner: inner.clone(),
                     fill: task_fill.clone(),
                 };
-                let url = job.upstreams.primary();
-                if let Err(error) = inner.run(&task_fill, job, tx).await {
+                if let Err(error) = inner.run(&task_fill, &job, tx).await {
+                    // Built only here: a fill that succeeds never renders it.
+                    let url = job.upstreams.primary();
                     tracing::warn!(target: "cistern::fetch", key = %task_fill.key, %url,
                         kind = error.kind().as_str(), side = error.side().as_str(),
                         "fill failed: {}", error_chain(&error));

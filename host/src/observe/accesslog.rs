@@ -11,7 +11,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 
 use super::{CacheOutcome, Metrics};
 use crate::body::{BoxError, ProxyBody};
@@ -52,8 +51,9 @@ pub struct LoggedBody {
 
 impl LoggedBody {
     /// Wraps `inner` so that `record` is logged at its end; body bytes are
-    /// counted in `metrics` as they go.
-    pub fn wrap(inner: ProxyBody, record: AccessRecord, metrics: Arc<Metrics>) -> ProxyBody {
+    /// counted in `metrics` as they go. Not boxed again: `inner` already is,
+    /// and the server takes this type as it is.
+    pub fn wrap(inner: ProxyBody, record: AccessRecord, metrics: Arc<Metrics>) -> LoggedBody {
         LoggedBody {
             inner,
             metrics,
@@ -61,7 +61,6 @@ impl LoggedBody {
             failed: false,
             record: Some(record),
         }
-        .boxed_unsync()
     }
 
     fn emit(&mut self, complete: bool) {

@@ -237,6 +237,23 @@ impl Proxy {
             Some(r) => (Some((r.replica, r.validators)), r.fallback),
             None => (None, None),
         };
+        // A follower needs no job: joining first spares it copies of the
+        // headers (for the upstream and for the hook) and of the route.
+        if let Some(fill) = self.engine.join(key) {
+            return self
+                .follow(
+                    method,
+                    &headers,
+                    uri,
+                    fill,
+                    None,
+                    CacheOutcome::Coalesced,
+                    &upstreams,
+                    fallback,
+                    snap,
+                )
+                .await;
+        }
         let job = FillJob {
             key: key.clone(),
             key_uri: uri.clone(),

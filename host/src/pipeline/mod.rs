@@ -115,8 +115,9 @@ impl Proxy {
         &self.engine
     }
 
-    /// Handles one request end to end.
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+    /// Handles one request end to end; the body logs the request's access
+    /// line when it ends.
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<LoggedBody> {
         let started = Instant::now();
         // Before anything logs, keys or stores the URL.
         let unusable = crate::credentials::take(&mut req).err();
@@ -279,10 +280,10 @@ impl Proxy {
         let mut store_id = None;
         if !chain.is_empty() {
             let headers = std::mem::take(req.headers_mut());
-            let mut view =
+            let view =
                 RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
-            if let RequestOutcome::Respond(direct) = chain.on_request(&snap.policy_host, &mut view)
-            {
+            let (mut view, outcome) = chain.run_on_request(&snap.policy_host, view).await;
+            if let RequestOutcome::Respond(direct) = outcome {
                 return Answer::local(direct_response(direct));
             }
             *req.headers_mut() = std::mem::take(&mut view.headers);
@@ -295,7 +296,9 @@ impl Proxy {
             }
             store_id = view.cache_key.clone();
             bypass = view.bypass_cache;
-            policy = Some(PolicyRun {
+            // A chain without `on_response` (store-id alone) needs no
+            // response hook, nor the copy of the headers that makes one.
+            policy = chain.has_on_response().then(|| PolicyRun {
                 chain: chain.clone(),
                 host: snap.policy_host.clone(),
                 view,

@@ -35,7 +35,7 @@ impl Proxy {
             .direct(method.clone(), upstreams, up, None, &snap.settings)
             .await
         {
-            Ok(resp) => passed(resp, hook, reason),
+            Ok(resp) => passed(resp, hook, reason).await,
             Err(e) => Answer::local(error_response(&e)),
         }
     }
@@ -84,7 +84,7 @@ impl Proxy {
                         tracing::warn!(target: "cistern::store", %key, "invalidation failed: {e}");
                     }
                 }
-                passed(resp, hook.as_deref(), NoCacheReason::Method)
+                passed(resp, hook.as_deref(), NoCacheReason::Method).await
             }
             Err(e) => Answer::local(error_response(&e)),
         }
@@ -92,14 +92,14 @@ impl Proxy {
 }
 
 /// An uncached upstream response, after the policies' `on_response`.
-pub(super) fn passed(
+pub(super) async fn passed(
     mut resp: Response<Incoming>,
     hook: Option<&dyn HeadHook>,
     reason: NoCacheReason,
 ) -> Answer {
     if let Some(hook) = hook {
         let status = resp.status();
-        if hook.on_head(status, resp.headers_mut()).deny {
+        if hook.on_head(status, resp.headers_mut()).await.deny {
             return Answer::local(body::text(
                 StatusCode::BAD_GATEWAY,
                 "a policy refused the upstream response",

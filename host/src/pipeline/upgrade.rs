@@ -72,10 +72,10 @@ impl Proxy {
             Err(e) => return Answer::local(error_response(&e)),
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return passed(resp, hook.as_deref(), NoCacheReason::Upgrade);
+            return passed(resp, hook.as_deref(), NoCacheReason::Upgrade).await;
         }
         if let Some(hook) = &hook
-            && hook.on_head(resp.status(), resp.headers_mut()).deny
+            && hook.on_head(resp.status(), resp.headers_mut()).await.deny
         {
             return Answer::local(body::text(
                 StatusCode::BAD_GATEWAY,

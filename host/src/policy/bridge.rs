@@ -2,6 +2,7 @@
 //! ([`PolicyHost`] over the replica store, the fills in progress and the
 //! named limiters) and the response hook the fetch engine calls.
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, StatusCode, header};
@@ -39,7 +40,7 @@ impl PolicyHost for ProxyPolicyHost {
         } else if self.engine.find(&key).is_some() || store.has_partial(&key) {
             // A fill under way, or an interrupted partial on disk (a cut
             // download, a crash) that a later fill resumes (ABI.md §11).
-            // Both answers come from memory: hooks run on async workers.
+            // Both answers come from memory: a hook holds a policy thread.
             ReplicaState::Partial
         } else {
             ReplicaState::Absent
@@ -69,7 +70,8 @@ impl PolicyHost for ProxyPolicyHost {
 pub struct PolicyHook {
     chain: PolicyChain,
     host: Arc<dyn PolicyHost>,
-    /// The request as the chain left it; locked only for the one call.
+    /// The request as the chain left it; taken out for the call and put
+    /// back after it (the lock is never held across the wait).
     request: Mutex<RequestView>,
 }
 
@@ -82,23 +84,22 @@ impl PolicyHook {
             request: Mutex::new(request),
         }
     }
-}
 
-impl HeadHook for PolicyHook {
-    fn on_head(&self, status: StatusCode, headers: &mut HeaderMap) -> HeadDecision {
+    async fn decide(&self, status: StatusCode, headers: &mut HeaderMap) -> HeadDecision {
         // The body that follows is the upstream's, unchanged: its length is
         // kept as the upstream sent it, whatever a policy does, so a client
         // is never told a length the body lacks.
         let length = headers.get(header::CONTENT_LENGTH).cloned();
-        let mut response = ResponseView {
+        let response = ResponseView {
             status,
             headers: std::mem::take(headers),
         };
-        let decision: ResponseDecision = {
-            let mut request = self.request.lock().unwrap_or_else(|p| p.into_inner());
-            self.chain
-                .on_response(&self.host, &mut request, &mut response)
-        };
+        let request = std::mem::take(&mut *self.request.lock().unwrap_or_else(|p| p.into_inner()));
+        let (request, response, decision): (_, _, ResponseDecision) = self
+            .chain
+            .run_on_response(&self.host, request, response)
+            .await;
+        *self.request.lock().unwrap_or_else(|p| p.into_inner()) = request;
         *headers = response.headers;
         // Transfer-Encoding is hop-by-hop: the next hop frames anew.
         headers.remove(header::TRANSFER_ENCODING);
@@ -113,5 +114,15 @@ impl HeadHook for PolicyHook {
             ttl_cap: decision.ttl_cap,
             deny: decision.deny,
         }
+    }
+}
+
+impl HeadHook for PolicyHook {
+    fn on_head<'a>(
+        &'a self,
+        status: StatusCode,
+        headers: &'a mut HeaderMap,
+    ) -> Pin<Box<dyn Future<Output = HeadDecision> + Send + 'a>> {
+        Box::pin(self.decide(status, headers))
     }
 }

@@ -16,6 +16,7 @@ use wasmtime::{
 
 use super::abi::{self, CallCtx, Hook, HostState};
 use super::instance::{Policy, Settings, TICK};
+use super::pool::PolicyThreads;
 use super::{
     ABI_VERSION, DirectResponse, Failure, MAX_MEMORY_LIMIT, PolicyError, PolicyHost, PolicyStats,
     RequestOutcome, RequestView, ResponseDecision, ResponseView,
@@ -52,6 +53,8 @@ struct EngineInner {
     engine: Engine,
     linker: Linker<HostState>,
     modules: Mutex<HashMap<[u8; 32], Module>>,
+    /// Where every snapshot's hooks run.
+    threads: PolicyThreads,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -96,6 +99,7 @@ impl PolicyEngine {
                 engine,
                 linker,
                 modules: Mutex::new(HashMap::new()),
+                threads: PolicyThreads::new(),
             }),
         })
     }
@@ -168,6 +172,7 @@ impl PolicyEngine {
             .retain(|hash, _| used.contains(hash));
         Ok(PolicySet {
             policies: Arc::new(policies),
+            threads: self.inner.threads.clone(),
         })
     }
 
@@ -284,6 +289,7 @@ fn check_exports(module: &Module) -> Result<(bool, bool), String> {
 #[derive(Clone, Default)]
 pub struct PolicySet {
     policies: Arc<Vec<Arc<Policy>>>,
+    threads: PolicyThreads,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -311,7 +317,10 @@ impl PolicySet {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(PolicyChain {
+            has_on_request: chain.iter().any(|p| p.settings.has_on_request),
+            has_on_response: chain.iter().any(|p| p.settings.has_on_response),
             policies: chain.into(),
+            threads: self.threads.clone(),
         })
     }
 
@@ -326,6 +335,12 @@ impl PolicySet {
 #[derive(Clone, Default)]
 pub struct PolicyChain {
     policies: Arc<[Arc<Policy>]>,
+    /// Some policy exports `on_request`: without one a request never
+    /// waits for a policy thread.
+    has_on_request: bool,
+    /// Some policy exports `on_response`.
+    has_on_response: bool,
+    threads: PolicyThreads,
 }
 
 impl std::fmt::Debug for PolicyChain {
@@ -375,9 +390,73 @@ impl PolicyChain {
         self.policies.iter().map(|p| &*p.settings.name).collect()
     }
 
+    /// Some policy of the chain exports `on_response`: without one an
+    /// upstream response needs no hook.
+    pub fn has_on_response(&self) -> bool {
+        self.has_on_response
+    }
+
+    /// [`PolicyChain::on_request`] on a policy thread, so a hook that runs
+    /// to its deadline holds no async worker; the request's task waits for
+    /// the whole chain at once. A chain without an `on_request` hook
+    /// returns at once, with no hand-off.
+    pub async fn run_on_request(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        mut req: RequestView,
+    ) -> (RequestView, RequestOutcome) {
+        if !self.has_on_request {
+            return (req, RequestOutcome::Continue);
+        }
+        let chain = self.clone();
+        let host = Arc::clone(host);
+        let ran = self
+            .threads
+            .run(move || {
+                let outcome = chain.on_request(&host, &mut req);
+                (req, outcome)
+            })
+            .await;
+        // A panic is a bug of the host, not a policy's failure: no
+        // `on-error` applies, and refusing is the only safe answer.
+        ran.unwrap_or_else(|_| (RequestView::default(), RequestOutcome::Respond(denied())))
+    }
+
+    /// [`PolicyChain::on_response`] on a policy thread (see
+    /// [`PolicyChain::run_on_request`]); returns the views as the chain left
+    /// them and its decision.
+    pub async fn run_on_response(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        mut req: RequestView,
+        mut resp: ResponseView,
+    ) -> (RequestView, ResponseView, ResponseDecision) {
+        if !self.has_on_response {
+            return (req, resp, ResponseDecision::default());
+        }
+        let chain = self.clone();
+        let host = Arc::clone(host);
+        let ran = self
+            .threads
+            .run(move || {
+                let decision = chain.on_response(&host, &mut req, &mut resp);
+                (req, resp, decision)
+            })
+            .await;
+        ran.unwrap_or_else(|_| {
+            let deny = ResponseDecision {
+                deny: true,
+                ..ResponseDecision::default()
+            };
+            (RequestView::default(), ResponseView::default(), deny)
+        })
+    }
+
     /// Runs `on_request` of each policy in order, letting each edit `req`.
     /// Stops at the first direct answer (or at a failed `deny` policy,
-    /// answering 503). A failed `pass` policy's edits are discarded.
+    /// answering 503). A failed `pass` policy's edits are discarded. Runs
+    /// on the calling thread: the proxy calls
+    /// [`PolicyChain::run_on_request`] instead.
     pub fn on_request(&self, host: &Arc<dyn PolicyHost>, req: &mut RequestView) -> RequestOutcome {
         for policy in self.policies.iter().filter(|p| p.settings.has_on_request) {
             let ctx = CallCtx::new(

@@ -131,8 +131,8 @@ fn reason(error: &wasmtime::Error) -> String {
 impl Policy {
     /// A policy around a pre-linked module; no instance yet.
     pub(crate) fn new(settings: Settings, pre: InstancePre<HostState>) -> Policy {
-        // One idle instance per worker thread is the steady state; twice that
-        // absorbs bursts without instantiating.
+        // One idle instance per policy thread is the steady state; twice
+        // that absorbs bursts without instantiating.
         let idle_cap = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         Policy {
             settings,

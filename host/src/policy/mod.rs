@@ -4,10 +4,12 @@
 //! One [`PolicyEngine`] per process compiles the policies of a config
 //! snapshot into a [`PolicySet`] ([`PolicyEngine::load`] checks everything
 //! before anything goes live). A route asks the set for its ordered
-//! [`PolicyChain`] and runs [`PolicyChain::on_request`] and
-//! [`PolicyChain::on_response`] synchronously on the request's worker: hooks
-//! cost well under a microsecond when instances are reused, and a deadline
-//! bounds a misbehaving one.
+//! [`PolicyChain`] and runs [`PolicyChain::run_on_request`] and
+//! [`PolicyChain::run_on_response`]: each runs the whole chain on one of a
+//! few policy threads (`pool`), never on an async worker, so a hook that
+//! runs to its deadline stalls no other request. Hooks cost about a
+//! microsecond when instances are reused, and a deadline bounds a
+//! misbehaving one.
 //!
 //! Guests are untrusted. Every pointer they pass is bounds-checked, every
 //! host cap is an error code, and their edits are buffered and applied only
@@ -19,6 +21,7 @@ mod abi;
 pub mod bridge;
 mod engine;
 mod instance;
+mod pool;
 
 pub use engine::{PolicyChain, PolicyEngine, PolicySet};
 
@@ -173,7 +176,7 @@ pub enum LimitVerdict {
 
 /// The host engines a policy may question. The proxy implements it over the
 /// replica store and the named limiters; calls must be quick and must not
-/// block on I/O (they run inside a hook, on the request's worker).
+/// block on I/O (they run inside a hook, which holds a policy thread).
 pub trait PolicyHost: Send + Sync {
     /// The state of the replica for `key` (a cache key or an absolute URL).
     fn replica_state(&self, key: &str) -> ReplicaState;

@@ -14,6 +14,7 @@
 //!   climbs above `/`); an empty path becomes `/`;
 //! - an empty query (`?` alone) is dropped, a fragment never reaches a key.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
@@ -103,32 +104,49 @@ pub(crate) struct KeyParts<'a> {
 /// The normalised key text for an absolute URI.
 pub(crate) fn normalize(uri: &http::Uri) -> Result<String, PathError> {
     let scheme = uri.scheme_str().ok_or(PathError::NotAbsolute)?;
-    let scheme = scheme.to_ascii_lowercase();
-    let default_port = match scheme.as_str() {
-        "http" => 80,
-        "https" => 443,
-        _ => return Err(PathError::Scheme(scheme)),
+    let (scheme, default_port) = if scheme.eq_ignore_ascii_case("http") {
+        ("http", 80)
+    } else if scheme.eq_ignore_ascii_case("https") {
+        ("https", 443)
+    } else {
+        return Err(PathError::Scheme(scheme.to_ascii_lowercase()));
     };
     let authority = uri.authority().ok_or(PathError::NotAbsolute)?;
-    let host = authority.host().to_ascii_lowercase();
-    check_host(&host)?;
+    let host = authority.host();
     let port = authority.port_u16().unwrap_or(default_port);
+    let path = uri.path();
+    let query = uri.query().filter(|q| !q.is_empty());
 
-    let path = normalize_pct(uri.path(), is_path_literal);
-    let path = if path.is_empty() {
-        "/".to_owned()
-    } else if path.starts_with('/') {
-        remove_dot_segments(&path)
-    } else {
+    // Every request builds its key: the parts are written straight into
+    // one buffer, sized for the common case of nothing to escape.
+    let mut key = String::with_capacity(
+        scheme.len() + 3 + host.len() + 6 + path.len() + query.map_or(0, |q| 1 + q.len()),
+    );
+    key.push_str(scheme);
+    key.push_str("://");
+    let host_at = key.len();
+    key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+    check_host(&key[host_at..])?;
+    // Writing to a String cannot fail.
+    let _ = write!(key, ":{port}");
+
+    let path_at = key.len();
+    push_normalized_pct(&mut key, path, is_path_literal);
+    if key.len() == path_at {
+        key.push('/');
+    } else if !key[path_at..].starts_with('/') {
         // Only `*` (OPTIONS) or an authority-form target lack the leading
         // slash; neither names a cacheable resource.
         return Err(PathError::NotAbsolute);
-    };
+    } else if key[path_at..].split('/').any(|s| s == "." || s == "..") {
+        let resolved = remove_dot_segments(&key[path_at..]);
+        key.truncate(path_at);
+        key.push_str(&resolved);
+    }
 
-    let mut key = format!("{scheme}://{host}:{port}{path}");
-    if let Some(query) = uri.query().filter(|q| !q.is_empty()) {
+    if let Some(query) = query {
         key.push('?');
-        key.push_str(&normalize_pct(query, is_query_literal));
+        push_normalized_pct(&mut key, query, is_query_literal);
     }
     Ok(key)
 }
@@ -221,11 +239,11 @@ pub(crate) fn push_escaped(out: &mut String, b: u8) {
     out.push(HEX[usize::from(b & 0xF)] as char);
 }
 
-/// Normalises percent-encoding: escapes in upper case, unreserved bytes
-/// decoded, stray `%` and bytes outside `literal` escaped.
-fn normalize_pct(input: &str, literal: fn(u8) -> bool) -> String {
+/// Appends `input` to `out` with its percent-encoding normalised: escapes
+/// in upper case, unreserved bytes decoded, stray `%` and bytes outside
+/// `literal` escaped.
+fn push_normalized_pct(out: &mut String, input: &str, literal: fn(u8) -> bool) {
     let bytes = input.as_bytes();
-    let mut out = String::with_capacity(input.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -237,9 +255,9 @@ fn normalize_pct(input: &str, literal: fn(u8) -> bool) -> String {
                 .map(|(h, l)| h << 4 | l);
             match decoded {
                 Some(d) if is_unreserved(d) => out.push(d as char),
-                Some(d) => push_escaped(&mut out, d),
+                Some(d) => push_escaped(out, d),
                 None => {
-                    push_escaped(&mut out, b'%');
+                    push_escaped(out, b'%');
                     i += 1;
                     continue;
                 }
@@ -249,12 +267,11 @@ fn normalize_pct(input: &str, literal: fn(u8) -> bool) -> String {
             if literal(b) {
                 out.push(b as char);
             } else {
-                push_escaped(&mut out, b);
+                push_escaped(out, b);
             }
             i += 1;
         }
     }
-    out
 }
 
 /// RFC 3986 section 5.2.4 for a path starting with `/`: `.` and `..`

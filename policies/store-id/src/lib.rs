@@ -3,8 +3,10 @@
 //! Each `param "rule" "PATTERN KEY"` maps request URLs to a cache key. The
 //! pattern is matched against the whole absolute URL; `*` matches any run of
 //! characters (possibly empty) and the key refers to what the n-th `*`
-//! matched as `$n` (`$1`…`$9`). Rules are tried in file order; the first
-//! match sets the key, and a URL no rule matches keeps its own.
+//! matched as `$n` (`$1`…`$9`); each `*` takes the shortest run that lets
+//! the rest match. Rules are tried in file order; the first match sets the
+//! key, and a URL no rule matches keeps its own. Matching takes time linear
+//! in the URL however many `*` a rule has (see `glob`).
 //!
 //! ```kdl
 //! policy "store-id" path="builtin:store-id" {
@@ -12,38 +14,10 @@
 //! }
 //! ```
 
-use cistern_guest::{self as cistern, Level, Result, request};
+mod glob;
 
-/// Matches `text` against `pattern`, filling `captures` with what each `*`
-/// matched. Backtracks, leftmost `*` shortest first, so
-/// `http://*/pool/*` splits at the first `/pool/`.
-fn glob<'t>(pattern: &[u8], text: &'t str, start: usize, captures: &mut Vec<&'t str>) -> bool {
-    let bytes = text.as_bytes();
-    let mut p = 0;
-    let mut t = start;
-    while p < pattern.len() {
-        if pattern[p] == b'*' {
-            let depth = captures.len();
-            for end in t..=bytes.len() {
-                if !text.is_char_boundary(end) {
-                    continue;
-                }
-                captures.push(&text[t..end]);
-                if glob(&pattern[p + 1..], text, end, captures) {
-                    return true;
-                }
-                captures.truncate(depth);
-            }
-            return false;
-        }
-        if t >= bytes.len() || bytes[t] != pattern[p] {
-            return false;
-        }
-        p += 1;
-        t += 1;
-    }
-    t == bytes.len()
-}
+use cistern_guest::{self as cistern, Level, Result, request};
+use glob::glob;
 
 fn expand(template: &str, captures: &[&str]) -> String {
     let mut key = String::with_capacity(template.len() + 32);
@@ -71,7 +45,7 @@ fn on_request() -> Result<()> {
             continue;
         };
         let mut captures = Vec::new();
-        if glob(pattern.as_bytes(), &url, 0, &mut captures) {
+        if glob(pattern, &url, &mut captures) {
             return request::set_cache_key(&expand(template.trim(), &captures));
         }
     }
