@@ -248,6 +248,7 @@ impl Admin {
             "Upstream fetches under way.",
             engine.in_progress().len(),
         );
+        prometheus::write_fill_caps(&mut w, &engine.fill_permits());
 
         let policies = snap.policies.stats();
         w.family(

@@ -168,6 +168,27 @@ pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
     );
 }
 
+/// Writes the fill caps' counts (`max-fills`, `max-fills-per-client`).
+pub fn write_fill_caps(w: &mut PromWriter, f: &crate::fetch::FillGateStats) {
+    w.single(
+        "cistern_fill_permits_in_use",
+        Kind::Gauge,
+        "Fills holding a place under max-fills now (followers of a fill take none).",
+        f.in_flight,
+    );
+    w.family(
+        "cistern_fills_refused_total",
+        Kind::Counter,
+        "Requests answered 503 because their miss would have started a fill over a cap, by cap.",
+    );
+    for (cap, n) in [
+        ("max-fills", f.refused_total),
+        ("max-fills-per-client", f.refused_per_client),
+    ] {
+        w.sample("cistern_fills_refused_total", &[("cap", cap)], n);
+    }
+}
+
 /// Writes the connection gates' counts, one sample per listener kind
 /// (`proxy`, `admin`).
 pub fn write_connections(w: &mut PromWriter, gates: &[(&str, GateStats)]) {

@@ -254,6 +254,12 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// Client connections open at once from one address. At least 1.
     pub max_connections_per_client: u32,
+    /// Fills (upstream downloads into the replica) in flight at once; a
+    /// request that would start one more gets 503 with `Retry-After`.
+    /// Followers of a fill under way do not count. At least 1.
+    pub max_fills: u32,
+    /// Fills in flight at once started by one client address. At least 1.
+    pub max_fills_per_client: u32,
 }
 
 /// `max-connections` when the config leaves it out.
@@ -262,6 +268,16 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 /// `max-connections-per-client` when the config leaves it out.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
 
+/// `max-fills` when the config leaves it out: far more than a LAN's package
+/// managers start at once, few enough that upstream connections, partial
+/// files and write buffers stay bounded.
+pub const DEFAULT_MAX_FILLS: u32 = 256;
+
+/// `max-fills-per-client` when the config leaves it out: apt, pip and
+/// browsers download a handful of files at once; a client asking for more
+/// distinct misses than this is more likely a crawler or an attack.
+pub const DEFAULT_MAX_FILLS_PER_CLIENT: u32 = 32;
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -269,6 +285,8 @@ impl Default for LimitsConfig {
             download_bytes_per_sec: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            max_fills: DEFAULT_MAX_FILLS,
+            max_fills_per_client: DEFAULT_MAX_FILLS_PER_CLIENT,
         }
     }
 }

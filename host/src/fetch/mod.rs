@@ -31,6 +31,7 @@ mod failover;
 mod fill;
 mod headers;
 pub mod mirror;
+mod permits;
 mod sink;
 pub mod upstream;
 
@@ -52,9 +53,11 @@ pub use error::{ErrorKind, FetchError, RetryType, Side, error_chain};
 pub use fill::RESUME_ATTEMPTS;
 pub use headers::announced_sha256;
 pub use mirror::MirrorSet;
+pub use permits::{FillCaps, FillGateStats, FillRefused};
 pub use upstream::{BoxError, UpstreamBody, UpstreamClient};
 
 use coalesce::{FillGuard, Inflight};
+use permits::FillGate;
 
 /// Where a key's bytes can come from.
 #[derive(Debug, Clone)]
@@ -126,6 +129,8 @@ pub struct FetchSettings {
     pub mode: CacheMode,
     /// Limits of the snapshot (bandwidth cap).
     pub limits: Arc<Limits>,
+    /// Caps on the fills in flight (`max-fills`, `max-fills-per-client`).
+    pub fill_caps: FillCaps,
 }
 
 /// A request for the fill of one key.
@@ -145,6 +150,9 @@ pub struct FillJob {
     pub settings: FetchSettings,
     /// The policy chain's response hook, if any.
     pub hook: Option<Arc<dyn HeadHook>>,
+    /// The address of the client whose request starts the fill, counted
+    /// against `max-fills-per-client`.
+    pub client: std::net::IpAddr,
 }
 
 /// The coalescing fetch engine; cheap to clone.
@@ -159,6 +167,8 @@ struct Inner {
     client: UpstreamClient,
     clock: Clock,
     inflight: Inflight,
+    /// Permits of the fills in flight, against the snapshot's caps.
+    permits: FillGate,
     metrics: Arc<Metrics>,
 }
 
@@ -171,6 +181,7 @@ impl FetchEngine {
                 client,
                 clock,
                 inflight: Inflight::default(),
+                permits: FillGate::default(),
                 metrics: Arc::default(),
             }),
         }
@@ -208,6 +219,11 @@ impl FetchEngine {
         map.values().cloned().collect()
     }
 
+    /// The fill caps' counts (`/metrics`).
+    pub fn fill_permits(&self) -> FillGateStats {
+        self.inner.permits.stats()
+    }
+
     /// The fill of a key in progress, if any (HEAD requests join one but
     /// never start one).
     pub fn find(&self, key: &CacheKey) -> Option<Arc<Fill>> {
@@ -215,7 +231,7 @@ impl FetchEngine {
         map.get(key).cloned()
     }
 
-    /// Joins the fill of `job.key`, or starts it.
+    /// Joins the fill of `job.key`, or starts it if the fill caps allow.
     pub fn fill(&self, job: FillJob) -> FillTicket {
         let (fill, passthrough) = {
             let mut map = self.inner.inflight.lock();
@@ -229,6 +245,12 @@ impl FetchEngine {
             {
                 return FillTicket::Ready(replica);
             }
+            // Taken under the registry's lock, so two requests for one key
+            // never both take a permit; held by the task until it ends.
+            let permit = match self.inner.permits.admit(job.client, job.settings.fill_caps) {
+                Ok(p) => p,
+                Err(why) => return FillTicket::Refused(why),
+            };
             let (state, _) = watch::channel(FillState::Waiting);
             let fill = Arc::new(Fill {
                 key: job.key.clone(),
@@ -256,6 +278,7 @@ impl FetchEngine {
                         .send_replace(FillState::Failed(Arc::new(error)));
                 }
                 drop(guard);
+                drop(permit);
             });
             (fill, rx)
         };

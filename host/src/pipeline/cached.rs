@@ -3,12 +3,13 @@
 //! `stale-if-error` or `stale-while-revalidate` allow), or start or join
 //! the key's fill and read along it.
 
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 
-use super::answers::{error_response, internal};
+use super::answers::{error_response, fill_refused, internal};
 use super::passthrough::passthrough_response;
 use super::{Answer, PolicyRun, Proxy, RouteCache, forwarded};
 use crate::body;
@@ -83,7 +84,7 @@ impl Proxy {
                     return self
                         .serve_while_revalidating(
                             &method, &headers, &key_uri, replica, validators, upstreams, policy,
-                            snap,
+                            client, snap,
                         )
                         .await;
                 }
@@ -105,13 +106,16 @@ impl Proxy {
                             Some(stale),
                             upstreams,
                             policy,
+                            client,
                             snap,
                         )
                         .await;
                 }
                 Lookup::Fresh(_) | Lookup::Absent => {
                     return self
-                        .miss(&method, headers, &key_uri, None, upstreams, policy, snap)
+                        .miss(
+                            &method, headers, &key_uri, None, upstreams, policy, client, snap,
+                        )
                         .await;
                 }
                 Lookup::OtherVariant => NoCacheReason::OtherVariant,
@@ -177,6 +181,7 @@ impl Proxy {
         revalidation: Option<Revalidation>,
         upstreams: Upstreams,
         policy: Option<PolicyRun>,
+        client: IpAddr,
         snap: &Snapshot,
     ) -> Answer {
         let key = key_uri.key;
@@ -231,6 +236,7 @@ impl Proxy {
             revalidate,
             settings: snap.settings.clone(),
             hook: policy.map(|p| p.hook(&headers)),
+            client,
         };
         let (fill, passthrough, outcome) = match self.engine.fill(job) {
             FillTicket::Ready(replica) => {
@@ -246,6 +252,7 @@ impl Proxy {
                 (fill, Some(passthrough), CacheOutcome::Miss)
             }
             FillTicket::Follower(fill) => (fill, None, CacheOutcome::Coalesced),
+            FillTicket::Refused(why) => return Answer::local(fill_refused(&why)),
         };
         self.follow(
             method,
@@ -274,6 +281,7 @@ impl Proxy {
         validators: HeaderMap,
         upstreams: Upstreams,
         policy: Option<PolicyRun>,
+        client: IpAddr,
         snap: &Snapshot,
     ) -> Answer {
         if let Some(uri) = key_uri.get() {
@@ -285,9 +293,11 @@ impl Proxy {
                 revalidate: Some((replica.clone(), validators)),
                 settings: snap.settings.clone(),
                 hook: policy.map(|p| p.hook(headers)),
+                client,
             };
             // Nobody waits for this ticket: the fill task outlives it, and
-            // an unshareable answer is simply dropped.
+            // an unshareable answer is simply dropped; over a fill cap the
+            // stale copy is served without a revalidation this time.
             drop(self.engine.fill(job));
         }
         match self

@@ -1,5 +1,5 @@
 //! `limit { … }` (per-client request rates, the download cap, connection
-//! caps) and `limiter NAME …` (named rates for policies).
+//! and fill caps) and `limiter NAME …` (named rates for policies).
 
 use kdl::{KdlEntry, KdlNode};
 
@@ -18,6 +18,16 @@ const LIMIT: &[Rule<LimitsConfig>] = &[
     once("max-connections-per-client", |cx, n, l| {
         if let Some(v) = count_node(cx, n, "max-connections-per-client 256") {
             l.max_connections_per_client = v;
+        }
+    }),
+    once("max-fills", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "max-fills 256") {
+            l.max_fills = v;
+        }
+    }),
+    once("max-fills-per-client", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "max-fills-per-client 32") {
+            l.max_fills_per_client = v;
         }
     }),
 ];

@@ -1,0 +1,161 @@
+//! Bounded resources at the edge (issue 12): fills in flight capped over
+//! all and per client, orphaned fills under quick-abort rules, query
+//! strings on mirrors, slow readers timed out, and the admin's
+//! authentication. Each test asserts what a client or the origin sees.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Cistern, Got, Origin, Resource, free_port, get, pattern, read};
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+/// A config serving `origin` as the mirror `/files/` with the admin
+/// listener on `admin`, plus `extra` top-level nodes.
+fn config(origin: &Origin, admin: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{
+    root "{{ROOT}}"
+}}
+mirror "files" {{
+    prefix "/files/"
+    upstream "http://{origin}/"
+}}
+admin {{
+    listen "{admin}"
+}}
+{extra}
+"#,
+        origin = origin.addr,
+    )
+}
+
+fn admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Sends a GET for `path` to `proxy` from the loopback address `from`
+/// (any 127/8 address is this machine's), returning the response unread.
+async fn get_from(from: IpAddr, proxy: SocketAddr, path: &str) -> Response<Incoming> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let stream = socket.connect(proxy).await.expect("connect to cistern");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", proxy.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    sender.send_request(req).await.expect("send request")
+}
+
+/// The value of the sample `series` (name plus labels, as written) on the
+/// admin's `/metrics` page; 0 when absent.
+async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let page = get(admin, "/metrics").await;
+    assert_eq!(page.status, StatusCode::OK);
+    let text = String::from_utf8(page.bytes().to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// Polls `metric` until it reaches `want`, for up to 20 s.
+async fn metric_reaches(admin: SocketAddr, series: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = metric(admin, series).await;
+        if got >= want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed at {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_in_flight_are_capped_over_all_and_per_client_and_followers_need_no_place() {
+    const SIZE: usize = 2 * 1024 * 1024;
+    let origin = Origin::start().await;
+    for i in 0..6u8 {
+        origin.put(
+            &format!("/big{i}.bin"),
+            Resource::new(pattern(i, SIZE)).slow(Duration::from_millis(60)),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let limits = "limit {\n    max-fills 3\n    max-fills-per-client 2\n}\n";
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, limits), &[]);
+    let one: IpAddr = "127.0.0.1".parse().unwrap();
+    let two: IpAddr = "127.0.0.2".parse().unwrap();
+
+    // Two fills from the first client: its share.
+    let a = get_from(one, cistern.addr, "/files/big0.bin").await;
+    let b = get_from(one, cistern.addr, "/files/big1.bin").await;
+    assert_eq!((a.status(), b.status()), (StatusCode::OK, StatusCode::OK));
+    let over_client = read(get_from(one, cistern.addr, "/files/big2.bin").await).await;
+    assert_eq!(over_client.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(over_client.header("retry-after"), "5");
+    assert!(
+        String::from_utf8_lossy(over_client.bytes()).contains("max-fills-per-client"),
+        "{over_client:?}"
+    );
+    // Another client gets the third place, then the total is reached.
+    let c = get_from(two, cistern.addr, "/files/big3.bin").await;
+    assert_eq!(c.status(), StatusCode::OK);
+    let over_total = read(get_from(two, cistern.addr, "/files/big4.bin").await).await;
+    assert_eq!(over_total.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        String::from_utf8_lossy(over_total.bytes()).contains("(max-fills)"),
+        "{over_total:?}"
+    );
+    // Reading along a fill under way costs the upstream nothing: allowed.
+    let follower = get_from(two, cistern.addr, "/files/big0.bin").await;
+    assert_eq!(follower.status(), StatusCode::OK);
+    assert_eq!(
+        origin.most_bodies_in_flight(),
+        3,
+        "the origin is asked for at most max-fills bodies at once"
+    );
+    assert_eq!(origin.hits("/big2.bin") + origin.hits("/big4.bin"), 0);
+
+    for (i, resp) in [(0u8, a), (1, b), (3, c), (0, follower)] {
+        let got: Got = read(resp).await;
+        assert_eq!(got.bytes(), &pattern(i, SIZE), "big{i}.bin");
+    }
+    // The places are given back when the fills end: the refused ones can
+    // be fetched now.
+    metric_reaches(admin, "cistern_fills_total", 3.0).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(admin, "cistern_fill_permits_in_use").await > 0.0 {
+        assert!(Instant::now() < deadline, "the fills kept their places");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = read(get_from(one, cistern.addr, "/files/big2.bin").await).await;
+    assert_eq!(again.bytes(), &pattern(2, SIZE));
+    assert_eq!(
+        metric(
+            admin,
+            "cistern_fills_refused_total{cap=\"max-fills-per-client\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(admin, "cistern_fills_refused_total{cap=\"max-fills\"}").await,
+        1.0
+    );
+}
