@@ -159,3 +159,107 @@ async fn fills_in_flight_are_capped_over_all_and_per_client_and_followers_need_n
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_far_from_its_end_is_cut_at_once_and_resumed_by_the_next_client() {
+    // 4 MiB at 64 KiB per 40 ms: about 2.5 s of body, so a cut after the
+    // first chunks is far from both quick-abort thresholds (1 MiB, 90 %).
+    const SIZE: usize = 4 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(21, SIZE);
+    origin.put(
+        "/far.bin",
+        Resource::new(body.clone()).slow(Duration::from_millis(40)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, ""), &[]);
+
+    let resp = get_from("127.0.0.1".parse().unwrap(), cistern.addr, "/files/far.bin").await;
+    let mut b = resp.into_body();
+    let _ = http_body_util::BodyExt::frame(&mut b).await;
+    drop(b);
+    let hung_up = Instant::now();
+    let deadline = hung_up + Duration::from_secs(5);
+    let cut = loop {
+        if let Some(at) = origin.cut_at("/far.bin") {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the origin's download was never cut"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        cut.duration_since(hung_up) < Duration::from_secs(2),
+        "cut {:?} after the client left",
+        cut.duration_since(hung_up)
+    );
+    metric_reaches(
+        admin,
+        "cistern_orphan_fills_stopped_total{reason=\"not-worth-finishing\"}",
+        1.0,
+    )
+    .await;
+    assert!(
+        common::find_files(&cistern.root).is_empty(),
+        "a cut fill is not a replica"
+    );
+
+    // The partial was kept: the next client's fill resumes it.
+    let again = common::get(cistern.addr, "/files/far.bin").await;
+    assert_eq!(again.bytes(), &body);
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2);
+    let range = seen[1]
+        .headers
+        .get("range")
+        .expect("the second fetch resumes");
+    assert_ne!(range, "bytes=0-", "{range:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_near_its_end_is_finished_and_committed() {
+    // 768 KiB: under orphan-finish-left's 1 MiB from the first byte, so the
+    // fill goes on without its client.
+    const SIZE: usize = 768 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(22, SIZE);
+    origin.put(
+        "/near.bin",
+        Resource::new(body.clone()).slow(Duration::from_millis(60)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, ""), &[]);
+
+    let resp = get_from(
+        "127.0.0.1".parse().unwrap(),
+        cistern.addr,
+        "/files/near.bin",
+    )
+    .await;
+    let mut b = resp.into_body();
+    let _ = http_body_util::BodyExt::frame(&mut b).await;
+    drop(b);
+    let file = cistern.root.join(origin.addr.to_string()).join("near.bin");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "the orphan was not finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), body);
+    assert_eq!(origin.cut_at("/near.bin"), None, "the origin sent it all");
+    let hit = common::get(cistern.addr, "/files/near.bin").await;
+    assert_eq!(hit.bytes(), &body);
+    assert_eq!(origin.hits("/near.bin"), 1);
+    assert_eq!(
+        metric(
+            admin,
+            "cistern_orphan_fills_stopped_total{reason=\"not-worth-finishing\"}"
+        )
+        .await,
+        0.0
+    );
+}

@@ -482,6 +482,11 @@ impl Origin {
                     }
                     let mut body = body;
                     let chunk = body.split_to(n);
+                    if body.is_empty() {
+                        // All handed over: hyper may stop polling once a
+                        // Content-Length is met.
+                        guard.finish();
+                    }
                     first_byte
                         .lock()
                         .unwrap()

@@ -166,6 +166,17 @@ pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
         "Responses the replica could not keep (no disk room beside min-free, or a write error): passed through unstored, or cut when the disk ran full mid-body.",
         m.store_refusals,
     );
+    w.family(
+        "cistern_orphan_fills_stopped_total",
+        Kind::Counter,
+        "Fills whose clients had all gone, cut before their end (the partial is kept for a resume), by why: not-worth-finishing (orphan-finish-left, orphan-finish-done) or orphan-fill (ran past it).",
+    );
+    for (why, n) in [
+        ("not-worth-finishing", m.orphans_abandoned),
+        ("orphan-fill", m.orphans_timed_out),
+    ] {
+        w.sample("cistern_orphan_fills_stopped_total", &[("reason", why)], n);
+    }
 }
 
 /// Writes the fill caps' counts (`max-fills`, `max-fills-per-client`).

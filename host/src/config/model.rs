@@ -260,6 +260,34 @@ pub struct LimitsConfig {
     pub max_fills: u32,
     /// Fills in flight at once started by one client address. At least 1.
     pub max_fills_per_client: u32,
+    /// Which fills with no reader left go on (Squid's `quick_abort`).
+    pub orphans: OrphanRules,
+}
+
+/// When a fill whose clients have all gone is worth finishing
+/// (`orphan-finish-left`, `orphan-finish-done`, like Squid's
+/// `quick_abort_min` and `quick_abort_pct`). One that is not is cut at
+/// once, its partial kept for a later resume; one that is goes on for at
+/// most `orphan-fill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrphanRules {
+    /// Finish when at most this many bytes are left.
+    pub finish_left: u64,
+    /// Finish when at least this percentage (0 to 100) of the body is in;
+    /// 0 finishes every orphan, of known length or not.
+    pub finish_done_pct: u8,
+}
+
+impl Default for OrphanRules {
+    /// 1 MiB left: a fraction of a second on any link, and the next client
+    /// finds a complete replica instead of a partial to resume. 90 % done:
+    /// finishing costs at most a ninth of what was already fetched.
+    fn default() -> OrphanRules {
+        OrphanRules {
+            finish_left: 1 << 20,
+            finish_done_pct: 90,
+        }
+    }
 }
 
 /// `max-connections` when the config leaves it out.
@@ -287,6 +315,7 @@ impl Default for LimitsConfig {
             max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
             max_fills: DEFAULT_MAX_FILLS,
             max_fills_per_client: DEFAULT_MAX_FILLS_PER_CLIENT,
+            orphans: OrphanRules::default(),
         }
     }
 }

@@ -99,7 +99,10 @@ fn an_empty_file_gets_the_defaults_and_no_forward_proxy() {
     // Connections are capped even without a `limit` block.
     assert_eq!(c.limits.max_connections, 10_000);
     assert_eq!(c.limits.max_connections_per_client, 256);
-    assert_eq!((c.limits.max_fills, c.limits.max_fills_per_client), (256, 32));
+    assert_eq!(
+        (c.limits.max_fills, c.limits.max_fills_per_client),
+        (256, 32)
+    );
 }
 
 #[test]
@@ -160,6 +163,8 @@ fn the_full_syntax_parses_into_the_model() {
             max-connections-per-client 8
             max-fills 64
             max-fills-per-client 4
+            orphan-finish-left "64KiB"
+            orphan-finish-done "75%"
         }
         limiter "per-path" rate=10 per="1m" burst=10
         limiter "slow" rate=3
@@ -224,6 +229,13 @@ fn the_full_syntax_parses_into_the_model() {
     assert_eq!(c.limits.max_connections, 500);
     assert_eq!(c.limits.max_connections_per_client, 8);
     assert_eq!((c.limits.max_fills, c.limits.max_fills_per_client), (64, 4));
+    assert_eq!(
+        (
+            c.limits.orphans.finish_left,
+            c.limits.orphans.finish_done_pct
+        ),
+        (64 << 10, 75)
+    );
     assert_eq!(c.limiters.len(), 2);
     assert_eq!(c.limiters[0].name, "per-path");
     assert_eq!(
@@ -403,6 +415,7 @@ fn bad_configs_are_refused_with_positions() {
         ("limit {\n    download 0\n}", &[(2, 14, "`download` must be more than zero")]),
         ("limit {\n    max-connections 0\n}", &[(2, 21, "`max-connections`: 0 is out of range (1 to 4294967295)")]),
         ("limit {\n    max-fills 0\n}", &[(2, 15, "`max-fills`: 0 is out of range (1 to 4294967295)")]),
+        ("limit {\n    orphan-finish-done \"101%\"\n}", &[(2, 24, "`orphan-finish-done`: \"101%\" is not a percentage from 0% to 100%")]),
         ("limit {\n    max-connections-per-client \"9\"\n}", &[(2, 32, "`max-connections-per-client` expects a whole number here")]),
         ("limit {\n    max-connections-per-client 1 2\n}", &[(2, 34, "`max-connections-per-client` takes 1 argument")]),
         // TLS.

@@ -7,8 +7,10 @@
 //! replica store. Every client of that key, the first one included, is a
 //! reader of the growing file (see [`crate::serve`]), so no client's
 //! disconnect can cancel the fill for the others. A fill nobody reads any
-//! more keeps going for `orphan-fill` and then stops, keeping its partial
-//! for a later resume.
+//! more keeps going only if it is nearly done (`orphan-finish-left`,
+//! `orphan-finish-done`), and then for at most `orphan-fill`; otherwise it
+//! stops at once, keeping its partial for a later resume. Each fill holds
+//! a place under `max-fills` (see `permits`) until its task ends.
 //!
 //! A fill moves through [`FillState`]: `Waiting` → `Streaming` →
 //! `Complete`, or ends `Unverified` (a body that ended with the upstream
@@ -131,6 +133,8 @@ pub struct FetchSettings {
     pub limits: Arc<Limits>,
     /// Caps on the fills in flight (`max-fills`, `max-fills-per-client`).
     pub fill_caps: FillCaps,
+    /// Which fills with no reader left are worth finishing.
+    pub orphan_rules: crate::config::OrphanRules,
 }
 
 /// A request for the fill of one key.
