@@ -263,3 +263,71 @@ async fn an_orphan_near_its_end_is_finished_and_committed() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_on_a_mirror_is_dropped_by_default_kept_in_the_key_or_passed_as_configured() {
+    let origin = Origin::start().await;
+    for (path, seed) in [
+        ("/a.deb", 31u8),
+        ("/b.deb?x=1", 32),
+        ("/b.deb?x=2", 33),
+        ("/c.deb?x=1", 34),
+        ("/c.deb", 35),
+    ] {
+        origin.put(path, Resource::new(pattern(seed, 100_000)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let extra = format!(
+        "mirror \"k\" {{\n    upstream \"http://{o}/\"\n    query \"key\"\n}}\nmirror \"p\" {{\n    upstream \"http://{o}/\"\n    query \"pass\"\n}}\n",
+        o = origin.addr
+    );
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, &extra), &[]);
+
+    // Default ("ignore"): N queries are one file, one fill, and the
+    // upstream is asked for the path alone.
+    for i in 1..=5 {
+        let got = get(cistern.addr, &format!("/files/a.deb?x={i}")).await;
+        assert_eq!(got.bytes(), &pattern(31, 100_000), "?x={i}");
+    }
+    assert_eq!(origin.hits("/a.deb"), 1);
+    assert!(
+        origin.seen().iter().all(|s| !s.path.starts_with("/a.deb?")),
+        "the query is not sent upstream"
+    );
+
+    // "key": each query is a resource of its own, cached apart.
+    for _ in 0..2 {
+        assert_eq!(
+            get(cistern.addr, "/k/b.deb?x=1").await.bytes(),
+            &pattern(32, 100_000)
+        );
+        assert_eq!(
+            get(cistern.addr, "/k/b.deb?x=2").await.bytes(),
+            &pattern(33, 100_000)
+        );
+    }
+    assert_eq!(
+        (origin.hits("/b.deb?x=1"), origin.hits("/b.deb?x=2")),
+        (1, 1)
+    );
+
+    // "pass": with a query, sent as is and never stored; without, cached.
+    for _ in 0..2 {
+        let got = get(cistern.addr, "/p/c.deb?x=1").await;
+        assert_eq!(got.bytes(), &pattern(34, 100_000));
+        assert_eq!(
+            got.header("cache-status"),
+            "cistern; fwd=bypass; detail=query"
+        );
+        assert_eq!(
+            get(cistern.addr, "/p/c.deb").await.bytes(),
+            &pattern(35, 100_000)
+        );
+    }
+    assert_eq!((origin.hits("/c.deb?x=1"), origin.hits("/c.deb")), (2, 1));
+    assert_eq!(
+        metric(admin, "cistern_passes_total{reason=\"query\"}").await,
+        2.0
+    );
+}

@@ -108,6 +108,9 @@ impl Router {
                             policies: s.policies.clone(),
                             stale: s.stale,
                             forwarded_for: s.forwarded_for,
+                            // Sites keep today's rule: a query is part of
+                            // the resource.
+                            query: crate::config::QueryMode::Key,
                         },
                         clock,
                     );
@@ -310,6 +313,7 @@ mod tests {
             policies: vec![],
             stale: Default::default(),
             forwarded_for: crate::config::ForwardedFor::Replace,
+            query: crate::config::QueryMode::Ignore,
         }];
         c
     }

@@ -239,6 +239,25 @@ pub struct MirrorConfig {
     pub stale: StaleRules,
     /// What the upstream learns of the client (`forwarded-for`).
     pub forwarded_for: ForwardedFor,
+    /// What a request's query string does (`query`); sites keep it in the
+    /// key ([`QueryMode::Key`]).
+    pub query: QueryMode,
+}
+
+/// What a query string on a mirror request does (`query`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueryMode {
+    /// Dropped: neither in the cache key nor sent upstream, so the replica
+    /// holds what the path names and `?x=1…N` is one file, one fill. The
+    /// default for mirrors, whose files are named by their paths.
+    #[default]
+    Ignore,
+    /// Part of the cache key and sent upstream: each query is a file of
+    /// its own (signed URLs, dynamic upstreams). Sites always do this.
+    Key,
+    /// A request with a query is sent upstream as is and never stored;
+    /// without one it is cached as usual.
+    Pass,
 }
 
 /// Rate limits (governor) and connection caps.

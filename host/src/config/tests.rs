@@ -415,6 +415,7 @@ fn bad_configs_are_refused_with_positions() {
         ("limit {\n    download 0\n}", &[(2, 14, "`download` must be more than zero")]),
         ("limit {\n    max-connections 0\n}", &[(2, 21, "`max-connections`: 0 is out of range (1 to 4294967295)")]),
         ("limit {\n    max-fills 0\n}", &[(2, 15, "`max-fills`: 0 is out of range (1 to 4294967295)")]),
+        ("mirror \"m\" {\n    upstream \"http://a.test/\"\n    query \"drop\"\n}", &[(3, 11, "`query`: unknown mode \"drop\"")]),
         ("limit {\n    orphan-finish-done \"101%\"\n}", &[(2, 24, "`orphan-finish-done`: \"101%\" is not a percentage from 0% to 100%")]),
         ("limit {\n    max-connections-per-client \"9\"\n}", &[(2, 32, "`max-connections-per-client` expects a whole number here")]),
         ("limit {\n    max-connections-per-client 1 2\n}", &[(2, 34, "`max-connections-per-client` takes 1 argument")]),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http::Uri;
 
 use crate::clock::Clock;
-use crate::config::{ForwardedFor, MirrorConfig, StaleRules};
+use crate::config::{ForwardedFor, MirrorConfig, QueryMode, StaleRules};
 
 use super::confine::{EscapeError, confine};
 
@@ -61,6 +61,8 @@ pub struct MirrorSet {
     /// A site's `preserve-host`: its upstreams get the client's `Host`.
     /// Always off for mirrors, whose clients name Cistern.
     pub preserve_host: bool,
+    /// What a request's query string does (`query`).
+    pub query: QueryMode,
     /// The engine's clock: marks are measured on its monotonic reading,
     /// so tests move them with the manual clock.
     clock: Clock,
@@ -106,6 +108,7 @@ impl MirrorSet {
             stale: config.stale,
             forwarded_for: config.forwarded_for,
             preserve_host: false,
+            query: config.query,
             clock: clock.clone(),
             epoch: clock.monotonic(),
         }
@@ -199,6 +202,7 @@ mod tests {
                 policies: vec![],
                 stale: StaleRules::default(),
                 forwarded_for: ForwardedFor::Replace,
+                query: crate::config::QueryMode::Ignore,
             },
             clock,
         )

@@ -91,11 +91,13 @@ pub enum NoCacheReason {
     NotStorable,
     /// The replica's disk has no room for it beside `min-free`.
     NoRoom,
+    /// A query string on a mirror with `query "pass"`.
+    Query,
 }
 
 impl NoCacheReason {
     /// Every reason, in the order of the counters.
-    pub const ALL: [NoCacheReason; 7] = [
+    pub const ALL: [NoCacheReason; 8] = [
         NoCacheReason::Method,
         NoCacheReason::PolicyBypass,
         NoCacheReason::PolicyUncacheable,
@@ -103,6 +105,7 @@ impl NoCacheReason {
         NoCacheReason::HeadOnly,
         NoCacheReason::NotStorable,
         NoCacheReason::NoRoom,
+        NoCacheReason::Query,
     ];
 
     /// A short name, as in metrics labels and `Cache-Status` details.
@@ -115,6 +118,7 @@ impl NoCacheReason {
             NoCacheReason::HeadOnly => "head",
             NoCacheReason::NotStorable => "not-storable",
             NoCacheReason::NoRoom => "no-room",
+            NoCacheReason::Query => "query",
         }
     }
 
@@ -128,6 +132,7 @@ impl NoCacheReason {
             NoCacheReason::HeadOnly => "pass:head",
             NoCacheReason::NotStorable => "pass:not-storable",
             NoCacheReason::NoRoom => "pass:no-room",
+            NoCacheReason::Query => "pass:query",
         }
     }
 
@@ -142,6 +147,7 @@ impl NoCacheReason {
             NoCacheReason::HeadOnly => "cistern; fwd=uri-miss; detail=head",
             NoCacheReason::NotStorable => "cistern; fwd=uri-miss; detail=not-storable",
             NoCacheReason::NoRoom => "cistern; fwd=uri-miss; detail=no-room",
+            NoCacheReason::Query => "cistern; fwd=bypass; detail=query",
         }
     }
 }

@@ -49,9 +49,9 @@ impl Proxy {
         }
         let (parts, _body) = req.into_parts();
         let mut headers = parts.headers;
-        let reason = if bypass {
+        let reason = if let Some(reason) = bypass {
             forwarded::apply(&mut headers, forwarded_for, client);
-            NoCacheReason::PolicyBypass
+            reason
         } else {
             // The key names the resource; which name the client used to
             // reach us (Host) must not make the cache rules see another
