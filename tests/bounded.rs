@@ -331,3 +331,114 @@ async fn a_query_on_a_mirror_is_dropped_by_default_kept_in_the_key_or_passed_as_
         2.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_of_a_big_hit_is_closed_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 16 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(41, SIZE);
+    origin.put("/huge.iso", Resource::new(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let timeouts = "timeouts {\n    send \"1s\"\n}\n";
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, timeouts), &[]);
+    assert_eq!(
+        common::get(cistern.addr, "/files/huge.iso").await.bytes(),
+        &body
+    );
+
+    // A client with a small receive window asks for the hit and never
+    // reads: Cistern's writes stop making progress once the buffers fill.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(cistern.addr).await.unwrap();
+    let asked = Instant::now();
+    stream
+        .write_all(
+            format!(
+                "GET /files/huge.iso HTTP/1.1\r\nHost: {}\r\n\r\n",
+                cistern.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let series = "cistern_connections_stalled_closed_total{listener=\"proxy\"}";
+    metric_reaches(admin, series, 1.0).await;
+    let closed_after = asked.elapsed();
+    assert!(
+        closed_after < Duration::from_secs(10),
+        "closed {closed_after:?} after the request, with send \"1s\""
+    );
+    // What the client finds when it reads at last: a cut transfer, then
+    // the end of the connection.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
+    let read = read.expect("the connection is closed, not held");
+    assert!(
+        read.is_err() || got.len() < SIZE,
+        "a stalled client never gets the whole body ({} bytes)",
+        got.len()
+    );
+    // The proxy still serves others.
+    assert_eq!(
+        common::get(cistern.addr, "/files/huge.iso").await.bytes(),
+        &body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_gets_at_most_http2_max_streams_at_once() {
+    use hyper_util::rt::TokioExecutor;
+    const SIZE: usize = 1024 * 1024;
+    let origin = Origin::start().await;
+    for i in 0..3u8 {
+        origin.put(
+            &format!("/s{i}.bin"),
+            Resource::new(pattern(50 + i, SIZE)).slow(Duration::from_millis(40)),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let limits = "limit {\n    http2-max-streams 2\n}\n";
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, limits), &[]);
+
+    let stream = tokio::net::TcpStream::connect(cistern.addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // One request first, so the client has the server's SETTINGS: a stream
+    // opened over the cap before them is refused (REFUSED_STREAM), which a
+    // client may retry but this test would not tell from a failure.
+    origin.put("/warm.bin", Resource::new(pattern(49, 10)));
+    let mut warm = sender.clone();
+    let req = Request::get(format!("http://{}/files/warm.bin", cistern.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(
+        read(warm.send_request(req).await.unwrap()).await.status,
+        StatusCode::OK
+    );
+    let mut tasks = Vec::new();
+    for i in 0..3u8 {
+        let mut sender = sender.clone();
+        let uri = format!("http://{}/files/s{i}.bin", cistern.addr);
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get(uri).body(Empty::<Bytes>::new()).unwrap();
+            let resp = sender.send_request(req).await.expect("h2 request");
+            (i, read(resp).await)
+        }));
+    }
+    for t in tasks {
+        let (i, got) = t.await.unwrap();
+        assert_eq!(got.bytes(), &pattern(50 + i, SIZE), "s{i}.bin");
+    }
+    assert_eq!(
+        origin.most_bodies_in_flight(),
+        2,
+        "the third stream waited for one of the first two"
+    );
+}

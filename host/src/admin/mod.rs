@@ -42,7 +42,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::gate::{AcceptBackoff, ConnCaps, ConnGate};
+use crate::gate::{AcceptBackoff, ConnCaps, ConnGate, SendDeadline};
 use crate::ours;
 use crate::pipeline::Proxy;
 use crate::reload::ReloadLog;
@@ -504,7 +504,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
         let config = admin.proxy.snapshot().config.clone();
         let caps = ConnCaps::from_config(&config.limits);
         let permit = match admin.connections.admit(client.ip(), caps) {
-            Ok(p) => p,
+            Ok(p) => Arc::new(p),
             Err(why) => {
                 tracing::debug!(target: "cistern::admin", %client, "refusing an admin connection: {why}");
                 continue;
@@ -529,7 +529,14 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
         });
         let conn = graceful.watch(
             builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(
+                    TokioIo::new(SendDeadline::new(
+                        stream,
+                        config.timeouts.send,
+                        permit.clone(),
+                    )),
+                    service,
+                )
                 .into_owned(),
         );
         let admin = admin.clone();

@@ -244,6 +244,18 @@ pub fn write_connections(w: &mut PromWriter, gates: &[(&str, GateStats)]) {
             g.silent,
         );
     }
+    w.family(
+        "cistern_connections_stalled_closed_total",
+        Kind::Counter,
+        "Connections closed because their client took none of the data sent to it for the send timeout (a slow or stuck reader).",
+    );
+    for (listener, g) in gates {
+        w.sample(
+            "cistern_connections_stalled_closed_total",
+            &[("listener", listener)],
+            g.stalled,
+        );
+    }
     let tunnels: u64 = gates.iter().map(|(_, g)| g.idle_tunnels).sum();
     w.single(
         "cistern_tunnels_idle_closed_total",

@@ -279,6 +279,12 @@ pub struct LimitsConfig {
     pub max_fills: u32,
     /// Fills in flight at once started by one client address. At least 1.
     pub max_fills_per_client: u32,
+    /// HTTP/2 streams a client may have open at once on one connection
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`). At least 1.
+    pub http2_max_streams: u32,
+    /// HTTP/2 streams a client may reset before Cistern has accepted them,
+    /// per connection, before it is closed (rapid reset). At least 1.
+    pub http2_max_resets: u32,
     /// Which fills with no reader left go on (Squid's `quick_abort`).
     pub orphans: OrphanRules,
 }
@@ -315,6 +321,14 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 /// `max-connections-per-client` when the config leaves it out.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
 
+/// `http2-max-streams` when the config leaves it out: RFC 9113's
+/// recommended minimum, near nginx's 128.
+pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 100;
+
+/// `http2-max-resets` when the config leaves it out: the `h2` crate's own
+/// default since the rapid-reset fixes (CVE-2023-44487).
+pub const DEFAULT_HTTP2_MAX_RESETS: u32 = 20;
+
 /// `max-fills` when the config leaves it out: far more than a LAN's package
 /// managers start at once, few enough that upstream connections, partial
 /// files and write buffers stay bounded.
@@ -335,6 +349,8 @@ impl Default for LimitsConfig {
             max_fills: DEFAULT_MAX_FILLS,
             max_fills_per_client: DEFAULT_MAX_FILLS_PER_CLIENT,
             orphans: OrphanRules::default(),
+            http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
+            http2_max_resets: DEFAULT_HTTP2_MAX_RESETS,
         }
     }
 }
@@ -366,6 +382,10 @@ pub struct Timeouts {
     /// (Apache and many load balancers 5 s), so Cistern drops a connection
     /// before the server closes it under a request.
     pub upstream_idle: Duration,
+    /// How long a client may take none of the bytes Cistern has for it
+    /// before its connection is closed (default 60 s, nginx's
+    /// `send_timeout`).
+    pub send: Duration,
 }
 
 impl Default for Timeouts {
@@ -375,6 +395,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(10),
             orphan_fill: Duration::from_secs(600),
             upstream_idle: Duration::from_secs(4),
+            send: Duration::from_secs(60),
         }
     }
 }

@@ -165,10 +165,12 @@ fn the_full_syntax_parses_into_the_model() {
             max-fills-per-client 4
             orphan-finish-left "64KiB"
             orphan-finish-done "75%"
+            http2-max-streams 10
+            http2-max-resets 5
         }
         limiter "per-path" rate=10 per="1m" burst=10
         limiter "slow" rate=3
-        timeouts { idle "1m"; connect "500ms"; orphan-fill "0s"; upstream-idle "0s"; }
+        timeouts { idle "1m"; connect "500ms"; orphan-fill "0s"; upstream-idle "0s"; send "2m"; }
         mode "offline"
         upstream-tls { system-roots #false; ca-file "ca.pem"; ca-file "/etc/ssl/extra.pem"; }
         policy "distro" path="builtin:distro" on-error="deny" isolation="fresh" deadline="20ms" memory="32MiB" {
@@ -236,6 +238,11 @@ fn the_full_syntax_parses_into_the_model() {
         ),
         (64 << 10, 75)
     );
+    assert_eq!(
+        (c.limits.http2_max_streams, c.limits.http2_max_resets),
+        (10, 5)
+    );
+    assert_eq!(c.timeouts.send, Duration::from_secs(120));
     assert_eq!(c.limiters.len(), 2);
     assert_eq!(c.limiters[0].name, "per-path");
     assert_eq!(

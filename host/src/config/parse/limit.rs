@@ -37,6 +37,16 @@ const LIMIT: &[Rule<LimitsConfig>] = &[
         }
     }),
     once("orphan-finish-done", orphan_finish_done),
+    once("http2-max-streams", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "http2-max-streams 100") {
+            l.http2_max_streams = v;
+        }
+    }),
+    once("http2-max-resets", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "http2-max-resets 20") {
+            l.http2_max_resets = v;
+        }
+    }),
 ];
 
 /// `orphan-finish-done "90%"`: a percentage from 0 to 100.
