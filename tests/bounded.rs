@@ -442,3 +442,132 @@ async fn an_http2_client_gets_at_most_http2_max_streams_at_once() {
         "the third stream waited for one of the first two"
     );
 }
+
+/// SHA-256 of `s` in hex, as `printf %s s | sha256sum` prints it.
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_asks_for_its_token_or_user_when_configured() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let text = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{
+    root "{{ROOT}}"
+}}
+mirror "files" {{
+    upstream "http://{}/"
+}}
+admin {{
+    listen "{admin}"
+    token-sha256 "{}"
+    user "ops" password-sha256="{}"
+}}
+"#,
+        origin.addr,
+        sha256_hex("a-long-random-token"),
+        sha256_hex("hunter2"),
+    );
+    let cistern = Cistern::start(dir.path(), &text, &[]);
+    let _ = &cistern;
+
+    let refused = common::get(admin, "/metrics").await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    let challenges: Vec<&str> = refused
+        .headers
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(
+        challenges,
+        [
+            "Bearer realm=\"cistern admin\"",
+            "Basic realm=\"cistern admin\", charset=\"UTF-8\""
+        ]
+    );
+    for wrong in ["Bearer a-long-random-tokeN", "Basic b3BzOmh1bnRlcjM="] {
+        let got = common::request(admin, "GET", "/api/status", &[("authorization", wrong)]).await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED, "{wrong}");
+    }
+    let bearer = common::request(
+        admin,
+        "GET",
+        "/metrics",
+        &[("authorization", "Bearer a-long-random-token")],
+    )
+    .await;
+    assert_eq!(bearer.status, StatusCode::OK);
+    let page = String::from_utf8(bearer.bytes().to_vec()).unwrap();
+    assert!(
+        page.contains("cistern_admin_auth_refused_total 3"),
+        "{page}"
+    );
+    // ops:hunter2
+    let basic = common::request(
+        admin,
+        "GET",
+        "/api/status",
+        &[("authorization", "Basic b3BzOmh1bnRlcjI=")],
+    )
+    .await;
+    assert_eq!(basic.status, StatusCode::OK);
+    // A health check needs no credentials.
+    assert_eq!(common::get(admin, "/healthz").await.status, StatusCode::OK);
+}
+
+#[test]
+fn an_admin_off_loopback_without_authentication_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin_port = free_port();
+    std::fs::write(
+        dir.path().join("open.kdl"),
+        format!(
+            "listen \"127.0.0.1:{port}\"\nstore {{\n    root \"r\"\n}}\nadmin {{\n    listen \"0.0.0.0:{admin_port}\"\n}}\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["--config", "open.kdl"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("open.kdl:6:12"),
+        "file, line and column: {text}"
+    );
+    assert!(text.contains("which is not a loopback address"), "{text}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing was bound"
+    );
+
+    // With a token it starts.
+    std::fs::write(
+        dir.path().join("open.kdl"),
+        format!(
+            "listen \"127.0.0.1:{port}\"\nstore {{\n    root \"r\"\n}}\nadmin {{\n    listen \"0.0.0.0:{admin_port}\"\n    token-sha256 \"{}\"\n}}\n",
+            sha256_hex("t")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["check", "open.kdl"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -103,6 +103,9 @@ pub struct AdminConfig {
     /// `localhost` and the loopback literals (`admin { host … }`); any
     /// other `Host` is refused, so a DNS-rebinding page cannot read it.
     pub hosts: Vec<ServerName>,
+    /// Who may read it; open to anyone who reaches it when empty, which is
+    /// only allowed on a loopback address.
+    pub auth: AdminAuth,
 }
 
 impl AdminConfig {
@@ -111,7 +114,40 @@ impl AdminConfig {
         listen: None,
         required: false,
         hosts: Vec::new(),
+        auth: AdminAuth::NONE,
     };
+}
+
+/// The admin's credentials (`admin { token-sha256 …; user … }`), kept as
+/// SHA-256 digests only, so the config file holds no secret in the clear.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AdminAuth {
+    /// Digests of the bearer tokens accepted (`Authorization: Bearer T`).
+    pub tokens: Vec<[u8; 32]>,
+    /// Users for basic authentication, each with its password's digest.
+    pub users: Vec<AdminUser>,
+}
+
+impl AdminAuth {
+    /// No credentials: the admin asks for none.
+    pub const NONE: AdminAuth = AdminAuth {
+        tokens: Vec::new(),
+        users: Vec::new(),
+    };
+
+    /// Whether any credential is configured.
+    pub fn required(&self) -> bool {
+        !self.tokens.is_empty() || !self.users.is_empty()
+    }
+}
+
+/// A `user "NAME" password-sha256="…"` of the admin block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminUser {
+    /// The user name (basic authentication).
+    pub name: String,
+    /// SHA-256 of the password.
+    pub password_sha256: [u8; 32],
 }
 
 /// A plaintext listener for proxy traffic.

@@ -422,6 +422,8 @@ fn bad_configs_are_refused_with_positions() {
         ("limit {\n    download 0\n}", &[(2, 14, "`download` must be more than zero")]),
         ("limit {\n    max-connections 0\n}", &[(2, 21, "`max-connections`: 0 is out of range (1 to 4294967295)")]),
         ("limit {\n    max-fills 0\n}", &[(2, 15, "`max-fills`: 0 is out of range (1 to 4294967295)")]),
+        ("admin {\n    token-sha256 \"hunter2\"\n}", &[(2, 18, "`token-sha256`: \"hunter2\" is not a SHA-256 digest (64 hex digits)")]),
+        ("admin {\n    user \"ops\"\n}", &[(2, 5, "`user` needs password-sha256=\"…\"")]),
         ("mirror \"m\" {\n    upstream \"http://a.test/\"\n    query \"drop\"\n}", &[(3, 11, "`query`: unknown mode \"drop\"")]),
         ("limit {\n    orphan-finish-done \"101%\"\n}", &[(2, 24, "`orphan-finish-done`: \"101%\" is not a percentage from 0% to 100%")]),
         ("limit {\n    max-connections-per-client \"9\"\n}", &[(2, 32, "`max-connections-per-client` expects a whole number here")]),
