@@ -571,3 +571,62 @@ fn an_admin_off_loopback_without_authentication_does_not_start() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_revalidation_nobody_reads_is_not_cut_by_the_quick_abort_rules() {
+    // Stale at once (max-age=0) and served stale while revalidated
+    // (`stale-while-revalidate` of the mirror): the refresh has no reader
+    // from its start, which is no client leaving it.
+    const SIZE: usize = 2 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let v1 = pattern(61, SIZE);
+    let v2 = pattern(62, SIZE);
+    origin.put(
+        "/index.bin",
+        Resource::new(v1.clone()).header("cache-control", "max-age=0"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{
+    root "{{ROOT}}"
+}}
+mirror "files" {{
+    upstream "http://{}/"
+    stale-while-revalidate "1h"
+}}
+"#,
+        origin.addr
+    );
+    let cistern = Cistern::start(dir.path(), &text, &[]);
+    assert_eq!(
+        common::get(cistern.addr, "/files/index.bin").await.bytes(),
+        &v1
+    );
+    origin.put(
+        "/index.bin",
+        Resource::new(v2.clone())
+            .header("cache-control", "max-age=0")
+            .header("etag", "\"v2\"")
+            .slow(Duration::from_millis(20)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = common::get(cistern.addr, "/files/index.bin").await;
+        if got.bytes() == &v2 {
+            break;
+        }
+        assert_eq!(
+            got.bytes(),
+            &v1,
+            "the stale copy, whole, until the refresh lands"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the background refresh never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(origin.cut_at("/index.bin"), None, "no refresh was cut");
+}

@@ -422,7 +422,7 @@ impl Inner {
                         after: job.settings.orphan,
                     });
                 }
-                if !worth_finishing(job.settings.orphan_rules, written, total) {
+                if !job.background && !worth_finishing(job.settings.orphan_rules, written, total) {
                     self.metrics.orphan_stopped(true);
                     return Err(FetchError::Abandoned {
                         url: url_s,

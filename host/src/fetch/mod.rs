@@ -157,6 +157,10 @@ pub struct FillJob {
     /// The address of the client whose request starts the fill, counted
     /// against `max-fills-per-client`.
     pub client: std::net::IpAddr,
+    /// Nobody waits for this fill (a `stale-while-revalidate` refresh):
+    /// having no reader is not a client leaving it, so the quick-abort
+    /// rules do not apply; `orphan-fill` still does.
+    pub background: bool,
 }
 
 /// The coalescing fetch engine; cheap to clone.

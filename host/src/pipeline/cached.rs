@@ -237,6 +237,7 @@ impl Proxy {
             settings: snap.settings.clone(),
             hook: policy.map(|p| p.hook(&headers)),
             client,
+            background: false,
         };
         let (fill, passthrough, outcome) = match self.engine.fill(job) {
             FillTicket::Ready(replica) => {
@@ -294,6 +295,7 @@ impl Proxy {
                 settings: snap.settings.clone(),
                 hook: policy.map(|p| p.hook(headers)),
                 client,
+                background: true,
             };
             // Nobody waits for this ticket: the fill task outlives it, and
             // an unshareable answer is simply dropped; over a fill cap the
