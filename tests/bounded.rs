@@ -295,6 +295,10 @@ async fn a_query_on_a_mirror_is_dropped_by_default_kept_in_the_key_or_passed_as_
         origin.seen().iter().all(|s| !s.path.starts_with("/a.deb?")),
         "the query is not sent upstream"
     );
+    assert_eq!(
+        metric(admin, "cistern_mirror_queries_dropped_total").await,
+        5.0
+    );
 
     // "key": each query is a resource of its own, cached apart.
     for _ in 0..2 {

@@ -177,6 +177,12 @@ pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
     ] {
         w.sample("cistern_orphan_fills_stopped_total", &[("reason", why)], n);
     }
+    w.single(
+        "cistern_mirror_queries_dropped_total",
+        Kind::Counter,
+        "Mirror requests whose query string was dropped before the cache key and the upstream (query \"ignore\").",
+        m.queries_dropped,
+    );
 }
 
 /// Writes the fill caps' counts (`max-fills`, `max-fills-per-client`).

@@ -52,6 +52,7 @@ pub struct Metrics {
     store_refusals: AtomicU64,
     orphans_abandoned: AtomicU64,
     orphans_timed_out: AtomicU64,
+    queries_dropped: AtomicU64,
 }
 
 /// A copy of the counters at one moment (JSON API, tests).
@@ -85,6 +86,8 @@ pub struct MetricsSnapshot {
     pub orphans_abandoned: u64,
     /// Fills with no reader left stopped after `orphan-fill`.
     pub orphans_timed_out: u64,
+    /// Mirror requests whose query string was dropped (`query "ignore"`).
+    pub queries_dropped: u64,
 }
 
 impl Metrics {
@@ -151,6 +154,11 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a mirror request whose query string was dropped.
+    pub fn query_dropped(&self) {
+        self.queries_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Requests answered with `outcome` so far.
     pub fn requests(&self, outcome: CacheOutcome) -> u64 {
         self.requests[outcome_index(outcome)].load(Ordering::Relaxed)
@@ -179,6 +187,7 @@ impl Metrics {
             store_refusals: load(&self.store_refusals),
             orphans_abandoned: load(&self.orphans_abandoned),
             orphans_timed_out: load(&self.orphans_timed_out),
+            queries_dropped: load(&self.queries_dropped),
         }
     }
 }

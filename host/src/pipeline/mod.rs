@@ -252,6 +252,7 @@ impl Proxy {
             // Before the key, the policies and the upstream see it: the
             // replica holds what the path names.
             rest.truncate(at);
+            self.engine.metrics().query_dropped();
         }
         let url = match set.url(0, &rest) {
             Ok(url) => url,
