@@ -634,3 +634,58 @@ mirror "files" {{
     }
     assert_eq!(origin.cut_at("/index.bin"), None, "no refresh was cut");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_its_socket_is_closed_after_the_send_timeout() {
+    use tokio::io::AsyncWriteExt;
+    const SIZE: usize = 16 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(71, SIZE);
+    origin.put("/huge2.iso", Resource::new(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let timeouts = "timeouts {\n    send \"1s\"\n}\n";
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, timeouts), &[]);
+    assert_eq!(
+        common::get(cistern.addr, "/files/huge2.iso").await.bytes(),
+        &body
+    );
+
+    // HTTP/2 with prior knowledge, by hand: the preface, SETTINGS with the
+    // largest stream window, the largest connection window, then one GET;
+    // after that the client reads nothing, so only the socket, not flow
+    // control, stops Cistern's writes.
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+    out.extend(frame(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes()));
+    let path = b"/files/huge2.iso";
+    let authority = cistern.addr.to_string();
+    // :method GET, :scheme http (static table), then :path and :authority
+    // as literals without indexing, their names from the static table.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend([0x01, authority.len() as u8]);
+    block.extend_from_slice(authority.as_bytes());
+    out.extend(frame(0x1, 0x4 | 0x1, 1, &block));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(cistern.addr).await.unwrap();
+    let asked = Instant::now();
+    stream.write_all(&out).await.unwrap();
+
+    let series = "cistern_connections_stalled_closed_total{listener=\"proxy\"}";
+    metric_reaches(admin, series, 1.0).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    drop(stream);
+}
