@@ -92,7 +92,7 @@ async fn fills_in_flight_are_capped_over_all_and_per_client_and_followers_need_n
     for i in 0..6u8 {
         origin.put(
             &format!("/big{i}.bin"),
-            Resource::new(pattern(i, SIZE)).slow(Duration::from_millis(60)),
+            Resource::new(pattern(i, SIZE)).slow(Duration::from_millis(100)),
         );
     }
     let dir = tempfile::tempdir().unwrap();
