@@ -398,6 +398,7 @@ fn the_admin_node_is_validated_with_its_position() {
             listen: Some("127.0.0.1:9090".parse().unwrap()),
             required: false,
             hosts: Vec::new(),
+            auth: Default::default(),
         }
     );
     let c = parse("admin {\n    listen \"[::1]:9999\"\n}\n").unwrap();

@@ -173,7 +173,10 @@ async fn a_client_that_disconnects_does_not_cancel_the_fill() {
         Resource::new(body.clone()).slow(Duration::from_millis(5)),
     );
     let dir = tempfile::tempdir().unwrap();
-    let cistern = Cistern::start(dir.path(), &common::files_mirror(&origin), &[]);
+    // Every orphan is finished (the quick-abort rules would cut this one:
+    // tests/bounded.rs tests them).
+    let text = common::files_mirror(&origin) + "limit {\n    orphan-finish-done \"0%\"\n}\n";
+    let cistern = Cistern::start(dir.path(), &text, &[]);
 
     // The only client reads a little and hangs up.
     let resp = send(cistern.addr, "GET", "/files/linux.tar.xz", &[]).await;
@@ -261,6 +264,10 @@ mirror "files" {{
 }}
 timeouts {{
     orphan-fill "60s"
+}}
+// Only orphan-fill stops an orphan here.
+limit {{
+    orphan-finish-done "0%"
 }}
 "#,
         root.display(),

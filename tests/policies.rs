@@ -153,7 +153,7 @@ limiter "per-client" rate=2 per="1h" burst=2
 policy "example" path="{}" {{
     param "limited-prefix" "/api/"
 }}
-mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "example"; }}
+mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "example"; query "key"; }}
 "#,
         wat.display(),
         origin.addr

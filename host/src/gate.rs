@@ -12,6 +12,9 @@
 //! - [`raise_descriptor_limit`] lifts the soft `RLIMIT_NOFILE` to the hard
 //!   limit at start, so the caps, not the default 1024, bound what is open.
 //!
+//! - [`SendDeadline`] closes a connection whose client takes no byte of
+//!   what Cistern has for it for `timeouts { send }` (a slow reader).
+//!
 //! The deadline of a connection's first request (the idle timeout from
 //! accept until a whole request head has arrived) is kept by the listeners
 //! in [`crate::server`] and [`crate::admin`]; they count what it closes
@@ -24,6 +27,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::config::LimitsConfig;
+
+mod send;
+pub use send::SendDeadline;
 
 /// The connection caps in force when a connection is accepted; read from
 /// the snapshot serving then, so a reload applies to the next accept.
@@ -77,6 +83,7 @@ struct Shared {
     refused_per_client: AtomicU64,
     silent: AtomicU64,
     idle_tunnels: AtomicU64,
+    stalled: AtomicU64,
 }
 
 /// Both counts under one lock, so a connection is admitted against both
@@ -113,6 +120,9 @@ pub struct GateStats {
     pub silent: u64,
     /// CONNECT tunnels closed after the idle timeout with no byte either way.
     pub idle_tunnels: u64,
+    /// Connections closed because their client took no data for the send
+    /// timeout.
+    pub stalled: u64,
 }
 
 impl ConnGate {
@@ -168,6 +178,7 @@ impl ConnGate {
             refused_per_client: s.refused_per_client.load(Ordering::Relaxed),
             silent: s.silent.load(Ordering::Relaxed),
             idle_tunnels: s.idle_tunnels.load(Ordering::Relaxed),
+            stalled: s.stalled.load(Ordering::Relaxed),
         }
     }
 
@@ -193,6 +204,12 @@ impl ConnPermit {
     /// Counts a CONNECT tunnel on this connection closed for idleness.
     pub fn closed_idle_tunnel(&self) {
         self.shared.idle_tunnels.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts this connection closed because its client took no data for
+    /// the send timeout.
+    pub fn closed_stalled(&self) {
+        self.shared.stalled.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -35,7 +35,8 @@
 //!   `server_name`), with `upstream_block` the rule set `mirror` and
 //!   `site` share.
 //! - [`gate`]: connection admission: caps on open connections, the accept
-//!   back-off and the descriptor limit.
+//!   back-off, the descriptor limit and the send deadline on a
+//!   connection's writes (`gate/send.rs`).
 //! - [`ours`]: what is Cistern's own: the names it answers to and the
 //!   sockets it listens on, which it never connects to on a client's behalf.
 //! - [`store`]: the replica tree, its metadata (a versioned format of its

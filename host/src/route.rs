@@ -110,6 +110,9 @@ impl Router {
                             forwarded_for: s.forwarded_for,
                             weights: s.weights.clone(),
                             health: s.health.clone(),
+                            // Sites keep today's rule: a query is part of
+                            // the resource.
+                            query: crate::config::QueryMode::Key,
                         },
                         clock,
                     );
@@ -314,6 +317,7 @@ mod tests {
             forwarded_for: crate::config::ForwardedFor::Replace,
             weights: vec![1],
             health: Default::default(),
+            query: crate::config::QueryMode::Ignore,
         }];
         c
     }

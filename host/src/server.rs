@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::gate::{AcceptBackoff, ConnCaps, ConnPermit};
+use crate::gate::{AcceptBackoff, ConnCaps, ConnPermit, SendDeadline};
 use crate::ours::{OwnSocket, OwnSockets, SocketKind};
 use crate::pipeline::{ConnInfo, Proxy};
 
@@ -153,6 +153,11 @@ pub struct Server {
     /// `active`.
     own: Arc<OwnSockets>,
 }
+
+/// Streams an HTTP/2 connection may make Cistern reset for its errors
+/// before it is closed: hyper's default, set here so an upgrade cannot
+/// silently lift it (RUSTSEC-2024-0003).
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// How long a reload waits for a listener it closed to let go of an
 /// address that a new listener (plaintext turned TLS or back) needs.
@@ -431,9 +436,11 @@ impl Connection {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        // Read per connection, so a reload's new idle timeout applies to
+        // Read per connection, so a reload's new timeouts and caps apply to
         // the connections that come after it.
-        let idle = self.proxy.snapshot().config.timeouts.idle;
+        let config = self.proxy.snapshot().config.clone();
+        let idle = config.timeouts.idle;
+        let limits = &config.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -444,7 +451,11 @@ impl Connection {
             .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(idle))
-            .keep_alive_timeout(idle);
+            .keep_alive_timeout(idle)
+            .max_concurrent_streams(limits.http2_max_streams)
+            .max_pending_accept_reset_streams(limits.http2_max_resets as usize)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
+        let io = SendDeadline::new(io, config.timeouts.send, self.permit.clone());
         let info = ConnInfo {
             client: self.client,
             local: self.info.local,

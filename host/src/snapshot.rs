@@ -80,6 +80,8 @@ impl Snapshot {
             orphan: config.timeouts.orphan_fill,
             mode: config.mode,
             limits: limits.clone(),
+            fill_caps: crate::fetch::FillCaps::from_config(&config.limits),
+            orphan_rules: config.limits.orphans,
         };
         let policy_host: Arc<dyn PolicyHost> =
             Arc::new(ProxyPolicyHost::new(fetch.clone(), limits.clone()));

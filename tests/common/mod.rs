@@ -130,6 +130,57 @@ pub struct Origin {
     pub connections: Arc<AtomicU64>,
     /// Look resources up by the path nginx would resolve (see [`nginx_path`]).
     nginx_paths: Arc<std::sync::atomic::AtomicBool>,
+    /// Bodies being sent now, the most at once, and when a body was cut
+    /// by its client (the connection closed) before its end, by path.
+    bodies: Arc<BodyCounts>,
+}
+
+/// What an [`Origin`] counts of the bodies it sends.
+#[derive(Default)]
+struct BodyCounts {
+    now: AtomicU64,
+    most: AtomicU64,
+    cut: Mutex<HashMap<String, Instant>>,
+}
+
+/// Held by a body being sent; counts it out when dropped, as cut unless
+/// it reached its end.
+struct BodyGuard {
+    counts: Arc<BodyCounts>,
+    path: String,
+    finished: bool,
+}
+
+impl BodyGuard {
+    fn new(counts: &Arc<BodyCounts>, path: &str) -> BodyGuard {
+        let now = counts.now.fetch_add(1, Ordering::SeqCst) + 1;
+        counts.most.fetch_max(now, Ordering::SeqCst);
+        BodyGuard {
+            counts: counts.clone(),
+            path: path.to_owned(),
+            finished: false,
+        }
+    }
+}
+
+impl BodyGuard {
+    /// The body reached its end (or the origin cut it on purpose).
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for BodyGuard {
+    fn drop(&mut self) {
+        self.counts.now.fetch_sub(1, Ordering::SeqCst);
+        if !self.finished {
+            self.counts
+                .cut
+                .lock()
+                .unwrap()
+                .insert(self.path.clone(), Instant::now());
+        }
+    }
 }
 
 /// The path nginx serves for a request target: the path percent-decoded
@@ -200,6 +251,7 @@ impl Origin {
             first_byte: Arc::default(),
             connections: Arc::default(),
             nginx_paths: Arc::default(),
+            bodies: Arc::default(),
         };
         let o = origin.clone();
         tokio::spawn(async move {
@@ -255,6 +307,22 @@ impl Origin {
     /// Every request seen.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Bodies being sent now.
+    pub fn bodies_in_flight(&self) -> u64 {
+        self.bodies.now.load(Ordering::SeqCst)
+    }
+
+    /// The most bodies the origin was sending at once.
+    pub fn most_bodies_in_flight(&self) -> u64 {
+        self.bodies.most.load(Ordering::SeqCst)
+    }
+
+    /// When a body for `path` was last cut before its end (its connection
+    /// closed by the other side).
+    pub fn cut_at(&self, path: &str) -> Option<Instant> {
+        self.bodies.cut.lock().unwrap().get(path).copied()
     }
 
     /// When the origin sent the first body byte for `path`.
@@ -380,13 +448,16 @@ impl Origin {
         die_after: Option<u64>,
     ) -> OriginBody {
         let first_byte = self.first_byte.clone();
+        let guard = BodyGuard::new(&self.bodies, path);
         let path = path.to_owned();
-        let stream =
-            futures_util::stream::unfold((body, 0u64, false), move |(body, sent, dead)| {
+        let stream = futures_util::stream::unfold(
+            (body, 0u64, false, guard),
+            move |(body, sent, dead, mut guard)| {
                 let first_byte = first_byte.clone();
                 let path = path.clone();
                 async move {
                     if dead || body.is_empty() {
+                        guard.finish();
                         return None;
                     }
                     if let Some(limit) = die_after
@@ -396,7 +467,9 @@ impl Origin {
                             std::io::ErrorKind::ConnectionReset,
                             "origin dies on purpose",
                         );
-                        return Some((Err(err), (Bytes::new(), sent, true)));
+                        // Cut by the origin, not by its client.
+                        guard.finish();
+                        return Some((Err(err), (Bytes::new(), sent, true, guard)));
                     }
                     if sent > 0
                         && let Some(d) = delay
@@ -409,14 +482,23 @@ impl Origin {
                     }
                     let mut body = body;
                     let chunk = body.split_to(n);
+                    if body.is_empty() {
+                        // All handed over: hyper may stop polling once a
+                        // Content-Length is met.
+                        guard.finish();
+                    }
                     first_byte
                         .lock()
                         .unwrap()
                         .entry(path)
                         .or_insert_with(Instant::now);
-                    Some((Ok(Frame::data(chunk)), (body, sent + n as u64, false)))
+                    Some((
+                        Ok(Frame::data(chunk)),
+                        (body, sent + n as u64, false, guard),
+                    ))
                 }
-            });
+            },
+        );
         StreamBody::new(stream).boxed()
     }
 }

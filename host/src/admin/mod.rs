@@ -2,7 +2,8 @@
 //! `/healthz`, and the JSON API the UI is built from.
 //!
 //! It is a listener of its own (loopback by default, see `docs/config.md`),
-//! read-only and without login: everything it answers is a view of state the
+//! read-only, with an optional token or basic authentication (`auth`),
+//! required off loopback: everything it answers is a view of state the
 //! engines already keep. It answers only requests whose `Host` (or HTTP/2
 //! `:authority`) names it: its address, `localhost`, a loopback literal or
 //! an `admin { host … }` name. Anything else gets 421, so a web page whose
@@ -22,13 +23,14 @@
 //! | `/api/policies` | policy call, failure and latency counters |
 
 pub mod api;
+mod auth;
 mod html;
 pub mod prometheus;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -42,7 +44,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::gate::{AcceptBackoff, ConnCaps, ConnGate};
+use crate::gate::{AcceptBackoff, ConnCaps, ConnGate, SendDeadline};
 use crate::ours;
 use crate::pipeline::Proxy;
 use crate::reload::ReloadLog;
@@ -61,6 +63,8 @@ pub struct Admin {
     connections: ConnGate,
     /// The reload engine's reports.
     reload: Arc<ReloadLog>,
+    /// Requests refused for missing or wrong credentials.
+    auth_refused: AtomicU64,
 }
 
 /// How long open admin connections get to finish on shutdown.
@@ -78,12 +82,20 @@ impl Admin {
             listen,
             connections: ConnGate::new(),
             reload,
+            auth_refused: AtomicU64::new(0),
         }
     }
 
     /// Answers one admin request.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<AdminBody> {
         if let Some(refused) = self.host_refusal(&req) {
+            return refused;
+        }
+        // A health check (load balancer, systemd) carries no credentials,
+        // and `ok` tells nobody anything.
+        if req.uri().path() != "/healthz"
+            && let Some(refused) = self.auth_refusal(&req)
+        {
             return refused;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -183,6 +195,27 @@ impl Admin {
         None
     }
 
+    /// The 401 for a request without a credential the config accepts
+    /// (`admin { token-sha256 …; user … }`); `None` when it may go on.
+    fn auth_refusal<B>(&self, req: &Request<B>) -> Option<Response<AdminBody>> {
+        let snap = self.proxy.snapshot();
+        let config = &snap.config.admin.auth;
+        if auth::allowed(config, req.headers()) {
+            return None;
+        }
+        self.auth_refused.fetch_add(1, Ordering::Relaxed);
+        let mut resp = plain(
+            StatusCode::UNAUTHORIZED,
+            "this admin interface needs a token (Authorization: Bearer …) or a user and password\n",
+        );
+        for challenge in auth::challenges(config) {
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                resp.headers_mut().append(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        Some(resp)
+    }
+
     /// `/api/status`.
     pub fn status(&self) -> api::Status {
         api::status(&self.proxy, self.started, &self.reload.status())
@@ -243,11 +276,18 @@ impl Admin {
         );
         prometheus::write_store_health(&mut w, &engine.store().health());
         w.single(
+            "cistern_admin_auth_refused_total",
+            Kind::Counter,
+            "Admin requests refused with 401: no credential, or one the config does not accept.",
+            self.auth_refused.load(Ordering::Relaxed),
+        );
+        w.single(
             "cistern_fills_in_progress",
             Kind::Gauge,
             "Upstream fetches under way.",
             engine.in_progress().len(),
         );
+        prometheus::write_fill_caps(&mut w, &engine.fill_permits());
 
         let policies = snap.policies.stats();
         w.family(
@@ -504,7 +544,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
         let config = admin.proxy.snapshot().config.clone();
         let caps = ConnCaps::from_config(&config.limits);
         let permit = match admin.connections.admit(client.ip(), caps) {
-            Ok(p) => p,
+            Ok(p) => Arc::new(p),
             Err(why) => {
                 tracing::debug!(target: "cistern::admin", %client, "refusing an admin connection: {why}");
                 continue;
@@ -529,7 +569,14 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch
         });
         let conn = graceful.watch(
             builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(
+                    TokioIo::new(SendDeadline::new(
+                        stream,
+                        config.timeouts.send,
+                        permit.clone(),
+                    )),
+                    service,
+                )
                 .into_owned(),
         );
         let admin = admin.clone();

@@ -166,6 +166,44 @@ pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
         "Responses the replica could not keep (no disk room beside min-free, or a write error): passed through unstored, or cut when the disk ran full mid-body.",
         m.store_refusals,
     );
+    w.family(
+        "cistern_orphan_fills_stopped_total",
+        Kind::Counter,
+        "Fills whose clients had all gone, cut before their end (the partial is kept for a resume), by why: not-worth-finishing (orphan-finish-left, orphan-finish-done) or orphan-fill (ran past it).",
+    );
+    for (why, n) in [
+        ("not-worth-finishing", m.orphans_abandoned),
+        ("orphan-fill", m.orphans_timed_out),
+    ] {
+        w.sample("cistern_orphan_fills_stopped_total", &[("reason", why)], n);
+    }
+    w.single(
+        "cistern_mirror_queries_dropped_total",
+        Kind::Counter,
+        "Mirror requests whose query string was dropped before the cache key and the upstream (query \"ignore\").",
+        m.queries_dropped,
+    );
+}
+
+/// Writes the fill caps' counts (`max-fills`, `max-fills-per-client`).
+pub fn write_fill_caps(w: &mut PromWriter, f: &crate::fetch::FillGateStats) {
+    w.single(
+        "cistern_fill_permits_in_use",
+        Kind::Gauge,
+        "Fills holding a place under max-fills now (followers of a fill take none).",
+        f.in_flight,
+    );
+    w.family(
+        "cistern_fills_refused_total",
+        Kind::Counter,
+        "Requests answered 503 because their miss would have started a fill over a cap, by cap.",
+    );
+    for (cap, n) in [
+        ("max-fills", f.refused_total),
+        ("max-fills-per-client", f.refused_per_client),
+    ] {
+        w.sample("cistern_fills_refused_total", &[("cap", cap)], n);
+    }
 }
 
 /// Writes the connection gates' counts, one sample per listener kind
@@ -210,6 +248,18 @@ pub fn write_connections(w: &mut PromWriter, gates: &[(&str, GateStats)]) {
             "cistern_connections_silent_closed_total",
             &[("listener", listener)],
             g.silent,
+        );
+    }
+    w.family(
+        "cistern_connections_stalled_closed_total",
+        Kind::Counter,
+        "Connections closed because their client took none of the data sent to it for the send timeout (a slow or stuck reader).",
+    );
+    for (listener, g) in gates {
+        w.sample(
+            "cistern_connections_stalled_closed_total",
+            &[("listener", listener)],
+            g.stalled,
         );
     }
     let tunnels: u64 = gates.iter().map(|(_, g)| g.idle_tunnels).sum();

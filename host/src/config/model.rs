@@ -103,6 +103,9 @@ pub struct AdminConfig {
     /// `localhost` and the loopback literals (`admin { host … }`); any
     /// other `Host` is refused, so a DNS-rebinding page cannot read it.
     pub hosts: Vec<ServerName>,
+    /// Who may read it; open to anyone who reaches it when empty, which is
+    /// only allowed on a loopback address.
+    pub auth: AdminAuth,
 }
 
 impl AdminConfig {
@@ -111,7 +114,40 @@ impl AdminConfig {
         listen: None,
         required: false,
         hosts: Vec::new(),
+        auth: AdminAuth::NONE,
     };
+}
+
+/// The admin's credentials (`admin { token-sha256 …; user … }`), kept as
+/// SHA-256 digests only, so the config file holds no secret in the clear.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AdminAuth {
+    /// Digests of the bearer tokens accepted (`Authorization: Bearer T`).
+    pub tokens: Vec<[u8; 32]>,
+    /// Users for basic authentication, each with its password's digest.
+    pub users: Vec<AdminUser>,
+}
+
+impl AdminAuth {
+    /// No credentials: the admin asks for none.
+    pub const NONE: AdminAuth = AdminAuth {
+        tokens: Vec::new(),
+        users: Vec::new(),
+    };
+
+    /// Whether any credential is configured.
+    pub fn required(&self) -> bool {
+        !self.tokens.is_empty() || !self.users.is_empty()
+    }
+}
+
+/// A `user "NAME" password-sha256="…"` of the admin block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminUser {
+    /// The user name (basic authentication).
+    pub name: String,
+    /// SHA-256 of the password.
+    pub password_sha256: [u8; 32],
 }
 
 /// A plaintext listener for proxy traffic.
@@ -243,6 +279,9 @@ pub struct MirrorConfig {
     pub weights: Vec<u32>,
     /// How the upstreams' health is checked (`health { … }`).
     pub health: HealthConfig,
+    /// What a request's query string does (`query`); sites keep it in the
+    /// key ([`QueryMode::Key`]).
+    pub query: QueryMode,
 }
 
 /// `health { … }` of a mirror set: active probes and the thresholds that
@@ -281,6 +320,22 @@ impl Default for HealthConfig {
     }
 }
 
+/// What a query string on a mirror request does (`query`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueryMode {
+    /// Dropped: neither in the cache key nor sent upstream, so the replica
+    /// holds what the path names and `?x=1…N` is one file, one fill. The
+    /// default for mirrors, whose files are named by their paths.
+    #[default]
+    Ignore,
+    /// Part of the cache key and sent upstream: each query is a file of
+    /// its own (signed URLs, dynamic upstreams). Sites always do this.
+    Key,
+    /// A request with a query is sent upstream as is and never stored;
+    /// without one it is cached as usual.
+    Pass,
+}
+
 /// Rate limits (governor) and connection caps.
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
@@ -294,6 +349,46 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// Client connections open at once from one address. At least 1.
     pub max_connections_per_client: u32,
+    /// Fills (upstream downloads into the replica) in flight at once; a
+    /// request that would start one more gets 503 with `Retry-After`.
+    /// Followers of a fill under way do not count. At least 1.
+    pub max_fills: u32,
+    /// Fills in flight at once started by one client address. At least 1.
+    pub max_fills_per_client: u32,
+    /// HTTP/2 streams a client may have open at once on one connection
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`). At least 1.
+    pub http2_max_streams: u32,
+    /// HTTP/2 streams a client may reset before Cistern has accepted them,
+    /// per connection, before it is closed (rapid reset). At least 1.
+    pub http2_max_resets: u32,
+    /// Which fills with no reader left go on (Squid's `quick_abort`).
+    pub orphans: OrphanRules,
+}
+
+/// When a fill whose clients have all gone is worth finishing
+/// (`orphan-finish-left`, `orphan-finish-done`, like Squid's
+/// `quick_abort_min` and `quick_abort_pct`). One that is not is cut at
+/// once, its partial kept for a later resume; one that is goes on for at
+/// most `orphan-fill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrphanRules {
+    /// Finish when at most this many bytes are left.
+    pub finish_left: u64,
+    /// Finish when at least this percentage (0 to 100) of the body is in;
+    /// 0 finishes every orphan, of known length or not.
+    pub finish_done_pct: u8,
+}
+
+impl Default for OrphanRules {
+    /// 1 MiB left: a fraction of a second on any link, and the next client
+    /// finds a complete replica instead of a partial to resume. 90 % done:
+    /// finishing costs at most a ninth of what was already fetched.
+    fn default() -> OrphanRules {
+        OrphanRules {
+            finish_left: 1 << 20,
+            finish_done_pct: 90,
+        }
+    }
 }
 
 /// `max-connections` when the config leaves it out.
@@ -302,6 +397,24 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 /// `max-connections-per-client` when the config leaves it out.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 256;
 
+/// `http2-max-streams` when the config leaves it out: RFC 9113's
+/// recommended minimum, near nginx's 128.
+pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 100;
+
+/// `http2-max-resets` when the config leaves it out: the `h2` crate's own
+/// default since the rapid-reset fixes (CVE-2023-44487).
+pub const DEFAULT_HTTP2_MAX_RESETS: u32 = 20;
+
+/// `max-fills` when the config leaves it out: far more than a LAN's package
+/// managers start at once, few enough that upstream connections, partial
+/// files and write buffers stay bounded.
+pub const DEFAULT_MAX_FILLS: u32 = 256;
+
+/// `max-fills-per-client` when the config leaves it out: apt, pip and
+/// browsers download a handful of files at once; a client asking for more
+/// distinct misses than this is more likely a crawler or an attack.
+pub const DEFAULT_MAX_FILLS_PER_CLIENT: u32 = 32;
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -309,6 +422,11 @@ impl Default for LimitsConfig {
             download_bytes_per_sec: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            max_fills: DEFAULT_MAX_FILLS,
+            max_fills_per_client: DEFAULT_MAX_FILLS_PER_CLIENT,
+            orphans: OrphanRules::default(),
+            http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
+            http2_max_resets: DEFAULT_HTTP2_MAX_RESETS,
         }
     }
 }
@@ -340,6 +458,10 @@ pub struct Timeouts {
     /// (Apache and many load balancers 5 s), so Cistern drops a connection
     /// before the server closes it under a request.
     pub upstream_idle: Duration,
+    /// How long a client may take none of the bytes Cistern has for it
+    /// before its connection is closed (default 60 s, nginx's
+    /// `send_timeout`).
+    pub send: Duration,
 }
 
 impl Default for Timeouts {
@@ -349,6 +471,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(10),
             orphan_fill: Duration::from_secs(600),
             upstream_idle: Duration::from_secs(4),
+            send: Duration::from_secs(60),
         }
     }
 }

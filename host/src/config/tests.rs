@@ -99,6 +99,10 @@ fn an_empty_file_gets_the_defaults_and_no_forward_proxy() {
     // Connections are capped even without a `limit` block.
     assert_eq!(c.limits.max_connections, 10_000);
     assert_eq!(c.limits.max_connections_per_client, 256);
+    assert_eq!(
+        (c.limits.max_fills, c.limits.max_fills_per_client),
+        (256, 32)
+    );
 }
 
 #[test]
@@ -157,10 +161,16 @@ fn the_full_syntax_parses_into_the_model() {
             download "10MiB"
             max-connections 500
             max-connections-per-client 8
+            max-fills 64
+            max-fills-per-client 4
+            orphan-finish-left "64KiB"
+            orphan-finish-done "75%"
+            http2-max-streams 10
+            http2-max-resets 5
         }
         limiter "per-path" rate=10 per="1m" burst=10
         limiter "slow" rate=3
-        timeouts { idle "1m"; connect "500ms"; orphan-fill "0s"; upstream-idle "0s"; }
+        timeouts { idle "1m"; connect "500ms"; orphan-fill "0s"; upstream-idle "0s"; send "2m"; }
         mode "offline"
         upstream-tls { system-roots #false; ca-file "ca.pem"; ca-file "/etc/ssl/extra.pem"; }
         policy "distro" path="builtin:distro" on-error="deny" isolation="fresh" deadline="20ms" memory="32MiB" {
@@ -220,6 +230,19 @@ fn the_full_syntax_parses_into_the_model() {
     assert_eq!(c.limits.download_bytes_per_sec, Some(10 << 20));
     assert_eq!(c.limits.max_connections, 500);
     assert_eq!(c.limits.max_connections_per_client, 8);
+    assert_eq!((c.limits.max_fills, c.limits.max_fills_per_client), (64, 4));
+    assert_eq!(
+        (
+            c.limits.orphans.finish_left,
+            c.limits.orphans.finish_done_pct
+        ),
+        (64 << 10, 75)
+    );
+    assert_eq!(
+        (c.limits.http2_max_streams, c.limits.http2_max_resets),
+        (10, 5)
+    );
+    assert_eq!(c.timeouts.send, Duration::from_secs(120));
     assert_eq!(c.limiters.len(), 2);
     assert_eq!(c.limiters[0].name, "per-path");
     assert_eq!(
@@ -410,6 +433,11 @@ fn bad_configs_are_refused_with_positions() {
         ("limit {\n    requests-per-client 5 burst=0\n}", &[(2, 27, "0 is out of range")]),
         ("limit {\n    download 0\n}", &[(2, 14, "`download` must be more than zero")]),
         ("limit {\n    max-connections 0\n}", &[(2, 21, "`max-connections`: 0 is out of range (1 to 4294967295)")]),
+        ("limit {\n    max-fills 0\n}", &[(2, 15, "`max-fills`: 0 is out of range (1 to 4294967295)")]),
+        ("admin {\n    token-sha256 \"hunter2\"\n}", &[(2, 18, "`token-sha256`: \"hunter2\" is not a SHA-256 digest (64 hex digits)")]),
+        ("admin {\n    user \"ops\"\n}", &[(2, 5, "`user` needs password-sha256=\"…\"")]),
+        ("mirror \"m\" {\n    upstream \"http://a.test/\"\n    query \"drop\"\n}", &[(3, 11, "`query`: unknown mode \"drop\"")]),
+        ("limit {\n    orphan-finish-done \"101%\"\n}", &[(2, 24, "`orphan-finish-done`: \"101%\" is not a percentage from 0% to 100%")]),
         ("limit {\n    max-connections-per-client \"9\"\n}", &[(2, 32, "`max-connections-per-client` expects a whole number here")]),
         ("limit {\n    max-connections-per-client 1 2\n}", &[(2, 34, "`max-connections-per-client` takes 1 argument")]),
         // TLS.

@@ -134,6 +134,8 @@ pub enum FillTicket {
     },
     /// Another request's fill is under way: read along.
     Follower(Arc<Fill>),
+    /// No fill was started: a fill cap is reached.
+    Refused(super::FillRefused),
 }
 
 /// Releases a fill's key and its readers however the fill task ends

@@ -180,6 +180,21 @@ pub enum FetchError {
         /// The orphan-fill limit.
         after: Duration,
     },
+    /// Every client left while more was still to come than the
+    /// quick-abort rules let an orphan finish (`orphan-finish-left`,
+    /// `orphan-finish-done`); the partial is kept for a later resume.
+    #[error(
+        "no client left for {url} with {written} of {total} bytes in: not worth finishing \
+         (orphan-finish-left, orphan-finish-done); partial kept"
+    )]
+    Abandoned {
+        /// The URL being fetched.
+        url: String,
+        /// Bytes in the partial file.
+        written: u64,
+        /// The full length, or "an unknown number of" when not announced.
+        total: String,
+    },
     /// The replica store failed (full disk, permissions).
     #[error("replica store: {0}")]
     Store(#[from] StoreError),
@@ -204,7 +219,7 @@ impl FetchError {
             FetchError::ResumeMismatch { .. } => ErrorKind::ResumeMismatch,
             FetchError::Length { .. } | FetchError::DigestMismatch { .. } => ErrorKind::Integrity,
             FetchError::Offline { .. } => ErrorKind::Offline,
-            FetchError::Orphaned { .. } => ErrorKind::Orphaned,
+            FetchError::Orphaned { .. } | FetchError::Abandoned { .. } => ErrorKind::Orphaned,
             FetchError::Store(_) => ErrorKind::Store,
             FetchError::PolicyDenied { .. } => ErrorKind::Policy,
             FetchError::SelfTarget(_) => ErrorKind::SelfTarget,
@@ -221,7 +236,7 @@ impl FetchError {
             | FetchError::NoUpstream { .. }
             | FetchError::SelfTarget(_)
             | FetchError::PolicyDenied { .. } => Side::Internal,
-            FetchError::Orphaned { .. } => Side::Downstream,
+            FetchError::Orphaned { .. } | FetchError::Abandoned { .. } => Side::Downstream,
             _ => Side::Upstream,
         }
     }

@@ -518,17 +518,29 @@ impl Inner {
                     expected: total,
                 });
             }
-            // Whether the fill has been without readers for orphan-fill is
-            // decided here, after each write, on the engine's clock. No timer
-            // is needed: with no bytes coming the idle timeout ends the fill,
-            // and without readers a failure is not resumed.
+            // Whether the fill has been without readers for orphan-fill, or
+            // is not worth finishing at all, is decided here, after each
+            // write, on the engine's clock. No timer is needed: with no
+            // bytes coming the idle timeout ends the fill, and without
+            // readers a failure is not resumed. Returning drops the upstream
+            // body, which closes its connection.
             if fill.readers() == 0 {
                 let now = self.clock.monotonic();
                 let since = *orphan_since.get_or_insert(now);
                 if now.saturating_duration_since(since) >= job.settings.orphan {
+                    self.metrics.orphan_stopped(false);
                     return Err(FetchError::Orphaned {
                         url: url_s,
                         after: job.settings.orphan,
+                    });
+                }
+                if !job.background && !worth_finishing(job.settings.orphan_rules, written, total) {
+                    self.metrics.orphan_stopped(true);
+                    return Err(FetchError::Abandoned {
+                        url: url_s,
+                        written,
+                        total: total
+                            .map_or_else(|| "an unknown number of".to_owned(), |t| t.to_string()),
                     });
                 }
             } else {
@@ -810,6 +822,24 @@ fn ttl_override(
     }
 }
 
+/// Whether a fill with no reader left, `written` bytes into a body of
+/// `total`, goes on (Squid's `quick_abort`): when at most `finish_left`
+/// bytes are left, or at least `finish_done_pct` percent are in. A body of
+/// unknown length is finished only under `"0%"`, which finishes every
+/// orphan: nothing says how much is left.
+fn worth_finishing(rules: crate::config::OrphanRules, written: u64, total: Option<u64>) -> bool {
+    if rules.finish_done_pct == 0 {
+        return true;
+    }
+    let Some(total) = total else {
+        return false;
+    };
+    let left = total.saturating_sub(written);
+    // In u128: a percentage of a body near u64::MAX must not overflow.
+    left <= rules.finish_left
+        || u128::from(written) * 100 >= u128::from(total) * u128::from(rules.finish_done_pct)
+}
+
 /// Whether `resp` continues a partial of `written` bytes: a `206` starting
 /// exactly there, for the same total, with the same validator. Returns the
 /// total it announces.
@@ -848,6 +878,38 @@ fn continues<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_orphan_is_finished_when_little_is_left_or_most_is_in() {
+        use crate::config::OrphanRules;
+        let by_size = OrphanRules {
+            finish_left: 100,
+            finish_done_pct: 100,
+        };
+        assert!(
+            worth_finishing(by_size, 9_900, Some(10_000)),
+            "100 bytes left"
+        );
+        assert!(!worth_finishing(by_size, 9_899, Some(10_000)));
+        let by_share = OrphanRules {
+            finish_left: 0,
+            finish_done_pct: 90,
+        };
+        assert!(worth_finishing(by_share, 900, Some(1000)), "90 % in");
+        assert!(!worth_finishing(by_share, 899, Some(1000)));
+        assert!(!worth_finishing(by_share, 10, None), "unknown length");
+        let all = OrphanRules {
+            finish_left: 0,
+            finish_done_pct: 0,
+        };
+        assert!(worth_finishing(all, 0, None), "0% finishes every orphan");
+        assert!(worth_finishing(all, 0, Some(u64::MAX)));
+        let none_by_size = OrphanRules {
+            finish_left: 0,
+            finish_done_pct: 100,
+        };
+        assert!(!worth_finishing(none_by_size, u64::MAX - 1, Some(u64::MAX)));
+    }
 
     #[test]
     fn only_a_206_that_continues_the_partial_is_spliced() {

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::Uri;
 
 use crate::clock::Clock;
-use crate::config::{ForwardedFor, HealthConfig, MirrorConfig, StaleRules};
+use crate::config::{ForwardedFor, HealthConfig, MirrorConfig, QueryMode, StaleRules};
 
 use super::confine::{EscapeError, confine};
 
@@ -161,6 +161,8 @@ pub struct MirrorSet {
     pub preserve_host: bool,
     /// Probes and thresholds.
     pub health: HealthConfig,
+    /// What a request's query string does (`query`).
+    pub query: QueryMode,
     /// The engine's clock: marks are measured on its monotonic reading,
     /// so tests move them with the manual clock.
     clock: Clock,
@@ -299,6 +301,7 @@ impl MirrorSet {
             forwarded_for: config.forwarded_for,
             preserve_host: false,
             health: config.health.clone(),
+            query: config.query,
             clock: clock.clone(),
             epoch: clock.monotonic(),
             missing: Mutex::new(HashMap::new()),
@@ -617,6 +620,7 @@ mod tests {
                 forwarded_for: ForwardedFor::Replace,
                 weights: vec![1, 1],
                 health,
+                query: crate::config::QueryMode::Ignore,
             },
             clock,
         )

@@ -7,8 +7,10 @@
 //! replica store. Every client of that key, the first one included, is a
 //! reader of the growing file (see [`crate::serve`]), so no client's
 //! disconnect can cancel the fill for the others. A fill nobody reads any
-//! more keeps going for `orphan-fill` and then stops, keeping its partial
-//! for a later resume.
+//! more keeps going only if it is nearly done (`orphan-finish-left`,
+//! `orphan-finish-done`), and then for at most `orphan-fill`; otherwise it
+//! stops at once, keeping its partial for a later resume. Each fill holds
+//! a place under `max-fills` (see `permits`) until its task ends.
 //!
 //! A fill moves through [`FillState`]: `Waiting` → `Streaming` →
 //! `Complete`, or ends `Unverified` (a body that ended with the upstream
@@ -33,6 +35,7 @@ mod fill;
 mod headers;
 pub mod mirror;
 mod probe;
+mod permits;
 mod sink;
 mod upgrade;
 pub mod upstream;
@@ -55,9 +58,11 @@ pub use error::{ErrorKind, FetchError, RetryType, Side, error_chain};
 pub use fill::RESUME_ATTEMPTS;
 pub use headers::announced_sha256;
 pub use mirror::MirrorSet;
+pub use permits::{FillCaps, FillGateStats, FillRefused};
 pub use upstream::{BoxError, UpstreamBody, UpstreamClient};
 
 use coalesce::{FillGuard, Inflight};
+use permits::FillGate;
 
 /// Where a key's bytes can come from.
 #[derive(Debug, Clone)]
@@ -135,6 +140,10 @@ pub struct FetchSettings {
     pub mode: CacheMode,
     /// Limits of the snapshot (bandwidth cap).
     pub limits: Arc<Limits>,
+    /// Caps on the fills in flight (`max-fills`, `max-fills-per-client`).
+    pub fill_caps: FillCaps,
+    /// Which fills with no reader left are worth finishing.
+    pub orphan_rules: crate::config::OrphanRules,
 }
 
 /// A request for the fill of one key.
@@ -154,6 +163,13 @@ pub struct FillJob {
     pub settings: FetchSettings,
     /// The policy chain's response hook, if any.
     pub hook: Option<Arc<dyn HeadHook>>,
+    /// The address of the client whose request starts the fill, counted
+    /// against `max-fills-per-client`.
+    pub client: std::net::IpAddr,
+    /// Nobody waits for this fill (a `stale-while-revalidate` refresh):
+    /// having no reader is not a client leaving it, so the quick-abort
+    /// rules do not apply; `orphan-fill` still does.
+    pub background: bool,
 }
 
 /// The coalescing fetch engine; cheap to clone.
@@ -168,6 +184,8 @@ struct Inner {
     client: UpstreamClient,
     clock: Clock,
     inflight: Inflight,
+    /// Permits of the fills in flight, against the snapshot's caps.
+    permits: FillGate,
     metrics: Arc<Metrics>,
 }
 
@@ -180,6 +198,7 @@ impl FetchEngine {
                 client,
                 clock,
                 inflight: Inflight::default(),
+                permits: FillGate::default(),
                 metrics: Arc::default(),
             }),
         }
@@ -217,6 +236,11 @@ impl FetchEngine {
         map.values().cloned().collect()
     }
 
+    /// The fill caps' counts (`/metrics`).
+    pub fn fill_permits(&self) -> FillGateStats {
+        self.inner.permits.stats()
+    }
+
     /// The fill of a key in progress, if any (HEAD requests join one but
     /// never start one).
     pub fn find(&self, key: &CacheKey) -> Option<Arc<Fill>> {
@@ -234,7 +258,7 @@ impl FetchEngine {
         Some(fill)
     }
 
-    /// Joins the fill of `job.key`, or starts it.
+    /// Joins the fill of `job.key`, or starts it if the fill caps allow.
     pub fn fill(&self, job: FillJob) -> FillTicket {
         let (fill, passthrough) = {
             let mut map = self.inner.inflight.lock();
@@ -248,6 +272,12 @@ impl FetchEngine {
             {
                 return FillTicket::Ready(replica);
             }
+            // Taken under the registry's lock, so two requests for one key
+            // never both take a permit; held by the task until it ends.
+            let permit = match self.inner.permits.admit(job.client, job.settings.fill_caps) {
+                Ok(p) => p,
+                Err(why) => return FillTicket::Refused(why),
+            };
             let (state, _) = watch::channel(FillState::Waiting);
             let fill = Arc::new(Fill {
                 key: job.key.clone(),
@@ -276,6 +306,7 @@ impl FetchEngine {
                         .send_replace(FillState::Failed(Arc::new(error)));
                 }
                 drop(guard);
+                drop(permit);
             });
             (fill, rx)
         };

@@ -52,6 +52,9 @@ pub struct Metrics {
     coalesced_followers: AtomicU64,
     limited: AtomicU64,
     store_refusals: AtomicU64,
+    orphans_abandoned: AtomicU64,
+    orphans_timed_out: AtomicU64,
+    queries_dropped: AtomicU64,
 }
 
 /// A copy of the counters at one moment (JSON API, tests).
@@ -80,6 +83,13 @@ pub struct MetricsSnapshot {
     /// Responses the replica store could not keep (no disk room, or a
     /// write error): passed through unstored, or cut when the disk ran full.
     pub store_refusals: u64,
+    /// Fills with no reader left cut because they were not worth finishing
+    /// (`orphan-finish-left`, `orphan-finish-done`).
+    pub orphans_abandoned: u64,
+    /// Fills with no reader left stopped after `orphan-fill`.
+    pub orphans_timed_out: u64,
+    /// Mirror requests whose query string was dropped (`query "ignore"`).
+    pub queries_dropped: u64,
 }
 
 impl Metrics {
@@ -134,6 +144,23 @@ impl Metrics {
         self.store_refusals.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a fill with no reader left stopped: `abandoned` when the
+    /// quick-abort rules found it not worth finishing, else after
+    /// `orphan-fill`.
+    pub fn orphan_stopped(&self, abandoned: bool) {
+        let counter = if abandoned {
+            &self.orphans_abandoned
+        } else {
+            &self.orphans_timed_out
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a mirror request whose query string was dropped.
+    pub fn query_dropped(&self) {
+        self.queries_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Requests answered with `outcome` so far.
     pub fn requests(&self, outcome: CacheOutcome) -> u64 {
         self.requests[outcome_index(outcome)].load(Ordering::Relaxed)
@@ -160,6 +187,9 @@ impl Metrics {
             coalesced_followers: load(&self.coalesced_followers),
             limited: load(&self.limited),
             store_refusals: load(&self.store_refusals),
+            orphans_abandoned: load(&self.orphans_abandoned),
+            orphans_timed_out: load(&self.orphans_timed_out),
+            queries_dropped: load(&self.queries_dropped),
         }
     }
 }

@@ -100,11 +100,13 @@ pub enum NoCacheReason {
     /// The request switches protocols (`Upgrade`, e.g. WebSocket): its
     /// connection becomes a tunnel to the upstream.
     Upgrade,
+    /// A query string on a mirror with `query "pass"`.
+    Query,
 }
 
 impl NoCacheReason {
     /// Every reason, in the order of the counters.
-    pub const ALL: [NoCacheReason; 8] = [
+    pub const ALL: [NoCacheReason; 9] = [
         NoCacheReason::Method,
         NoCacheReason::PolicyBypass,
         NoCacheReason::PolicyUncacheable,
@@ -113,6 +115,7 @@ impl NoCacheReason {
         NoCacheReason::NotStorable,
         NoCacheReason::NoRoom,
         NoCacheReason::Upgrade,
+        NoCacheReason::Query,
     ];
 
     /// A short name, as in metrics labels and `Cache-Status` details.
@@ -126,6 +129,7 @@ impl NoCacheReason {
             NoCacheReason::NotStorable => "not-storable",
             NoCacheReason::NoRoom => "no-room",
             NoCacheReason::Upgrade => "upgrade",
+            NoCacheReason::Query => "query",
         }
     }
 
@@ -140,6 +144,7 @@ impl NoCacheReason {
             NoCacheReason::NotStorable => "pass:not-storable",
             NoCacheReason::NoRoom => "pass:no-room",
             NoCacheReason::Upgrade => "pass:upgrade",
+            NoCacheReason::Query => "pass:query",
         }
     }
 
@@ -155,6 +160,7 @@ impl NoCacheReason {
             NoCacheReason::NotStorable => "cistern; fwd=uri-miss; detail=not-storable",
             NoCacheReason::NoRoom => "cistern; fwd=uri-miss; detail=no-room",
             NoCacheReason::Upgrade => "cistern; fwd=method; detail=upgrade",
+            NoCacheReason::Query => "cistern; fwd=bypass; detail=query",
         }
     }
 }

@@ -124,3 +124,24 @@ pub(super) fn internal(e: &ServeError) -> Response<ProxyBody> {
         "Cistern could not read its replica of this (its log says why)",
     )
 }
+
+/// How long a client refused by a fill cap is asked to wait: long enough
+/// for short downloads to finish, short enough that a package manager's
+/// retry finds a free place.
+pub(super) const FILL_RETRY_AFTER_SECS: u32 = 5;
+
+/// The answer to a request whose miss would start one fill too many
+/// (`max-fills`, `max-fills-per-client`): 503 with `Retry-After`. Not a
+/// pass-through: an uncached download costs the upstream the same, and the
+/// cap is there to bound what the upstream is asked for.
+pub(super) fn fill_refused(why: &crate::fetch::FillRefused) -> Response<ProxyBody> {
+    let mut resp = body::text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("too many downloads at once: {why}; retry shortly"),
+    );
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        http::HeaderValue::from(FILL_RETRY_AFTER_SECS),
+    );
+    resp
+}

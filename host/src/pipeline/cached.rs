@@ -3,12 +3,13 @@
 //! `stale-if-error` or `stale-while-revalidate` allow), or start or join
 //! the key's fill and read along it.
 
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 
-use super::answers::{error_response, internal};
+use super::answers::{error_response, fill_refused, internal};
 use super::passthrough::passthrough_response;
 use super::{Answer, PolicyRun, Proxy, RouteCache, forwarded, upgrade};
 use crate::body;
@@ -57,9 +58,9 @@ impl Proxy {
         }
         let (parts, _body) = req.into_parts();
         let mut headers = parts.headers;
-        let reason = if bypass {
+        let reason = if let Some(reason) = bypass {
             forwarded::apply(&mut headers, forwarded_for, client);
-            NoCacheReason::PolicyBypass
+            reason
         } else {
             // The key names the resource; which name the client used to
             // reach us (Host) must not make the cache rules see another
@@ -92,7 +93,7 @@ impl Proxy {
                     return self
                         .serve_while_revalidating(
                             &method, &headers, &key_uri, replica, validators, upstreams, policy,
-                            snap,
+                            client, snap,
                         )
                         .await;
                 }
@@ -114,13 +115,16 @@ impl Proxy {
                             Some(stale),
                             upstreams,
                             policy,
+                            client,
                             snap,
                         )
                         .await;
                 }
                 Lookup::Fresh(_) | Lookup::Absent => {
                     return self
-                        .miss(&method, headers, &key_uri, None, upstreams, policy, snap)
+                        .miss(
+                            &method, headers, &key_uri, None, upstreams, policy, client, snap,
+                        )
                         .await;
                 }
                 Lookup::OtherVariant => NoCacheReason::OtherVariant,
@@ -186,6 +190,7 @@ impl Proxy {
         revalidation: Option<Revalidation>,
         upstreams: Upstreams,
         policy: Option<PolicyRun>,
+        client: IpAddr,
         snap: &Snapshot,
     ) -> Answer {
         let key = key_uri.key;
@@ -262,6 +267,8 @@ impl Proxy {
             revalidate,
             settings: snap.settings.clone(),
             hook: policy.map(|p| p.hook(&headers)),
+            client,
+            background: false,
         };
         let (fill, passthrough, outcome) = match self.engine.fill(job) {
             FillTicket::Ready(replica) => {
@@ -275,6 +282,7 @@ impl Proxy {
             }
             FillTicket::Leader { fill, passthrough } => (fill, Some(passthrough), fresh_outcome),
             FillTicket::Follower(fill) => (fill, None, CacheOutcome::Coalesced),
+            FillTicket::Refused(why) => return Answer::local(fill_refused(&why)),
         };
         self.follow(
             method,
@@ -303,6 +311,7 @@ impl Proxy {
         validators: HeaderMap,
         upstreams: Upstreams,
         policy: Option<PolicyRun>,
+        client: IpAddr,
         snap: &Snapshot,
     ) -> Answer {
         if let Some(uri) = key_uri.get() {
@@ -314,9 +323,12 @@ impl Proxy {
                 revalidate: Some((replica.clone(), validators)),
                 settings: snap.settings.clone(),
                 hook: policy.map(|p| p.hook(headers)),
+                client,
+                background: true,
             };
             // Nobody waits for this ticket: the fill task outlives it, and
-            // an unshareable answer is simply dropped.
+            // an unshareable answer is simply dropped; over a fill cap the
+            // stale copy is served without a revalidation this time.
             drop(self.engine.fill(job));
         }
         match self

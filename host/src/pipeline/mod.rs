@@ -22,11 +22,11 @@ use hyper::body::Incoming;
 
 use crate::body::{self, ProxyBody};
 use crate::clock::Clock;
-use crate::config::{ForwardedFor, StaleRules};
+use crate::config::{ForwardedFor, QueryMode, StaleRules};
 use crate::fetch::{FetchEngine, HeadHook, MirrorSet, Upstreams};
 use crate::gate::ConnGate;
-use crate::observe::CacheOutcome;
 use crate::observe::accesslog::{AccessRecord, LoggedBody};
+use crate::observe::{CacheOutcome, NoCacheReason};
 use crate::policy::bridge::PolicyHook;
 use crate::policy::{PolicyChain, PolicyEngine, PolicyHost, RequestOutcome, RequestView};
 use crate::route::Route;
@@ -212,6 +212,7 @@ impl Proxy {
                 let rules = RouteRules {
                     stale: snap.config.forward.stale,
                     forwarded_for: snap.config.forward.forwarded_for,
+                    query_pass: false,
                 };
                 self.proxied(
                     req,
@@ -246,6 +247,15 @@ impl Proxy {
         chain: Option<&PolicyChain>,
         snap: &Snapshot,
     ) -> Answer {
+        let mut rest = rest;
+        if set.query == QueryMode::Ignore
+            && let Some(at) = rest.find('?')
+        {
+            // Before the key, the policies and the upstream see it: the
+            // replica holds what the path names.
+            rest.truncate(at);
+            self.engine.metrics().query_dropped();
+        }
         let url = match set.url(0, &rest) {
             Ok(url) => url,
             Err(e) => return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string())),
@@ -256,6 +266,7 @@ impl Proxy {
         let rules = RouteRules {
             stale: set.stale,
             forwarded_for: set.forwarded_for,
+            query_pass: set.query == QueryMode::Pass && rest.contains('?'),
         };
         let upstreams = Upstreams::Mirror { set, rest, host };
         self.proxied(req, conn, url, upstreams, chain, rules, snap)
@@ -310,6 +321,13 @@ impl Proxy {
         };
         match key {
             Ok(key) => {
+                let bypass = if bypass {
+                    Some(NoCacheReason::PolicyBypass)
+                } else if rules.query_pass {
+                    Some(NoCacheReason::Query)
+                } else {
+                    None
+                };
                 let route = RouteCache {
                     upstreams,
                     policy,
@@ -330,8 +348,9 @@ struct RouteCache {
     upstreams: Upstreams,
     /// The policy chain that ran, for `on_response`.
     policy: Option<PolicyRun>,
-    /// A policy asked to bypass the cache.
-    bypass: bool,
+    /// Why the cache is bypassed, if it is: a policy asked, or a query
+    /// on a `query "pass"` mirror.
+    bypass: Option<NoCacheReason>,
     /// When a stale replica may still answer.
     stale: StaleRules,
     /// What to tell the upstream of the client, and its address: applied
@@ -344,6 +363,8 @@ struct RouteCache {
 struct RouteRules {
     stale: StaleRules,
     forwarded_for: ForwardedFor,
+    /// The request has a query and its mirror passes such requests.
+    query_pass: bool,
 }
 
 /// A chain that ran `on_request`, kept for `on_response` in case the

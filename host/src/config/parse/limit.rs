@@ -1,5 +1,5 @@
 //! `limit { … }` (per-client request rates, the download cap, connection
-//! caps) and `limiter NAME …` (named rates for policies).
+//! and fill caps, the quick-abort rules of orphaned fills) and `limiter NAME …` (named rates for policies).
 
 use kdl::{KdlEntry, KdlNode};
 
@@ -20,7 +20,59 @@ const LIMIT: &[Rule<LimitsConfig>] = &[
             l.max_connections_per_client = v;
         }
     }),
+    once("max-fills", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "max-fills 256") {
+            l.max_fills = v;
+        }
+    }),
+    once("max-fills-per-client", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "max-fills-per-client 32") {
+            l.max_fills_per_client = v;
+        }
+    }),
+    once("orphan-finish-left", |cx, n, l| {
+        let e = cx.entries(n, &Shape::leaf((1, 1), "orphan-finish-left \"1MiB\""));
+        if let Some(v) = e.arg(0).and_then(|a| cx.size(e.name, a)) {
+            l.orphans.finish_left = v;
+        }
+    }),
+    once("orphan-finish-done", orphan_finish_done),
+    once("http2-max-streams", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "http2-max-streams 100") {
+            l.http2_max_streams = v;
+        }
+    }),
+    once("http2-max-resets", |cx, n, l| {
+        if let Some(v) = count_node(cx, n, "http2-max-resets 20") {
+            l.http2_max_resets = v;
+        }
+    }),
 ];
+
+/// `orphan-finish-done "90%"`: a percentage from 0 to 100.
+fn orphan_finish_done(cx: &mut Cx<'_>, node: &KdlNode, l: &mut LimitsConfig) {
+    let e = cx.entries(node, &Shape::leaf((1, 1), "orphan-finish-done \"90%\""));
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    match text
+        .strip_suffix('%')
+        .and_then(|n| n.trim().parse::<u8>().ok())
+    {
+        Some(pct) if pct <= 100 => l.orphans.finish_done_pct = pct,
+        _ => {
+            cx.error(
+                arg.span(),
+                format!("`orphan-finish-done`: {text:?} is not a percentage from 0% to 100%"),
+            )
+            .help = Some(
+                "write it like \"90%\"; \"0%\" lets every orphaned fill go on for orphan-fill"
+                    .to_owned(),
+            );
+        }
+    }
+}
 
 /// A leaf with one whole number of at least 1.
 fn count_node(cx: &mut Cx<'_>, node: &KdlNode, usage: &'static str) -> Option<u32> {

@@ -11,6 +11,7 @@ use crate::config::model::*;
 /// A `mirror` block as read.
 struct MirrorDraft {
     prefix: Option<(String, SourceSpan)>,
+    query: QueryMode,
     upstream: UpstreamBlock,
 }
 
@@ -21,7 +22,7 @@ impl HasUpstreamBlock for MirrorDraft {
 }
 
 /// A mirror's own nodes; the upstream block's follow them.
-const MIRROR: &[Rule<MirrorDraft>] = &[once("prefix", mirror_prefix)];
+const MIRROR: &[Rule<MirrorDraft>] = &[once("prefix", mirror_prefix), once("query", mirror_query)];
 
 /// How a mirror's upstreams read in messages.
 const MIRROR_HINTS: UpstreamHints = UpstreamHints {
@@ -39,6 +40,7 @@ pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let name = e.arg(0).and_then(|a| cx.ident(e.name, a));
     let mut d = MirrorDraft {
         prefix: None,
+        query: QueryMode::default(),
         upstream: UpstreamBlock::new(&MIRROR_HINTS),
     };
     cx.children_with(node, MIRROR, &upstream_rules(), &mut d);
@@ -69,7 +71,33 @@ pub(super) fn mirror(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         forwarded_for: u.forwarded_for,
         weights: u.weights,
         health: u.health,
+        query: d.query,
     });
+}
+
+/// `query "ignore" | "key" | "pass"`.
+fn mirror_query(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {
+    let e = cx.entries(
+        node,
+        &Shape::leaf((1, 1), "query \"ignore\"  // or \"key\", \"pass\""),
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    d.query = match text {
+        "ignore" => QueryMode::Ignore,
+        "key" => QueryMode::Key,
+        "pass" => QueryMode::Pass,
+        other => {
+            cx.error(arg.span(), format!("`query`: unknown mode {other:?}"))
+                .help = Some(
+                "use \"ignore\" (dropped), \"key\" (cached per query) or \"pass\" (not cached)"
+                    .to_owned(),
+            );
+            return;
+        }
+    };
 }
 
 fn mirror_prefix(cx: &mut Cx<'_>, node: &KdlNode, d: &mut MirrorDraft) {

@@ -1,4 +1,5 @@
-//! `timeouts { … }`: idle, connect, orphan-fill and upstream-idle times.
+//! `timeouts { … }`: idle, connect, send, orphan-fill and upstream-idle
+//! times.
 
 use kdl::KdlNode;
 
@@ -21,6 +22,11 @@ const TIMEOUTS: &[Rule<Timeouts>] = &[
     once("orphan-fill", |cx, n, t| {
         if let Some(d) = duration_node(cx, n, true) {
             t.orphan_fill = d;
+        }
+    }),
+    once("send", |cx, n, t| {
+        if let Some(d) = duration_node(cx, n, false) {
+            t.send = d;
         }
     }),
     // Zero is meaningful: no upstream connection is reused.
