@@ -241,3 +241,42 @@ async fn targeted_cache_control_steers_cistern_and_stays_here() {
     assert_eq!(origin.hits("/ours"), 2);
     cistern.shutdown().await;
 }
+
+/// `targeted-field` renames Cistern's own targeted field: the new name
+/// steers it and stays here, the default name becomes an ordinary field.
+/// (The real binary: the field is one per process.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_targeted_field_name_is_configurable() {
+    let origin = Origin::start().await;
+    origin.put(
+        "/edge",
+        Resource::new(pattern(7, 100))
+            .header("cache-control", "no-store")
+            .header("edge-cache-control", "max-age=600"),
+    );
+    origin.put(
+        "/old-name",
+        Resource::new(pattern(8, 100))
+            .header("cache-control", "max-age=600")
+            .header("cistern-cache-control", "no-store"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\ntargeted-field \"Edge-Cache-Control\"\n",
+        common::files_mirror(&origin)
+    );
+    let cistern = common::Cistern::start(dir.path(), &config, &[]);
+    for want in ["cistern; fwd=miss; stored", "cistern; hit"] {
+        let got = get(cistern.addr, "/files/edge").await;
+        assert_eq!(got.header("cache-status"), want, "{:?}", got.headers);
+        assert_eq!(got.header("cache-control"), "no-store");
+        assert_eq!(got.header("edge-cache-control"), "", "{:?}", got.headers);
+    }
+    assert_eq!(origin.hits("/edge"), 1);
+    for want in ["cistern; fwd=miss; stored", "cistern; hit"] {
+        let got = get(cistern.addr, "/files/old-name").await;
+        assert_eq!(got.header("cache-status"), want, "{:?}", got.headers);
+        assert_eq!(got.header("cistern-cache-control"), "no-store");
+    }
+    assert_eq!(origin.hits("/old-name"), 1);
+}

@@ -9,9 +9,12 @@
 //! and offline modes, policy overrides (immutable, TTL), and the key under
 //! which several URLs share one replica.
 
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use arc_swap::ArcSwap;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy, RequestLike};
 
 use crate::config::{CacheMode, StaleRules};
@@ -81,17 +84,39 @@ pub fn new_policy(
     CachePolicy::new_options(&req, &for_rules(resp), now, options())
 }
 
+/// Cistern's own targeted field, as `targeted-field` names it: set at
+/// start and by every reload ([`use_targeted_field`]). One per process,
+/// like the cache it addresses; read with one atomic load.
+static OWN_TARGETED: LazyLock<ArcSwap<HeaderName>> = LazyLock::new(|| {
+    ArcSwap::from_pointee(HeaderName::from_static(
+        crate::config::DEFAULT_TARGETED_FIELD,
+    ))
+});
+
+/// The targeted field every CDN reads (RFC 9213).
+const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+
+/// Makes `name` Cistern's own targeted cache-control field for responses
+/// from now on (`targeted-field` in config).
+pub fn use_targeted_field(name: &HeaderName) {
+    if **OWN_TARGETED.load() != *name {
+        OWN_TARGETED.store(Arc::new(name.clone()));
+    }
+}
+
 /// The response fields that steer Cistern in place of `Cache-Control`,
 /// first match wins: our own targeted field, then the one every CDN reads
 /// (RFC 9213). Never forwarded downstream: they address this cache only.
-pub const TARGETED_FIELDS: [&str; 2] = ["cistern-cache-control", "cdn-cache-control"];
+pub fn targeted_fields() -> [HeaderName; 2] {
+    [(**OWN_TARGETED.load()).clone(), CDN_CACHE_CONTROL]
+}
 
 /// A response head as the RFC 9111 rules of `http-cache-semantics` should
 /// read it. A correction layer rather than a fork: the crate is maintained
 /// and its rules are right once its inputs are normalised, so a fork would
 /// mean carrying its whole code for a few parsers. It corrects:
 /// - hop-by-hop fields and those `Connection` names are dropped;
-/// - a targeted field ([`TARGETED_FIELDS`]) with a value replaces
+/// - a targeted field ([`targeted_fields`]) with a value replaces
 ///   `Cache-Control` and hides `Expires` (RFC 9213 §2.2);
 /// - `Cache-Control` directive names are lowercased (RFC 9111 §5.2: they
 ///   are case-insensitive; the crate matches them exactly);
@@ -116,8 +141,8 @@ pub fn for_rules(resp: &http::response::Parts) -> http::response::Parts {
 fn corrected_headers(headers: &HeaderMap) -> HeaderMap {
     let mut h = headers.clone();
     strip_hop_by_hop(&mut h);
-    let targeted = TARGETED_FIELDS.iter().find_map(|name| {
-        let joined = joined(&h, name);
+    let targeted = targeted_fields().iter().find_map(|name| {
+        let joined = joined(&h, name.as_str());
         (!joined.trim().is_empty()).then_some(joined)
     });
     let cache_control = match targeted {
@@ -660,10 +685,10 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// Removes the fields that address Cistern alone ([`TARGETED_FIELDS`])
+/// Removes the fields that address Cistern alone ([`targeted_fields`])
 /// from a response passed to a client.
 pub fn strip_targeted(headers: &mut HeaderMap) {
-    for name in TARGETED_FIELDS {
+    for name in targeted_fields() {
         headers.remove(name);
     }
 }
@@ -674,13 +699,14 @@ pub fn strip_targeted(headers: &mut HeaderMap) {
 /// ones Cistern computes itself when serving.
 pub fn stored_headers(headers: &HeaderMap) -> Vec<(String, String)> {
     let named = connection_named(headers);
+    let targeted = targeted_fields();
     headers
         .iter()
         .filter(|(name, _)| {
             let n = name.as_str();
             !is_hop_by_hop(n)
                 && !named.iter().any(|c| c == n)
-                && !TARGETED_FIELDS.contains(&n)
+                && !targeted.contains(name)
                 && !matches!(
                     n,
                     "set-cookie"
@@ -1047,7 +1073,7 @@ mod tests {
         assert!(
             meta.headers
                 .iter()
-                .all(|(k, _)| !TARGETED_FIELDS.contains(&k.as_str())),
+                .all(|(k, _)| !targeted_fields().iter().any(|t| t == k.as_str())),
             "{:?}",
             meta.headers
         );

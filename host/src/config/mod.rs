@@ -109,6 +109,7 @@ impl Config {
             admin: AdminConfig::DISABLED,
             server_names: Vec::new(),
             node_id: None,
+            targeted_field: http::HeaderName::from_static(DEFAULT_TARGETED_FIELD),
         }
     }
 }

@@ -50,7 +50,14 @@ pub struct Config {
     /// This Cistern's id in `Via` (`node-id`), checked to be token
     /// characters; `None` gives a random one at start.
     pub node_id: Option<String>,
+    /// Cistern's own targeted cache-control field (`targeted-field`,
+    /// RFC 9213), read before `CDN-Cache-Control` and `Cache-Control` and
+    /// never forwarded downstream; lower case.
+    pub targeted_field: http::HeaderName,
 }
+
+/// The default of [`Config::targeted_field`].
+pub const DEFAULT_TARGETED_FIELD: &str = "cistern-cache-control";
 
 /// A host name or address Cistern answers to (`server-name`,
 /// `admin { host … }`), with the port it is reached on when that differs

@@ -740,6 +740,36 @@ fn node_id_is_a_via_token() {
 }
 
 #[test]
+fn targeted_field_names_a_field_of_our_own() {
+    assert_eq!(ok("").targeted_field.as_str(), "cistern-cache-control");
+    assert_eq!(
+        ok("targeted-field \"Edge-Cache-Control\"")
+            .targeted_field
+            .as_str(),
+        "edge-cache-control"
+    );
+    for (text, why) in [
+        (
+            "targeted-field \"Cache-Control\"",
+            "every cache reads already",
+        ),
+        (
+            "targeted-field \"CDN-Cache-Control\"",
+            "every cache reads already",
+        ),
+        ("targeted-field \"connection\"", "hop-by-hop"),
+        (
+            "targeted-field \"not a name\"",
+            "not a valid header field name",
+        ),
+    ] {
+        let p = problems(text);
+        assert_eq!(p.len(), 1, "{text}: {p:?}");
+        assert!(p[0].2.contains(why), "{text}: {p:?}");
+    }
+}
+
+#[test]
 fn forwarded_for_defaults_and_modes() {
     let c = ok(
         "forward {\n}\nmirror \"m\" {\n    prefix \"/m/\"\n    upstream \"http://a.test/\"\n}\n",

@@ -81,6 +81,7 @@ impl Proxy {
         policy_engine: PolicyEngine,
         clock: Clock,
     ) -> Proxy {
+        crate::cache::use_targeted_field(&snapshot.config.targeted_field);
         Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             engine,
@@ -107,6 +108,7 @@ impl Proxy {
 
     /// Makes `snapshot` current for new requests.
     pub fn swap(&self, snapshot: Snapshot) {
+        crate::cache::use_targeted_field(&snapshot.config.targeted_field);
         self.snapshot.store(Arc::new(snapshot));
     }
 

@@ -54,6 +54,8 @@ pub(super) struct Top {
     pub(super) server_names: Vec<ServerName>,
     /// `node-id`.
     pub(super) node_id: Option<String>,
+    /// `targeted-field`.
+    pub(super) targeted_field: Option<http::HeaderName>,
 }
 
 /// The nodes a file may hold at the top level.
@@ -67,6 +69,7 @@ pub(super) const TOP_LEVEL: &[Rule<Top>] = &[
     once("timeouts", timeouts),
     once("mode", mode),
     once("node-id", node_id),
+    once("targeted-field", targeted_field),
     once("upstream-tls", upstream_tls),
     many("policy", policy),
     many("site", site::site),
@@ -140,7 +143,42 @@ impl Top {
             admin,
             server_names: self.server_names,
             node_id: self.node_id,
+            targeted_field: self
+                .targeted_field
+                .unwrap_or(http::HeaderName::from_static(DEFAULT_TARGETED_FIELD)),
         }
+    }
+}
+
+/// `targeted-field "Edge-Cache-Control"`: the name of Cistern's own
+/// targeted cache-control field (RFC 9213), for a fleet whose origins
+/// already speak to their caches under one name.
+fn targeted_field(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
+    let e = cx.entries(
+        node,
+        &Shape::leaf((1, 1), "targeted-field \"Cistern-Cache-Control\""),
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    let why = match http::HeaderName::from_bytes(text.as_bytes()) {
+        Err(_) => Some("not a valid header field name".to_owned()),
+        Ok(name) => match name.as_str() {
+            "cache-control" | "cdn-cache-control" | "expires" | "pragma" | "age" => Some(format!(
+                "{text:?} is a field every cache reads already; name one of your own"
+            )),
+            "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer"
+            | "transfer-encoding" | "upgrade" => Some(format!("{text:?} is a hop-by-hop field")),
+            _ => {
+                top.targeted_field = Some(name);
+                None
+            }
+        },
+    };
+    if let Some(why) = why {
+        cx.error(arg.span(), format!("`targeted-field`: {why}"))
+            .help = Some("for example targeted-field \"Edge-Cache-Control\"".to_owned());
     }
 }
 
