@@ -195,6 +195,20 @@ async fn aside_response(
     Ok(resp)
 }
 
+/// Whether every quoted part of an entity-tag field holds only `etagc`
+/// bytes (RFC 9110 §8.8.3): no space, tab or control byte between quotes.
+fn entity_tags_well_formed(value: &[u8]) -> bool {
+    let mut quoted = false;
+    value.iter().all(|&b| {
+        if b == b'"' {
+            quoted = !quoted;
+            true
+        } else {
+            !quoted || (b > 0x20 && b != 0x7f)
+        }
+    })
+}
+
 /// The headers every answer from a complete replica carries: the stored
 /// ones plus, for a file (a 200), its digests (RFC 9530 and RFC 3230); a
 /// response kept aside is not the representation a digest names.
@@ -224,9 +238,26 @@ fn precondition(method: &Method, req: &HeaderMap, stored: &HeaderMap) -> Option<
     use headers::{
         ETag, HeaderMapExt, IfMatch, IfModifiedSince, IfNoneMatch, IfUnmodifiedSince, LastModified,
     };
-    let etag = || stored.typed_get::<ETag>();
+    // Entity tags with a space or tab between their quotes are malformed
+    // (RFC 9110 §8.8.3: etagc is %x21 / %x23-7E / obs-text) and the
+    // `headers` crate must not see them: its parser assumes they cannot
+    // occur (a debug assertion, found by the serve_plan fuzz target).
+    // Such a condition is ignored, like any malformed one.
+    let well_formed = |map: &HeaderMap, name: header::HeaderName| {
+        map.get_all(name)
+            .iter()
+            .all(|v| entity_tags_well_formed(v.as_bytes()))
+    };
+    let stored_etag_ok = well_formed(stored, header::ETAG);
+    let etag = || stored_etag_ok.then(|| stored.typed_get::<ETag>()).flatten();
     let last_modified = || stored.typed_get::<LastModified>().map(SystemTime::from);
-    if let Some(cond) = req.typed_get::<IfMatch>() {
+    let if_match = well_formed(req, header::IF_MATCH)
+        .then(|| req.typed_get::<IfMatch>())
+        .flatten();
+    let if_none_match = well_formed(req, header::IF_NONE_MATCH)
+        .then(|| req.typed_get::<IfNoneMatch>())
+        .flatten();
+    if let Some(cond) = if_match {
         let passes = cond.is_any() || etag().is_some_and(|e| cond.precondition_passes(&e));
         if !passes {
             return Some(StatusCode::PRECONDITION_FAILED);
@@ -237,7 +268,7 @@ fn precondition(method: &Method, req: &HeaderMap, stored: &HeaderMap) -> Option<
         return Some(StatusCode::PRECONDITION_FAILED);
     }
     let get_or_head = method == Method::GET || method == Method::HEAD;
-    if let Some(cond) = req.typed_get::<IfNoneMatch>() {
+    if let Some(cond) = if_none_match {
         let matched = if cond == IfNoneMatch::any() {
             true
         } else {
@@ -531,6 +562,25 @@ mod tests {
 
     /// Request headers and the status they should produce.
     type Case = (&'static [(HeaderName, &'static str)], Option<StatusCode>);
+
+    /// Found by the serve_plan fuzz target: a space inside an entity tag
+    /// tripped the `headers` crate's debug assertion (a panic in debug
+    /// builds). A malformed condition is ignored instead.
+    #[test]
+    fn malformed_entity_tags_are_ignored() {
+        let s = stored("\"v1\"", "Wed, 01 Jan 2025 00:00:00 GMT");
+        for (name, value) in [
+            (header::IF_NONE_MATCH, "\"a b\""),
+            (header::IF_MATCH, "\"v1\", \"x\ty\""),
+        ] {
+            let r = req(&[(name.clone(), value)]);
+            assert_eq!(precondition(&Method::GET, &r, &s), None, "{name}: {value}");
+        }
+        let odd = stored("\"v 1\"", "Wed, 01 Jan 2025 00:00:00 GMT");
+        let r = req(&[(header::IF_NONE_MATCH, "\"v1\"")]);
+        assert_eq!(precondition(&Method::GET, &r, &odd), None);
+        assert!(entity_tags_well_formed(b"W/\"a\", \"b\""));
+    }
 
     #[test]
     fn conditionals_follow_rfc_9110_order() {
