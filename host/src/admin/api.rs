@@ -254,6 +254,27 @@ pub fn mirrors(snap: &Snapshot) -> Vec<Mirror> {
     out
 }
 
+/// `/api/redirects`: the redirect counters of mirrors in redirect mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct Redirects {
+    /// The kept days, newest first (see [`crate::observe::redirects`]).
+    pub days: Vec<crate::observe::redirects::DayReport>,
+    /// How many files one mirror tracks per day at most.
+    pub files_per_day: usize,
+    /// How many days are kept.
+    pub days_kept: usize,
+}
+
+/// Builds `/api/redirects`.
+pub fn redirects(proxy: &Proxy) -> Redirects {
+    use crate::observe::redirects::{DAYS_KEPT, FILES_PER_DAY};
+    Redirects {
+        days: proxy.engine().metrics().redirects().report(),
+        files_per_day: FILES_PER_DAY,
+        days_kept: DAYS_KEPT,
+    }
+}
+
 /// One policy's counters (`/api/policies`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Policy {
