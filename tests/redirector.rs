@@ -64,6 +64,16 @@ fn dead_base() -> String {
 }
 
 async fn api(admin: SocketAddr, path: &str) -> Value {
+    // The proxy listener is up once Cistern::start returns; the admin one
+    // may follow a moment later.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(admin).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the admin listener never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let got = get(admin, path).await;
     assert_eq!(got.status, StatusCode::OK, "{path}");
     serde_json::from_slice(got.bytes()).expect("JSON")
@@ -81,8 +91,16 @@ async fn json(proxy: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Valu
 async fn files_get_a_302_to_their_sticky_weighted_mirror_and_no_upstream_request() {
     let a = Origin::start().await;
     let b = Origin::start().await;
-    let r = start(&[(base(&a), 1), (base(&b), 3)], "", "");
+    // The same upstreams as a proxy-mode mirror: it fetches each file
+    // from the mirror the redirect names.
+    let proxy_mode = format!(
+        "mirror \"p\" {{\n    upstream \"{}\" weight=1\n    upstream \"{}\" weight=3\n}}\n",
+        base(&a),
+        base(&b)
+    );
+    let r = start(&[(base(&a), 1), (base(&b), 3)], "", &proxy_mode);
     let mut to: HashMap<String, usize> = HashMap::new();
+    let mut chosen = Vec::new();
     let n = 200;
     for i in 0..n {
         let target = format!("/vlc/3.0/vlc-{i}.tar.xz");
@@ -96,7 +114,8 @@ async fn files_get_a_302_to_their_sticky_weighted_mirror_and_no_upstream_request
         assert_eq!(location, format!("{mirror}3.0/vlc-{i}.tar.xz"));
         assert_eq!(got.header("cache-control"), "no-store");
         assert_eq!(got.header("vary"), "accept");
-        *to.entry(mirror).or_default() += 1;
+        *to.entry(mirror.clone()).or_default() += 1;
+        chosen.push(mirror);
         // The same file goes to the same mirror, HEAD as GET.
         let again = request(r.cistern.addr, "HEAD", &target, &[]).await;
         assert_eq!(again.status, StatusCode::FOUND);
@@ -109,6 +128,21 @@ async fn files_get_a_302_to_their_sticky_weighted_mirror_and_no_upstream_request
         a.seen().is_empty() && b.seen().is_empty(),
         "no upstream request"
     );
+    for (i, mirror) in chosen.iter().enumerate().take(20) {
+        let path = format!("/pub/3.0/vlc-{i}.tar.xz");
+        for o in [&a, &b] {
+            o.put(&path, Resource::new(pattern(i as u8, 100)));
+        }
+        let got = get(r.cistern.addr, &format!("/p/3.0/vlc-{i}.tar.xz")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(a.hits(&path) + b.hits(&path), 1);
+        let fetched_from = if a.hits(&path) == 1 {
+            base(&a)
+        } else {
+            base(&b)
+        };
+        assert_eq!(&fetched_from, mirror, "{path}: the proxy's choice");
+    }
 }
 
 #[tokio::test]

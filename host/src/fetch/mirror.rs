@@ -881,6 +881,39 @@ mod tests {
     }
 
     #[test]
+    fn a_redirector_skips_known_missing_and_down_upstreams_and_claims_no_retry() {
+        let clock = Clock::manual(SystemTime::now());
+        let s = set_on(&clock, HealthConfig::default());
+        let f = file_of(&s, 0);
+        let r = s.redirect_order(&f);
+        assert_eq!((r[0].index, r[0].state), (0, RankedState::Usable));
+        assert_eq!(r[0].index, s.order(&f)[0].index, "the proxy's choice");
+        assert!((r[0].share + r[1].share - 1.0).abs() < 1e-9);
+        s.remember_missing(0, &f);
+        let r = s.redirect_order(&f);
+        assert_eq!((r[0].index, r[1].state), (1, RankedState::Missing));
+        for _ in 0..3 {
+            s.report(1, Outcome::Failed("connection refused"));
+        }
+        let r = s.redirect_order(&f);
+        assert_eq!(r[0].state, RankedState::Missing, "nothing usable");
+        assert_eq!(
+            (r[1].index, r[1].state, r[1].share),
+            (1, RankedState::Down, 0.0)
+        );
+        assert_eq!(s.retry_in(), Duration::from_secs(30));
+        // Past the retry time a redirect does not take the retry: the next
+        // proxied request still does.
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(s.redirect_order(&f)[1].state, RankedState::Down);
+        let g = (0..1000)
+            .map(|n| format!("pool/g{n}.deb"))
+            .find(|g| s.redirect_order(g)[0].index == 0)
+            .unwrap();
+        assert_eq!(s.order(&g)[0].index, 1, "its retry is still due");
+    }
+
+    #[test]
     fn a_404_is_remembered_per_file_and_forgotten_after_a_while() {
         let clock = Clock::manual(SystemTime::now());
         let s = set_on(&clock, HealthConfig::default());
