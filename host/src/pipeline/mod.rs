@@ -231,8 +231,8 @@ impl Proxy {
                 // A redirecting mirror answers most files itself; the rest
                 // (files that change in place) take the proxy path.
                 let rest = match self.redirect(req.method(), req.headers(), &set, rest) {
-                    Ok(answer) => return answer,
-                    Err(rest) => rest,
+                    redirect::Redirected::Answered(answer) => return answer,
+                    redirect::Redirected::Proxy(rest) => rest,
                 };
                 let chain = snap.mirror_chains.get(&set.name);
                 self.mirrored(req, conn, set, rest, None, chain, snap).await

@@ -12,12 +12,10 @@
 //! redirector sized for 302s into a proxy of all its traffic. When every
 //! enabled mirror is known to lack the file the answer is `404`.
 
-use std::fmt::Write as _;
-use std::sync::Arc;
-
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
+use std::fmt::Write as _;
 
 use super::{Answer, Proxy};
 use crate::body::{self, ProxyBody};
@@ -64,25 +62,34 @@ struct Alternative {
     state: &'static str,
 }
 
+/// What a mirror request becomes in [`Proxy::redirect`].
+pub(super) enum Redirected {
+    /// Answered here: a 302, JSON, a mirror list, or why there is none.
+    Answered(Answer),
+    /// Proxied as on any mirror (the path below the prefix, given back):
+    /// the mirror proxies, or this request is one Cistern serves itself.
+    Proxy(String),
+}
+
 impl Proxy {
     /// Answers a GET or HEAD for `rest` below a redirecting mirror, or
-    /// gives `rest` back when Cistern serves that path itself.
+    /// gives `rest` back when Cistern serves that request itself.
     pub(super) fn redirect(
         &self,
         method: &Method,
         headers: &HeaderMap,
-        set: &Arc<MirrorSet>,
+        set: &MirrorSet,
         rest: String,
-    ) -> Result<Answer, String> {
+    ) -> Redirected {
         let Some(redirect) = &set.redirect else {
-            return Err(rest);
+            return Redirected::Proxy(rest);
         };
         if *method != Method::GET && *method != Method::HEAD {
-            return Err(rest);
+            return Redirected::Proxy(rest);
         }
         let (path, query) = rest.split_once('?').unwrap_or((&rest, ""));
         if redirect.serves_locally(path) {
-            return Err(rest);
+            return Redirected::Proxy(rest);
         }
         let mut form = if wants_json(headers) {
             Form::Json
@@ -110,14 +117,17 @@ impl Proxy {
         let chosen = order.iter().position(|r| r.state == RankedState::Usable);
         let target = format!("{path}{kept}");
         let bad = |e: crate::fetch::mirror::MirrorPathError| {
-            Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string()))
+            Redirected::Answered(Answer::local(body::text(
+                StatusCode::BAD_REQUEST,
+                e.to_string(),
+            )))
         };
         let response = match (form, chosen) {
             (Form::Redirect, Some(at)) => {
                 let up = &set.upstreams[order[at].index];
                 let url = match set.url(order[at].index, &target) {
                     Ok(url) => url,
-                    Err(e) => return Ok(bad(e)),
+                    Err(e) => return bad(e),
                 };
                 self.engine.metrics().redirects().record(
                     self.clock.now(),
@@ -151,7 +161,7 @@ impl Proxy {
                     .collect()
                 {
                     Ok(urls) => urls,
-                    Err(e) => return Ok(bad(e)),
+                    Err(e) => return bad(e),
                 };
                 if listing == Form::Json {
                     json(set, path, &order, &urls, chosen)
@@ -160,7 +170,7 @@ impl Proxy {
                 }
             }
         };
-        Ok(Answer::local(vary(response)))
+        Redirected::Answered(Answer::local(vary(response)))
     }
 }
 
