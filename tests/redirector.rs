@@ -344,4 +344,10 @@ async fn redirects_are_counted_per_file_mirror_and_day() {
     let html = std::str::from_utf8(page.bytes()).unwrap();
     assert!(html.contains("id=\"redirects\""), "{html}");
     assert!(html.contains("hot.iso"), "{html}");
+    assert!(
+        html.contains("vlc <span class=\"badge\">redirect</span>"),
+        "{html}"
+    );
+    let mirrors = api(r.admin, "/api/mirrors").await;
+    assert_eq!(mirrors[0]["mode"], "redirect");
 }

@@ -174,6 +174,8 @@ pub struct Mirror {
     pub name: String,
     /// Our path prefix.
     pub prefix: String,
+    /// `proxy`, or `redirect` for a mirror that answers 302s.
+    pub mode: &'static str,
     /// Its upstreams in config order.
     pub upstreams: Vec<Upstream>,
 }
@@ -227,6 +229,11 @@ pub fn mirrors(snap: &Snapshot) -> Vec<Mirror> {
         .map(|m| Mirror {
             name: m.name.clone(),
             prefix: m.prefix.clone(),
+            mode: if m.redirect.is_some() {
+                "redirect"
+            } else {
+                "proxy"
+            },
             upstreams: m
                 .health()
                 .into_iter()

@@ -217,7 +217,12 @@ pub fn overview(
         );
         for m in mirrors {
             for (i, u) in m.upstreams.iter().enumerate() {
-                let (name, prefix) = if i == 0 {
+                let (name, prefix) = if i == 0 && m.mode == "redirect" {
+                    (
+                        format!("{} <span class=\"badge\">redirect</span>", esc(&m.name)),
+                        esc(&m.prefix),
+                    )
+                } else if i == 0 {
                     (esc(&m.name), esc(&m.prefix))
                 } else {
                     (String::new(), String::new())
