@@ -13,8 +13,8 @@
 //! - [`clock`]: wall-clock and monotonic time behind a seam, so freshness,
 //!   mirror health and orphaned fills can be tested without sleeping.
 //! - [`observe`]: what the cache did ([`observe::CacheOutcome`], with a
-//!   [`observe::NoCacheReason`] for every pass), the request counters and
-//!   the access log; the admin renders them, the engines report into them.
+//!   [`observe::NoCacheReason`] for every pass), the request counters,
+//!   the redirect counters (`redirects`) and the access log; the admin renders them, the engines report into them.
 //! - [`credentials`]: user and password in a request's URL: taken out
 //!   before anything logs or stores the URL, sent upstream as
 //!   `Authorization: Basic` for forward-proxied requests; secret headers
@@ -58,7 +58,8 @@
 //!   `failover` (sending along a mirror set, reporting health), `sink`
 //!   (writing and hashing the body), `headers` (response-header parsers),
 //!   `error` (kinds, sides, retryability), `mirror` (mirror sets: the
-//!   weighted choice per file and the health), `probe` (active health
+//!   weighted choice per file and the health), `redirect` (the files a
+//!   redirecting mirror keeps serving), `probe` (active health
 //!   probes on the engine clock), `upstream` (the HTTP client), `confine` (keeping paths below
 //!   an upstream's base).
 //! - [`serve`]: answers a request from a replica file (complete or still
@@ -75,7 +76,8 @@
 //! - [`pipeline`]: the request pipeline: validate, route, run policies,
 //!   then a tunnel (`connect`), a cacheable request (`cached`: lookup,
 //!   then hit, stale, or the key's fill) or a pass-through
-//!   (`passthrough`); Cistern's own answers and error pages (`answers`).
+//!   (`passthrough`); a redirecting mirror's 302s, JSON and mirror lists
+//!   (`redirect`); Cistern's own answers and error pages (`answers`).
 //! - [`server`]: listeners (plaintext and TLS), HTTP/1.1 and HTTP/2
 //!   connections, timeouts and graceful drain; listeners come and go with
 //!   reloads.

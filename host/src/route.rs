@@ -113,6 +113,7 @@ impl Router {
                             // Sites keep today's rule: a query is part of
                             // the resource.
                             query: crate::config::QueryMode::Key,
+                            redirect: None,
                         },
                         clock,
                     );
@@ -318,6 +319,7 @@ mod tests {
             weights: vec![1],
             health: Default::default(),
             query: crate::config::QueryMode::Ignore,
+            redirect: None,
         }];
         c
     }

@@ -174,6 +174,8 @@ pub struct Mirror {
     pub name: String,
     /// Our path prefix.
     pub prefix: String,
+    /// `proxy`, or `redirect` for a mirror that answers 302s.
+    pub mode: &'static str,
     /// Its upstreams in config order.
     pub upstreams: Vec<Upstream>,
 }
@@ -227,6 +229,11 @@ pub fn mirrors(snap: &Snapshot) -> Vec<Mirror> {
         .map(|m| Mirror {
             name: m.name.clone(),
             prefix: m.prefix.clone(),
+            mode: if m.redirect.is_some() {
+                "redirect"
+            } else {
+                "proxy"
+            },
             upstreams: m
                 .health()
                 .into_iter()
@@ -252,6 +259,27 @@ pub fn mirrors(snap: &Snapshot) -> Vec<Mirror> {
         .collect();
     out.sort_by(|a, b| a.prefix.cmp(&b.prefix));
     out
+}
+
+/// `/api/redirects`: the redirect counters of mirrors in redirect mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct Redirects {
+    /// The kept days, newest first (see [`crate::observe::redirects`]).
+    pub days: Vec<crate::observe::redirects::DayReport>,
+    /// How many files one mirror tracks per day at most.
+    pub files_per_day: usize,
+    /// How many days are kept.
+    pub days_kept: usize,
+}
+
+/// Builds `/api/redirects`.
+pub fn redirects(proxy: &Proxy) -> Redirects {
+    use crate::observe::redirects::{DAYS_KEPT, FILES_PER_DAY};
+    Redirects {
+        days: proxy.engine().metrics().redirects().report(),
+        files_per_day: FILES_PER_DAY,
+        days_kept: DAYS_KEPT,
+    }
 }
 
 /// One policy's counters (`/api/policies`).

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use super::api::{Download, FileEntry, Listing, Mirror, Policy, Status};
+use super::api::{Download, FileEntry, Listing, Mirror, Policy, Redirects, Status};
 use crate::config::units::format_size as bytes;
 use crate::store::meta::from_unix_secs;
 
@@ -135,12 +135,13 @@ fn downloads_table(downloads: &[Download]) -> String {
     )
 }
 
-/// `/`: status, downloads, mirrors, policies.
+/// `/`: status, downloads, mirrors, policies, redirects.
 pub fn overview(
     status: &Status,
     downloads: &[Download],
     mirrors: &[Mirror],
     policies: &[Policy],
+    redirects: &Redirects,
 ) -> String {
     let mut b = String::new();
     b.push_str("<section id=\"status\"><h2>Status</h2>\n");
@@ -216,7 +217,12 @@ pub fn overview(
         );
         for m in mirrors {
             for (i, u) in m.upstreams.iter().enumerate() {
-                let (name, prefix) = if i == 0 {
+                let (name, prefix) = if i == 0 && m.mode == "redirect" {
+                    (
+                        format!("{} <span class=\"badge\">redirect</span>", esc(&m.name)),
+                        esc(&m.prefix),
+                    )
+                } else if i == 0 {
                     (esc(&m.name), esc(&m.prefix))
                 } else {
                     (String::new(), String::new())
@@ -280,7 +286,68 @@ pub fn overview(
         b.push_str("</tbody></table>\n");
     }
     b.push_str("</section>\n");
+    redirects_section(&mut b, redirects);
     page("Overview", "/", &b)
+}
+
+/// How many files of a day the overview lists per mirror (the JSON API
+/// has them all).
+const REDIRECT_FILES_SHOWN: usize = 20;
+
+/// Today's redirect counters (redirect-mode mirrors only).
+fn redirects_section(b: &mut String, redirects: &Redirects) {
+    let Some(today) = redirects.days.first() else {
+        return;
+    };
+    let _ = writeln!(
+        b,
+        "<section id=\"redirects\"><h2>Redirects on {}</h2>",
+        esc(&today.date)
+    );
+    for m in &today.mirrors {
+        let _ = writeln!(
+            b,
+            "<h3>{} <span class=\"count\">{}</span></h3>\n<table><thead><tr><th>Upstream</th>\
+             <th class=\"num\">Redirects</th></tr></thead><tbody>",
+            esc(&m.mirror),
+            m.redirects
+        );
+        for u in &m.upstreams {
+            let _ = writeln!(
+                b,
+                "<tr><td><code>{}</code></td><td class=\"num\">{}</td></tr>",
+                esc(&u.upstream),
+                u.redirects
+            );
+        }
+        b.push_str(
+            "</tbody></table>\n<table><thead><tr><th>File</th><th class=\"num\">Redirects</th>\
+                    <th>Per upstream</th></tr></thead><tbody>\n",
+        );
+        for f in m.files.iter().take(REDIRECT_FILES_SHOWN) {
+            let per: Vec<String> = f
+                .upstreams
+                .iter()
+                .map(|u| format!("{} {}", esc(&u.upstream), u.redirects))
+                .collect();
+            let _ = writeln!(
+                b,
+                "<tr><td><code>{}</code></td><td class=\"num\">{}</td><td class=\"muted\">{}</td></tr>",
+                esc(&f.file),
+                f.redirects,
+                per.join(" · ")
+            );
+        }
+        if m.other_files > 0 {
+            let _ = writeln!(
+                b,
+                "<tr><td class=\"muted\">other files (not tracked)</td><td class=\"num\">{}</td><td></td></tr>",
+                m.other_files
+            );
+        }
+        b.push_str("</tbody></table>\n");
+    }
+    b.push_str("</section>\n");
 }
 
 fn file_row(f: &FileEntry) -> String {

@@ -21,6 +21,7 @@
 //! | `/api/downloads` | fills in progress |
 //! | `/api/mirrors` | mirror sets and their upstreams' health |
 //! | `/api/policies` | policy call, failure and latency counters |
+//! | `/api/redirects` | redirect-mode counters per day, mirror, upstream and file |
 
 pub mod api;
 mod auth;
@@ -122,6 +123,7 @@ impl Admin {
             "/api/downloads" => json(&api::downloads(&self.proxy)),
             "/api/mirrors" => json(&api::mirrors(&self.proxy.snapshot())),
             "/api/policies" => json(&api::policies(&self.proxy.snapshot())),
+            "/api/redirects" => json(&api::redirects(&self.proxy)),
             "/api/replica" => match self.listing(&query).await {
                 Ok(l) => json(&l),
                 Err(resp) => resp,
@@ -133,6 +135,7 @@ impl Admin {
                     &api::downloads(&self.proxy),
                     &api::mirrors(&snap),
                     &api::policies(&snap),
+                    &api::redirects(&self.proxy),
                 );
                 page_response(page)
             }
@@ -381,6 +384,18 @@ impl Admin {
             }
         }
         mirror_gauges(&mut w, &mirrors);
+        w.family(
+            "cistern_mirror_redirects_total",
+            Kind::Counter,
+            "302s sent per redirect-mode mirror and upstream since start (kept across reloads).",
+        );
+        for (mirror, upstream, n) in self.proxy.engine().metrics().redirects().totals() {
+            w.sample(
+                "cistern_mirror_redirects_total",
+                &[("mirror", &mirror), ("upstream", &upstream)],
+                n,
+            );
+        }
 
         let reload = self.reload.status();
         w.single(

@@ -289,6 +289,17 @@ pub struct MirrorConfig {
     /// What a request's query string does (`query`); sites keep it in the
     /// key ([`QueryMode::Key`]).
     pub query: QueryMode,
+    /// `mode="redirect"`: GET and HEAD answer 302 to the chosen upstream
+    /// instead of proxying; `None` is `mode="proxy"`.
+    pub redirect: Option<RedirectConfig>,
+}
+
+/// A `mirror` block in `mode="redirect"` (see `docs/config.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// `serve-locally` patterns, added to the built-in ones: files that
+    /// change in place, proxied and cached by Cistern, never redirected.
+    pub serve_locally: Vec<String>,
 }
 
 /// `health { … }` of a mirror set: active probes and the thresholds that

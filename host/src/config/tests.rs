@@ -437,6 +437,9 @@ fn bad_configs_are_refused_with_positions() {
         ("admin {\n    token-sha256 \"hunter2\"\n}", &[(2, 18, "`token-sha256`: \"hunter2\" is not a SHA-256 digest (64 hex digits)")]),
         ("admin {\n    user \"ops\"\n}", &[(2, 5, "`user` needs password-sha256=\"…\"")]),
         ("mirror \"m\" {\n    upstream \"http://a.test/\"\n    query \"drop\"\n}", &[(3, 11, "`query`: unknown mode \"drop\"")]),
+        ("mirror \"m\" mode=\"bounce\" {\n    upstream \"http://a.test/\"\n}", &[(1, 12, "`mode`: unknown mirror mode \"bounce\"")]),
+        ("mirror \"m\" {\n    upstream \"http://a.test/\"\n    serve-locally \"x\"\n}", &[(3, 5, "`serve-locally` applies only to a mirror in mode=\"redirect\"")]),
+        ("mirror \"m\" mode=\"redirect\" {\n    upstream \"http://a.test/\"\n    serve-locally \"dists/InRelease\"\n}", &[(3, 19, "holds a '/'")]),
         ("limit {\n    orphan-finish-done \"101%\"\n}", &[(2, 24, "`orphan-finish-done`: \"101%\" is not a percentage from 0% to 100%")]),
         ("limit {\n    max-connections-per-client \"9\"\n}", &[(2, 32, "`max-connections-per-client` expects a whole number here")]),
         ("limit {\n    max-connections-per-client 1 2\n}", &[(2, 34, "`max-connections-per-client` takes 1 argument")]),
@@ -787,4 +790,18 @@ fn forwarded_for_defaults_and_modes() {
         p[0].2.contains("`forwarded-for`: unknown mode \"yes\""),
         "{p:?}"
     );
+}
+
+#[test]
+fn a_redirecting_mirror_keeps_its_serve_locally_patterns() {
+    let c = ok(
+        "mirror \"vlc\" mode=\"redirect\" {\n    upstream \"http://a.test/\"\n    serve-locally \"*.sha256\" \"*.asc\"\n    serve-locally \"MIRRORS\"\n}\nmirror \"d\" mode=\"proxy\" {\n    upstream \"http://b.test/\"\n}",
+    );
+    assert_eq!(
+        c.mirrors[0].redirect,
+        Some(RedirectConfig {
+            serve_locally: vec!["*.sha256".into(), "*.asc".into(), "MIRRORS".into()],
+        })
+    );
+    assert_eq!(c.mirrors[1].redirect, None);
 }

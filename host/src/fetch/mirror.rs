@@ -143,6 +143,40 @@ pub struct Choice {
     pub known_missing: bool,
 }
 
+/// An upstream's place in a redirector's order (see
+/// [`MirrorSet::redirect_order`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ranked {
+    /// Index in [`MirrorSet::upstreams`].
+    pub index: usize,
+    /// Whether a client may be sent there.
+    pub state: RankedState,
+    /// Its share of new files now, 0 to 1 (0 while disabled).
+    pub share: f64,
+}
+
+/// Whether a redirector may send a client to an upstream, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RankedState {
+    /// Enabled, and not known to lack the file.
+    Usable,
+    /// Enabled, but it answered 404 for this file recently.
+    Missing,
+    /// Disabled by failures.
+    Down,
+}
+
+impl RankedState {
+    /// `up`, `missing` or `down`, for JSON and HTML.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankedState::Usable => "up",
+            RankedState::Missing => "missing",
+            RankedState::Down => "down",
+        }
+    }
+}
+
 /// The upstreams of one `mirror` block.
 #[derive(Debug)]
 pub struct MirrorSet {
@@ -163,6 +197,8 @@ pub struct MirrorSet {
     pub health: HealthConfig,
     /// What a request's query string does (`query`).
     pub query: QueryMode,
+    /// `mode="redirect"`: GET and HEAD answer 302 to the chosen upstream.
+    pub redirect: Option<super::redirect::Redirect>,
     /// The engine's clock: marks are measured on its monotonic reading,
     /// so tests move them with the manual clock.
     clock: Clock,
@@ -273,6 +309,13 @@ impl Health {
     }
 }
 
+impl MirrorUpstream {
+    /// The base URL as text, ending with `/`.
+    pub fn base_str(&self) -> &str {
+        &self.base_text
+    }
+}
+
 impl MirrorSet {
     /// Builds a set from its validated config block; health is measured
     /// on `clock`.
@@ -302,6 +345,7 @@ impl MirrorSet {
             preserve_host: false,
             health: config.health.clone(),
             query: config.query,
+            redirect: config.redirect.as_ref().map(super::redirect::Redirect::new),
             clock: clock.clone(),
             epoch: clock.monotonic(),
             missing: Mutex::new(HashMap::new()),
@@ -389,22 +433,7 @@ impl MirrorSet {
         } else {
             None
         };
-        // Disabled ones are ordered among themselves by their own weight.
-        let mut ranked: Vec<(usize, bool, f64)> = self
-            .upstreams
-            .iter()
-            .enumerate()
-            .map(|(i, u)| {
-                let enabled = weights[i] > 0.0;
-                let w = if enabled {
-                    weights[i]
-                } else {
-                    f64::from(u.weight)
-                };
-                (i, enabled, score(u.seed, file, w))
-            })
-            .collect();
-        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.total_cmp(&a.2)));
+        let mut ranked = self.rank(file, &weights);
         if let Some(r) = retry
             && let Some(at) = ranked.iter().position(|c| c.0 == r)
         {
@@ -424,6 +453,78 @@ impl MirrorSet {
         // Stable: the known-missing keep their order, at the end.
         out.sort_by_key(|c| c.known_missing);
         out
+    }
+
+    /// `(index, enabled, score)` of every upstream for `file`: the enabled
+    /// ones by score, then the disabled ones, ordered among themselves by
+    /// their own weight.
+    fn rank(&self, file: u64, weights: &[f64]) -> Vec<(usize, bool, f64)> {
+        let mut ranked: Vec<(usize, bool, f64)> = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let enabled = weights[i] > 0.0;
+                let w = if enabled {
+                    weights[i]
+                } else {
+                    f64::from(u.weight)
+                };
+                (i, enabled, score(u.seed, file, w))
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.total_cmp(&a.2)));
+        ranked
+    }
+
+    /// The upstreams for `rest` as a redirector sees them: the order of
+    /// [`MirrorSet::order`] without claiming a disabled upstream's retry
+    /// (a redirect sends the client, not us, so it proves nothing), with
+    /// each one's state and share of new files. The first `Usable` one is
+    /// the choice.
+    pub fn redirect_order(&self, rest: &str) -> Vec<Ranked> {
+        let now = self.now_ms();
+        let file = hash(rest.as_bytes());
+        let weights = self.effective_weights();
+        let total: f64 = weights.iter().sum();
+        let missing = lock(&self.missing);
+        let mut out: Vec<Ranked> = self
+            .rank(file, &weights)
+            .into_iter()
+            .map(|(index, enabled, _)| {
+                let known_missing = missing.get(&(file, index)).is_some_and(|&t| t > now);
+                Ranked {
+                    index,
+                    state: match (enabled, known_missing) {
+                        (false, _) => RankedState::Down,
+                        (true, true) => RankedState::Missing,
+                        (true, false) => RankedState::Usable,
+                    },
+                    share: if total > 0.0 {
+                        weights[index] / total
+                    } else {
+                        0.0
+                    },
+                }
+            })
+            .collect();
+        drop(missing);
+        // Stable: usable first in score order, then known-missing, then down.
+        out.sort_by_key(|r| r.state);
+        out
+    }
+
+    /// How long until the first disabled upstream may be tried again (at
+    /// least a second), for a `Retry-After` when none is enabled.
+    pub fn retry_in(&self) -> Duration {
+        let now = self.now_ms();
+        let at = self
+            .upstreams
+            .iter()
+            .filter_map(|u| lock(&u.health).down.map(|d| d.retry_at_ms))
+            .min()
+            .unwrap_or(now);
+        Duration::from_millis(at.saturating_sub(now)).max(Duration::from_secs(1))
     }
 
     /// Remembers that upstream `index` answered 404 for `rest`.
@@ -621,6 +722,7 @@ mod tests {
                 weights: vec![1, 1],
                 health,
                 query: crate::config::QueryMode::Ignore,
+                redirect: None,
             },
             clock,
         )
@@ -776,6 +878,39 @@ mod tests {
             s.health()[0].last_probe.as_ref().unwrap().detail,
             "status 200"
         );
+    }
+
+    #[test]
+    fn a_redirector_skips_known_missing_and_down_upstreams_and_claims_no_retry() {
+        let clock = Clock::manual(SystemTime::now());
+        let s = set_on(&clock, HealthConfig::default());
+        let f = file_of(&s, 0);
+        let r = s.redirect_order(&f);
+        assert_eq!((r[0].index, r[0].state), (0, RankedState::Usable));
+        assert_eq!(r[0].index, s.order(&f)[0].index, "the proxy's choice");
+        assert!((r[0].share + r[1].share - 1.0).abs() < 1e-9);
+        s.remember_missing(0, &f);
+        let r = s.redirect_order(&f);
+        assert_eq!((r[0].index, r[1].state), (1, RankedState::Missing));
+        for _ in 0..3 {
+            s.report(1, Outcome::Failed("connection refused"));
+        }
+        let r = s.redirect_order(&f);
+        assert_eq!(r[0].state, RankedState::Missing, "nothing usable");
+        assert_eq!(
+            (r[1].index, r[1].state, r[1].share),
+            (1, RankedState::Down, 0.0)
+        );
+        assert_eq!(s.retry_in(), Duration::from_secs(30));
+        // Past the retry time a redirect does not take the retry: the next
+        // proxied request still does.
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(s.redirect_order(&f)[1].state, RankedState::Down);
+        let g = (0..1000)
+            .map(|n| format!("pool/g{n}.deb"))
+            .find(|g| s.redirect_order(g)[0].index == 0)
+            .unwrap();
+        assert_eq!(s.order(&g)[0].index, 1, "its retry is still due");
     }
 
     #[test]

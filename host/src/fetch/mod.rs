@@ -23,7 +23,8 @@
 //! [`FetchSettings`] and the policy hook's types. The work is done in
 //! `coalesce` (fills, their states and the in-flight registry), `fill`
 //! (the fill task's decision tree), `failover` (sending along the
-//! upstreams), `mirror` (choosing and healing them), `probe` (their
+//! upstreams), `mirror` (choosing and healing them), `redirect` (what a
+//! redirecting mirror keeps serving itself), `probe` (their
 //! health probes), `sink` (writing and hashing the body), `headers` (response
 //! header parsers) and `error` ([`FetchError`]).
 
@@ -36,6 +37,7 @@ mod headers;
 pub mod mirror;
 mod permits;
 mod probe;
+pub mod redirect;
 mod sink;
 mod upgrade;
 pub mod upstream;

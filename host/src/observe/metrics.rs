@@ -55,6 +55,8 @@ pub struct Metrics {
     orphans_abandoned: AtomicU64,
     orphans_timed_out: AtomicU64,
     queries_dropped: AtomicU64,
+    /// Redirects of the mirrors in redirect mode (behind a lock of their own).
+    redirects: super::redirects::RedirectCounts,
 }
 
 /// A copy of the counters at one moment (JSON API, tests).
@@ -159,6 +161,11 @@ impl Metrics {
     /// Counts a mirror request whose query string was dropped.
     pub fn query_dropped(&self) {
         self.queries_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The redirect counters of mirrors in redirect mode.
+    pub fn redirects(&self) -> &super::redirects::RedirectCounts {
+        &self.redirects
     }
 
     /// Requests answered with `outcome` so far.

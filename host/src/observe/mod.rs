@@ -6,6 +6,7 @@
 pub mod accesslog;
 pub mod metrics;
 mod outcome;
+pub mod redirects;
 
 pub use metrics::{Metrics, MetricsSnapshot, OUTCOMES};
 pub use outcome::{CacheOutcome, NoCacheReason};

@@ -1,7 +1,8 @@
 //! The request pipeline: limit, validate, route, run the route's policies,
 //! then one of: a tunnel (`connect`), a cacheable GET or HEAD
 //! (`cached`: look in the replica, join or start a fill, serve stale when
-//! allowed), or a pass-through (`passthrough`); every answer Cistern makes
+//! allowed), or a pass-through (`passthrough`); a redirecting mirror's
+//! 302s and mirror lists are `redirect`; every answer Cistern makes
 //! itself is in `answers`. `handle` wraps each response for the access
 //! log and the counters.
 
@@ -10,6 +11,7 @@ mod cached;
 mod connect;
 mod forwarded;
 mod passthrough;
+mod redirect;
 mod upgrade;
 
 use std::net::{IpAddr, SocketAddr};
@@ -228,6 +230,12 @@ impl Proxy {
                 .await
             }
             Route::Mirror { set, rest } => {
+                // A redirecting mirror answers most files itself; the rest
+                // (files that change in place) take the proxy path.
+                let rest = match self.redirect(req.method(), req.headers(), &set, rest) {
+                    redirect::Redirected::Answered(answer) => return answer,
+                    redirect::Redirected::Proxy(rest) => rest,
+                };
                 let chain = snap.mirror_chains.get(&set.name);
                 self.mirrored(req, conn, set, rest, None, chain, snap).await
             }

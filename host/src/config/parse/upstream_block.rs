@@ -284,7 +284,7 @@ mod tests {
         let cases = [
             (
                 "mirror \"m\" {\n    qqqqqqqqqq 1\n}\n",
-                "expected one of: prefix, query, upstream, policies, stale-if-error,",
+                "expected one of: prefix, query, serve-locally, upstream, policies, stale-if-error,",
             ),
             (
                 "site \"s.test\" {\n    qqqqqqqqqq 1\n}\n",
