@@ -212,6 +212,19 @@ pub struct Replica {
     pub served_headers: std::sync::OnceLock<http::HeaderMap>,
     /// The body in RAM, for small replicas once served (see [`ram`]).
     pub ram: std::sync::OnceLock<ram::RamBody>,
+    /// Served headers that depend on more than the replica (a mirror set's
+    /// Metalink links, which follow its health), with the stamp of the
+    /// state they were built for; rebuilt when the stamp moves.
+    pub links: arc_swap::ArcSwapOption<StampedHeaders>,
+}
+
+/// Header values built for one state of something outside the replica.
+#[derive(Debug)]
+pub struct StampedHeaders {
+    /// Which state they describe (the owner's choice of number).
+    pub stamp: u64,
+    /// The values, each with its header name.
+    pub values: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Replica {
@@ -228,6 +241,7 @@ impl Replica {
             promoted_ms: AtomicU64::new(u64::MAX),
             served_headers: std::sync::OnceLock::new(),
             ram: std::sync::OnceLock::new(),
+            links: arc_swap::ArcSwapOption::empty(),
         }
     }
 }
