@@ -31,6 +31,9 @@
 //! - `state/partial/<sha256(key)>.part` and `.json`: a fill in progress or
 //!   interrupted, with the validators needed to resume it.
 //! - `state/journal/`: the root's temporary files in use, for cleanup.
+//! - Replicas with the same SHA-256 and length are hard links of one file
+//!   where the filesystem allows (see `commit`); the index counts their
+//!   bytes once.
 //!
 //! # Commit, and why a crash never leaves a wrong replica
 //! 1. The partial's data is synced and its length checked against the
@@ -216,6 +219,10 @@ pub struct Replica {
     /// Metalink links, which follow its health), with the stamp of the
     /// state they were built for; rebuilt when the stamp moves.
     pub links: arc_swap::ArcSwapOption<StampedHeaders>,
+    /// The file's (device, inode) when the store knows it: replicas of the
+    /// same digest on the same file are hard links of one copy, whose bytes
+    /// count once (see `index`).
+    pub file_id: Option<(u64, u64)>,
 }
 
 /// Header values built for one state of something outside the replica.
@@ -242,7 +249,15 @@ impl Replica {
             served_headers: std::sync::OnceLock::new(),
             ram: std::sync::OnceLock::new(),
             links: arc_swap::ArcSwapOption::empty(),
+            file_id: None,
         }
+    }
+
+    /// The same replica, on the file with this `stat`.
+    fn on_file(mut self, stat: &fs::Metadata) -> Replica {
+        use std::os::unix::fs::MetadataExt as _;
+        self.file_id = Some((stat.dev(), stat.ino()));
+        self
     }
 }
 
@@ -576,7 +591,9 @@ impl ReplicaStore {
         meta.sha256.clone_from(&current.meta.sha256);
         meta.file = current.meta.file;
         write_object_atomic(&self.object_path(&key.hash_hex()), &meta)?;
-        let replica = Arc::new(Replica::new(meta, current.path.clone(), current.hits()));
+        let mut replica = Replica::new(meta, current.path.clone(), current.hits());
+        replica.file_id = current.file_id;
+        let replica = Arc::new(replica);
         self.index.insert(key.clone(), Arc::clone(&replica));
         Ok(replica)
     }
