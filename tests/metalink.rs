@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use base64::Engine as _;
 use cistern::clock::Clock;
-use common::{Got, Origin, Resource, get, pattern, request};
+use common::{Cistern, Got, Origin, Resource, get, pattern, request};
 use http::StatusCode;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -323,4 +324,57 @@ async fn aria2c_downloads_a_file_from_its_meta4_and_verifies_the_hash() {
         stdout.contains("Verification finished successfully"),
         "no hash check by aria2c:\n{stdout}\n{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metalink_policy_sends_a_redirect_with_a_known_digest_to_the_cached_copy() {
+    // Two mirrors of one file and a download redirector (Mirrorbits-like)
+    // that sends clients to the second with the file's digest.
+    let (m1, m2, redirector) = (
+        Origin::start().await,
+        Origin::start().await,
+        Origin::start().await,
+    );
+    let iso = pattern(8, 200_000);
+    m1.put("/f.iso", Resource::new(iso.clone()));
+    m2.put("/f.iso", Resource::new(iso.clone()));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&iso));
+    let mut redirect = Resource::new(bytes::Bytes::new())
+        .header("location", &m2.url("/f.iso"))
+        .header("digest", &format!("SHA-256={b64}"));
+    redirect.status = StatusCode::FOUND;
+    redirector.put("/get/f.iso", redirect);
+    let config = r#"
+listen "127.0.0.1:{PORT}"
+store { root "{ROOT}"; }
+policy "metalink" path="builtin:metalink"
+forward { policies "metalink"; }
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), config, &[]);
+    // An http_proxy client fetched the file from the first mirror once.
+    assert_eq!(get(cistern.addr, &m1.url("/f.iso")).await.bytes(), &iso);
+
+    // The redirector's answer now names the cached copy, not the mirror
+    // the bytes would come from again.
+    let answer = get(cistern.addr, &redirector.url("/get/f.iso")).await;
+    assert_eq!(answer.status, StatusCode::FOUND, "{}", cistern.log());
+    let location = answer.header("location").to_owned();
+    assert_eq!(location, m1.url("/f.iso"));
+    // The client follows it through the proxy: served from the replica.
+    let followed = get(cistern.addr, &location).await;
+    assert_eq!(followed.bytes(), &iso);
+    assert_eq!(m1.hits("/f.iso"), 1, "no second download");
+    assert_eq!(m2.hits("/f.iso"), 0, "the uncached mirror never asked");
+    assert_eq!(redirector.hits("/get/f.iso"), 1);
+
+    // A digest nothing in the replica has: the redirect is left alone.
+    let other = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(b"other"));
+    let mut unknown = Resource::new(bytes::Bytes::new())
+        .header("location", &m2.url("/g.iso"))
+        .header("digest", &format!("SHA-256={other}"));
+    unknown.status = StatusCode::FOUND;
+    redirector.put("/get/g.iso", unknown);
+    let answer = get(cistern.addr, &redirector.url("/get/g.iso")).await;
+    assert_eq!(answer.header("location"), m2.url("/g.iso"));
 }
