@@ -378,3 +378,24 @@ forward { policies "metalink"; }
     let answer = get(cistern.addr, &redirector.url("/get/g.iso")).await;
     assert_eq!(answer.header("location"), m2.url("/g.iso"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_set_links_its_best_eight_and_lists_every_mirror_in_the_meta4() {
+    let mut origins = Vec::new();
+    for _ in 0..10 {
+        let o = Origin::start().await;
+        o.put("/pub/probe", probe_ok());
+        o.put("/pub/f", Resource::new(pattern(1, 1000)));
+        origins.push(o);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let refs: Vec<&Origin> = origins.iter().collect();
+    let cistern = start(dir.path(), &config(dir.path(), &refs), &Clock::default()).await;
+    let addr = cistern.addrs[0];
+    assert_eq!(get(addr, "/m/f").await.status, StatusCode::OK);
+    let hit = get(addr, "/m/f").await;
+    let pris: Vec<u32> = duplicates(&hit).iter().map(|d| d.1).collect();
+    assert_eq!(pris, (1..=8).collect::<Vec<_>>(), "{:?}", links(&hit));
+    let xml = String::from_utf8(get(addr, "/m/f.meta4").await.bytes().to_vec()).unwrap();
+    assert_eq!(xml.matches("<url priority=").count(), 11, "{xml}");
+}

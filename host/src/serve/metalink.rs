@@ -28,6 +28,9 @@ pub const META4_SUFFIX: &str = ".meta4";
 /// The longest a replica's list of alternatives is kept between health
 /// changes.
 pub const LINKS_REFRESH: Duration = Duration::from_secs(10);
+/// The most `rel=duplicate` links on one answer: the best few are what a
+/// client uses, every hit copies them, and `FILE.meta4` lists them all.
+pub const MAX_DUPLICATES: usize = 8;
 
 /// The stamp of the set's state that the links describe: its health
 /// generation and the current [`LINKS_REFRESH`] period.
@@ -74,7 +77,11 @@ pub fn add_links(replica: &Replica, set: &MirrorSet, rest: &str, headers: &mut H
 
 fn build_links(set: &MirrorSet, rest: &str) -> Vec<(http::HeaderName, HeaderValue)> {
     let mut out = Vec::new();
-    for (pri, index) in set.alternatives(rest, false).into_iter().enumerate() {
+    let best = set
+        .alternatives(rest, false)
+        .into_iter()
+        .take(MAX_DUPLICATES);
+    for (pri, index) in best.enumerate() {
         // A URL that does not join or would not fit in a header is left
         // out rather than advertised wrong.
         let Ok(url) = set.url(index, rest) else {
