@@ -58,12 +58,14 @@
 //!   `failover` (sending along a mirror set, reporting health), `sink`
 //!   (writing and hashing the body), `headers` (response-header parsers),
 //!   `error` (kinds, sides, retryability), `mirror` (mirror sets: the
-//!   weighted choice per file and the health), `redirect` (the files a
+//!   weighted choice per file and the health; `mirror/alternatives` the
+//!   order described to Metalink clients), `redirect` (the files a
 //!   redirecting mirror keeps serving), `probe` (active health
 //!   probes on the engine clock), `upstream` (the HTTP client), `confine` (keeping paths below
 //!   an upstream's base).
 //! - [`serve`]: answers a request from a replica file (complete or still
-//!   filling): ranges, conditionals, `Age`, digests.
+//!   filling): ranges, conditionals, `Age`, digests; `serve/metalink.rs`
+//!   the Metalink links and `FILE.meta4` documents of mirror sets.
 //! - [`policy`]: WebAssembly policies: the wasmtime runtime, the host side
 //!   of the guest ABI (`guest-sdk/ABI.md`) and the built-in policies.
 //! - [`route`]: decides what a request is: forward proxy, CONNECT tunnel,
@@ -77,7 +79,8 @@
 //!   then a tunnel (`connect`), a cacheable request (`cached`: lookup,
 //!   then hit, stale, or the key's fill) or a pass-through
 //!   (`passthrough`); a redirecting mirror's 302s, JSON and mirror lists
-//!   (`redirect`); Cistern's own answers and error pages (`answers`).
+//!   (`redirect`); Cistern's own answers and error pages (`answers`);
+//!   `FILE.meta4` below a mirror (`metalink`).
 //! - [`server`]: listeners (plaintext and TLS), HTTP/1.1 and HTTP/2
 //!   connections, timeouts and graceful drain; listeners come and go with
 //!   reloads.

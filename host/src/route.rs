@@ -118,6 +118,9 @@ impl Router {
                         clock,
                     );
                     set.preserve_host = s.preserve_host;
+                    // A site's upstreams are its backends, never shown
+                    // to clients as alternatives.
+                    set.advertise = false;
                     set
                 }),
             })

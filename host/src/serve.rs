@@ -7,6 +7,8 @@
 //! digest does not match, the client's transfer fails instead of ending
 //! with a short or wrong body that looks complete.
 
+pub mod metalink;
+
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;

@@ -49,6 +49,8 @@ use crate::config::{ForwardedFor, HealthConfig, MirrorConfig, QueryMode, StaleRu
 
 use super::confine::{EscapeError, confine};
 
+mod alternatives;
+
 /// Why a request path has no URL on a mirror's upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorPathError {
@@ -207,6 +209,14 @@ pub struct MirrorSet {
     /// (file hash, upstream index) → when its 404 is forgotten (ms after
     /// the epoch).
     missing: Mutex<HashMap<(u64, usize), u64>>,
+    /// Bumped whenever an upstream is disabled or re-enabled, so what is
+    /// derived from the set's health (the Metalink links) knows when to
+    /// rebuild.
+    generation: AtomicU64,
+    /// Its upstreams are public mirrors that clients may be pointed at
+    /// (Metalink): true for a `mirror` block, false for a site, whose
+    /// upstreams are its private backends.
+    pub advertise: bool,
 }
 
 /// A snapshot of one upstream's health, for logs and the admin UI.
@@ -349,6 +359,8 @@ impl MirrorSet {
             clock: clock.clone(),
             epoch: clock.monotonic(),
             missing: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            advertise: true,
         }
     }
 
@@ -551,6 +563,7 @@ impl MirrorSet {
         let now = self.now_ms();
         let probing = self.health.probe.is_some();
         let mut h = lock(&up.health);
+        let was_down = h.down.is_some();
         match outcome {
             Outcome::Answered(took) => {
                 let sample = took.as_micros() as u64;
@@ -583,6 +596,7 @@ impl MirrorSet {
                 }
             }
         }
+        self.note_change(was_down, h.down.is_some());
     }
 
     /// Upstreams whose probe is due at `now_ms`, or none when probes are off.
@@ -618,6 +632,7 @@ impl MirrorSet {
         let now = self.now_ms();
         let config = &self.health;
         let mut h = lock(&up.health);
+        let was_down = h.down.is_some();
         let (ok, detail) = match &result {
             Ok(status) => (true, format!("status {status}")),
             Err(why) => (false, why.clone()),
@@ -663,6 +678,7 @@ impl MirrorSet {
                 h.back_off(now, config);
             }
         }
+        self.note_change(was_down, h.down.is_some());
     }
 
     /// Health of every upstream, in config order.

@@ -70,7 +70,7 @@ impl Proxy {
             let found = match self.lookup(&key_uri, &headers, stale, snap) {
                 Lookup::Fresh(replica) => {
                     match self
-                        .serve_replica(&method, &headers, replica, CacheOutcome::Hit)
+                        .serve_replica(&method, &headers, replica, CacheOutcome::Hit, &upstreams)
                         .await
                     {
                         Ok(a) => return a,
@@ -273,7 +273,7 @@ impl Proxy {
         let (fill, passthrough, outcome) = match self.engine.fill(job) {
             FillTicket::Ready(replica) => {
                 return match self
-                    .serve_replica(method, &headers, replica, CacheOutcome::Hit)
+                    .serve_replica(method, &headers, replica, CacheOutcome::Hit, &upstreams)
                     .await
                 {
                     Ok(a) => a,
@@ -318,7 +318,7 @@ impl Proxy {
             let job = FillJob {
                 key: key_uri.key.clone(),
                 key_uri: uri.clone(),
-                upstreams,
+                upstreams: upstreams.clone(),
                 headers: upstream_headers(headers, true),
                 revalidate: Some((replica.clone(), validators)),
                 settings: snap.settings.clone(),
@@ -332,7 +332,13 @@ impl Proxy {
             drop(self.engine.fill(job));
         }
         match self
-            .serve_replica(method, headers, replica, CacheOutcome::StaleRevalidating)
+            .serve_replica(
+                method,
+                headers,
+                replica,
+                CacheOutcome::StaleRevalidating,
+                &upstreams,
+            )
             .await
         {
             Ok(a) => a,
@@ -348,12 +354,19 @@ impl Proxy {
         headers: &HeaderMap,
         fallback: Option<Arc<Replica>>,
         why: &(dyn std::fmt::Display + Sync),
+        upstreams: &Upstreams,
     ) -> Option<Answer> {
         let replica = fallback?;
         tracing::info!(target: "cistern::cache", key = %replica.meta.key, "upstream failed ({why}); serving the stale replica (stale-if-error)");
-        self.serve_replica(method, headers, replica, CacheOutcome::StaleOnError)
-            .await
-            .ok()
+        self.serve_replica(
+            method,
+            headers,
+            replica,
+            CacheOutcome::StaleOnError,
+            upstreams,
+        )
+        .await
+        .ok()
     }
 
     /// Waits for a fill's head, then reads along it. `fallback` is the
@@ -411,7 +424,13 @@ impl Proxy {
                 FillState::Revalidated(replica) => {
                     drop(progress);
                     return match self
-                        .serve_replica(method, headers, replica, CacheOutcome::Revalidated)
+                        .serve_replica(
+                            method,
+                            headers,
+                            replica,
+                            CacheOutcome::Revalidated,
+                            upstreams,
+                        )
                         .await
                     {
                         Ok(a) => a,
@@ -426,7 +445,7 @@ impl Proxy {
                         let status = resp.status();
                         if status.is_server_error()
                             && let Some(stale) = self
-                                .stale_on_error(method, headers, fallback, &status)
+                                .stale_on_error(method, headers, fallback, &status, upstreams)
                                 .await
                         {
                             return stale;
@@ -442,7 +461,7 @@ impl Proxy {
                     let status = answer.response.status();
                     if status.is_server_error()
                         && let Some(stale) = self
-                            .stale_on_error(method, headers, fallback, &status)
+                            .stale_on_error(method, headers, fallback, &status, upstreams)
                             .await
                     {
                         return stale;
@@ -451,8 +470,9 @@ impl Proxy {
                 }
                 FillState::Failed(e) => {
                     if e.side() == Side::Upstream
-                        && let Some(stale) =
-                            self.stale_on_error(method, headers, fallback, &e).await
+                        && let Some(stale) = self
+                            .stale_on_error(method, headers, fallback, &e, upstreams)
+                            .await
                     {
                         return stale;
                     }
@@ -462,16 +482,31 @@ impl Proxy {
         }
     }
 
+    /// Answers from a complete replica; a file of a mirror set also gets
+    /// its Metalink/HTTP links (see [`serve::metalink`]).
     pub(super) async fn serve_replica(
         &self,
         method: &Method,
         headers: &HeaderMap,
         replica: Arc<Replica>,
         outcome: CacheOutcome,
+        upstreams: &Upstreams,
     ) -> Result<Answer, ServeError> {
         let age = cache::age(&replica.meta, self.clock.now());
+        let links = match upstreams {
+            Upstreams::Mirror { set, rest, .. } => Some((replica.clone(), set, rest)),
+            Upstreams::Single(_) => None,
+        };
         let source = Source::Replica(replica, self.engine.store().clone());
-        let response = serve::respond(method, headers, source, age).await?;
+        let mut response = serve::respond(method, headers, source, age).await?;
+        if let Some((replica, set, rest)) = links
+            && matches!(
+                response.status(),
+                StatusCode::OK | StatusCode::PARTIAL_CONTENT
+            )
+        {
+            serve::metalink::add_links(&replica, set, rest, response.headers_mut());
+        }
         Ok(Answer { response, outcome })
     }
 }

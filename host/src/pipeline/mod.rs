@@ -10,6 +10,7 @@ mod answers;
 mod cached;
 mod connect;
 mod forwarded;
+mod metalink;
 mod passthrough;
 mod redirect;
 mod upgrade;
@@ -265,6 +266,12 @@ impl Proxy {
             // replica holds what the path names.
             rest.truncate(at);
             self.engine.metrics().query_dropped();
+        }
+        if set.advertise
+            && (req.method() == http::Method::GET || req.method() == http::Method::HEAD)
+            && let Some(file) = crate::serve::metalink::described_file(&rest)
+        {
+            return self.meta4(&req, &set, &file);
         }
         let url = match set.url(0, &rest) {
             Ok(url) => url,

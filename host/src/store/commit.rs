@@ -3,6 +3,19 @@
 //! metadata, moving the partial into place (copying through a journalled
 //! temporary file across filesystems), and undoing a failed commit.
 //! The crash-safety argument is in the [`super`] module documentation.
+//!
+//! # Digest dedupe
+//! When the index already holds a file with the same SHA-256 and length
+//! (the same content under another URL), the new replica becomes a hard
+//! link of that file instead of a second copy: the link is made in a
+//! journalled temporary name, the metadata (with the twin's file stamp,
+//! which the link shares) written, the link renamed into place and the
+//! partial removed, in the order a copy across filesystems follows, so a
+//! crash leaves the same states. Where the filesystem refuses the link
+//! (another filesystem, no hard links, too many links) the partial is
+//! moved in as usual: a copy of its own. Nothing ever writes into a
+//! replica file (a new version is renamed over its path), so one link's
+//! replacement or removal never touches the other.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -122,6 +135,11 @@ impl ReplicaStore {
             if let Some(dir) = obj.parent() {
                 fs::create_dir_all(dir).map_err(io_err("create metadata directory", dir))?;
             }
+            let link = self.link_twin(&meta, &abs);
+            if let Some((_, twin)) = &link {
+                // The link shares the twin's inode, so its stamp.
+                meta.file = Some(FileStamp::of(twin));
+            }
             write_synced(&pending, &encode_object(&meta, &pending)?)?;
             remove_file_if_exists(&obj).map_err(io_err("remove old metadata", &obj))?;
             // Durable before the bytes move, or a power cut could keep the
@@ -130,7 +148,10 @@ impl ReplicaStore {
                 sync_dir(dir)?;
             }
             // An error from here on means the tree was not changed.
-            self.move_into_tree(&partial.path, &abs)
+            match link {
+                Some((temp, _)) => self.place_link(temp, &partial.path, &abs),
+                None => self.move_into_tree(&partial.path, &abs),
+            }
         })();
         if let Err(e) = staged {
             let _ = fs::remove_file(&pending);
@@ -156,7 +177,12 @@ impl ReplicaStore {
         let _ = remove_file_if_exists(&partial_json);
 
         let hits = old.as_ref().map_or(0, |o| o.hits());
-        let replica = Arc::new(Replica::new(meta, abs, hits));
+        let mut replica = Replica::new(meta, abs, hits);
+        // Its inode, so that content linked to another key counts once.
+        if let Ok(stat) = fs::symlink_metadata(&replica.path) {
+            replica = replica.on_file(&stat);
+        }
+        let replica = Arc::new(replica);
         self.index.insert(key.clone(), Arc::clone(&replica));
         // A new version is the most recently used, whatever the old one was.
         self.index.recency.touch(&key);
@@ -170,6 +196,57 @@ impl ReplicaStore {
         }
         self.evict(&key);
         Ok(replica)
+    }
+
+    /// A hard link, in a journalled temporary name in `abs`'s directory, of
+    /// an indexed file with `meta`'s content (same SHA-256 and length)
+    /// elsewhere in the tree, with that file's `stat`; `None` when there is
+    /// none, it was changed outside Cistern, or the filesystem refuses the
+    /// link (the commit then moves its own copy in). Under the tree lock.
+    fn link_twin(&self, meta: &ObjectMeta, abs: &Path) -> Option<(RootTemp, fs::Metadata)> {
+        let digest = parse_digest(&meta.sha256)?;
+        let dir = abs.parent()?;
+        for twin in self.index.all_by_digest(&digest) {
+            if twin.path == abs || !twin.meta.in_tree() || twin.meta.length != meta.length {
+                continue;
+            }
+            match fs::symlink_metadata(&twin.path) {
+                Ok(stat) if stat.is_file() && describes(&twin.meta, &stat) => {}
+                _ => continue,
+            }
+            let temp = RootTemp::new(self, dir).ok()?;
+            if let Err(e) = fs::hard_link(&twin.path, &temp.path) {
+                tracing::debug!(twin = %twin.path.display(), error = %e,
+                    "cannot hard-link the same content; storing a copy");
+                return None;
+            }
+            // The link is the twin's inode: check it is still the bytes the
+            // twin's metadata vouches for.
+            match fs::symlink_metadata(&temp.path) {
+                Ok(stat) if describes(&twin.meta, &stat) => {
+                    tracing::debug!(twin = %twin.path.display(), path = %abs.display(),
+                        "same content as another replica: stored once, hard-linked");
+                    return Some((temp, stat));
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// Renames the hard link `temp` to `dst` and removes the partial at
+    /// `src`, whose bytes are no longer needed (see [`Self::move_into_tree`]
+    /// for why the partial goes before the metadata is promoted).
+    fn place_link(&self, temp: RootTemp, src: &Path, dst: &Path) -> Result<(), StoreError> {
+        fs::rename(&temp.path, dst).map_err(io_err("rename link into replica", dst))?;
+        drop(temp);
+        if let Err(e) = remove_file_if_exists(src) {
+            tracing::warn!(path = %src.display(), error = %e, "cannot remove linked partial");
+        }
+        if let Err(e) = sync_dir(dst.parent().unwrap_or(&self.root)) {
+            tracing::warn!(error = %e, "cannot sync replica directory");
+        }
+        Ok(())
     }
 
     /// Puts a replica that a failed commit took out of service back, if its
@@ -309,7 +386,9 @@ impl ReplicaStore {
             tracing::warn!(error = %e, "cannot sync replica directory");
         }
         if let (Some(key), Some(replica), Some(meta)) = (owner, moving, new_meta) {
-            let moved = Replica::new(meta, self.root.join(new_rel.as_path()), replica.hits());
+            let mut moved = Replica::new(meta, self.root.join(new_rel.as_path()), replica.hits());
+            // A rename keeps the inode.
+            moved.file_id = replica.file_id;
             self.index.insert(key, Arc::new(moved));
         }
         Ok(())

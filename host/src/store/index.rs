@@ -1,6 +1,11 @@
 //! The in-memory index of complete replicas: key → replica, content digest
 //! → keys, replica path → key, and the byte total that drives eviction.
 //!
+//! Replicas of the same content stored as one file (hard links, see
+//! `commit`) count their bytes once: the total counts each (digest, file)
+//! once, whatever number of keys share it, and eviction frees those bytes
+//! only with the last of them.
+//!
 //! The hit path takes the read lock just long enough to clone an `Arc`;
 //! hit counting is an atomic on the replica itself, and the LRU bump an
 //! O(1) move in the recency list ([`super::evict`]) under its own short
@@ -18,13 +23,27 @@ use super::{CacheKey, Replica, StoreStats};
 /// A SHA-256 digest.
 pub(crate) type Digest = [u8; 32];
 
+/// One piece of content on disk: its digest and its file (device, inode).
+type Content = (Digest, (u64, u64));
+
 #[derive(Debug, Default)]
 struct Maps {
     by_key: HashMap<CacheKey, Arc<Replica>>,
     by_digest: HashMap<Digest, Vec<CacheKey>>,
     /// Relative replica path (as in the metadata) → the key stored there.
     by_path: HashMap<String, CacheKey>,
+    /// Content shared by several keys (one file, several links) → how many
+    /// indexed keys are linked to it.
+    by_content: HashMap<Content, u32>,
     bytes: u64,
+}
+
+/// The content `replica` shares with others, when the store knows its file.
+fn content_of(replica: &Replica) -> Option<Content> {
+    if !replica.meta.in_tree() {
+        return None;
+    }
+    Some((parse_digest(&replica.meta.sha256)?, replica.file_id?))
 }
 
 /// The index.
@@ -71,6 +90,16 @@ impl Index {
         maps.by_key.get(key).cloned()
     }
 
+    /// Every replica with this content digest.
+    pub(crate) fn all_by_digest(&self, digest: &Digest) -> Vec<Arc<Replica>> {
+        let maps = self.read();
+        maps.by_digest.get(digest).map_or_else(Vec::new, |keys| {
+            keys.iter()
+                .filter_map(|k| maps.by_key.get(k).cloned())
+                .collect()
+        })
+    }
+
     /// The key whose replica is at `path` (relative), if any.
     pub(crate) fn owner_of(&self, path: &str) -> Option<CacheKey> {
         self.read().by_path.get(path).cloned()
@@ -83,7 +112,17 @@ impl Index {
         self.recency.add(&key);
         let mut maps = self.write();
         let old = remove_locked(&mut maps, &key);
-        maps.bytes = maps.bytes.saturating_add(replica.meta.length);
+        let first_link = match content_of(&replica) {
+            Some(content) => {
+                let links = maps.by_content.entry(content).or_default();
+                *links += 1;
+                *links == 1
+            }
+            None => true,
+        };
+        if first_link {
+            maps.bytes = maps.bytes.saturating_add(replica.meta.length);
+        }
         // Only files in the tree have a path there, and only they are the
         // content a digest names (a 404 page is not the file it stands for).
         if replica.meta.in_tree() {
@@ -135,6 +174,8 @@ impl Index {
         let mut excess = maps.bytes - target;
         let mut out = Vec::new();
         let mut stale = Vec::new();
+        // Links of shared content not chosen yet: its bytes go with the last.
+        let mut links_left: HashMap<Content, u32> = HashMap::new();
         // Lock order: the maps, then the recency list (the hit path never
         // holds both).
         self.recency.walk_lru(|key| {
@@ -142,7 +183,19 @@ impl Index {
                 Some(_) if key == keep => {}
                 Some(replica) => {
                     out.push(key.clone());
-                    excess = excess.saturating_sub(replica.meta.length);
+                    let frees = match content_of(replica) {
+                        Some(content) => {
+                            let left = links_left.entry(content).or_insert_with(|| {
+                                maps.by_content.get(&content).copied().unwrap_or(1)
+                            });
+                            *left = left.saturating_sub(1);
+                            *left == 0
+                        }
+                        None => true,
+                    };
+                    if frees {
+                        excess = excess.saturating_sub(replica.meta.length);
+                    }
                 }
                 // Eviction runs under the store's tree lock, so no replica
                 // is out of service for a replacement now: a key without
@@ -161,7 +214,22 @@ impl Index {
 
 fn remove_locked(maps: &mut Maps, key: &CacheKey) -> Option<Arc<Replica>> {
     let old = maps.by_key.remove(key)?;
-    maps.bytes = maps.bytes.saturating_sub(old.meta.length);
+    let last_link = match content_of(&old) {
+        Some(content) => match maps.by_content.get_mut(&content) {
+            Some(links) if *links > 1 => {
+                *links -= 1;
+                false
+            }
+            _ => {
+                maps.by_content.remove(&content);
+                true
+            }
+        },
+        None => true,
+    };
+    if last_link {
+        maps.bytes = maps.bytes.saturating_sub(old.meta.length);
+    }
     if !old.meta.in_tree() {
         return Some(old);
     }

@@ -31,6 +31,9 @@
 //! - `state/partial/<sha256(key)>.part` and `.json`: a fill in progress or
 //!   interrupted, with the validators needed to resume it.
 //! - `state/journal/`: the root's temporary files in use, for cleanup.
+//! - Replicas with the same SHA-256 and length are hard links of one file
+//!   where the filesystem allows (see `commit`); the index counts their
+//!   bytes once.
 //!
 //! # Commit, and why a crash never leaves a wrong replica
 //! 1. The partial's data is synced and its length checked against the
@@ -212,6 +215,23 @@ pub struct Replica {
     pub served_headers: std::sync::OnceLock<http::HeaderMap>,
     /// The body in RAM, for small replicas once served (see [`ram`]).
     pub ram: std::sync::OnceLock<ram::RamBody>,
+    /// Served headers that depend on more than the replica (a mirror set's
+    /// Metalink links, which follow its health), with the stamp of the
+    /// state they were built for; rebuilt when the stamp moves.
+    pub links: arc_swap::ArcSwapOption<StampedHeaders>,
+    /// The file's (device, inode) when the store knows it: replicas of the
+    /// same digest on the same file are hard links of one copy, whose bytes
+    /// count once (see `index`).
+    pub file_id: Option<(u64, u64)>,
+}
+
+/// Header values built for one state of something outside the replica.
+#[derive(Debug)]
+pub struct StampedHeaders {
+    /// Which state they describe (the owner's choice of number).
+    pub stamp: u64,
+    /// The values, each with its header name.
+    pub values: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Replica {
@@ -228,7 +248,16 @@ impl Replica {
             promoted_ms: AtomicU64::new(u64::MAX),
             served_headers: std::sync::OnceLock::new(),
             ram: std::sync::OnceLock::new(),
+            links: arc_swap::ArcSwapOption::empty(),
+            file_id: None,
         }
+    }
+
+    /// The same replica, on the file with this `stat`.
+    fn on_file(mut self, stat: &fs::Metadata) -> Replica {
+        use std::os::unix::fs::MetadataExt as _;
+        self.file_id = Some((stat.dev(), stat.ino()));
+        self
     }
 }
 
@@ -562,7 +591,9 @@ impl ReplicaStore {
         meta.sha256.clone_from(&current.meta.sha256);
         meta.file = current.meta.file;
         write_object_atomic(&self.object_path(&key.hash_hex()), &meta)?;
-        let replica = Arc::new(Replica::new(meta, current.path.clone(), current.hits()));
+        let mut replica = Replica::new(meta, current.path.clone(), current.hits());
+        replica.file_id = current.file_id;
+        let replica = Arc::new(replica);
         self.index.insert(key.clone(), Arc::clone(&replica));
         Ok(replica)
     }

@@ -137,6 +137,7 @@ impl ReplicaStore {
     pub(super) fn load_objects(&self) -> Result<(), StoreError> {
         let mut metas: Vec<(PathBuf, ObjectMeta)> = Vec::new();
         let mut rewrites: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+        let mut stats: HashMap<PathBuf, Box<fs::Metadata>> = HashMap::new();
         for path in self.object_files()? {
             let name = path
                 .file_name()
@@ -146,10 +147,17 @@ impl ReplicaStore {
                 continue;
             };
             match self.check_object(&path, hash) {
-                Checked::Good { meta, rewrite } => {
+                Checked::Good {
+                    meta,
+                    rewrite,
+                    stat,
+                } => {
                     if rewrite {
                         rewrites.insert(path.clone());
                     }
+                    // Replicas linked to one file (digest dedupe) count
+                    // their bytes once again after the restart.
+                    stats.insert(path.clone(), stat);
                     metas.push((path, *meta));
                 }
                 Checked::Unreadable(reason) => self.quarantine(&path, &reason)?,
@@ -208,7 +216,11 @@ impl ReplicaStore {
             } else {
                 self.body_path(&key.hash_hex())
             };
-            self.index.insert(key, Arc::new(Replica::new(meta, abs, 0)));
+            let mut replica = Replica::new(meta, abs, 0);
+            if let Some(stat) = stats.get(&path) {
+                replica = replica.on_file(stat);
+            }
+            self.index.insert(key, Arc::new(replica));
         }
         Ok(())
     }
@@ -303,6 +315,7 @@ impl ReplicaStore {
         Checked::Good {
             meta: Box::new(meta),
             rewrite,
+            stat: Box::new(file),
         }
     }
 
@@ -340,6 +353,8 @@ enum Checked {
     Good {
         meta: Box<ObjectMeta>,
         rewrite: bool,
+        /// Its file, for the index's count of shared content.
+        stat: Box<fs::Metadata>,
     },
     /// Cannot be read, or does not describe the key it is filed under:
     /// quarantined.
