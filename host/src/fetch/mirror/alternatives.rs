@@ -80,6 +80,7 @@ mod tests {
                 weights: vec![1, 1, 1],
                 health: HealthConfig::default(),
                 query: QueryMode::Ignore,
+                redirect: None,
             },
             clock,
         )
