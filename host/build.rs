@@ -17,6 +17,7 @@ const BUILTINS: &[(&str, &str)] = &[
     ("distro", "policy_distro"),
     ("metalink", "policy_metalink"),
     ("store-id", "policy_store_id"),
+    ("pypi", "policy_pypi"),
 ];
 
 /// Artifacts built only for tests.
@@ -39,6 +40,7 @@ fn main() {
         policies.join("distro"),
         policies.join("metalink"),
         policies.join("store-id"),
+        policies.join("pypi"),
         policies.join("testing"),
         sdk.join("Cargo.toml"),
         sdk.join("src"),
