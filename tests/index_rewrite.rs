@@ -223,3 +223,190 @@ fn the_body_declaration_and_the_on_body_export_go_together() {
         .load(&[decl("v1", guest("v1_marks_response.wat"))])
         .expect("a version-1 guest loads");
 }
+
+/// Writes a minimal wheel (`demo/__init__.py` and its dist-info) and
+/// returns its bytes and its METADATA's.
+fn build_wheel(dir: &std::path::Path) -> Option<(Vec<u8>, Vec<u8>)> {
+    let script = r#"
+import base64, hashlib, sys, zipfile
+out = sys.argv[1]
+files = {
+    "demo/__init__.py": b"VALUE = 42\n",
+    "demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
+    "demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: cistern-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+record = []
+for name, data in files.items():
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    record.append(f"{name},sha256={digest},{len(data)}")
+record.append("demo-1.0.dist-info/RECORD,,")
+files["demo-1.0.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+    for name, data in files.items():
+        z.writestr(name, data)
+open(out + ".metadata", "wb").write(files["demo-1.0.dist-info/METADATA"])
+"#;
+    let wheel = dir.join("demo-1.0-py3-none-any.whl");
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&wheel)
+        .status()
+        .ok()?;
+    assert!(status.success(), "building the test wheel failed");
+    let metadata = dir.join("demo-1.0-py3-none-any.whl.metadata");
+    Some((std::fs::read(&wheel).ok()?, std::fs::read(metadata).ok()?))
+}
+
+/// `python3 -m pip download` of `demo` through Cistern into `dest`.
+fn pip_download(index: &str, dest: &std::path::Path) -> std::process::Output {
+    std::process::Command::new("python3")
+        .args(["-m", "pip", "download", "--no-cache-dir", "--no-deps"])
+        .args([
+            "--disable-pip-version-check",
+            "--no-input",
+            "--index-url",
+            index,
+        ])
+        .arg("-d")
+        .arg(dest)
+        .arg("demo")
+        // Only the index Cistern serves: no user config, no proxy.
+        .env("PIP_CONFIG_FILE", "/dev/null")
+        .env_remove("PIP_INDEX_URL")
+        .env_remove("PIP_EXTRA_INDEX_URL")
+        .env_remove("PIP_FIND_LINKS")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("ALL_PROXY")
+        .output()
+        .expect("run pip")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pip_downloads_through_cistern_and_the_second_download_takes_the_files_from_the_replica() {
+    let has_pip = std::process::Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_pip {
+        common::skip("python3 -m pip is not installed");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let Some((wheel, metadata)) = build_wheel(work.path()) else {
+        common::skip("python3 cannot build the test wheel");
+        return;
+    };
+    let hex = |b: &[u8]| hex::encode(Sha256::digest(b));
+    // Two hosts, as on PyPI: the index names files on the file host.
+    let index_host = Origin::start().await;
+    let file_host = Origin::start().await;
+    let files = format!("http://{}/", file_host.addr);
+    let page = format!(
+        "<!DOCTYPE html>\n<html><body>\n\
+         <a href=\"{files}packages/de/mo/demo-1.0-py3-none-any.whl#sha256={}\" \
+         data-dist-info-metadata=\"sha256={m}\" data-core-metadata=\"sha256={m}\">\
+         demo-1.0-py3-none-any.whl</a>\n</body></html>\n",
+        hex(&wheel),
+        m = hex(&metadata),
+    );
+    index_host.put(
+        "/simple/demo/",
+        Resource::new(page.into()).header("content-type", "text/html"),
+    );
+    let wheel_path = "/packages/de/mo/demo-1.0-py3-none-any.whl";
+    let metadata_path = "/packages/de/mo/demo-1.0-py3-none-any.whl.metadata";
+    file_host.put(
+        wheel_path,
+        Resource::new(wheel.clone().into()).header("content-type", "application/octet-stream"),
+    );
+    file_host.put(
+        metadata_path,
+        Resource::new(metadata.into()).header("content-type", "application/octet-stream"),
+    );
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "pypi" path="builtin:pypi" memory="64MiB" {{
+    param "files" "{files}=/pypi-files/"
+    body-types "text/html" "application/vnd.pypi.simple.v1+json"
+    body-max "8MiB"
+}}
+mirror "pypi" {{ prefix "/pypi/"; upstream "http://{index}/"; policies "pypi"; }}
+mirror "pypi-files" {{ prefix "/pypi-files/"; upstream "{files}"; policies "pypi"; }}
+"#,
+        index = index_host.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    let index = format!("http://{}/pypi/simple/", cistern.addr);
+
+    let first = work.path().join("first");
+    let out = pip_download(&index, &first);
+    assert!(
+        out.status.success(),
+        "pip failed:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        cistern.log()
+    );
+    let got = std::fs::read(first.join("demo-1.0-py3-none-any.whl")).unwrap();
+    assert_eq!(got, wheel, "pip checked the #sha256 and got the wheel");
+    // Every request the file host saw came from Cistern (its Via hop),
+    // none from pip directly.
+    let seen = file_host.seen();
+    assert!(!seen.is_empty());
+    for s in &seen {
+        let via = s.headers.get("via").map(|v| v.to_str().unwrap_or(""));
+        assert!(
+            via.is_some_and(|v| v.contains("cistern")),
+            "{} reached the file host without Cistern: {:?}",
+            s.path,
+            s.headers
+        );
+    }
+    assert_eq!(file_host.hits(wheel_path), 1);
+    let before = (index_host.seen().len(), file_host.seen().len());
+
+    // A second download with an empty pip cache: all from the replica.
+    let second = work.path().join("second");
+    let out = pip_download(&index, &second);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(second.join("demo-1.0-py3-none-any.whl")).unwrap(),
+        wheel
+    );
+    assert_eq!(
+        file_host.seen().len(),
+        before.1,
+        "the files all came from the replica"
+    );
+    // pip asks for index pages with `Cache-Control: max-age=0`, so the
+    // page is revalidated: with the original's ETag, answered 304, and the
+    // rewritten replica serves it.
+    let index_seen = index_host.seen();
+    assert_eq!(index_seen.len(), before.0 + 1, "{index_seen:?}");
+    let again = index_seen.last().unwrap();
+    assert_eq!(again.headers.get("if-none-match").unwrap(), "\"v1\"");
+    let log = cistern
+        .log_when("the wheel hit", |log| {
+            log.lines()
+                .filter(|l| l.contains("demo-1.0-py3-none-any.whl") && l.contains("hit"))
+                .count()
+                >= 1
+        })
+        .await;
+    assert!(
+        log.contains("/pypi-files/packages/de/mo/demo-1.0-py3-none-any.whl"),
+        "{log}"
+    );
+}
