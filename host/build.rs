@@ -18,6 +18,7 @@ const BUILTINS: &[(&str, &str)] = &[
     ("metalink", "policy_metalink"),
     ("store-id", "policy_store_id"),
     ("pypi", "policy_pypi"),
+    ("npm", "policy_npm"),
 ];
 
 /// Artifacts built only for tests.
@@ -41,6 +42,7 @@ fn main() {
         policies.join("metalink"),
         policies.join("store-id"),
         policies.join("pypi"),
+        policies.join("npm"),
         policies.join("testing"),
         sdk.join("Cargo.toml"),
         sdk.join("src"),

@@ -410,3 +410,172 @@ mirror "pypi-files" {{ prefix "/pypi-files/"; upstream "{files}"; policies "pypi
         "{log}"
     );
 }
+
+/// `npm pack` of a one-file package; returns the tarball's bytes.
+fn npm_pack(dir: &std::path::Path) -> Option<Vec<u8>> {
+    let pkg = dir.join("pkg");
+    std::fs::create_dir_all(&pkg).ok()?;
+    std::fs::write(
+        pkg.join("package.json"),
+        r#"{"name":"demo-pkg","version":"1.0.0","main":"index.js","license":"MIT"}"#,
+    )
+    .ok()?;
+    std::fs::write(pkg.join("index.js"), "module.exports = 42;\n").ok()?;
+    let out = npm(dir)
+        .current_dir(&pkg)
+        .args(["pack", "--pack-destination"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "npm pack failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(dir.join("demo-pkg-1.0.0.tgz")).ok()
+}
+
+/// npm with a config of its own: no user `.npmrc`, no proxy, no
+/// notifier, and npm's own registry-host replacement off, so only the
+/// policy can bring tarballs through Cistern.
+fn npm(dir: &std::path::Path) -> std::process::Command {
+    let userconfig = dir.join("npmrc");
+    let _ = std::fs::write(&userconfig, "");
+    let mut cmd = std::process::Command::new("npm");
+    cmd.env("npm_config_userconfig", &userconfig)
+        .env("npm_config_update_notifier", "false")
+        .env("npm_config_replace_registry_host", "never")
+        .env("npm_config_audit", "false")
+        .env("npm_config_fund", "false");
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "npm_config_proxy",
+        "npm_config_https_proxy",
+        "npm_config_registry",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn npm_installs_through_cistern_and_the_second_install_takes_the_tarball_from_the_replica() {
+    let has_npm = std::process::Command::new("npm")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_npm {
+        common::skip("npm is not installed");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let Some(tarball) = npm_pack(work.path()) else {
+        common::skip("npm pack did not make a tarball");
+        return;
+    };
+    let integrity = format!(
+        "sha512-{}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            sha2::Sha512::digest(&tarball)
+        )
+    );
+    let shasum = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import hashlib,sys;print(hashlib.sha1(open(sys.argv[1],'rb').read()).hexdigest())",
+        ])
+        .arg(work.path().join("demo-pkg-1.0.0.tgz"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    // The registry names tarballs on another host, as a CDN-backed one does.
+    let registry = Origin::start().await;
+    let file_host = Origin::start().await;
+    let files = format!("http://{}/", file_host.addr);
+    let packument = format!(
+        r#"{{"name":"demo-pkg","dist-tags":{{"latest":"1.0.0"}},"versions":{{"1.0.0":{{"name":"demo-pkg","version":"1.0.0","main":"index.js","dist":{{"tarball":"{files}demo-pkg/-/demo-pkg-1.0.0.tgz","integrity":"{integrity}","shasum":"{shasum}"}}}}}}}}"#
+    );
+    registry.put(
+        "/demo-pkg",
+        Resource::new(packument.into()).header("content-type", "application/json"),
+    );
+    let tgz_path = "/demo-pkg/-/demo-pkg-1.0.0.tgz";
+    file_host.put(
+        tgz_path,
+        Resource::new(tarball.clone().into()).header("content-type", "application/octet-stream"),
+    );
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "npm" path="builtin:npm" memory="64MiB" {{
+    param "tarballs" "{files}=http://127.0.0.1:{{PORT}}/npm-files/"
+    body-types "application/json" "application/vnd.npm.install-v1+json"
+    body-max "8MiB"
+}}
+mirror "npm" {{ prefix "/npm/"; upstream "http://{r}/"; policies "npm"; }}
+mirror "npm-files" {{ prefix "/npm-files/"; upstream "{files}"; policies "npm"; }}
+"#,
+        r = registry.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    let registry_url = format!("http://{}/npm/", cistern.addr);
+    let install = |n: &str| {
+        let project = work.path().join(n);
+        std::fs::create_dir_all(&project).unwrap();
+        let out = npm(work.path())
+            .args(["install", "demo-pkg", "--no-package-lock", "--registry"])
+            .arg(&registry_url)
+            .arg("--cache")
+            .arg(work.path().join(format!("cache-{n}")))
+            .arg("--prefix")
+            .arg(&project)
+            .output()
+            .expect("run npm");
+        (project, out)
+    };
+    let (first, out) = install("first");
+    assert!(
+        out.status.success(),
+        "npm install failed:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        cistern.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(first.join("node_modules/demo-pkg/index.js")).unwrap(),
+        "module.exports = 42;\n",
+        "installed, after npm checked the integrity"
+    );
+    let seen = file_host.seen();
+    assert_eq!(file_host.hits(tgz_path), 1);
+    for s in &seen {
+        let via = s.headers.get("via").map(|v| v.to_str().unwrap_or(""));
+        assert!(
+            via.is_some_and(|v| v.contains("cistern")),
+            "{} reached the file host without Cistern: {:?}",
+            s.path,
+            s.headers
+        );
+    }
+    let files_before = seen.len();
+
+    // An empty npm cache: the tarball comes from the replica.
+    let (second, out) = install("second");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(second.join("node_modules/demo-pkg/index.js").exists());
+    assert_eq!(
+        file_host.seen().len(),
+        files_before,
+        "the tarball came from the replica"
+    );
+}
