@@ -19,6 +19,7 @@ const BUILTINS: &[(&str, &str)] = &[
     ("store-id", "policy_store_id"),
     ("pypi", "policy_pypi"),
     ("npm", "policy_npm"),
+    ("cargo", "policy_cargo"),
 ];
 
 /// Artifacts built only for tests.
@@ -43,6 +44,7 @@ fn main() {
         policies.join("store-id"),
         policies.join("pypi"),
         policies.join("npm"),
+        policies.join("cargo"),
         policies.join("testing"),
         sdk.join("Cargo.toml"),
         sdk.join("src"),

@@ -579,3 +579,156 @@ mirror "npm-files" {{ prefix "/npm-files/"; upstream "{files}"; policies "npm"; 
         "the tarball came from the replica"
     );
 }
+
+/// The cargo that runs this test (cargo sets `CARGO` for test binaries).
+fn cargo_bin() -> std::path::PathBuf {
+    std::env::var_os("CARGO").map_or_else(|| "cargo".into(), Into::into)
+}
+
+/// cargo with its own home (no user config, no proxy).
+fn cargo(home: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(cargo_bin());
+    cmd.env("CARGO_HOME", home)
+        .env("CARGO_TERM_COLOR", "never")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_REGISTRIES_CRATES_IO_PROTOCOL");
+    for var in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cargo_fetches_through_cistern_and_the_second_fetch_takes_the_crate_from_the_replica() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // A crate made by `cargo package`, offline.
+    let krate = w.join("democrate");
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    std::fs::write(
+        krate.join("Cargo.toml"),
+        "[package]\nname = \"democrate\"\nversion = \"0.1.0\"\nedition = \"2021\"\nlicense = \"MIT\"\ndescription = \"demo\"\n",
+    )
+    .unwrap();
+    std::fs::write(krate.join("src/lib.rs"), "pub const VALUE: u32 = 42;\n").unwrap();
+    let packaged = cargo(&w.join("home0"))
+        .current_dir(&krate)
+        .args(["package", "--no-verify", "--allow-dirty", "--offline"])
+        .output();
+    let Ok(packaged) = packaged else {
+        common::skip("cargo cannot be run");
+        return;
+    };
+    assert!(
+        packaged.status.success(),
+        "cargo package failed: {}",
+        String::from_utf8_lossy(&packaged.stderr)
+    );
+    let crate_file = std::fs::read(krate.join("target/package/democrate-0.1.0.crate")).unwrap();
+    let cksum = hex::encode(Sha256::digest(&crate_file));
+
+    // The index names its downloads on another host, as crates.io does.
+    let index_host = Origin::start().await;
+    let file_host = Origin::start().await;
+    let dl = format!("http://{}/crates", file_host.addr);
+    index_host.put(
+        "/index/config.json",
+        Resource::new(format!(r#"{{"dl":"{dl}"}}"#).into())
+            .header("content-type", "application/json"),
+    );
+    index_host.put(
+        "/index/de/mo/democrate",
+        Resource::new(
+            format!(
+                "{{\"name\":\"democrate\",\"vers\":\"0.1.0\",\"deps\":[],\"cksum\":\"{cksum}\",\"features\":{{}},\"yanked\":false}}\n"
+            )
+            .into(),
+        )
+        .header("content-type", "text/plain"),
+    );
+    let download = "/crates/democrate/0.1.0/download";
+    file_host.put(
+        download,
+        Resource::new(crate_file.clone().into()).header("content-type", "application/x-tar"),
+    );
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "cargo" path="builtin:cargo" {{
+    param "dl" "{dl}=http://127.0.0.1:{{PORT}}/crates-files"
+    body-types "application/json"
+    body-max "1MiB"
+}}
+mirror "crates-index" {{ prefix "/crates-index/"; upstream "http://{i}/index/"; policies "cargo"; }}
+mirror "crates-files" {{ prefix "/crates-files/"; upstream "{dl}/"; policies "cargo"; }}
+"#,
+        i = index_host.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+
+    let app = w.join("app");
+    std::fs::create_dir_all(app.join("src")).unwrap();
+    std::fs::write(
+        app.join("Cargo.toml"),
+        "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\ndemocrate = { version = \"0.1\", registry = \"local\" }\n",
+    )
+    .unwrap();
+    std::fs::write(app.join("src/main.rs"), "fn main() {}\n").unwrap();
+    let fetch = |home: &str| {
+        let home = w.join(home);
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(
+            home.join("config.toml"),
+            format!(
+                "[registries.local]\nindex = \"sparse+http://{}/crates-index/\"\n",
+                cistern.addr
+            ),
+        )
+        .unwrap();
+        let out = cargo(&home)
+            .current_dir(&app)
+            .arg("fetch")
+            .output()
+            .expect("run cargo fetch");
+        (home, out)
+    };
+    let (home, out) = fetch("home1");
+    assert!(
+        out.status.success(),
+        "cargo fetch failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cistern.log()
+    );
+    let cached = find_files(&home.join("registry/cache"));
+    assert!(
+        cached.iter().any(|f| f.ends_with("democrate-0.1.0.crate")),
+        "cargo stored the crate after checking its cksum: {cached:?}"
+    );
+    let seen = file_host.seen();
+    assert_eq!(file_host.hits(download), 1);
+    for s in &seen {
+        let via = s.headers.get("via").map(|v| v.to_str().unwrap_or(""));
+        assert!(
+            via.is_some_and(|v| v.contains("cistern")),
+            "{} reached the file host without Cistern: {:?}",
+            s.path,
+            s.headers
+        );
+    }
+    let files_before = seen.len();
+
+    // A new cargo home, so nothing is cached on the client.
+    let (_, out) = fetch("home2");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        file_host.seen().len(),
+        files_before,
+        "the crate came from the replica"
+    );
+}
