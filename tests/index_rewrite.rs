@@ -732,3 +732,46 @@ mirror "crates-files" {{ prefix "/crates-files/"; upstream "{dl}/"; policies "ca
         "the crate came from the replica"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_are_rewritten_and_stored_on_a_route_with_policies() {
+    let origin = Origin::start().await;
+    let page = simple_page("https://files.pythonhosted.org/");
+    origin.put(
+        "/pypi/simple/demo/",
+        Resource::new(page.into())
+            .header("content-type", "text/html")
+            .unknown_length(),
+    );
+    // A file no policy rewrites, chunked too: on_response runs on its head.
+    let wheel = common::pattern(7, 100_000);
+    origin.put(
+        "/pypi/packages/demo-1.0-py3-none-any.whl",
+        Resource::new(wheel.clone()).unknown_length(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config(&origin, "1MiB", "", "\"pypi\""), &[]);
+    let first = get(cistern.addr, "/pypi/simple/demo/").await;
+    assert_eq!(
+        std::str::from_utf8(first.bytes()).unwrap(),
+        simple_page("/pypi-files/"),
+        "{}",
+        cistern.log()
+    );
+    let again = get(cistern.addr, "/pypi/simple/demo/").await;
+    assert_eq!(again.header("cache-status"), "cistern; hit");
+    assert_eq!(
+        std::str::from_utf8(again.bytes()).unwrap(),
+        simple_page("/pypi-files/")
+    );
+    let got = get(cistern.addr, "/pypi/packages/demo-1.0-py3-none-any.whl").await;
+    assert_eq!(got.bytes(), &wheel);
+    let again = get(cistern.addr, "/pypi/packages/demo-1.0-py3-none-any.whl").await;
+    assert_eq!(
+        again.header("cache-status"),
+        "cistern; hit",
+        "{}",
+        cistern.log()
+    );
+    assert_eq!(again.bytes(), &wheel);
+}

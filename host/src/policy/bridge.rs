@@ -92,6 +92,14 @@ impl PolicyHook {
         // kept as the upstream sent it, whatever a policy does, so a client
         // is never told a length the body lacks.
         let length = headers.get(header::CONTENT_LENGTH).cloned();
+        // So is its framing: the fill tells a chunked body from one that
+        // ends with the connection by this header, and a chunked body read
+        // as close-delimited is never stored.
+        let framing: Vec<_> = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .cloned()
+            .collect();
         let response = ResponseView {
             status,
             headers: std::mem::take(headers),
@@ -103,8 +111,12 @@ impl PolicyHook {
             .await;
         *self.request.lock().unwrap_or_else(|p| p.into_inner()) = request;
         *headers = response.headers;
-        // Transfer-Encoding is hop-by-hop: the next hop frames anew.
+        // Transfer-Encoding is hop-by-hop: a policy's edit of it means
+        // nothing; the upstream's stays, as without policies.
         headers.remove(header::TRANSFER_ENCODING);
+        for value in framing {
+            headers.append(header::TRANSFER_ENCODING, value);
+        }
         match length {
             Some(len) => headers.insert(header::CONTENT_LENGTH, len),
             None => headers.remove(header::CONTENT_LENGTH),
