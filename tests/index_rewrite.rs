@@ -775,3 +775,72 @@ async fn chunked_bodies_are_rewritten_and_stored_on_a_route_with_policies() {
     );
     assert_eq!(again.bytes(), &wheel);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_growing_past_the_cap_streams_on_unchanged() {
+    let origin = Origin::start().await;
+    let big = simple_page("https://files.pythonhosted.org/").repeat(20);
+    origin.put(
+        "/pypi/simple/big/",
+        Resource::new(big.clone().into())
+            .header("content-type", "text/html")
+            .unknown_length(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config(&origin, "1KiB", "", "\"pypi\""), &[]);
+    let got = get(cistern.addr, "/pypi/simple/big/").await;
+    assert_eq!(
+        std::str::from_utf8(got.bytes()).unwrap(),
+        big,
+        "{}",
+        cistern.log()
+    );
+    cistern
+        .log_when("the pass-through", |log| {
+            log.contains("body passes through unchanged: more than the body-max of 1024 bytes")
+        })
+        .await;
+    let again = get(cistern.addr, "/pypi/simple/big/").await;
+    assert_eq!(again.header("cache-status"), "cistern; hit");
+    assert_eq!(std::str::from_utf8(again.bytes()).unwrap(), big);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_joining_a_fill_wait_for_the_rewrite() {
+    let origin = Origin::start().await;
+    // About 300 KiB of links, sent slowly, so the second client joins the
+    // fill while the page is still arriving.
+    let page = simple_page("https://files.pythonhosted.org/").repeat(1200);
+    origin.put(
+        "/pypi/simple/slow/",
+        Resource::new(page.into())
+            .header("content-type", "text/html")
+            .slow(std::time::Duration::from_millis(200)),
+    );
+    let expected = simple_page("/pypi-files/").repeat(1200);
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config(&origin, "1MiB", "", "\"pypi\""), &[]);
+    let addr = cistern.addr;
+    let leader = tokio::spawn(async move { get(addr, "/pypi/simple/slow/").await });
+    // Poll (bounded) until the fill is under way, then join it.
+    let started = std::time::Instant::now();
+    while origin.hits("/pypi/simple/slow/") == 0 && started.elapsed().as_secs() < 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let follower = get(addr, "/pypi/simple/slow/").await;
+    let leader = leader.await.unwrap();
+    for got in [&leader, &follower] {
+        assert_eq!(got.status, 200, "{}", cistern.log());
+        assert_eq!(got.header("content-length"), expected.len().to_string());
+        assert!(
+            got.bytes() == expected.as_bytes(),
+            "a reader got other bytes than the rewrite"
+        );
+    }
+    assert_eq!(
+        follower.header("cache-status"),
+        "cistern; fwd=miss; collapsed",
+        "the second client joined the fill"
+    );
+    assert_eq!(origin.hits("/pypi/simple/slow/"), 1, "one fill for both");
+}
