@@ -218,6 +218,20 @@ fn the_body_declaration_and_the_on_body_export_go_together() {
     );
     let err = engine().load(&[untyped]).expect_err("refused");
     assert!(err.to_string().contains("names no `body-types`"), "{err}");
+    let mut cramped = decl(
+        "pypi",
+        cistern::config::PolicySource::Builtin("pypi".into()),
+    );
+    cramped.body = Some(BodyRule {
+        types: vec!["text/html".into()],
+        max: 32 << 20,
+    });
+    let err = engine().load(&[cramped]).expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("needs a memory of at least twice that"),
+        "{err}"
+    );
     // And the plain version-1 guest still loads.
     engine()
         .load(&[decl("v1", guest("v1_marks_response.wat"))])

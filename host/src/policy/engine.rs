@@ -125,6 +125,20 @@ impl PolicyEngine {
                 });
             }
             let (bytes, origin) = self.source(decl)?;
+            if let Some(body) = &decl.body
+                && body.max.saturating_mul(2) > decl.memory_limit
+            {
+                // The guest holds the body and its replacement at once: a
+                // cap it cannot hold would fail every call at the cap.
+                return Err(PolicyError::BodyHook {
+                    policy: decl.name.clone(),
+                    origin,
+                    reason: format!(
+                        "body-max of {} bytes needs a memory of at least twice that (about three times is right), but memory is {} bytes",
+                        body.max, decl.memory_limit
+                    ),
+                });
+            }
             let hash: [u8; 32] = Sha256::digest(&bytes).into();
             used.insert(hash);
             let module = self.compile(decl, &origin, hash, &bytes)?;
