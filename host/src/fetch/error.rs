@@ -204,9 +204,10 @@ pub enum FetchError {
         /// The URL fetched.
         url: String,
     },
-    /// A policy rewrote a body the replica then could not take (the
-    /// disk refused it): the original is gone, so nothing can be served.
-    #[error("the body from {url} was rewritten by a policy but could not be stored")]
+    /// A body read for a policy's body hook (rewritten or not) that the
+    /// replica then could not take (the disk refused it): its bytes were
+    /// read from the upstream, so it cannot be passed on as it came.
+    #[error("the body from {url} was read for a policy's body hook but could not be stored")]
     RewriteUnstored {
         /// The URL fetched.
         url: String,

@@ -127,7 +127,7 @@ impl Inner {
             resp = resp2;
         }
 
-        // Told before the hook, which drops `Transfer-Encoding`.
+        // Told from the upstream's head, before a policy edits it.
         let framed = !close_delimited(&resp);
         let mut decision = match &job.hook {
             Some(hook) => {
@@ -221,7 +221,7 @@ impl Inner {
                 return Ok(());
             }
             Err(FetchError::Store(e)) if !matches!(rewrite, rewrite::Rewrite::Stream) => {
-                tracing::warn!(target: "cistern::fetch", key = %key, "not caching a rewritten body: {e}");
+                tracing::warn!(target: "cistern::fetch", key = %key, "not caching a body read for the body hook: {e}");
                 self.metrics.store_refusal();
                 return Err(FetchError::RewriteUnstored {
                     url: url.to_string(),
