@@ -858,3 +858,51 @@ async fn clients_joining_a_fill_wait_for_the_rewrite() {
     );
     assert_eq!(origin.hits("/pypi/simple/slow/"), 1, "one fill for both");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_of_the_original_is_not_resumed_into_a_rewritten_document() {
+    let origin = Origin::start().await;
+    let page = simple_page("https://files.pythonhosted.org/").repeat(2000);
+    // The first fill and its three resumes are cut: a partial of the
+    // original bytes stays behind.
+    origin.put(
+        "/pypi/simple/demo/",
+        Resource::new(page.clone().into())
+            .header("content-type", "text/html")
+            .slow(std::time::Duration::from_millis(20))
+            .die_after(100_000, cistern::fetch::RESUME_ATTEMPTS + 1),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plain = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+mirror "pypi" {{ prefix "/pypi/"; upstream "http://{o}/pypi/"; }}
+"#,
+        o = origin.addr
+    );
+    {
+        let before = Cistern::start(dir.path(), &plain, &[]);
+        let cut = get(before.addr, "/pypi/simple/demo/").await;
+        assert!(cut.body.is_err() || cut.bytes().len() < page.len());
+        before
+            .log_when("the fill giving up", |log| log.contains("not resuming"))
+            .await;
+    }
+
+    // Now with the policy: the document comes whole and rewritten.
+    let cistern = Cistern::start(dir.path(), &config(&origin, "1MiB", "", "\"pypi\""), &[]);
+    let got = get(cistern.addr, "/pypi/simple/demo/").await;
+    assert_eq!(
+        std::str::from_utf8(got.bytes()).unwrap(),
+        simple_page("/pypi-files/").repeat(2000),
+        "{}",
+        cistern.log()
+    );
+    let again = get(cistern.addr, "/pypi/simple/demo/").await;
+    assert_eq!(again.header("cache-status"), "cistern; hit");
+    assert_eq!(
+        std::str::from_utf8(again.bytes()).unwrap(),
+        simple_page("/pypi-files/").repeat(2000)
+    );
+}

@@ -128,7 +128,7 @@ impl Inner {
         }
 
         // Told from the upstream's head, before a policy edits it.
-        let framed = !close_delimited(&resp);
+        let mut framed = !close_delimited(&resp);
         let mut decision = match &job.hook {
             Some(hook) => {
                 let status = resp.status();
@@ -189,6 +189,29 @@ impl Inner {
             }
         }
 
+        if resumed_from.is_some()
+            && !unasked_part
+            && job
+                .hook
+                .as_ref()
+                .is_some_and(|h| h.body_limit(StatusCode::OK, resp.headers()).is_some())
+        {
+            // A partial of a document a policy now rewrites (kept from
+            // before the policy was configured) holds the original's bytes:
+            // the document is fetched whole and goes through the hook.
+            tracing::info!(target: "cistern::fetch", %key, %url,
+                "not resuming: a policy rewrites this document; fetching it whole");
+            let k = key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            let mut whole = job.headers.clone();
+            whole.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            resp = self.ask(job, &whole).await?.0;
+            framed = !close_delimited(&resp);
+            resumed_from = None;
+        }
         let rewrite = match resumed_from {
             None => {
                 self.rewrite_body(job, &mut resp, &url, framed, &decision, received)
