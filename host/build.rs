@@ -17,6 +17,9 @@ const BUILTINS: &[(&str, &str)] = &[
     ("distro", "policy_distro"),
     ("metalink", "policy_metalink"),
     ("store-id", "policy_store_id"),
+    ("pypi", "policy_pypi"),
+    ("npm", "policy_npm"),
+    ("cargo", "policy_cargo"),
 ];
 
 /// Artifacts built only for tests.
@@ -39,6 +42,9 @@ fn main() {
         policies.join("distro"),
         policies.join("metalink"),
         policies.join("store-id"),
+        policies.join("pypi"),
+        policies.join("npm"),
+        policies.join("cargo"),
         policies.join("testing"),
         sdk.join("Cargo.toml"),
         sdk.join("src"),

@@ -34,7 +34,10 @@ fn response(status: u16, headers: &[(&str, &str)]) -> ResponseView {
 fn the_binary_carries_the_builtins() {
     let mut names = cistern::policy::builtin_names();
     names.sort();
-    assert_eq!(names, ["distro", "metalink", "store-id"]);
+    assert_eq!(
+        names,
+        ["cargo", "distro", "metalink", "npm", "pypi", "store-id"]
+    );
 }
 
 #[test]

@@ -1,4 +1,4 @@
-/* Cistern policy ABI, version 1: the `cistern` import module for C guests.
+/* Cistern policy ABI, version 2: the `cistern` import module for C guests.
  *
  * The one written spec is guest-sdk/ABI.md; this header mirrors it. Build
  * with Debian's clang and lld, no libc needed:
@@ -17,7 +17,7 @@
 
 #include <stdint.h>
 
-#define CISTERN_ABI_VERSION 1
+#define CISTERN_ABI_VERSION 2
 
 #define CISTERN_IMPORT(name) __attribute__((import_module("cistern"), import_name(name)))
 #define CISTERN_EXPORT(name) __attribute__((export_name(name)))
@@ -96,6 +96,11 @@ int32_t cistern_param_get(const char *name, int32_t name_len, int32_t index, cha
                           int32_t out_cap);
 CISTERN_IMPORT("log")
 int32_t cistern_log(int32_t level, const char *message, int32_t message_len);
+/* Version 2, in `on_body` only. */
+CISTERN_IMPORT("body_get")
+int32_t cistern_body_get(char *out, int32_t out_cap);
+CISTERN_IMPORT("body_set")
+int32_t cistern_body_set(const char *body, int32_t body_len);
 
 /* Exports the version marker; use once per module. */
 #define CISTERN_POLICY_VERSION_EXPORT                                        \

@@ -487,6 +487,29 @@ pub fn params(name: &str) -> Result<Vec<String>> {
     }
 }
 
+/// The whole response body, in `on_body` (ABI version 2) only: the
+/// responses whose `Content-Type` the policy's `body-types` name.
+pub mod body {
+    use super::{Result, check, len_i32, raw};
+
+    /// The body as the upstream sent it (or as an earlier policy left it).
+    pub fn get() -> Result<Vec<u8>> {
+        // One call for the length, one for the bytes: a body is large, and
+        // the 256-byte first try of the other getters would copy nothing.
+        let len = check(unsafe { raw::body_get(core::ptr::null_mut(), 0) })? as usize;
+        let mut buf = vec![0u8; len];
+        let got = check(unsafe { raw::body_get(buf.as_mut_ptr(), len_i32(&buf)) })? as usize;
+        buf.truncate(got.min(len));
+        Ok(buf)
+    }
+
+    /// Replaces the body: this is what Cistern stores and serves, with its
+    /// own length and SHA-256. At most twice `body-max` plus 64 KiB.
+    pub fn set(body: &[u8]) -> Result<()> {
+        check(unsafe { raw::body_set(body.as_ptr(), len_i32(body)) }).map(|_| ())
+    }
+}
+
 /// Log levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -528,8 +551,9 @@ pub fn __run_hook(hook: fn() -> Result<()>) -> i32 {
 /// ```ignore
 /// cistern_guest::policy!(on_request => my_request_hook, on_response => my_response_hook);
 /// ```
-/// Each hook is a `fn() -> cistern_guest::Result<()>`; either may be left
-/// out.
+/// Each hook is a `fn() -> cistern_guest::Result<()>`; any may be left
+/// out. `on_body` (ABI version 2) runs only for the responses the policy's
+/// `body-types` name in `config.kdl`.
 #[macro_export]
 macro_rules! policy {
     ($($hook:ident => $func:path),+ $(,)?) => {
@@ -550,6 +574,12 @@ macro_rules! policy {
     (@hook on_response, $func:path) => {
         #[unsafe(export_name = "on_response")]
         extern "C" fn __cistern_export_on_response() -> i32 {
+            $crate::__run_hook($func)
+        }
+    };
+    (@hook on_body, $func:path) => {
+        #[unsafe(export_name = "on_body")]
+        extern "C" fn __cistern_export_on_body() -> i32 {
             $crate::__run_hook($func)
         }
     };

@@ -68,10 +68,14 @@ unsafe extern "C" {
     ) -> i32;
     /// Logs a message at `level` (`LOG_*`).
     pub fn log(level: i32, ptr: *const u8, len: i32) -> i32;
+    /// Version 2, `on_body` only: copies the response body into `out`.
+    pub fn body_get(out_ptr: *mut u8, out_cap: i32) -> i32;
+    /// Version 2, `on_body` only: replaces the response body.
+    pub fn body_set(ptr: *const u8, len: i32) -> i32;
 }
 
-/// The ABI version this SDK speaks.
-pub const ABI_VERSION: i32 = 1;
+/// The ABI version this SDK speaks (2: adds `on_body`).
+pub const ABI_VERSION: i32 = 2;
 
 /// `request_get`: the method.
 pub const FIELD_METHOD: i32 = 0;

@@ -46,6 +46,7 @@ pub fn decl(name: &str, source: PolicySource) -> PolicyDecl {
         deadline: Duration::from_millis(50),
         memory_limit: 16 * 1024 * 1024,
         params: Vec::new(),
+        body: None,
     }
 }
 

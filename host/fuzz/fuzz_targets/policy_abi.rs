@@ -63,6 +63,7 @@ fn setup() -> &'static Setup {
             deadline: Duration::from_millis(200),
             memory_limit: 1 << 20,
             params: vec![("greeting".into(), "hello".into())],
+            body: None,
         };
         let set = engine.load(&[decl]).expect("the interpreter guest loads");
         let chain = set.chain(&["abi".into()]).expect("chain");

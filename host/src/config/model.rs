@@ -542,6 +542,26 @@ pub struct PolicyDecl {
     pub memory_limit: u64,
     /// `param KEY VALUE` children, in file order, readable by the guest.
     pub params: Vec<(String, String)>,
+    /// `body-types` and `body-max`: the responses whose whole body the
+    /// policy's `on_body` hook (ABI version 2) receives; `None` for none.
+    pub body: Option<BodyRule>,
+}
+
+/// Which upstream responses go through a policy's `on_body` hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyRule {
+    /// Media types (`text/html`), lower case, compared without parameters.
+    pub types: Vec<String>,
+    /// Bodies larger than this pass through unchanged.
+    pub max: u64,
+}
+
+impl BodyRule {
+    /// Whether a `Content-Type` value names one of the declared types.
+    pub fn matches(&self, content_type: &str) -> bool {
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        self.types.iter().any(|t| t.eq_ignore_ascii_case(essence))
+    }
 }
 
 /// Where a policy's module comes from.

@@ -805,3 +805,63 @@ fn a_redirecting_mirror_keeps_its_serve_locally_patterns() {
     );
     assert_eq!(c.mirrors[1].redirect, None);
 }
+
+#[test]
+fn policy_body_rules_parse_and_bad_ones_are_refused() {
+    let c = ok(r#"policy "pypi" path="builtin:pypi" {
+    body-types "text/HTML" "application/vnd.pypi.simple.v1+json"
+    body-max "2MiB"
+}
+policy "npm" path="builtin:npm" {
+    body-types "application/json"
+}
+policy "plain" path="builtin:distro""#);
+    let body = |name: &str| {
+        c.policies
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap()
+            .body
+            .clone()
+    };
+    let pypi = body("pypi").unwrap();
+    assert_eq!(
+        pypi.types,
+        ["text/html", "application/vnd.pypi.simple.v1+json"]
+    );
+    assert_eq!(pypi.max, 2 << 20);
+    assert!(pypi.matches("Text/Html; charset=utf-8"));
+    assert!(!pypi.matches("text/plain"));
+    assert_eq!(body("npm").unwrap().max, 32 << 20, "the default cap");
+    assert_eq!(body("plain"), None);
+
+    let cases: &[(&str, &str)] = &[
+        (
+            "policy \"p\" path=\"builtin:x\" {\n    body-max \"1MiB\"\n}",
+            "`body-max` without `body-types` has nothing to cap",
+        ),
+        (
+            "policy \"p\" path=\"builtin:x\" {\n    body-types \"html\"\n}",
+            "`body-types`: \"html\" is not a media type",
+        ),
+        (
+            "policy \"p\" path=\"builtin:x\" {\n    body-types \"text/html; charset=utf-8\"\n}",
+            "is not a media type",
+        ),
+        (
+            "policy \"p\" path=\"builtin:x\" {\n    body-types \"text/html\"\n    body-max 0\n}",
+            "`body-max` must be more than 0 bytes",
+        ),
+        (
+            "policy \"p\" path=\"builtin:x\" {\n    body-types\n}",
+            "`body-types` takes",
+        ),
+    ];
+    for (text, want) in cases {
+        let got = problems(text);
+        assert!(
+            got.iter().any(|(_, _, m)| m.contains(want)),
+            "{text}\nwanted {want:?}, got {got:?}"
+        );
+    }
+}

@@ -204,6 +204,14 @@ pub enum FetchError {
         /// The URL fetched.
         url: String,
     },
+    /// A body read for a policy's body hook (rewritten or not) that the
+    /// replica then could not take (the disk refused it): its bytes were
+    /// read from the upstream, so it cannot be passed on as it came.
+    #[error("the body from {url} was read for a policy's body hook but could not be stored")]
+    RewriteUnstored {
+        /// The URL fetched.
+        url: String,
+    },
     /// A worker task died (a bug); followers are released.
     #[error("fill task ended unexpectedly")]
     Vanished,
@@ -221,7 +229,9 @@ impl FetchError {
             FetchError::Offline { .. } => ErrorKind::Offline,
             FetchError::Orphaned { .. } | FetchError::Abandoned { .. } => ErrorKind::Orphaned,
             FetchError::Store(_) => ErrorKind::Store,
-            FetchError::PolicyDenied { .. } => ErrorKind::Policy,
+            FetchError::PolicyDenied { .. } | FetchError::RewriteUnstored { .. } => {
+                ErrorKind::Policy
+            }
             FetchError::SelfTarget(_) => ErrorKind::SelfTarget,
             FetchError::Vanished => ErrorKind::Vanished,
         }
@@ -235,7 +245,8 @@ impl FetchError {
             | FetchError::Offline { .. }
             | FetchError::NoUpstream { .. }
             | FetchError::SelfTarget(_)
-            | FetchError::PolicyDenied { .. } => Side::Internal,
+            | FetchError::PolicyDenied { .. }
+            | FetchError::RewriteUnstored { .. } => Side::Internal,
             FetchError::Orphaned { .. } | FetchError::Abandoned { .. } => Side::Downstream,
             _ => Side::Upstream,
         }

@@ -30,6 +30,8 @@ use super::{
     FetchError, Fill, FillHead, FillJob, FillState, HeadDecision, Inner, RetryType, error_chain,
 };
 
+mod rewrite;
+
 /// How many times one fill resumes its body after a transient upstream
 /// failure (reset, closed connection, timeout) before its readers get a
 /// failed transfer.
@@ -86,6 +88,12 @@ impl Inner {
             h.insert(header::RANGE, range.clone());
             h.insert(header::IF_RANGE, if_range.clone());
         }
+        if job.hook.as_ref().is_some_and(|h| h.wants_bodies()) {
+            // A policy rewrites some bodies of this route: it gets them
+            // plain (`fill/rewrite.rs`).
+            let identity = HeaderValue::from_static("identity");
+            headers.to_mut().insert(header::ACCEPT_ENCODING, identity);
+        }
 
         let asked = self.clock.now();
         let (mut resp, url) = self.ask(job, &headers).await?;
@@ -119,7 +127,9 @@ impl Inner {
             resp = resp2;
         }
 
-        let decision = match &job.hook {
+        // Told from the upstream's head, before a policy edits it.
+        let mut framed = !close_delimited(&resp);
+        let mut decision = match &job.hook {
             Some(hook) => {
                 let status = resp.status();
                 hook.on_head(status, resp.headers_mut()).await
@@ -179,12 +189,50 @@ impl Inner {
             }
         }
 
+        if resumed_from.is_some()
+            && !unasked_part
+            && job
+                .hook
+                .as_ref()
+                .is_some_and(|h| h.body_limit(StatusCode::OK, resp.headers()).is_some())
+        {
+            // A partial of a document a policy now rewrites (kept from
+            // before the policy was configured) holds the original's bytes:
+            // the document is fetched whole and goes through the hook.
+            tracing::info!(target: "cistern::fetch", %key, %url,
+                "not resuming: a policy rewrites this document; fetching it whole");
+            let k = key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            let mut whole = job.headers.clone();
+            whole.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            resp = self.ask(job, &whole).await?.0;
+            framed = !close_delimited(&resp);
+            resumed_from = None;
+        }
+        let rewrite = match resumed_from {
+            None => {
+                self.rewrite_body(job, &mut resp, &url, framed, &decision, received)
+                    .await?
+            }
+            Some(_) => rewrite::Rewrite::Stream,
+        };
+        decision.rewritten = matches!(rewrite, rewrite::Rewrite::Replaced(_));
         let policy_uncacheable = decision.uncacheable;
         let mut writing = match self
             .prepare(fill, job, &resp, &url, received, decision, resumed_from)
             .await
         {
             Ok(Some(w)) => w,
+            Ok(None) if !matches!(rewrite, rewrite::Rewrite::Stream) => {
+                // The body hook checks storability first; this is a refusal
+                // it could not foresee, and the body is already read.
+                return Err(FetchError::RewriteUnstored {
+                    url: url.to_string(),
+                });
+            }
             Ok(None) => {
                 let reason = if policy_uncacheable {
                     NoCacheReason::PolicyUncacheable
@@ -194,6 +242,13 @@ impl Inner {
                 fill.state.send_replace(FillState::Unshared(reason));
                 let _ = leader.send(resp);
                 return Ok(());
+            }
+            Err(FetchError::Store(e)) if !matches!(rewrite, rewrite::Rewrite::Stream) => {
+                tracing::warn!(target: "cistern::fetch", key = %key, "not caching a body read for the body hook: {e}");
+                self.metrics.store_refusal();
+                return Err(FetchError::RewriteUnstored {
+                    url: url.to_string(),
+                });
             }
             Err(e @ FetchError::Store(_)) => {
                 // The disk refuses the replica: this client is still served,
@@ -219,6 +274,15 @@ impl Inner {
             Err(e) => return Err(e),
         };
         writing.meta.rfc.request_time = asked;
+        match rewrite {
+            rewrite::Rewrite::Stream => {}
+            rewrite::Rewrite::Prefix(read) => {
+                writing = self.write_prefix(fill, writing, read).await?
+            }
+            rewrite::Rewrite::Replaced(body) => {
+                writing = self.write_prefix(fill, writing, vec![body]).await?;
+            }
+        }
         self.stream(fill, job, resp, writing).await
     }
 
@@ -300,7 +364,8 @@ impl Inner {
         };
         // Only a 200 is ever resumed with a range: a partial of a small
         // 404 or redirect is fetched again whole.
-        let resumable = parts.status == StatusCode::OK;
+        // Nor a policy's rewrite: the original's validators name other bytes.
+        let resumable = parts.status == StatusCode::OK && !decision.rewritten;
         let partial_meta = PartialMeta {
             key: job.key.to_string(),
             url: url.to_string(),

@@ -116,6 +116,22 @@ pub struct HeadDecision {
     pub ttl_cap: Option<Duration>,
     /// A policy that must not fail open failed: answer 502 instead.
     pub deny: bool,
+    /// Set by the fill, not the hook: the stored body is a policy's
+    /// rewrite, so its partial is never resumed with the original's
+    /// validators.
+    pub rewritten: bool,
+}
+
+/// What a chain's body hook did with a response body
+/// ([`HeadHook::on_body`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyRewrite {
+    /// Store and serve the body as it came.
+    Unchanged,
+    /// Store and serve this instead.
+    Replaced(bytes::Bytes),
+    /// A policy that must not fail open failed: answer 502 instead.
+    Deny,
 }
 
 /// Called on every upstream response head before anything is decided;
@@ -129,6 +145,29 @@ pub trait HeadHook: Send + Sync {
         status: StatusCode,
         headers: &'a mut HeaderMap,
     ) -> std::pin::Pin<Box<dyn Future<Output = HeadDecision> + Send + 'a>>;
+
+    /// Some response of this route may go through [`HeadHook::on_body`]:
+    /// the fill then asks the upstream for an unencoded body.
+    fn wants_bodies(&self) -> bool {
+        false
+    }
+
+    /// The largest body the hook takes for a response with this head
+    /// (after [`HeadHook::on_head`]); `None`: the body streams as usual.
+    fn body_limit(&self, _status: StatusCode, _headers: &HeaderMap) -> Option<u64> {
+        None
+    }
+
+    /// Receives the whole body of a response [`HeadHook::body_limit`]
+    /// accepted and says what to store instead.
+    fn on_body<'a>(
+        &'a self,
+        _status: StatusCode,
+        _headers: &'a HeaderMap,
+        _body: bytes::Bytes,
+    ) -> std::pin::Pin<Box<dyn Future<Output = BodyRewrite> + Send + 'a>> {
+        Box::pin(std::future::ready(BodyRewrite::Unchanged))
+    }
 }
 
 /// Per-request settings of a fetch, from the config snapshot.

@@ -326,7 +326,7 @@ impl Proxy {
             bypass = view.bypass_cache;
             // A chain without `on_response` (store-id alone) needs no
             // response hook, nor the copy of the headers that makes one.
-            policy = chain.has_on_response().then(|| PolicyRun {
+            policy = (chain.has_on_response() || chain.has_on_body()).then(|| PolicyRun {
                 chain: chain.clone(),
                 host: snap.policy_host.clone(),
                 view,

@@ -71,6 +71,8 @@ pub(crate) enum Hook {
     Request,
     /// `on_response`.
     Response,
+    /// `on_body` (ABI version 2): the whole body of a declared response.
+    Body,
 }
 
 impl Hook {
@@ -79,6 +81,7 @@ impl Hook {
         match self {
             Hook::Request => "on_request",
             Hook::Response => "on_response",
+            Hook::Body => "on_body",
         }
     }
 }
@@ -107,6 +110,12 @@ pub(crate) struct CallCtx {
     /// A direct answer, set by `respond`.
     pub(crate) answer: Option<(StatusCode, Bytes)>,
     pub(crate) cache: CacheEffects,
+    /// `on_body`: the body as the previous policy left it.
+    pub(crate) body: Bytes,
+    /// `on_body`: the replacement set by `body_set`, if any.
+    pub(crate) body_out: Option<Vec<u8>>,
+    /// `on_body`: the largest replacement `body_set` accepts.
+    pub(crate) body_out_cap: usize,
     budget: usize,
     log_lines: u32,
 }
@@ -160,6 +169,9 @@ impl CallCtx {
             answer_headers: HeaderMap::new(),
             answer: None,
             cache: CacheEffects::default(),
+            body: Bytes::new(),
+            body_out: None,
+            body_out_cap: 0,
             budget: EDIT_BUDGET,
             log_lines: 0,
         }
@@ -204,6 +216,9 @@ impl CallCtx {
                 }
                 Ok(&mut self.resp.headers)
             }
+            // The head was decided in `on_response`; the body hook changes
+            // only the body.
+            (TARGET_REQUEST | TARGET_RESPONSE, Hook::Body) => Err(ERR_WRONG_HOOK),
             _ => Err(ERR_INVALID),
         }
     }
@@ -212,7 +227,7 @@ impl CallCtx {
         match (target, self.hook) {
             (TARGET_REQUEST, _) => Ok(&self.req.headers),
             (TARGET_RESPONSE, Hook::Request) => Ok(&self.answer_headers),
-            (TARGET_RESPONSE, Hook::Response) => Ok(&self.resp.headers),
+            (TARGET_RESPONSE, Hook::Response | Hook::Body) => Ok(&self.resp.headers),
             _ => Err(ERR_INVALID),
         }
     }
@@ -425,7 +440,7 @@ fn request_set(
 fn response_status(caller: &mut Caller<'_, HostState>) -> Result<i32, i32> {
     let call = caller.data_mut().call()?;
     match call.hook {
-        Hook::Response => Ok(i32::from(call.resp.status.as_u16())),
+        Hook::Response | Hook::Body => Ok(i32::from(call.resp.status.as_u16())),
         Hook::Request => Err(ERR_WRONG_HOOK),
     }
 }
@@ -521,6 +536,9 @@ fn cache_set(caller: &mut Caller<'_, HostState>, op: i32, value: i64) -> Result<
             call.cache.ttl_cap = Some(call.cache.ttl_cap.map_or(cap, |old| old.min(cap)));
         }
         (Hook::Response, CACHE_IMMUTABLE) => call.cache.immutable = true,
+        (Hook::Body, CACHE_UNCACHEABLE | CACHE_TTL | CACHE_TTL_CAP | CACHE_IMMUTABLE) => {
+            return Err(ERR_WRONG_HOOK);
+        }
         _ => return Err(ERR_INVALID),
     }
     Ok(0)
@@ -637,6 +655,32 @@ fn log(caller: &mut Caller<'_, HostState>, level: i32, ptr: i32, len: i32) -> Re
     Ok(0)
 }
 
+fn body_get(caller: &mut Caller<'_, HostState>, out: i32, cap: i32) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let call = state.call()?;
+    if call.hook != Hook::Body {
+        return Err(ERR_WRONG_HOOK);
+    }
+    Ok(write_out(mem, out, cap, &call.body))
+}
+
+fn body_set(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Result<i32, i32> {
+    let (mem, state) = split(caller)?;
+    let bytes = read_bytes(mem, ptr, len)?;
+    let call = state.call()?;
+    if call.hook != Hook::Body {
+        return Err(ERR_WRONG_HOOK);
+    }
+    if bytes.len() > call.body_out_cap {
+        return Err(ERR_TOO_LARGE);
+    }
+    // Reuses the allocation of an earlier `body_set` of the same call.
+    let out = call.body_out.get_or_insert_with(Vec::new);
+    out.clear();
+    out.extend_from_slice(bytes);
+    Ok(0)
+}
+
 /// The `cistern` import module, once per engine.
 pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut l = Linker::new(engine);
@@ -725,6 +769,17 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         M,
         "log",
         |mut c: Caller<'_, HostState>, lvl: i32, p: i32, n: i32| code(log(&mut c, lvl, p, n)),
+    )?;
+    // ABI version 2.
+    l.func_wrap(
+        M,
+        "body_get",
+        |mut c: Caller<'_, HostState>, o: i32, n: i32| code(body_get(&mut c, o, n)),
+    )?;
+    l.func_wrap(
+        M,
+        "body_set",
+        |mut c: Caller<'_, HostState>, p: i32, n: i32| code(body_set(&mut c, p, n)),
     )?;
     Ok(l)
 }

@@ -7,11 +7,13 @@ use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, StatusCode, header};
 
+use bytes::Bytes;
+
 use super::{
-    LimitVerdict, PolicyChain, PolicyHost, ReplicaState, RequestView, ResponseDecision,
-    ResponseView,
+    BodyOutcome, LimitVerdict, PolicyChain, PolicyHost, ReplicaState, RequestView,
+    ResponseDecision, ResponseView,
 };
-use crate::fetch::{FetchEngine, HeadDecision, HeadHook};
+use crate::fetch::{BodyRewrite, FetchEngine, HeadDecision, HeadHook};
 use crate::limit::Limits;
 use crate::store::CacheKey;
 
@@ -90,6 +92,14 @@ impl PolicyHook {
         // kept as the upstream sent it, whatever a policy does, so a client
         // is never told a length the body lacks.
         let length = headers.get(header::CONTENT_LENGTH).cloned();
+        // So is its framing: the fill tells a chunked body from one that
+        // ends with the connection by this header, and a chunked body read
+        // as close-delimited is never stored.
+        let framing: Vec<_> = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .cloned()
+            .collect();
         let response = ResponseView {
             status,
             headers: std::mem::take(headers),
@@ -101,8 +111,12 @@ impl PolicyHook {
             .await;
         *self.request.lock().unwrap_or_else(|p| p.into_inner()) = request;
         *headers = response.headers;
-        // Transfer-Encoding is hop-by-hop: the next hop frames anew.
+        // Transfer-Encoding is hop-by-hop: a policy's edit of it means
+        // nothing; the upstream's stays, as without policies.
         headers.remove(header::TRANSFER_ENCODING);
+        for value in framing {
+            headers.append(header::TRANSFER_ENCODING, value);
+        }
         match length {
             Some(len) => headers.insert(header::CONTENT_LENGTH, len),
             None => headers.remove(header::CONTENT_LENGTH),
@@ -113,6 +127,25 @@ impl PolicyHook {
             ttl: decision.ttl,
             ttl_cap: decision.ttl_cap,
             deny: decision.deny,
+            rewritten: false,
+        }
+    }
+
+    async fn rewrite(&self, status: StatusCode, headers: &HeaderMap, body: Bytes) -> BodyRewrite {
+        let response = ResponseView {
+            status,
+            headers: headers.clone(),
+        };
+        let request = std::mem::take(&mut *self.request.lock().unwrap_or_else(|p| p.into_inner()));
+        let (request, outcome) = self
+            .chain
+            .run_on_body(&self.host, request, response, body)
+            .await;
+        *self.request.lock().unwrap_or_else(|p| p.into_inner()) = request;
+        match outcome {
+            BodyOutcome::Unchanged => BodyRewrite::Unchanged,
+            BodyOutcome::Replaced(body) => BodyRewrite::Replaced(body),
+            BodyOutcome::Deny => BodyRewrite::Deny,
         }
     }
 }
@@ -124,5 +157,28 @@ impl HeadHook for PolicyHook {
         headers: &'a mut HeaderMap,
     ) -> Pin<Box<dyn Future<Output = HeadDecision> + Send + 'a>> {
         Box::pin(self.decide(status, headers))
+    }
+
+    fn wants_bodies(&self) -> bool {
+        self.chain.has_on_body()
+    }
+
+    fn body_limit(&self, status: StatusCode, headers: &HeaderMap) -> Option<u64> {
+        // Only a whole 200 is a document to rewrite; a redirect or an error
+        // page is stored (or not) as it came.
+        if status != StatusCode::OK || !self.chain.has_on_body() {
+            return None;
+        }
+        let content_type = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+        self.chain.body_limit(content_type)
+    }
+
+    fn on_body<'a>(
+        &'a self,
+        status: StatusCode,
+        headers: &'a HeaderMap,
+        body: Bytes,
+    ) -> Pin<Box<dyn Future<Output = BodyRewrite> + Send + 'a>> {
+        Box::pin(self.rewrite(status, headers, body))
     }
 }

@@ -18,8 +18,9 @@ use super::abi::{self, CallCtx, Hook, HostState};
 use super::instance::{Policy, Settings, TICK};
 use super::pool::PolicyThreads;
 use super::{
-    ABI_VERSION, DirectResponse, Failure, MAX_MEMORY_LIMIT, PolicyError, PolicyHost, PolicyStats,
-    RequestOutcome, RequestView, ResponseDecision, ResponseView,
+    ABI_VERSION, BodyOutcome, DirectResponse, Failure, MAX_MEMORY_LIMIT, MIN_ABI_VERSION,
+    PolicyError, PolicyHost, PolicyStats, RequestOutcome, RequestView, ResponseDecision,
+    ResponseView,
 };
 use crate::config::{OnError, PolicyDecl, PolicySource};
 
@@ -124,6 +125,20 @@ impl PolicyEngine {
                 });
             }
             let (bytes, origin) = self.source(decl)?;
+            if let Some(body) = &decl.body
+                && body.max.saturating_mul(2) > decl.memory_limit
+            {
+                // The guest holds the body and its replacement at once: a
+                // cap it cannot hold would fail every call at the cap.
+                return Err(PolicyError::BodyHook {
+                    policy: decl.name.clone(),
+                    origin,
+                    reason: format!(
+                        "body-max of {} bytes needs a memory of at least twice that (about three times is right), but memory is {} bytes",
+                        body.max, decl.memory_limit
+                    ),
+                });
+            }
             let hash: [u8; 32] = Sha256::digest(&bytes).into();
             used.insert(hash);
             let module = self.compile(decl, &origin, hash, &bytes)?;
@@ -132,7 +147,8 @@ impl PolicyEngine {
                 origin: origin.clone(),
                 reason,
             };
-            let (has_on_request, has_on_response) = check_exports(&module).map_err(abi_error)?;
+            let (has_on_request, has_on_response, exports_on_body) =
+                check_exports(&module).map_err(abi_error)?;
             let pre = self
                 .inner
                 .linker
@@ -149,17 +165,42 @@ impl PolicyEngine {
                     memory_limit: usize::try_from(decl.memory_limit).unwrap_or(usize::MAX),
                     has_on_request,
                     has_on_response,
+                    has_on_body: exports_on_body && decl.body.is_some(),
+                    body: decl.body.clone(),
                 },
                 pre,
             );
             let version = policy.probe().map_err(abi_error)?;
-            if version != ABI_VERSION {
+            if !(MIN_ABI_VERSION..=ABI_VERSION).contains(&version) {
                 return Err(PolicyError::VersionMismatch {
                     policy: decl.name.clone(),
                     origin,
                     found: version,
                     expected: ABI_VERSION,
                 });
+            }
+            let body_error = |reason: &str| PolicyError::BodyHook {
+                policy: decl.name.clone(),
+                origin: origin.clone(),
+                reason: reason.to_owned(),
+            };
+            match (exports_on_body, decl.body.is_some()) {
+                (true, _) if version < 2 => {
+                    return Err(body_error(
+                        "exports `on_body`, which ABI version 1 does not have; export `cistern_abi_version` returning 2",
+                    ));
+                }
+                (true, false) => {
+                    return Err(body_error(
+                        "exports `on_body` but its declaration names no `body-types`, so the hook would never run",
+                    ));
+                }
+                (false, true) => {
+                    return Err(body_error(
+                        "declares `body-types` but the module exports no `on_body` hook (ABI version 2)",
+                    ));
+                }
+                _ => {}
             }
             policies.push(Arc::new(policy));
         }
@@ -240,11 +281,12 @@ impl PolicyEngine {
     }
 }
 
-/// Checks the exports the ABI requires; returns which hooks exist.
-fn check_exports(module: &Module) -> Result<(bool, bool), String> {
+/// Checks the exports the ABI requires; returns which hooks exist
+/// (`on_request`, `on_response`, `on_body`).
+fn check_exports(module: &Module) -> Result<(bool, bool, bool), String> {
     let mut memory = false;
     let mut version = false;
-    let mut hooks = (false, false);
+    let mut hooks = (false, false, false);
     for export in module.exports() {
         let is_i32_thunk = |ty: &ExternType| match ty {
             ExternType::Func(f) => {
@@ -257,14 +299,15 @@ fn check_exports(module: &Module) -> Result<(bool, bool), String> {
         let ty = export.ty();
         match export.name() {
             "memory" => memory = matches!(ty, ExternType::Memory(_)),
-            name @ ("cistern_abi_version" | "on_request" | "on_response") => {
+            name @ ("cistern_abi_version" | "on_request" | "on_response" | "on_body") => {
                 if !is_i32_thunk(&ty) {
                     return Err(format!("export `{name}` must be a function `() -> i32`"));
                 }
                 match name {
                     "cistern_abi_version" => version = true,
                     "on_request" => hooks.0 = true,
-                    _ => hooks.1 = true,
+                    "on_response" => hooks.1 = true,
+                    _ => hooks.2 = true,
                 }
             }
             _ => {}
@@ -278,8 +321,8 @@ fn check_exports(module: &Module) -> Result<(bool, bool), String> {
     if !memory {
         return Err("no memory exported as `memory`".into());
     }
-    if hooks == (false, false) {
-        return Err("exports neither `on_request` nor `on_response`".into());
+    if hooks == (false, false, false) {
+        return Err("exports none of `on_request`, `on_response` and `on_body`".into());
     }
     Ok(hooks)
 }
@@ -319,6 +362,7 @@ impl PolicySet {
         Ok(PolicyChain {
             has_on_request: chain.iter().any(|p| p.settings.has_on_request),
             has_on_response: chain.iter().any(|p| p.settings.has_on_response),
+            has_on_body: chain.iter().any(|p| p.settings.has_on_body),
             policies: chain.into(),
             threads: self.threads.clone(),
         })
@@ -340,6 +384,8 @@ pub struct PolicyChain {
     has_on_request: bool,
     /// Some policy exports `on_response`.
     has_on_response: bool,
+    /// Some policy exports `on_body` and declares `body-types`.
+    has_on_body: bool,
     threads: PolicyThreads,
 }
 
@@ -394,6 +440,128 @@ impl PolicyChain {
     /// upstream response needs no hook.
     pub fn has_on_response(&self) -> bool {
         self.has_on_response
+    }
+
+    /// Some policy of the chain wants whole bodies (`on_body`).
+    pub fn has_on_body(&self) -> bool {
+        self.has_on_body
+    }
+
+    /// The largest body any `on_body` policy of the chain takes for a
+    /// response of this `Content-Type`; `None` when no policy wants it, so
+    /// the body streams as usual.
+    pub fn body_limit(&self, content_type: &str) -> Option<u64> {
+        self.body_policies(content_type)
+            .filter_map(|p| p.settings.body.as_ref().map(|b| b.max))
+            .max()
+    }
+
+    fn body_policies<'a>(&'a self, content_type: &'a str) -> impl Iterator<Item = &'a Policy> {
+        self.policies
+            .iter()
+            .filter(|p| p.settings.has_on_body)
+            .filter(move |p| {
+                p.settings
+                    .body
+                    .as_ref()
+                    .is_some_and(|b| b.matches(content_type))
+            })
+            .map(|p| &**p)
+    }
+
+    /// [`PolicyChain::on_body`] on a policy thread (see
+    /// [`PolicyChain::run_on_request`]).
+    pub async fn run_on_body(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        mut req: RequestView,
+        mut resp: ResponseView,
+        body: Bytes,
+    ) -> (RequestView, BodyOutcome) {
+        if !self.has_on_body {
+            return (req, BodyOutcome::Unchanged);
+        }
+        let chain = self.clone();
+        let host = Arc::clone(host);
+        let ran = self
+            .threads
+            .run(move || {
+                let outcome = chain.on_body(&host, &mut req, &mut resp, body);
+                (req, outcome)
+            })
+            .await;
+        ran.unwrap_or_else(|_| (RequestView::default(), BodyOutcome::Deny))
+    }
+
+    /// Runs `on_body` of each policy whose `body-types` name the
+    /// response's `Content-Type`, in order, each on the body the previous
+    /// one left. A body over a policy's `body-max` skips that policy (and
+    /// the log says so); a failed `pass` policy's replacement is discarded;
+    /// a failed `deny` policy stops the chain with [`BodyOutcome::Deny`].
+    pub fn on_body(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        req: &mut RequestView,
+        resp: &mut ResponseView,
+        body: Bytes,
+    ) -> BodyOutcome {
+        let content_type = resp
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let mut current = body;
+        let mut replaced = false;
+        for policy in self.body_policies(&content_type) {
+            let Some(rule) = &policy.settings.body else {
+                continue;
+            };
+            if current.len() as u64 > rule.max {
+                tracing::info!(
+                    policy = &*policy.settings.name,
+                    url = %req.url,
+                    bytes = current.len(),
+                    body_max = rule.max,
+                    "body passes through this policy unchanged: larger than its body-max"
+                );
+                continue;
+            }
+            let mut ctx = CallCtx::new(
+                Hook::Body,
+                Arc::clone(host),
+                mem::take(req),
+                mem::take(resp),
+            );
+            ctx.body = current.clone();
+            // Room for a rewrite that lengthens every URL, bounded so a
+            // looping guest cannot make the host hold more.
+            ctx.body_out_cap = usize::try_from(rule.max.saturating_mul(2))
+                .unwrap_or(usize::MAX)
+                .saturating_add(64 * 1024);
+            let (ctx, result) = policy.run(ctx);
+            *req = ctx.req;
+            *resp = ctx.resp;
+            match result {
+                Ok(()) => {
+                    if let Some(out) = ctx.body_out {
+                        current = Bytes::from(out);
+                        replaced = true;
+                    }
+                }
+                Err(failure) => {
+                    log_failure(policy, Hook::Body, &failure);
+                    if policy.settings.on_error == OnError::Deny {
+                        return BodyOutcome::Deny;
+                    }
+                }
+            }
+        }
+        if replaced {
+            BodyOutcome::Replaced(current)
+        } else {
+            BodyOutcome::Unchanged
+        }
     }
 
     /// [`PolicyChain::on_request`] on a policy thread, so a hook that runs

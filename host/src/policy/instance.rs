@@ -87,6 +87,7 @@ struct Slot {
     version: TypedFunc<(), i32>,
     on_request: Option<TypedFunc<(), i32>>,
     on_response: Option<TypedFunc<(), i32>>,
+    on_body: Option<TypedFunc<(), i32>>,
     baseline: usize,
 }
 
@@ -113,6 +114,10 @@ pub(crate) struct Settings {
     pub(crate) memory_limit: usize,
     pub(crate) has_on_request: bool,
     pub(crate) has_on_response: bool,
+    /// Exports `on_body` (ABI version 2) and declares `body-types`.
+    pub(crate) has_on_body: bool,
+    /// The responses `on_body` receives.
+    pub(crate) body: Option<crate::config::BodyRule>,
 }
 
 /// A loaded policy.
@@ -195,12 +200,18 @@ impl Policy {
         } else {
             None
         };
+        let on_body = if self.settings.has_on_body {
+            Some(instance.get_typed_func::<(), i32>(&mut store, "on_body")?)
+        } else {
+            None
+        };
         let baseline = memory.data_size(&store);
         Ok(Slot {
             store,
             version,
             on_request,
             on_response,
+            on_body,
             baseline,
         })
     }
@@ -259,6 +270,7 @@ impl Policy {
         let func = match hook {
             Hook::Request => slot.on_request.clone(),
             Hook::Response => slot.on_response.clone(),
+            Hook::Body => slot.on_body.clone(),
         };
         let Some(func) = func else {
             self.release(slot);

@@ -32,9 +32,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri};
 
-/// The ABI version this host speaks; guests export it as
-/// `cistern_abi_version`.
-pub const ABI_VERSION: i32 = 1;
+/// The newest ABI version this host speaks; guests export the one they
+/// were built for as `cistern_abi_version`.
+pub const ABI_VERSION: i32 = 2;
+
+/// The oldest ABI version this host still runs: version-1 guests work
+/// unchanged (version 2 only adds the opt-in `on_body` hook).
+pub const MIN_ABI_VERSION: i32 = 1;
 
 /// Largest body a policy may answer with directly.
 pub const MAX_DIRECT_BODY: usize = 64 * 1024;
@@ -149,6 +153,18 @@ pub struct ResponseDecision {
     /// A policy with `on-error="deny"` failed: the proxy answers 502 instead
     /// of this response.
     pub deny: bool,
+}
+
+/// What a chain's `on_body` hooks did with a response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyOutcome {
+    /// No policy replaced it (none matched, each left it, or each failed
+    /// with `on-error="pass"`).
+    Unchanged,
+    /// The body to store and serve instead.
+    Replaced(Bytes),
+    /// A policy with `on-error="deny"` failed: answer 502.
+    Deny,
 }
 
 /// Whether the replica store holds a key.
@@ -317,9 +333,20 @@ pub enum PolicyError {
         /// What is wrong.
         reason: String,
     },
+    /// The declaration's `body-types` and the module's `on_body` export
+    /// disagree: one without the other would do nothing.
+    #[error("policy `{policy}` ({origin}): {reason}")]
+    BodyHook {
+        /// The policy.
+        policy: String,
+        /// Its file or built-in name.
+        origin: String,
+        /// What is missing.
+        reason: String,
+    },
     /// The module was built for another ABI version.
     #[error(
-        "policy `{policy}` ({origin}): built for policy ABI version {found}, but this host speaks version {expected}; rebuild it against a guest SDK for version {expected}"
+        "policy `{policy}` ({origin}): built for policy ABI version {found}, but this host speaks versions {MIN_ABI_VERSION} to {expected}; rebuild it against a guest SDK for version {expected}"
     )]
     VersionMismatch {
         /// The policy.

@@ -7,7 +7,7 @@ use kdl::{KdlEntry, KdlNode};
 use miette::SourceSpan;
 
 use super::top::Top;
-use super::walker::{Cx, Rule, Shape, many};
+use super::walker::{Cx, Rule, Shape, many, once};
 use crate::config::model::*;
 
 /// Default policy wall-clock budget per hook call.
@@ -17,7 +17,22 @@ const DEFAULT_POLICY_MEMORY: u64 = 16 << 20;
 /// One WebAssembly page: no module can run with less.
 const WASM_PAGE: u64 = 64 << 10;
 
-const POLICY: &[Rule<Vec<(String, String)>>] = &[many("param", policy_param)];
+/// Default `body-max`: a large PyPI simple page or npm packument fits.
+const DEFAULT_BODY_MAX: u64 = 32 << 20;
+
+/// What a `policy` block's children declare.
+#[derive(Default)]
+struct PolicyChildren {
+    params: Vec<(String, String)>,
+    body_types: Option<Vec<String>>,
+    body_max: Option<(u64, SourceSpan)>,
+}
+
+const POLICY: &[Rule<PolicyChildren>] = &[
+    many("param", policy_param),
+    once("body-types", policy_body_types),
+    once("body-max", policy_body_max),
+];
 
 pub(super) fn policy(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
     let e = cx.entries(
@@ -87,8 +102,28 @@ pub(super) fn policy(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
             }
         }
     };
-    let mut params = Vec::new();
-    cx.children(node, POLICY, &mut params);
+    let mut children = PolicyChildren::default();
+    cx.children(node, POLICY, &mut children);
+    let PolicyChildren {
+        params,
+        body_types,
+        body_max,
+    } = children;
+    let body = match (body_types, body_max) {
+        (Some(types), max) => Some(BodyRule {
+            types,
+            max: max.map_or(DEFAULT_BODY_MAX, |(n, _)| n),
+        }),
+        (None, Some((_, span))) => {
+            cx.error(span, "`body-max` without `body-types` has nothing to cap")
+                .help = Some(
+                "name the media types whose bodies the policy rewrites: body-types \"text/html\""
+                    .to_owned(),
+            );
+            None
+        }
+        (None, None) => None,
+    };
     let Some(name) = name else { return };
     let span = e.arg(0).map_or(node.name().span(), KdlEntry::span);
     if !cx.declare(&mut top.policy_names, "policy", name, span) {
@@ -107,6 +142,7 @@ pub(super) fn policy(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         deadline,
         memory_limit,
         params,
+        body,
     });
 }
 
@@ -128,12 +164,60 @@ fn policy_source(cx: &mut Cx<'_>, entry: &KdlEntry) -> Option<PolicySource> {
     Some(PolicySource::File(path))
 }
 
-fn policy_param(cx: &mut Cx<'_>, node: &KdlNode, params: &mut Vec<(String, String)>) {
+fn policy_param(cx: &mut Cx<'_>, node: &KdlNode, children: &mut PolicyChildren) {
     let e = cx.entries(node, &Shape::leaf((2, 2), "param \"key\" \"value\""));
     let key = e.arg(0).and_then(|a| cx.string(e.name, a));
     let value = e.arg(1).and_then(|a| cx.string(e.name, a));
     if let (Some(k), Some(v)) = (key, value) {
-        params.push((k.to_owned(), v.to_owned()));
+        children.params.push((k.to_owned(), v.to_owned()));
+    }
+}
+
+/// `body-types "text/html" "application/json"`: media types, no
+/// parameters, each `type/subtype`.
+fn policy_body_types(cx: &mut Cx<'_>, node: &KdlNode, children: &mut PolicyChildren) {
+    let e = cx.entries(
+        node,
+        &Shape::leaf(
+            (1, usize::MAX),
+            "body-types \"text/html\" \"application/json\"",
+        ),
+    );
+    let mut types = Vec::new();
+    for arg in &e.args {
+        let Some(t) = cx.string(e.name, arg) else {
+            continue;
+        };
+        let valid = t.split_once('/').is_some_and(|(a, b)| {
+            let token = |s: &str| {
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&c))
+            };
+            token(a) && token(b)
+        });
+        if !valid {
+            cx.error(
+                arg.span(),
+                format!("`body-types`: {t:?} is not a media type (type/subtype, no parameters)"),
+            );
+            continue;
+        }
+        types.push(t.to_ascii_lowercase());
+    }
+    children.body_types = Some(types);
+}
+
+/// `body-max "32MiB"`: bodies above it pass through unchanged.
+fn policy_body_max(cx: &mut Cx<'_>, node: &KdlNode, children: &mut PolicyChildren) {
+    let e = cx.entries(node, &Shape::leaf((1, 1), "body-max \"32MiB\""));
+    let Some(arg) = e.arg(0) else { return };
+    match cx.size(e.name, arg) {
+        Some(0) => {
+            cx.error(arg.span(), "`body-max` must be more than 0 bytes");
+        }
+        Some(n) => children.body_max = Some((n, arg.span())),
+        None => {}
     }
 }
 
