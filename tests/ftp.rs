@@ -106,12 +106,17 @@ struct Got {
 }
 
 fn curl(proxy: &Cistern, url: &str) -> Got {
+    curl_with(proxy, url, &["-x", &format!("http://{}", proxy.addr)])
+}
+
+/// What curl got for `url`, with `args` (`-x PROXY` or none).
+fn curl_with(proxy: &Cistern, url: &str, args: &[&str]) -> Got {
     let dir = tempfile::tempdir().unwrap();
     let body = dir.path().join("body");
     let headers = dir.path().join("headers");
     let out = Command::new("curl")
-        .args(["-sS", "--max-time", "30", "-x"])
-        .arg(format!("http://{}", proxy.addr))
+        .args(["-sS", "--max-time", "30"])
+        .args(args)
         .arg("-o")
         .arg(&body)
         .arg("-D")
@@ -309,4 +314,53 @@ fn cut_ftp_transfer_resumes_with_rest() {
         "one REST within the first {cut} bytes: {commands:?}"
     );
     assert_eq!(ftp.count("RETR"), 2, "{commands:?}");
+}
+
+#[test]
+fn ftp_mirror_upstream_is_served_and_cached() {
+    if !have_curl() {
+        return skip("curl is not installed");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (root, data) = tree(dir.path(), 100_000);
+    let Some(ftp) = FtpServer::start(dir.path(), &root, 0) else {
+        return skip("pyftpdlib is not installed (python3 -m pip install pyftpdlib)");
+    };
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{
+    root "{{ROOT}}"
+}}
+mirror "pub" {{
+    prefix "/pub/"
+    upstream "ftp://127.0.0.1:{}/"
+}}
+"#,
+        ftp.port
+    );
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    let url = format!("http://{}/pub/file.bin", cistern.addr);
+    let first = curl_with(&cistern, &url, &[]);
+    assert_eq!(
+        first.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    assert!(first.body == data);
+    access_lines(&cistern, "/pub/file.bin", 1);
+    let second = curl_with(&cistern, &url, &[]);
+    assert!(second.body == data);
+    assert_eq!(ftp.count("RETR"), 1, "{:?}", ftp.commands());
+    let replica = cistern
+        .root
+        .join(format!("127.0.0.1:{}", ftp.port))
+        .join("file.bin");
+    assert!(replica.is_file(), "{}", replica.display());
+    let index = curl_with(&cistern, &format!("http://{}/pub/", cistern.addr), &[]);
+    assert_eq!(index.status, 200);
+    assert!(String::from_utf8_lossy(&index.body).contains("href=\"file.bin\""));
+    let missing = curl_with(&cistern, &format!("http://{}/pub/nope", cistern.addr), &[]);
+    assert_eq!(missing.status, 404);
 }
