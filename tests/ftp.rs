@@ -222,6 +222,28 @@ fn ftp_file_is_served_cached_and_listed() {
         replica.display()
     );
 
+    // A client that wants it checked: If-Modified-Since, answered from
+    // MDTM with a 304, and still no second RETR.
+    let checked = curl_with(
+        &cistern,
+        &ftp.url("/file.bin"),
+        &[
+            "-x",
+            &format!("http://{}", cistern.addr),
+            "-H",
+            "Cache-Control: no-cache",
+        ],
+    );
+    assert_eq!(checked.status, 200);
+    assert!(checked.body == data);
+    assert_eq!(
+        ftp.count("MDTM"),
+        2,
+        "revalidated with MDTM: {:?}",
+        ftp.commands()
+    );
+    assert_eq!(ftp.count("RETR"), 1, "{:?}", ftp.commands());
+
     let index = curl(&cistern, &ftp.url("/"));
     assert_eq!(index.status, 200);
     let html = String::from_utf8_lossy(&index.body);

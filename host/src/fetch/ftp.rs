@@ -443,9 +443,12 @@ fn stream_body(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
     tokio::spawn(async move {
         let mut left = length;
+        // One buffer, split off as each chunk goes: no allocation per
+        // chunk once it has grown.
+        let mut buf = bytes::BytesMut::with_capacity(CHUNK);
         while left > 0 {
-            let mut buf = vec![0u8; CHUNK.min(left as usize)];
-            match transfer.read(&mut buf).await {
+            buf.reserve(CHUNK);
+            match transfer.read_buf(&mut buf).await {
                 Ok(0) => {
                     let _ = tx
                         .send(Err(std::io::Error::new(
@@ -456,9 +459,9 @@ fn stream_body(
                     return;
                 }
                 Ok(n) => {
-                    buf.truncate(n);
-                    left -= n as u64;
-                    if tx.send(Ok(Frame::data(Bytes::from(buf)))).await.is_err() {
+                    left = left.saturating_sub(n as u64);
+                    let chunk = buf.split().freeze();
+                    if tx.send(Ok(Frame::data(chunk))).await.is_err() {
                         // The reader went away: the transfer is dropped.
                         return;
                     }
