@@ -386,3 +386,21 @@ mirror "pub" {{
     let missing = curl_with(&cistern, &format!("http://{}/pub/nope", cistern.addr), &[]);
     assert_eq!(missing.status, 404);
 }
+
+#[test]
+fn ftp_to_cisterns_own_listener_is_refused() {
+    if !have_curl() {
+        return skip("curl is not installed");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let config = format!("{CONFIG}admin {{\n    listen \"127.0.0.1:{admin}\"\n}}\n");
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    let got = curl(&cistern, &format!("ftp://127.0.0.1:{admin}/x"));
+    assert_eq!(got.status, 403, "{}", String::from_utf8_lossy(&got.body));
+    assert!(
+        String::from_utf8_lossy(&got.body).contains("never proxies to itself"),
+        "{}",
+        String::from_utf8_lossy(&got.body)
+    );
+}
