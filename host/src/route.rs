@@ -239,8 +239,8 @@ impl Router {
             return Route::Invalid("no host");
         };
         if absolute_form {
-            if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-                return Route::Invalid("only http and https URLs can be proxied");
+            if scheme != Scheme::HTTP && scheme != Scheme::HTTPS && scheme.as_str() != "ftp" {
+                return Route::Invalid("only http, https and ftp URLs can be proxied");
             }
             return Route::Forward(uri.clone());
         }
@@ -297,7 +297,11 @@ fn is_ours(
     local: SocketAddr,
     names: &[ServerName],
 ) -> bool {
-    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let default_port = match scheme.as_str() {
+        "https" => 443,
+        "ftp" => 21,
+        _ => 80,
+    };
     let port = authority.port_u16().unwrap_or(default_port);
     crate::ours::names_listener(authority.host(), port, local, names)
 }
@@ -446,6 +450,13 @@ mod tests {
             (
                 Method::GET,
                 "ftp://example.org/a",
+                None,
+                Version::HTTP_11,
+                "forward",
+            ),
+            (
+                Method::GET,
+                "gopher://example.org/a",
                 None,
                 Version::HTTP_11,
                 "invalid",

@@ -401,7 +401,7 @@ fn bad_configs_are_refused_with_positions() {
         ("forward {\n    connect-ports 70000\n}", &[(2, 19, "70000 is out of range")]),
         // Mirrors.
         ("mirror \"d\" {\n    upstream \"http://h:0/d/\"\n}", &[(2, 14, "has port 0")]),
-        ("mirror \"d\" {\n    upstream \"ftp://h/d/\"\n}", &[(2, 14, "uses ftp: only http and https are supported")]),
+        ("mirror \"d\" {\n    upstream \"gopher://h/d/\"\n}", &[(2, 14, "uses gopher: only http, https and ftp are supported")]),
         ("mirror \"d\" {\n    upstream \"deb.debian.org/debian\"\n}", &[(2, 14, "has no scheme")]),
         ("mirror \"d\" {\n    upstream \"http://u:p@h/d/\"\n}", &[(2, 14, "carries credentials")]),
         ("mirror \"d\" {\n    upstream \"http://h/d/?x=1\"\n}", &[(2, 14, "has a query")]),

@@ -33,6 +33,7 @@ pub mod confine;
 mod error;
 mod failover;
 mod fill;
+pub mod ftp;
 mod headers;
 pub mod mirror;
 mod permits;

@@ -63,6 +63,9 @@ pub struct UpstreamClient {
     /// (`Upgrade`, e.g. WebSocket): HTTP/2 has no `Upgrade`, and an
     /// upgraded connection never goes back to a pool.
     upgrades: Pooled,
+    /// `ftp://` URLs, answered by the in-process FTP gateway
+    /// ([`super::ftp`]); unpooled, each request its own FTP session.
+    ftp: Client<super::ftp::FtpConnector, UpstreamBody>,
     own: Arc<OwnSockets>,
     /// Our hop, added to `Via` on every request sent.
     via: Arc<ViaHop>,
@@ -120,6 +123,12 @@ impl UpstreamClient {
             .expect("ring supports the default protocol versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
+        let ftp = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(super::ftp::FtpConnector {
+                own: own.clone(),
+                connect_timeout: timeouts.connect,
+            });
         let http = GuardedConnector {
             own: own.clone(),
             connect_timeout: timeouts.connect,
@@ -155,6 +164,7 @@ impl UpstreamClient {
             client,
             fresh,
             upgrades,
+            ftp,
             own,
             via,
         })
@@ -178,6 +188,9 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         req.headers_mut()
             .append(http::header::VIA, self.via.value());
+        if is_ftp(req.uri()) {
+            return self.ftp.request(req).await;
+        }
         self.client.request(req).await
     }
 
@@ -188,6 +201,9 @@ impl UpstreamClient {
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         req.headers_mut()
             .append(http::header::VIA, self.via.value());
+        if is_ftp(req.uri()) {
+            return self.ftp.request(req).await;
+        }
         self.fresh.request(req).await
     }
 
@@ -202,6 +218,12 @@ impl UpstreamClient {
             .append(http::header::VIA, self.via.value());
         self.upgrades.request(req).await
     }
+}
+
+/// Whether `uri` is an `ftp://` URL, sent to the FTP gateway.
+fn is_ftp(uri: &Uri) -> bool {
+    uri.scheme_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("ftp"))
 }
 
 /// Whether `error` is an upstream connection closed after the request

@@ -1,11 +1,13 @@
 //! Normalising URLs into cache keys (RFC 3986 section 6.2.2).
 //!
 //! A key is `scheme://host:port/path?query` where
-//! - the scheme is `http` or `https`, lower case;
+//! - the scheme is `http`, `https` or `ftp` (the forward proxy's FTP
+//!   gateway), lower case;
 //! - the host is lower case (IPv6 literals keep their brackets); user
 //!   information is dropped, it is never part of what a server sees as the
 //!   resource;
-//! - the port is always written (80 for http, 443 for https by default);
+//! - the port is always written (80 for http, 443 for https, 21 for ftp by
+//!   default);
 //! - in the path and query, `%xx` escapes use upper-case hex, escapes of
 //!   unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded, a `%` that
 //!   starts no escape becomes `%25`, and any byte that is neither unreserved
@@ -72,7 +74,7 @@ pub enum PathError {
     #[error("not an absolute http(s) URL")]
     NotAbsolute,
     /// The URL's scheme is neither `http` nor `https`.
-    #[error("unsupported scheme {0:?}, only http and https are cached")]
+    #[error("unsupported scheme {0:?}, only http, https and ftp are cached")]
     Scheme(String),
     /// The host is empty or holds characters no host name has.
     #[error("invalid host {0:?}")]
@@ -108,6 +110,9 @@ pub(crate) fn normalize(uri: &http::Uri) -> Result<String, PathError> {
         ("http", 80)
     } else if scheme.eq_ignore_ascii_case("https") {
         ("https", 443)
+    } else if scheme.eq_ignore_ascii_case("ftp") {
+        // ftp:// through the forward proxy's FTP gateway (fetch/ftp.rs).
+        ("ftp", 21)
     } else {
         return Err(PathError::Scheme(scheme.to_ascii_lowercase()));
     };
@@ -156,6 +161,7 @@ pub(crate) fn split(key: &str) -> Result<KeyParts<'_>, PathError> {
     let rest = key
         .strip_prefix("http://")
         .or_else(|| key.strip_prefix("https://"))
+        .or_else(|| key.strip_prefix("ftp://"))
         .ok_or(PathError::NotAbsolute)?;
     let slash = rest.find('/').ok_or(PathError::NotAbsolute)?;
     let (authority, path_query) = rest.split_at(slash);
@@ -397,9 +403,14 @@ mod tests {
     #[test]
     fn non_http_is_refused() {
         assert!(matches!(
-            norm("ftp://example.org/a"),
+            norm("gopher://example.org/a"),
             Err(PathError::Scheme(_))
         ));
+        // ftp:// is keyed like http, with its default port written.
+        assert_eq!(
+            norm("FTP://Example.org/pub/a").ok().as_deref(),
+            Some("ftp://example.org:21/pub/a")
+        );
         assert!(matches!(norm("/just/a/path"), Err(PathError::NotAbsolute)));
     }
 

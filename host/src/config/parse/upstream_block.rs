@@ -218,8 +218,9 @@ fn upstream_url(text: &str) -> Result<Uri, String> {
     }
     let uri: Uri = text.parse().map_err(|e| format!("is not a URL ({e})"))?;
     let scheme = match uri.scheme() {
-        Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
-        Some(s) => return Err(format!("uses {s}: only http and https are supported")),
+        // ftp:// goes through the FTP gateway (fetch/ftp.rs), anonymously.
+        Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS || s.as_str() == "ftp" => s.clone(),
+        Some(s) => return Err(format!("uses {s}: only http, https and ftp are supported")),
         None => return Err("has no scheme: start it with http:// or https://".to_owned()),
     };
     let authority: Authority = match uri.authority() {
