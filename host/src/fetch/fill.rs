@@ -427,6 +427,7 @@ impl Inner {
             written: start,
             // Hash while streaming; a resumed fill hashes the whole file at the end.
             hasher: (start == 0).then(Sha256::new),
+            from_peer: is_peer(job, &url),
         };
         // The full length: announced by the head, or learnt from a resume's
         // `Content-Range`.
@@ -495,6 +496,7 @@ impl Inner {
                     Some((resp, from)) => {
                         if from != url {
                             url_s = from.to_string();
+                            sink.from_peer = is_peer(job, &from);
                             url = from;
                         }
                         ends_at_close = close_delimited(&resp);
@@ -794,6 +796,15 @@ impl Inner {
 /// representation that the store can take as a partial from byte 0: its
 /// `Content-Range` starts at 0 and names the full length, and either it
 /// is the whole or a strong validator lets the rest be joined to it.
+/// Whether `url` is a peer request of the job's fleet (for the byte
+/// counters).
+fn is_peer(job: &FillJob, url: &Uri) -> bool {
+    job.settings
+        .fleet
+        .as_ref()
+        .is_some_and(|f| f.is_peer_url(url))
+}
+
 fn first_part(headers: &HeaderMap) -> bool {
     let Some(range) = headers.typed_get::<headers::ContentRange>() else {
         return false;
