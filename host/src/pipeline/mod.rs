@@ -3,7 +3,8 @@
 //! (`cached`: look in the replica, join or start a fill, serve stale when
 //! allowed), or a pass-through (`passthrough`); a redirecting mirror's
 //! 302s and mirror lists are `redirect`; every answer Cistern makes
-//! itself is in `answers`. `handle` wraps each response for the access
+//! itself is in `answers`; `peer` admits the requests of the fleet's
+//! other nodes (`cluster`). `handle` wraps each response for the access
 //! log and the counters.
 
 mod answers;
