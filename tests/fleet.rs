@@ -25,7 +25,14 @@ struct Fleet {
     _dirs: Vec<tempfile::TempDir>,
 }
 
-fn config(origin: &Origin, node: &str, ip: &str, port: u16, admin: u16, root: &Path) -> String {
+fn config(
+    origin: &Origin,
+    node: &str,
+    ip: &str,
+    (port, admin): (u16, u16),
+    root: &Path,
+    extra: &str,
+) -> String {
     let peers: String = NODES
         .iter()
         .enumerate()
@@ -47,6 +54,7 @@ mirror "files" {{
 cluster {{
     node "{node}"
 {peers}    secret "{SECRET}"
+    {extra}
 }}
 "#,
         origin = origin.addr,
@@ -55,6 +63,11 @@ cluster {{
 }
 
 fn start_fleet(origin: &Origin) -> Fleet {
+    start_fleet_with(origin, "")
+}
+
+/// [`start_fleet`] with `extra` added to every node's `cluster` block.
+fn start_fleet_with(origin: &Origin, extra: &str) -> Fleet {
     let port = common::free_port();
     let admin_port = common::free_port();
     let mut nodes = Vec::new();
@@ -64,7 +77,7 @@ fn start_fleet(origin: &Origin) -> Fleet {
         let ip = format!("127.0.0.{}", i + 1);
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("replica");
-        let text = config(origin, name, &ip, port, admin_port, &root);
+        let text = config(origin, name, &ip, (port, admin_port), &root, extra);
         std::fs::write(dir.path().join("config.kdl"), text).unwrap();
         let log = std::fs::File::create(dir.path().join("cistern.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cistern"))
@@ -254,4 +267,33 @@ async fn a_killed_peer_is_skipped_and_its_keys_come_from_the_origin() {
     // A file c owns, asked again through a: c is skipped at once.
     let up = fleet.metric(0, "cistern_peer_up").await;
     assert_eq!(up, 1, "b is up, c is down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_store_on_owner_only_the_owner_keeps_the_file() {
+    const SIZE: usize = 256 * 1024;
+    let origin = Origin::start().await;
+    let body = pattern(21, SIZE);
+    let want = sha(&body);
+    origin.put("/once.bin", Resource::new(body));
+    let fleet = start_fleet_with(&origin, "store-on \"owner\"");
+    let mut hits = 0;
+    for round in 0..2 {
+        for i in 0..3 {
+            let got = get(fleet.addr(i), "/files/once.bin").await;
+            assert_eq!(got.status, 200);
+            assert_eq!(sha(got.bytes()), want, "round {round}, node {i}");
+            if round == 1 && got.header("cache-status") == "cistern; hit" {
+                hits += 1;
+            }
+        }
+    }
+    assert_eq!(hits, 1, "only the owner kept the file");
+    assert_eq!(origin.hits("/once.bin"), 1);
+    let mut peer_bytes = 0;
+    for i in 0..3 {
+        peer_bytes += fleet.metric(i, "cistern_peer_bytes_total").await;
+    }
+    // Two non-owners, each served it twice through the owner.
+    assert_eq!(peer_bytes, 4 * SIZE as u64);
 }

@@ -71,6 +71,22 @@ pub struct ClusterConfig {
     pub secret: String,
     /// How long a failing peer is skipped (`peer-down`).
     pub peer_down: Duration,
+    /// Which nodes keep a copy of what they fill from the owner
+    /// (`store-on`).
+    pub store_on: StoreOn,
+}
+
+/// `store-on` of a cluster: where a file filled from its owner is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StoreOn {
+    /// Every node that serves it keeps its own copy (`"every"`): the next
+    /// request there is a local hit.
+    #[default]
+    Every,
+    /// Only the owner keeps it (`"owner"`): the others stream it through
+    /// and ask the owner again next time, so the fleet's disks hold each
+    /// file once.
+    Owner,
 }
 
 /// One `peer "name" "http://host:port"` of a cluster.

@@ -821,6 +821,11 @@ fn cluster_names_this_node_its_peers_and_a_secret() {
     assert_eq!(c.peers.len(), 2);
     assert_eq!(c.peers[1].url, "http://10.0.0.2:8080/");
     assert_eq!(c.peer_down, Duration::from_secs(60));
+    assert_eq!(c.store_on, StoreOn::Every);
+    let owner = ok(
+        r#"cluster { node "a"; peer "b" "http://h:1"; secret "0123456789abcdef"; store-on "owner"; }"#,
+    );
+    assert_eq!(owner.cluster.unwrap().store_on, StoreOn::Owner);
     assert_eq!(ok("").cluster, None);
     let refused = [
         // No secret, a short one, no node, no other peer, a path, https,
@@ -832,6 +837,7 @@ fn cluster_names_this_node_its_peers_and_a_secret() {
         r#"cluster { node "a"; peer "b" "http://h:1/x"; secret "0123456789abcdef"; }"#,
         r#"cluster { node "a"; peer "b" "https://h:1"; secret "0123456789abcdef"; }"#,
         r#"cluster { node "a"; peer "b" "http://h:1"; peer "b" "http://h:2"; secret "0123456789abcdef"; }"#,
+        r#"cluster { node "a"; peer "b" "http://h:1"; secret "0123456789abcdef"; store-on "all"; }"#,
     ];
     for text in refused {
         assert_eq!(problems(text).len(), 1, "{text}: {:?}", problems(text));

@@ -565,6 +565,7 @@ impl Inner {
             partial,
             written,
             hasher,
+            from_peer,
             ..
         } = sink;
         if let Some(total) = total
@@ -582,6 +583,24 @@ impl Inner {
             tracing::info!(target: "cistern::fetch", key = %job.key, url = %url_s, status = meta.status, bytes = written,
                 "not stored: the body of a response kept aside may be up to {} bytes", cache::MAX_ASIDE_BODY);
             self.metrics.store_refusal();
+            drop(partial);
+            let k = job.key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            fill.state.send_replace(FillState::Unverified {
+                head,
+                length: written,
+            });
+            return Ok(());
+        }
+        if from_peer
+            && job
+                .settings
+                .fleet
+                .as_ref()
+                .is_some_and(|f| !f.stores_peer_fills())
+        {
+            // `store-on "owner"`: the owner keeps the file; this node
+            // served it through and asks the owner again next time.
             drop(partial);
             let k = job.key.clone();
             self.blocking(move |s| s.discard_partial(&k)).await?;

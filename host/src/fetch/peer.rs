@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderName, HeaderValue, Uri};
 
 use crate::clock::Clock;
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, StoreOn};
 
 use super::mirror::{hash, mix};
 
@@ -48,6 +48,7 @@ pub struct Fleet {
     secret: HeaderValue,
     peers: Vec<Peer>,
     down_for: Duration,
+    store_on: StoreOn,
     clock: Clock,
 }
 
@@ -117,6 +118,7 @@ impl Fleet {
                 })
                 .collect(),
             down_for: config.peer_down,
+            store_on: config.store_on,
             clock: clock.clone(),
         }
     }
@@ -132,6 +134,11 @@ impl Fleet {
         let Some(p) = presented else { return false };
         let (a, b) = (p.as_bytes(), self.secret.as_bytes());
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// Whether a file filled from its owner is kept here too (`store-on`).
+    pub(super) fn stores_peer_fills(&self) -> bool {
+        self.store_on == StoreOn::Every
     }
 
     /// The secret, for the requests this node sends its peers.
@@ -237,6 +244,7 @@ mod tests {
             peers,
             secret: "0123456789abcdef".to_owned(),
             peer_down: Duration::from_secs(30),
+            store_on: StoreOn::Every,
         };
         Fleet::new(&config, &Clock::default())
     }

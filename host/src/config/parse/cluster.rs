@@ -15,6 +15,7 @@ struct ClusterDraft {
     peers: Vec<PeerConfig>,
     secret: Option<String>,
     peer_down: Option<std::time::Duration>,
+    store_on: StoreOn,
     /// A `node` or `secret` node was there, valid or not: a bad one is
     /// reported already and must not also read as missing.
     saw_node: bool,
@@ -30,6 +31,7 @@ const CLUSTER: &[Rule<ClusterDraft>] = &[
     once("peer-down", |cx, n, d| {
         d.peer_down = duration_node(cx, n, false)
     }),
+    once("store-on", cluster_store_on),
 ];
 
 /// The shortest secret accepted: it is all that keeps clients off the
@@ -76,6 +78,7 @@ pub(super) fn cluster(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         peers: d.peers,
         secret,
         peer_down: d.peer_down.unwrap_or(DEFAULT_PEER_DOWN),
+        store_on: d.store_on,
     });
 }
 
@@ -163,4 +166,26 @@ fn cluster_secret(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ClusterDraft) {
         return;
     }
     d.secret = Some(text.to_owned());
+}
+
+/// `store-on "every" | "owner"`.
+fn cluster_store_on(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ClusterDraft) {
+    let e = cx.entries(
+        node,
+        &Shape::leaf((1, 1), "store-on \"every\"  // or \"owner\""),
+    );
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    d.store_on = match text {
+        "every" => StoreOn::Every,
+        "owner" => StoreOn::Owner,
+        other => {
+            cx.error(arg.span(), format!("`store-on`: unknown value {other:?}"))
+                .help =
+                Some("store-on \"every\" (every node keeps a copy) or \"owner\"".to_owned());
+            return;
+        }
+    };
 }
