@@ -31,8 +31,9 @@ use super::mirror::{hash, mix};
 /// The path prefix of peer requests.
 pub const PEER_PATH: &str = "/_cistern/peer/";
 
-/// The header that carries the cluster secret on peer requests.
-pub const SECRET_HEADER: HeaderName = HeaderName::from_static("cistern-peer-secret");
+/// The header that carries the cluster secret on peer requests (kept in
+/// `credentials`, which redacts it in logs).
+pub use crate::credentials::PEER_SECRET_HEADER as SECRET_HEADER;
 
 /// The header on a refusal of a peer request, so the asking node tells
 /// it from an upstream's own 403.
