@@ -205,7 +205,8 @@ impl Fleet {
 }
 
 impl Peer {
-    /// The URL of the peer request for `target`.
+    /// The URL of the peer request for `target`, counting the request as
+    /// asked of this peer.
     pub(super) fn url(&self, target: &str) -> Result<Uri, http::uri::InvalidUri> {
         self.asked.fetch_add(1, Ordering::Relaxed);
         format!("{}{PEER_PATH}{target}", self.base).parse()
