@@ -93,14 +93,20 @@ pub fn apply<B>(req: &mut Request<B>) {
 pub const CREDENTIAL_HEADERS: [HeaderName; 2] =
     [header::AUTHORIZATION, header::PROXY_AUTHORIZATION];
 
+/// The header that carries a fleet's secret on peer requests (`cluster`).
+pub const PEER_SECRET_HEADER: HeaderName = HeaderName::from_static("cistern-peer-secret");
+
 /// Headers whose values are secrets: never written to a log.
 fn is_secret(name: &HeaderName) -> bool {
-    CREDENTIAL_HEADERS.contains(name) || name == header::COOKIE || name == header::SET_COOKIE
+    CREDENTIAL_HEADERS.contains(name)
+        || name == header::COOKIE
+        || name == header::SET_COOKIE
+        || name == PEER_SECRET_HEADER
 }
 
 /// A header map for the log: like its `Debug`, but the values of
-/// `Authorization`, `Proxy-Authorization`, `Cookie` and `Set-Cookie` are
-/// replaced by `[redacted]`.
+/// `Authorization`, `Proxy-Authorization`, `Cookie`, `Set-Cookie` and
+/// `Cistern-Peer-Secret` are replaced by `[redacted]`.
 pub struct Redacted<'a>(pub &'a HeaderMap);
 
 impl fmt::Debug for Redacted<'_> {
@@ -206,9 +212,11 @@ mod tests {
             HeaderValue::from_static("Basic dTpw"),
         );
         h.insert(header::COOKIE, HeaderValue::from_static("sid=42"));
+        h.insert(PEER_SECRET_HEADER, HeaderValue::from_static("fleet-42"));
         h.insert(header::ACCEPT, HeaderValue::from_static("text/plain"));
         let text = format!("{:?}", Redacted(&h));
         assert!(!text.contains("dTpw") && !text.contains("sid"), "{text}");
+        assert!(!text.contains("fleet-42"), "{text}");
         assert!(text.contains("\"authorization\": [redacted]"), "{text}");
         assert!(text.contains("\"accept\": \"text/plain\""), "{text}");
     }

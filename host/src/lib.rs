@@ -61,8 +61,10 @@
 //!   weighted choice per file and the health; `mirror/alternatives` the
 //!   order described to Metalink clients), `redirect` (the files a
 //!   redirecting mirror keeps serving), `probe` (active health
-//!   probes on the engine clock), `upstream` (the HTTP client), `ftp` (the
-//!   gateway that answers the client's `ftp://` requests over FTP), `confine` (keeping paths below
+//!   probes on the engine clock), `peer` (the fleet of `cluster`: key owners
+//!   by rendezvous hash, peer health), `upstream` (the HTTP client), `ftp`
+//!   (the gateway that answers the client's `ftp://` requests over FTP),
+//!   `confine` (keeping paths below
 //!   an upstream's base).
 //! - [`serve`]: answers a request from a replica file (complete or still
 //!   filling): ranges, conditionals, `Age`, digests; `serve/metalink.rs`

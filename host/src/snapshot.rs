@@ -82,6 +82,10 @@ impl Snapshot {
             limits: limits.clone(),
             fill_caps: crate::fetch::FillCaps::from_config(&config.limits),
             orphan_rules: config.limits.orphans,
+            fleet: config
+                .cluster
+                .as_ref()
+                .map(|c| Arc::new(crate::fetch::peer::Fleet::new(c, fetch.clock()))),
         };
         let policy_host: Arc<dyn PolicyHost> =
             Arc::new(ProxyPolicyHost::new(fetch.clone(), limits.clone()));

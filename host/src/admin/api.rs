@@ -167,6 +167,29 @@ pub fn downloads(proxy: &Proxy) -> Vec<Download> {
     fills.iter().filter_map(|f| download(f, &snap)).collect()
 }
 
+/// The fleet (`/api/peers`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Peers {
+    /// This node's name, `None` without a `cluster` block.
+    pub node: Option<String>,
+    /// The other nodes' state, in config order.
+    pub peers: Vec<crate::fetch::peer::PeerHealth>,
+}
+
+/// Builds `/api/peers`.
+pub fn peers(snap: &Snapshot) -> Peers {
+    match &snap.settings.fleet {
+        Some(f) => Peers {
+            node: Some(f.node().to_owned()),
+            peers: f.health(),
+        },
+        None => Peers {
+            node: None,
+            peers: Vec::new(),
+        },
+    }
+}
+
 /// One mirror set (`/api/mirrors`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Mirror {

@@ -20,6 +20,7 @@
 //! | `/api/replica?path=DIR&offset=N&limit=N` | one directory of the replica |
 //! | `/api/downloads` | fills in progress |
 //! | `/api/mirrors` | mirror sets and their upstreams' health |
+//! | `/api/peers` | the fleet (`cluster`): this node's name and its peers' state |
 //! | `/api/policies` | policy call, failure and latency counters |
 //! | `/api/redirects` | redirect-mode counters per day, mirror, upstream and file |
 
@@ -122,6 +123,7 @@ impl Admin {
             "/api/status" => json(&self.status()),
             "/api/downloads" => json(&api::downloads(&self.proxy)),
             "/api/mirrors" => json(&api::mirrors(&self.proxy.snapshot())),
+            "/api/peers" => json(&api::peers(&self.proxy.snapshot())),
             "/api/policies" => json(&api::policies(&self.proxy.snapshot())),
             "/api/redirects" => json(&api::redirects(&self.proxy)),
             "/api/replica" => match self.listing(&query).await {
@@ -291,6 +293,7 @@ impl Admin {
             engine.in_progress().len(),
         );
         prometheus::write_fill_caps(&mut w, &engine.fill_permits());
+        prometheus::write_peers(&mut w, &api::peers(&snap).peers);
 
         let policies = snap.policies.stats();
         w.family(

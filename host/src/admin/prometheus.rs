@@ -94,6 +94,41 @@ pub fn write_store_health(w: &mut PromWriter, h: &crate::store::StoreHealth) {
     );
 }
 
+/// Writes the state of the fleet's peers (`cluster`).
+pub fn write_peers(w: &mut PromWriter, peers: &[crate::fetch::peer::PeerHealth]) {
+    if peers.is_empty() {
+        return;
+    }
+    w.family(
+        "cistern_peer_up",
+        Kind::Gauge,
+        "1 while a peer of the fleet is asked for the keys it owns, 0 while it is skipped after a failure (`peer-down`).",
+    );
+    for p in peers {
+        w.sample("cistern_peer_up", &[("peer", &p.name)], u64::from(!p.down));
+    }
+    w.family(
+        "cistern_peer_requests_total",
+        Kind::Counter,
+        "Fill requests sent to a peer of the fleet.",
+    );
+    for p in peers {
+        w.sample("cistern_peer_requests_total", &[("peer", &p.name)], p.asked);
+    }
+    w.family(
+        "cistern_peer_failures_total",
+        Kind::Counter,
+        "Fill requests to a peer that failed (no connection, timeout, 5xx, refused); each fill then went to the upstream.",
+    );
+    for p in peers {
+        w.sample(
+            "cistern_peer_failures_total",
+            &[("peer", &p.name)],
+            p.failed,
+        );
+    }
+}
+
 /// Writes the request-path counters.
 pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
     w.family(
@@ -123,6 +158,12 @@ pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
         Kind::Counter,
         "Body bytes received from upstreams by fills (pass-through bodies are not counted).",
         m.upstream_bytes,
+    );
+    w.single(
+        "cistern_peer_bytes_total",
+        Kind::Counter,
+        "Body bytes received by fills from the key's owner in the fleet (`cluster`) instead of an upstream.",
+        m.peer_bytes,
     );
     w.single(
         "cistern_upstream_requests_total",

@@ -110,6 +110,7 @@ impl Config {
             server_names: Vec::new(),
             node_id: None,
             targeted_field: http::HeaderName::from_static(DEFAULT_TARGETED_FIELD),
+            cluster: None,
         }
     }
 }

@@ -54,7 +54,52 @@ pub struct Config {
     /// RFC 9213), read before `CDN-Cache-Control` and `Cache-Control` and
     /// never forwarded downstream; lower case.
     pub targeted_field: http::HeaderName,
+    /// The fleet this Cistern belongs to (`cluster { … }`), if any.
+    pub cluster: Option<ClusterConfig>,
 }
+
+/// A fleet of Cisterns acting as one cache (`cluster { … }`): each cache
+/// key has one owner among the nodes, and the others fill from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This node's name (`node`).
+    pub node: String,
+    /// The other nodes (`peer NAME URL`); this node's own entry may be
+    /// among them, so one list serves every node.
+    pub peers: Vec<PeerConfig>,
+    /// The secret every peer request carries (`secret`).
+    pub secret: String,
+    /// How long a failing peer is skipped (`peer-down`).
+    pub peer_down: Duration,
+    /// Which nodes keep a copy of what they fill from the owner
+    /// (`store-on`).
+    pub store_on: StoreOn,
+}
+
+/// `store-on` of a cluster: where a file filled from its owner is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StoreOn {
+    /// Every node that serves it keeps its own copy (`"every"`): the next
+    /// request there is a local hit.
+    #[default]
+    Every,
+    /// Only the owner keeps it (`"owner"`): the others stream it through
+    /// and ask the owner again next time, so the fleet's disks hold each
+    /// file once.
+    Owner,
+}
+
+/// One `peer "name" "http://host:port"` of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Its node name.
+    pub name: String,
+    /// Its proxy listener, `http://host:port`.
+    pub url: http::Uri,
+}
+
+/// The default of [`ClusterConfig::peer_down`].
+pub const DEFAULT_PEER_DOWN: Duration = Duration::from_secs(30);
 
 /// The default of [`Config::targeted_field`].
 pub const DEFAULT_TARGETED_FIELD: &str = "cistern-cache-control";

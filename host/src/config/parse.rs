@@ -23,6 +23,7 @@ use super::error::{ConfigError, Problem};
 use super::model::Config;
 
 mod admin;
+mod cluster;
 mod forward;
 mod health;
 mod limit;

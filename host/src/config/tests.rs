@@ -865,3 +865,41 @@ policy "plain" path="builtin:distro""#);
         );
     }
 }
+
+#[test]
+fn cluster_names_this_node_its_peers_and_a_secret() {
+    let c = ok(r#"cluster {
+        node "a"
+        peer "a" "http://10.0.0.1:8080"
+        peer "b" "http://10.0.0.2:8080"
+        secret "0123456789abcdef"
+        peer-down "1m"
+    }"#)
+    .cluster
+    .expect("a cluster");
+    assert_eq!(c.node, "a");
+    assert_eq!(c.peers.len(), 2);
+    assert_eq!(c.peers[1].url, "http://10.0.0.2:8080/");
+    assert_eq!(c.peer_down, Duration::from_secs(60));
+    assert_eq!(c.store_on, StoreOn::Every);
+    let owner = ok(
+        r#"cluster { node "a"; peer "b" "http://h:1"; secret "0123456789abcdef"; store-on "owner"; }"#,
+    );
+    assert_eq!(owner.cluster.unwrap().store_on, StoreOn::Owner);
+    assert_eq!(ok("").cluster, None);
+    let refused = [
+        // No secret, a short one, no node, no other peer, a path, https,
+        // a name listed twice.
+        r#"cluster { node "a"; peer "b" "http://h:1"; }"#,
+        r#"cluster { node "a"; peer "b" "http://h:1"; secret "short"; }"#,
+        r#"cluster { peer "b" "http://h:1"; secret "0123456789abcdef"; }"#,
+        r#"cluster { node "a"; peer "a" "http://h:1"; secret "0123456789abcdef"; }"#,
+        r#"cluster { node "a"; peer "b" "http://h:1/x"; secret "0123456789abcdef"; }"#,
+        r#"cluster { node "a"; peer "b" "https://h:1"; secret "0123456789abcdef"; }"#,
+        r#"cluster { node "a"; peer "b" "http://h:1"; peer "b" "http://h:2"; secret "0123456789abcdef"; }"#,
+        r#"cluster { node "a"; peer "b" "http://h:1"; secret "0123456789abcdef"; store-on "all"; }"#,
+    ];
+    for text in refused {
+        assert_eq!(problems(text).len(), 1, "{text}: {:?}", problems(text));
+    }
+}

@@ -153,6 +153,47 @@ impl Upstreams {
 }
 
 impl Inner {
+    /// Asks the key's owner in the fleet, when that is a live peer; `None`
+    /// sends the fill to the upstream: no fleet, this node owns the key,
+    /// or the owner failed (marked down, so the next fills skip it).
+    async fn ask_owner(
+        &self,
+        job: &FillJob,
+        headers: &HeaderMap,
+    ) -> Option<(Response<Incoming>, Uri)> {
+        let fleet = job.settings.fleet.as_ref()?;
+        let target = job.peer_target.as_deref()?;
+        let super::peer::Owner::Peer(peer) = fleet.owner(job.key.as_str()) else {
+            return None;
+        };
+        let url = match peer.url(target) {
+            Ok(url) => url,
+            Err(e) => {
+                tracing::info!(target: "cistern::fetch", peer = %peer.name,
+                    "cannot ask the owner for {target:?}: {e}; filling from the upstream");
+                return None;
+            }
+        };
+        let mut req = build_request(Method::GET, &url, headers, empty_body());
+        req.headers_mut()
+            .insert(super::peer::SECRET_HEADER, fleet.secret().clone());
+        match self.send(req, &url, job.settings.idle).await {
+            Ok(resp) if resp.headers().contains_key(super::peer::REFUSED_HEADER) => {
+                fleet.failed(peer, "it refused the peer request (check `secret`)");
+                None
+            }
+            Ok(resp) if !resp.status().is_server_error() => Some((resp, url)),
+            Ok(resp) => {
+                fleet.failed(peer, &format!("status {}", resp.status()));
+                None
+            }
+            Err(e) => {
+                fleet.failed(peer, &error_chain(&e));
+                None
+            }
+        }
+    }
+
     /// Sends one request, bounded by the inactivity timeout, and counts it.
     /// An idempotent request without a body whose pooled connection the
     /// upstream closed before answering is sent once more on a new
@@ -205,6 +246,9 @@ impl Inner {
         job: &FillJob,
         headers: &HeaderMap,
     ) -> Result<(Response<Incoming>, Uri), FetchError> {
+        if let Some(answer) = self.ask_owner(job, headers).await {
+            return Ok(answer);
+        }
         self.failover(
             Method::GET,
             &job.upstreams,

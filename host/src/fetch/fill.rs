@@ -277,10 +277,14 @@ impl Inner {
         match rewrite {
             rewrite::Rewrite::Stream => {}
             rewrite::Rewrite::Prefix(read) => {
-                writing = self.write_prefix(fill, writing, read).await?
+                writing = self
+                    .write_prefix(fill, writing, read, is_peer(job, &url))
+                    .await?
             }
             rewrite::Rewrite::Replaced(body) => {
-                writing = self.write_prefix(fill, writing, vec![body]).await?;
+                writing = self
+                    .write_prefix(fill, writing, vec![body], is_peer(job, &url))
+                    .await?;
             }
         }
         self.stream(fill, job, resp, writing).await
@@ -492,6 +496,7 @@ impl Inner {
             written: start,
             // Hash while streaming; a resumed fill hashes the whole file at the end.
             hasher: (start == 0).then(Sha256::new),
+            from_peer: is_peer(job, &url),
         };
         // The full length: announced by the head, or learnt from a resume's
         // `Content-Range`.
@@ -560,6 +565,7 @@ impl Inner {
                     Some((resp, from)) => {
                         if from != url {
                             url_s = from.to_string();
+                            sink.from_peer = is_peer(job, &from);
                             url = from;
                         }
                         ends_at_close = close_delimited(&resp);
@@ -628,6 +634,7 @@ impl Inner {
             partial,
             written,
             hasher,
+            from_peer,
             ..
         } = sink;
         if let Some(total) = total
@@ -645,6 +652,24 @@ impl Inner {
             tracing::info!(target: "cistern::fetch", key = %job.key, url = %url_s, status = meta.status, bytes = written,
                 "not stored: the body of a response kept aside may be up to {} bytes", cache::MAX_ASIDE_BODY);
             self.metrics.store_refusal();
+            drop(partial);
+            let k = job.key.clone();
+            self.blocking(move |s| s.discard_partial(&k)).await?;
+            fill.state.send_replace(FillState::Unverified {
+                head,
+                length: written,
+            });
+            return Ok(());
+        }
+        if from_peer
+            && job
+                .settings
+                .fleet
+                .as_ref()
+                .is_some_and(|f| !f.stores_peer_fills())
+        {
+            // `store-on "owner"`: the owner keeps the file; this node
+            // served it through and asks the owner again next time.
             drop(partial);
             let k = job.key.clone();
             self.blocking(move |s| s.discard_partial(&k)).await?;
@@ -859,6 +884,15 @@ impl Inner {
 /// representation that the store can take as a partial from byte 0: its
 /// `Content-Range` starts at 0 and names the full length, and either it
 /// is the whole or a strong validator lets the rest be joined to it.
+/// Whether `url` is a peer request of the job's fleet (for the byte
+/// counters).
+fn is_peer(job: &FillJob, url: &Uri) -> bool {
+    job.settings
+        .fleet
+        .as_ref()
+        .is_some_and(|f| f.is_peer_url(url))
+}
+
 fn first_part(headers: &HeaderMap) -> bool {
     let Some(range) = headers.typed_get::<headers::ContentRange>() else {
         return false;

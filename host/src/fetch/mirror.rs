@@ -249,7 +249,7 @@ pub struct UpstreamHealth {
 /// FNV-1a over `bytes`, then a SplitMix64 finalizer so that nearby inputs
 /// land far apart; stable across builds and restarts (unlike std's
 /// hasher), so a file maps to the same upstream after a restart.
-fn hash(bytes: &[u8]) -> u64 {
+pub(super) fn hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
@@ -259,7 +259,7 @@ fn hash(bytes: &[u8]) -> u64 {
 }
 
 /// SplitMix64's finalizer.
-fn mix(mut z: u64) -> u64 {
+pub(super) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

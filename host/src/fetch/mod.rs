@@ -36,6 +36,7 @@ mod fill;
 pub mod ftp;
 mod headers;
 pub mod mirror;
+pub mod peer;
 mod permits;
 mod probe;
 pub mod redirect;
@@ -186,6 +187,8 @@ pub struct FetchSettings {
     pub fill_caps: FillCaps,
     /// Which fills with no reader left are worth finishing.
     pub orphan_rules: crate::config::OrphanRules,
+    /// The fleet this node fills from (`cluster`), if any.
+    pub fleet: Option<Arc<peer::Fleet>>,
 }
 
 /// A request for the fill of one key.
@@ -212,6 +215,10 @@ pub struct FillJob {
     /// having no reader is not a client leaving it, so the quick-abort
     /// rules do not apply; `orphan-fill` still does.
     pub background: bool,
+    /// The client's request target, to ask the key's owner in the fleet
+    /// for (`None`: not a peerable route, or a request from a peer, which
+    /// is served as owner and never forwarded again).
+    pub peer_target: Option<Box<str>>,
 }
 
 /// The coalescing fetch engine; cheap to clone.

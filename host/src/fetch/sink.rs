@@ -41,7 +41,11 @@ impl Inner {
         .await;
         match result {
             Ok(Ok((h, at))) => {
-                self.metrics.upstream_bytes(at - offset);
+                if sink.from_peer {
+                    self.metrics.peer_bytes(at - offset);
+                } else {
+                    self.metrics.upstream_bytes(at - offset);
+                }
                 sink.partial.wrote(at - offset);
                 sink.hasher = h;
                 sink.written = at;
@@ -75,6 +79,8 @@ pub(super) struct BodySink {
     pub(super) written: u64,
     /// SHA-256 of the bytes so far; `None` when resuming.
     pub(super) hasher: Option<Sha256>,
+    /// The bytes come from a peer of the fleet, not an upstream.
+    pub(super) from_peer: bool,
 }
 
 fn publish_written(fill: &Fill, now: u64) {

@@ -45,6 +45,7 @@ pub struct Metrics {
     passes: [AtomicU64; NoCacheReason::ALL.len()],
     client_bytes: AtomicU64,
     upstream_bytes: AtomicU64,
+    peer_bytes: AtomicU64,
     upstream_requests: AtomicU64,
     upstream_failures: AtomicU64,
     fills: AtomicU64,
@@ -70,6 +71,9 @@ pub struct MetricsSnapshot {
     pub client_bytes: u64,
     /// Body bytes that fills received from upstreams.
     pub upstream_bytes: u64,
+    /// Body bytes that fills received from the key's owner in the fleet
+    /// (`cluster`) instead of an upstream.
+    pub peer_bytes: u64,
     /// Requests sent to upstreams (fills, revalidations, pass-through).
     pub upstream_requests: u64,
     /// Upstream requests that failed: no connection, timeout or 5xx.
@@ -111,6 +115,11 @@ impl Metrics {
     /// Counts body bytes a fill received from an upstream.
     pub fn upstream_bytes(&self, n: u64) {
         self.upstream_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts body bytes a fill received from a peer of the fleet.
+    pub fn peer_bytes(&self, n: u64) {
+        self.peer_bytes.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts one request sent upstream and whether it failed.
@@ -187,6 +196,7 @@ impl Metrics {
                 .collect(),
             client_bytes: load(&self.client_bytes),
             upstream_bytes: load(&self.upstream_bytes),
+            peer_bytes: load(&self.peer_bytes),
             upstream_requests: load(&self.upstream_requests),
             upstream_failures: load(&self.upstream_failures),
             fills: load(&self.fills),

@@ -39,6 +39,7 @@ impl Proxy {
             bypass,
             stale,
             forwarded: (forwarded_for, client),
+            peer_target,
         } = route;
         let method = req.method().clone();
         if method == Method::GET
@@ -107,24 +108,15 @@ impl Proxy {
                         replica,
                         validators,
                     };
+                    let route = (upstreams, policy, peer_target);
                     return self
-                        .miss(
-                            &method,
-                            headers,
-                            &key_uri,
-                            Some(stale),
-                            upstreams,
-                            policy,
-                            client,
-                            snap,
-                        )
+                        .miss(&method, headers, &key_uri, Some(stale), route, client, snap)
                         .await;
                 }
                 Lookup::Fresh(_) | Lookup::Absent => {
+                    let route = (upstreams, policy, peer_target);
                     return self
-                        .miss(
-                            &method, headers, &key_uri, None, upstreams, policy, client, snap,
-                        )
+                        .miss(&method, headers, &key_uri, None, route, client, snap)
                         .await;
                 }
                 Lookup::OtherVariant => NoCacheReason::OtherVariant,
@@ -188,8 +180,7 @@ impl Proxy {
         headers: HeaderMap,
         key_uri: &KeyUri<'_>,
         revalidation: Option<Revalidation>,
-        upstreams: Upstreams,
-        policy: Option<PolicyRun>,
+        (upstreams, policy, peer_target): (Upstreams, Option<PolicyRun>, Option<Box<str>>),
         client: IpAddr,
         snap: &Snapshot,
     ) -> Answer {
@@ -269,6 +260,7 @@ impl Proxy {
             hook: policy.map(|p| p.hook(&headers)),
             client,
             background: false,
+            peer_target,
         };
         let (fill, passthrough, outcome) = match self.engine.fill(job) {
             FillTicket::Ready(replica) => {
@@ -325,6 +317,9 @@ impl Proxy {
                 hook: policy.map(|p| p.hook(headers)),
                 client,
                 background: true,
+                // A background refresh asks the upstream: the owner's copy
+                // may be as stale as ours.
+                peer_target: None,
             };
             // Nobody waits for this ticket: the fill task outlives it, and
             // an unshareable answer is simply dropped; over a fill cap the

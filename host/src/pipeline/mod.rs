@@ -3,7 +3,8 @@
 //! (`cached`: look in the replica, join or start a fill, serve stale when
 //! allowed), or a pass-through (`passthrough`); a redirecting mirror's
 //! 302s and mirror lists are `redirect`; every answer Cistern makes
-//! itself is in `answers`. `handle` wraps each response for the access
+//! itself is in `answers`; `peer` admits the requests of the fleet's
+//! other nodes (`cluster`). `handle` wraps each response for the access
 //! log and the counters.
 
 mod answers;
@@ -12,6 +13,7 @@ mod connect;
 mod forwarded;
 mod metalink;
 mod passthrough;
+mod peer;
 mod redirect;
 mod upgrade;
 
@@ -171,7 +173,13 @@ impl Proxy {
         conn: ConnInfo,
         snap: &Snapshot,
     ) -> Answer {
-        if let Err(retry) = snap.limits.check_client(conn.client.ip()) {
+        // A peer's request stands for its clients, already limited there.
+        let from_peer = match peer::admit(&mut req, &conn, snap) {
+            peer::Sender::Client => false,
+            peer::Sender::Peer => true,
+            peer::Sender::Refused(answer) => return answer,
+        };
+        if !from_peer && let Err(retry) = snap.limits.check_client(conn.client.ip()) {
             self.engine.metrics().limited();
             let mut resp = body::text(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -208,7 +216,7 @@ impl Proxy {
             }
             Route::Connect(authority) => self.connect(req, authority, conn, snap).await,
             Route::Forward(url) | Route::Transparent(url) => {
-                if !snap.router.forward_allowed(conn.client.ip()) {
+                if !from_peer && !snap.router.forward_allowed(conn.client.ip()) {
                     return Answer::local(forbidden());
                 }
                 // The URL's credentials are for the host it names, and
@@ -302,6 +310,7 @@ impl Proxy {
         rules: RouteRules,
         snap: &Snapshot,
     ) -> Answer {
+        let peer_target = peer_target(&req, &url, &upstreams, &conn, snap);
         let mut key_url = url;
         let mut policy = None;
         let mut bypass = false;
@@ -351,6 +360,7 @@ impl Proxy {
                     bypass,
                     stale: rules.stale,
                     forwarded: (rules.forwarded_for, conn.client.ip()),
+                    peer_target,
                 };
                 self.http(req, key, route, snap).await
             }
@@ -373,6 +383,29 @@ struct RouteCache {
     /// What to tell the upstream of the client, and its address: applied
     /// only to requests that go upstream, never on a hit.
     forwarded: (ForwardedFor, IpAddr),
+    /// What to ask the key's owner in the fleet for, on a miss.
+    peer_target: Option<Box<str>>,
+}
+
+/// The target a miss asks the key's owner in the fleet for: the route's
+/// absolute URL for the forward proxy, the request's path for a mirror.
+/// `None` without a fleet, for a TLS site (its route depends on the
+/// listener) and for a request from a peer, which this node serves as
+/// owner: the one rule that keeps peer requests from looping.
+fn peer_target(
+    req: &Request<Incoming>,
+    url: &Uri,
+    upstreams: &Upstreams,
+    conn: &ConnInfo,
+    snap: &Snapshot,
+) -> Option<Box<str>> {
+    if snap.settings.fleet.is_none() || conn.site_listener.is_some() || peer::from_peer(req) {
+        return None;
+    }
+    match upstreams {
+        Upstreams::Single(_) => Some(url.to_string().into_boxed_str()),
+        Upstreams::Mirror { .. } => req.uri().path_and_query().map(|p| p.as_str().into()),
+    }
 }
 
 /// The rules of a route that the cached path needs besides its upstreams.

@@ -10,6 +10,7 @@ use kdl::KdlNode;
 use miette::SourceSpan;
 
 use super::admin::{admin, admin_finish};
+use super::cluster::cluster;
 use super::forward::{default_forward, forward};
 use super::limit::{limit, limiter};
 use super::listen::{DEFAULT_LISTEN, listen};
@@ -56,6 +57,8 @@ pub(super) struct Top {
     pub(super) node_id: Option<String>,
     /// `targeted-field`.
     pub(super) targeted_field: Option<http::HeaderName>,
+    /// `cluster`.
+    pub(super) cluster: Option<ClusterConfig>,
 }
 
 /// The nodes a file may hold at the top level.
@@ -75,6 +78,7 @@ pub(super) const TOP_LEVEL: &[Rule<Top>] = &[
     many("site", site::site),
     once("default-site", site::default_site),
     once("admin", admin),
+    once("cluster", cluster),
     many("server-name", |cx, n, top| {
         let names = server_names(cx, n, "server-name \"cache.lan\" \"cache.example.org:80\"");
         top.server_names.extend(names);
@@ -146,6 +150,7 @@ impl Top {
             targeted_field: self
                 .targeted_field
                 .unwrap_or(http::HeaderName::from_static(DEFAULT_TARGETED_FIELD)),
+            cluster: self.cluster,
         }
     }
 }

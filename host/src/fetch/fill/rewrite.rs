@@ -156,12 +156,14 @@ impl Inner {
     }
 
     /// Writes the bytes the body hook read or made at the start of the
-    /// partial, so the stream goes on after them.
+    /// partial, so the stream goes on after them; `from_peer` counts them
+    /// as bytes from a fleet peer rather than the upstream.
     pub(super) async fn write_prefix(
         &self,
         fill: &Fill,
         w: Writing,
         prefix: Vec<Bytes>,
+        from_peer: bool,
     ) -> Result<Writing, FetchError> {
         let batch_len = prefix.iter().map(Bytes::len).sum();
         let mut sink = BodySink {
@@ -172,6 +174,7 @@ impl Inner {
             // The stream hashes the whole file at its end (its start is
             // not 0 any more).
             hasher: None,
+            from_peer,
         };
         self.flush(fill, &mut sink).await?;
         Ok(Writing {
