@@ -318,7 +318,7 @@ fn cut_ftp_transfer_resumes_with_rest() {
     };
     let cistern = Cistern::start(dir.path(), CONFIG, &[]);
     let got = curl(&cistern, &ftp.url("/file.bin"));
-    assert_eq!(got.status, 200);
+    assert_eq!(got.status, 200, "{}", cistern.log());
     assert!(
         got.body == data,
         "the client gets the whole file, {} bytes",

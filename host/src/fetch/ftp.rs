@@ -32,6 +32,7 @@ use suppaftp::types::FileType;
 use suppaftp::{FtpError, Status};
 use tokio::io::{AsyncReadExt as _, DuplexStream};
 
+use crate::body::html_escape;
 use crate::ours::OwnSockets;
 
 use crate::body::BoxError;
@@ -450,6 +451,18 @@ fn stream_body(
             buf.reserve(CHUNK);
             match transfer.read_buf(&mut buf).await {
                 Ok(0) => {
+                    // The bytes before the cut must reach the fill (they
+                    // are what it resumes from). The gateway's HTTP server
+                    // drops a response's unflushed bytes when its body
+                    // fails, so the failure waits until the chunks are
+                    // taken and the server has had a turn to flush them.
+                    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+                        while tx.capacity() < tx.max_capacity() {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    });
+                    let _ = drained.await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     let _ = tx
                         .send(Err(std::io::Error::new(
                             std::io::ErrorKind::UnexpectedEof,
@@ -584,21 +597,6 @@ fn index_html(path: &str, mut entries: Vec<(String, bool)>) -> String {
         ));
     }
     out.push_str("</ul></body></html>\n");
-    out
-}
-
-fn html_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
     out
 }
 
