@@ -263,19 +263,7 @@ async fn a_misbehaving_upstream_never_gets_a_wrong_byte_stored_or_served_as_comp
     ];
     let origin = FaultyOrigin::start(&cases).await;
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"
-listen "127.0.0.1:{{PORT}}"
-store {{
-    root "{{ROOT}}"
-}}
-mirror "files" {{
-    prefix "/files/"
-    upstream "http://{}/"
-}}
-"#,
-        origin.addr
-    );
+    let text = common::files_mirror_of(origin.addr);
     // A 2 s inactivity timeout, so the stalled upstream is given up soon.
     let cistern = Cistern::start(dir.path(), &text, &["-t", "2"]);
     let root = dir.path().join("replica");
@@ -320,19 +308,7 @@ mirror "files" {{
 async fn bytes_past_the_announced_length_are_never_stored_or_served() {
     let origin = FaultyOrigin::start(&[("/long.bin", Fault::Long)]).await;
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"
-listen "127.0.0.1:{{PORT}}"
-store {{
-    root "{{ROOT}}"
-}}
-mirror "files" {{
-    prefix "/files/"
-    upstream "http://{}/"
-}}
-"#,
-        origin.addr
-    );
+    let text = common::files_mirror_of(origin.addr);
     let cistern = Cistern::start(dir.path(), &text, &[]);
     let first = get(cistern.addr, "/files/long.bin").await;
     assert_eq!(first.status, 200);

@@ -55,18 +55,7 @@ async fn hinting_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
 async fn early_hints_are_not_the_answer_and_are_never_stored() {
     let (origin, requests) = hinting_origin().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        r#"
-listen "127.0.0.1:{{PORT}}"
-store {{
-    root "{{ROOT}}"
-}}
-mirror "files" {{
-    prefix "/files/"
-    upstream "http://{origin}/"
-}}
-"#
-    );
+    let config = common::files_mirror_of(origin);
     let cistern = Cistern::start(dir.path(), &config, &[]);
     let first = get(cistern.addr, "/files/page.txt").await;
     assert_eq!(first.status, StatusCode::OK, "{:?}", first.bytes());

@@ -38,3 +38,20 @@ pub fn text(status: StatusCode, message: impl Into<String>) -> Response<ProxyBod
     );
     resp
 }
+
+/// Escapes text for HTML element content and quoted attribute values:
+/// the pages Cistern writes itself (admin, mirror lists, FTP listings).
+pub fn html_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

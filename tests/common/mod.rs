@@ -718,6 +718,12 @@ impl Drop for Cistern {
 /// A config serving `origin`'s root as the mirror `/files/`, for
 /// [`Cistern::start`].
 pub fn files_mirror(origin: &Origin) -> String {
+    files_mirror_of(origin.addr)
+}
+
+/// [`files_mirror`] for any server on `upstream` (a raw-TCP origin, an
+/// FTP or WebSocket server).
+pub fn files_mirror_of(upstream: SocketAddr) -> String {
     format!(
         r#"
 listen "127.0.0.1:{{PORT}}"
@@ -726,10 +732,9 @@ store {{
 }}
 mirror "files" {{
     prefix "/files/"
-    upstream "http://{}/"
+    upstream "http://{upstream}/"
 }}
-"#,
-        origin.addr
+"#
     )
 }
 

@@ -18,6 +18,7 @@ use serde::Serialize;
 use std::fmt::Write as _;
 
 use super::{Answer, Proxy};
+use crate::body::html_escape as esc;
 use crate::body::{self, ProxyBody};
 use crate::config::QueryMode;
 use crate::fetch::MirrorSet;
@@ -296,22 +297,6 @@ fn mirror_list(
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     resp
-}
-
-/// Escapes text for HTML element content and quoted attribute values.
-fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
