@@ -125,7 +125,7 @@ nginx_http_common() { # dir
     uwsgi_temp_path $1/tmp-uwsgi;
     scgi_temp_path $1/tmp-scgi;
     sendfile on;
-    tcp_nopush on;
+    tcp_nopush off;
     keepalive_requests 1000000;
     keepalive_timeout 60s;
     default_type application/octet-stream;
