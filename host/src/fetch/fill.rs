@@ -287,7 +287,26 @@ impl Inner {
                     .await?;
             }
         }
-        self.stream(fill, job, resp, writing).await
+        let streamed = self.stream(fill, job, resp, writing).await;
+        if let Err(e @ (FetchError::DigestMismatch { url, .. } | FetchError::Length { url, .. })) =
+            &streamed
+        {
+            self.blame_peer(job, url, e);
+        }
+        streamed
+    }
+
+    /// A fill from a peer of the fleet brought wrong bytes (another digest
+    /// than the content's, or more bytes than announced): the peer is
+    /// marked down like a failed one, so the next fill of the key goes on
+    /// to the owner or the upstream instead of asking it again.
+    fn blame_peer(&self, job: &FillJob, url: &str, e: &FetchError) {
+        let (Some(fleet), Ok(url)) = (job.settings.fleet.as_ref(), url.parse::<Uri>()) else {
+            return;
+        };
+        if let Some(peer) = fleet.peer_of(&url) {
+            fleet.failed(peer, &format!("it sent wrong bytes: {e}"));
+        }
     }
 
     /// Decides whether the response becomes a replica and, if so, opens its
@@ -485,7 +504,13 @@ impl Inner {
             parts,
         } = w;
         let mut url_s = url.to_string();
-        let announced = announced_sha256(resp.headers());
+        // A content-addressed URL names its digest, which wins over what
+        // any source announces (unless the body is encoded: its bytes are
+        // not the content's then).
+        let announced = match job.sha256 {
+            Some(d) if !resp.headers().contains_key(header::CONTENT_ENCODING) => Some(d),
+            _ => announced_sha256(resp.headers()),
+        };
         let mut ends_at_close = close_delimited(&resp);
         let idle = job.settings.idle;
         let mut body = resp.into_body();
@@ -815,9 +840,17 @@ impl Inner {
             .etag
             .as_deref()
             .filter(|e| !e.starts_with("W/"));
-        let targets = job
+        let mut targets = job
             .upstreams
             .resume_targets(url, strong_etag.is_some() && total.is_some());
+        if let super::Upstreams::Single(upstream) = &job.upstreams
+            && is_peer(job, url)
+        {
+            // A peer that died mid-body: the forward proxy's upstream has
+            // the same URL's bytes, joined on only under the same strong
+            // ETag (a mirror set's upstreams are in `targets` already).
+            targets.insert(0, upstream.clone());
+        }
         let mut next = 0usize;
         while *resumes < RESUME_ATTEMPTS {
             *resumes += 1;
