@@ -6,7 +6,7 @@
 //! peer that holds that content under any name, checked against the
 //! digest; an owner whose upstream fails stays up; a node killed
 //! mid-fill fails its readers visibly (or they resume) and the next
-//! request succeeds through the others.
+//! request succeeds through the others. The admin's Fleet page shows it.
 
 mod common;
 
@@ -563,4 +563,66 @@ async fn an_owner_whose_upstream_fails_is_not_marked_down() {
         "an owner whose upstream failed was marked down"
     );
     assert_eq!(fleet.metric(asker, "cistern_peer_failures_total").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_page_shows_nodes_health_shares_and_bytes() {
+    let origin = Origin::start().await;
+    for i in 0..30 {
+        origin.put(&format!("/s{i}.bin"), Resource::new(pattern(i as u8, 4096)));
+    }
+    let mut fleet = start_fleet(&origin);
+    for i in 0..30 {
+        let got = get(fleet.addr(0), &format!("/files/s{i}.bin")).await;
+        assert_eq!(got.status, 200);
+    }
+    fleet.nodes[2].take().unwrap().kill9();
+    // Until a's fills have met the dead c.
+    for i in 30..90 {
+        origin.put(&format!("/s{i}.bin"), Resource::new(pattern(i as u8, 4096)));
+        get(fleet.addr(0), &format!("/files/s{i}.bin")).await;
+        if fleet.metric(0, "cistern_peer_failures_total").await > 0 {
+            break;
+        }
+    }
+    let page = get(fleet.admin[0], "/fleet").await;
+    assert_eq!(page.status, 200);
+    let html = String::from_utf8_lossy(page.bytes()).into_owned();
+    assert!(
+        html.contains("<strong id=\"this-node\">a</strong>"),
+        "{html}"
+    );
+    let row = |name: &str| {
+        let at = html
+            .find(&format!("data-node=\"{name}\""))
+            .unwrap_or_else(|| panic!("no row for {name}: {html}"));
+        html[at..html[at..].find("</tr>").unwrap() + at].to_owned()
+    };
+    assert!(row("a").contains("badge up"), "{}", row("a"));
+    assert!(row("b").contains("badge up"), "{}", row("b"));
+    assert!(row("c").contains("badge down"), "{}", row("c"));
+    // Every node owns some of a's keys (a third each, give or take).
+    for n in NODES {
+        let r = row(n);
+        let share: u32 = r
+            .split("<td class=\"num\">")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no share in {r}"));
+        assert!((10..=60).contains(&share), "{n}: {share} % in {r}");
+    }
+    // Peer bytes and upstream bytes, as /metrics counts them.
+    let peer = fleet.metric(0, "cistern_peer_bytes_total").await;
+    let upstream = fleet.metric(0, "cistern_upstream_bytes_total").await;
+    assert!(peer > 0 && upstream > 0, "{peer} {upstream}");
+    assert!(
+        html.contains(&format!("id=\"peer-bytes\" data-bytes=\"{peer}\"")),
+        "{html}"
+    );
+    assert!(
+        html.contains(&format!("id=\"upstream-bytes\" data-bytes=\"{upstream}\"")),
+        "{html}"
+    );
+    assert!(html.contains("href=\"/fleet\" class=\"current\""), "{html}");
 }
