@@ -385,6 +385,36 @@ mod tests {
     }
 
     #[test]
+    fn a_by_hash_path_names_its_sha256_and_nothing_else_does() {
+        let hex = "0f".repeat(32);
+        let path = format!("/debian/dists/stable/main/binary-amd64/by-hash/SHA256/{hex}");
+        assert_eq!(content_address(&path), Some([0x0f; 32]));
+        for other in [
+            format!("/by-hash/SHA256/{}", &hex[..62]),
+            format!("/by-hash/MD5Sum/{hex}"),
+            format!("/by-hash/SHA256/{hex}/"),
+            format!("/pool/SHA256/{hex}"),
+            format!("/by-hash/SHA256/{}zz", &hex[..62]),
+            "/dists/stable/Release".to_owned(),
+        ] {
+            assert_eq!(content_address(&other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn shares_count_every_key_once_and_agree_with_the_owner() {
+        let a = fleet("a");
+        let keys: Vec<String> = (0..900).map(|i| format!("http://h:80/f{i}")).collect();
+        let shares = a.shares(keys.iter().map(String::as_str));
+        assert_eq!(shares.iter().map(|(_, n)| n).sum::<u64>(), 900);
+        assert_eq!(shares[0].0, "a");
+        for (name, n) in &shares {
+            let owned = keys.iter().filter(|k| owner_name(&a, k) == *name).count() as u64;
+            assert_eq!(*n, owned, "{name}");
+        }
+    }
+
+    #[test]
     fn only_the_secret_is_admitted() {
         let a = fleet("a");
         assert!(a.admits(Some(&HeaderValue::from_static("0123456789abcdef"))));
