@@ -50,6 +50,9 @@ struct Writing {
     /// The body comes as 206 parts: when one ends short of the whole, the
     /// next is asked for.
     parts: bool,
+    /// The SHA-256 the URL names ([`FillJob::sha256`]), unless a policy
+    /// replaced the body: what the stored bytes must hash to.
+    content_address: Option<[u8; 32]>,
 }
 
 impl Inner {
@@ -435,6 +438,7 @@ impl Inner {
             url: url.clone(),
             meta,
             parts: resumed_from.is_some(),
+            content_address: job.sha256.filter(|_| !decision.rewritten),
         }))
     }
 
@@ -502,12 +506,13 @@ impl Inner {
             mut url,
             mut meta,
             parts,
+            content_address,
         } = w;
         let mut url_s = url.to_string();
         // A content-addressed URL names its digest, which wins over what
         // any source announces (unless the body is encoded: its bytes are
         // not the content's then).
-        let announced = match job.sha256 {
+        let announced = match content_address {
             Some(d) if !resp.headers().contains_key(header::CONTENT_ENCODING) => Some(d),
             _ => announced_sha256(resp.headers()),
         };
