@@ -244,10 +244,11 @@ for i in $(seq 0 $((LAT_OBJECTS - 1))); do
     [ -n "$o" ] || die "object l/$i.bin is on no node"
     owners+=("$o")
 done
-python3 - "$P_PROXY" "$LAT_REQUESTS" "${owners[@]}" >"$WORK/latency.txt" <<'EOF'
+python3 - "$P_PROXY" "$LAT_REQUESTS" "$SECRET" "${owners[@]}" >"$WORK/latency.txt" <<'EOF'
 import http.client, sys, time
-port, count, owners = int(sys.argv[1]), int(sys.argv[2]), [int(o) for o in sys.argv[3:]]
-def run(pick):
+port, count, secret = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+owners = [int(o) for o in sys.argv[4:]]
+def run(pick, prefix="", headers={}):
     conns, times = {}, []
     for r in range(count):
         obj = r % len(owners)
@@ -256,7 +257,7 @@ def run(pick):
         if c is None:
             c = conns[node] = http.client.HTTPConnection(f"127.0.0.{node}", port, timeout=10)
         t = time.perf_counter()
-        c.request("GET", f"/m/l/{obj}.bin")
+        c.request("GET", f"{prefix}/m/l/{obj}.bin", headers=headers)
         resp = c.getresponse()
         body = resp.read()
         times.append(time.perf_counter() - t)
@@ -265,11 +266,16 @@ def run(pick):
     return times[len(times) // 2] * 1e3, times[int(len(times) * 0.99) - 1] * 1e3
 local = run(lambda owner: owner)
 peer = run(lambda owner: owner % 3 + 1)
+# What the asking node sends the owner, sent by hand: the owner's side
+# of a peer hit, without the asking node's fill.
+far = run(lambda owner: owner, "/_cistern/peer/", {"cistern-peer-secret": secret})
 print(f"local {local[0]:.3f} {local[1]:.3f}")
 print(f"peer {peer[0]:.3f} {peer[1]:.3f}")
+print(f"far {far[0]:.3f} {far[1]:.3f}")
 EOF
 read -r _ R[local_p50] R[local_p99] < <(grep '^local' "$WORK/latency.txt")
 read -r _ R[peer_p50] R[peer_p99] < <(grep '^peer' "$WORK/latency.txt")
+read -r _ R[far_p50] R[far_p99] < <(grep '^far' "$WORK/latency.txt")
 read -r lat_origin _ < <(origin_stats /l/)
 stop_nodes
 
@@ -289,6 +295,7 @@ stop_nodes
     printf '%-34s %10s %10s\n' "" "median" "p99"
     printf '%-34s %10s %10s\n' "local hit (asked of the owner)" "${R[local_p50]}" "${R[local_p99]}"
     printf '%-34s %10s %10s\n' "peer hit (another node asks it)" "${R[peer_p50]}" "${R[peer_p99]}"
+    printf '%-34s %10s %10s\n' "the owner's side of it, by hand" "${R[far_p50]}" "${R[far_p99]}"
     python3 -c "import sys; a,b,c,d=map(float,sys.argv[1:]); print(f'{\"added by the peer hop\":<34} {b-a:10.3f} {d-c:10.3f}')" \
         "${R[local_p50]}" "${R[peer_p50]}" "${R[local_p99]}" "${R[peer_p99]}"
     echo "origin requests during the latency runs: $lat_origin"
