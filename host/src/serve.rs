@@ -44,6 +44,22 @@ pub enum Source {
     },
 }
 
+/// The bytes of a response body that sit in a complete replica file, as
+/// `start..end`. [`respond`] attaches it to a response (as an extension)
+/// whose body reads exactly these bytes from this file, so the HTTP/1.1
+/// fast lane can hand them to the kernel with `sendfile(2)` instead of
+/// polling the body. Whoever replaces such a response's body must remove
+/// it; nothing on the hit path does.
+#[derive(Clone)]
+pub struct FileSlice {
+    /// The open replica (checked against its metadata when opened).
+    pub file: Arc<File>,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
 /// Why a replica could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -139,8 +155,8 @@ pub async fn respond(
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(send));
     }
 
-    let body = if method == Method::HEAD {
-        empty()
+    let (body, slice) = if method == Method::HEAD {
+        (empty(), None)
     } else {
         match source {
             Source::Replica(replica, store) => {
@@ -148,13 +164,16 @@ pub async fn respond(
                 replica_body(replica, store, start, end).await?
             }
             Source::Fill { head, progress } => {
-                growing_body(head.file.clone(), start, end, progress)
+                (growing_body(head.file.clone(), start, end, progress), None)
             }
         }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
+    if let Some(slice) = slice {
+        resp.extensions_mut().insert(slice);
+    }
     Ok(resp)
 }
 
@@ -184,7 +203,7 @@ async fn aside_response(
         match source {
             Source::Replica(replica, store) => {
                 let end = end.unwrap_or(replica.meta.length);
-                replica_body(replica, store, start, end).await?
+                replica_body(replica, store, start, end).await?.0
             }
             Source::Fill { head, progress } => {
                 growing_body(head.file.clone(), start, end, progress)
@@ -364,15 +383,16 @@ fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> Plan {
 }
 
 /// The body of a committed replica, `start..end`: from its copy in RAM
-/// when it has one, else read from the file on the blocking pool.
+/// when it has one, else read from the file on the blocking pool; with the
+/// [`FileSlice`] it reads when it streams from the file.
 async fn replica_body(
     replica: Arc<Replica>,
     store: Arc<ReplicaStore>,
     start: u64,
     end: u64,
-) -> Result<ProxyBody, ServeError> {
+) -> Result<(ProxyBody, Option<FileSlice>), ServeError> {
     if let Some(ram) = replica.ram.get() {
-        return Ok(full(ram.bytes().slice(start as usize..end as usize)));
+        return Ok((full(ram.bytes().slice(start as usize..end as usize)), None));
     }
     // A small replica is read whole, so its copy can answer later hits.
     let whole = replica.meta.length <= crate::store::ram::MAX_RAM_OBJECT;
@@ -417,10 +437,19 @@ async fn replica_body(
             source: io::Error::other(e),
         })??;
     match opened {
-        (_, Some(bytes)) => Ok(full(
-            bytes.slice((start - from) as usize..(end - from) as usize),
+        (_, Some(bytes)) => Ok((
+            full(bytes.slice((start - from) as usize..(end - from) as usize)),
+            None,
         )),
-        (file, None) => Ok(file_body(Arc::new(file), start, end)),
+        (file, None) => {
+            let file = Arc::new(file);
+            let slice = FileSlice {
+                file: file.clone(),
+                start,
+                end,
+            };
+            Ok((file_body(file, start, end), Some(slice)))
+        }
     }
 }
 
