@@ -11,12 +11,11 @@ pub mod metalink;
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -453,20 +452,28 @@ async fn replica_body(
     }
 }
 
+/// `len` bytes of `file` from `offset`, read into fresh memory that is not
+/// zeroed first: clearing a 256 KiB chunk only to overwrite it cost about
+/// as much as the read itself.
 fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(len);
-    let mut done = 0;
-    while done < len {
-        let n = file.read_at(&mut buf[done..], offset + done as u64)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "replica shorter than its metadata",
-            ));
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "replica shorter than its metadata",
+                ));
+            }
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
-        done += n;
     }
-    Ok(buf.freeze())
+    // The allocation may hold more than was asked; never serve past `len`.
+    buf.truncate(len);
+    Ok(Bytes::from(buf))
 }
 
 async fn read_chunk(file: Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {
