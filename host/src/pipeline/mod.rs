@@ -21,9 +21,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::body::ClientBody;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
-use hyper::body::Incoming;
 
 use crate::body::{self, ProxyBody};
 use crate::clock::Clock;
@@ -124,7 +124,11 @@ impl Proxy {
 
     /// Handles one request end to end; the body logs the request's access
     /// line when it ends.
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<LoggedBody> {
+    pub async fn handle(
+        &self,
+        mut req: Request<ClientBody>,
+        conn: ConnInfo,
+    ) -> Response<LoggedBody> {
         let started = Instant::now();
         // Before anything logs, keys or stores the URL.
         let unusable = crate::credentials::take(&mut req).err();
@@ -169,7 +173,7 @@ impl Proxy {
 
     async fn dispatch(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: ConnInfo,
         snap: &Snapshot,
     ) -> Answer {
@@ -258,7 +262,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn mirrored(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: ConnInfo,
         set: Arc<MirrorSet>,
         rest: String,
@@ -302,7 +306,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn proxied(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: ConnInfo,
         url: Uri,
         mut upstreams: Upstreams,
@@ -393,7 +397,7 @@ struct RouteCache {
 /// listener) and for a request from a peer, which this node serves as
 /// owner: the one rule that keeps peer requests from looping.
 fn peer_target(
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     url: &Uri,
     upstreams: &Upstreams,
     conn: &ConnInfo,
@@ -441,7 +445,7 @@ impl PolicyRun {
 /// site's name when the request reached it as the default site under
 /// another name, so the origin never sees a host whose answers would share
 /// the site's replica unasked.
-fn site_host(req: &Request<Incoming>, site: &str) -> HeaderValue {
+fn site_host(req: &Request<ClientBody>, site: &str) -> HeaderValue {
     let client = req
         .headers()
         .get(header::HOST)

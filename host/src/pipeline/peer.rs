@@ -4,8 +4,8 @@
 //! request back into the client's, marked [`FromPeer`] so it is served as
 //! owner (from the replica or the upstream, never from another peer).
 
+use crate::body::ClientBody;
 use http::{HeaderValue, Request, StatusCode, Uri};
-use hyper::body::Incoming;
 
 use super::{Answer, ConnInfo};
 use crate::body;
@@ -28,7 +28,7 @@ pub(super) enum Sender {
 
 /// For a request on the peer path: the client's request rebuilt from it,
 /// or the refusal of one without the secret.
-pub(super) fn admit(req: &mut Request<Incoming>, conn: &ConnInfo, snap: &Snapshot) -> Sender {
+pub(super) fn admit(req: &mut Request<ClientBody>, conn: &ConnInfo, snap: &Snapshot) -> Sender {
     if conn.site_listener.is_some() || !req.uri().path().starts_with(PEER_PATH) {
         return Sender::Client;
     }
