@@ -681,3 +681,91 @@ async fn weights_and_health_settings_change_with_a_reload() {
     assert_eq!(file_hits(&a) + to_b, 400);
     assert!((330..=390).contains(&to_b), "b got {to_b} of 400");
 }
+
+/// `Repr-Digest: sha-256=:…:` of `body` (RFC 9530).
+fn repr_digest(body: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let sha = sha2::Sha256::digest(body);
+    format!(
+        "sha-256=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(sha)
+    )
+}
+
+/// The replica file of `path` (below the origin) under `dir`, if any.
+fn replica_of(dir: &Path, path: &str) -> Option<Vec<u8>> {
+    let root = dir.join("replica");
+    common::find_files(&root)
+        .iter()
+        .find(|f| f.ends_with(path))
+        .map(|f| std::fs::read(root.join(f)).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_whose_bodies_fail_their_digest_is_disabled_and_nothing_wrong_is_stored() {
+    let (good, bad) = (Origin::start().await, Origin::start().await);
+    let files = 40u8;
+    let real = |i: u8| pattern(i, 20_000);
+    for i in 0..files {
+        let path = format!("/pub/f{i}");
+        let digest = repr_digest(&real(i));
+        good.put(&path, Resource::new(real(i)).header("repr-digest", &digest));
+        // Same length, a correct-looking digest of the real file, other
+        // bytes: what a mirror with bit rot or a broken sync serves.
+        bad.put(
+            &path,
+            Resource::new(pattern(100 + i, 20_000)).header("repr-digest", &digest),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        dir.path(),
+        &[(&good, 1), (&bad, 1)],
+        "    health {\n        fail-after 2\n    }",
+    );
+    // Manual time: the disabled mirror's retry never comes due.
+    let cistern = start(dir.path(), &text, &Clock::manual(SystemTime::now())).await;
+    let (addr, admin) = (cistern.addrs[0], cistern.admin_addr.unwrap());
+    let mut failed = Vec::new();
+    for i in 0..files {
+        let got = get(addr, &format!("/m/f{i}")).await;
+        assert_eq!(got.status, 200, "f{i}");
+        match &got.body {
+            Ok(bytes) => assert!(bytes == &real(i), "f{i}: a whole transfer of wrong bytes"),
+            Err(_) => failed.push(i),
+        }
+    }
+    // Each answer of the bad mirror failed its client's transfer (its
+    // last byte is held back until the digest is checked) and counted
+    // against it, though its heads were fine: after two it is disabled
+    // and the other mirror serves every file.
+    assert_eq!(failed.len(), 2, "failed transfers: {failed:?}");
+    assert_eq!(
+        file_hits(&bad),
+        2,
+        "the bad mirror was asked after it failed twice"
+    );
+    let ups = upstreams(admin).await;
+    assert_eq!(ups[1]["state"], "down", "{:#}", ups[1]);
+    assert_eq!(ups[1]["failures"], 2, "{:#}", ups[1]);
+    let last = ups[1]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last.contains("SHA-256") && last.contains(&bad.addr.to_string()),
+        "{last}"
+    );
+    assert_eq!(ups[0]["state"], "up");
+    assert_eq!(ups[0]["failures"], 0);
+    // The files that failed come whole from the good mirror now.
+    for &i in &failed {
+        let got = get(addr, &format!("/m/f{i}")).await;
+        assert!(got.bytes() == &real(i), "f{i}");
+    }
+    assert_eq!(file_hits(&bad), 2);
+    // Nothing wrong was stored: every file on disk is the real one.
+    for i in 0..files {
+        let on_disk = replica_of(dir.path(), &format!("/pub/f{i}"))
+            .unwrap_or_else(|| panic!("f{i} not stored"));
+        assert!(on_disk == real(i), "f{i} on disk is not the real file");
+    }
+}

@@ -112,13 +112,25 @@ impl Upstreams {
         }
     }
 
-    /// Tells a mirror set that the upstream `url` was sent to failed
-    /// after its head (a body cut short or stalled).
-    pub(super) fn report_url(&self, url: &Uri, why: &str) {
+    /// Tells a mirror set how the upstream `url` was sent to did: a
+    /// request that failed, or its body after the head (cut short,
+    /// stalled, failing its digest, or whole).
+    pub(super) fn report_url(&self, url: &Uri, outcome: Outcome<'_>) {
         if let Upstreams::Mirror { set, .. } = self
             && let Some(i) = set.index_of(url)
         {
-            set.report(i, Outcome::Failed(why));
+            set.report(i, outcome);
+        }
+    }
+
+    /// Remembers that the upstream `url` was sent to has a bad copy of
+    /// this file (its body failed its digest): like its 404, the next
+    /// request for the file goes to the next upstream.
+    pub(super) fn remember_bad_copy(&self, url: &Uri) {
+        if let Upstreams::Mirror { set, rest, .. } = self
+            && let Some(i) = set.index_of(url)
+        {
+            set.remember_missing(i, rest);
         }
     }
 

@@ -25,6 +25,7 @@ use super::headers::{
     announced_sha256, close_delimited, content_length, content_range_start, content_range_total,
     header_str, resume_headers,
 };
+use super::mirror::Outcome;
 use super::sink::{BodySink, WRITE_BATCH, hash_file};
 use super::{
     FetchError, Fill, FillHead, FillJob, FillState, HeadDecision, Inner, RetryType, error_chain,
@@ -501,6 +502,9 @@ impl Inner {
         // The full length: announced by the head, or learnt from a resume's
         // `Content-Range`.
         let mut total = head.length;
+        // The upstreams whose bytes are in this body, in order: the one
+        // that answered, then each another mirror continued it on.
+        let mut sources = vec![url.clone()];
         let mut resumes = 0u32;
         let mut orphan_since: Option<Instant> = None;
         let mut ended = false;
@@ -555,7 +559,8 @@ impl Inner {
             };
             if let Some(error) = failure {
                 // A body cut short or stalled counts against its mirror.
-                job.upstreams.report_url(&url, &error_chain(&error));
+                job.upstreams
+                    .report_url(&url, Outcome::BadBody(&error_chain(&error)));
                 // The readers still waiting get the rest from a resume of
                 // the partial; they only see a pause.
                 let rest = self
@@ -566,6 +571,7 @@ impl Inner {
                         if from != url {
                             url_s = from.to_string();
                             sink.from_peer = is_peer(job, &from);
+                            sources.push(from.clone());
                             url = from;
                         }
                         ends_at_close = close_delimited(&resp);
@@ -640,11 +646,13 @@ impl Inner {
         if let Some(total) = total
             && written != total
         {
-            return Err(FetchError::Length {
+            let error = FetchError::Length {
                 url: url_s,
                 written,
                 expected: total,
-            });
+            };
+            self.bad_body(job, &sources, start, &error);
+            return Err(error);
         }
         if meta.status != 200 && written > cache::MAX_ASIDE_BODY {
             // Its length was not announced, so this shows only now: served
@@ -719,19 +727,41 @@ impl Inner {
             let k = job.key.clone();
             // A corrupt body is useless for resuming too.
             let _ = self.blocking(move |s| s.discard_partial(&k)).await;
-            return Err(FetchError::DigestMismatch {
+            let error = FetchError::DigestMismatch {
                 url: url_s,
                 announced: hex::encode(announced),
                 actual,
-            });
+            };
+            self.bad_body(job, &sources, start, &error);
+            return Err(error);
         }
         meta.length = written;
         meta.sha256 = actual;
         let replica = self.blocking(move |s| s.commit(partial, meta)).await?;
+        job.upstreams.report_url(&url, Outcome::Delivered);
         tracing::debug!(target: "cistern::fetch", key = %job.key, bytes = written, elapsed = ?fill.started.elapsed(), "fill complete");
         fill.state
             .send_replace(FillState::Complete { head, replica });
         Ok(())
+    }
+
+    /// A body that arrived whole but wrong (another length, or not the
+    /// bytes its digest announced) counts against the mirrors it came from
+    /// (`sources`), like a body cut short. When one mirror sent all of it
+    /// (no splice in this fill, no partial from before, `start` 0) its copy
+    /// of the file is bad: the next request for it goes to the next mirror.
+    fn bad_body(&self, job: &FillJob, sources: &[Uri], start: u64, error: &FetchError) {
+        let why = error_chain(error);
+        tracing::warn!(target: "cistern::fetch", key = %job.key, mirrors = sources.len(),
+            "a body failed its check: {why}");
+        for url in sources {
+            job.upstreams.report_url(url, Outcome::BadBody(&why));
+        }
+        if let [only] = sources
+            && start == 0
+        {
+            job.upstreams.remember_bad_copy(only);
+        }
     }
 
     /// Asks for the part of a body that follows the `sink.written` bytes
@@ -842,7 +872,8 @@ impl Inner {
                 Ok(resp) => resp,
                 Err(e) if elsewhere || e.retry() == RetryType::Retryable => {
                     tracing::info!(target: "cistern::fetch", %key, url = %target, "resume failed: {}", error_chain(&e));
-                    job.upstreams.report_url(target, &error_chain(&e));
+                    job.upstreams
+                        .report_url(target, Outcome::Failed(&error_chain(&e)));
                     continue;
                 }
                 Err(e) => return give_up(&error_chain(&e)),
