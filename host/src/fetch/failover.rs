@@ -136,9 +136,9 @@ impl Upstreams {
 
     /// Where a fill whose body from `current` failed may fetch the rest:
     /// with `other_mirrors` (the partial is provably identifiable: a known
-    /// length and a strong ETag) the set's other upstreams in their order
-    /// for this file, known-missing ones left out, then `current`; else
-    /// `current` alone.
+    /// length and a strong ETag or an announced SHA-256) the set's other
+    /// upstreams in their order for this file, known-missing ones left
+    /// out, then `current`; else `current` alone.
     pub(super) fn resume_targets(&self, current: &Uri, other_mirrors: bool) -> Vec<Uri> {
         let mut out = Vec::new();
         if let Upstreams::Mirror { set, rest, .. } = self
