@@ -43,6 +43,13 @@
 //! upstream is asked; the upstream is not disabled for it. So is a body
 //! from one upstream that failed its digest: that mirror's copy of the
 //! file is bad, and the next request for it goes to the next mirror.
+//!
+//! In redirect mode no request for a redirected file reaches a mirror,
+//! so nothing would learn its 404s: a redirect to a mirror that has no
+//! memory for the file yet claims a background `HEAD` of it there
+//! ([`MirrorSet::claim_check`]: once per file and mirror for
+//! [`MISSING_FOR`], at most [`CHECKS_PER_SECOND`] per set), whose 404
+//! fills the memory for the next client.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -74,6 +81,10 @@ pub enum MirrorPathError {
 pub const MISSING_FOR: Duration = Duration::from_secs(300);
 /// How many (file, upstream) 404s a set remembers at most.
 pub const MISSING_CAP: usize = 10_000;
+/// The most background checks of redirected files (see the module
+/// docs) a set sends per second of its clock; the rest wait for a later
+/// request of the same file.
+pub const CHECKS_PER_SECOND: u32 = 20;
 /// Latencies below this count as this (see the module docs).
 const LATENCY_FLOOR_US: u64 = 50_000;
 /// The most halvings of a share for latency, and for errors.
@@ -225,6 +236,8 @@ pub struct MirrorSet {
     /// (file hash, upstream index) → when its 404 is forgotten (ms after
     /// the epoch).
     missing: Mutex<HashMap<(u64, usize), u64>>,
+    /// Background checks of redirected files (see the module docs).
+    checks: Mutex<Checks>,
     /// Bumped whenever an upstream is disabled or re-enabled, so what is
     /// derived from the set's health (the Metalink links) knows when to
     /// rebuild.
@@ -233,6 +246,20 @@ pub struct MirrorSet {
     /// (Metalink): true for a `mirror` block, false for a site, whose
     /// upstreams are its private backends.
     pub advertise: bool,
+}
+
+/// The background checks a redirecting set has sent: which (file,
+/// upstream) pairs, until when they are not checked again, and this
+/// second's count for the rate limit.
+#[derive(Debug, Default)]
+struct Checks {
+    /// (file hash, upstream index) → when it may be checked again (ms
+    /// after the epoch).
+    until: HashMap<(u64, usize), u64>,
+    /// The second of the set's clock `sent` counts in.
+    second: u64,
+    /// Checks sent in that second.
+    sent: u32,
 }
 
 /// A snapshot of one upstream's health, for logs and the admin UI.
@@ -384,6 +411,7 @@ impl MirrorSet {
             clock: clock.clone(),
             epoch: clock.monotonic(),
             missing: Mutex::new(HashMap::new()),
+            checks: Mutex::new(Checks::default()),
             generation: AtomicU64::new(0),
             advertise: true,
         }
@@ -579,6 +607,43 @@ impl MirrorSet {
             (hash(rest.as_bytes()), index),
             now + MISSING_FOR.as_millis() as u64,
         );
+    }
+
+    /// Whether a redirect of `rest` (the path below the prefix) to
+    /// upstream `index` should be followed by a background check of the
+    /// file there (see the module docs), claiming it if so: not when its
+    /// 404 is remembered already, not twice within [`MISSING_FOR`], and at
+    /// most [`CHECKS_PER_SECOND`] per second of the set's clock.
+    pub fn claim_check(&self, index: usize, rest: &str) -> bool {
+        let now = self.now_ms();
+        let key = (hash(rest.as_bytes()), index);
+        if lock(&self.missing).get(&key).is_some_and(|&t| t > now) {
+            return false;
+        }
+        let mut checks = lock(&self.checks);
+        if checks.until.get(&key).is_some_and(|&t| t > now) {
+            return false;
+        }
+        let second = now / 1000;
+        if checks.second != second {
+            checks.second = second;
+            checks.sent = 0;
+        }
+        if checks.sent >= CHECKS_PER_SECOND {
+            return false;
+        }
+        checks.sent += 1;
+        if checks.until.len() >= MISSING_CAP {
+            checks.until.retain(|_, &mut until| until > now);
+            if checks.until.len() >= MISSING_CAP {
+                // All recent: forgetting them costs one more HEAD each.
+                checks.until.clear();
+            }
+        }
+        checks
+            .until
+            .insert(key, now + MISSING_FOR.as_millis() as u64);
+        true
     }
 
     /// Records the outcome of a client's request to upstream `index`.
@@ -989,6 +1054,28 @@ mod tests {
         assert!(h.down, "{h:?}");
         assert_eq!(h.last_error.as_deref(), Some("SHA-256 mismatch"));
         assert_eq!(h.fetches, 6, "a body's outcome is no request of its own");
+    }
+
+    #[test]
+    fn a_redirected_file_is_checked_once_per_mirror_and_so_many_a_second() {
+        let clock = Clock::manual(SystemTime::now());
+        let s = set_on(&clock, HealthConfig::default());
+        assert!(s.claim_check(0, "pool/a.deb"));
+        assert!(!s.claim_check(0, "pool/a.deb"), "once");
+        assert!(s.claim_check(1, "pool/a.deb"), "per mirror");
+        s.remember_missing(0, "pool/b.deb");
+        assert!(!s.claim_check(0, "pool/b.deb"), "its 404 is known");
+        let claimed = (0..100)
+            .filter(|n| s.claim_check(0, &format!("pool/f{n}.deb")))
+            .count();
+        assert_eq!(claimed as u32, CHECKS_PER_SECOND - 2);
+        clock.advance(Duration::from_secs(1));
+        assert!(s.claim_check(0, "pool/f99.deb"), "the next second");
+        clock.advance(MISSING_FOR);
+        assert!(
+            s.claim_check(0, "pool/a.deb"),
+            "checked again after a while"
+        );
     }
 
     #[test]
