@@ -1040,8 +1040,12 @@ fn continues_range<B>(
     if total.is_some() && announced != total {
         return Err("the upstream's 206 is for another length than the first answer");
     }
-    if let (Some(all), Some(len)) = (announced, content_length(resp.headers()))
-        && all.checked_sub(written) != Some(len)
+    let range = resp
+        .headers()
+        .typed_get::<headers::ContentRange>()
+        .and_then(|r| r.bytes_range());
+    if let (Some((start, end)), Some(len)) = (range, content_length(resp.headers()))
+        && end.checked_add(1).and_then(|e| e.checked_sub(start)) != Some(len)
     {
         return Err("the upstream's 206 is not as long as its Content-Range says");
     }
@@ -1251,16 +1255,24 @@ mod tests {
             Ok(Proof::Digest)
         );
         // The 206's own length must be what its Content-Range says.
-        let part = |cl: &str| {
+        let part = |range: &str, cl: &str| {
             Response::builder()
                 .status(206)
-                .header(header::CONTENT_RANGE, "bytes 4-9/10")
+                .header(header::CONTENT_RANGE, range)
                 .header(header::CONTENT_LENGTH, cl)
                 .body(())
                 .unwrap()
         };
-        assert_eq!(continues_range(&part("6"), 4, Some(10)), Ok(Some(10)));
-        assert!(continues_range(&part("10"), 4, Some(10)).is_err());
+        assert_eq!(
+            continues_range(&part("bytes 4-9/10", "6"), 4, Some(10)),
+            Ok(Some(10))
+        );
+        assert!(continues_range(&part("bytes 4-9/10", "10"), 4, Some(10)).is_err());
+        // A CDN's next part need not reach the end.
+        assert_eq!(
+            continues_range(&part("bytes 4-6/10", "3"), 4, Some(10)),
+            Ok(Some(10))
+        );
     }
 
     #[test]
