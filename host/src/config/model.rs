@@ -74,6 +74,22 @@ pub struct ClusterConfig {
     /// Which nodes keep a copy of what they fill from the owner
     /// (`store-on`).
     pub store_on: StoreOn,
+    /// Where the fleet's shared state lives (`redis "redis://…"`): the
+    /// digest index, fleet-wide limiters and counters; `None` keeps all of
+    /// it in this process (see [`crate::shared`]).
+    pub redis: Option<RedisUrl>,
+}
+
+/// A Redis server's URL (`redis://[user:password@]host[:port][/db]`),
+/// checked to be one the client can connect to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(pub String);
+
+impl std::fmt::Debug for RedisUrl {
+    /// Without a password the URL may carry.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({:?})", crate::shared::redacted(&self.0))
+    }
 }
 
 /// `store-on` of a cluster: where a file filled from its owner is kept.
