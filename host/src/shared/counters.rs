@@ -129,31 +129,34 @@ pub(crate) async fn flush(
         }
         let Some(conn) = inner.conn() else { continue };
         let mut pipe = redis::pipe();
-        let mut growth = Vec::new();
+        // What `sent` becomes once this flush is through: the counters as
+        // they are now, so those no longer kept (a day gone by, a file
+        // dropped from the table) leave it too.
+        let mut now: HashMap<(String, String), u64> = HashMap::new();
         for s in source() {
-            let f = field(&s.labels);
-            let last = sent.get(&(s.set.clone(), f.clone())).copied().unwrap_or(0);
+            let k = (s.set, field(&s.labels));
+            let last = sent.get(&k).copied().unwrap_or(0);
             let delta = if s.value >= last {
                 s.value - last
             } else {
                 s.value
             };
-            if delta == 0 {
-                continue;
+            if delta > 0 {
+                let key = hash_key(&k.0);
+                pipe.hincr(&key, &k.1, delta).ignore();
+                if k.0.starts_with("files:") {
+                    pipe.expire(&key, FILES_KEPT.as_secs() as i64).ignore();
+                }
             }
-            let key = hash_key(&s.set);
-            pipe.hincr(&key, &f, delta).ignore();
-            if s.set.starts_with("files:") {
-                pipe.expire(&key, FILES_KEPT.as_secs() as i64).ignore();
-            }
-            growth.push(((s.set, f), s.value));
+            now.insert(k, s.value);
         }
-        if growth.is_empty() {
+        if pipe.is_empty() {
+            sent = now;
             continue;
         }
         let mut c = conn.conn.clone();
         match link::run_pipe::<()>(&mut c, &pipe, OP_TIMEOUT).await {
-            Ok(()) => sent.extend(growth),
+            Ok(()) => sent = now,
             // Not sent: the growth goes with the next flush.
             Err(why) => inner.failed(conn.generation, &why),
         }
