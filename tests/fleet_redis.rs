@@ -379,16 +379,7 @@ async fn a_named_limiter_holds_across_the_fleet() {
     if into_hour > 3590 {
         tokio::time::sleep(Duration::from_secs(3601 - into_hour)).await;
     }
-    // One client at a time, round robin over the three nodes.
-    let mut allowed = 0;
-    for n in 0..10 * RATE {
-        let got = get(fleet.nodes[n % 3].addr, "/lim/x").await;
-        match got.status.as_u16() {
-            200 => allowed += 1,
-            429 => assert!(!got.header("retry-after").is_empty()),
-            other => panic!("request {n}: status {other}"),
-        }
-    }
+    let allowed = allowed_round_robin(&fleet).await;
     // Each node decides from the fleet's count as Redis last answered it:
     // it may miss what the two others allowed since, so up to two more
     // than the rate (two more again of headroom for a flusher slower than
@@ -405,6 +396,28 @@ async fn a_named_limiter_holds_across_the_fleet() {
         .await
         .unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
+
+    // The same fleet without Redis: three limiters of their own.
+    let local = start_fleet(&Setup {
+        origin: &origin,
+        redis: None,
+    });
+    assert_eq!(allowed_round_robin(&local).await, 3 * RATE);
+}
+
+/// 10 × [`RATE`] requests to the `/lim/` policy, one client at a time,
+/// round robin over the nodes: how many were allowed.
+async fn allowed_round_robin(fleet: &Fleet) -> usize {
+    let mut allowed = 0;
+    for n in 0..10 * RATE {
+        let got = get(fleet.nodes[n % 3].addr, "/lim/x").await;
+        match got.status.as_u16() {
+            200 => allowed += 1,
+            429 => assert!(!got.header("retry-after").is_empty()),
+            other => panic!("request {n}: status {other}"),
+        }
+    }
+    allowed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
