@@ -927,3 +927,17 @@ fn cluster_redis_is_a_checked_url_reported_at_its_position() {
         assert_eq!(problems(&text).len(), 1, "{bad}");
     }
 }
+
+#[test]
+fn redis_urls_are_checked_and_their_passwords_hidden() {
+    assert!(RedisUrl::parse("redis://127.0.0.1:6379/").is_ok());
+    assert!(RedisUrl::parse("redis://h/2").is_ok());
+    assert!(RedisUrl::parse("http://h:1/").is_err());
+    assert!(RedisUrl::parse("redis://").is_err());
+    let hidden = |u: &str| RedisUrl(u.to_owned()).redacted();
+    assert_eq!(hidden("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+    assert_eq!(hidden("redis://:secret@h"), "redis://:***@h");
+    assert_eq!(hidden("redis://h:1/"), "redis://h:1/");
+    let err = RedisUrl::parse("http://u:secret@h/").unwrap_err();
+    assert!(!err.contains("secret"), "{err}");
+}

@@ -40,7 +40,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>, mut shutdown: watch::Receiver<b
                 _ = shutdown.changed() => return,
             }
         };
-        match connect(&target.url).await {
+        match connect(&target.url.0).await {
             Ok(conn) => {
                 retry = RETRY_FIRST;
                 let generation = inner.connected(conn, target.node.clone());

@@ -65,33 +65,6 @@ const DIGEST_QUEUE: usize = 4096;
 /// The prefix of every key Cistern writes in Redis.
 pub const PREFIX: &str = "cistern:";
 
-/// Whether `text` is a Redis URL the client can use.
-pub fn check_redis_url(text: &str) -> Result<(), String> {
-    match redis::Client::open(text) {
-        Ok(_) if text.starts_with("redis://") || text.starts_with("redis+unix://") => Ok(()),
-        Ok(_) => Err(format!(
-            "{:?}: only redis:// and redis+unix:// URLs are supported",
-            redacted(text)
-        )),
-        Err(e) => Err(format!("{:?} is not a Redis URL: {e}", redacted(text))),
-    }
-}
-
-/// `url` with its password, if any, replaced by `***`, for logs.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((user, host)) => {
-            let user = user.split_once(':').map_or(user, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 /// The Redis key of the digest index entry for `digest`: a hash of node
 /// name → `{"key": URL, "size": bytes}`.
 pub fn digest_key(digest: &[u8; 32]) -> String {
@@ -140,7 +113,7 @@ pub struct RedisStatus {
 /// one node name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Target {
-    pub(crate) url: String,
+    pub(crate) url: RedisUrl,
     pub(crate) node: Arc<str>,
 }
 
@@ -232,7 +205,7 @@ impl SharedState {
     /// changed.
     pub fn configure(&self, cluster: Option<&ClusterConfig>) {
         let want = cluster.and_then(|c| {
-            c.redis.as_ref().map(|RedisUrl(url)| Target {
+            c.redis.as_ref().map(|url| Target {
                 url: url.clone(),
                 node: Arc::from(c.node.as_str()),
             })
@@ -369,7 +342,7 @@ impl SharedState {
 impl Inner {
     fn status(&self) -> RedisStatus {
         RedisStatus {
-            url: self.target.borrow().as_ref().map(|t| redacted(&t.url)),
+            url: self.target.borrow().as_ref().map(|t| t.url.redacted()),
             up: self.conn.load().is_some(),
             errors: self.errors.load(Ordering::Relaxed),
             digests_written: self.digests_written.load(Ordering::Relaxed),
@@ -405,7 +378,7 @@ impl Inner {
                 .target
                 .borrow()
                 .as_ref()
-                .map(|t| redacted(&t.url))
+                .map(|t| t.url.redacted())
                 .unwrap_or_default();
             tracing::warn!(target: "cistern::shared",
                 "Redis at {url} is unreachable ({why}): the digest index, fleet limiters and counters are local to this node until it is back; retrying in the background");
@@ -462,21 +435,5 @@ impl SharedState {
             self.inner.resync.store(true, Ordering::Relaxed);
             self.inner.resync_wake.notify_one();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_checked_and_passwords_hidden() {
-        assert!(check_redis_url("redis://127.0.0.1:6379/").is_ok());
-        assert!(check_redis_url("redis://h/2").is_ok());
-        assert!(check_redis_url("http://h:1/").is_err());
-        assert!(check_redis_url("redis://").is_err());
-        assert_eq!(redacted("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
-        assert_eq!(redacted("redis://:secret@h"), "redis://:***@h");
-        assert_eq!(redacted("redis://h:1/"), "redis://h:1/");
     }
 }

@@ -201,8 +201,8 @@ fn cluster_redis(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ClusterDraft) {
     let Some(text) = cx.string(e.name, arg) else {
         return;
     };
-    match crate::shared::check_redis_url(text) {
-        Ok(()) => d.redis = Some(RedisUrl(text.to_owned())),
+    match RedisUrl::parse(text) {
+        Ok(url) => d.redis = Some(url),
         Err(why) => {
             cx.error(arg.span(), format!("`redis`: {why}")).help = Some(format!("usage: {usage}"));
         }
