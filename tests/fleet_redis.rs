@@ -357,6 +357,27 @@ async fn a_file_committed_on_one_node_is_in_the_fleets_digest_index() {
         .collect();
     assert!(names.contains(&"a"), "{answer}");
     assert_eq!(fleet.metric(0, "cistern_redis_errors_total").await, Some(0));
+
+    // Node a stops: its entry stays, but within seconds it is no longer
+    // named a holder (it stopped saying it is alive).
+    let mut fleet = fleet;
+    fleet.nodes.remove(0).kill9();
+    eventually("the stopped node a is no longer a holder", || async {
+        let answer = fleet
+            .json(idle, &format!("/api/fleet/digest?sha256={digest}"))
+            .await;
+        !answer["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["node"] == "a")
+    })
+    .await;
+    assert!(
+        holders_in_redis(&redis, &digest)
+            .await
+            .contains(&"a".to_owned())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

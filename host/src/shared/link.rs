@@ -104,11 +104,17 @@ async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, String>
     }
 }
 
+/// Checks the connection and says this node is alive (see
+/// [`super::alive_key`]).
 async fn ping_once(c: &Conn) -> Result<(), String> {
     let mut conn = c.conn.clone();
-    run(&mut conn, &redis::cmd("PING"))
-        .await
-        .map(|_: String| ())
+    let alive = redis::cmd("SET")
+        .arg(super::alive_key(&c.node))
+        .arg(1)
+        .arg("PX")
+        .arg(super::ALIVE_FOR.as_millis() as u64)
+        .to_owned();
+    run(&mut conn, &alive).await.map(|_: String| ())
 }
 
 /// Runs one command within [`OP_TIMEOUT`].

@@ -89,6 +89,44 @@ pub struct Holder {
     pub size: u64,
 }
 
+/// The Redis key that says `node` is alive: set with a time to live of
+/// [`ALIVE_FOR`] at every ping, so a node that stopped drops out of
+/// [`SharedState::holders`] within seconds though its entries stay.
+pub fn alive_key(node: &str) -> String {
+    format!("{PREFIX}node:{node}:alive")
+}
+
+/// How long a node counts as alive after its last ping.
+pub const ALIVE_FOR: Duration = Duration::from_secs(3);
+
+/// The digest's entries whose node is alive, by node name.
+async fn live_holders(conn: &Conn, digest: &[u8; 32]) -> redis::RedisResult<Vec<Holder>> {
+    let mut c = conn.conn.clone();
+    let fields: Vec<(String, String)> = c.hgetall(digest_key(digest)).await?;
+    if fields.is_empty() {
+        return Ok(Vec::new());
+    }
+    let alive: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(fields.iter().map(|(n, _)| alive_key(n)).collect::<Vec<_>>())
+        .query_async(&mut c)
+        .await?;
+    let mut out: Vec<Holder> = fields
+        .into_iter()
+        .zip(alive)
+        .filter(|(_, alive)| alive.is_some())
+        .filter_map(|((node, v), _)| {
+            let held: HeldAs = serde_json::from_str(&v).ok()?;
+            Some(Holder {
+                node,
+                key: held.key,
+                size: held.size,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    Ok(out)
+}
+
 /// The stored value of a digest index entry.
 #[derive(Serialize, serde::Deserialize)]
 struct HeldAs {
@@ -268,36 +306,21 @@ impl SharedState {
 
     /// The nodes whose replica stores hold content with SHA-256 `digest`,
     /// from the fleet's digest index (this node included when it holds
-    /// it), or `None` when the index cannot say: no Redis configured,
+    /// it; nodes that stopped pinging Redis for [`ALIVE_FOR`] left out),
+    /// by node name, or `None` when the index cannot say: no Redis configured,
     /// Redis down, or no answer within [`OP_TIMEOUT`]. `Some(vec![])`
     /// means no node holds it. Never waits longer than `OP_TIMEOUT`; a
     /// failure counts as Redis down (the background task reconnects).
     pub async fn holders(&self, digest: &[u8; 32]) -> Option<Vec<Holder>> {
         let conn = self.inner.conn.load_full()?;
-        let mut c = conn.conn.clone();
-        let key = digest_key(digest);
-        let got: Result<Vec<(String, String)>, _> =
-            match tokio::time::timeout(OP_TIMEOUT, c.hgetall(&key)).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer within {OP_TIMEOUT:?}")),
-            };
-        match got {
-            Ok(fields) => {
-                let mut out: Vec<Holder> = fields
-                    .into_iter()
-                    .filter_map(|(node, v)| {
-                        let held: HeldAs = serde_json::from_str(&v).ok()?;
-                        Some(Holder {
-                            node,
-                            key: held.key,
-                            size: held.size,
-                        })
-                    })
-                    .collect();
-                out.sort_by(|a, b| a.node.cmp(&b.node));
-                Some(out)
+        match tokio::time::timeout(OP_TIMEOUT, live_holders(&conn, digest)).await {
+            Ok(Ok(out)) => Some(out),
+            Ok(Err(e)) => {
+                self.inner.failed(conn.generation, &e.to_string());
+                None
             }
-            Err(why) => {
+            Err(_) => {
+                let why = format!("no answer within {OP_TIMEOUT:?}");
                 self.inner.failed(conn.generation, &why);
                 None
             }
