@@ -9,7 +9,7 @@
 //!   that hold it, with their key and size ([`SharedState::holders`]);
 //! - **fleet-wide limiters**: each named limiter a policy asks
 //!   (`limiter_check`, ABI unchanged) counts in a fixed window in Redis
-//!   that every node adds to ([`window`]);
+//!   that every node adds to (`window`);
 //! - **counters**: redirects per mirror, upstream and file and the mirror
 //!   upstreams' fetches and failures, added up over the fleet
 //!   ([`counters`], `/api/fleet/counters`).
@@ -17,7 +17,7 @@
 //! Redis is never on a request's path: nothing here waits on it while a
 //! request does, except [`SharedState::holders`], which is async and
 //! bounded by [`OP_TIMEOUT`]. Writes go out from background tasks
-//! ([`link`]); the limiters decide from what the last write answered.
+//! (`link`); the limiters decide from what the last write answered.
 //! When Redis cannot be reached (down, slow, refusing), every part falls
 //! back to this node's own state, one warning is logged (not one per
 //! request), `cistern_redis_up` drops to 0, `cistern_redis_errors_total`
