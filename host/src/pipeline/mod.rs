@@ -87,6 +87,7 @@ impl Proxy {
         clock: Clock,
     ) -> Proxy {
         crate::cache::use_targeted_field(&snapshot.config.targeted_field);
+        engine.shared().configure(snapshot.config.cluster.as_ref());
         Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             engine,
@@ -114,6 +115,9 @@ impl Proxy {
     /// Makes `snapshot` current for new requests.
     pub fn swap(&self, snapshot: Snapshot) {
         crate::cache::use_targeted_field(&snapshot.config.targeted_field);
+        self.engine
+            .shared()
+            .configure(snapshot.config.cluster.as_ref());
         self.snapshot.store(Arc::new(snapshot));
     }
 
