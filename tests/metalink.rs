@@ -4,6 +4,7 @@
 //! (aria2c) that downloads the file from it and verifies its hash.
 
 mod common;
+mod tls_common;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -398,4 +399,84 @@ async fn a_large_set_links_its_best_eight_and_lists_every_mirror_in_the_meta4() 
     assert_eq!(pris, (1..=8).collect::<Vec<_>>(), "{:?}", links(&hit));
     let xml = String::from_utf8(get(addr, "/m/f.meta4").await.bytes().to_vec()).unwrap();
     assert_eq!(xml.matches("<url priority=").count(), 11, "{xml}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sites_answers_carry_no_metalink_links_and_it_has_no_meta4() {
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    let body = pattern(4, 30_000);
+    for o in [&a, &b] {
+        o.put("/pub/pool/x.deb", Resource::new(body.clone()));
+        o.put("/pool/x.deb", Resource::new(body.clone()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tls_common::Ca::new();
+    ca.leaf(&["site.test"]).write(dir.path(), "site");
+    let port = common::free_port();
+    // A mirror and a site over the same two servers: the mirror's are
+    // public mirrors, the site's are its private backends.
+    let text = format!(
+        r#"
+listen "127.0.0.1:0"
+store {{
+    root "{root}"
+}}
+mirror "m" {{
+    prefix "/m/"
+    upstream "http://{a}/pub/"
+    upstream "http://{b}/pub/"
+}}
+site "site.test" {{
+    listen "127.0.0.1:{port}"
+    tls cert="site.pem" key="site.key"
+    upstream "http://{a}/"
+    upstream "http://{b}/"
+}}
+"#,
+        root = dir.path().join("replica").display(),
+        a = a.addr,
+        b = b.addr,
+    );
+    let cistern = start(dir.path(), &text, &Clock::default()).await;
+    let addr = cistern.addrs[0];
+
+    // The mirror's complete replica links both mirrors and its .meta4.
+    assert_eq!(get(addr, "/m/pool/x.deb").await.bytes(), &body);
+    let hit = get(addr, "/m/pool/x.deb").await;
+    assert_eq!(hit.header("cache-status"), "cistern; hit");
+    assert_eq!(duplicates(&hit).len(), 2, "{:?}", links(&hit));
+
+    // The site's complete replica links nothing: no backend URL, no
+    // .meta4 (which would list them).
+    let site: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut c = tls_common::connect(site, "site.test", ca.client(&[b"http/1.1"]))
+        .await
+        .expect("connect to the site");
+    for round in ["miss", "hit"] {
+        let got = c.get("/pool/x.deb").await.unwrap();
+        assert_eq!(got.status, StatusCode::OK, "{round}");
+        assert_eq!(got.body.as_ref().unwrap(), &body, "{round}");
+        let link: Vec<_> = got.headers.get_all("link").iter().collect();
+        assert!(link.is_empty(), "{round}: {link:?}");
+        if round == "hit" {
+            assert_eq!(got.headers["cache-status"], "cistern; hit");
+            assert!(!got.headers["repr-digest"].is_empty());
+        }
+    }
+    // Nor does the site answer FILE.meta4 itself: the path is the
+    // backends' like any other (here a 404 from each, asked in turn).
+    let meta4 = c.get("/pool/x.deb.meta4").await.unwrap();
+    assert_eq!(meta4.status, StatusCode::NOT_FOUND);
+    assert_ne!(
+        meta4
+            .headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap()),
+        Some("application/metalink4+xml")
+    );
+    assert_eq!(
+        (a.hits("/pool/x.deb.meta4"), b.hits("/pool/x.deb.meta4")),
+        (1, 1),
+        "the site's .meta4 went to its upstreams"
+    );
 }

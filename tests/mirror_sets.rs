@@ -681,3 +681,231 @@ async fn weights_and_health_settings_change_with_a_reload() {
     assert_eq!(file_hits(&a) + to_b, 400);
     assert!((330..=390).contains(&to_b), "b got {to_b} of 400");
 }
+
+/// `Repr-Digest: sha-256=:…:` of `body` (RFC 9530).
+fn repr_digest(body: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let sha = sha2::Sha256::digest(body);
+    format!(
+        "sha-256=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(sha)
+    )
+}
+
+fn sha256_hex(body: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(body))
+}
+
+/// The replica file of `path` (below the origin) under `dir`, if any.
+fn replica_of(dir: &Path, path: &str) -> Option<Vec<u8>> {
+    let root = dir.join("replica");
+    common::find_files(&root)
+        .iter()
+        .find(|f| f.ends_with(path))
+        .map(|f| std::fs::read(root.join(f)).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_whose_bodies_fail_their_digest_is_disabled_and_nothing_wrong_is_stored() {
+    let (good, bad) = (Origin::start().await, Origin::start().await);
+    let files = 40u8;
+    let real = |i: u8| pattern(i, 20_000);
+    for i in 0..files {
+        let path = format!("/pub/f{i}");
+        let digest = repr_digest(&real(i));
+        good.put(&path, Resource::new(real(i)).header("repr-digest", &digest));
+        // Same length, a correct-looking digest of the real file, other
+        // bytes: what a mirror with bit rot or a broken sync serves.
+        bad.put(
+            &path,
+            Resource::new(pattern(100 + i, 20_000)).header("repr-digest", &digest),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        dir.path(),
+        &[(&good, 1), (&bad, 1)],
+        "    health {\n        fail-after 2\n    }",
+    );
+    // Manual time: the disabled mirror's retry never comes due.
+    let cistern = start(dir.path(), &text, &Clock::manual(SystemTime::now())).await;
+    let (addr, admin) = (cistern.addrs[0], cistern.admin_addr.unwrap());
+    let mut failed = Vec::new();
+    for i in 0..files {
+        let got = get(addr, &format!("/m/f{i}")).await;
+        assert_eq!(got.status, 200, "f{i}");
+        match &got.body {
+            Ok(bytes) => assert!(bytes == &real(i), "f{i}: a whole transfer of wrong bytes"),
+            Err(_) => failed.push(i),
+        }
+    }
+    // Each answer of the bad mirror failed its client's transfer (its
+    // last byte is held back until the digest is checked) and counted
+    // against it, though its heads were fine: after two it is disabled
+    // and the other mirror serves every file.
+    assert_eq!(failed.len(), 2, "failed transfers: {failed:?}");
+    assert_eq!(
+        file_hits(&bad),
+        2,
+        "the bad mirror was asked after it failed twice"
+    );
+    let ups = upstreams(admin).await;
+    assert_eq!(ups[1]["state"], "down", "{:#}", ups[1]);
+    assert_eq!(ups[1]["failures"], 2, "{:#}", ups[1]);
+    let last = ups[1]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last.contains("SHA-256") && last.contains(&bad.addr.to_string()),
+        "{last}"
+    );
+    assert_eq!(ups[0]["state"], "up");
+    assert_eq!(ups[0]["failures"], 0);
+    // The files that failed come whole from the good mirror now.
+    for &i in &failed {
+        let got = get(addr, &format!("/m/f{i}")).await;
+        assert!(got.bytes() == &real(i), "f{i}");
+    }
+    assert_eq!(file_hits(&bad), 2);
+    // Nothing wrong was stored: every file on disk is the real one.
+    for i in 0..files {
+        let on_disk = replica_of(dir.path(), &format!("/pub/f{i}"))
+            .unwrap_or_else(|| panic!("f{i} not stored"));
+        assert!(on_disk == real(i), "f{i} on disk is not the real file");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_continues_on_a_mirror_with_its_own_etag_when_both_announce_the_same_digest() {
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    let body = pattern(5, 3 << 20);
+    let digest = repr_digest(&body);
+    let slow = Duration::from_millis(20);
+    // Each mirror's web server makes its own ETag (mtime and size) and
+    // its own Last-Modified; the content and its digest are the same.
+    let on = |etag: &str, date: &str| {
+        Resource::new(body.clone())
+            .header("etag", etag)
+            .header("last-modified", date)
+            .header("repr-digest", &digest)
+            .slow(slow)
+    };
+    a.put(
+        "/pub/big.iso",
+        on("\"5e0b6f00-300000\"", "Wed, 01 Jan 2020 00:00:00 GMT"),
+    );
+    b.put(
+        "/pub/big.iso",
+        on("\"5e0c1a3c-300000\"", "Thu, 02 Jan 2020 01:02:03 GMT"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(dir.path(), &[(&a, 1), (&b, 1)], "");
+    let cistern = start(dir.path(), &text, &Clock::default()).await;
+    let addr = cistern.addrs[0];
+    let origins = [&a, &b];
+    let first = chosen(addr, "/m/big.iso", &origins, "/pub/big.iso").await;
+    let (dies, other) = (origins[first], origins[1 - first]);
+    // The chosen mirror dies after 1 MiB of each answer from now on.
+    let (etag, date) = if first == 0 {
+        ("\"5e0b6f00-300000\"", "Wed, 01 Jan 2020 00:00:00 GMT")
+    } else {
+        ("\"5e0c1a3c-300000\"", "Thu, 02 Jan 2020 01:02:03 GMT")
+    };
+    dies.put("/pub/big.iso", on(etag, date).die_after(1 << 20, 100));
+
+    let resp = common::send(addr, "GET", "/m/big.iso", &[]).await;
+    assert_eq!(resp.status(), 200);
+    let (got, clean) = read_until_failure(resp).await;
+    assert!(clean, "the transfer failed after {} bytes", got.len());
+    assert_eq!(sha256_hex(&got), sha256_hex(&body), "the client's bytes");
+    // The other mirror was asked for the rest with a Range and no
+    // If-Range (its ETag is not the first one's), once.
+    let asked = ranged(other, "/pub/big.iso");
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert!(asked[0].0.starts_with("bytes=") && asked[0].0 != "bytes=0-");
+    assert_eq!(asked[0].1, "", "{asked:?}");
+    // The committed file is the content the digest names.
+    let on_disk = replica_of(dir.path(), "/pub/big.iso").expect("stored");
+    assert_eq!(
+        sha256_hex(&on_disk),
+        sha256_hex(&body),
+        "the replica on disk"
+    );
+    let again = get(addr, "/m/big.iso").await;
+    assert_eq!(again.header("cache-status"), "cistern; hit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_lies_about_its_digest_fails_the_splice_and_nothing_is_committed() {
+    let (a, b) = (Origin::start().await, Origin::start().await);
+    let body = pattern(5, 3 << 20);
+    let digest = repr_digest(&body);
+    let real = |etag: &str| {
+        Resource::new(body.clone())
+            .header("etag", etag)
+            .header("repr-digest", &digest)
+    };
+    // The other mirror serves other bytes under the real file's digest.
+    let liar = |etag: &str| {
+        Resource::new(pattern(6, 3 << 20))
+            .header("etag", etag)
+            .header("repr-digest", &digest)
+    };
+    a.put("/pub/big.iso", real("\"a-1\""));
+    b.put("/pub/big.iso", real("\"b-1\""));
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(dir.path(), &[(&a, 1), (&b, 1)], "");
+    let cistern = start(dir.path(), &text, &Clock::default()).await;
+    let (addr, admin) = (cistern.addrs[0], cistern.admin_addr.unwrap());
+    let origins = [&a, &b];
+    let first = chosen(addr, "/m/big.iso", &origins, "/pub/big.iso").await;
+    let (dies, other) = (origins[first], origins[1 - first]);
+    let etags = ["\"a-1\"", "\"b-1\""];
+    dies.put("/pub/big.iso", real(etags[first]).die_after(1 << 20, 100));
+    other.put("/pub/big.iso", liar(etags[1 - first]));
+
+    let resp = common::send(addr, "GET", "/m/big.iso", &[]).await;
+    assert_eq!(resp.status(), 200);
+    let (got, clean) = read_until_failure(resp).await;
+    // The splice was tried (the digests agree) and the whole was checked
+    // against the digest before the commit: a failed transfer, short of
+    // its last byte.
+    let asked = ranged(other, "/pub/big.iso");
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].1, "", "no If-Range: {asked:?}");
+    assert!(
+        !clean,
+        "a transfer of {} bytes ended as if whole",
+        got.len()
+    );
+    assert!(got.len() < body.len());
+    assert!(
+        replica_of(dir.path(), "/pub/big.iso").is_none(),
+        "a spliced file that failed its digest was committed"
+    );
+    let ups = upstreams(admin).await;
+    let last = ups[1 - first]["last_error"].as_str().unwrap_or_default();
+    assert!(last.contains("SHA-256"), "{:#}", ups[1 - first]);
+
+    // Nothing of it is kept to resume from: the next request starts over
+    // and gets the real file whole.
+    dies.put("/pub/big.iso", real(etags[first]));
+    other.put(
+        "/pub/big.iso",
+        Resource {
+            status: StatusCode::NOT_FOUND,
+            ..Resource::new(pattern(0, 10))
+        },
+    );
+    let before = ranged(dies, "/pub/big.iso").len();
+    let next = get(addr, "/m/big.iso").await;
+    assert_eq!(next.status, 200);
+    assert_eq!(sha256_hex(next.bytes()), sha256_hex(&body));
+    assert_eq!(
+        ranged(dies, "/pub/big.iso").len(),
+        before,
+        "the next request resumed what the failed fill left"
+    );
+    let on_disk = replica_of(dir.path(), "/pub/big.iso").expect("stored");
+    assert_eq!(sha256_hex(&on_disk), sha256_hex(&body));
+}

@@ -1,9 +1,10 @@
 //! Redirect mode (`mirror "NAME" mode="redirect"`), against the real
 //! binary with in-process origins as the mirrors: a 302 to the weighted,
-//! sticky choice with no upstream request, a disabled mirror never
-//! chosen, JSON by `Accept` and by `?json`, the `?mirrorlist` page, files
-//! that change in place proxied and cached, and the redirect counters in
-//! the admin API, page and `/metrics`.
+//! sticky choice with no upstream request on the way, a disabled mirror
+//! never chosen, JSON by `Accept` and by `?json`, the `?mirrorlist` page,
+//! files that change in place proxied and cached, a partial mirror's 404
+//! learnt by a background check, and the redirect counters in the admin
+//! API, page and `/metrics`.
 
 mod common;
 
@@ -79,6 +80,39 @@ async fn api(admin: SocketAddr, path: &str) -> Value {
     serde_json::from_slice(got.bytes()).expect("JSON")
 }
 
+/// Whether everything `origin` saw is a background check (a `HEAD` of a
+/// file below `/pub/`) or a probe, at most one check per file.
+fn only_checks(origin: &Origin) -> bool {
+    let seen = origin.seen();
+    let checks: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.path != "/pub/probe")
+        .map(|s| s.path.as_str())
+        .collect();
+    let distinct: std::collections::HashSet<&&str> = checks.iter().collect();
+    seen.iter()
+        .all(|s| s.path == "/pub/probe" || (s.method == "HEAD" && s.path.starts_with("/pub/")))
+        && distinct.len() == checks.len()
+}
+
+/// HEADs of `path` that `origin` saw.
+fn heads(origin: &Origin, path: &str) -> usize {
+    seen_as(origin, "HEAD", path)
+}
+
+/// GETs of `path` that `origin` saw.
+fn gets(origin: &Origin, path: &str) -> usize {
+    seen_as(origin, "GET", path)
+}
+
+fn seen_as(origin: &Origin, method: &str, path: &str) -> usize {
+    origin
+        .seen()
+        .iter()
+        .filter(|s| s.method == method && s.path == path)
+        .count()
+}
+
 async fn json(proxy: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Value {
     let got = request(proxy, "GET", target, headers).await;
     assert_eq!(got.status, StatusCode::OK, "{target}");
@@ -102,6 +136,15 @@ async fn files_get_a_302_to_their_sticky_weighted_mirror_and_no_upstream_request
     let mut to: HashMap<String, usize> = HashMap::new();
     let mut chosen = Vec::new();
     let n = 200;
+    // Every mirror has every file (the background checks find them).
+    for i in 0..n {
+        for o in [&a, &b] {
+            o.put(
+                &format!("/pub/3.0/vlc-{i}.tar.xz"),
+                Resource::new(pattern(i as u8, 100)),
+            );
+        }
+    }
     for i in 0..n {
         let target = format!("/vlc/3.0/vlc-{i}.tar.xz");
         let got = get(r.cistern.addr, &target).await;
@@ -124,19 +167,26 @@ async fn files_get_a_302_to_their_sticky_weighted_mirror_and_no_upstream_request
     // Weight 3 of 4: 150 of 200 expected, σ ≈ 6.
     let to_b = to.get(&base(&b)).copied().unwrap_or(0);
     assert!((125..=175).contains(&to_b), "{to:?}");
+    // No upstream request on the way: what the mirrors saw are only the
+    // background checks that follow a redirect, one per file at most,
+    // each on the mirror the file was sent to.
     assert!(
-        a.seen().is_empty() && b.seen().is_empty(),
-        "no upstream request"
+        only_checks(&a) && only_checks(&b),
+        "{:?} {:?}",
+        a.seen(),
+        b.seen()
     );
+    for (i, mirror) in chosen.iter().enumerate() {
+        let path = format!("/pub/3.0/vlc-{i}.tar.xz");
+        let other = if *mirror == base(&a) { &b } else { &a };
+        assert_eq!(heads(other, &path), 0, "{path} checked on another mirror");
+    }
     for (i, mirror) in chosen.iter().enumerate().take(20) {
         let path = format!("/pub/3.0/vlc-{i}.tar.xz");
-        for o in [&a, &b] {
-            o.put(&path, Resource::new(pattern(i as u8, 100)));
-        }
         let got = get(r.cistern.addr, &format!("/p/3.0/vlc-{i}.tar.xz")).await;
         assert_eq!(got.status, StatusCode::OK);
-        assert_eq!(a.hits(&path) + b.hits(&path), 1);
-        let fetched_from = if a.hits(&path) == 1 {
+        assert_eq!(gets(&a, &path) + gets(&b, &path), 1);
+        let fetched_from = if gets(&a, &path) == 1 {
             base(&a)
         } else {
             base(&b)
@@ -149,6 +199,9 @@ async fn files_get_a_302_to_their_sticky_weighted_mirror_and_no_upstream_request
 async fn a_disabled_mirror_is_never_chosen_and_none_left_is_a_503() {
     let a = Origin::start().await;
     a.put("/pub/probe", Resource::new(pattern(1, 10)));
+    for i in 0..50 {
+        a.put(&format!("/pub/f{i}.iso"), Resource::new(pattern(i, 10)));
+    }
     let dead = dead_base();
     let health = r#"    health {
         probe "probe"
@@ -195,7 +248,7 @@ async fn a_disabled_mirror_is_never_chosen_and_none_left_is_a_503() {
     assert!((1..=30).contains(&retry), "{retry}");
     let choice = json(r.cistern.addr, "/gone/f1.iso?json", &[]).await;
     assert!(choice["chosen"].is_null(), "{choice:#}");
-    assert!(a.seen().iter().all(|s| s.path == "/pub/probe"));
+    assert!(only_checks(&a), "{:?}", a.seen());
 }
 
 #[tokio::test]
@@ -204,6 +257,9 @@ async fn json_by_accept_or_query_and_an_escaped_mirror_list() {
     let b = Origin::start().await;
     let r = start(&[(base(&a), 2), (base(&b), 1)], "", "");
     let target = "/vlc/3.0/vlc.tar.xz";
+    for o in [&a, &b] {
+        o.put("/pub/3.0/vlc.tar.xz", Resource::new(pattern(1, 10)));
+    }
     let location = get(r.cistern.addr, target)
         .await
         .header("location")
@@ -261,7 +317,7 @@ async fn json_by_accept_or_query_and_an_escaped_mirror_list() {
             "{m} in {page}"
         );
     }
-    assert!(a.seen().is_empty() && b.seen().is_empty());
+    assert!(only_checks(&a) && only_checks(&b));
 }
 
 #[tokio::test]
@@ -307,6 +363,9 @@ async fn files_that_change_in_place_are_proxied_and_cached() {
 #[tokio::test]
 async fn redirects_are_counted_per_file_mirror_and_day() {
     let a = Origin::start().await;
+    for file in ["hot.iso", "cold.iso"] {
+        a.put(&format!("/pub/{file}"), Resource::new(pattern(1, 10)));
+    }
     let r = start(&[(base(&a), 1)], "", "");
     for target in [
         "/vlc/hot.iso",
@@ -350,4 +409,71 @@ async fn redirects_are_counted_per_file_mirror_and_day() {
     );
     let mirrors = api(r.admin, "/api/mirrors").await;
     assert_eq!(mirrors[0]["mode"], "redirect");
+}
+
+#[tokio::test]
+async fn a_partial_mirrors_404_is_learnt_in_the_background_and_the_next_client_goes_elsewhere() {
+    let partial = Origin::start().await;
+    let full = Origin::start().await;
+    let files = 12;
+    for i in 0..files {
+        full.put(
+            &format!("/pub/iso/f{i}.iso"),
+            Resource::new(pattern(i as u8, 100)),
+        );
+    }
+    let r = start(&[(base(&partial), 1), (base(&full), 1)], "", "");
+    let addr = r.cistern.addr;
+    let location = |got: &common::Got| got.header("location").to_owned();
+    // The first clients are sent where the choice says: about half to
+    // the partial mirror, which has none of the files. Nothing is known
+    // of it yet, and no client's answer waits for a mirror.
+    let mut missing = Vec::new();
+    for i in 0..files {
+        let got = get(addr, &format!("/vlc/iso/f{i}.iso")).await;
+        assert_eq!(got.status, StatusCode::FOUND);
+        if location(&got).starts_with(&base(&partial)) {
+            missing.push(i);
+        }
+    }
+    assert!(
+        missing.len() >= 2 && missing.len() < files,
+        "{missing:?}: the test shows nothing"
+    );
+    // Each redirect was followed by one HEAD of the file on its mirror;
+    // the partial mirror's 404s are remembered, and the next client for
+    // each of those files goes to the mirror that has it.
+    for &i in &missing {
+        let target = format!("/vlc/iso/f{i}.iso");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = get(addr, &target).await;
+            assert_eq!(got.status, StatusCode::FOUND);
+            if location(&got) == format!("{}iso/f{i}.iso", base(&full)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{target} still sent to the partial mirror ({} HEADs there)",
+                heads(&partial, &format!("/pub/iso/f{i}.iso"))
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(heads(&partial, &format!("/pub/iso/f{i}.iso")), 1);
+        let choice = json(addr, &format!("{target}?json"), &[]).await;
+        assert_eq!(choice["chosen"]["upstream"], base(&full).as_str());
+        assert_eq!(choice["alternatives"][0]["state"], "missing", "{choice:#}");
+    }
+    // The files the full mirror has stay there, checked once each
+    // however many clients ask; the partial mirror is not disabled for
+    // its 404s.
+    for i in 0..files {
+        let got = get(addr, &format!("/vlc/iso/f{i}.iso")).await;
+        assert!(location(&got).starts_with(&base(&full)), "f{i}: {got:?}");
+    }
+    assert!(only_checks(&full) && only_checks(&partial));
+    let mirrors = api(r.admin, "/api/mirrors").await;
+    for u in mirrors[0]["upstreams"].as_array().unwrap() {
+        assert_eq!(u["state"], "up", "{u:#}");
+    }
 }

@@ -221,6 +221,13 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     };
     server.serve(bound);
 
+    // The fleet's shared state: local, or Redis once configured.
+    tasks.extend(proxy.engine().shared().start(
+        proxy.engine().store().clone(),
+        counter_samples(proxy.clone()),
+        rx.clone(),
+    ));
+
     // Keyed limiters forget idle clients now and then.
     let housekeeping = proxy.clone();
     let mut hk_stop = rx.clone();
@@ -243,5 +250,46 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         reload_log,
         shutdown,
         tasks,
+    })
+}
+
+/// This node's counters that the fleet adds up (`crate::shared::counters`):
+/// redirects per mirror and upstream, per file and day, and the mirror
+/// upstreams' fetches and failures.
+fn counter_samples(proxy: Arc<Proxy>) -> crate::shared::counters::SampleSource {
+    use crate::shared::CounterSample;
+    Arc::new(move || {
+        let mut out = Vec::new();
+        let redirects = proxy.engine().metrics().redirects();
+        for (mirror, upstream, value) in redirects.totals() {
+            out.push(CounterSample {
+                set: "redirects".to_owned(),
+                labels: [mirror, upstream],
+                value,
+            });
+        }
+        for day in redirects.report() {
+            for m in day.mirrors {
+                for f in m.files {
+                    out.push(CounterSample {
+                        set: format!("files:{}", day.date),
+                        labels: [m.mirror.clone(), f.file],
+                        value: f.redirects,
+                    });
+                }
+            }
+        }
+        for set in proxy.snapshot().router.mirrors() {
+            for u in set.health() {
+                for (name, value) in [("fetches", u.fetches), ("failures", u.failures)] {
+                    out.push(CounterSample {
+                        set: name.to_owned(),
+                        labels: [set.name.clone(), u.base.clone()],
+                        value,
+                    });
+                }
+            }
+        }
+        out
     })
 }

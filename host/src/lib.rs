@@ -51,7 +51,13 @@
 //!   `meta` (+ `meta/format`), `room` (disk room), `ram`, `verify`.
 //! - [`cache`]: the RFC 9111 rules (freshness, storability, revalidation,
 //!   serving stale), on top of `http-cache-semantics`.
-//! - [`limit`]: per-client request limits and the upstream bandwidth cap.
+//! - [`shared`]: the fleet's shared state, in this process or, with
+//!   `cluster { redis }`, in Redis: the digest index of every node
+//!   (`holders`), fleet-wide windows of the named limiters and the
+//!   counters' fleet totals, written from background tasks (`link`,
+//!   `window`, `counters`) and local again while Redis is unreachable.
+//! - [`limit`]: per-client request limits and the upstream bandwidth cap;
+//!   the named limiters count fleet-wide through `shared` when it is.
 //! - [`fetch`]: the coalescing fetch engine: `mod.rs` the facade,
 //!   `coalesce` (one fill per key, its states, the in-flight registry),
 //!   `fill` (the fill task: revalidate, resume, prepare, stream, commit),
@@ -115,6 +121,7 @@ pub mod request;
 pub mod route;
 pub mod serve;
 pub mod server;
+pub mod shared;
 pub mod snapshot;
 pub mod store;
 pub mod tls;

@@ -1,5 +1,8 @@
 //! Rate limits, on governor: requests per client, the shared upstream
-//! bandwidth cap, and the named limiters that policies consult.
+//! bandwidth cap, and the named limiters that policies consult. With
+//! `cluster { redis }` the named limiters are fleet-wide (a window counted
+//! in Redis, see [`crate::shared`]) and governor's are their fallback
+//! while Redis is unreachable.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,7 +19,16 @@ use crate::config::{Config, RequestRate};
 pub struct Limits {
     per_client: Option<DefaultKeyedRateLimiter<IpAddr>>,
     download: Option<Bandwidth>,
-    named: HashMap<String, DefaultKeyedRateLimiter<String>>,
+    named: HashMap<String, Named>,
+    /// Where the named limiters count fleet-wide, with `cluster { redis }`.
+    fleet: Option<crate::shared::SharedState>,
+}
+
+/// A named limiter: its rate and this node's own limiter of it.
+#[derive(Debug)]
+struct Named {
+    rate: RequestRate,
+    local: DefaultKeyedRateLimiter<String>,
 }
 
 /// The upstream download cap, in bytes per second, shared by every fetch.
@@ -50,7 +62,17 @@ fn quota(rate: RequestRate) -> Quota {
 }
 
 impl Limits {
-    /// Builds the limiters a configuration declares.
+    /// Builds the limiters a configuration declares; the named ones count
+    /// fleet-wide in `shared` when the config has `cluster { redis }`.
+    pub fn with_shared(config: &Config, shared: &crate::shared::SharedState) -> Limits {
+        let mut limits = Limits::new(config);
+        if config.cluster.as_ref().is_some_and(|c| c.redis.is_some()) {
+            limits.fleet = Some(shared.clone());
+        }
+        limits
+    }
+
+    /// Builds the limiters a configuration declares, all local.
     pub fn new(config: &Config) -> Limits {
         let per_client = config
             .limits
@@ -60,12 +82,22 @@ impl Limits {
         let named = config
             .limiters
             .iter()
-            .map(|l| (l.name.clone(), RateLimiter::keyed(quota(l.rate))))
+            .map(|l| {
+                let local = RateLimiter::keyed(quota(l.rate));
+                (
+                    l.name.clone(),
+                    Named {
+                        rate: l.rate,
+                        local,
+                    },
+                )
+            })
             .collect();
         Limits {
             per_client,
             download,
             named,
+            fleet: None,
         }
     }
 
@@ -80,11 +112,19 @@ impl Limits {
     }
 
     /// Asks the named limiter about `key`; `None` when no such limiter is
-    /// declared.
+    /// declared. Fleet-wide while Redis is up (never waiting on it), this
+    /// node's own limiter otherwise.
     pub fn check_named(&self, name: &str, key: &str) -> Option<Result<(), RetryAfter>> {
         let limiter = self.named.get(name)?;
+        let fleet = self.fleet.as_ref().and_then(|shared| {
+            shared.check_fleet(name, key, limiter.rate.count, limiter.rate.period)
+        });
+        if let Some(verdict) = fleet {
+            return Some(verdict.map_err(RetryAfter));
+        }
         Some(
             limiter
+                .local
                 .check_key(&key.to_owned())
                 .map_err(|n| RetryAfter(n.wait_time_from(DefaultClock::default().now()))),
         )
@@ -103,8 +143,8 @@ impl Limits {
             l.shrink_to_fit();
         }
         for l in self.named.values() {
-            l.retain_recent();
-            l.shrink_to_fit();
+            l.local.retain_recent();
+            l.local.shrink_to_fit();
         }
     }
 }

@@ -11,12 +11,11 @@ pub mod metalink;
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -42,6 +41,22 @@ pub enum Source {
         /// The fill's progress.
         progress: watch::Receiver<FillState>,
     },
+}
+
+/// The bytes of a response body that sit in a complete replica file, as
+/// `start..end`. [`respond`] attaches it to a response (as an extension)
+/// whose body reads exactly these bytes from this file, so the HTTP/1.1
+/// fast lane can hand them to the kernel with `sendfile(2)` instead of
+/// polling the body. Whoever replaces such a response's body must remove
+/// it; nothing on the hit path does.
+#[derive(Clone)]
+pub struct FileSlice {
+    /// The open replica (checked against its metadata when opened).
+    pub file: Arc<File>,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
 }
 
 /// Why a replica could not be served.
@@ -139,8 +154,8 @@ pub async fn respond(
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(send));
     }
 
-    let body = if method == Method::HEAD {
-        empty()
+    let (body, slice) = if method == Method::HEAD {
+        (empty(), None)
     } else {
         match source {
             Source::Replica(replica, store) => {
@@ -148,13 +163,16 @@ pub async fn respond(
                 replica_body(replica, store, start, end).await?
             }
             Source::Fill { head, progress } => {
-                growing_body(head.file.clone(), start, end, progress)
+                (growing_body(head.file.clone(), start, end, progress), None)
             }
         }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
+    if let Some(slice) = slice {
+        resp.extensions_mut().insert(slice);
+    }
     Ok(resp)
 }
 
@@ -184,7 +202,7 @@ async fn aside_response(
         match source {
             Source::Replica(replica, store) => {
                 let end = end.unwrap_or(replica.meta.length);
-                replica_body(replica, store, start, end).await?
+                replica_body(replica, store, start, end).await?.0
             }
             Source::Fill { head, progress } => {
                 growing_body(head.file.clone(), start, end, progress)
@@ -364,15 +382,16 @@ fn requested_range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> Plan {
 }
 
 /// The body of a committed replica, `start..end`: from its copy in RAM
-/// when it has one, else read from the file on the blocking pool.
+/// when it has one, else read from the file on the blocking pool; with the
+/// [`FileSlice`] it reads when it streams from the file.
 async fn replica_body(
     replica: Arc<Replica>,
     store: Arc<ReplicaStore>,
     start: u64,
     end: u64,
-) -> Result<ProxyBody, ServeError> {
+) -> Result<(ProxyBody, Option<FileSlice>), ServeError> {
     if let Some(ram) = replica.ram.get() {
-        return Ok(full(ram.bytes().slice(start as usize..end as usize)));
+        return Ok((full(ram.bytes().slice(start as usize..end as usize)), None));
     }
     // A small replica is read whole, so its copy can answer later hits.
     let whole = replica.meta.length <= crate::store::ram::MAX_RAM_OBJECT;
@@ -417,27 +436,44 @@ async fn replica_body(
             source: io::Error::other(e),
         })??;
     match opened {
-        (_, Some(bytes)) => Ok(full(
-            bytes.slice((start - from) as usize..(end - from) as usize),
+        (_, Some(bytes)) => Ok((
+            full(bytes.slice((start - from) as usize..(end - from) as usize)),
+            None,
         )),
-        (file, None) => Ok(file_body(Arc::new(file), start, end)),
+        (file, None) => {
+            let file = Arc::new(file);
+            let slice = FileSlice {
+                file: file.clone(),
+                start,
+                end,
+            };
+            Ok((file_body(file, start, end), Some(slice)))
+        }
     }
 }
 
+/// `len` bytes of `file` from `offset`, read into fresh memory that is not
+/// zeroed first: clearing a 256 KiB chunk only to overwrite it cost about
+/// as much as the read itself.
 fn read_exact_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(len);
-    let mut done = 0;
-    while done < len {
-        let n = file.read_at(&mut buf[done..], offset + done as u64)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "replica shorter than its metadata",
-            ));
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "replica shorter than its metadata",
+                ));
+            }
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
-        done += n;
     }
-    Ok(buf.freeze())
+    // The allocation may hold more than was asked; never serve past `len`.
+    buf.truncate(len);
+    Ok(Bytes::from(buf))
 }
 
 async fn read_chunk(file: Arc<File>, at: u64, len: usize) -> io::Result<Bytes> {

@@ -29,10 +29,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::body::ClientBody;
 use crate::config::Config;
 use crate::gate::{AcceptBackoff, ConnCaps, ConnPermit, SendDeadline};
 use crate::ours::{OwnSocket, OwnSockets, SocketKind};
 use crate::pipeline::{ConnInfo, Proxy};
+
+mod lane;
 
 /// A listener as config names it: an address (port 0 picks a free one)
 /// and whether it terminates TLS for sites.
@@ -411,7 +414,13 @@ impl Connection {
     async fn run(mut self, stream: TcpStream, tls: Option<TlsAcceptor>) {
         let _ = stream.set_nodelay(true);
         let Some(acceptor) = tls else {
-            return self.serve(stream).await;
+            let info = self.conn_info();
+            return match self.lane(&stream, info).await {
+                lane::Left::Closed => {}
+                lane::Left::ToHyper { read, served } => {
+                    self.serve(lane::Rewind::new(read, stream), !served).await
+                }
+            };
         };
         // The first-request deadline bounds the handshake too, so a client
         // that opens a connection and says nothing does not hold it.
@@ -421,7 +430,7 @@ impl Connection {
             _ = reached(&mut self.phase, Phase::Draining) => return,
         };
         match accepted {
-            Ok(Ok(stream)) => self.serve(stream).await,
+            Ok(Ok(stream)) => self.serve(stream, true).await,
             Ok(Err(e)) => {
                 tracing::debug!(target: "cistern::server", client = %self.client, "TLS handshake on {} failed: {e}", self.info.spec);
             }
@@ -432,7 +441,18 @@ impl Connection {
         }
     }
 
-    async fn serve<I>(mut self, io: I)
+    /// This connection as the pipeline knows it.
+    fn conn_info(&self) -> ConnInfo {
+        ConnInfo {
+            client: self.client,
+            local: self.info.local,
+            site_listener: self.info.spec.tls.then_some(self.info.spec.addr),
+        }
+    }
+
+    /// Serves the connection with hyper; `first_due` while no request has
+    /// been answered on it yet (the first-read deadline applies).
+    async fn serve<I>(mut self, io: I, first_due: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -456,11 +476,7 @@ impl Connection {
             .max_pending_accept_reset_streams(limits.http2_max_resets as usize)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
         let io = SendDeadline::new(io, config.timeouts.send, self.permit.clone());
-        let info = ConnInfo {
-            client: self.client,
-            local: self.info.local,
-            site_listener: self.info.spec.tls.then_some(self.info.spec.addr),
-        };
+        let info = self.conn_info();
         let proxy = self.proxy.clone();
         let permit = self.permit.clone();
         let started = Arc::new(AtomicBool::new(false));
@@ -473,6 +489,7 @@ impl Connection {
                 req.extensions_mut().insert(permit.clone());
             }
             let proxy = proxy.clone();
+            let req = req.map(ClientBody::Wire);
             async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -482,7 +499,7 @@ impl Connection {
         // enough bytes to pick HTTP/1 or HTTP/2: a silent client, or one
         // that stops inside the HTTP/2 preface, would be held for ever.
         // So the whole first read has a deadline of its own.
-        let mut first_due = true;
+        let mut first_due = first_due;
         let ended = loop {
             tokio::select! {
                 // First: hyper's own header timer, started later, fires in

@@ -74,7 +74,7 @@ impl Snapshot {
         for site in &config.sites {
             site_chains.insert(site.name.clone(), policies.chain(&site.policies)?);
         }
-        let limits = Arc::new(Limits::new(&config));
+        let limits = Arc::new(Limits::with_shared(&config, fetch.shared()));
         let settings = FetchSettings {
             idle: config.timeouts.idle,
             orphan: config.timeouts.orphan_fill,

@@ -393,6 +393,56 @@ pub fn redirects(proxy: &Proxy) -> Redirects {
     }
 }
 
+/// `/api/fleet/digest?sha256=HEX`: which nodes hold a digest.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetDigest {
+    /// The digest asked about, lower-case hex.
+    pub sha256: String,
+    /// `"redis"`: the fleet's digest index answered; `"local"`: it could
+    /// not (no `cluster { redis }`, or Redis down) and only this node's
+    /// store was asked.
+    pub source: &'static str,
+    /// The nodes that hold it, by name.
+    pub holders: Vec<crate::shared::Holder>,
+}
+
+/// Builds `/api/fleet/digest`.
+pub async fn fleet_digest(proxy: &Proxy, sha256: Option<&str>) -> Result<FleetDigest, String> {
+    let text = sha256.unwrap_or("").to_ascii_lowercase();
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(&text, &mut digest)
+        .map_err(|_| "give ?sha256= and 64 hex digits\n".to_owned())?;
+    let engine = proxy.engine();
+    if let Some(holders) = engine.shared().holders(&digest).await {
+        return Ok(FleetDigest {
+            sha256: text,
+            source: "redis",
+            holders,
+        });
+    }
+    let node = proxy
+        .snapshot()
+        .config
+        .cluster
+        .as_ref()
+        .map_or_else(String::new, |c| c.node.clone());
+    let holders = engine
+        .store()
+        .by_sha256(&digest)
+        .map(|r| crate::shared::Holder {
+            node,
+            key: r.meta.key.clone(),
+            size: r.meta.length,
+        })
+        .into_iter()
+        .collect();
+    Ok(FleetDigest {
+        sha256: text,
+        source: "local",
+        holders,
+    })
+}
+
 /// One policy's counters (`/api/policies`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Policy {

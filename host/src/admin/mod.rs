@@ -24,6 +24,8 @@
 //! | `/api/peers` | the fleet (`cluster`): this node's name and its peers' state |
 //! | `/api/policies` | policy call, failure and latency counters |
 //! | `/api/redirects` | redirect-mode counters per day, mirror, upstream and file |
+//! | `/api/fleet/counters` | redirect and mirror counters added up over the fleet (`cluster { redis }`), else this node's |
+//! | `/api/fleet/digest?sha256=HEX` | the nodes the fleet's digest index lists for a digest |
 
 pub mod api;
 mod auth;
@@ -127,6 +129,13 @@ impl Admin {
             "/api/peers" => json(&api::peers(&self.proxy.snapshot())),
             "/api/policies" => json(&api::policies(&self.proxy.snapshot())),
             "/api/redirects" => json(&api::redirects(&self.proxy)),
+            "/api/fleet/counters" => json(&self.proxy.engine().shared().fleet_counters().await),
+            "/api/fleet/digest" => {
+                match api::fleet_digest(&self.proxy, query.get("sha256")).await {
+                    Ok(d) => json(&d),
+                    Err(why) => plain(StatusCode::BAD_REQUEST, why),
+                }
+            }
             "/api/replica" => match self.listing(&query).await {
                 Ok(l) => json(&l),
                 Err(resp) => resp,
@@ -296,6 +305,7 @@ impl Admin {
         );
         prometheus::write_fill_caps(&mut w, &engine.fill_permits());
         prometheus::write_peers(&mut w, &api::peers(&snap).peers);
+        prometheus::write_redis(&mut w, &engine.shared().status());
 
         let policies = snap.policies.stats();
         w.family(

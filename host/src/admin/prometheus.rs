@@ -129,6 +129,31 @@ pub fn write_peers(w: &mut PromWriter, peers: &[crate::fetch::peer::PeerHealth])
     }
 }
 
+/// Writes the shared state's health, with `cluster { redis }` only.
+pub fn write_redis(w: &mut PromWriter, r: &crate::shared::RedisStatus) {
+    if r.url.is_none() {
+        return;
+    }
+    w.single(
+        "cistern_redis_up",
+        Kind::Gauge,
+        "1 while the fleet's shared state is in Redis, 0 while Redis is unreachable and this node uses its own (digest index, limiters, counters).",
+        u64::from(r.up),
+    );
+    w.single(
+        "cistern_redis_errors_total",
+        Kind::Counter,
+        "Redis commands and connection attempts that failed or took too long.",
+        r.errors,
+    );
+    w.single(
+        "cistern_redis_digests_written_total",
+        Kind::Counter,
+        "Digest index entries this node wrote to Redis (held or dropped, resyncs included).",
+        r.digests_written,
+    );
+}
+
 /// Writes the request-path counters.
 pub fn write_counters(w: &mut PromWriter, m: &MetricsSnapshot) {
     w.family(

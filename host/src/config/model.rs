@@ -74,6 +74,53 @@ pub struct ClusterConfig {
     /// Which nodes keep a copy of what they fill from the owner
     /// (`store-on`).
     pub store_on: StoreOn,
+    /// Where the fleet's shared state lives (`redis "redis://…"`): the
+    /// digest index, fleet-wide limiters and counters; `None` keeps all of
+    /// it in this process (see `crate::shared`).
+    pub redis: Option<RedisUrl>,
+}
+
+/// A Redis server's URL (`redis://[user:password@]host[:port][/db]`),
+/// checked to be one the client can connect to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(pub String);
+
+impl RedisUrl {
+    /// `text` if the Redis client can use it (`redis://` or
+    /// `redis+unix://`), else why not.
+    pub fn parse(text: &str) -> Result<RedisUrl, String> {
+        let url = RedisUrl(text.to_owned());
+        match redis::Client::open(text) {
+            Ok(_) if text.starts_with("redis://") || text.starts_with("redis+unix://") => Ok(url),
+            Ok(_) => Err(format!(
+                "{:?}: only redis:// and redis+unix:// URLs are supported",
+                url.redacted()
+            )),
+            Err(e) => Err(format!("{:?} is not a Redis URL: {e}", url.redacted())),
+        }
+    }
+
+    /// The URL with its password, if any, replaced by `***`, for logs.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return self.0.clone();
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        match authority.rsplit_once('@') {
+            Some((user, host)) => {
+                let user = user.split_once(':').map_or(user, |(u, _)| u);
+                format!("{scheme}://{user}:***@{host}{path}")
+            }
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    /// Without a password the URL may carry.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({:?})", self.redacted())
+    }
 }
 
 /// `store-on` of a cluster: where a file filled from its owner is kept.

@@ -903,3 +903,41 @@ fn cluster_names_this_node_its_peers_and_a_secret() {
         assert_eq!(problems(text).len(), 1, "{text}: {:?}", problems(text));
     }
 }
+
+#[test]
+fn cluster_redis_is_a_checked_url_reported_at_its_position() {
+    let c = ok(
+        r#"cluster { node "a"; peer "b" "http://h:1"; secret "0123456789abcdef"; redis "redis://127.0.0.1:6379/"; }"#,
+    );
+    assert_eq!(
+        c.cluster.unwrap().redis,
+        Some(RedisUrl("redis://127.0.0.1:6379/".to_owned()))
+    );
+    let without = ok(r#"cluster { node "a"; peer "b" "http://h:1"; secret "0123456789abcdef"; }"#);
+    assert_eq!(without.cluster.unwrap().redis, None);
+    let text = "cluster {\n    node \"a\"\n    peer \"b\" \"http://h:1\"\n    secret \"0123456789abcdef\"\n    redis \"http://127.0.0.1:6379/\"\n}";
+    let got = problems(text);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0, got[0].1), (5, 11), "{got:?}");
+    assert!(got[0].2.contains("redis"), "{got:?}");
+    for bad in ["redis://", "not a url", "rediss://h/"] {
+        let text = format!(
+            r#"cluster {{ node "a"; peer "b" "http://h:1"; secret "0123456789abcdef"; redis "{bad}"; }}"#
+        );
+        assert_eq!(problems(&text).len(), 1, "{bad}");
+    }
+}
+
+#[test]
+fn redis_urls_are_checked_and_their_passwords_hidden() {
+    assert!(RedisUrl::parse("redis://127.0.0.1:6379/").is_ok());
+    assert!(RedisUrl::parse("redis://h/2").is_ok());
+    assert!(RedisUrl::parse("http://h:1/").is_err());
+    assert!(RedisUrl::parse("redis://").is_err());
+    let hidden = |u: &str| RedisUrl(u.to_owned()).redacted();
+    assert_eq!(hidden("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+    assert_eq!(hidden("redis://:secret@h"), "redis://:***@h");
+    assert_eq!(hidden("redis://h:1/"), "redis://h:1/");
+    let err = RedisUrl::parse("http://u:secret@h/").unwrap_err();
+    assert!(!err.contains("secret"), "{err}");
+}

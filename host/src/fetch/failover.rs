@@ -112,21 +112,33 @@ impl Upstreams {
         }
     }
 
-    /// Tells a mirror set that the upstream `url` was sent to failed
-    /// after its head (a body cut short or stalled).
-    pub(super) fn report_url(&self, url: &Uri, why: &str) {
+    /// Tells a mirror set how the upstream `url` was sent to did: a
+    /// request that failed, or its body after the head (cut short,
+    /// stalled, failing its digest, or whole).
+    pub(super) fn report_url(&self, url: &Uri, outcome: Outcome<'_>) {
         if let Upstreams::Mirror { set, .. } = self
             && let Some(i) = set.index_of(url)
         {
-            set.report(i, Outcome::Failed(why));
+            set.report(i, outcome);
+        }
+    }
+
+    /// Remembers that the upstream `url` was sent to has a bad copy of
+    /// this file (its body failed its digest): like its 404, the next
+    /// request for the file goes to the next upstream.
+    pub(super) fn remember_bad_copy(&self, url: &Uri) {
+        if let Upstreams::Mirror { set, rest, .. } = self
+            && let Some(i) = set.index_of(url)
+        {
+            set.remember_missing(i, rest);
         }
     }
 
     /// Where a fill whose body from `current` failed may fetch the rest:
     /// with `other_mirrors` (the partial is provably identifiable: a known
-    /// length and a strong ETag) the set's other upstreams in their order
-    /// for this file, known-missing ones left out, then `current`; else
-    /// `current` alone.
+    /// length and a strong ETag or an announced SHA-256) the set's other
+    /// upstreams in their order for this file, known-missing ones left
+    /// out, then `current`; else `current` alone.
     pub(super) fn resume_targets(&self, current: &Uri, other_mirrors: bool) -> Vec<Uri> {
         let mut out = Vec::new();
         if let Upstreams::Mirror { set, rest, .. } = self

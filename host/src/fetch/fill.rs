@@ -25,6 +25,7 @@ use super::headers::{
     announced_sha256, close_delimited, content_length, content_range_start, content_range_total,
     header_str, resume_headers,
 };
+use super::mirror::Outcome;
 use super::sink::{BodySink, WRITE_BATCH, hash_file};
 use super::{
     FetchError, Fill, FillHead, FillJob, FillState, HeadDecision, Inner, RetryType, error_chain,
@@ -531,6 +532,9 @@ impl Inner {
         // The full length: announced by the head, or learnt from a resume's
         // `Content-Range`.
         let mut total = head.length;
+        // The upstreams whose bytes are in this body, in order: the one
+        // that answered, then each another mirror continued it on.
+        let mut sources = vec![url.clone()];
         let mut resumes = 0u32;
         let mut orphan_since: Option<Instant> = None;
         let mut ended = false;
@@ -585,17 +589,28 @@ impl Inner {
             };
             if let Some(error) = failure {
                 // A body cut short or stalled counts against its mirror.
-                job.upstreams.report_url(&url, &error_chain(&error));
+                job.upstreams
+                    .report_url(&url, Outcome::BadBody(&error_chain(&error)));
                 // The readers still waiting get the rest from a resume of
                 // the partial; they only see a pause.
                 let rest = self
-                    .resume_body(fill, job, &url, &sink, &mut total, &mut resumes, &error)
+                    .resume_body(
+                        fill,
+                        job,
+                        &url,
+                        &sink,
+                        &mut total,
+                        &mut resumes,
+                        &error,
+                        announced,
+                    )
                     .await;
                 match rest {
                     Some((resp, from)) => {
                         if from != url {
                             url_s = from.to_string();
                             sink.from_peer = is_peer(job, &from);
+                            sources.push(from.clone());
                             url = from;
                         }
                         ends_at_close = close_delimited(&resp);
@@ -670,11 +685,13 @@ impl Inner {
         if let Some(total) = total
             && written != total
         {
-            return Err(FetchError::Length {
+            let error = FetchError::Length {
                 url: url_s,
                 written,
                 expected: total,
-            });
+            };
+            self.bad_body(job, &sources, start, &error);
+            return Err(error);
         }
         if meta.status != 200 && written > cache::MAX_ASIDE_BODY {
             // Its length was not announced, so this shows only now: served
@@ -749,19 +766,41 @@ impl Inner {
             let k = job.key.clone();
             // A corrupt body is useless for resuming too.
             let _ = self.blocking(move |s| s.discard_partial(&k)).await;
-            return Err(FetchError::DigestMismatch {
+            let error = FetchError::DigestMismatch {
                 url: url_s,
                 announced: hex::encode(announced),
                 actual,
-            });
+            };
+            self.bad_body(job, &sources, start, &error);
+            return Err(error);
         }
         meta.length = written;
         meta.sha256 = actual;
         let replica = self.blocking(move |s| s.commit(partial, meta)).await?;
+        job.upstreams.report_url(&url, Outcome::Delivered);
         tracing::debug!(target: "cistern::fetch", key = %job.key, bytes = written, elapsed = ?fill.started.elapsed(), "fill complete");
         fill.state
             .send_replace(FillState::Complete { head, replica });
         Ok(())
+    }
+
+    /// A body that arrived whole but wrong (another length, or not the
+    /// bytes its digest announced) counts against the mirrors it came from
+    /// (`sources`), like a body cut short. When one mirror sent all of it
+    /// (no splice in this fill, no partial from before, `start` 0) its copy
+    /// of the file is bad: the next request for it goes to the next mirror.
+    fn bad_body(&self, job: &FillJob, sources: &[Uri], start: u64, error: &FetchError) {
+        let why = error_chain(error);
+        tracing::warn!(target: "cistern::fetch", key = %job.key, mirrors = sources.len(),
+            "a body failed its check: {why}");
+        for url in sources {
+            job.upstreams.report_url(url, Outcome::BadBody(&why));
+        }
+        if let [only] = sources
+            && start == 0
+        {
+            job.upstreams.remember_bad_copy(only);
+        }
     }
 
     /// Asks for the part of a body that follows the `sink.written` bytes
@@ -800,15 +839,24 @@ impl Inner {
     /// rest of it (`Range` from the bytes written, `If-Range` with the
     /// partial's strong validator), up to [`RESUME_ATTEMPTS`] times per
     /// fill. On a mirror set whose partial is provably identifiable (a
-    /// known length and a strong ETag) the other mirrors are asked first,
-    /// at once, and the one that failed last after a pause; otherwise only
-    /// the same upstream, pausing a little longer each time. Only a `206`
-    /// that provably continues the partial is used (same start, same
-    /// total, same validator, and from another mirror that same strong
-    /// ETag present); otherwise `None` and the fill fails with `error`
-    /// (its readers have only bytes of one version), keeping its partial
-    /// for a later request, which starts over if the file changed. Returns
-    /// the answer and the URL it came from.
+    /// known length, and a strong ETag or the SHA-256 the first answer
+    /// announced, `announced`) the other mirrors are asked first, at once,
+    /// and the one that failed last after a pause; otherwise only the same
+    /// upstream, pausing a little longer each time. Only a `206` that
+    /// provably continues the partial is used (same start, same total, and
+    /// the same file: see [`proves_same_file`]); otherwise `None` and the
+    /// fill fails with `error` (its readers have only bytes of one
+    /// version), keeping its partial for a later request, which starts
+    /// over if the file changed. Returns the answer and the URL it came
+    /// from.
+    ///
+    /// Real mirrors rarely share ETags (each one's web server makes its
+    /// own from mtime and size), so with a digest another mirror is asked
+    /// for the `Range` without `If-Range` (its `If-Range` would only turn
+    /// the answer into a whole 200), its 206 must announce that same
+    /// digest, and the SHA-256 of the spliced file is checked against it
+    /// before the commit: a mirror that lies fails the transfer, nothing
+    /// is committed.
     #[allow(clippy::too_many_arguments)]
     async fn resume_body(
         &self,
@@ -819,6 +867,7 @@ impl Inner {
         total: &mut Option<u64>,
         resumes: &mut u32,
         error: &FetchError,
+        announced: Option<[u8; 32]>,
     ) -> Option<(Response<Incoming>, Uri)> {
         let key = &job.key;
         let written = sink.written;
@@ -832,28 +881,40 @@ impl Inner {
         if fill.readers() == 0 {
             return give_up("no client is waiting; the partial is kept for the next one");
         }
-        let Some((range, if_range)) = resume_headers(&sink.partial.meta, written) else {
+        if written == 0 {
+            return give_up("nothing arrived to resume from; the next request starts over");
+        }
+        let validators = resume_headers(&sink.partial.meta, written);
+        // A digest proves identity only with the length to check it by.
+        let digest = announced.filter(|_| total.is_some());
+        if validators.is_none() && digest.is_none() {
             return give_up(
-                "the upstream sent no strong validator, so a resume could splice two versions",
+                "the upstream sent no strong validator and no digest, so a resume could splice two versions",
             );
+        }
+        let Ok(range) = HeaderValue::from_str(&format!("bytes={written}-")) else {
+            return give_up("no Range header for the offset");
         };
         // Another mirror's bytes are spliced on only when its copy is
-        // provably the same file: the same length and strong ETag.
+        // provably the same file: the same length and strong ETag, or the
+        // same length and announced SHA-256.
         let strong_etag = sink
             .partial
             .meta
             .etag
             .as_deref()
             .filter(|e| !e.starts_with("W/"));
-        let mut targets = job
-            .upstreams
-            .resume_targets(url, strong_etag.is_some() && total.is_some());
+        let mut targets = job.upstreams.resume_targets(
+            url,
+            total.is_some() && (strong_etag.is_some() || digest.is_some()),
+        );
         if let super::Upstreams::Single(upstream) = &job.upstreams
             && is_peer(job, url)
         {
             // A peer that died mid-body: the forward proxy's upstream has
-            // the same URL's bytes, joined on only under the same strong
-            // ETag (a mirror set's upstreams are in `targets` already).
+            // the same URL's bytes, joined on only when they are provably
+            // the same file (as for another mirror, below); a mirror set's
+            // upstreams are in `targets` already.
             targets.insert(0, upstream.clone());
         }
         let mut next = 0usize;
@@ -871,7 +932,13 @@ impl Inner {
                 "resuming after {}: {}", error.kind().as_str(), error_chain(error));
             let mut headers = job.headers.clone();
             headers.insert(header::RANGE, range.clone());
-            headers.insert(header::IF_RANGE, if_range.clone());
+            // Another mirror's validators are its own: with a digest to
+            // prove the file by, its If-Range would only fail.
+            if let Some((_, if_range)) = &validators
+                && !(elsewhere && digest.is_some())
+            {
+                headers.insert(header::IF_RANGE, if_range.clone());
+            }
             let mut req = build_request(Method::GET, target, &headers, empty_body());
             if let Some(host) = job.upstreams.host() {
                 req.headers_mut().insert(header::HOST, host.clone());
@@ -880,28 +947,28 @@ impl Inner {
                 Ok(resp) => resp,
                 Err(e) if elsewhere || e.retry() == RetryType::Retryable => {
                     tracing::info!(target: "cistern::fetch", %key, url = %target, "resume failed: {}", error_chain(&e));
-                    job.upstreams.report_url(target, &error_chain(&e));
+                    job.upstreams
+                        .report_url(target, Outcome::Failed(&error_chain(&e)));
                     continue;
                 }
                 Err(e) => return give_up(&error_chain(&e)),
             };
-            let spliced = continues(&resp, written, *total, &sink.partial.meta).and_then(|a| {
-                let theirs = resp
-                    .headers()
-                    .get(header::ETAG)
-                    .and_then(|v| v.to_str().ok());
-                if elsewhere && theirs != strong_etag {
-                    Err("another mirror's 206 does not carry the partial's strong ETag")
-                } else {
-                    Ok(a)
-                }
+            let spliced = continues_range(&resp, written, *total).and_then(|a| {
+                proves_same_file(
+                    resp.headers(),
+                    &sink.partial.meta,
+                    strong_etag,
+                    digest,
+                    elsewhere,
+                )
+                .map(|by| (a, by))
             });
             match spliced {
-                Ok(announced) => {
-                    *total = total.or(announced);
+                Ok((announced_total, by)) => {
+                    *total = total.or(announced_total);
                     if elsewhere {
                         tracing::info!(target: "cistern::fetch", %key, from = %url, to = %target, written,
-                            "the fill continues on another mirror");
+                            proof = by.as_str(), "the fill continues on another mirror");
                     }
                     return Some((resp, target.clone()));
                 }
@@ -986,6 +1053,19 @@ fn continues<B>(
     total: Option<u64>,
     meta: &PartialMeta,
 ) -> Result<Option<u64>, &'static str> {
+    let announced = continues_range(resp, written, total)?;
+    same_validators(resp.headers(), meta)?;
+    Ok(announced)
+}
+
+/// Whether `resp` is a `206` for the bytes after the `written` of a
+/// partial: starting exactly there, for the same total, its length what
+/// its `Content-Range` says. Returns the total it announces.
+fn continues_range<B>(
+    resp: &Response<B>,
+    written: u64,
+    total: Option<u64>,
+) -> Result<Option<u64>, &'static str> {
     if resp.status() == StatusCode::OK {
         return Err("the upstream's copy changed (it answered the resume with a whole 200)");
     }
@@ -999,9 +1079,24 @@ fn continues<B>(
     if total.is_some() && announced != total {
         return Err("the upstream's 206 is for another length than the first answer");
     }
+    let range = resp
+        .headers()
+        .typed_get::<headers::ContentRange>()
+        .and_then(|r| r.bytes_range());
+    if let (Some((start, end)), Some(len)) = (range, content_length(resp.headers()))
+        && end.checked_add(1).and_then(|e| e.checked_sub(start)) != Some(len)
+    {
+        return Err("the upstream's 206 is not as long as its Content-Range says");
+    }
+    Ok(announced)
+}
+
+/// Whether a 206's `ETag` and `Last-Modified` are the partial's where both
+/// name one.
+fn same_validators(headers: &HeaderMap, meta: &PartialMeta) -> Result<(), &'static str> {
     let same = |name: header::HeaderName, ours: &Option<String>| match (
         ours,
-        resp.headers().get(name).and_then(|v| v.to_str().ok()),
+        headers.get(name).and_then(|v| v.to_str().ok()),
     ) {
         (Some(ours), Some(theirs)) => ours == theirs,
         _ => true,
@@ -1009,7 +1104,61 @@ fn continues<B>(
     if !same(header::ETAG, &meta.etag) || !same(header::LAST_MODIFIED, &meta.last_modified) {
         return Err("the upstream's 206 carries another validator than the partial");
     }
-    Ok(announced)
+    Ok(())
+}
+
+/// What proved a resume's 206 to be of the partial's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proof {
+    /// Its validators are the partial's (and from another mirror, its
+    /// strong ETag).
+    Validator,
+    /// It announces the SHA-256 the fill's first answer announced; the
+    /// whole is checked against it before the commit.
+    Digest,
+}
+
+impl Proof {
+    fn as_str(self) -> &'static str {
+        match self {
+            Proof::Validator => "validator",
+            Proof::Digest => "digest",
+        }
+    }
+}
+
+/// Whether the head of a resume's 206 (`headers`) proves it is of the
+/// partial's file: when the fill knows the SHA-256 of the whole (`digest`)
+/// and the 206 announces one, they must be the same, whatever the ETags
+/// (each mirror has its own); otherwise the validators must be the
+/// partial's, and from another mirror (`elsewhere`) carry its strong ETag
+/// (`strong_etag`). A 206 that nothing proves is refused.
+fn proves_same_file(
+    headers: &HeaderMap,
+    meta: &PartialMeta,
+    strong_etag: Option<&str>,
+    digest: Option<[u8; 32]>,
+    elsewhere: bool,
+) -> Result<Proof, &'static str> {
+    if let (Some(ours), Some(theirs)) = (digest, announced_sha256(headers)) {
+        return if ours == theirs {
+            Ok(Proof::Digest)
+        } else {
+            Err("the upstream's 206 announces another SHA-256 than the fill's first answer")
+        };
+    }
+    same_validators(headers, meta)?;
+    let theirs = headers.get(header::ETAG).and_then(|v| v.to_str().ok());
+    if elsewhere {
+        if strong_etag.is_none() || theirs != strong_etag {
+            return Err(
+                "another mirror's 206 carries neither the partial's strong ETag nor its SHA-256",
+            );
+        }
+    } else if strong_etag.is_none() && meta.last_modified.is_none() {
+        return Err("nothing proves the 206 is of the same file: no validator, no digest");
+    }
+    Ok(Proof::Validator)
 }
 
 #[cfg(test)]
@@ -1080,6 +1229,89 @@ mod tests {
         ] {
             assert!(continues(&bad, 4, Some(10), &meta).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn another_mirrors_206_is_spliced_by_strong_etag_or_by_the_same_digest() {
+        use base64::Engine as _;
+        let meta = PartialMeta {
+            key: "k".into(),
+            url: "u".into(),
+            total_length: Some(10),
+            etag: Some("\"a-1\"".into()),
+            last_modified: Some("Wed, 01 Jan 2020 00:00:00 GMT".into()),
+            started_at: 0,
+        };
+        let ours = [7u8; 32];
+        let b64 = |d: [u8; 32]| base64::engine::general_purpose::STANDARD.encode(d);
+        let head = |pairs: &[(&str, String)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let strong = Some("\"a-1\"");
+        let repr = |d| ("repr-digest", format!("sha-256=:{}:", b64(d)));
+        // Its own ETag and date, the same digest: the same file.
+        let theirs = head(&[
+            ("etag", "\"b-9\"".into()),
+            ("last-modified", "Thu, 02 Jan 2020 00:00:00 GMT".into()),
+            repr(ours),
+        ]);
+        assert_eq!(
+            proves_same_file(&theirs, &meta, strong, Some(ours), true),
+            Ok(Proof::Digest)
+        );
+        let legacy = head(&[("digest", format!("SHA-256={}", b64(ours)))]);
+        assert_eq!(
+            proves_same_file(&legacy, &meta, None, Some(ours), true),
+            Ok(Proof::Digest)
+        );
+        // Another digest, even under the same ETag: refused.
+        let other = head(&[("etag", "\"a-1\"".into()), repr([8u8; 32])]);
+        assert!(proves_same_file(&other, &meta, strong, Some(ours), true).is_err());
+        // No digest on either side: the strong ETag decides, as before.
+        let same_etag = head(&[("etag", "\"a-1\"".into())]);
+        assert_eq!(
+            proves_same_file(&same_etag, &meta, strong, None, true),
+            Ok(Proof::Validator)
+        );
+        assert!(proves_same_file(&theirs, &meta, strong, None, true).is_err());
+        assert!(proves_same_file(&head(&[]), &meta, strong, None, true).is_err());
+        // The same mirror without any validator: only a digest proves it.
+        let bare = PartialMeta {
+            etag: None,
+            last_modified: None,
+            ..meta.clone()
+        };
+        assert!(proves_same_file(&head(&[]), &bare, None, Some(ours), false).is_err());
+        assert_eq!(
+            proves_same_file(&head(&[repr(ours)]), &bare, None, Some(ours), false),
+            Ok(Proof::Digest)
+        );
+        // The 206's own length must be what its Content-Range says.
+        let part = |range: &str, cl: &str| {
+            Response::builder()
+                .status(206)
+                .header(header::CONTENT_RANGE, range)
+                .header(header::CONTENT_LENGTH, cl)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            continues_range(&part("bytes 4-9/10", "6"), 4, Some(10)),
+            Ok(Some(10))
+        );
+        assert!(continues_range(&part("bytes 4-9/10", "10"), 4, Some(10)).is_err());
+        // A CDN's next part need not reach the end.
+        assert_eq!(
+            continues_range(&part("bytes 4-6/10", "3"), 4, Some(10)),
+            Ok(Some(10))
+        );
     }
 
     #[test]

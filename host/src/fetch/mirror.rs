@@ -25,7 +25,12 @@
 //!
 //! # Health
 //! `fail-after` consecutive failures (connect errors, timeouts, 5xx, a
-//! body cut short; or failed probes) disable an upstream. It is tried
+//! body cut short; or failed probes) disable an upstream. Bodies are
+//! counted apart from heads: a mirror whose heads come fine but whose
+//! bodies are cut short or fail their digest (`Repr-Digest`/`Digest`)
+//! counts [`Outcome::BadBody`] strikes that its next head does not
+//! clear; only a whole body ([`Outcome::Delivered`]) or a re-enabling
+//! probe does, and `fail-after` of them disable it too. It is tried
 //! again after `retry`, doubling after each failed retry up to
 //! `retry-max`. Without a `probe` the retry is one client request: the
 //! first one after the retry time tries it first, and a success
@@ -35,7 +40,16 @@
 //!
 //! A 404 from one upstream is remembered for that file (for
 //! [`MISSING_FOR`], at most [`MISSING_CAP`] files per set) and the next
-//! upstream is asked; the upstream is not disabled for it.
+//! upstream is asked; the upstream is not disabled for it. So is a body
+//! from one upstream that failed its digest: that mirror's copy of the
+//! file is bad, and the next request for it goes to the next mirror.
+//!
+//! In redirect mode no request for a redirected file reaches a mirror,
+//! so nothing would learn its 404s: a redirect to a mirror that has no
+//! memory for the file yet claims a background `HEAD` of it there
+//! ([`MirrorSet::claim_check`]: once per file and mirror for
+//! [`MISSING_FOR`], at most [`CHECKS_PER_SECOND`] per set), whose 404
+//! fills the memory for the next client.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -67,6 +81,10 @@ pub enum MirrorPathError {
 pub const MISSING_FOR: Duration = Duration::from_secs(300);
 /// How many (file, upstream) 404s a set remembers at most.
 pub const MISSING_CAP: usize = 10_000;
+/// The most background checks of redirected files (see the module
+/// docs) a set sends per second of its clock; the rest wait for a later
+/// request of the same file.
+pub const CHECKS_PER_SECOND: u32 = 20;
 /// Latencies below this count as this (see the module docs).
 const LATENCY_FLOOR_US: u64 = 50_000;
 /// The most halvings of a share for latency, and for errors.
@@ -93,6 +111,9 @@ pub struct MirrorUpstream {
 #[derive(Debug, Default)]
 struct Health {
     consecutive_failures: u32,
+    /// Bodies cut short or failing their digest since the last whole one
+    /// (or the probe that re-enabled it); a good head does not reset it.
+    bad_bodies: u32,
     /// `Some` while disabled.
     down: Option<Down>,
     last_error: Option<String>,
@@ -132,8 +153,14 @@ pub struct ProbeRecord {
 pub enum Outcome<'a> {
     /// It answered (anything but a 5xx) after this long.
     Answered(Duration),
-    /// It failed: connect error, timeout, 5xx, a body cut short.
+    /// It failed before or at its head: connect error, timeout, 5xx.
     Failed(&'a str),
+    /// Its body failed after a good head: cut short, stalled, or not the
+    /// bytes its digest announced.
+    BadBody(&'a str),
+    /// A whole body arrived from it (and matched its digest, if one was
+    /// announced).
+    Delivered,
 }
 
 /// One place to try, in order.
@@ -209,6 +236,8 @@ pub struct MirrorSet {
     /// (file hash, upstream index) → when its 404 is forgotten (ms after
     /// the epoch).
     missing: Mutex<HashMap<(u64, usize), u64>>,
+    /// Background checks of redirected files (see the module docs).
+    checks: Mutex<Checks>,
     /// Bumped whenever an upstream is disabled or re-enabled, so what is
     /// derived from the set's health (the Metalink links) knows when to
     /// rebuild.
@@ -217,6 +246,20 @@ pub struct MirrorSet {
     /// (Metalink): true for a `mirror` block, false for a site, whose
     /// upstreams are its private backends.
     pub advertise: bool,
+}
+
+/// The background checks a redirecting set has sent: which (file,
+/// upstream) pairs, until when they are not checked again, and this
+/// second's count for the rate limit.
+#[derive(Debug, Default)]
+struct Checks {
+    /// (file hash, upstream index) → when it may be checked again (ms
+    /// after the epoch).
+    until: HashMap<(u64, usize), u64>,
+    /// The second of the set's clock `sent` counts in.
+    second: u64,
+    /// Checks sent in that second.
+    sent: u32,
 }
 
 /// A snapshot of one upstream's health, for logs and the admin UI.
@@ -236,9 +279,12 @@ pub struct UpstreamHealth {
     pub latency: Option<Duration>,
     /// Requests sent to it.
     pub fetches: u64,
-    /// Requests that failed (connect error, timeout, 5xx, a cut body).
+    /// Requests that failed (connect error, timeout, 5xx, a cut body, a
+    /// body that failed its digest).
     pub failures: u64,
-    /// Failures (requests or probes) since its last success.
+    /// Failures (requests or probes) since its last success: the larger
+    /// of the failed heads in a row and the bad bodies since the last
+    /// whole one.
     pub consecutive_failures: u32,
     /// The last failure's reason.
     pub last_error: Option<String>,
@@ -283,6 +329,12 @@ fn latency_steps(us: Option<u64>, min: u64) -> u32 {
 }
 
 impl Health {
+    /// Failures in a row: failed heads since the last good one, or bad
+    /// bodies since the last whole one, whichever is more.
+    fn strikes(&self) -> u32 {
+        self.consecutive_failures.max(self.bad_bodies)
+    }
+
     /// Without probes: claims the retry of a disabled upstream whose
     /// retry is due, for the request being ordered. The next retry is
     /// pushed a backoff away, so a claimed retry that never reports back
@@ -359,6 +411,7 @@ impl MirrorSet {
             clock: clock.clone(),
             epoch: clock.monotonic(),
             missing: Mutex::new(HashMap::new()),
+            checks: Mutex::new(Checks::default()),
             generation: AtomicU64::new(0),
             advertise: true,
         }
@@ -408,7 +461,7 @@ impl MirrorSet {
             .iter()
             .map(|u| {
                 let h = lock(&u.health);
-                (h.down.is_none(), h.consecutive_failures, h.latency_us)
+                (h.down.is_none(), h.strikes(), h.latency_us)
             })
             .collect();
         let min = healths
@@ -556,10 +609,50 @@ impl MirrorSet {
         );
     }
 
+    /// Whether a redirect of `rest` (the path below the prefix) to
+    /// upstream `index` should be followed by a background check of the
+    /// file there (see the module docs), claiming it if so: not when its
+    /// 404 is remembered already, not twice within [`MISSING_FOR`], and at
+    /// most [`CHECKS_PER_SECOND`] per second of the set's clock.
+    pub fn claim_check(&self, index: usize, rest: &str) -> bool {
+        let now = self.now_ms();
+        let key = (hash(rest.as_bytes()), index);
+        if lock(&self.missing).get(&key).is_some_and(|&t| t > now) {
+            return false;
+        }
+        let mut checks = lock(&self.checks);
+        if checks.until.get(&key).is_some_and(|&t| t > now) {
+            return false;
+        }
+        let second = now / 1000;
+        if checks.second != second {
+            checks.second = second;
+            checks.sent = 0;
+        }
+        if checks.sent >= CHECKS_PER_SECOND {
+            return false;
+        }
+        checks.sent += 1;
+        if checks.until.len() >= MISSING_CAP {
+            checks.until.retain(|_, &mut until| until > now);
+            if checks.until.len() >= MISSING_CAP {
+                // All recent: forgetting them costs one more HEAD each.
+                checks.until.clear();
+            }
+        }
+        checks
+            .until
+            .insert(key, now + MISSING_FOR.as_millis() as u64);
+        true
+    }
+
     /// Records the outcome of a client's request to upstream `index`.
     pub fn report(&self, index: usize, outcome: Outcome<'_>) {
         let up = &self.upstreams[index];
-        up.fetches.fetch_add(1, Ordering::Relaxed);
+        if matches!(outcome, Outcome::Answered(_) | Outcome::Failed(_)) {
+            // (A body's outcome is the same request's.)
+            up.fetches.fetch_add(1, Ordering::Relaxed);
+        }
         let now = self.now_ms();
         let probing = self.health.probe.is_some();
         let mut h = lock(&up.health);
@@ -579,15 +672,22 @@ impl MirrorSet {
                         upstream = %up.base_text, "upstream re-enabled: a retry succeeded");
                 }
             }
-            Outcome::Failed(reason) => {
+            Outcome::Delivered => h.bad_bodies = 0,
+            Outcome::Failed(reason) | Outcome::BadBody(reason) => {
                 up.failures.fetch_add(1, Ordering::Relaxed);
-                h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+                if matches!(outcome, Outcome::BadBody(_)) {
+                    // The head before it reset the other count; this one
+                    // only a whole body resets.
+                    h.bad_bodies = h.bad_bodies.saturating_add(1);
+                } else {
+                    h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+                }
                 h.last_error = Some(reason.to_owned());
                 match h.down {
-                    None if h.consecutive_failures >= self.health.fail_after => {
+                    None if h.strikes() >= self.health.fail_after => {
                         h.disable(now, &self.health);
                         tracing::warn!(target: "cistern::fetch", mirror = %self.name,
-                            upstream = %up.base_text, failures = h.consecutive_failures,
+                            upstream = %up.base_text, failures = h.strikes(),
                             retry_in = ?self.health.retry, "upstream disabled: {reason}");
                     }
                     // A client's retry failed; with probes they decide.
@@ -653,7 +753,7 @@ impl MirrorSet {
                 h.consecutive_failures = h.consecutive_failures.saturating_add(1);
                 h.last_error = Some(format!("probe: {detail}"));
                 h.next_probe_ms = interval;
-                if h.consecutive_failures >= config.fail_after {
+                if h.strikes() >= config.fail_after {
                     h.disable(now, config);
                     tracing::warn!(target: "cistern::fetch", mirror = %self.name,
                         upstream = %up.base_text, retry_in = ?config.retry,
@@ -665,6 +765,8 @@ impl MirrorSet {
                 if d.probes_ok >= config.ok_after {
                     h.down = None;
                     h.consecutive_failures = 0;
+                    // Probes decide: it starts with a clean slate.
+                    h.bad_bodies = 0;
                     tracing::info!(target: "cistern::fetch", mirror = %self.name,
                         upstream = %up.base_text, probes = d.probes_ok,
                         "upstream re-enabled after successful probes");
@@ -700,7 +802,7 @@ impl MirrorSet {
                     latency: h.latency_us.map(Duration::from_micros),
                     fetches: u.fetches.load(Ordering::Relaxed),
                     failures: u.failures.load(Ordering::Relaxed),
-                    consecutive_failures: h.consecutive_failures,
+                    consecutive_failures: h.strikes(),
                     last_error: h.last_error.clone(),
                     last_probe: h.last_probe.clone(),
                 }
@@ -927,6 +1029,53 @@ mod tests {
             .find(|g| s.redirect_order(g)[0].index == 0)
             .unwrap();
         assert_eq!(s.order(&g)[0].index, 1, "its retry is still due");
+    }
+
+    #[test]
+    fn bad_bodies_count_though_their_heads_were_good_and_only_a_whole_body_clears_them() {
+        let s = set();
+        let ms = Duration::from_millis(5);
+        for _ in 0..2 {
+            s.report(0, Outcome::Answered(ms));
+            s.report(0, Outcome::BadBody("SHA-256 mismatch"));
+        }
+        let h = &s.health()[0];
+        assert!(!h.down);
+        assert_eq!((h.consecutive_failures, h.failures, h.fetches), (2, 2, 2));
+        // A whole body clears them; a good head alone did not.
+        s.report(0, Outcome::Answered(ms));
+        s.report(0, Outcome::Delivered);
+        assert_eq!(s.health()[0].consecutive_failures, 0);
+        for _ in 0..3 {
+            s.report(0, Outcome::Answered(ms));
+            s.report(0, Outcome::BadBody("SHA-256 mismatch"));
+        }
+        let h = &s.health()[0];
+        assert!(h.down, "{h:?}");
+        assert_eq!(h.last_error.as_deref(), Some("SHA-256 mismatch"));
+        assert_eq!(h.fetches, 6, "a body's outcome is no request of its own");
+    }
+
+    #[test]
+    fn a_redirected_file_is_checked_once_per_mirror_and_so_many_a_second() {
+        let clock = Clock::manual(SystemTime::now());
+        let s = set_on(&clock, HealthConfig::default());
+        assert!(s.claim_check(0, "pool/a.deb"));
+        assert!(!s.claim_check(0, "pool/a.deb"), "once");
+        assert!(s.claim_check(1, "pool/a.deb"), "per mirror");
+        s.remember_missing(0, "pool/b.deb");
+        assert!(!s.claim_check(0, "pool/b.deb"), "its 404 is known");
+        let claimed = (0..100)
+            .filter(|n| s.claim_check(0, &format!("pool/f{n}.deb")))
+            .count();
+        assert_eq!(claimed as u32, CHECKS_PER_SECOND - 2);
+        clock.advance(Duration::from_secs(1));
+        assert!(s.claim_check(0, "pool/f99.deb"), "the next second");
+        clock.advance(MISSING_FOR);
+        assert!(
+            s.claim_check(0, "pool/a.deb"),
+            "checked again after a while"
+        );
     }
 
     #[test]

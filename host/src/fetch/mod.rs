@@ -241,11 +241,14 @@ struct Inner {
     /// Permits of the fills in flight, against the snapshot's caps.
     permits: FillGate,
     metrics: Arc<Metrics>,
+    /// The fleet's shared state (local, or Redis with `cluster { redis }`).
+    shared: crate::shared::SharedState,
 }
 
 impl FetchEngine {
     /// An engine writing into `store`, fetching with `client`.
     pub fn new(store: Arc<ReplicaStore>, client: UpstreamClient, clock: Clock) -> FetchEngine {
+        let shared = crate::shared::SharedState::new(clock.clone());
         FetchEngine {
             inner: Arc::new(Inner {
                 store,
@@ -254,8 +257,16 @@ impl FetchEngine {
                 inflight: Inflight::default(),
                 permits: FillGate::default(),
                 metrics: Arc::default(),
+                shared,
             }),
         }
+    }
+
+    /// The fleet's shared state: the digest index of every node
+    /// ([`crate::shared::SharedState::holders`]), fleet-wide limiters and
+    /// counters.
+    pub fn shared(&self) -> &crate::shared::SharedState {
+        &self.inner.shared
     }
 
     /// Cistern's own sockets, which no upstream connection may reach.

@@ -342,6 +342,7 @@ mod tests {
             secret: "0123456789abcdef".to_owned(),
             peer_down: Duration::from_secs(30),
             store_on: StoreOn::Every,
+            redis: None,
         };
         Fleet::new(&config, &Clock::default())
     }

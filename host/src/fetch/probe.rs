@@ -1,6 +1,7 @@
 //! Active health probes of a mirror set: a `HEAD` of the configured path
 //! on each upstream, on the engine's clock (see [`super::mirror`] for what
-//! the results do).
+//! the results do); and the background `HEAD` of a redirected file on the
+//! mirror a client was sent to, whose 404 the set remembers.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -25,6 +26,62 @@ impl FetchEngine {
         let inner = Arc::downgrade(&self.inner);
         let set = Arc::downgrade(set);
         runtime.spawn(probe_loop(inner, set));
+    }
+}
+
+impl FetchEngine {
+    /// After a client was redirected to upstream `index` of `set` for
+    /// `rest` (the path below the prefix, the key of the set's 404 memory),
+    /// checks the file there in the background when the set claims a
+    /// check ([`MirrorSet::claim_check`]): a `HEAD` of `target` (`rest`
+    /// with the query the redirect kept) within the probe timeout. A 404
+    /// or 410 is remembered as that mirror's 404, so the next client goes
+    /// to another; anything else changes nothing (health is the probes'
+    /// and the proxied requests'). The client's answer never waits for it.
+    pub fn check_redirected(&self, set: &Arc<MirrorSet>, index: usize, rest: &str, target: &str) {
+        // Claimed first: a file checked already costs two map lookups, no
+        // URL and no task.
+        if !set.claim_check(index, rest) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(url) = set.url(index, target) else {
+            return;
+        };
+        let inner = Arc::downgrade(&self.inner);
+        let set = Arc::downgrade(set);
+        let rest = rest.to_owned();
+        runtime.spawn(async move {
+            let (Some(inner), Some(set)) = (inner.upgrade(), set.upgrade()) else {
+                return;
+            };
+            let req = build_request(Method::HEAD, &url, &HeaderMap::new(), empty_body());
+            let timeout = set.health.timeout;
+            match tokio::time::timeout(timeout, inner.client.send(req)).await {
+                Ok(Ok(resp))
+                    if matches!(
+                        resp.status(),
+                        http::StatusCode::NOT_FOUND | http::StatusCode::GONE
+                    ) =>
+                {
+                    tracing::info!(target: "cistern::fetch", mirror = %set.name, %url,
+                        status = resp.status().as_u16(),
+                        "a redirected file is not on its mirror; later clients go to another");
+                    set.remember_missing(index, &rest);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(target: "cistern::fetch", mirror = %set.name, %url,
+                        "check of a redirected file failed: {}", error_chain(&e));
+                }
+                Err(_) => {
+                    tracing::debug!(target: "cistern::fetch", mirror = %set.name, %url,
+                        "check of a redirected file: no answer within {timeout:?}");
+                }
+            }
+        });
     }
 }
 

@@ -63,6 +63,17 @@ impl LoggedBody {
         }
     }
 
+    /// The connection wrote this body's bytes itself (the fast lane's
+    /// `sendfile`) rather than polling it: counts the `bytes` sent and logs
+    /// the line as done, failed (the file was short) or aborted (the client
+    /// went away).
+    pub fn sent_elsewhere(mut self, bytes: u64, complete: bool, failed: bool) {
+        self.bytes = bytes;
+        self.metrics.client_bytes(bytes);
+        self.failed = failed;
+        self.emit(complete);
+    }
+
     fn emit(&mut self, complete: bool) {
         let Some(r) = self.record.take() else { return };
         if !tracing::enabled!(target: "cistern::access", tracing::Level::INFO) {

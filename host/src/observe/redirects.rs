@@ -259,7 +259,7 @@ fn day_of(t: SystemTime) -> u64 {
 }
 
 /// `YYYY-MM-DD` of a day number (Howard Hinnant's civil-from-days).
-fn date_of(day: u64) -> String {
+pub fn date_of(day: u64) -> String {
     let z = day as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

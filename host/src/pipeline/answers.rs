@@ -2,8 +2,8 @@
 //! response, and error pages, which tell the client what went wrong
 //! without naming upstream URLs or paths on disk (the log has those).
 
+use crate::body::ClientBody;
 use http::{Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 
 use super::Proxy;
 use crate::body::{self, ProxyBody};
@@ -15,7 +15,7 @@ use crate::snapshot::Snapshot;
 impl Proxy {
     pub(super) fn local_page(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<ClientBody>,
         snap: &Snapshot,
     ) -> Response<ProxyBody> {
         if req.uri().path() != "/" {

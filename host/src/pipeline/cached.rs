@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
+use crate::body::ClientBody;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 
@@ -28,7 +29,7 @@ impl Proxy {
     /// through the key's fill.
     pub(super) async fn http(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         key: CacheKey,
         route: RouteCache,
         snap: &Snapshot,

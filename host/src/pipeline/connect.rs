@@ -1,9 +1,9 @@
 //! CONNECT tunnels: who may open one, to which ports, and never to
 //! Cistern itself.
 
+use crate::body::ClientBody;
 use http::uri::Authority;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::answers::forbidden;
 use super::{Answer, ConnInfo, Proxy};
@@ -18,7 +18,7 @@ impl Proxy {
     /// client's upgraded connection to the target.
     pub(super) async fn connect(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         authority: Authority,
         conn: ConnInfo,
         snap: &Snapshot,

@@ -2,8 +2,8 @@
 //! replica holds complete, made by Cistern from its metadata and the
 //! mirror set (see [`crate::serve::metalink`]).
 
+use crate::body::ClientBody;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 
 use super::{Answer, Proxy};
 use crate::body;
@@ -15,7 +15,7 @@ impl Proxy {
     /// Answers a GET or HEAD of `file` + `.meta4` on `set`: the document
     /// when the replica holds `file` complete, else 404 (Cistern describes
     /// only what it can vouch for: the size and digest of its own copy).
-    pub(super) fn meta4(&self, req: &Request<Incoming>, set: &MirrorSet, file: &str) -> Answer {
+    pub(super) fn meta4(&self, req: &Request<ClientBody>, set: &MirrorSet, file: &str) -> Answer {
         let key = match set.url(0, file).map(|u| CacheKey::from_uri(&u)) {
             Ok(Ok(key)) => key,
             Ok(Err(e)) => {

@@ -21,9 +21,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::body::ClientBody;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
-use hyper::body::Incoming;
 
 use crate::body::{self, ProxyBody};
 use crate::clock::Clock;
@@ -87,6 +87,7 @@ impl Proxy {
         clock: Clock,
     ) -> Proxy {
         crate::cache::use_targeted_field(&snapshot.config.targeted_field);
+        engine.shared().configure(snapshot.config.cluster.as_ref());
         Proxy {
             snapshot: ArcSwap::from_pointee(snapshot),
             engine,
@@ -114,6 +115,9 @@ impl Proxy {
     /// Makes `snapshot` current for new requests.
     pub fn swap(&self, snapshot: Snapshot) {
         crate::cache::use_targeted_field(&snapshot.config.targeted_field);
+        self.engine
+            .shared()
+            .configure(snapshot.config.cluster.as_ref());
         self.snapshot.store(Arc::new(snapshot));
     }
 
@@ -124,7 +128,11 @@ impl Proxy {
 
     /// Handles one request end to end; the body logs the request's access
     /// line when it ends.
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<LoggedBody> {
+    pub async fn handle(
+        &self,
+        mut req: Request<ClientBody>,
+        conn: ConnInfo,
+    ) -> Response<LoggedBody> {
         let started = Instant::now();
         // Before anything logs, keys or stores the URL.
         let unusable = crate::credentials::take(&mut req).err();
@@ -169,7 +177,7 @@ impl Proxy {
 
     async fn dispatch(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: ConnInfo,
         snap: &Snapshot,
     ) -> Answer {
@@ -190,7 +198,7 @@ impl Proxy {
     /// peer's request, served as owner.
     async fn dispatch_admitted(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: ConnInfo,
         snap: &Snapshot,
         from_peer: bool,
@@ -274,7 +282,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn mirrored(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: ConnInfo,
         set: Arc<MirrorSet>,
         rest: String,
@@ -318,7 +326,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn proxied(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: ConnInfo,
         url: Uri,
         mut upstreams: Upstreams,
@@ -409,7 +417,7 @@ struct RouteCache {
 /// listener) and for a request from a peer, which this node serves as
 /// owner: the one rule that keeps peer requests from looping.
 fn peer_target(
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     url: &Uri,
     upstreams: &Upstreams,
     conn: &ConnInfo,
@@ -457,7 +465,7 @@ impl PolicyRun {
 /// site's name when the request reached it as the default site under
 /// another name, so the origin never sees a host whose answers would share
 /// the site's replica unasked.
-fn site_host(req: &Request<Incoming>, site: &str) -> HeaderValue {
+fn site_host(req: &Request<ClientBody>, site: &str) -> HeaderValue {
     let client = req
         .headers()
         .get(header::HOST)

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::body::ClientBody;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -44,7 +45,7 @@ impl Proxy {
     /// of the URL (RFC 9111 §4.4).
     pub(super) async fn pass(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         key: CacheKey,
         upstreams: Upstreams,
         hook: Option<Arc<dyn HeadHook>>,

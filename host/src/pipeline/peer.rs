@@ -7,8 +7,8 @@
 //! is answered from the store's digest index alone: a complete replica
 //! with that SHA-256, whatever its key, or `404`; it never goes upstream.
 
+use crate::body::ClientBody;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
-use hyper::body::Incoming;
 
 use super::{Answer, ConnInfo, Proxy};
 use crate::body;
@@ -37,7 +37,7 @@ pub(super) enum Sender {
 
 /// For a request on the peer path: the client's request rebuilt from it,
 /// or the refusal of one without the secret.
-pub(super) fn admit(req: &mut Request<Incoming>, conn: &ConnInfo, snap: &Snapshot) -> Sender {
+pub(super) fn admit(req: &mut Request<ClientBody>, conn: &ConnInfo, snap: &Snapshot) -> Sender {
     if conn.site_listener.is_some() || !req.uri().path().starts_with(PEER_PATH) {
         return Sender::Client;
     }
@@ -114,7 +114,7 @@ impl Proxy {
     /// own headers (ranges and conditionals as for a hit), or `404`. A
     /// replica stored with a `Content-Encoding` is not offered: its bytes
     /// are an encoding of the content, not the content.
-    pub(super) async fn by_sha256(&self, req: &Request<Incoming>, digest: [u8; 32]) -> Answer {
+    pub(super) async fn by_sha256(&self, req: &Request<ClientBody>, digest: [u8; 32]) -> Answer {
         let method = req.method();
         if method != Method::GET && method != Method::HEAD {
             let mut resp = body::text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only");

@@ -3,8 +3,13 @@
 //! (healthy, weighted, sticky per file, not known to lack it), or, with
 //! `Accept: application/json` or `?json`, that choice and the
 //! alternatives as JSON, or with `?mirrorlist` an HTML page of them. No
-//! upstream request is made. Files that change in place and directories
-//! are not redirected: they take the proxy path like any mirror's.
+//! upstream request is made on the way: the answer is the set's choice.
+//! Afterwards a `HEAD` of the file on the chosen mirror may go out in the
+//! background (once per file and mirror for a while, rate-limited: see
+//! [`crate::fetch::mirror`]), so a partial mirror's 404 is learnt and the
+//! next client is sent elsewhere. Files that change in place and
+//! directories are not redirected: they take the proxy path like any
+//! mirror's.
 //!
 //! When no mirror is enabled the answer is `503` with `Retry-After` (the
 //! time to the first retry): sending clients to a mirror that failed
@@ -16,6 +21,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use super::{Answer, Proxy};
 use crate::body::html_escape as esc;
@@ -79,7 +85,7 @@ impl Proxy {
         &self,
         method: &Method,
         headers: &HeaderMap,
-        set: &MirrorSet,
+        set: &Arc<MirrorSet>,
         rest: String,
     ) -> Redirected {
         let Some(redirect) = &set.redirect else {
@@ -117,6 +123,12 @@ impl Proxy {
         let order = set.redirect_order(path);
         let chosen = order.iter().position(|r| r.state == RankedState::Usable);
         let target = format!("{path}{kept}");
+        if let Some(at) = chosen {
+            // Nothing may wait for the mirror here; whether it has the
+            // file is learnt in the background, for the next client.
+            self.engine
+                .check_redirected(set, order[at].index, path, &target);
+        }
         let bad = |e: crate::fetch::mirror::MirrorPathError| {
             Redirected::Answered(Answer::local(body::text(
                 StatusCode::BAD_REQUEST,

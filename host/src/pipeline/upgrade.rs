@@ -6,8 +6,8 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::body::ClientBody;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::answers::error_response;
@@ -50,7 +50,7 @@ impl Proxy {
     /// through as it is (the upstream declined the switch).
     pub(super) async fn upgrade(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         protocols: HeaderValue,
         upstreams: Upstreams,
         hook: Option<Arc<dyn HeadHook>>,

@@ -15,10 +15,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::evict::Recency;
-use super::{CacheKey, Replica, StoreStats};
+use super::{CacheKey, DigestWatch, Replica, StoreStats};
 
 /// A SHA-256 digest.
 pub(crate) type Digest = [u8; 32];
@@ -52,6 +52,8 @@ pub(crate) struct Index {
     maps: RwLock<Maps>,
     /// LRU order of the keys in `maps`.
     pub(super) recency: Recency,
+    /// Told when a digest comes or goes (the fleet's digest index).
+    pub(super) watch: OnceLock<Arc<dyn DigestWatch>>,
 }
 
 /// Parses a lower-case (or upper-case) hex SHA-256.
@@ -111,7 +113,7 @@ impl Index {
     pub(crate) fn insert(&self, key: CacheKey, replica: Arc<Replica>) -> Option<Arc<Replica>> {
         self.recency.add(&key);
         let mut maps = self.write();
-        let old = remove_locked(&mut maps, &key);
+        let old = remove_locked(&mut maps, &key, self.watch.get());
         let first_link = match content_of(&replica) {
             Some(content) => {
                 let links = maps.by_content.entry(content).or_default();
@@ -128,6 +130,9 @@ impl Index {
         if replica.meta.in_tree() {
             if let Some(digest) = parse_digest(&replica.meta.sha256) {
                 maps.by_digest.entry(digest).or_default().push(key.clone());
+                if let Some(w) = self.watch.get() {
+                    w.held(&digest, &key, replica.meta.length);
+                }
             }
             maps.by_path
                 .insert(replica.meta.replica.clone(), key.clone());
@@ -140,7 +145,7 @@ impl Index {
     /// its replica. The key keeps its LRU place: [`Index::forget`] is for a
     /// key removed for good.
     pub(crate) fn remove(&self, key: &CacheKey) -> Option<Arc<Replica>> {
-        remove_locked(&mut self.write(), key)
+        remove_locked(&mut self.write(), key, self.watch.get())
     }
 
     /// Removes `key` and its LRU place; returns its replica.
@@ -212,7 +217,11 @@ impl Index {
     }
 }
 
-fn remove_locked(maps: &mut Maps, key: &CacheKey) -> Option<Arc<Replica>> {
+fn remove_locked(
+    maps: &mut Maps,
+    key: &CacheKey,
+    watch: Option<&Arc<dyn DigestWatch>>,
+) -> Option<Arc<Replica>> {
     let old = maps.by_key.remove(key)?;
     let last_link = match content_of(&old) {
         Some(content) => match maps.by_content.get_mut(&content) {
@@ -239,6 +248,9 @@ fn remove_locked(maps: &mut Maps, key: &CacheKey) -> Option<Arc<Replica>> {
         keys.retain(|k| k != key);
         if keys.is_empty() {
             maps.by_digest.remove(&digest);
+            if let Some(w) = watch {
+                w.dropped(&digest);
+            }
         }
     }
     if maps.by_path.get(&old.meta.replica) == Some(key) {

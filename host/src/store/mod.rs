@@ -97,6 +97,18 @@ pub use partial::PartialFile;
 pub use path::{PathError, ReplicaPath};
 pub use recovery::QUARANTINE;
 
+/// Told when the store comes to hold content with a digest it did not
+/// hold (`held`, again when the key it lists changes) and when it holds
+/// none left (`dropped`): the fleet's digest index follows the store this
+/// way (see `crate::shared`). Called with the index's lock held, by the
+/// writer that changed it: must neither block nor call the store.
+pub trait DigestWatch: Send + Sync + std::fmt::Debug {
+    /// The store holds `digest`'s content under `key`, `size` bytes.
+    fn held(&self, digest: &[u8; 32], key: &CacheKey, size: u64);
+    /// The store no longer holds `digest`'s content under any key.
+    fn dropped(&self, digest: &[u8; 32]);
+}
+
 use crate::clock::Clock;
 use crate::config::{Layout, StoreConfig};
 
@@ -615,6 +627,13 @@ impl ReplicaStore {
     /// A snapshot of all complete replicas (admin UI).
     pub fn entries(&self) -> Vec<Arc<Replica>> {
         self.index.entries()
+    }
+
+    /// Tells `watch` of every digest change from now on (once per store;
+    /// a second watch is ignored). What the store held before is in
+    /// [`ReplicaStore::entries`].
+    pub fn watch_digests(&self, watch: Arc<dyn DigestWatch>) {
+        let _ = self.index.watch.set(watch);
     }
 
     /// Counters of what the store found wrong on disk.

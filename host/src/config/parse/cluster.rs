@@ -16,6 +16,7 @@ struct ClusterDraft {
     secret: Option<String>,
     peer_down: Option<std::time::Duration>,
     store_on: StoreOn,
+    redis: Option<RedisUrl>,
     /// A `node` or `secret` node was there, valid or not: a bad one is
     /// reported already and must not also read as missing.
     saw_node: bool,
@@ -32,6 +33,7 @@ const CLUSTER: &[Rule<ClusterDraft>] = &[
         d.peer_down = duration_node(cx, n, false)
     }),
     once("store-on", cluster_store_on),
+    once("redis", cluster_redis),
 ];
 
 /// The shortest secret accepted: it is all that keeps clients off the
@@ -79,6 +81,7 @@ pub(super) fn cluster(cx: &mut Cx<'_>, node: &KdlNode, top: &mut Top) {
         secret,
         peer_down: d.peer_down.unwrap_or(DEFAULT_PEER_DOWN),
         store_on: d.store_on,
+        redis: d.redis,
     });
 }
 
@@ -188,4 +191,20 @@ fn cluster_store_on(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ClusterDraft) {
             return;
         }
     };
+}
+
+/// `redis "redis://host:port/"`: where the fleet's shared state lives.
+fn cluster_redis(cx: &mut Cx<'_>, node: &KdlNode, d: &mut ClusterDraft) {
+    let usage = "redis \"redis://127.0.0.1:6379/\"";
+    let e = cx.entries(node, &Shape::leaf((1, 1), usage));
+    let Some(arg) = e.arg(0) else { return };
+    let Some(text) = cx.string(e.name, arg) else {
+        return;
+    };
+    match RedisUrl::parse(text) {
+        Ok(url) => d.redis = Some(url),
+        Err(why) => {
+            cx.error(arg.span(), format!("`redis`: {why}")).help = Some(format!("usage: {usage}"));
+        }
+    }
 }

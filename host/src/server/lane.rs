@@ -1,0 +1,702 @@
+//! The HTTP/1.1 fast lane of the plaintext listeners.
+//!
+//! hyper writes a body only from buffers it is given, so a hit on a large
+//! replica would cost a positioned read into user memory and a copy back
+//! into the socket for every chunk. The lane reads plaintext HTTP/1.x
+//! request heads itself; a `GET` or `HEAD` without a body goes through the
+//! same pipeline as any request (`Proxy::handle`), and the lane writes the
+//! answer: the head, then a complete replica's bytes straight from the
+//! page cache with `sendfile(2)` (see [`FileSlice`]), or any other body
+//! frame by frame as hyper would frame it.
+//!
+//! Anything else (HTTP/2's preface, a request with a body, an upgrade,
+//! `Expect`, a head that does not parse or is too large) is handed to
+//! hyper together with the bytes already read, and hyper keeps the
+//! connection from then on, so every rule hyper enforces still applies to
+//! what the lane does not take.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version, header};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{Connection, Phase, reached};
+use crate::body::ClientBody;
+use crate::gate::ConnPermit;
+use crate::observe::accesslog::LoggedBody;
+use crate::pipeline::ConnInfo;
+use crate::serve::FileSlice;
+
+/// The most bytes of one request head the lane reads before it leaves the
+/// request to hyper (whose own limits then answer it).
+const MAX_HEAD: usize = 16 * 1024;
+/// The most header fields the lane parses; more go to hyper.
+const MAX_HEADERS: usize = 64;
+/// Bytes handed to one `sendfile` call.
+const SENDFILE_STEP: usize = 4 * 1024 * 1024;
+
+/// How the lane left a connection.
+pub(super) enum Left {
+    /// Closed: the client is gone, a timeout passed, the listener drains,
+    /// or the response could not be written whole.
+    Closed,
+    /// The rest of the connection is hyper's, starting with these bytes.
+    ToHyper {
+        /// What was read and not consumed.
+        read: Bytes,
+        /// Whether the lane already answered a request on it.
+        served: bool,
+    },
+}
+
+/// A request head as the lane takes it. Lives on the stack for one parse;
+/// boxing the request would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    /// A request the lane serves; `usize` is the head's length in bytes.
+    Ours(Request<ClientBody>, usize, KeepAlive),
+    /// More bytes are needed.
+    Partial,
+    /// Not for the lane: hyper decides.
+    Theirs,
+}
+
+/// What the client asked of the connection after this request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeepAlive {
+    Yes,
+    No,
+}
+
+impl Connection {
+    /// Serves requests on `stream` while they are the lane's to serve.
+    pub(super) async fn lane(&mut self, stream: &TcpStream, info: ConnInfo) -> Left {
+        let config = self.proxy.snapshot().config.clone();
+        let (idle, send) = (config.timeouts.idle, config.timeouts.send);
+        drop(config);
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut out = Vec::with_capacity(1024);
+        let mut served = false;
+        let mut deadline = Instant::from_std(self.first_by);
+        loop {
+            let (req, used, keep) = loop {
+                match parse(&buf) {
+                    Head::Ours(req, used, keep) => break (req, used, keep),
+                    Head::Theirs => return to_hyper(buf, served),
+                    Head::Partial if buf.len() >= MAX_HEAD => return to_hyper(buf, served),
+                    Head::Partial => {}
+                }
+                tokio::select! {
+                    biased;
+                    _ = tokio::time::sleep_until(deadline) => {
+                        if !served {
+                            self.proxy.connections().closed_silent();
+                        }
+                        tracing::debug!(target: "cistern::server", client = %self.client, "no whole request head within the idle timeout; closing");
+                        return Left::Closed;
+                    }
+                    _ = reached(&mut self.phase, Phase::Draining) => return Left::Closed,
+                    r = read_some(stream, &mut buf) => match r {
+                        Ok(0) if buf.is_empty() => return Left::Closed,
+                        // A head cut short: hyper says what it says of those.
+                        Ok(0) => return to_hyper(buf, served),
+                        Ok(_) => {}
+                        Err(_) => return Left::Closed,
+                    },
+                }
+            };
+            buf.advance(used);
+            served = true;
+            let method = req.method().clone();
+            let version = req.version();
+            let handled = self.proxy.handle(req, info);
+            let resp = tokio::select! {
+                resp = handled => resp,
+                _ = reached(&mut self.phase, Phase::Closed) => return Left::Closed,
+            };
+            let written = write_response(
+                &mut out,
+                resp,
+                &method,
+                version,
+                keep,
+                Writer {
+                    stream,
+                    send,
+                    permit: &self.permit,
+                },
+            );
+            let again = tokio::select! {
+                r = written => r,
+                _ = reached(&mut self.phase, Phase::Closed) => return Left::Closed,
+            };
+            match again {
+                Ok(KeepAlive::Yes) => {}
+                Ok(KeepAlive::No) | Err(_) => return Left::Closed,
+            }
+            if *self.phase.borrow() >= Phase::Draining {
+                return Left::Closed;
+            }
+            deadline = Instant::now() + idle;
+        }
+    }
+}
+
+fn to_hyper(buf: BytesMut, served: bool) -> Left {
+    Left::ToHyper {
+        read: buf.freeze(),
+        served,
+    }
+}
+
+/// Reads what the socket has into `buf`.
+async fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Parses one request head from the start of `buf`.
+fn parse(buf: &BytesMut) -> Head {
+    if buf.is_empty() {
+        return Head::Partial;
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let used = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Head::Partial,
+        Err(_) => return Head::Theirs,
+    };
+    let method = match parsed.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Head::Theirs,
+    };
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Head::Theirs,
+    };
+    let Some(target) = parsed.path else {
+        return Head::Theirs;
+    };
+    // Origin form or absolute form; CONNECT's authority form and `*` are
+    // not GET targets.
+    if !(target.starts_with('/') || target.contains("://")) {
+        return Head::Theirs;
+    }
+    let Ok(uri) = Uri::try_from(target) else {
+        return Head::Theirs;
+    };
+    let mut req = Request::new(ClientBody::None);
+    *req.method_mut() = method;
+    *req.version_mut() = version;
+    *req.uri_mut() = uri;
+    let mut close = false;
+    let mut keep_alive = false;
+    let headers = req.headers_mut();
+    headers.reserve(parsed.headers.len());
+    for field in parsed.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
+            return Head::Theirs;
+        };
+        // A body, or a connection that turns into something else, is
+        // hyper's to frame.
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+        {
+            return Head::Theirs;
+        }
+        let Ok(value) = HeaderValue::from_bytes(field.value) else {
+            return Head::Theirs;
+        };
+        if name == header::CONNECTION {
+            for token in field.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let keep = match version {
+        Version::HTTP_10 if keep_alive && !close => KeepAlive::Yes,
+        Version::HTTP_10 => KeepAlive::No,
+        _ if close => KeepAlive::No,
+        _ => KeepAlive::Yes,
+    };
+    Head::Ours(req, used, keep)
+}
+
+/// How the body of an answer is framed on the wire.
+enum Framing {
+    /// No body (HEAD, 1xx, 204, 304).
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked (HTTP/1.1, length unknown).
+    Chunked,
+    /// Until the connection closes (HTTP/1.0, length unknown).
+    Close,
+}
+
+/// Writes `resp` as hyper's HTTP/1 server would; says whether the
+/// connection may carry another request.
+#[allow(clippy::too_many_arguments)]
+async fn write_response(
+    out: &mut Vec<u8>,
+    resp: http::Response<LoggedBody>,
+    method: &Method,
+    version: Version,
+    keep: KeepAlive,
+    writer: Writer<'_>,
+) -> io::Result<KeepAlive> {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let mut keep = keep;
+    if let Some(v) = parts.headers.get(header::CONNECTION)
+        && v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    {
+        keep = KeepAlive::No;
+    }
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bodiless = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let mut add_length = None;
+    let framing = if bodiless {
+        Framing::None
+    } else if let Some(n) = announced {
+        Framing::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        add_length = Some(n);
+        Framing::Length(n)
+    } else if version == Version::HTTP_11 {
+        Framing::Chunked
+    } else {
+        keep = KeepAlive::No;
+        Framing::Close
+    };
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in parts.headers.iter() {
+        // A length or chunking from elsewhere is replaced by ours.
+        if name == header::TRANSFER_ENCODING
+            || (name == header::CONTENT_LENGTH
+                && matches!(framing, Framing::Chunked | Framing::Close))
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        push_date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = add_length {
+        use std::io::Write as _;
+        let _ = write!(out, "content-length: {n}\r\n");
+    }
+    if matches!(framing, Framing::Chunked) {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if keep == KeepAlive::No && !parts.headers.contains_key(header::CONNECTION) {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    match framing {
+        Framing::None => {
+            writer.write_all(&mut [IoSlice::new(out)]).await?;
+            drop(body);
+            Ok(keep)
+        }
+        Framing::Length(n) => {
+            if let Some(slice) = parts.extensions.get::<FileSlice>()
+                && slice.end - slice.start == n
+                && *method == Method::GET
+            {
+                writer.write_head_more(out).await?;
+                let (sent, result) = writer.send_file(slice).await;
+                let complete = result.is_ok() && sent == n;
+                let failed = matches!(result, Err(SendFileError::Short));
+                body.sent_elsewhere(sent, complete, failed);
+                return match result {
+                    Ok(()) if complete => Ok(keep),
+                    Ok(()) => Err(io::Error::other("replica shorter than its metadata")),
+                    Err(SendFileError::Short) => {
+                        Err(io::Error::other("replica shorter than its metadata"))
+                    }
+                    Err(SendFileError::Io(e)) => Err(e),
+                };
+            }
+            let mut head = Some(&out[..]);
+            let mut sent = 0u64;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(io::Error::other)?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                if sent > n {
+                    return Err(io::Error::other("body longer than its Content-Length"));
+                }
+                match head.take() {
+                    Some(h) => {
+                        writer
+                            .write_all(&mut [IoSlice::new(h), IoSlice::new(&data)])
+                            .await?
+                    }
+                    None => writer.write_all(&mut [IoSlice::new(&data)]).await?,
+                }
+            }
+            if let Some(h) = head {
+                writer.write_all(&mut [IoSlice::new(h)]).await?;
+            }
+            if sent < n {
+                return Err(io::Error::other("body shorter than its Content-Length"));
+            }
+            Ok(keep)
+        }
+        Framing::Chunked | Framing::Close => {
+            let chunked = matches!(framing, Framing::Chunked);
+            let mut head = Some(&out[..]);
+            let mut size = [0u8; 18];
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(io::Error::other)?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                let prefix: &[u8] = if chunked {
+                    chunk_size(&mut size, data.len())
+                } else {
+                    &[]
+                };
+                let suffix: &[u8] = if chunked { b"\r\n" } else { &[] };
+                let h = head.take().unwrap_or(&[]);
+                writer
+                    .write_all(&mut [
+                        IoSlice::new(h),
+                        IoSlice::new(prefix),
+                        IoSlice::new(&data),
+                        IoSlice::new(suffix),
+                    ])
+                    .await?;
+            }
+            let last: &[u8] = if chunked { b"0\r\n\r\n" } else { &[] };
+            let h = head.take().unwrap_or(&[]);
+            writer
+                .write_all(&mut [IoSlice::new(h), IoSlice::new(last)])
+                .await?;
+            Ok(keep)
+        }
+    }
+}
+
+/// `len` in hex followed by CRLF, in `buf`.
+fn chunk_size(buf: &mut [u8; 18], len: usize) -> &[u8] {
+    use std::io::Write as _;
+    let mut cursor = io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{len:x}\r\n");
+    let n = cursor.position() as usize;
+    &buf[..n]
+}
+
+/// Why a `sendfile` transfer stopped early.
+enum SendFileError {
+    /// The file ended before its metadata's length: changed behind
+    /// Cistern's back.
+    Short,
+    /// The client went away, or took nothing for the send timeout.
+    Io(io::Error),
+}
+
+/// Writes on the socket, closing (with `TimedOut`) a connection whose
+/// client takes nothing for the send timeout, like `SendDeadline` does for
+/// hyper's writes.
+struct Writer<'a> {
+    stream: &'a TcpStream,
+    send: Duration,
+    /// The connection's place under the caps, where a stall is counted.
+    permit: &'a ConnPermit,
+}
+
+impl Writer<'_> {
+    /// Waits until the socket has room, for at most the send timeout.
+    async fn room(&self) -> io::Result<()> {
+        match tokio::time::timeout(self.send, self.stream.writable()).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.permit.closed_stalled();
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client took no data for {:?} (timeouts {{ send }})",
+                        self.send
+                    ),
+                ))
+            }
+        }
+    }
+
+    async fn write_all(&self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match self.stream.try_write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.room().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a head that the body's first bytes follow at once: with
+    /// `MSG_MORE`, so both leave in one segment where they fit.
+    async fn write_head_more(&self, mut head: &[u8]) -> io::Result<()> {
+        while !head.is_empty() {
+            let sent = self.stream.try_io(Interest::WRITABLE, || {
+                rustix::net::send(self.stream, head, rustix::net::SendFlags::MORE)
+                    .map_err(io::Error::from)
+            });
+            match sent {
+                Ok(n) => head = &head[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.room().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `slice` from the page cache. Each `sendfile` call runs on the
+    /// blocking pool, since a page not in the cache means a disk read; it
+    /// works on a duplicate of the socket's descriptor, so a connection
+    /// dropped meanwhile never leaves the call writing to a reused number.
+    async fn send_file(&self, slice: &FileSlice) -> (u64, Result<(), SendFileError>) {
+        let socket: Arc<OwnedFd> = match self.stream.as_fd().try_clone_to_owned() {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => return (0, Err(SendFileError::Io(e))),
+        };
+        let mut at = slice.start;
+        while at < slice.end {
+            if let Err(e) = self.room().await {
+                return (at - slice.start, Err(SendFileError::Io(e)));
+            }
+            let want = ((slice.end - at) as usize).min(SENDFILE_STEP);
+            let (file, socket_fd) = (slice.file.clone(), socket.clone());
+            let step = tokio::task::spawn_blocking(move || {
+                let mut offset = at;
+                rustix::fs::sendfile(&*socket_fd, &*file, Some(&mut offset), want)
+            })
+            .await;
+            match step {
+                Ok(Ok(0)) => return (at - slice.start, Err(SendFileError::Short)),
+                Ok(Ok(n)) => at += n as u64,
+                Ok(Err(rustix::io::Errno::AGAIN)) => {
+                    // Clear tokio's readiness so `room` waits for the
+                    // kernel to say there is room again.
+                    let _ = self.stream.try_io(Interest::WRITABLE, || {
+                        Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+                    });
+                }
+                Ok(Err(e)) => return (at - slice.start, Err(SendFileError::Io(e.into()))),
+                Err(e) => {
+                    return (
+                        at - slice.start,
+                        Err(SendFileError::Io(io::Error::other(e))),
+                    );
+                }
+            }
+        }
+        (at - slice.start, Ok(()))
+    }
+}
+
+/// Appends the current time as an HTTP date (RFC 9110 §5.6.7), formatted
+/// once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+}
+
+/// A connection's I/O that first yields bytes already read from it: what
+/// the lane read before it handed the connection to hyper.
+pub(super) struct Rewind<I> {
+    read: Bytes,
+    io: I,
+}
+
+impl<I> Rewind<I> {
+    /// `io`, with `read` in front of what it reads next.
+    pub(super) fn new(read: Bytes, io: I) -> Rewind<I> {
+        Rewind { read, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Head {
+        parse(&BytesMut::from(text.as_bytes()))
+    }
+
+    #[test]
+    fn plain_gets_and_heads_are_the_lanes() {
+        match head("GET /a/b?c HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\nGET") {
+            Head::Ours(req, used, keep) => {
+                assert_eq!(req.uri(), "/a/b?c");
+                assert_eq!(req.headers()["host"], "x");
+                assert_eq!(used, 45);
+                assert!(keep == KeepAlive::Yes);
+            }
+            _ => panic!("a plain GET is the lane's"),
+        }
+        match head("HEAD http://h/x HTTP/1.0\r\n\r\n") {
+            Head::Ours(req, _, keep) => {
+                assert_eq!(req.method(), Method::HEAD);
+                assert_eq!(req.version(), Version::HTTP_10);
+                assert!(keep == KeepAlive::No);
+            }
+            _ => panic!("an absolute-form HEAD is the lane's"),
+        }
+        match head("GET / HTTP/1.1\r\nConnection: Keep-Alive, close\r\n\r\n") {
+            Head::Ours(_, _, keep) => assert!(keep == KeepAlive::No),
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn bodies_upgrades_and_oddities_are_hypers() {
+        for text in [
+            "POST / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "CONNECT h:443 HTTP/1.1\r\n\r\n",
+            "GET * HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert!(matches!(head(text), Head::Theirs), "{text:?}");
+        }
+        assert!(matches!(head("GET / HTTP/1.1\r\nHost"), Head::Partial));
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("X-{i}: y\r\n"))
+            .collect();
+        assert!(matches!(
+            head(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            Head::Theirs
+        ));
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        let mut b = [0u8; 18];
+        assert_eq!(chunk_size(&mut b, 255), b"ff\r\n");
+        assert_eq!(chunk_size(&mut b, 1), b"1\r\n");
+    }
+}
