@@ -165,8 +165,10 @@ impl Upstreams {
 }
 
 impl Inner {
-    /// For a fill whose SHA-256 is known, asks the live peers in the key's
-    /// rendezvous order for a complete replica with that digest (see
+    /// For a fill whose SHA-256 is known, asks the live peers that hold
+    /// it (by the fleet's digest index when there is one, else all of
+    /// them) in the key's rendezvous order for a complete replica with
+    /// that digest (see
     /// [`super::peer`]); the first `200` is the fill's answer, its bytes
     /// checked against the digest as they are written. A `404` (the peer
     /// holds no such content) moves on to the next peer; a failure marks
@@ -185,7 +187,17 @@ impl Inner {
         if job.revalidate.is_some() || headers.contains_key(header::RANGE) {
             return None;
         }
-        for peer in fleet.live_peers(job.key.as_str()) {
+        // With the fleet's digest index (`cluster { redis }`) only the
+        // nodes it names as holders are asked, and none when it names
+        // none; without it (or with Redis down) every live peer is.
+        let holders = self.shared.holders(digest).await;
+        let peers = fleet.live_peers(job.key.as_str());
+        let peers = peers.into_iter().filter(|p| {
+            holders
+                .as_ref()
+                .is_none_or(|h| h.iter().any(|holder| *holder.node == *p.name))
+        });
+        for peer in peers {
             let url = peer.by_sha256_url(digest);
             let mut req = build_request(Method::GET, &url, headers, empty_body());
             req.headers_mut()

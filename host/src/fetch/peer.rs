@@ -15,7 +15,9 @@
 //!
 //! A fill whose SHA-256 is known before anything is asked (a
 //! content-addressed URL, see [`content_address`]) first asks the live
-//! peers, in the key's rendezvous order, for any complete replica with
+//! peers that hold it (those the fleet's digest index in Redis names, or
+//! every live peer without one), in the key's rendezvous order, for any
+//! complete replica with
 //! that digest at `/_cistern/peer/by-sha256/<hex>`: a peer that holds the
 //! content under another name (another suite, another mirror, the
 //! canonical `Packages.xz` of a `by-hash` file) serves it without the
