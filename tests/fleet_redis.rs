@@ -619,3 +619,62 @@ async fn redis_comes_and_goes_with_a_reload_and_a_bad_url_is_refused_at_its_posi
     .await;
     assert!(!fleet.nodes[0].log().contains("is unreachable"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_by_hash_asks_only_the_nodes_the_digest_index_names() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let origin = Origin::start().await;
+    // Content nobody holds, and content one node will hold under its
+    // canonical name, each also at its by-hash name.
+    let dir = "/dists/stable/main/binary-amd64";
+    let lone = pattern(61, 100_000);
+    let lone_path = format!("{dir}/by-hash/SHA256/{}", sha_hex(&lone));
+    origin.put(&lone_path, Resource::new(lone.clone()));
+    let held = pattern(62, 100_000);
+    let digest = sha_hex(&held);
+    let canonical = format!("{dir}/Packages.xz");
+    let by_hash = format!("{dir}/by-hash/SHA256/{digest}");
+    origin.put(&canonical, Resource::new(held.clone()));
+    origin.put(&by_hash, Resource::new(held.clone()));
+    let fleet = start_fleet(&Setup {
+        origin: &origin,
+        redis: Some(redis.url()),
+    });
+    fleet.wait_redis_up(1).await;
+
+    // The index names no holder: node a asks no peer by digest, only
+    // the key's owner (when that is not a itself), so at most one
+    // request; asking every peer first would make two or three.
+    let got = get(fleet.nodes[0].addr, &format!("/files{lone_path}")).await;
+    assert_eq!(
+        Sha256::digest(got.bytes()).as_slice(),
+        Sha256::digest(&lone).as_slice()
+    );
+    let asked = fleet.metric(0, "cistern_peer_requests_total").await;
+    assert!(asked.unwrap_or(0) <= 1, "node a asked {asked:?} peers");
+
+    // Node a keeps the canonical file; once the index names it, a node
+    // holding nothing gets the by-hash name from a holder, not the origin.
+    get(fleet.nodes[0].addr, &format!("/files{canonical}")).await;
+    eventually("node a is listed for the digest in Redis", || async {
+        holders_in_redis(&redis, &digest)
+            .await
+            .contains(&"a".to_owned())
+    })
+    .await;
+    let listed = holders_in_redis(&redis, &digest).await;
+    let idle = NODES
+        .iter()
+        .position(|n| !listed.contains(&(*n).to_owned()))
+        .expect("two nodes at most hold it");
+    let got = get(fleet.nodes[idle].addr, &format!("/files{by_hash}")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(sha_hex(got.bytes()), digest);
+    assert_eq!(
+        origin.hits(&by_hash),
+        0,
+        "the origin was asked for held content"
+    );
+}

@@ -68,7 +68,8 @@
 //!   order described to Metalink clients), `redirect` (the files a
 //!   redirecting mirror keeps serving), `probe` (active health
 //!   probes on the engine clock), `peer` (the fleet of `cluster`: key owners
-//!   by rendezvous hash, peer health), `upstream` (the HTTP client), `ftp`
+//!   by rendezvous hash, peer health, content asked of peers by its
+//!   SHA-256), `upstream` (the HTTP client), `ftp`
 //!   (the gateway that answers the client's `ftp://` requests over FTP),
 //!   `confine` (keeping paths below
 //!   an upstream's base).

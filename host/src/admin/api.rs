@@ -190,6 +190,94 @@ pub fn peers(snap: &Snapshot) -> Peers {
     }
 }
 
+/// The admin's Fleet page: the nodes, their health, the share of keys
+/// each owns and where this node's fill bytes came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetView {
+    /// This node's name.
+    pub node: String,
+    /// This node first, then its peers in config order.
+    pub nodes: Vec<FleetNode>,
+    /// Complete replicas on this node counted for the shares (at most
+    /// [`FLEET_SAMPLE`]).
+    pub sampled_keys: u64,
+    /// Body bytes this node's fills received from peers.
+    pub peer_bytes: u64,
+    /// Body bytes this node's fills received from upstreams.
+    pub upstream_bytes: u64,
+}
+
+/// One node on the Fleet page.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetNode {
+    /// Its node name.
+    pub name: String,
+    /// Its base URL (`None` for this node).
+    pub url: Option<String>,
+    /// This node, not a peer.
+    pub this_node: bool,
+    /// Skipped after a failure (never for this node).
+    pub down: bool,
+    /// Fill requests this node sent it.
+    pub asked: u64,
+    /// Those that failed.
+    pub failed: u64,
+    /// Its last failure.
+    pub last_error: Option<String>,
+    /// Keys of this node's replica that it owns by the rendezvous hash.
+    pub owned_keys: u64,
+}
+
+/// At most this many of the replica's keys are counted for the shares:
+/// enough for a share to the percent, and a page that stays quick.
+const FLEET_SAMPLE: usize = 100_000;
+
+/// Builds the Fleet page's data; `None` without a `cluster` block.
+pub fn fleet(proxy: &Proxy) -> Option<FleetView> {
+    let snap = proxy.snapshot();
+    let fleet = snap.settings.fleet.as_ref()?;
+    let entries = proxy.engine().store().entries();
+    let sample = &entries[..entries.len().min(FLEET_SAMPLE)];
+    let shares = fleet.shares(sample.iter().map(|r| r.meta.key.as_str()));
+    let health = fleet.health();
+    let nodes = shares
+        .into_iter()
+        .enumerate()
+        .map(
+            |(i, (name, owned_keys))| match i.checked_sub(1).and_then(|p| health.get(p)) {
+                None => FleetNode {
+                    name,
+                    url: None,
+                    this_node: true,
+                    down: false,
+                    asked: 0,
+                    failed: 0,
+                    last_error: None,
+                    owned_keys,
+                },
+                Some(p) => FleetNode {
+                    name,
+                    url: Some(p.url.clone()),
+                    this_node: false,
+                    down: p.down,
+                    asked: p.asked,
+                    failed: p.failed,
+                    last_error: p.last_error.clone(),
+                    owned_keys,
+                },
+            },
+        )
+        .collect();
+    let m = proxy.engine().metrics().snapshot();
+    Some(FleetView {
+        node: fleet.node().to_owned(),
+        nodes,
+        sampled_keys: sample.len() as u64,
+        peer_bytes: m.peer_bytes,
+        upstream_bytes: m.upstream_bytes,
+    })
+}
+
 /// One mirror set (`/api/mirrors`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Mirror {

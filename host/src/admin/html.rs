@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use super::api::{Download, FileEntry, Listing, Mirror, Policy, Redirects, Status};
+use super::api::{Download, FileEntry, FleetView, Listing, Mirror, Policy, Redirects, Status};
 use crate::config::units::format_size as bytes;
 use crate::store::meta::from_unix_secs;
 
@@ -44,6 +44,7 @@ fn page(title: &str, current: &str, body: &str) -> String {
     let nav = [
         ("/", "Overview"),
         ("/replica", "Replica"),
+        ("/fleet", "Fleet"),
         ("/metrics", "Metrics"),
         ("/api/status", "JSON"),
     ];
@@ -64,6 +65,81 @@ fn page(title: &str, current: &str, body: &str) -> String {
          <header><span class=\"brand\">Cistern</span><nav>{links}</nav></header>\n<main>\n{body}</main>\n</body>\n</html>\n",
         title = esc(title),
     )
+}
+
+/// `part` of `whole` as a percentage, 0 for an empty whole.
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// `/fleet`: the nodes of the fleet (`cluster`), their health, the share
+/// of keys each owns and this node's peer bytes beside its upstream bytes.
+pub fn fleet(view: Option<&FleetView>) -> String {
+    let mut b = String::from("<section id=\"fleet\"><h2>Fleet</h2>\n");
+    let Some(v) = view else {
+        b.push_str(
+            "<p class=\"muted\">This Cistern is not in a fleet (no <code>cluster</code> block in config.kdl).</p>\n</section>\n",
+        );
+        return page("Fleet", "/fleet", &b);
+    };
+    let _ = writeln!(
+        b,
+        "<p>This node: <strong id=\"this-node\">{}</strong>. Shares count the owner of each of the \
+         {} keys in this node's replica by the rendezvous hash.</p>",
+        esc(&v.node),
+        v.sampled_keys
+    );
+    b.push_str(
+        "<table id=\"nodes\"><thead><tr><th>Node</th><th>URL</th><th>State</th>\
+         <th class=\"num\">Share of keys</th><th class=\"num\">Keys</th><th class=\"num\">Asked</th>\
+         <th class=\"num\">Failures</th><th>Last error</th></tr></thead><tbody>\n",
+    );
+    for n in &v.nodes {
+        let (state, name) = match (n.this_node, n.down) {
+            (true, _) => (
+                "up",
+                format!("{} <span class=\"badge\">this node</span>", esc(&n.name)),
+            ),
+            (false, true) => ("down", esc(&n.name)),
+            (false, false) => ("up", esc(&n.name)),
+        };
+        let _ = writeln!(
+            b,
+            "<tr class=\"node\" data-node=\"{id}\"><td>{name}</td><td><code>{url}</code></td>\
+             <td><span class=\"badge {state}\">{state}</span></td><td class=\"num\">{share:.0} %</td>\
+             <td class=\"num\">{keys}</td><td class=\"num\">{asked}</td><td class=\"num\">{failed}</td>\
+             <td class=\"muted\">{err}</td></tr>",
+            id = esc(&n.name),
+            url = esc(n.url.as_deref().unwrap_or("")),
+            share = percent(n.owned_keys, v.sampled_keys),
+            keys = n.owned_keys,
+            asked = n.asked,
+            failed = n.failed,
+            err = esc(n.last_error.as_deref().unwrap_or("")),
+        );
+    }
+    b.push_str("</tbody></table>\n");
+    let total = v.peer_bytes + v.upstream_bytes;
+    let _ = writeln!(
+        b,
+        "<h3>Where this node's fills came from</h3>\n<table id=\"fill-bytes\"><thead><tr><th>Source</th>\
+         <th class=\"num\">Bytes</th><th class=\"num\">Share</th></tr></thead><tbody>\n\
+         <tr><td>Peers</td><td class=\"num\" id=\"peer-bytes\" data-bytes=\"{pb}\">{pbs}</td><td class=\"num\">{pp:.0} %</td></tr>\n\
+         <tr><td>Upstreams</td><td class=\"num\" id=\"upstream-bytes\" data-bytes=\"{ub}\">{ubs}</td><td class=\"num\">{up:.0} %</td></tr>\n\
+         </tbody></table>",
+        pb = v.peer_bytes,
+        pbs = bytes(v.peer_bytes),
+        pp = percent(v.peer_bytes, total),
+        ub = v.upstream_bytes,
+        ubs = bytes(v.upstream_bytes),
+        up = percent(v.upstream_bytes, total),
+    );
+    b.push_str("</section>\n");
+    page("Fleet", "/fleet", &b)
 }
 
 fn progress_cell(written: u64, length: Option<u64>) -> String {

@@ -14,6 +14,7 @@
 //! | --- | --- |
 //! | `/` | overview page: status, downloads, mirrors, policies |
 //! | `/replica?path=DIR` | the replica tree, one directory per page |
+//! | `/fleet` | the fleet (`cluster`): nodes, health, share of keys, peer vs upstream bytes |
 //! | `/metrics` | Prometheus text format |
 //! | `/healthz` | `ok` |
 //! | `/api/status` | config generation, last reload error, totals |
@@ -150,6 +151,7 @@ impl Admin {
                 );
                 page_response(page)
             }
+            "/fleet" => page_response(html::fleet(api::fleet(&self.proxy).as_ref())),
             "/replica" => match self.listing(&query).await {
                 Ok(l) => page_response(html::replica(&l)),
                 Err(resp) => resp,

@@ -153,14 +153,16 @@ pub enum FetchError {
         /// Bytes announced.
         expected: u64,
     },
-    /// The body does not match the digest the upstream sent.
+    /// The body does not match the digest the upstream sent, or the one
+    /// its content-addressed URL names.
     #[error(
-        "upstream {url} body has SHA-256 {actual}, but the upstream announced {announced}; not stored"
+        "upstream {url} body has SHA-256 {actual}, but {announced} was announced or named by the URL; not stored"
     )]
     DigestMismatch {
         /// The URL fetched.
         url: String,
-        /// Hex SHA-256 announced by `Repr-Digest`/`Digest`.
+        /// Hex SHA-256 announced by `Repr-Digest`/`Digest`, or named by
+        /// a `by-hash/SHA256/` URL.
         announced: String,
         /// Hex SHA-256 of what arrived.
         actual: String,

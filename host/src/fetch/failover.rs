@@ -165,9 +165,69 @@ impl Upstreams {
 }
 
 impl Inner {
+    /// For a fill whose SHA-256 is known, asks the live peers that hold
+    /// it (by the fleet's digest index when there is one, else all of
+    /// them) in the key's rendezvous order for a complete replica with
+    /// that digest (see
+    /// [`super::peer`]); the first `200` is the fill's answer, its bytes
+    /// checked against the digest as they are written. A `404` (the peer
+    /// holds no such content) moves on to the next peer; a failure marks
+    /// the peer down as on the owner path. Not for a revalidation or a
+    /// resume (a range of a partial): those go on to the owner or the
+    /// upstream. `None`: no peer had it.
+    async fn ask_by_hash(
+        &self,
+        job: &FillJob,
+        headers: &HeaderMap,
+    ) -> Option<(Response<Incoming>, Uri)> {
+        let digest = job.sha256.as_ref()?;
+        let fleet = job.settings.fleet.as_ref()?;
+        // A peer's own request is served as owner, never passed on.
+        job.peer_target.as_ref()?;
+        if job.revalidate.is_some() || headers.contains_key(header::RANGE) {
+            return None;
+        }
+        // With the fleet's digest index (`cluster { redis }`) only the
+        // nodes it names as holders are asked, and none when it names
+        // none; without it (or with Redis down) every live peer is.
+        let holders = self.shared.holders(digest).await;
+        let peers = fleet.live_peers(job.key.as_str());
+        let peers = peers.into_iter().filter(|p| {
+            holders
+                .as_ref()
+                .is_none_or(|h| h.iter().any(|holder| *holder.node == *p.name))
+        });
+        for peer in peers {
+            let url = peer.by_sha256_url(digest);
+            let mut req = build_request(Method::GET, &url, headers, empty_body());
+            req.headers_mut()
+                .insert(super::peer::SECRET_HEADER, fleet.secret().clone());
+            match self.send(req, &url, job.settings.idle).await {
+                Ok(resp) if resp.headers().contains_key(super::peer::REFUSED_HEADER) => {
+                    fleet.failed(peer, "it refused the peer request (check `secret`)");
+                }
+                Ok(resp) if resp.status() == http::StatusCode::OK => {
+                    tracing::debug!(target: "cistern::fetch", peer = %peer.name, key = %job.key,
+                        "filling from a peer that holds the content by its SHA-256");
+                    return Some((resp, url));
+                }
+                Ok(resp) if resp.status() == http::StatusCode::NOT_FOUND => {}
+                Ok(resp) => {
+                    fleet.failed(
+                        peer,
+                        &format!("status {} for content by digest", resp.status()),
+                    );
+                }
+                Err(e) => fleet.failed(peer, &error_chain(&e)),
+            }
+        }
+        None
+    }
+
     /// Asks the key's owner in the fleet, when that is a live peer; `None`
     /// sends the fill to the upstream: no fleet, this node owns the key,
-    /// or the owner failed (marked down, so the next fills skip it).
+    /// or the owner failed (marked down, so the next fills skip it). A 5xx
+    /// the owner marks as its upstream's is the fill's answer.
     async fn ask_owner(
         &self,
         job: &FillJob,
@@ -195,6 +255,18 @@ impl Inner {
                 None
             }
             Ok(resp) if !resp.status().is_server_error() => Some((resp, url)),
+            Ok(resp)
+                if resp
+                    .headers()
+                    .contains_key(super::peer::UPSTREAM_FAILED_HEADER) =>
+            {
+                // The owner works; its upstream failed, and this node's
+                // would be asked the same: the answer is passed on and
+                // the owner stays up.
+                tracing::info!(target: "cistern::fetch", peer = %peer.name, status = %resp.status(),
+                    "the owner's upstream failed; passing its answer on");
+                Some((resp, url))
+            }
             Ok(resp) => {
                 fleet.failed(peer, &format!("status {}", resp.status()));
                 None
@@ -258,6 +330,9 @@ impl Inner {
         job: &FillJob,
         headers: &HeaderMap,
     ) -> Result<(Response<Incoming>, Uri), FetchError> {
+        if let Some(answer) = self.ask_by_hash(job, headers).await {
+            return Ok(answer);
+        }
         if let Some(answer) = self.ask_owner(job, headers).await {
             return Ok(answer);
         }

@@ -51,6 +51,9 @@ struct Writing {
     /// The body comes as 206 parts: when one ends short of the whole, the
     /// next is asked for.
     parts: bool,
+    /// The SHA-256 the URL names ([`FillJob::sha256`]), unless a policy
+    /// replaced the body: what the stored bytes must hash to.
+    content_address: Option<[u8; 32]>,
 }
 
 impl Inner {
@@ -288,7 +291,26 @@ impl Inner {
                     .await?;
             }
         }
-        self.stream(fill, job, resp, writing).await
+        let streamed = self.stream(fill, job, resp, writing).await;
+        if let Err(e @ (FetchError::DigestMismatch { url, .. } | FetchError::Length { url, .. })) =
+            &streamed
+        {
+            self.blame_peer(job, url, e);
+        }
+        streamed
+    }
+
+    /// A fill from a peer of the fleet brought wrong bytes (another digest
+    /// than the content's, or more bytes than announced): the peer is
+    /// marked down like a failed one, so the next fill of the key goes on
+    /// to the owner or the upstream instead of asking it again.
+    fn blame_peer(&self, job: &FillJob, url: &str, e: &FetchError) {
+        let (Some(fleet), Ok(url)) = (job.settings.fleet.as_ref(), url.parse::<Uri>()) else {
+            return;
+        };
+        if let Some(peer) = fleet.peer_of(&url) {
+            fleet.failed(peer, &format!("it sent wrong bytes: {e}"));
+        }
     }
 
     /// Decides whether the response becomes a replica and, if so, opens its
@@ -417,6 +439,7 @@ impl Inner {
             url: url.clone(),
             meta,
             parts: resumed_from.is_some(),
+            content_address: job.sha256.filter(|_| !decision.rewritten),
         }))
     }
 
@@ -484,9 +507,16 @@ impl Inner {
             mut url,
             mut meta,
             parts,
+            content_address,
         } = w;
         let mut url_s = url.to_string();
-        let announced = announced_sha256(resp.headers());
+        // A content-addressed URL names its digest, which wins over what
+        // any source announces (unless the body is encoded: its bytes are
+        // not the content's then).
+        let announced = match content_address {
+            Some(d) if !resp.headers().contains_key(header::CONTENT_ENCODING) => Some(d),
+            _ => announced_sha256(resp.headers()),
+        };
         let mut ends_at_close = close_delimited(&resp);
         let idle = job.settings.idle;
         let mut body = resp.into_body();
@@ -874,10 +904,19 @@ impl Inner {
             .etag
             .as_deref()
             .filter(|e| !e.starts_with("W/"));
-        let targets = job.upstreams.resume_targets(
+        let mut targets = job.upstreams.resume_targets(
             url,
             total.is_some() && (strong_etag.is_some() || digest.is_some()),
         );
+        if let super::Upstreams::Single(upstream) = &job.upstreams
+            && is_peer(job, url)
+        {
+            // A peer that died mid-body: the forward proxy's upstream has
+            // the same URL's bytes, joined on only when they are provably
+            // the same file (as for another mirror, below); a mirror set's
+            // upstreams are in `targets` already.
+            targets.insert(0, upstream.clone());
+        }
         let mut next = 0usize;
         while *resumes < RESUME_ATTEMPTS {
             *resumes += 1;

@@ -219,6 +219,11 @@ pub struct FillJob {
     /// for (`None`: not a peerable route, or a request from a peer, which
     /// is served as owner and never forwarded again).
     pub peer_target: Option<Box<str>>,
+    /// The SHA-256 the body must have, known before anything is asked (a
+    /// content-addressed URL, [`peer::content_address`]): the fleet's
+    /// peers are asked for that content first, and whatever source the
+    /// bytes come from, bytes that do not match are never committed.
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// The coalescing fetch engine; cheap to clone.

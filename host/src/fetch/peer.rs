@@ -13,6 +13,24 @@
 //! its keys go to the next node in their order, or to the upstream when
 //! that is this node.
 //!
+//! A fill whose SHA-256 is known before anything is asked (a
+//! content-addressed URL, see [`content_address`]) first asks the live
+//! peers that hold it (those the fleet's digest index in Redis names, or
+//! every live peer without one), in the key's rendezvous order, for any
+//! complete replica with
+//! that digest at `/_cistern/peer/by-sha256/<hex>`: a peer that holds the
+//! content under another name (another suite, another mirror, the
+//! canonical `Packages.xz` of a `by-hash` file) serves it without the
+//! upstream being asked. The bytes are checked against the digest as
+//! they are written; a peer whose bytes do not match is marked down like
+//! a failed one, nothing is committed, and the next fill goes on to the
+//! owner or the upstream.
+//!
+//! An owner answering a peer request with a 5xx that is its upstream's
+//! (passed on, or its own 502/504 about the upstream) says so in
+//! [`UPSTREAM_FAILED_HEADER`]: the asking node passes the answer on and
+//! keeps the owner up, since the owner itself works.
+//!
 //! The rendezvous hash is the mirror sets' (FNV-1a and SplitMix64, see
 //! [`super::mirror`]): a few lines, stable across builds and restarts, so
 //! every node computes the same owner without a crate.
@@ -38,6 +56,31 @@ pub use crate::credentials::PEER_SECRET_HEADER as SECRET_HEADER;
 /// The header on a refusal of a peer request, so the asking node tells
 /// it from an upstream's own 403.
 pub const REFUSED_HEADER: HeaderName = HeaderName::from_static("cistern-peer-refused");
+
+/// The path prefix of requests for content by its SHA-256 (hex follows).
+pub const BY_SHA256_PATH: &str = "/_cistern/peer/by-sha256/";
+
+/// The header an owner sets on a 5xx answer to a peer request when the
+/// failure is its upstream's, not its own.
+pub const UPSTREAM_FAILED_HEADER: HeaderName =
+    HeaderName::from_static("cistern-peer-upstream-failed");
+
+/// The SHA-256 a URL path names, for content-addressed files: the last
+/// two segments `by-hash/SHA256/<64 hex>` (Debian and Ubuntu repositories
+/// publish every index file so, and apt fetches them so by default:
+/// `Acquire-By-Hash`). `None` for any other path.
+pub fn content_address(path: &str) -> Option<[u8; 32]> {
+    let mut segments = path.rsplit('/');
+    let hex = segments.next()?;
+    let algorithm = segments.next()?;
+    let by_hash = segments.next()?;
+    if by_hash != "by-hash" || algorithm != "SHA256" || hex.len() != 64 {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(hex, &mut digest).ok()?;
+    Some(digest)
+}
 
 /// This node's fleet: its name, its peers and their health; built per
 /// config snapshot.
@@ -169,13 +212,58 @@ impl Fleet {
         Owner::Here
     }
 
+    /// The live peers in `key`'s rendezvous order (this node left out),
+    /// for asking them for content by its digest.
+    pub(super) fn live_peers(&self, key: &str) -> Vec<&Peer> {
+        let file = hash(key.as_bytes());
+        let now = self.clock.monotonic();
+        let mut ranked: Vec<(u64, &Peer)> = self
+            .peers
+            .iter()
+            .filter(|p| p.up(now))
+            .map(|p| (mix(p.seed ^ file), p))
+            .collect();
+        ranked.sort_by_key(|(score, _)| std::cmp::Reverse(*score));
+        ranked.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// The share of `keys` each node (this one first, then the peers in
+    /// config order) owns by the rendezvous hash, down peers included:
+    /// what the fleet's split of those keys is meant to be.
+    pub fn shares<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Vec<(String, u64)> {
+        let mut counts = vec![0u64; self.peers.len() + 1];
+        for key in keys {
+            let file = hash(key.as_bytes());
+            let mut best = (mix(self.seed ^ file), 0);
+            for (i, p) in self.peers.iter().enumerate() {
+                let score = mix(p.seed ^ file);
+                if score > best.0 {
+                    best = (score, i + 1);
+                }
+            }
+            counts[best.1] += 1;
+        }
+        std::iter::once(self.node.to_string())
+            .chain(self.peers.iter().map(|p| p.name.to_string()))
+            .zip(counts)
+            .collect()
+    }
+
+    /// The peer `url` was sent to, if it is a peer request this node sent.
+    pub(super) fn peer_of(&self, url: &Uri) -> Option<&Peer> {
+        if !url.path().starts_with(PEER_PATH) {
+            return None;
+        }
+        let text = url.to_string();
+        self.peers.iter().find(|p| {
+            text.strip_prefix(&p.base)
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
+
     /// Whether `url` is a peer request this node sent.
     pub(super) fn is_peer_url(&self, url: &Uri) -> bool {
-        url.path().starts_with(PEER_PATH)
-            && self
-                .peers
-                .iter()
-                .any(|p| url.to_string().starts_with(&p.base))
+        self.peer_of(url).is_some()
     }
 
     /// Every peer's state, in config order.
@@ -210,6 +298,15 @@ impl Peer {
     pub(super) fn url(&self, target: &str) -> Result<Uri, http::uri::InvalidUri> {
         self.asked.fetch_add(1, Ordering::Relaxed);
         format!("{}{PEER_PATH}{target}", self.base).parse()
+    }
+
+    /// The URL of the request for the content whose SHA-256 is `digest`,
+    /// counting the request as asked of this peer.
+    pub(super) fn by_sha256_url(&self, digest: &[u8; 32]) -> Uri {
+        self.asked.fetch_add(1, Ordering::Relaxed);
+        format!("{}{BY_SHA256_PATH}{}", self.base, hex::encode(digest))
+            .parse()
+            .expect("a peer's base and a hex digest make a URI")
     }
 
     fn up(&self, now: Instant) -> bool {
@@ -288,6 +385,36 @@ mod tests {
         a.failed(b, "refused");
         assert_ne!(owner_name(&a, &key), "b");
         assert!(a.health().iter().any(|p| p.name == "b" && p.down));
+    }
+
+    #[test]
+    fn a_by_hash_path_names_its_sha256_and_nothing_else_does() {
+        let hex = "0f".repeat(32);
+        let path = format!("/debian/dists/stable/main/binary-amd64/by-hash/SHA256/{hex}");
+        assert_eq!(content_address(&path), Some([0x0f; 32]));
+        for other in [
+            format!("/by-hash/SHA256/{}", &hex[..62]),
+            format!("/by-hash/MD5Sum/{hex}"),
+            format!("/by-hash/SHA256/{hex}/"),
+            format!("/pool/SHA256/{hex}"),
+            format!("/by-hash/SHA256/{}zz", &hex[..62]),
+            "/dists/stable/Release".to_owned(),
+        ] {
+            assert_eq!(content_address(&other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn shares_count_every_key_once_and_agree_with_the_owner() {
+        let a = fleet("a");
+        let keys: Vec<String> = (0..900).map(|i| format!("http://h:80/f{i}")).collect();
+        let shares = a.shares(keys.iter().map(String::as_str));
+        assert_eq!(shares.iter().map(|(_, n)| n).sum::<u64>(), 900);
+        assert_eq!(shares[0].0, "a");
+        for (name, n) in &shares {
+            let owned = keys.iter().filter(|k| owner_name(&a, k) == *name).count() as u64;
+            assert_eq!(*n, owned, "{name}");
+        }
     }
 
     #[test]

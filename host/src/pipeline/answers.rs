@@ -70,6 +70,19 @@ pub(super) fn forbidden() -> Response<ProxyBody> {
 /// upstream's URL or a path on our disk (the log has those: the fill or the
 /// failover logged the failure where it happened).
 pub(super) fn error_response(e: &FetchError) -> Response<ProxyBody> {
+    let mut resp = error_text(e);
+    if e.side() == Side::Upstream {
+        resp.extensions_mut().insert(UpstreamFailed);
+    }
+    resp
+}
+
+/// Marks Cistern's own answer to a failure of the upstream (not of
+/// Cistern), for a peer asking this node as owner.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct UpstreamFailed;
+
+fn error_text(e: &FetchError) -> Response<ProxyBody> {
     let status = e.status();
     tracing::debug!(target: "cistern::fetch", status = status.as_u16(), "answering with an error: {}", error_chain(e));
     let text = match e {

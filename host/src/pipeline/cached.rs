@@ -261,6 +261,7 @@ impl Proxy {
             hook: policy.map(|p| p.hook(&headers)),
             client,
             background: false,
+            sha256: crate::fetch::peer::content_address(uri.path()),
             peer_target,
         };
         let (fill, passthrough, outcome) = match self.engine.fill(job) {
@@ -321,6 +322,7 @@ impl Proxy {
                 // A background refresh asks the upstream: the owner's copy
                 // may be as stale as ours.
                 peer_target: None,
+                sha256: None,
             };
             // Nobody waits for this ticket: the fill task outlives it, and
             // an unshareable answer is simply dropped; over a fill cap the

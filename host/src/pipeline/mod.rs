@@ -182,11 +182,27 @@ impl Proxy {
         snap: &Snapshot,
     ) -> Answer {
         // A peer's request stands for its clients, already limited there.
-        let from_peer = match peer::admit(&mut req, &conn, snap) {
-            peer::Sender::Client => false,
-            peer::Sender::Peer => true,
-            peer::Sender::Refused(answer) => return answer,
-        };
+        match peer::admit(&mut req, &conn, snap) {
+            peer::Sender::Client => self.dispatch_admitted(req, conn, snap, false).await,
+            peer::Sender::Peer => {
+                let mut answer = self.dispatch_admitted(req, conn, snap, true).await;
+                peer::mark_upstream_failure(&mut answer);
+                answer
+            }
+            peer::Sender::BySha256(digest) => self.by_sha256(&req, digest).await,
+            peer::Sender::Refused(answer) => answer,
+        }
+    }
+
+    /// [`Proxy::dispatch`] once the sender is known: `from_peer` for a
+    /// peer's request, served as owner.
+    async fn dispatch_admitted(
+        &self,
+        mut req: Request<ClientBody>,
+        conn: ConnInfo,
+        snap: &Snapshot,
+        from_peer: bool,
+    ) -> Answer {
         if !from_peer && let Err(retry) = snap.limits.check_client(conn.client.ip()) {
             self.engine.metrics().limited();
             let mut resp = body::text(
