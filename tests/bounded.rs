@@ -879,3 +879,67 @@ async fn a_slow_but_steady_http2_download_is_not_cut_by_the_send_timeout() {
         assert_eq!(metric(admin, &series).await, 0.0, "{reason}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_left_without_window_on_a_miss_lets_go_of_its_download() {
+    // 16 MiB at 64 KiB per 40 ms: about 10 s of body, so a reader that
+    // leaves after the 2 s send timeout leaves the fill far from both
+    // quick-abort thresholds, and the origin's download is cut.
+    const SIZE: usize = 16 * 1024 * 1024;
+    let origin = Origin::start().await;
+    origin.put(
+        "/slow.iso",
+        Resource::new(pattern(84, SIZE)).slow(Duration::from_millis(40)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let timeouts = "timeouts {\n    send \"2s\"\n}\n";
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, timeouts), &[]);
+
+    // The only reader of the fill takes its first 16 KiB and never gives
+    // the window back; the connection itself answers pings.
+    let (mut client, mut pings, driver) = h2_connect(cistern.addr, 16 * 1024).await;
+    let asked = Instant::now();
+    let stuck = h2_get(&mut client, cistern.addr, "/files/slow.iso")
+        .await
+        .expect("the stuck stream's head");
+    assert_eq!(stuck.status(), StatusCode::OK);
+    let pinging = tokio::spawn(async move {
+        while pings.ping(h2::Ping::opaque()).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    let deadline = asked + Duration::from_secs(7);
+    let cut = loop {
+        if let Some(at) = origin.cut_at("/slow.iso") {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fill kept its reader: the origin's download was never cut"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let after = cut.duration_since(asked);
+    assert!(
+        after >= Duration::from_secs(2),
+        "cut {after:?} after the request, before the send timeout"
+    );
+    let stream_series =
+        "cistern_connections_stalled_closed_total{listener=\"proxy\",reason=\"stream\"}";
+    assert_eq!(metric(admin, stream_series).await, 1.0);
+    metric_reaches(
+        admin,
+        "cistern_orphan_fills_stopped_total{reason=\"not-worth-finishing\"}",
+        1.0,
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("the connection is ended, not held")
+        .unwrap()
+        .ok();
+    let _ = tokio::time::timeout(Duration::from_secs(5), pinging).await;
+    drop(stuck);
+}
