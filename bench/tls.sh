@@ -102,6 +102,12 @@ stop() { # pid
     untrack "$1"
 }
 
+# CPU time (user + system, in clock ticks) of a process and its descendants:
+# what the server under test spent, whoever else shares its CPU.
+tree_pids() { local p=$1 c; echo "$p"; for c in $(pgrep -P "$p" || true); do tree_pids "$c"; done; }
+cpu_ticks() { local t=0 p v; for p in $(tree_pids "$1"); do v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0); t=$((t + ${v:-0})); done; echo "$t"; }
+TICK=$(getconf CLK_TCK)
+
 # --------------------------------------------------------------------------
 # One self-signed certificate (ECDSA P-256, the usual choice for TLS 1.3
 # sites) for both servers.
@@ -275,6 +281,16 @@ warm() { # sys path
         sleep 0.2
     done
 }
+# The server's CPU over a measured run: busy % of its one CPU (below 100,
+# the load generator, not the server, set the pace) and µs per request.
+# h2load's figure includes its 1 s warm-up, so its busy % is over
+# DURATION + 1 and its per-request cost slightly high.
+cpu() { # sys key ticks-before line
+    local used=$(( $(cpu_ticks "$PROXY_PID") - $3 )) secs=$DURATION
+    [[ $2 == h2_* ]] && secs=$((DURATION + 1))
+    R[${1}_${2}_busy]=$(python3 -c "print(f'{$used / $TICK / $secs * 100:.0f}')")
+    R[${1}_${2}_us]=$(python3 -c "print(f'{$used / $TICK * 1e6 / max(1, $(field requests "$4")):.1f}')")
+}
 declare -A R
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -291,18 +307,26 @@ for sys in $SYSTEMS; do
 
     wrk_run "$base/1k.bin" 2 >/dev/null
     log "$sys: hot 1 KiB, HTTP/1.1 (wrk)"
+    c0=$(cpu_ticks "$PROXY_PID")
     line=$(wrk_run "$base/1k.bin" "$DURATION"); check "$sys 1k h1" "$line"
+    cpu "$sys" h1_1k "$c0" "$line"
     R[${sys}_h1_1k]=$(rps "$line"); R[${sys}_h1_1k_p50]=$(ms p50_us "$line"); R[${sys}_h1_1k_p99]=$(ms p99_us "$line")
     log "$sys: hot 64 KiB, HTTP/1.1 (wrk)"
+    c0=$(cpu_ticks "$PROXY_PID")
     line=$(wrk_run "$base/64k.bin" "$DURATION"); check "$sys 64k h1" "$line"
+    cpu "$sys" h1_64k "$c0" "$line"
     R[${sys}_h1_64k]=$(mbps "$line")
 
     log "$sys: hot 1 KiB, HTTP/2 (h2load -m$STREAMS)"
+    c0=$(cpu_ticks "$PROXY_PID")
     line=$(h2_run "$base/1k.bin" "$DURATION" 1024); check "$sys 1k h2" "$line"
+    cpu "$sys" h2_1k "$c0" "$line"
     R[${sys}_h2cipher]=$(sed -n 's/^Cipher: //p' "$WORK/h2load.out" | head -1)
     R[${sys}_h2_1k]=$(rps "$line"); R[${sys}_h2_1k_p50]=$(ms p50_us "$line"); R[${sys}_h2_1k_p99]=$(ms p99_us "$line")
     log "$sys: hot 64 KiB, HTTP/2 (h2load -m$STREAMS)"
+    c0=$(cpu_ticks "$PROXY_PID")
     line=$(h2_run "$base/64k.bin" "$DURATION" 65536); check "$sys 64k h2" "$line"
+    cpu "$sys" h2_64k "$c0" "$line"
     R[${sys}_h2_64k]=$(mbps "$line")
 
     for obj in 1k.bin 64k.bin; do
@@ -338,11 +362,19 @@ row() { # label key
     row "HTTP/1.1 hot 1 KiB, requests/s" h1_1k
     row "HTTP/1.1 hot 1 KiB, p50 ms" h1_1k_p50
     row "HTTP/1.1 hot 1 KiB, p99 ms" h1_1k_p99
+    row "HTTP/1.1 hot 1 KiB, server CPU busy %" h1_1k_busy
+    row "HTTP/1.1 hot 1 KiB, server CPU µs/req" h1_1k_us
     row "HTTP/1.1 hot 64 KiB, MB/s" h1_64k
+    row "HTTP/1.1 hot 64 KiB, server CPU busy %" h1_64k_busy
+    row "HTTP/1.1 hot 64 KiB, server CPU µs/req" h1_64k_us
     row "HTTP/2 hot 1 KiB, requests/s" h2_1k
     row "HTTP/2 hot 1 KiB, p50 ms" h2_1k_p50
     row "HTTP/2 hot 1 KiB, p99 ms" h2_1k_p99
+    row "HTTP/2 hot 1 KiB, server CPU busy %" h2_1k_busy
+    row "HTTP/2 hot 1 KiB, server CPU µs/req" h2_1k_us
     row "HTTP/2 hot 64 KiB, MB/s" h2_64k
+    row "HTTP/2 hot 64 KiB, server CPU busy %" h2_64k_busy
+    row "HTTP/2 hot 64 KiB, server CPU µs/req" h2_64k_us
     for w in "${WARNINGS[@]}"; do echo "WARNING: $w"; done
 } | tee "$RESULTS_FILE"
 log "results written to $RESULTS_FILE"
