@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cistern under load, for what it must hold rather than how fast it is:
 #  A. 10,000 concurrent idle connections held, then each served; open file
-#     descriptors and RSS counted before, while held, and after they close.
+#     descriptors and RSS counted before, while held, and after they close;
+#     then a second wave of as many, to see whether it reuses the memory.
 #  B. 1,000 concurrent downloads of 100 distinct objects under an upstream
 #     bandwidth limit: every body's SHA-256 checked, peak RSS.
 #  C. 20 config reloads during a wrk run: failed requests counted.
@@ -16,6 +17,7 @@ REPO=$(cd "$HERE/.." && pwd)
 
 IDLE_CONNS=${IDLE_CONNS:-10000}
 HOLD_SECONDS=${HOLD_SECONDS:-5}
+IDLE_WAVES=${IDLE_WAVES:-2}       # part A again once the first wave closed
 DOWNLOADS=${DOWNLOADS:-1000}
 OBJECTS=${OBJECTS:-100}
 OBJECT_KIB=${OBJECT_KIB:-1024}
@@ -134,19 +136,22 @@ CPID=$!; PIDS+=("$CPID"); wait_port "$P_CISTERN" "$CPID"
 curl -sf -o /dev/null "http://127.0.0.1:$P_CISTERN/m/1k.bin"
 curl -sf -o /dev/null "http://127.0.0.1:$P_CISTERN/m/1k.bin"
 declare -A R
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 R[base_fds]=$(fds "$CPID"); R[base_rss]=$(rss_mib "$CPID")
 
-# A. idle connections: open them all, hold them, then one GET on each.
-log "A. $IDLE_CONNS idle connections for ${HOLD_SECONDS}s, then a request on each"
-python3 - "$P_CISTERN" "$IDLE_CONNS" "$HOLD_SECONDS" "$CPID" >"$WORK/a.txt" <<'EOF'
+# A. idle connections: open them all, hold them, then one GET on each; then
+# the same again once the first wave has closed, so the record shows whether
+# the second wave reuses the memory the first left behind or grows.
+log "A. $IDLE_CONNS idle connections for ${HOLD_SECONDS}s, then a request on each; $IDLE_WAVES waves"
+python3 - "$P_CISTERN" "$IDLE_CONNS" "$HOLD_SECONDS" "$CPID" "$IDLE_WAVES" "${R[base_fds]}" >"$WORK/a.txt" <<'EOF'
 import asyncio, os, sys
 port, n, hold, pid = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+waves, base_fds = int(sys.argv[5]), int(sys.argv[6])
 def fds(): return len(os.listdir(f"/proc/{pid}/fd"))
 def rss():
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS"): return int(line.split()[1]) / 1024
-async def main():
-    conns = []
+async def wave():
     sem = asyncio.Semaphore(500)
     async def open_one():
         async with sem:
@@ -170,12 +175,23 @@ async def main():
         finally:
             w.close()
     served = await asyncio.gather(*[serve(c) for c in conns])
-    print(len(conns), held_fds, f"{held_rss:.1f}", sum(served))
+    # Until Cistern has let go of the connections (10 s at most), then a
+    # second more for memory handed back to settle.
+    for _ in range(50):
+        if fds() <= base_fds + 5: break
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1)
+    print(len(conns), held_fds, f"{held_rss:.1f}", sum(served), fds(), f"{rss():.1f}", flush=True)
+async def main():
+    for _ in range(waves):
+        await wave()
 asyncio.run(main())
 EOF
-read -r R[a_opened] R[a_held_fds] R[a_held_rss] R[a_served] <"$WORK/a.txt"
-for _ in $(seq 50); do [ "$(fds "$CPID")" -le $((R[base_fds] + 5)) ] && break; sleep 0.2; done
-R[a_after_fds]=$(fds "$CPID"); R[a_after_rss]=$(rss_mib "$CPID")
+A_WAVES=()
+while read -r opened held_fds held_rss served after_fds after_rss; do
+    A_WAVES+=("opened $opened/$IDLE_CONNS; while held: $held_fds fds, $held_rss MiB RSS; served $served; after close: $after_fds fds, $after_rss MiB RSS")
+done <"$WORK/a.txt"
+[ ${#A_WAVES[@]} = "$IDLE_WAVES" ] || die "part A reported ${#A_WAVES[@]} of $IDLE_WAVES waves (see $WORK/a.txt)"
 
 # B. concurrent downloads of distinct objects through the bandwidth cap.
 log "B. $DOWNLOADS downloads of $OBJECTS objects of $OBJECT_KIB KiB, upstream capped at $RATE/s"
@@ -239,10 +255,10 @@ R[c_reloads]=$(( $(grep -c "reloaded " "$WORK/cistern.log" || true) - reloads_be
 
 {
     echo "Cistern under load, $(date -u +%Y-%m-%dT%H:%MZ), $("$CISTERN" --version)"
-    echo "machine: $(nproc) cores, $(free -h | awk '/^Mem/ {print $2}') RAM, $(uname -sr); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "machine: $(nproc) cores, $(free -h | awk '/^Mem/ {print $2}') RAM, $(uname -sr); load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     echo "baseline: ${R[base_fds]} fds, ${R[base_rss]} MiB RSS"
-    echo "A. idle connections: opened ${R[a_opened]}/$IDLE_CONNS; while held: ${R[a_held_fds]} fds, ${R[a_held_rss]} MiB RSS; served ${R[a_served]}; after close: ${R[a_after_fds]} fds, ${R[a_after_rss]} MiB RSS"
+    for i in "${!A_WAVES[@]}"; do echo "A. idle connections, wave $((i + 1)): ${A_WAVES[$i]}"; done
     echo "B. $DOWNLOADS downloads of $OBJECTS × $OBJECT_KIB KiB at $RATE/s upstream: ${R[b_ok]} with the right SHA-256, ${R[b_bad]} not (first: ${R[b_first_bad]}), ${R[b_secs]} s, peak RSS ${R[b_hwm]} MiB"
     echo "C. $RELOADS config edits (${R[c_reloads]} reloads went live) during ${RELOAD_SECONDS} s of wrk -c32: ${R[c_requests]} requests, ${R[c_socket_errors]} socket errors, ${R[c_bad_status]} non-2xx"
 } | tee "$RESULTS_FILE"

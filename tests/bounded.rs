@@ -1,7 +1,7 @@
 //! Bounded resources at the edge (issue 12): fills in flight capped over
 //! all and per client, orphaned fills under quick-abort rules, query
-//! strings on mirrors, slow readers timed out, and the admin's
-//! authentication. Each test asserts what a client or the origin sees.
+//! strings on mirrors, slow readers timed out (the socket, or an HTTP/2
+//! stream left without window), and the admin's authentication. Each test asserts what a client or the origin sees.
 
 mod common;
 
@@ -368,7 +368,7 @@ async fn a_client_that_reads_nothing_of_a_big_hit_is_closed_after_the_send_timeo
         )
         .await
         .unwrap();
-    let series = "cistern_connections_stalled_closed_total{listener=\"proxy\"}";
+    let series = "cistern_connections_stalled_closed_total{listener=\"proxy\",reason=\"socket\"}";
     metric_reaches(admin, series, 1.0).await;
     let closed_after = asked.elapsed();
     assert!(
@@ -680,7 +680,7 @@ async fn an_http2_client_that_stops_reading_its_socket_is_closed_after_the_send_
     let asked = Instant::now();
     stream.write_all(&out).await.unwrap();
 
-    let series = "cistern_connections_stalled_closed_total{listener=\"proxy\"}";
+    let series = "cistern_connections_stalled_closed_total{listener=\"proxy\",reason=\"socket\"}";
     metric_reaches(admin, series, 1.0).await;
     assert!(
         asked.elapsed() < Duration::from_secs(10),
@@ -688,4 +688,258 @@ async fn an_http2_client_that_stops_reading_its_socket_is_closed_after_the_send_
         asked.elapsed()
     );
     drop(stream);
+}
+
+/// The descriptors `cistern` has open on files whose name ends with `name`:
+/// what `ls -l /proc/PID/fd` (or lsof) shows an operator.
+fn open_files(cistern: &Cistern, name: &str) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", cistern.child.id())).unwrap();
+    fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().ends_with(name))
+        .count()
+}
+
+/// An HTTP/2 connection by the `h2` crate, with a stream window of
+/// `window` bytes and a connection window large enough never to be the
+/// limit; its driver runs on a task whose end is the connection's.
+async fn h2_connect(
+    addr: SocketAddr,
+    window: u32,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::PingPong,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, mut conn) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .initial_connection_window_size(64 << 20)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let pings = conn.ping_pong().expect("ping_pong");
+    let driver = tokio::spawn(conn);
+    (client, pings, driver)
+}
+
+/// Sends a GET for `path` on `client`, returning the response head.
+async fn h2_get(
+    client: &mut h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<http::Response<h2::RecvStream>, h2::Error> {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.clone().ready().await?.send_request(req, true)?;
+    resp.await
+}
+
+/// Reads `body` whole, giving its window back as it goes.
+async fn h2_read(mut body: h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        got.extend_from_slice(&chunk);
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_left_without_window_ends_its_connection_after_the_send_timeout() {
+    const SIZE: usize = 4 * 1024 * 1024;
+    let origin = Origin::start().await;
+    let big = pattern(81, SIZE);
+    origin.put("/stuck.iso", Resource::new(big.clone()));
+    origin.put("/small.txt", Resource::new(pattern(82, 4096)));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let timeouts = "timeouts {\n    send \"2s\"\n}\n";
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, timeouts), &[]);
+    assert_eq!(get(cistern.addr, "/files/stuck.iso").await.bytes(), &big);
+    assert_eq!(open_files(&cistern, "stuck.iso"), 0);
+
+    // A client with 16 KiB stream windows asks for the hit and never gives
+    // that stream's window back, while the connection stays busy: small
+    // downloads on other streams (their windows given back) and pings.
+    let (mut client, mut pings, driver) = h2_connect(cistern.addr, 16 * 1024).await;
+    let stuck = h2_get(&mut client, cistern.addr, "/files/stuck.iso")
+        .await
+        .expect("the stuck stream's head");
+    assert_eq!(stuck.status(), StatusCode::OK);
+    let asked = Instant::now();
+    let addr = cistern.addr;
+    let busy = tokio::spawn(async move {
+        let mut served = 0u32;
+        loop {
+            let Ok(resp) = h2_get(&mut client, addr, "/files/small.txt").await else {
+                return served;
+            };
+            let read = h2_read(resp.into_body()).await;
+            if read.map(|b| b.len()).ok() != Some(4096)
+                || pings.ping(h2::Ping::opaque()).await.is_err()
+            {
+                return served;
+            }
+            served += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // Meanwhile the stuck stream holds its replica file open.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !busy.is_finished(),
+        "the other streams are served meanwhile"
+    );
+    assert_eq!(open_files(&cistern, "stuck.iso"), 1, "held while stuck");
+
+    let stream_series =
+        "cistern_connections_stalled_closed_total{listener=\"proxy\",reason=\"stream\"}";
+    metric_reaches(admin, stream_series, 1.0).await;
+    let closed_after = asked.elapsed();
+    assert!(
+        closed_after >= Duration::from_secs(2) && closed_after < Duration::from_secs(6),
+        "closed {closed_after:?} after the request, with send \"2s\""
+    );
+    let served = tokio::time::timeout(Duration::from_secs(5), busy)
+        .await
+        .expect("the other streams end with the connection")
+        .unwrap();
+    assert!(
+        served >= 5,
+        "the connection was busy until cut ({served} small downloads)"
+    );
+    tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("the connection is ended, not held")
+        .unwrap()
+        .ok();
+    // The replica file is let go, and the socket itself never stalled.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_files(&cistern, "stuck.iso") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck stream's file is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let socket_series =
+        "cistern_connections_stalled_closed_total{listener=\"proxy\",reason=\"socket\"}";
+    assert_eq!(metric(admin, socket_series).await, 0.0);
+    drop(stuck);
+    // Others are still served, over HTTP/2 too.
+    let (mut client, _pings, _driver) = h2_connect(cistern.addr, 1 << 20).await;
+    let resp = h2_get(&mut client, cistern.addr, "/files/stuck.iso")
+        .await
+        .unwrap();
+    assert_eq!(h2_read(resp.into_body()).await.unwrap(), big);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_http2_download_is_not_cut_by_the_send_timeout() {
+    const SIZE: usize = 4 * 1024 * 1024;
+    /// The pace the client reads at: the download takes about 8 s, four
+    /// send timeouts.
+    const PER_SECOND: usize = 512 * 1024;
+    let origin = Origin::start().await;
+    let big = pattern(83, SIZE);
+    origin.put("/steady.iso", Resource::new(big.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let timeouts = "timeouts {\n    send \"2s\"\n}\n";
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, timeouts), &[]);
+    assert_eq!(get(cistern.addr, "/files/steady.iso").await.bytes(), &big);
+
+    let (mut client, _pings, driver) = h2_connect(cistern.addr, 16 * 1024).await;
+    let resp = h2_get(&mut client, cistern.addr, "/files/steady.iso")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut body = resp.into_body();
+    let mut got = Vec::with_capacity(SIZE);
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the steady download is not cut");
+        got.extend_from_slice(&chunk);
+        // Gives the window back only as fast as the pace allows.
+        let due = started + Duration::from_secs_f64(got.len() as f64 / PER_SECOND as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let took = started.elapsed();
+    assert_eq!(got.len(), SIZE);
+    assert!(got == big, "the body arrives intact");
+    assert!(took > Duration::from_secs(6), "it was slow: {took:?}");
+    assert!(!driver.is_finished(), "the connection is still open");
+    for reason in ["socket", "stream"] {
+        let series = format!(
+            "cistern_connections_stalled_closed_total{{listener=\"proxy\",reason=\"{reason}\"}}"
+        );
+        assert_eq!(metric(admin, &series).await, 0.0, "{reason}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_left_without_window_on_a_miss_lets_go_of_its_download() {
+    // 16 MiB at 64 KiB per 40 ms: about 10 s of body, so a reader that
+    // leaves after the 2 s send timeout leaves the fill far from both
+    // quick-abort thresholds, and the origin's download is cut.
+    const SIZE: usize = 16 * 1024 * 1024;
+    let origin = Origin::start().await;
+    origin.put(
+        "/slow.iso",
+        Resource::new(pattern(84, SIZE)).slow(Duration::from_millis(40)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let timeouts = "timeouts {\n    send \"2s\"\n}\n";
+    let cistern = Cistern::start(dir.path(), &config(&origin, admin, timeouts), &[]);
+
+    // The only reader of the fill takes its first 16 KiB and never gives
+    // the window back; the connection itself answers pings.
+    let (mut client, mut pings, driver) = h2_connect(cistern.addr, 16 * 1024).await;
+    let asked = Instant::now();
+    let stuck = h2_get(&mut client, cistern.addr, "/files/slow.iso")
+        .await
+        .expect("the stuck stream's head");
+    assert_eq!(stuck.status(), StatusCode::OK);
+    let pinging = tokio::spawn(async move {
+        while pings.ping(h2::Ping::opaque()).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    let deadline = asked + Duration::from_secs(7);
+    let cut = loop {
+        if let Some(at) = origin.cut_at("/slow.iso") {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fill kept its reader: the origin's download was never cut"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let after = cut.duration_since(asked);
+    assert!(
+        after >= Duration::from_secs(2),
+        "cut {after:?} after the request, before the send timeout"
+    );
+    let stream_series =
+        "cistern_connections_stalled_closed_total{listener=\"proxy\",reason=\"stream\"}";
+    assert_eq!(metric(admin, stream_series).await, 1.0);
+    metric_reaches(
+        admin,
+        "cistern_orphan_fills_stopped_total{reason=\"not-worth-finishing\"}",
+        1.0,
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("the connection is ended, not held")
+        .unwrap()
+        .ok();
+    let _ = tokio::time::timeout(Duration::from_secs(5), pinging).await;
+    drop(stuck);
 }

@@ -13,7 +13,9 @@
 //!   limit at start, so the caps, not the default 1024, bound what is open.
 //!
 //! - [`SendDeadline`] closes a connection whose client takes no byte of
-//!   what Cistern has for it for `timeouts { send }` (a slow reader).
+//!   what Cistern has for it for `timeouts { send }` (a slow reader), and
+//!   [`StreamWatch`] one whose HTTP/2 client grants a response no
+//!   flow-control window for as long while the socket itself drains.
 //!
 //! The deadline of a connection's first request (the idle timeout from
 //! accept until a whole request head has arrived) is kept by the listeners
@@ -29,7 +31,9 @@ use std::time::Duration;
 use crate::config::LimitsConfig;
 
 mod send;
+mod stream;
 pub use send::SendDeadline;
+pub use stream::{StreamWatch, WatchedBody};
 
 /// The connection caps in force when a connection is accepted; read from
 /// the snapshot serving then, so a reload applies to the next accept.
@@ -84,6 +88,7 @@ struct Shared {
     silent: AtomicU64,
     idle_tunnels: AtomicU64,
     stalled: AtomicU64,
+    stalled_streams: AtomicU64,
 }
 
 /// Both counts under one lock, so a connection is admitted against both
@@ -123,6 +128,9 @@ pub struct GateStats {
     /// Connections closed because their client took no data for the send
     /// timeout.
     pub stalled: u64,
+    /// HTTP/2 connections closed because a response waited for flow-control
+    /// window from its client for the send timeout.
+    pub stalled_streams: u64,
 }
 
 impl ConnGate {
@@ -179,6 +187,7 @@ impl ConnGate {
             silent: s.silent.load(Ordering::Relaxed),
             idle_tunnels: s.idle_tunnels.load(Ordering::Relaxed),
             stalled: s.stalled.load(Ordering::Relaxed),
+            stalled_streams: s.stalled_streams.load(Ordering::Relaxed),
         }
     }
 
@@ -210,6 +219,12 @@ impl ConnPermit {
     /// the send timeout.
     pub fn closed_stalled(&self) {
         self.shared.stalled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts this HTTP/2 connection closed because one of its responses
+    /// waited for flow-control window for the send timeout.
+    pub fn closed_stalled_stream(&self) {
+        self.shared.stalled_streams.fetch_add(1, Ordering::Relaxed);
     }
 }
 

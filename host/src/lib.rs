@@ -36,7 +36,8 @@
 //!   `site` share.
 //! - [`gate`]: connection admission: caps on open connections, the accept
 //!   back-off, the descriptor limit and the send deadline on a
-//!   connection's writes (`gate/send.rs`).
+//!   connection's writes (`gate/send.rs`) and on its HTTP/2 responses
+//!   (`gate/stream.rs`).
 //! - [`ours`]: what is Cistern's own: the names it answers to and the
 //!   sockets it listens on, which it never connects to on a client's behalf.
 //! - [`store`]: the replica tree, its metadata (a versioned format of its

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use http::{Method, Request};
+use http::{Method, Request, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::ClientBody;
 use crate::config::Config;
-use crate::gate::{AcceptBackoff, ConnCaps, ConnPermit, SendDeadline};
+use crate::gate::{AcceptBackoff, ConnCaps, ConnPermit, SendDeadline, StreamWatch, WatchedBody};
 use crate::ours::{OwnSocket, OwnSockets, SocketKind};
 use crate::pipeline::{ConnInfo, Proxy};
 
@@ -475,12 +475,16 @@ impl Connection {
             .max_concurrent_streams(limits.http2_max_streams)
             .max_pending_accept_reset_streams(limits.http2_max_resets as usize)
             .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
-        let io = SendDeadline::new(io, config.timeouts.send, self.permit.clone());
+        // HTTP/2 responses keep a deadline of their own (see `gate`): the
+        // socket can drain while one stream gets no window.
+        let watch = StreamWatch::new(config.timeouts.send);
+        let io = SendDeadline::new(io, config.timeouts.send, self.permit.clone()).pausing(&watch);
         let info = self.conn_info();
         let proxy = self.proxy.clone();
         let permit = self.permit.clone();
         let started = Arc::new(AtomicBool::new(false));
         let first = started.clone();
+        let bodies = watch.clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
             first.store(true, Ordering::Relaxed);
             if req.method() == Method::CONNECT {
@@ -488,9 +492,20 @@ impl Connection {
                 // share of the permit so it still counts.
                 req.extensions_mut().insert(permit.clone());
             }
+            let h2 = req.version() == Version::HTTP_2;
             let proxy = proxy.clone();
             let req = req.map(ClientBody::Wire);
-            async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
+            let bodies = bodies.clone();
+            async move {
+                let resp = proxy.handle(req, info).await;
+                Ok::<_, Infallible>(resp.map(|b| {
+                    if h2 {
+                        bodies.watch(b)
+                    } else {
+                        WatchedBody::unwatched(b)
+                    }
+                }))
+            }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
@@ -514,6 +529,7 @@ impl Connection {
                     first_due = false;
                 }
                 r = conn.as_mut() => break Some(r),
+                _ = watch.stalled() => return self.stalled_stream(&watch),
                 _ = reached(&mut self.phase, Phase::Draining) => break None,
             }
         };
@@ -525,6 +541,7 @@ impl Connection {
                 conn.as_mut().graceful_shutdown();
                 tokio::select! {
                     r = conn.as_mut() => r,
+                    _ = watch.stalled() => return self.stalled_stream(&watch),
                     _ = reached(&mut self.phase, Phase::Closed) => return,
                 }
             }
@@ -532,6 +549,17 @@ impl Connection {
         if let Err(e) = result {
             tracing::debug!(target: "cistern::server", %client, "connection ended: {e}");
         }
+    }
+}
+
+impl Connection {
+    /// An HTTP/2 response waited for its client's window for the send
+    /// timeout: the connection is dropped on return, and with it every
+    /// stream's body (hyper cannot reset the one stream whose body it no
+    /// longer polls).
+    fn stalled_stream(&self, watch: &StreamWatch) {
+        self.permit.closed_stalled_stream();
+        tracing::debug!(target: "cistern::server", client = %self.client, "an HTTP/2 response on {} got no flow-control window for {:?} (timeouts {{ send }}); closing", self.info.spec, watch.limit());
     }
 }
 

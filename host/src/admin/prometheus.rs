@@ -319,14 +319,16 @@ pub fn write_connections(w: &mut PromWriter, gates: &[(&str, GateStats)]) {
     w.family(
         "cistern_connections_stalled_closed_total",
         Kind::Counter,
-        "Connections closed because their client took none of the data sent to it for the send timeout (a slow or stuck reader).",
+        "Connections closed because their client took none of the data sent to it for the send timeout (a slow or stuck reader), by what stalled: the socket, or an HTTP/2 stream left without flow-control window.",
     );
     for (listener, g) in gates {
-        w.sample(
-            "cistern_connections_stalled_closed_total",
-            &[("listener", listener)],
-            g.stalled,
-        );
+        for (reason, n) in [("socket", g.stalled), ("stream", g.stalled_streams)] {
+            w.sample(
+                "cistern_connections_stalled_closed_total",
+                &[("listener", listener), ("reason", reason)],
+                n,
+            );
+        }
     }
     let tunnels: u64 = gates.iter().map(|(_, g)| g.idle_tunnels).sum();
     w.single(

@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::ConnPermit;
+use super::stream::{Room, StreamWatch};
 
 /// A connection's I/O with the send deadline kept on its writes.
 pub struct SendDeadline<I> {
@@ -34,6 +35,8 @@ pub struct SendDeadline<I> {
     /// The connection's place under the caps, where the close is counted.
     permit: Arc<ConnPermit>,
     counted: bool,
+    /// The HTTP/2 streams' clock, told when writes wait for room.
+    room: Option<Arc<Room>>,
 }
 
 impl<I> SendDeadline<I> {
@@ -48,12 +51,25 @@ impl<I> SendDeadline<I> {
             armed: false,
             permit,
             counted: false,
+            room: None,
         }
+    }
+
+    /// Tells `watch` when writes wait for room: its streams' deadlines
+    /// stand still meanwhile, since this one runs.
+    pub fn pausing(mut self, watch: &StreamWatch) -> SendDeadline<I> {
+        self.room = Some(watch.room());
+        self
     }
 
     /// A write made progress (or failed): no deadline runs.
     fn progressed<T>(&mut self, r: Poll<T>) -> Poll<T> {
-        self.armed = false;
+        if self.armed {
+            self.armed = false;
+            if let Some(room) = &self.room {
+                room.unblocked();
+            }
+        }
         r
     }
 
@@ -67,6 +83,9 @@ impl<I> SendDeadline<I> {
         if !self.armed {
             timer.as_mut().reset(deadline);
             self.armed = true;
+            if let Some(room) = &self.room {
+                room.blocked();
+            }
         }
         match timer.as_mut().poll(cx) {
             Poll::Pending => Poll::Pending,
