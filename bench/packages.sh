@@ -17,12 +17,13 @@ REPO=$(cd "$HERE/.." && pwd)
 PACKAGES=${PACKAGES:-50}          # projects per ecosystem, all installed at once
 VERSIONS=${VERSIONS:-3}           # versions of each project in the index (the latest is installed)
 FILE_KIB=${FILE_KIB:-64}          # incompressible bytes in each wheel / tarball
-WARM_RUNS=${WARM_RUNS:-5}         # warm installs per system (median time)
+ROUNDS=${ROUNDS:-3}               # rounds: each system in turn, a fresh proxy each
+WARM_RUNS=${WARM_RUNS:-3}         # warm installs per system and round
 RUN_TIMEOUT=${RUN_TIMEOUT:-300}   # seconds, one client run
 LOAD_CPU=${LOAD_CPU:-0}           # pip and npm
 SERVER_CPU=${SERVER_CPU:-1}       # the proxy under test and the origin
-PYPI_SYSTEMS=${PYPI_SYSTEMS:-"direct proxpi devpi cistern"}
-NPM_SYSTEMS=${NPM_SYSTEMS:-"direct verdaccio cistern"}
+PYPI_SYSTEMS=${PYPI_SYSTEMS-"direct proxpi devpi cistern"}
+NPM_SYSTEMS=${NPM_SYSTEMS-"direct verdaccio cistern"}
 # Where the peers are installed (kept between runs: a second run installs
 # nothing). proxpi, devpi-server and devpi-client from PyPI into venvs,
 # Verdaccio from the npm registry, at these versions.
@@ -330,7 +331,7 @@ origin_since() {
 start_direct_pypi() { PID=; URL="http://127.0.0.1:$P_PYIDX/simple/"; }
 start_direct_npm() { PID=; URL="http://127.0.0.1:$P_NPMREG/"; }
 start_proxpi() {
-    local d="$WORK/proxpi"; mkdir -p "$d/cache"
+    local d="$WORK/proxpi-$ROUND"; mkdir -p "$d/cache"
     # As its Docker image runs it: gunicorn, one process (proxpi's caches
     # are per process), two threads. Index cache TTL at its default (30 min).
     "${ON_SERVER[@]}" env -C "$d" PROXPI_INDEX_URL="http://127.0.0.1:$P_PYIDX/simple/" PROXPI_CACHE_DIR="$d/cache" \
@@ -340,7 +341,7 @@ start_proxpi() {
     wait_port "$P_PROXY" "$PID"
 }
 start_devpi() {
-    local d="$WORK/devpi"; mkdir -p "$d"
+    local d="$WORK/devpi-$ROUND"; mkdir -p "$d"
     "$PEERS_DIR/devpi/bin/devpi-init" --serverdir "$d/server" --no-root-pypi >"$d/init.log" 2>&1 \
         || die "devpi-init failed: $(tail -3 "$d/init.log")"
     "${ON_SERVER[@]}" "$PEERS_DIR/devpi/bin/devpi-server" --serverdir "$d/server" --host 127.0.0.1 --port "$P_PROXY" \
@@ -357,7 +358,7 @@ start_devpi() {
     URL="http://127.0.0.1:$P_PROXY/root/local/+simple/"
 }
 start_verdaccio() {
-    local d="$WORK/verdaccio"; mkdir -p "$d/storage"
+    local d="$WORK/verdaccio-$ROUND"; mkdir -p "$d/storage"
     # One uplink, the local registry, with its defaults (cache on, packument
     # maxage 2 min); every package proxied; logs at the default level
     # (one line per request, as Cistern's access log).
@@ -383,7 +384,7 @@ EOF
     wait_port "$P_PROXY" "$PID"
 }
 start_cistern_pypi() {
-    local d="$WORK/cistern-pypi"; mkdir -p "$d"
+    local d="$WORK/cistern-pypi-$ROUND"; mkdir -p "$d"
     # As tests/index_rewrite.rs and docs/policies.md: the index mirror and
     # the file mirror, the pypi policy on both (rewrites the file host's
     # URLs to /pypi-files/, marks files immutable). Access log on.
@@ -414,7 +415,7 @@ EOF
     wait_port "$P_PROXY" "$PID"
 }
 start_cistern_npm() {
-    local d="$WORK/cistern-npm"; mkdir -p "$d"
+    local d="$WORK/cistern-npm-$ROUND"; mkdir -p "$d"
     cat >"$d/config.kdl" <<EOF
 listen "127.0.0.1:$P_PROXY"
 store {
@@ -477,55 +478,94 @@ npm_run() { # url dir
     python3 -c "print(f'{$t1-$t0:.2f}')"
 }
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:] if x!='fail']; print(f'{statistics.median(v):.2f}' if v and len(v)==len(sys.argv)-1 else 'fail')" "$@"; }
+# CPU time (user + system) of a process and its descendants, ms.
+cpu_ms() {
+    local t=0 p v hz
+    hz=$(getconf CLK_TCK)
+    for p in $(tree_pids "$1"); do
+        v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo $((t * 1000 / hz))
+}
+max() { local m=0 v; for v in "$@"; do [ "$v" -gt "$m" ] && m=$v; done; echo "$m"; }
 
 declare -A R
 WARNINGS=()
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
-bench() { # ecosystem system index-port file-port client
-    local eco=$1 sys=$2 ip=$3 fp=$4 client=$5 start k before line times=() i
+# One round of one system: a fresh proxy, a cold install, $WARM_RUNS warm
+# ones, one with the upstream stopped. Times are appended to lists (the
+# medians are taken over all rounds); upstream counts and RSS keep the
+# largest of any round.
+keep_max() { R[$1]=$(max "${R[$1]:-0}" "$2"); }
+bench() { # ecosystem system index-port file-port client round
+    local eco=$1 sys=$2 ip=$3 fp=$4 client=$5 round=$6 start k before t times=() i c0 c1
     k="${eco}_${sys}"
     if [ -n "${UNAVAILABLE[$sys]:-}" ]; then log "$sys: skipped: ${UNAVAILABLE[$sys]}"; return; fi
     start=start_$sys; declare -F "$start" >/dev/null || start=start_${sys}_$eco
-    log "$eco/$sys: starting with an empty cache"
+    ROUND=$round
+    log "round $round, $eco/$sys: starting with an empty cache"
     "$start"
-    local dir="$WORK/run-$k"
-    before=$(origin_lines)
-    R[${k}_cold]=$("$client" "$URL" "$dir/cold")
-    read -r R[${k}_cold_ireq] _ R[${k}_cold_freq] R[${k}_cold_f200] R[${k}_cold_fbytes] < <(origin_since "$before" "$ip" "$fp")
-    log "$eco/$sys: cold ${R[${k}_cold]} s; upstream ${R[${k}_cold_ireq]} index, ${R[${k}_cold_freq]} file requests"
-    local ireq=0 ibytes=0 freq=0 f200=0 fbytes=0
+    local dir="$WORK/run-$k-$round"
+    before=$(origin_lines); [ -z "$PID" ] || c0=$(cpu_ms "$PID")
+    t=$("$client" "$URL" "$dir/cold"); R[${k}_cold_all]+=" $t"
+    [ -z "$PID" ] || R[${k}_cold_cpu_all]+=" $(( $(cpu_ms "$PID") - c0 ))"
+    read -r a _ c d e < <(origin_since "$before" "$ip" "$fp")
+    keep_max "${k}_cold_ireq" "$a"; keep_max "${k}_cold_freq" "$c"; keep_max "${k}_cold_fbytes" "$e"
+    log "round $round, $eco/$sys: cold $t s; upstream $a index, $c file requests"
+    [ -z "$PID" ] || c0=$(cpu_ms "$PID")
     for i in $(seq "$WARM_RUNS"); do
         before=$(origin_lines)
         times+=("$("$client" "$URL" "$dir/warm$i")")
         read -r a b c d e < <(origin_since "$before" "$ip" "$fp")
-        # The worst warm run's upstream traffic.
-        [ "$a" -gt "$ireq" ] && ireq=$a; [ "$b" -gt "$ibytes" ] && ibytes=$b
-        [ "$c" -gt "$freq" ] && freq=$c; [ "$d" -gt "$f200" ] && f200=$d; [ "$e" -gt "$fbytes" ] && fbytes=$e
+        keep_max "${k}_warm_ireq" "$a"; keep_max "${k}_warm_ibytes" "$b"; keep_max "${k}_warm_freq" "$c"
+        keep_max "${k}_warm_f200" "$d"; keep_max "${k}_warm_fbytes" "$e"
     done
-    R[${k}_warm]=$(median "${times[@]}"); R[${k}_warm_all]="${times[*]}"
-    R[${k}_warm_ireq]=$ireq; R[${k}_warm_ibytes]=$ibytes; R[${k}_warm_freq]=$freq; R[${k}_warm_f200]=$f200; R[${k}_warm_fbytes]=$fbytes
-    log "$eco/$sys: warm ${times[*]} s; upstream $ireq index requests ($ibytes B), $freq file requests ($f200 downloads, $fbytes B)"
+    if [ -n "$PID" ]; then
+        c1=$(cpu_ms "$PID")
+        R[${k}_warm_cpu_all]+=" $(( (c1 - c0) / WARM_RUNS ))"
+    fi
+    R[${k}_warm_all]+=" ${times[*]}"
+    log "round $round, $eco/$sys: warm ${times[*]} s"
     # Once more with the upstream stopped (nothing listens on its ports):
-    # does a warm cache install on its own?
+    # does the warm cache install on its own?
     if [ "$sys" != direct ]; then
         stop "$ORIGIN_PID"
-        R[${k}_down]=$("$client" "$URL" "$dir/down")
-        log "$eco/$sys: with the upstream stopped: ${R[${k}_down]}"
+        t=$("$client" "$URL" "$dir/down"); R[${k}_down_all]+=" $t"
+        log "round $round, $eco/$sys: with the upstream stopped: $t"
         start_origin
     fi
-    [ "$sys" = direct ] || [ "$f200" = 0 ] || WARNINGS+=("$eco/$sys: $f200 files downloaded from upstream in a warm run")
-    for t in "${R[${k}_cold]}" "${times[@]}"; do [ "$t" != fail ] || WARNINGS+=("$eco/$sys: a client run failed (see the log above)"); done
+    [ "$sys" = direct ] || [ "${R[${k}_warm_f200]}" = 0 ] || WARNINGS+=("$eco/$sys round $round: files downloaded from upstream in a warm run")
+    for t in ${R[${k}_cold_all]} "${times[@]}" ${R[${k}_down_all]:-}; do [ "$t" != fail ] || { WARNINGS+=("$eco/$sys round $round: a client run failed (see the log)"); break; }; done
     if [ -n "$PID" ]; then
-        R[${k}_rss]=$(( $(rss_kib "$PID") / 1024 ))
+        keep_max "${k}_rss" $(( $(rss_kib "$PID") / 1024 ))
         stop "$PID"
         for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$P_PROXY") 2>/dev/null || break; sleep 0.1; done
         (exec 3<>"/dev/tcp/127.0.0.1/$P_PROXY") 2>/dev/null && die "$sys still listens on :$P_PROXY after it was stopped"
     fi
+    rm -rf "$dir"
     return 0
 }
-for sys in $PYPI_SYSTEMS; do bench pypi "$sys" "$P_PYIDX" "$P_PYFILES" pip_run; done
-for sys in $NPM_SYSTEMS; do bench npm "$sys" "$P_NPMREG" "$P_NPMFILES" npm_run; done
+# One unmeasured run of each client against the upstream first, so the
+# first system measured does not pay for loading pip and npm from disk.
+log "warming the clients up (not measured)"
+[ "$(pip_run "http://127.0.0.1:$P_PYIDX/simple/" "$WORK/client-warmup-pip")" != fail ] || die "pip cannot install from the upstream"
+[ "$(npm_run "http://127.0.0.1:$P_NPMREG/" "$WORK/client-warmup-npm")" != fail ] || die "npm cannot install from the upstream"
+rm -rf "$WORK/client-warmup-pip" "$WORK/client-warmup-npm"
+
+# The systems take turns, round after round, so a swing in the machine's
+# load (other builds) falls on all of them rather than on one.
+for round in $(seq "$ROUNDS"); do
+    for sys in $PYPI_SYSTEMS; do bench pypi "$sys" "$P_PYIDX" "$P_PYFILES" pip_run "$round"; done
+    for sys in $NPM_SYSTEMS; do bench npm "$sys" "$P_NPMREG" "$P_NPMFILES" npm_run "$round"; done
+done
+for k in "${!R[@]}"; do
+    case $k in *_all) read -ra vals <<<"${R[$k]}"; R[${k%_all}]=$(median "${vals[@]}");; esac
+done
+for k in "${!R[@]}"; do
+    case $k in *_cpu) [ "${R[$k]}" = fail ] || R[$k]=$(printf '%.0f' "${R[$k]}");; esac
+done
 
 # --------------------------------------------------------------------------
 # Report
@@ -540,17 +580,19 @@ table() { # ecosystem systems…
     }
     SYS="$*"
     printf '%-46s' "$eco: measure"; for s in $SYS; do printf ' %10s' "$s"; done; printf '\n'
-    row "cold install, s" cold
+    row "cold install, s (median of $ROUNDS)" cold
+    row "  proxy CPU, ms" cold_cpu
     row "  upstream index requests" cold_ireq
     row "  upstream file requests" cold_freq
     row "  upstream file bytes" cold_fbytes
-    row "warm install, s (median of $WARM_RUNS)" warm
+    row "warm install, s (median of $((ROUNDS * WARM_RUNS)))" warm
+    row "  proxy CPU per install, ms" warm_cpu
     row "  upstream index requests" warm_ireq
     row "  upstream index bytes" warm_ibytes
     row "  upstream file requests" warm_freq
     row "  upstream file downloads (200)" warm_f200
     row "  upstream file bytes" warm_fbytes
-    row "warm, upstream stopped: install, s" down
+    row "upstream stopped: install, s (median of $ROUNDS)" down
     row "RSS after the runs, MiB" rss
 }
 {
@@ -568,7 +610,8 @@ table() { # ecosystem systems…
     table npm $NPM_SYSTEMS
     for s in "${!UNAVAILABLE[@]}"; do echo "n/a: $s: ${UNAVAILABLE[$s]}"; done
     for w in "${WARNINGS[@]}"; do echo "WARNING: $w"; done
-    echo "warm run times, s:"
-    for k in "${!R[@]}"; do case $k in *_warm_all) echo "  ${k%_warm_all}: ${R[$k]}";; esac; done | sort
+    echo "upstream figures: the largest of any round (of any warm run for warm)"
+    echo "every run, s:"
+    for k in "${!R[@]}"; do case $k in *_cold_all|*_warm_all|*_down_all) echo "  ${k%_all}:${R[$k]}";; esac; done | sort
 } | tee "$RESULTS_FILE"
 log "results written to $RESULTS_FILE"
