@@ -1,0 +1,617 @@
+#!/usr/bin/env bash
+# Cistern as a PyPI and npm cache beside proxpi, devpi-server and Verdaccio:
+# the real pip and npm clients install the same generated packages from a
+# local "upstream" (nginx serving a static PEP 503 index and its wheels on
+# a second host, a static npm registry and its tarballs on a second host),
+# through each proxy in turn, with an empty proxy cache (cold) and then
+# again with an empty client cache (warm). Loopback only. See
+# bench/README.md.
+#
+# Usage: bench/packages.sh      (PACKAGES=50 WARM_RUNS=3 … to change the knobs)
+# Writes the table to $RESULTS_FILE (default bench/last-packages.txt).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+
+PACKAGES=${PACKAGES:-50}          # projects per ecosystem, all installed at once
+VERSIONS=${VERSIONS:-3}           # versions of each project in the index (the latest is installed)
+FILE_KIB=${FILE_KIB:-64}          # incompressible bytes in each wheel / tarball
+ROUNDS=${ROUNDS:-3}               # rounds: each system in turn, a fresh proxy each
+WARM_RUNS=${WARM_RUNS:-3}         # warm installs per system and round
+RUN_TIMEOUT=${RUN_TIMEOUT:-300}   # seconds, one client run
+LOAD_CPU=${LOAD_CPU:-0}           # pip and npm
+SERVER_CPU=${SERVER_CPU:-1}       # the proxy under test and the origin
+PYPI_SYSTEMS=${PYPI_SYSTEMS-"direct proxpi devpi cistern"}
+NPM_SYSTEMS=${NPM_SYSTEMS-"direct verdaccio cistern"}
+# Where the peers are installed (kept between runs: a second run installs
+# nothing). proxpi, devpi-server and devpi-client from PyPI into venvs,
+# Verdaccio from the npm registry, at these versions.
+PEERS_DIR=${PEERS_DIR:-/tmp/cistern-bench-peers}
+PROXPI_VERSION=${PROXPI_VERSION:-1.3.1}
+GUNICORN_VERSION=${GUNICORN_VERSION:-27.0.1}
+DEVPI_SERVER_VERSION=${DEVPI_SERVER_VERSION:-6.20.3}
+DEVPI_CLIENT_VERSION=${DEVPI_CLIENT_VERSION:-7.3.0}
+VERDACCIO_VERSION=${VERDACCIO_VERSION:-6.8.0}   # 6.10 wants Node 22
+RESULTS_FILE=${RESULTS_FILE:-$HERE/last-packages.txt}
+KEEP_WORKDIR=${KEEP_WORKDIR:-0}
+
+log() { printf '[packages %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --------------------------------------------------------------------------
+# Tools: Debian packages, then the peers from their registries.
+need_apt=()
+[ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+command -v npm >/dev/null || need_apt+=(npm)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v taskset >/dev/null || need_apt+=(util-linux)
+python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || die "missing ${need_apt[*]} and no apt-get"
+    log "installing ${need_apt[*]}"
+    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+[ "$(nproc)" -ge 2 ] || die "needs two CPUs: one for the clients, one for the servers"
+
+mkdir -p "$PEERS_DIR"
+peer_venv() { # dir packages…
+    local d="$PEERS_DIR/$1"; shift
+    if [ ! -x "$d/bin/python" ] || ! "$d/bin/python" -m pip show -q "${@%%==*}" >/dev/null 2>&1; then
+        log "installing ${*} into $d"
+        python3 -m venv "$d"
+        "$d/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$d.install.log" 2>&1 \
+            || { tail -5 "$d.install.log" >&2; return 1; }
+    fi
+}
+declare -A UNAVAILABLE=()
+case " $PYPI_SYSTEMS " in *" proxpi "*)
+    peer_venv proxpi "proxpi==$PROXPI_VERSION" "gunicorn==$GUNICORN_VERSION" || UNAVAILABLE[proxpi]="pip install proxpi failed (see $PEERS_DIR/proxpi.install.log)";;
+esac
+case " $PYPI_SYSTEMS " in *" devpi "*)
+    peer_venv devpi "devpi-server==$DEVPI_SERVER_VERSION" "devpi-client==$DEVPI_CLIENT_VERSION" || UNAVAILABLE[devpi]="pip install devpi-server failed (see $PEERS_DIR/devpi.install.log)";;
+esac
+case " $NPM_SYSTEMS " in *" verdaccio "*)
+    if [ ! -x "$PEERS_DIR/verdaccio/node_modules/.bin/verdaccio" ]; then
+        log "installing verdaccio@$VERDACCIO_VERSION into $PEERS_DIR/verdaccio"
+        mkdir -p "$PEERS_DIR/verdaccio"
+        npm install --no-audit --no-fund --prefix "$PEERS_DIR/verdaccio" "verdaccio@$VERDACCIO_VERSION" \
+            >"$PEERS_DIR/verdaccio.install.log" 2>&1 || UNAVAILABLE[verdaccio]="npm install verdaccio failed (see $PEERS_DIR/verdaccio.install.log)"
+    fi;;
+esac
+
+CISTERN=${CISTERN_BIN:-}
+case " $PYPI_SYSTEMS $NPM_SYSTEMS " in *" cistern "*) RUN_CISTERN=1;; *) RUN_CISTERN=0;; esac
+if [ -z "$CISTERN" ] && [ "$RUN_CISTERN" = 1 ]; then
+    CISTERN=${CARGO_TARGET_DIR:-$REPO/target}/release/cistern
+    if [ ! -x "$CISTERN" ]; then
+        log "building cistern (release)"
+        (cd "$REPO" && cargo build --release -p cistern)
+    fi
+fi
+[ "$RUN_CISTERN" = 0 ] || [ -x "$CISTERN" ] || die "no cistern binary at $CISTERN"
+cistern_version() { if [ "$RUN_CISTERN" = 1 ]; then "$CISTERN" --version; else echo "cistern not run"; fi; }
+
+ON_SERVER=(taskset -c "$SERVER_CPU")
+ON_LOAD=(taskset -c "$LOAD_CPU")
+
+# --------------------------------------------------------------------------
+# Work dir, ports, cleanup
+WORK=$(mktemp -d /tmp/cistern-packages.XXXXXX)
+PIDS=()
+cleanup() {
+    local rc=$?
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    if [ "$KEEP_WORKDIR" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r P_PYIDX P_PYFILES P_NPMREG P_NPMFILES P_PROXY < <(python3 - <<'EOF'
+import socket
+socks = []
+for _ in range(5):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(*[s.getsockname()[1] for s in socks])
+EOF
+)
+log "work dir $WORK; upstream :$P_PYIDX (simple index) :$P_PYFILES (wheels) :$P_NPMREG (npm registry) :$P_NPMFILES (tarballs); proxy :$P_PROXY"
+
+wait_port() { # port pid
+    for _ in $(seq 600); do
+        kill -0 "$2" 2>/dev/null || die "process $2 for port $1 exited (see $WORK)"
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    die "nothing listens on port $1 after 60 s"
+}
+untrack() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+tree_pids() { local p=$1 c; echo "$p"; for c in $(pgrep -P "$p" || true); do tree_pids "$c"; done; }
+stop() { # pid: the process and its children (gunicorn's worker, npm's node)
+    local all p
+    all=$(tree_pids "$1")
+    for p in $all; do kill "$p" 2>/dev/null || true; done
+    for p in $all; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+    done
+    wait "$1" 2>/dev/null || true
+    untrack "$1"
+}
+# Resident memory of a process and its descendants, KiB.
+rss_kib() { local t=0 p v; for p in $(tree_pids "$1"); do v=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0); t=$((t + ${v:-0})); done; echo "$t"; }
+
+# --------------------------------------------------------------------------
+# Payloads, made here, offline: $PACKAGES projects of $VERSIONS versions.
+# PyPI: a wheel per version (a module and $FILE_KIB KiB of random bytes) with
+# its PEP 658 .metadata; a PEP 503 index whose links name the files by
+# absolute URL on the file host, with #sha256= and data-dist-info-metadata,
+# as pypi.org's do. npm: `npm pack` of a package per version; packuments
+# whose dist.tarball names the tarball host, with integrity and shasum.
+log "generating $PACKAGES projects x $VERSIONS versions (wheels, npm tarballs)"
+python3 - "$WORK" "$PACKAGES" "$VERSIONS" "$FILE_KIB" "$P_PYFILES" <<'EOF'
+import base64, hashlib, html, os, random, sys, zipfile
+work, n, nv, kib, files_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+idx, files = f"{work}/pypi-index/simple", f"{work}/pypi-files"
+os.makedirs(idx, exist_ok=True)
+project_links = []
+for i in range(1, n + 1):
+    name = f"benchpkg-{i:03d}"; mod = name.replace("-", "_")
+    links = []
+    for v in range(nv):
+        version = f"1.0.{v}"
+        rng = random.Random(i * 1000 + v)
+        dist = f"{mod}-{version}.dist-info"
+        metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\nRequires-Python: >=3.8\n".encode()
+        content = {
+            f"{mod}/__init__.py": f"VALUE = {i}\nVERSION = {version!r}\n".encode(),
+            f"{mod}/data.bin": rng.randbytes(kib << 10),
+            f"{dist}/METADATA": metadata,
+            f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: cistern-bench\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        }
+        record = [f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}" for p, d in content.items()]
+        record.append(f"{dist}/RECORD,,")
+        content[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
+        fname = f"{mod}-{version}-py3-none-any.whl"
+        h = hashlib.sha256(fname.encode()).hexdigest()
+        rel = f"packages/{h[:2]}/{h[2:4]}/{h[4:]}/{fname}"
+        os.makedirs(os.path.dirname(f"{files}/{rel}"), exist_ok=True)
+        with zipfile.ZipFile(f"{files}/{rel}", "w", zipfile.ZIP_DEFLATED) as z:
+            for p, d in content.items():
+                z.writestr(p, d)
+        with open(f"{files}/{rel}.metadata", "wb") as f:
+            f.write(metadata)
+        whl = open(f"{files}/{rel}", "rb").read()
+        m = hashlib.sha256(metadata).hexdigest()
+        links.append(
+            f'<a href="http://127.0.0.1:{files_port}/{rel}#sha256={hashlib.sha256(whl).hexdigest()}" '
+            f'data-requires-python="{html.escape(">=3.8")}" data-dist-info-metadata="sha256={m}" '
+            f'data-core-metadata="sha256={m}">{fname}</a><br />')
+    os.makedirs(f"{idx}/{name}", exist_ok=True)
+    with open(f"{idx}/{name}/index.html", "w") as f:
+        f.write("<!DOCTYPE html>\n<html>\n<head>\n<meta name=\"pypi:repository-version\" content=\"1.1\">\n"
+                f"<title>Links for {name}</title>\n</head>\n<body>\n<h1>Links for {name}</h1>\n"
+                + "\n".join(links) + "\n</body>\n</html>\n")
+    project_links.append(f'<a href="/simple/{name}/">{name}</a><br />')
+with open(f"{idx}/index.html", "w") as f:
+    f.write("<!DOCTYPE html>\n<html>\n<head>\n<meta name=\"pypi:repository-version\" content=\"1.1\">\n"
+            "<title>Simple index</title>\n</head>\n<body>\n" + "\n".join(project_links) + "\n</body>\n</html>\n")
+
+src = f"{work}/npm-src"
+for i in range(1, n + 1):
+    for v in range(nv):
+        d = f"{src}/benchpkg-{i:03d}-1.0.{v}"
+        os.makedirs(d, exist_ok=True)
+        open(f"{d}/package.json", "w").write(
+            f'{{"name":"benchpkg-{i:03d}","version":"1.0.{v}","main":"index.js","license":"MIT"}}\n')
+        open(f"{d}/index.js", "w").write(f"module.exports = {i};\n")
+        open(f"{d}/data.bin", "wb").write(random.Random(-(i * 1000 + v)).randbytes(kib << 10))
+EOF
+mkdir -p "$WORK/npm-tgz" "$WORK/npm-reg" "$WORK/npm-files" "$WORK/npmrc"
+: >"$WORK/npmrc/empty"
+# npm with no user config, no proxy, no notifier, and its own registry-host
+# replacement off (as in tests/index_rewrite.rs), so only the proxy under
+# test decides where tarballs come from.
+npm_env=(env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u npm_config_registry
+    -u npm_config_proxy -u npm_config_https_proxy
+    npm_config_userconfig="$WORK/npmrc/empty" npm_config_update_notifier=false
+    npm_config_replace_registry_host=never npm_config_audit=false npm_config_fund=false)
+(cd "$WORK/npm-src" && "${npm_env[@]}" npm pack ./* --pack-destination "$WORK/npm-tgz" --json \
+    --cache "$WORK/npm-pack-cache" >"$WORK/npm-pack.json" 2>"$WORK/npm-pack.log") \
+    || die "npm pack failed: $(tail -5 "$WORK/npm-pack.log")"
+python3 - "$WORK" "$P_NPMFILES" <<'EOF'
+import json, os, shutil, sys
+work, port = sys.argv[1], sys.argv[2]
+docs = {}
+for p in json.load(open(f"{work}/npm-pack.json")):
+    name, version = p["name"], p["version"]
+    os.makedirs(f"{work}/npm-files/{name}/-", exist_ok=True)
+    shutil.move(f"{work}/npm-tgz/{p['filename']}", f"{work}/npm-files/{name}/-/{name}-{version}.tgz")
+    doc = docs.setdefault(name, {"_id": name, "name": name, "dist-tags": {}, "versions": {}})
+    doc["versions"][version] = {
+        "name": name, "version": version, "main": "index.js", "license": "MIT",
+        "_id": f"{name}@{version}",
+        "dist": {"tarball": f"http://127.0.0.1:{port}/{name}/-/{name}-{version}.tgz",
+                 "integrity": p["integrity"], "shasum": p["shasum"]},
+    }
+    latest = doc["dist-tags"].get("latest")
+    if latest is None or tuple(map(int, version.split("."))) > tuple(map(int, latest.split("."))):
+        doc["dist-tags"]["latest"] = version
+for name, doc in docs.items():
+    json.dump(doc, open(f"{work}/npm-reg/{name}", "w"))
+EOF
+rm -rf "$WORK/npm-src" "$WORK/npm-tgz" "$WORK/npm-pack-cache"
+PYPI_BYTES=$(find "$WORK/pypi-files" -name '*.whl' -printf '%s\n' | awk '{s+=$1} END {print s}')
+NPM_BYTES=$(find "$WORK/npm-files" -name '*.tgz' -printf '%s\n' | awk '{s+=$1} END {print s}')
+log "wheels: $(find "$WORK/pypi-files" -name '*.whl' | wc -l) ($((PYPI_BYTES >> 10)) KiB); tarballs: $(find "$WORK/npm-files" -name '*.tgz' | wc -l) ($((NPM_BYTES >> 10)) KiB)"
+
+# The upstream: one nginx, one worker, on the server CPU, four hosts (ports)
+# with the headers of the real ones: pypi.org's simple pages
+# `max-age=600, public`, files.pythonhosted.org's files immutable for a
+# year, registry.npmjs.org's packuments `public, max-age=300` and its
+# tarballs immutable. nginx adds ETag and Last-Modified.
+mkdir -p "$WORK/origin.tmp"
+cat >"$WORK/origin.conf" <<EOF
+daemon off;
+master_process on;
+user root;
+worker_processes 1;
+pid $WORK/origin.pid;
+error_log $WORK/origin.error.log warn;
+events { worker_connections 4096; }
+http {
+    client_body_temp_path $WORK/origin.tmp/body;
+    proxy_temp_path $WORK/origin.tmp/proxy;
+    fastcgi_temp_path $WORK/origin.tmp/fastcgi;
+    uwsgi_temp_path $WORK/origin.tmp/uwsgi;
+    scgi_temp_path $WORK/origin.tmp/scgi;
+    sendfile on;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    log_format counted '\$server_port \$status \$body_bytes_sent \$request_uri';
+    access_log $WORK/origin.access.log counted;
+    server {
+        listen 127.0.0.1:$P_PYIDX;
+        root $WORK/pypi-index;
+        default_type text/html;
+        add_header Cache-Control "max-age=600, public";
+    }
+    server {
+        listen 127.0.0.1:$P_PYFILES;
+        root $WORK/pypi-files;
+        default_type application/octet-stream;
+        add_header Cache-Control "max-age=365000000, immutable, public";
+    }
+    server {
+        listen 127.0.0.1:$P_NPMREG;
+        root $WORK/npm-reg;
+        default_type application/json;
+        add_header Cache-Control "public, max-age=300";
+    }
+    server {
+        listen 127.0.0.1:$P_NPMFILES;
+        root $WORK/npm-files;
+        default_type application/octet-stream;
+        add_header Cache-Control "public, immutable, max-age=31557600";
+    }
+}
+EOF
+start_origin() {
+    "${ON_SERVER[@]}" /usr/sbin/nginx -c "$WORK/origin.conf" 2>>"$WORK/origin.error.log" &
+    ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
+    local p
+    for p in "$P_PYIDX" "$P_PYFILES" "$P_NPMREG" "$P_NPMFILES"; do wait_port "$p" "$ORIGIN_PID"; done
+}
+start_origin
+origin_lines() { wc -l <"$WORK/origin.access.log"; }
+# Upstream traffic since line $1 for the index port $2 and the file port $3:
+# "index_requests index_bytes file_requests file_200s file_bytes".
+origin_since() {
+    tail -n +"$(($1 + 1))" "$WORK/origin.access.log" | awk -v i="$2" -v f="$3" '
+        $1 == i { ir++; ib += $3 }
+        $1 == f { fr++; if ($2 == 200 || $2 == 206) f2++; fb += $3 }
+        END { printf "%d %d %d %d %d\n", ir, ib, fr, f2, fb }'
+}
+
+# --------------------------------------------------------------------------
+# The proxies, each started with an empty cache on the server CPU. Each
+# sets PID (the process to measure and stop) and URL (what the client uses).
+start_direct_pypi() { PID=; URL="http://127.0.0.1:$P_PYIDX/simple/"; }
+start_direct_npm() { PID=; URL="http://127.0.0.1:$P_NPMREG/"; }
+start_proxpi() {
+    local d="$WORK/proxpi-$ROUND"; mkdir -p "$d/cache"
+    # As its Docker image runs it: gunicorn, one process (proxpi's caches
+    # are per process), two threads. Index cache TTL at its default (30 min).
+    "${ON_SERVER[@]}" env -C "$d" PROXPI_INDEX_URL="http://127.0.0.1:$P_PYIDX/simple/" PROXPI_CACHE_DIR="$d/cache" \
+        "$PEERS_DIR/proxpi/bin/gunicorn" --bind "127.0.0.1:$P_PROXY" --threads 2 --no-control-socket proxpi.server:app \
+        </dev/null >"$d/stderr.log" 2>&1 &
+    PID=$!; PIDS+=("$PID"); URL="http://127.0.0.1:$P_PROXY/index/"
+    wait_port "$P_PROXY" "$PID"
+}
+start_devpi() {
+    local d="$WORK/devpi-$ROUND"; mkdir -p "$d"
+    "$PEERS_DIR/devpi/bin/devpi-init" --serverdir "$d/server" --no-root-pypi >"$d/init.log" 2>&1 \
+        || die "devpi-init failed: $(tail -3 "$d/init.log")"
+    "${ON_SERVER[@]}" "$PEERS_DIR/devpi/bin/devpi-server" --serverdir "$d/server" --host 127.0.0.1 --port "$P_PROXY" \
+        </dev/null >"$d/stderr.log" 2>&1 &
+    PID=$!; PIDS+=("$PID")
+    wait_port "$P_PROXY" "$PID"
+    # A mirror index of the local simple index (devpi's own root/pypi names
+    # pypi.org), made with devpi-client as its docs do.
+    local c=("$PEERS_DIR/devpi/bin/devpi" --clientdir "$d/client")
+    { "${c[@]}" use "http://127.0.0.1:$P_PROXY/" &&
+      "${c[@]}" login root --password '' &&
+      "${c[@]}" index -c root/local type=mirror "mirror_url=http://127.0.0.1:$P_PYIDX/simple/"; } >"$d/client.log" 2>&1 \
+        || die "devpi: making the mirror index failed: $(tail -3 "$d/client.log")"
+    URL="http://127.0.0.1:$P_PROXY/root/local/+simple/"
+}
+start_verdaccio() {
+    local d="$WORK/verdaccio-$ROUND"; mkdir -p "$d/storage"
+    # One uplink, the local registry, with its defaults (cache on, packument
+    # maxage 2 min); every package proxied; logs at the default level
+    # (one line per request, as Cistern's access log).
+    cat >"$d/config.yaml" <<EOF
+storage: $d/storage
+auth:
+  htpasswd:
+    file: $d/htpasswd
+    max_users: -1
+uplinks:
+  local:
+    url: http://127.0.0.1:$P_NPMREG/
+packages:
+  '**':
+    access: \$all
+    publish: \$authenticated
+    proxy: local
+log: { type: stdout, format: pretty, level: http }
+EOF
+    "${ON_SERVER[@]}" "$PEERS_DIR/verdaccio/node_modules/.bin/verdaccio" --config "$d/config.yaml" \
+        --listen "127.0.0.1:$P_PROXY" </dev/null >"$d/stderr.log" 2>&1 &
+    PID=$!; PIDS+=("$PID"); URL="http://127.0.0.1:$P_PROXY/"
+    wait_port "$P_PROXY" "$PID"
+}
+start_cistern_pypi() {
+    local d="$WORK/cistern-pypi-$ROUND"; mkdir -p "$d"
+    # As tests/index_rewrite.rs and docs/policies.md: the index mirror and
+    # the file mirror, the pypi policy on both (rewrites the file host's
+    # URLs to /pypi-files/, marks files immutable). Access log on.
+    cat >"$d/config.kdl" <<EOF
+listen "127.0.0.1:$P_PROXY"
+store {
+    root "$d/replica"
+}
+policy "pypi" path="builtin:pypi" memory="64MiB" {
+    param "files" "http://127.0.0.1:$P_PYFILES/=/pypi-files/"
+    body-types "text/html" "application/vnd.pypi.simple.v1+json"
+    body-max "8MiB"
+}
+mirror "pypi" {
+    prefix "/pypi/"
+    upstream "http://127.0.0.1:$P_PYIDX/"
+    policies "pypi"
+}
+mirror "pypi-files" {
+    prefix "/pypi-files/"
+    upstream "http://127.0.0.1:$P_PYFILES/"
+    policies "pypi"
+}
+EOF
+    "$CISTERN" check "$d/config.kdl" >/dev/null || die "cistern rejected its config"
+    "${ON_SERVER[@]}" "$CISTERN" --config "$d/config.kdl" </dev/null 2>>"$d/stderr.log" >/dev/null &
+    PID=$!; PIDS+=("$PID"); URL="http://127.0.0.1:$P_PROXY/pypi/simple/"
+    wait_port "$P_PROXY" "$PID"
+}
+start_cistern_npm() {
+    local d="$WORK/cistern-npm-$ROUND"; mkdir -p "$d"
+    cat >"$d/config.kdl" <<EOF
+listen "127.0.0.1:$P_PROXY"
+store {
+    root "$d/replica"
+}
+policy "npm" path="builtin:npm" memory="64MiB" {
+    param "tarballs" "http://127.0.0.1:$P_NPMFILES/=http://127.0.0.1:$P_PROXY/npm-files/"
+    body-types "application/json" "application/vnd.npm.install-v1+json"
+    body-max "8MiB"
+}
+mirror "npm" {
+    prefix "/npm/"
+    upstream "http://127.0.0.1:$P_NPMREG/"
+    policies "npm"
+}
+mirror "npm-files" {
+    prefix "/npm-files/"
+    upstream "http://127.0.0.1:$P_NPMFILES/"
+    policies "npm"
+}
+EOF
+    "$CISTERN" check "$d/config.kdl" >/dev/null || die "cistern rejected its config"
+    "${ON_SERVER[@]}" "$CISTERN" --config "$d/config.kdl" </dev/null 2>>"$d/stderr.log" >/dev/null &
+    PID=$!; PIDS+=("$PID"); URL="http://127.0.0.1:$P_PROXY/npm/"
+    wait_port "$P_PROXY" "$PID"
+}
+
+# --------------------------------------------------------------------------
+# The clients, on the load CPU, each run with a new, empty client cache.
+PY_NAMES=(); for i in $(seq "$PACKAGES"); do PY_NAMES+=("$(printf 'benchpkg-%03d' "$i")"); done
+LATEST="1.0.$((VERSIONS - 1))"
+pip_run() { # url dir: installs every project, prints the seconds it took
+    local t0 t1
+    mkdir -p "$2"
+    t0=$(date +%s.%N)
+    timeout "$RUN_TIMEOUT" "${ON_LOAD[@]}" env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY \
+        -u all_proxy -u ALL_PROXY -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null \
+        python3 -m pip install --no-deps --no-compile --only-binary :all: --disable-pip-version-check --no-input \
+        --progress-bar off --cache-dir "$2/cache" --index-url "$1" -t "$2/target" "${PY_NAMES[@]}" \
+        >"$2/pip.log" 2>&1 || { log "pip failed: $(tail -5 "$2/pip.log")"; echo fail; return 0; }
+    t1=$(date +%s.%N)
+    # Every project, at its latest version, with the wheel's bytes (pip
+    # checked each #sha256 on the way).
+    local got
+    got=$(find "$2/target" -maxdepth 1 -name "benchpkg_*-$LATEST.dist-info" | wc -l)
+    [ "$got" = "$PACKAGES" ] || { log "pip installed $got/$PACKAGES projects at $LATEST"; echo fail; return 0; }
+    python3 -c "print(f'{$t1-$t0:.2f}')"
+}
+npm_run() { # url dir
+    local t0 t1 got
+    mkdir -p "$2/project"
+    echo '{"name":"bench-app","version":"1.0.0","private":true}' >"$2/project/package.json"
+    t0=$(date +%s.%N)
+    timeout "$RUN_TIMEOUT" "${ON_LOAD[@]}" "${npm_env[@]}" npm install --no-package-lock --no-save \
+        --registry "$1" --cache "$2/cache" --prefix "$2/project" "${PY_NAMES[@]}" \
+        >"$2/npm.log" 2>&1 || { log "npm failed: $(tail -5 "$2/npm.log")"; echo fail; return 0; }
+    t1=$(date +%s.%N)
+    got=$(grep -l "\"version\":\"$LATEST\"" "$2"/project/node_modules/benchpkg-*/package.json 2>/dev/null | wc -l)
+    [ "$got" = "$PACKAGES" ] || { log "npm installed $got/$PACKAGES packages at $LATEST"; echo fail; return 0; }
+    python3 -c "print(f'{$t1-$t0:.2f}')"
+}
+median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:] if x!='fail']; print(f'{statistics.median(v):.2f}' if v and len(v)==len(sys.argv)-1 else 'fail')" "$@"; }
+# CPU time (user + system) of a process and its descendants, ms.
+cpu_ms() {
+    local t=0 p v hz
+    hz=$(getconf CLK_TCK)
+    for p in $(tree_pids "$1"); do
+        v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo $((t * 1000 / hz))
+}
+max() { local m=0 v; for v in "$@"; do [ "$v" -gt "$m" ] && m=$v; done; echo "$m"; }
+
+declare -A R
+WARNINGS=()
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# One round of one system: a fresh proxy, a cold install, $WARM_RUNS warm
+# ones, one with the upstream stopped. Times are appended to lists (the
+# medians are taken over all rounds); upstream counts and RSS keep the
+# largest of any round.
+keep_max() { R[$1]=$(max "${R[$1]:-0}" "$2"); }
+bench() { # ecosystem system index-port file-port client round
+    local eco=$1 sys=$2 ip=$3 fp=$4 client=$5 round=$6 start k before t times=() i c0 c1
+    k="${eco}_${sys}"
+    if [ -n "${UNAVAILABLE[$sys]:-}" ]; then log "$sys: skipped: ${UNAVAILABLE[$sys]}"; return; fi
+    start=start_$sys; declare -F "$start" >/dev/null || start=start_${sys}_$eco
+    ROUND=$round
+    log "round $round, $eco/$sys: starting with an empty cache"
+    "$start"
+    local dir="$WORK/run-$k-$round"
+    before=$(origin_lines); [ -z "$PID" ] || c0=$(cpu_ms "$PID")
+    t=$("$client" "$URL" "$dir/cold"); R[${k}_cold_all]+=" $t"
+    [ -z "$PID" ] || R[${k}_cold_cpu_all]+=" $(( $(cpu_ms "$PID") - c0 ))"
+    read -r a _ c d e < <(origin_since "$before" "$ip" "$fp")
+    keep_max "${k}_cold_ireq" "$a"; keep_max "${k}_cold_freq" "$c"; keep_max "${k}_cold_fbytes" "$e"
+    log "round $round, $eco/$sys: cold $t s; upstream $a index, $c file requests"
+    [ -z "$PID" ] || c0=$(cpu_ms "$PID")
+    for i in $(seq "$WARM_RUNS"); do
+        before=$(origin_lines)
+        times+=("$("$client" "$URL" "$dir/warm$i")")
+        read -r a b c d e < <(origin_since "$before" "$ip" "$fp")
+        keep_max "${k}_warm_ireq" "$a"; keep_max "${k}_warm_ibytes" "$b"; keep_max "${k}_warm_freq" "$c"
+        keep_max "${k}_warm_f200" "$d"; keep_max "${k}_warm_fbytes" "$e"
+    done
+    if [ -n "$PID" ]; then
+        c1=$(cpu_ms "$PID")
+        R[${k}_warm_cpu_all]+=" $(( (c1 - c0) / WARM_RUNS ))"
+    fi
+    R[${k}_warm_all]+=" ${times[*]}"
+    log "round $round, $eco/$sys: warm ${times[*]} s"
+    # Once more with the upstream stopped (nothing listens on its ports):
+    # does the warm cache install on its own?
+    if [ "$sys" != direct ]; then
+        stop "$ORIGIN_PID"
+        t=$("$client" "$URL" "$dir/down"); R[${k}_down_all]+=" $t"
+        log "round $round, $eco/$sys: with the upstream stopped: $t"
+        start_origin
+    fi
+    [ "$sys" = direct ] || [ "${R[${k}_warm_f200]}" = 0 ] || WARNINGS+=("$eco/$sys round $round: files downloaded from upstream in a warm run")
+    for t in ${R[${k}_cold_all]} "${times[@]}" ${R[${k}_down_all]:-}; do [ "$t" != fail ] || { WARNINGS+=("$eco/$sys round $round: a client run failed (see the log)"); break; }; done
+    if [ -n "$PID" ]; then
+        keep_max "${k}_rss" $(( $(rss_kib "$PID") / 1024 ))
+        stop "$PID"
+        for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$P_PROXY") 2>/dev/null || break; sleep 0.1; done
+        (exec 3<>"/dev/tcp/127.0.0.1/$P_PROXY") 2>/dev/null && die "$sys still listens on :$P_PROXY after it was stopped"
+    fi
+    rm -rf "$dir"
+    return 0
+}
+# One unmeasured run of each client against the upstream first, so the
+# first system measured does not pay for loading pip and npm from disk.
+log "warming the clients up (not measured)"
+[ "$(pip_run "http://127.0.0.1:$P_PYIDX/simple/" "$WORK/client-warmup-pip")" != fail ] || die "pip cannot install from the upstream"
+[ "$(npm_run "http://127.0.0.1:$P_NPMREG/" "$WORK/client-warmup-npm")" != fail ] || die "npm cannot install from the upstream"
+rm -rf "$WORK/client-warmup-pip" "$WORK/client-warmup-npm"
+
+# The systems take turns, round after round, so a swing in the machine's
+# load (other builds) falls on all of them rather than on one.
+for round in $(seq "$ROUNDS"); do
+    for sys in $PYPI_SYSTEMS; do bench pypi "$sys" "$P_PYIDX" "$P_PYFILES" pip_run "$round"; done
+    for sys in $NPM_SYSTEMS; do bench npm "$sys" "$P_NPMREG" "$P_NPMFILES" npm_run "$round"; done
+done
+for k in "${!R[@]}"; do
+    case $k in *_all) read -ra vals <<<"${R[$k]}"; R[${k%_all}]=$(median "${vals[@]}");; esac
+done
+for k in "${!R[@]}"; do
+    case $k in *_cpu) [ "${R[$k]}" = fail ] || R[$k]=$(printf '%.0f' "${R[$k]}");; esac
+done
+
+# --------------------------------------------------------------------------
+# Report
+table() { # ecosystem systems…
+    local eco=$1; shift
+    local s
+    row() { # label key
+        local v
+        printf '%-46s' "$1"
+        for s in $SYS; do v=${R[${eco}_${s}_$2]:--}; [ -n "${UNAVAILABLE[$s]:-}" ] && v="n/a"; printf ' %10s' "$v"; done
+        printf '\n'
+    }
+    SYS="$*"
+    printf '%-46s' "$eco: measure"; for s in $SYS; do printf ' %10s' "$s"; done; printf '\n'
+    row "cold install, s (median of $ROUNDS)" cold
+    row "  proxy CPU, ms" cold_cpu
+    row "  upstream index requests" cold_ireq
+    row "  upstream file requests" cold_freq
+    row "  upstream file bytes" cold_fbytes
+    row "warm install, s (median of $((ROUNDS * WARM_RUNS)))" warm
+    row "  proxy CPU per install, ms" warm_cpu
+    row "  upstream index requests" warm_ireq
+    row "  upstream index bytes" warm_ibytes
+    row "  upstream file requests" warm_freq
+    row "  upstream file downloads (200)" warm_f200
+    row "  upstream file bytes" warm_fbytes
+    row "upstream stopped: install, s (median of $ROUNDS)" down
+    row "RSS after the runs, MiB" rss
+}
+{
+    echo "Cistern as a package cache beside proxpi, devpi-server and Verdaccio, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "machine: $(nproc) cores, $(free -h | awk '/^Mem/ {print $2}') RAM, $(uname -sr)"
+    echo "clients on CPU $LOAD_CPU, each proxy and the origin nginx on CPU $SERVER_CPU"
+    echo "load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "clients: pip $(python3 -m pip --version | cut -d' ' -f2) (python $(python3 -c 'import platform; print(platform.python_version())')), npm $(npm --version) (node $(node --version))"
+    echo "peers: proxpi $PROXPI_VERSION (gunicorn $GUNICORN_VERSION, 2 threads), devpi-server $DEVPI_SERVER_VERSION, verdaccio $VERDACCIO_VERSION; origin $(/usr/sbin/nginx -v 2>&1 | sed 's/.*\///'); $(cistern_version)"
+    echo "payload: $PACKAGES projects x $VERSIONS versions, the latest installed; $((PYPI_BYTES >> 10)) KiB of wheels, $((NPM_BYTES >> 10)) KiB of tarballs in all"
+    echo "direct = the client against the origin itself, no proxy"
+    echo
+    table pypi $PYPI_SYSTEMS
+    echo
+    table npm $NPM_SYSTEMS
+    for s in "${!UNAVAILABLE[@]}"; do echo "n/a: $s: ${UNAVAILABLE[$s]}"; done
+    for w in "${WARNINGS[@]}"; do echo "WARNING: $w"; done
+    echo "upstream figures: the largest of any round (of any warm run for warm)"
+    echo "every run, s:"
+    for k in "${!R[@]}"; do case $k in *_cold_all|*_warm_all|*_down_all) echo "  ${k%_all}:${R[$k]}";; esac; done | sort
+} | tee "$RESULTS_FILE"
+log "results written to $RESULTS_FILE"
