@@ -447,6 +447,9 @@ async fn redirect_counters_add_up_over_the_fleet() {
         return;
     };
     let origin = Origin::start().await;
+    // The mirror has the file: a redirector checks in the background that
+    // the mirror it sent a client to has it, and learns its 404s.
+    origin.put("/pub/iso/x.iso", Resource::new(pattern(1, 1000)));
     let fleet = start_fleet(&Setup {
         origin: &origin,
         redis: Some(redis.url()),
@@ -496,6 +499,7 @@ async fn with_redis_killed_requests_still_succeed_and_it_recovers() {
             Resource::new(pattern(i as u8, 20_000)),
         );
     }
+    origin.put("/pub/y.iso", Resource::new(pattern(2, 1000)));
     let fleet = start_fleet(&Setup {
         origin: &origin,
         redis: Some(redis.url()),
