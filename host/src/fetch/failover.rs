@@ -199,29 +199,50 @@ impl Inner {
         });
         for peer in peers {
             let url = peer.by_sha256_url(digest);
-            let mut req = build_request(Method::GET, &url, headers, empty_body());
-            req.headers_mut()
-                .insert(super::peer::SECRET_HEADER, fleet.secret().clone());
-            match self.send(req, &url, job.settings.idle).await {
-                Ok(resp) if resp.headers().contains_key(super::peer::REFUSED_HEADER) => {
-                    fleet.failed(peer, "it refused the peer request (check `secret`)");
-                }
-                Ok(resp) if resp.status() == http::StatusCode::OK => {
+            match self.ask_peer(fleet, peer, &url, headers, job).await {
+                Some(resp) if resp.status() == http::StatusCode::OK => {
                     tracing::debug!(target: "cistern::fetch", peer = %peer.name, key = %job.key,
                         "filling from a peer that holds the content by its SHA-256");
                     return Some((resp, url));
                 }
-                Ok(resp) if resp.status() == http::StatusCode::NOT_FOUND => {}
-                Ok(resp) => {
+                Some(resp) if resp.status() == http::StatusCode::NOT_FOUND => {}
+                Some(resp) => {
                     fleet.failed(
                         peer,
                         &format!("status {} for content by digest", resp.status()),
                     );
                 }
-                Err(e) => fleet.failed(peer, &error_chain(&e)),
+                None => {}
             }
         }
         None
+    }
+
+    /// `GET url` of a fleet `peer`, carrying the fleet's secret. `None`
+    /// when the peer refused the secret or could not be reached; it is
+    /// then marked down, so the next fills skip it.
+    async fn ask_peer(
+        &self,
+        fleet: &super::peer::Fleet,
+        peer: &super::peer::Peer,
+        url: &Uri,
+        headers: &HeaderMap,
+        job: &FillJob,
+    ) -> Option<Response<Incoming>> {
+        let mut req = build_request(Method::GET, url, headers, empty_body());
+        req.headers_mut()
+            .insert(super::peer::SECRET_HEADER, fleet.secret().clone());
+        match self.send(req, url, job.settings.idle).await {
+            Ok(resp) if resp.headers().contains_key(super::peer::REFUSED_HEADER) => {
+                fleet.failed(peer, "it refused the peer request (check `secret`)");
+                None
+            }
+            Ok(resp) => Some(resp),
+            Err(e) => {
+                fleet.failed(peer, &error_chain(&e));
+                None
+            }
+        }
     }
 
     /// Asks the key's owner in the fleet, when that is a live peer; `None`
@@ -246,19 +267,11 @@ impl Inner {
                 return None;
             }
         };
-        let mut req = build_request(Method::GET, &url, headers, empty_body());
-        req.headers_mut()
-            .insert(super::peer::SECRET_HEADER, fleet.secret().clone());
-        match self.send(req, &url, job.settings.idle).await {
-            Ok(resp) if resp.headers().contains_key(super::peer::REFUSED_HEADER) => {
-                fleet.failed(peer, "it refused the peer request (check `secret`)");
-                None
-            }
-            Ok(resp) if !resp.status().is_server_error() => Some((resp, url)),
-            Ok(resp)
-                if resp
-                    .headers()
-                    .contains_key(super::peer::UPSTREAM_FAILED_HEADER) =>
+        match self.ask_peer(fleet, peer, &url, headers, job).await? {
+            resp if !resp.status().is_server_error() => Some((resp, url)),
+            resp if resp
+                .headers()
+                .contains_key(super::peer::UPSTREAM_FAILED_HEADER) =>
             {
                 // The owner works; its upstream failed, and this node's
                 // would be asked the same: the answer is passed on and
@@ -267,12 +280,8 @@ impl Inner {
                     "the owner's upstream failed; passing its answer on");
                 Some((resp, url))
             }
-            Ok(resp) => {
+            resp => {
                 fleet.failed(peer, &format!("status {}", resp.status()));
-                None
-            }
-            Err(e) => {
-                fleet.failed(peer, &error_chain(&e));
                 None
             }
         }

@@ -353,13 +353,12 @@ async fn write_response(
                 && *method == Method::GET
             {
                 writer.write_head_more(out).await?;
+                // `send_file` ends with Ok only once all `n` bytes went.
                 let (sent, result) = writer.send_file(slice).await;
-                let complete = result.is_ok() && sent == n;
                 let failed = matches!(result, Err(SendFileError::Short));
-                body.sent_elsewhere(sent, complete, failed);
+                body.sent_elsewhere(sent, result.is_ok(), failed);
                 return match result {
-                    Ok(()) if complete => Ok(keep),
-                    Ok(()) => Err(io::Error::other("replica shorter than its metadata")),
+                    Ok(()) => Ok(keep),
                     Err(SendFileError::Short) => {
                         Err(io::Error::other("replica shorter than its metadata"))
                     }
@@ -368,14 +367,7 @@ async fn write_response(
             }
             let mut head = Some(&out[..]);
             let mut sent = 0u64;
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(io::Error::other)?;
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                if data.is_empty() {
-                    continue;
-                }
+            while let Some(data) = next_data(&mut body).await? {
                 sent += data.len() as u64;
                 if sent > n {
                     return Err(io::Error::other("body longer than its Content-Length"));
@@ -401,14 +393,7 @@ async fn write_response(
             let chunked = matches!(framing, Framing::Chunked);
             let mut head = Some(&out[..]);
             let mut size = [0u8; 18];
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(io::Error::other)?;
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                if data.is_empty() {
-                    continue;
-                }
+            while let Some(data) = next_data(&mut body).await? {
                 let prefix: &[u8] = if chunked {
                     chunk_size(&mut size, data.len())
                 } else {
@@ -433,6 +418,19 @@ async fn write_response(
             Ok(keep)
         }
     }
+}
+
+/// The body's next non-empty data frame. Trailers are dropped, as hyper
+/// drops them for a client that did not send `TE: trailers`.
+async fn next_data(body: &mut LoggedBody) -> io::Result<Option<Bytes>> {
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.map_err(io::Error::other)?.into_data()
+            && !data.is_empty()
+        {
+            return Ok(Some(data));
+        }
+    }
+    Ok(None)
 }
 
 /// `len` in hex followed by CRLF, in `buf`.
