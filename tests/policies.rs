@@ -540,3 +540,72 @@ mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "guard"; }}
         let _ = std::fs::remove_dir_all(dir.path().join("replica.cistern"));
     }
 }
+
+/// The instance pool reserves about a terabyte of address space up front.
+/// Under a cap on it (`ulimit -v`, as some hosts and profilers set), the
+/// engine maps each instance on its own instead of refusing to start.
+#[tokio::test]
+async fn policies_run_under_an_address_space_cap_too_small_for_the_pool() {
+    let origin = Origin::start().await;
+    origin.put("/files/a.deb", Resource::new(pattern(7, 1024)));
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let root = dir.path().join("replica");
+    let config = format!(
+        r#"
+listen "127.0.0.1:{port}"
+store {{ root "{root}"; }}
+policy "store-id" path="builtin:store-id" {{
+    param "rule" "http://*/files/* http://files.cistern/$2"
+}}
+policy "distro" path="builtin:distro"
+mirror "m" {{ prefix "/m/"; upstream "http://{o}/files/"; policies "store-id" "distro"; }}
+"#,
+        root = root.display(),
+        o = origin.addr
+    );
+    std::fs::write(dir.path().join("config.kdl"), config).unwrap();
+    let log = std::fs::File::create(dir.path().join("cistern.log")).unwrap();
+    // 100 GiB: room for the process and a few instances, not for the pool.
+    let child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -v 104857600 && exec \"$0\" --config config.kdl",
+        ])
+        .arg(env!("CARGO_BIN_EXE_cistern"))
+        .current_dir(dir.path())
+        .env("CISTERN_LOG", "info,cistern=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let cistern = Cistern {
+        child,
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        dir: dir.path().to_owned(),
+        root,
+    };
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(cistern.addr).is_err() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "cistern did not start under the cap; log:\n{}",
+            cistern.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let first = get(cistern.addr, "/m/a.deb").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", cistern.log());
+    assert_eq!(first.body.as_deref().unwrap(), &pattern(7, 1024)[..]);
+    let again = get(cistern.addr, "/m/a.deb").await;
+    assert_eq!(again.header("cache-status"), "cistern; hit");
+    // store-id ran: the replica is kept under its key.
+    let files = find_files(&cistern.root);
+    assert!(
+        files.iter().any(|f| f.contains("files.cistern")),
+        "{files:?}"
+    );
+    let log = cistern.log();
+    assert!(log.contains("instantiated on demand"), "{log}");
+}

@@ -325,11 +325,18 @@ pub fn kept_over(current: Option<&ObjectMeta>, status: StatusCode) -> Option<&'s
 /// The common case decided without building the full RFC 9111 answer: a
 /// request with no cache directives of its own, for a stored response with
 /// no `Vary`. `None` means "ask [`evaluate`]".
+///
+/// `fresh_until` caches when `meta`'s HTTP freshness ends: set from the
+/// first answer that found it fresh (`now` plus its time to live, which
+/// is the moment `is_stale` turns true while the clock runs forward); a
+/// time before it is fresh without asking the policy again, and any other
+/// is decided by the policy as before, so the answer never differs.
 pub fn evaluate_fast(
     meta: &ObjectMeta,
     headers: &HeaderMap,
     now: SystemTime,
     mode: CacheMode,
+    fresh_until: &std::sync::OnceLock<SystemTime>,
 ) -> Option<Freshness> {
     let mode = mode_for(meta, mode);
     if headers.contains_key(header::CACHE_CONTROL)
@@ -346,7 +353,16 @@ pub fn evaluate_fast(
         CacheMode::Normal if meta.immutable => true,
         CacheMode::Normal => match meta.ttl_override {
             Some(ttl) => now < from_unix_secs(meta.validated_at) + Duration::from_secs(ttl),
-            None => !meta.policy.is_stale(now),
+            None if fresh_until.get().is_some_and(|until| now < *until) => true,
+            None => {
+                let ttl = meta.policy.time_to_live(now);
+                if !ttl.is_zero()
+                    && let Some(until) = now.checked_add(ttl)
+                {
+                    let _ = fresh_until.set(until);
+                }
+                !ttl.is_zero()
+            }
         },
     };
     // Stale: the full rules work out the validators.

@@ -329,6 +329,19 @@ pub enum Plan {
 /// with `stored` headers and `len` bytes (`None` while its length is not
 /// known yet: no range is answered then).
 pub fn plan(method: &Method, req: &HeaderMap, stored: &HeaderMap, len: Option<u64>) -> Plan {
+    // Most requests carry neither a condition nor a range: one pass over
+    // their few field names says so, where the typed parsers below would
+    // look each one up and the stored validators too.
+    let asks = req.keys().any(|name| {
+        name == header::IF_MATCH
+            || name == header::IF_NONE_MATCH
+            || name == header::IF_MODIFIED_SINCE
+            || name == header::IF_UNMODIFIED_SINCE
+            || name == header::RANGE
+    });
+    if !asks {
+        return Plan::Full;
+    }
     if let Some(status) = precondition(method, req, stored) {
         return Plan::Status(status);
     }

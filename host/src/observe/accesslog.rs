@@ -79,7 +79,7 @@ impl LoggedBody {
         if !tracing::enabled!(target: "cistern::access", tracing::Level::INFO) {
             return;
         }
-        let ms = r.started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = r.started.elapsed();
         let end = if self.failed {
             "failed"
         } else if complete {
@@ -87,20 +87,27 @@ impl LoggedBody {
         } else {
             "aborted"
         };
+        // Written field by field: `format!` machinery (padding, `Display`
+        // of the address and the float) cost more than the rest of a hit.
         let mut line = String::with_capacity(160);
         push_timestamp(&mut line, SystemTime::now());
-        let _ = write!(
-            line,
-            "  INFO cistern::access: {} {} {} {} {} {} {:.1}ms {}",
-            r.client,
-            r.method,
-            r.url,
-            r.status.as_u16(),
-            self.bytes,
-            r.outcome.as_str(),
-            ms,
-            end
-        );
+        line.push_str("  INFO cistern::access: ");
+        push_addr(&mut line, r.client);
+        line.push(' ');
+        line.push_str(r.method.as_str());
+        line.push(' ');
+        push_uri(&mut line, &r.url);
+        line.push(' ');
+        let mut num = itoa::Buffer::new();
+        line.push_str(num.format(r.status.as_u16()));
+        line.push(' ');
+        line.push_str(num.format(self.bytes));
+        line.push(' ');
+        line.push_str(r.outcome.as_str());
+        line.push(' ');
+        push_millis(&mut line, elapsed);
+        line.push_str("ms ");
+        line.push_str(end);
         if let Some((req, resp)) = &r.headers {
             let _ = write!(
                 line,
@@ -112,6 +119,57 @@ impl LoggedBody {
         line.push('\n');
         writer::send(line);
     }
+}
+
+/// Appends `addr` as `Display` writes it.
+fn push_addr(out: &mut String, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            let mut num = itoa::Buffer::new();
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(num.format(octet));
+            }
+            out.push(':');
+            out.push_str(num.format(v4.port()));
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{addr}");
+        }
+    }
+}
+
+/// Appends `uri` as `Display` writes it.
+fn push_uri(out: &mut String, uri: &http::Uri) {
+    if let Some(scheme) = uri.scheme() {
+        out.push_str(scheme.as_str());
+        out.push_str("://");
+    }
+    if let Some(authority) = uri.authority() {
+        out.push_str(authority.as_str());
+    }
+    out.push_str(uri.path());
+    if let Some(query) = uri.query() {
+        out.push('?');
+        out.push_str(query);
+    }
+}
+
+/// Appends `d` in milliseconds with one decimal, rounded to the nearest.
+fn push_millis(out: &mut String, d: std::time::Duration) {
+    let tenths = (d.as_nanos() + 50_000) / 100_000;
+    let mut num = itoa::Buffer::new();
+    out.push_str(num.format(tenths / 10));
+    out.push('.');
+    out.push_str(num.format(tenths % 10));
+}
+
+/// Appends `n` as two digits (`n < 100`).
+fn push_2(out: &mut String, n: u64) {
+    out.push(char::from(b'0' + (n / 10) as u8));
+    out.push(char::from(b'0' + (n % 10) as u8));
 }
 
 /// Appends an RFC 3339 UTC timestamp with microseconds, like the rest of
@@ -130,14 +188,29 @@ fn push_timestamp(out: &mut String, now: SystemTime) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
-    );
+    if (0..10_000).contains(&year) {
+        let year = year as u64;
+        push_2(out, year / 100);
+        push_2(out, year % 100);
+    } else {
+        let _ = write!(out, "{year:04}");
+    }
+    out.push('-');
+    push_2(out, month as u64);
+    out.push('-');
+    push_2(out, day as u64);
+    out.push('T');
+    push_2(out, rem / 3600);
+    out.push(':');
+    push_2(out, rem % 3600 / 60);
+    out.push(':');
+    push_2(out, rem % 60);
+    out.push('.');
+    let micros = u64::from(d.subsec_micros());
+    push_2(out, micros / 10_000);
+    push_2(out, micros / 100 % 100);
+    push_2(out, micros % 100);
+    out.push('Z');
 }
 
 /// Access lines go to standard error through one writer thread: request
@@ -295,5 +368,37 @@ mod tests {
         let mut s = String::new();
         push_timestamp(&mut s, UNIX_EPOCH + Duration::from_secs(951_782_400));
         assert_eq!(s, "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn fields_are_written_as_display_writes_them() {
+        for addr in [
+            "127.0.0.1:38108",
+            "10.200.3.255:1",
+            "[::1]:8080",
+            "[fe80::1%2]:80",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut s = String::new();
+            push_addr(&mut s, addr);
+            assert_eq!(s, addr.to_string());
+        }
+        for uri in ["/m/1k.bin", "/a?b=c", "http://h:81/x?y", "http://h", "*"] {
+            let uri: http::Uri = uri.parse().unwrap();
+            let mut s = String::new();
+            push_uri(&mut s, &uri);
+            assert_eq!(s, uri.to_string());
+        }
+        for (nanos, text) in [
+            (0, "0.0"),
+            (149_999, "0.1"),
+            (150_000, "0.2"),
+            (16_234_000, "16.2"),
+            (1_999_950_000, "2000.0"),
+        ] {
+            let mut s = String::new();
+            push_millis(&mut s, Duration::from_nanos(nanos));
+            assert_eq!(s, text);
+        }
     }
 }

@@ -114,7 +114,17 @@ impl RedirectCounts {
     pub fn record(&self, now: SystemTime, mirror: &str, upstream: &str, file: &str) {
         let today = day_of(now);
         let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
-        bump(entry(&mut book.totals, mirror), upstream);
+        // One hash of each name for a mirror and file already counted:
+        // the key is copied (and hashed again) only when it is new.
+        match book.totals.get_mut(mirror) {
+            Some(list) => {
+                bump(list, upstream);
+            }
+            None => {
+                book.totals
+                    .insert(mirror.to_owned(), vec![(upstream.to_owned(), 1)]);
+            }
+        }
         if book.days.back().is_none_or(|d| d.day != today) {
             // A clock set back keeps counting into the latest day.
             if book.days.back().is_none_or(|d| d.day < today) {
@@ -128,17 +138,14 @@ impl RedirectCounts {
             }
         }
         let day = book.days.back_mut().expect("a day was pushed");
-        let set = entry(&mut day.sets, mirror);
-        let slot = bump(&mut set.upstreams, upstream);
-        if !set.files.contains_key(file) && set.files.len() >= FILES_PER_DAY {
-            set.other_files += halve(&mut set.files);
+        match day.sets.get_mut(mirror) {
+            Some(set) => set.count(upstream, file),
+            None => {
+                let mut set = SetDay::default();
+                set.count(upstream, file);
+                day.sets.insert(mirror.to_owned(), set);
+            }
         }
-        let f = entry(&mut set.files, file);
-        f.total += 1;
-        if f.per_upstream.len() <= slot {
-            f.per_upstream.resize(slot + 1, 0);
-        }
-        f.per_upstream[slot] += 1;
     }
 
     /// The kept days, newest first.
@@ -172,12 +179,32 @@ impl RedirectCounts {
     }
 }
 
-/// The value of `key`, inserted if absent; the key is copied only then.
-fn entry<'m, V: Default>(map: &'m mut HashMap<String, V>, key: &str) -> &'m mut V {
-    if !map.contains_key(key) {
-        map.insert(key.to_owned(), V::default());
+impl SetDay {
+    /// Counts one redirect of `file` to `upstream`.
+    fn count(&mut self, upstream: &str, file: &str) {
+        let slot = bump(&mut self.upstreams, upstream);
+        if let Some(f) = self.files.get_mut(file) {
+            f.add(slot);
+            return;
+        }
+        if self.files.len() >= FILES_PER_DAY {
+            self.other_files += halve(&mut self.files);
+        }
+        let mut f = FileDay::default();
+        f.add(slot);
+        self.files.insert(file.to_owned(), f);
     }
-    map.get_mut(key).expect("present: inserted above")
+}
+
+impl FileDay {
+    /// Counts one redirect to the upstream at `slot`.
+    fn add(&mut self, slot: usize) {
+        self.total += 1;
+        if self.per_upstream.len() <= slot {
+            self.per_upstream.resize(slot + 1, 0);
+        }
+        self.per_upstream[slot] += 1;
+    }
 }
 
 /// Adds one to `upstream`'s count in `list`, returning its position.

@@ -146,7 +146,14 @@ impl Proxy {
         let now = self.clock.now();
         // The common case is decided without building the RFC 9111 answer
         // (nor parsing the key): see `cache::evaluate_fast`.
-        let freshness = match cache::evaluate_fast(&replica.meta, headers, now, snap.config.mode) {
+        let fast = cache::evaluate_fast(
+            &replica.meta,
+            headers,
+            now,
+            snap.config.mode,
+            &replica.fresh_until,
+        );
+        let freshness = match fast {
             Some(fresh) => fresh,
             None => {
                 let Some(uri) = key_uri.get() else {

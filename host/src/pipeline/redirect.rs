@@ -148,7 +148,7 @@ impl Proxy {
                     up.base_str(),
                     path,
                 );
-                found(&url.to_string())
+                found(uri_text(&url))
             }
             (Form::Redirect, None) if order.iter().any(|r| r.state == RankedState::Missing) => {
                 body::text(
@@ -207,10 +207,32 @@ fn wants_json(headers: &HeaderMap) -> bool {
         })
 }
 
+/// `url` as `Display` writes it, without the formatting machinery.
+fn uri_text(url: &http::Uri) -> String {
+    let mut out = String::with_capacity(64);
+    if let Some(scheme) = url.scheme() {
+        out.push_str(scheme.as_str());
+        out.push_str("://");
+    }
+    if let Some(authority) = url.authority() {
+        out.push_str(authority.as_str());
+    }
+    out.push_str(url.path());
+    if let Some(query) = url.query() {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
 /// `302 Found` to `url`, with a tiny body for clients that show it.
-fn found(url: &str) -> Response<ProxyBody> {
-    let mut resp = body::text(StatusCode::FOUND, format!("Found: {url}"));
-    if let Ok(v) = HeaderValue::from_str(url) {
+fn found(url: String) -> Response<ProxyBody> {
+    let mut text = String::with_capacity(8 + url.len());
+    text.push_str("Found: ");
+    text.push_str(&url);
+    let mut resp = body::text(StatusCode::FOUND, text);
+    // The header takes the string's own buffer: no copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(url)) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
@@ -328,5 +350,17 @@ mod tests {
         assert!(!wants_json(&accept("application/json;q=0")));
         assert!(!wants_json(&accept("text/html,*/*;q=0.8")));
         assert!(!wants_json(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn uri_text_is_display() {
+        for url in [
+            "http://a.test/vlc/x.dmg",
+            "http://a.test:81/p?q=1",
+            "https://b/",
+        ] {
+            let uri: http::Uri = url.parse().unwrap();
+            assert_eq!(uri_text(&uri), uri.to_string());
+        }
     }
 }

@@ -80,7 +80,25 @@ impl PolicyEngine {
             .epoch_interruption(true)
             .max_wasm_stack(MAX_WASM_STACK)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
+        // The pool reserves address space for every slot up front (about a
+        // terabyte, nearly none of it ever backed). Where that cannot be
+        // had (`ulimit -v`, a profiler's address-space cap), each instance
+        // maps its own memory instead: slower to instantiate, same limits
+        // (the store's limiter enforces `memory=`).
+        let engine = match Engine::new(&config) {
+            Ok(engine) => engine,
+            Err(pooled) => {
+                config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+                let engine = Engine::new(&config).map_err(|e| {
+                    PolicyError::Engine(format!("{pooled:#}; without a pool: {e:#}"))
+                })?;
+                tracing::warn!(
+                    target: "cistern::policy",
+                    "no room for the policy instance pool ({pooled:#}); policies are instantiated on demand"
+                );
+                engine
+            }
+        };
         let linker = abi::linker(&engine).map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
         let weak = engine.weak();
         std::thread::Builder::new()

@@ -86,6 +86,7 @@ impl Connection {
         drop(config);
         let mut buf = BytesMut::with_capacity(4096);
         let mut out = Vec::with_capacity(1024);
+        let mut scratch = vec![0u8; 4096];
         let mut served = false;
         let mut deadline = Instant::from_std(self.first_by);
         loop {
@@ -106,7 +107,7 @@ impl Connection {
                         return Left::Closed;
                     }
                     _ = reached(&mut self.phase, Phase::Draining) => return Left::Closed,
-                    r = read_some(stream, &mut buf) => match r {
+                    r = read_some(stream, &mut buf, &mut scratch) => match r {
                         Ok(0) if buf.is_empty() => return Left::Closed,
                         // A head cut short: hyper says what it says of those.
                         Ok(0) => return to_hyper(buf, served),
@@ -120,7 +121,11 @@ impl Connection {
             let method = req.method().clone();
             let version = req.version();
             let handled = self.proxy.handle(req, info);
+            // `biased`, the work first: the phase is looked at only while
+            // the work waits, so a prompt answer costs no random draw and
+            // no waiter registered on the phase.
             let resp = tokio::select! {
+                biased;
                 resp = handled => resp,
                 _ = reached(&mut self.phase, Phase::Closed) => return Left::Closed,
             };
@@ -137,6 +142,7 @@ impl Connection {
                 },
             );
             let again = tokio::select! {
+                biased;
                 r = written => r,
                 _ = reached(&mut self.phase, Phase::Closed) => return Left::Closed,
             };
@@ -160,15 +166,48 @@ fn to_hyper(buf: BytesMut, served: bool) -> Left {
 }
 
 /// Reads what the socket has into `buf`.
-async fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+///
+/// A read that returns less than the room it was given emptied the
+/// socket's receive queue, so the readiness it used is cleared then and
+/// there, as nginx does: the next wait goes straight to the reactor
+/// instead of first paying a `recv` that can only say `EAGAIN`. Bytes
+/// that arrive after the read are a new readiness event, which clearing
+/// the one the read used never hides.
+///
+/// Bytes are received into `scratch` and copied (a request head is
+/// small): reading into `buf`'s spare room would take `unsafe`, and
+/// zeroing that room first a memset per read.
+async fn read_some(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    scratch: &mut [u8],
+) -> io::Result<usize> {
     loop {
         stream.readable().await?;
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
+        let mut got = None;
+        let tried = stream.try_io(Interest::READABLE, || {
+            let n = loop {
+                match rustix::net::recv(stream, &mut *scratch, rustix::net::RecvFlags::empty()) {
+                    Ok((_, n)) => break n,
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(io::Error::from(e)),
+                }
+            };
+            got = Some(n);
+            if n > 0 && n < scratch.len() {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        if let Some(n) = got {
+            buf.extend_from_slice(&scratch[..n]);
+            return Ok(n);
         }
-        match stream.try_read_buf(buf) {
+        match tried {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return r,
+            Err(e) => return Err(e),
+            Ok(()) => return Ok(0),
         }
     }
 }

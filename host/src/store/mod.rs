@@ -227,6 +227,11 @@ pub struct Replica {
     pub served_headers: std::sync::OnceLock<http::HeaderMap>,
     /// The body in RAM, for small replicas once served (see [`ram`]).
     pub ram: std::sync::OnceLock<ram::RamBody>,
+    /// When `meta`'s HTTP freshness runs out, worked out at the first hit
+    /// that found it fresh, so later hits compare two times instead of
+    /// reading the stored `Cache-Control` again (see
+    /// `cache::evaluate_fast`).
+    pub fresh_until: std::sync::OnceLock<std::time::SystemTime>,
     /// Served headers that depend on more than the replica (a mirror set's
     /// Metalink links, which follow its health), with the stamp of the
     /// state they were built for; rebuilt when the stamp moves.
@@ -260,6 +265,7 @@ impl Replica {
             promoted_ms: AtomicU64::new(u64::MAX),
             served_headers: std::sync::OnceLock::new(),
             ram: std::sync::OnceLock::new(),
+            fresh_until: std::sync::OnceLock::new(),
             links: arc_swap::ArcSwapOption::empty(),
             file_id: None,
         }
