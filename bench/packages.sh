@@ -393,7 +393,9 @@ http {
     }
     # The cargo part's sparse index (index files revalidate after 10 min:
     # a new version appends a line) and its download host (.crate files
-    # immutable, as static.crates.io's).
+    # immutable, as static.crates.io's). start_origin waits on the first
+    # four ports only: nginx binds and listens on all of them at once
+    # before it accepts anything, so these two listen when those do.
     server {
         listen 127.0.0.1:$P_CRIDX;
         root $WORK/crates-index;
@@ -413,7 +415,7 @@ start_origin() {
     "${ON_SERVER[@]}" /usr/sbin/nginx -c "$WORK/origin.conf" 2>>"$WORK/origin.error.log" &
     ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
     local p
-    for p in "$P_PYIDX" "$P_PYFILES" "$P_NPMREG" "$P_NPMFILES" "$P_CRIDX" "$P_CRDL"; do wait_port "$p" "$ORIGIN_PID"; done
+    for p in "$P_PYIDX" "$P_PYFILES" "$P_NPMREG" "$P_NPMFILES"; do wait_port "$p" "$ORIGIN_PID"; done
 }
 start_origin
 origin_lines() { wc -l <"$WORK/origin.access.log"; }
