@@ -257,6 +257,91 @@ PYPI_BYTES=$(find "$WORK/pypi-files" -name '*.whl' -printf '%s\n' | awk '{s+=$1}
 NPM_BYTES=$(find "$WORK/npm-files" -name '*.tgz' -printf '%s\n' | awk '{s+=$1} END {print s}')
 log "wheels: $(find "$WORK/pypi-files" -name '*.whl' | wc -l) ($((PYPI_BYTES >> 10)) KiB); tarballs: $(find "$WORK/npm-files" -name '*.tgz' | wc -l) ($((NPM_BYTES >> 10)) KiB)"
 
+# --------------------------------------------------------------------------
+# Cargo: $CRATES crates of $VERSIONS versions in a sparse registry shaped
+# like index.crates.io + static.crates.io, each `.crate` made here by
+# `cargo package`, offline (as tests/index_rewrite.rs makes its crate).
+CRATES=${CRATES:-30}              # crates in the registry, all depended on by one project
+SKIP_CARGO=${SKIP_CARGO:-0}       # 1: no cargo part
+CARGO_SYSTEMS=${CARGO_SYSTEMS-"direct cistern"}   # there is no cargo caching proxy to compare with
+[ "$SKIP_CARGO" != 1 ] || CARGO_SYSTEMS=""
+CARGO_CLIENT=${CARGO_CLIENT:-$(rustup which cargo 2>/dev/null || command -v cargo || true)}
+# Two more upstream hosts: the sparse index (config.json and its files)
+# and the download host its `dl` names.
+read -r P_CRIDX P_CRDL < <(python3 - <<'EOF'
+import socket
+socks = []
+for _ in range(2):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(*[s.getsockname()[1] for s in socks])
+EOF
+)
+mkdir -p "$WORK/crates-index" "$WORK/crates-files/crates"
+CRATE_BYTES=0
+if [ -n "$CARGO_SYSTEMS" ]; then
+    [ -x "$CARGO_CLIENT" ] || die "the cargo part needs cargo (CARGO_CLIENT); SKIP_CARGO=1 leaves it out"
+    case " $CARGO_SYSTEMS " in *" cistern "*)
+        if [ -z "$CISTERN" ]; then
+            CISTERN=${CARGO_TARGET_DIR:-$REPO/target}/release/cistern; RUN_CISTERN=1
+        fi
+        [ -x "$CISTERN" ] || die "no cistern binary at $CISTERN";;
+    esac
+    # cargo with its own home: no user config, no proxy, no target dir.
+    cargo_env=(env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY -u all_proxy -u ALL_PROXY
+        -u CARGO_TARGET_DIR -u CARGO_REGISTRIES_CRATES_IO_PROTOCOL -u CARGO_BUILD_TARGET_DIR
+        -u RUSTC_WRAPPER -u CARGO_HTTP_PROXY CARGO_TERM_COLOR=never)
+    log "generating $CRATES crates x $VERSIONS versions (cargo package, offline)"
+    python3 - "$WORK" "$CRATES" "$VERSIONS" "$FILE_KIB" <<'EOF'
+import os, random, sys
+work, n, nv, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for v in range(nv):
+    ws = f"{work}/crates-src/v{v}"
+    members = [f"benchcrate-{i:03d}" for i in range(1, n + 1)]
+    os.makedirs(ws, exist_ok=True)
+    open(f"{ws}/Cargo.toml", "w").write(
+        "[workspace]\nresolver = \"2\"\nmembers = [" + ", ".join(f'"{m}"' for m in members) + "]\n")
+    for i, m in enumerate(members, 1):
+        os.makedirs(f"{ws}/{m}/src", exist_ok=True)
+        open(f"{ws}/{m}/Cargo.toml", "w").write(
+            f'[package]\nname = "{m}"\nversion = "1.0.{v}"\nedition = "2021"\n'
+            f'license = "MIT"\ndescription = "cistern bench crate {i}"\n')
+        open(f"{ws}/{m}/src/lib.rs", "w").write(
+            f'pub const VALUE: u32 = {i};\npub static DATA: &[u8] = include_bytes!("../data.bin");\n')
+        open(f"{ws}/{m}/data.bin", "wb").write(random.Random(10**6 + i * 1000 + v).randbytes(kib << 10))
+EOF
+    for ws in "$WORK"/crates-src/v*; do
+        (cd "$ws" && "${cargo_env[@]}" CARGO_HOME="$WORK/cargo-pack-home" "$CARGO_CLIENT" package --workspace \
+            --no-verify --allow-dirty --offline >"$ws.log" 2>&1) || die "cargo package failed: $(tail -5 "$ws.log")"
+    done
+    # The index: config.json naming the download host, as index.crates.io's
+    # names static.crates.io; one file per crate at xx/yy/name, a JSON line
+    # per version with its cksum (sha256 of the .crate). The download host
+    # serves crates/NAME/VERSION/download, the URL cargo makes from `dl`.
+    python3 - "$WORK" "$P_CRDL" <<'EOF'
+import glob, hashlib, json, os, re, shutil, sys
+work, port = sys.argv[1], sys.argv[2]
+idx, files = f"{work}/crates-index", f"{work}/crates-files/crates"
+json.dump({"dl": f"http://127.0.0.1:{port}/crates"}, open(f"{idx}/config.json", "w"))
+lines = {}
+for path in sorted(glob.glob(f"{work}/crates-src/v*/target/package/*.crate")):
+    name, vers = re.fullmatch(r"(.+)-(\d+\.\d+\.\d+)\.crate", os.path.basename(path)).groups()
+    cksum = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    os.makedirs(f"{files}/{name}/{vers}", exist_ok=True)
+    shutil.move(path, f"{files}/{name}/{vers}/download")
+    lines.setdefault(name, []).append((tuple(map(int, vers.split("."))), json.dumps(
+        {"name": name, "vers": vers, "deps": [], "cksum": cksum, "features": {}, "yanked": False},
+        separators=(",", ":"))))
+for name, entries in lines.items():
+    d = f"{idx}/{name[:2]}/{name[2:4]}"
+    os.makedirs(d, exist_ok=True)
+    open(f"{d}/{name}", "w").write("".join(l + "\n" for _, l in sorted(entries)))
+EOF
+    rm -rf "$WORK/crates-src" "$WORK/cargo-pack-home"
+    CRATE_BYTES=$(find "$WORK/crates-files" -name download -printf '%s\n' | awk '{s+=$1} END {print s+0}')
+    log "crates: $(find "$WORK/crates-files" -name download | wc -l) ($((CRATE_BYTES >> 10)) KiB); index :$P_CRIDX, downloads :$P_CRDL"
+    [ "$(find "$WORK/crates-files" -name download | wc -l)" = $((CRATES * VERSIONS)) ] || die "cargo package made too few crates"
+fi
+
 # The upstream: one nginx, one worker, on the server CPU, four hosts (ports)
 # with the headers of the real ones: pypi.org's simple pages
 # `max-age=600, public`, files.pythonhosted.org's files immutable for a
@@ -305,6 +390,24 @@ http {
         root $WORK/npm-files;
         default_type application/octet-stream;
         add_header Cache-Control "public, immutable, max-age=31557600";
+    }
+    # The cargo part's sparse index (index files revalidate after 10 min:
+    # a new version appends a line) and its download host (.crate files
+    # immutable, as static.crates.io's). start_origin waits on the first
+    # four ports only: nginx binds and listens on all of them at once
+    # before it accepts anything, so these two listen when those do.
+    server {
+        listen 127.0.0.1:$P_CRIDX;
+        root $WORK/crates-index;
+        types { application/json json; }
+        default_type text/plain;
+        add_header Cache-Control "public, max-age=600";
+    }
+    server {
+        listen 127.0.0.1:$P_CRDL;
+        root $WORK/crates-files;
+        default_type application/x-tar;
+        add_header Cache-Control "public, max-age=31536000, immutable";
     }
 }
 EOF
@@ -477,6 +580,65 @@ npm_run() { # url dir
     [ "$got" = "$PACKAGES" ] || { log "npm installed $got/$PACKAGES packages at $LATEST"; echo fail; return 0; }
     python3 -c "print(f'{$t1-$t0:.2f}')"
 }
+# cargo: the systems and the client. Cistern as tests/index_rewrite.rs and
+# docs/policies.md configure it: the index mirror and the download mirror,
+# the cargo policy on both (rewrites config.json's `dl` to /crates-files,
+# marks the .crate downloads immutable). Access log on.
+start_direct_cargo() { PID=; URL="sparse+http://127.0.0.1:$P_CRIDX/"; }
+start_cistern_cargo() {
+    local d="$WORK/cistern-cargo-$ROUND"; mkdir -p "$d"
+    cat >"$d/config.kdl" <<EOF
+listen "127.0.0.1:$P_PROXY"
+store {
+    root "$d/replica"
+}
+policy "cargo" path="builtin:cargo" memory="64MiB" {
+    param "dl" "http://127.0.0.1:$P_CRDL/crates=http://127.0.0.1:$P_PROXY/crates-files"
+    body-types "application/json"
+    body-max "1MiB"
+}
+mirror "crates-index" {
+    prefix "/crates-index/"
+    upstream "http://127.0.0.1:$P_CRIDX/"
+    policies "cargo"
+}
+mirror "crates-files" {
+    prefix "/crates-files/"
+    upstream "http://127.0.0.1:$P_CRDL/crates/"
+    policies "cargo"
+}
+EOF
+    "$CISTERN" check "$d/config.kdl" >/dev/null || die "cistern rejected its config"
+    "${ON_SERVER[@]}" "$CISTERN" --config "$d/config.kdl" </dev/null 2>>"$d/stderr.log" >/dev/null &
+    PID=$!; PIDS+=("$PID"); URL="sparse+http://127.0.0.1:$P_PROXY/crates-index/"
+    wait_port "$P_PROXY" "$PID"
+}
+# A project depending on every crate at "1" (the latest, 1.0.$((VERSIONS-1)),
+# is resolved); each run copies it without a Cargo.lock into a new dir with
+# a new, empty CARGO_HOME whose config replaces crates-io with the registry
+# under test. `cargo fetch` resolves (the index) and downloads every .crate.
+if [ -n "$CARGO_SYSTEMS" ]; then
+    mkdir -p "$WORK/cargo-app/src"
+    { printf '[package]\nname = "bench-app"\nversion = "0.1.0"\nedition = "2021"\n\n[dependencies]\n'
+      for i in $(seq "$CRATES"); do printf 'benchcrate-%03d = "1"\n' "$i"; done; } >"$WORK/cargo-app/Cargo.toml"
+    echo 'fn main() {}' >"$WORK/cargo-app/src/main.rs"
+fi
+cargo_run() { # url dir
+    local t0 t1 got
+    mkdir -p "$2/home"
+    cp -r "$WORK/cargo-app" "$2/project"
+    printf '[source.crates-io]\nreplace-with = "bench"\n\n[source.bench]\nregistry = "%s"\n' "$1" >"$2/home/config.toml"
+    t0=$(date +%s.%N)
+    timeout "$RUN_TIMEOUT" "${ON_LOAD[@]}" "${cargo_env[@]}" CARGO_HOME="$2/home" "$CARGO_CLIENT" fetch \
+        --manifest-path "$2/project/Cargo.toml" >"$2/cargo.log" 2>&1 \
+        || { log "cargo failed: $(tail -5 "$2/cargo.log")"; echo fail; return 0; }
+    t1=$(date +%s.%N)
+    # Every crate at its latest version, stored by cargo after it checked
+    # the cksum from the index against the bytes.
+    got=$(find "$2/home/registry/cache" -name "benchcrate-*-$LATEST.crate" 2>/dev/null | wc -l)
+    [ "$got" = "$CRATES" ] || { log "cargo fetched $got/$CRATES crates at $LATEST"; echo fail; return 0; }
+    python3 -c "print(f'{$t1-$t0:.2f}')"
+}
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:] if x!='fail']; print(f'{statistics.median(v):.2f}' if v and len(v)==len(sys.argv)-1 else 'fail')" "$@"; }
 # CPU time (user + system) of a process and its descendants, ms.
 cpu_ms() {
@@ -553,12 +715,17 @@ log "warming the clients up (not measured)"
 [ "$(pip_run "http://127.0.0.1:$P_PYIDX/simple/" "$WORK/client-warmup-pip")" != fail ] || die "pip cannot install from the upstream"
 [ "$(npm_run "http://127.0.0.1:$P_NPMREG/" "$WORK/client-warmup-npm")" != fail ] || die "npm cannot install from the upstream"
 rm -rf "$WORK/client-warmup-pip" "$WORK/client-warmup-npm"
+if [ -n "$CARGO_SYSTEMS" ]; then
+    [ "$(cargo_run "sparse+http://127.0.0.1:$P_CRIDX/" "$WORK/client-warmup-cargo")" != fail ] || die "cargo cannot fetch from the upstream"
+    rm -rf "$WORK/client-warmup-cargo"
+fi
 
 # The systems take turns, round after round, so a swing in the machine's
 # load (other builds) falls on all of them rather than on one.
 for round in $(seq "$ROUNDS"); do
     for sys in $PYPI_SYSTEMS; do bench pypi "$sys" "$P_PYIDX" "$P_PYFILES" pip_run "$round"; done
     for sys in $NPM_SYSTEMS; do bench npm "$sys" "$P_NPMREG" "$P_NPMFILES" npm_run "$round"; done
+    for sys in $CARGO_SYSTEMS; do bench cargo "$sys" "$P_CRIDX" "$P_CRDL" cargo_run "$round"; done
 done
 for k in "${!R[@]}"; do
     case $k in *_all) read -ra vals <<<"${R[$k]}"; R[${k%_all}]=$(median "${vals[@]}");; esac
@@ -595,6 +762,20 @@ table() { # ecosystem systems…
     row "upstream stopped: install, s (median of $ROUNDS)" down
     row "RSS after the runs, MiB" rss
 }
+# The cargo part: its own header lines, the table ("install" is `cargo
+# fetch`; index = the sparse index host, file = the download host) and the
+# ratios of Cistern to direct.
+ratio() { python3 -c "import sys; a,b=sys.argv[1:]; print('-' if 'fail' in (a,b) or '-' in (a,b) or float(b)==0 else f'{float(a)/float(b):.2f}')" "$1" "$2"; }
+cargo_report() {
+    local ci=${R[cargo_cistern_warm_ireq]:--} cf=${R[cargo_cistern_warm_freq]:--}
+    local di=${R[cargo_direct_warm_ireq]:--} df=${R[cargo_direct_warm_freq]:--}
+    echo "cargo: $("$CARGO_CLIENT" --version), a project depending on $CRATES crates ($VERSIONS versions each in a sparse index, the latest fetched); $((CRATE_BYTES >> 10)) KiB of .crate files in all; a new CARGO_HOME each run"
+    echo "cargo: no peer: there is no caching proxy for cargo registries to put beside Cistern (Panamax syncs a full mirror ahead of time, it does not proxy)"
+    table cargo $CARGO_SYSTEMS
+    if [[ " $CARGO_SYSTEMS " == *" direct "* && " $CARGO_SYSTEMS " == *" cistern "* ]]; then
+        echo "cargo, cistern / direct: cold fetch $(ratio "${R[cargo_cistern_cold]:--}" "${R[cargo_direct_cold]:--}"), warm fetch $(ratio "${R[cargo_cistern_warm]:--}" "${R[cargo_direct_warm]:--}") (wall time); upstream requests per warm fetch $((${ci/-/0} + ${cf/-/0})) against $((${di/-/0} + ${df/-/0}))"
+    fi
+}
 {
     echo "Cistern as a package cache beside proxpi, devpi-server and Verdaccio, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo "machine: $(nproc) cores, $(free -h | awk '/^Mem/ {print $2}') RAM, $(uname -sr)"
@@ -608,6 +789,10 @@ table() { # ecosystem systems…
     table pypi $PYPI_SYSTEMS
     echo
     table npm $NPM_SYSTEMS
+    if [ -n "$CARGO_SYSTEMS" ]; then
+        echo
+        cargo_report
+    fi
     for s in "${!UNAVAILABLE[@]}"; do echo "n/a: $s: ${UNAVAILABLE[$s]}"; done
     for w in "${WARNINGS[@]}"; do echo "WARNING: $w"; done
     echo "upstream figures: the largest of any round (of any warm run for warm)"
