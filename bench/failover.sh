@@ -12,19 +12,11 @@ REPO=$(cd "$HERE/.." && pwd)
 SIZE_MIB=${SIZE_MIB:-256}
 RATE=${RATE:-64m}   # per-connection origin rate (nginx limit_rate)
 RESULTS_FILE=${RESULTS_FILE:-$HERE/last-failover.txt}
-log() { printf '[failover %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-CISTERN=${CISTERN_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/cistern}
-[ -x "$CISTERN" ] || (cd "$REPO" && cargo build --release -p cistern)
-WORK=$(mktemp -d /tmp/cistern-failover.XXXXXX)
-PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$WORK"' EXIT
-read -r PA PB PC < <(python3 -c '
-import socket
-s=[socket.socket() for _ in range(3)]
-for x in s: x.bind(("127.0.0.1",0))
-print(*[x.getsockname()[1] for x in s])')
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; die "nothing on $1"; }
+LOG_TAG=failover
+. "$HERE/lib.sh"
+find_cistern
+make_workdir
+read -r PA PB PC < <(free_ports 3)
 mkdir -p "$WORK/a/www" "$WORK/b/www"
 head -c $((SIZE_MIB << 20)) /dev/urandom >"$WORK/a/www/big.iso"
 cp -p "$WORK/a/www/big.iso" "$WORK/b/www/big.iso"
@@ -42,7 +34,7 @@ http {
     server { listen 127.0.0.1:$2; root $d/www; limit_rate $RATE; }
 }
 NG
-    /usr/sbin/nginx -c "$d/nginx.conf" & OPID[$1]=$!; PIDS+=($!); wait_port "$2"
+    /usr/sbin/nginx -c "$d/nginx.conf" & OPID[$1]=$!; PIDS+=($!); wait_port "$2" "$!" 10
 }
 fill_once() { # tag kill-at-half(0/1) -> prints seconds and sha
     local d="$WORK/c-$1"; mkdir -p "$d"
@@ -57,7 +49,7 @@ mirror "m" {
     upstream "http://127.0.0.1:$PB/"
 }
 KDL
-    "$CISTERN" --config "$d/config.kdl" 2>"$d/cistern.log" & local cpid=$!; PIDS+=($cpid); wait_port "$PC"
+    "$CISTERN" --config "$d/config.kdl" 2>"$d/cistern.log" & local cpid=$!; PIDS+=($cpid); wait_port "$PC" "$cpid" 10
     local t0 t1
     t0=$(date +%s.%N)
     curl -s -o "$d/got" "http://127.0.0.1:$PC/m/big.iso" & local curl=$!
@@ -73,12 +65,13 @@ KDL
         done
         local victim
         if ss -tn state established "( sport = :$PA )" | grep -q 127.0.0.1; then victim=a; else victim=b; fi
-        kill -9 "${OPID[$victim]}"; pkill -9 -f "$WORK/$victim/nginx.conf" || true
+        # The master and its worker, which holds the connection.
+        kill -9 $(tree_pids "${OPID[$victim]}")
         echo "killed mirror $victim at $have bytes" >"$d/killed"
     fi
     wait "$curl"
     t1=$(date +%s.%N)
-    kill "$cpid"; wait "$cpid" 2>/dev/null || true
+    stop "$cpid"
     local got
     got=$(sha256sum "$d/got" | cut -d' ' -f1)
     echo "$(python3 -c "print(f'{$t1-$t0:.2f}')") $([ "$got" = "$WANT" ] && echo sha-ok || echo SHA-MISMATCH) $(cat "$d/killed" 2>/dev/null | tr ' ' '_')"

@@ -21,86 +21,25 @@ RESULTS_FILE=${RESULTS_FILE:-$HERE/last-fleet.txt}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 SECRET=bench-fleet-secret-0123456789
 
-log() { printf '[fleet %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=fleet
+. "$HERE/lib.sh"
 
 need_apt=()
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 command -v curl >/dev/null || need_apt+=(curl)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    command -v apt-get >/dev/null || die "missing ${need_apt[*]} and no apt-get"
-    log "installing ${need_apt[*]}"
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+apt_install "${need_apt[@]}"
 
-CISTERN=${CISTERN_BIN:-}
-if [ -z "$CISTERN" ]; then
-    CISTERN=${CARGO_TARGET_DIR:-$REPO/target}/release/cistern
-    if [ ! -x "$CISTERN" ]; then
-        log "building cistern (release)"
-        (cd "$REPO" && cargo build --release -p cistern)
-    fi
-fi
-[ -x "$CISTERN" ] || die "no cistern binary at $CISTERN"
+find_cistern
 
 # --------------------------------------------------------------------------
 # Work dir, ports, cleanup: every process started is killed by its pid.
-WORK=$(mktemp -d /tmp/cistern-fleet.XXXXXX)
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-    done
-    if [ "$KEEP_WORKDIR" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+make_workdir
 
 # One origin port, one proxy port and one admin port, free on all three
 # loopback addresses.
-read -r P_ORIGIN P_PROXY P_ADMIN < <(python3 - <<'EOF'
-import socket
-ports = []
-while len(ports) < 3:
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
-    try:
-        for ip in ("127.0.0.2", "127.0.0.3"):
-            t = socket.socket(); t.bind((ip, p)); t.close()
-    except OSError:
-        continue
-    if p not in ports:
-        ports.append(p)
-print(*ports)
-EOF
-)
+read -r P_ORIGIN P_PROXY P_ADMIN < <(free_ports 3 127.0.0.2 127.0.0.3)
 log "work dir $WORK; origin :$P_ORIGIN, nodes 127.0.0.{1,2,3}:$P_PROXY, admin :$P_ADMIN"
 
-wait_port() { # ip port pid
-    for _ in $(seq 200); do
-        kill -0 "$3" 2>/dev/null || die "process $3 for $1:$2 exited (see $WORK)"
-        if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    die "nothing listens on $1:$2 after 20 s"
-}
-untrack() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-stop() { # pid
-    kill "$1" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-    untrack "$1"
-}
 
 # --------------------------------------------------------------------------
 # Payloads and the origin (nginx, one worker), logging each request's
@@ -136,7 +75,7 @@ http {
 EOF
 /usr/sbin/nginx -c "$WORK/origin.conf" 2>>"$WORK/origin.error.log" &
 ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
-wait_port 127.0.0.1 "$P_ORIGIN" "$ORIGIN_PID"
+wait_port "$P_ORIGIN" "$ORIGIN_PID"
 # Requests and body bytes the origin served below a prefix, since the log
 # was emptied.
 origin_stats() { awk -v p="$1" 'index($1, p) == 1 { n++; b += $2 } END { printf "%d %d\n", n, b }' "$WORK/origin.access.log"; }
@@ -181,7 +120,7 @@ EOF
         (cd "$d" && exec "$CISTERN" --config config.kdl) </dev/null >"$d/log" 2>&1 &
         NODE_PIDS+=($!); PIDS+=($!)
     done
-    for i in 1 2 3; do wait_port "127.0.0.$i" "$P_PROXY" "${NODE_PIDS[$((i - 1))]}"; done
+    for i in 1 2 3; do wait_port "127.0.0.$i:$P_PROXY" "${NODE_PIDS[$((i - 1))]}"; done
 }
 stop_nodes() { local p; for p in "${NODE_PIDS[@]}"; do stop "$p"; done; NODE_PIDS=(); }
 metric() { # ip name

@@ -27,53 +27,21 @@ RELOAD_SECONDS=${RELOAD_SECONDS:-20}
 RESULTS_FILE=${RESULTS_FILE:-$HERE/last-load.txt}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 
-log() { printf '[load %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=load
+. "$HERE/lib.sh"
 
 need_apt=()
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 command -v wrk >/dev/null || need_apt+=(wrk)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    log "installing ${need_apt[*]}"
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
-CISTERN=${CISTERN_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/cistern}
-if [ ! -x "$CISTERN" ]; then
-    log "building cistern (release)"
-    (cd "$REPO" && cargo build --release -p cistern)
-fi
+apt_install "${need_apt[@]}"
+find_cistern
 # The client side of A needs more descriptors than the usual 1024.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-WORK=$(mktemp -d /tmp/cistern-load.XXXXXX)
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    sleep 0.5
-    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-    if [ "$KEEP_WORKDIR" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+make_workdir
 
-read -r P_ORIGIN P_CISTERN < <(python3 -c '
-import socket
-s = [socket.socket() for _ in range(2)]
-for x in s: x.bind(("127.0.0.1", 0))
-print(*[x.getsockname()[1] for x in s])')
+read -r P_ORIGIN P_CISTERN < <(free_ports 2)
 
-wait_port() {
-    for _ in $(seq 200); do
-        kill -0 "$2" 2>/dev/null || die "process $2 exited (see $WORK)"
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "nothing listens on $1"
-}
 fds() { ls "/proc/$1/fd" 2>/dev/null | wc -l; }
 rss_mib() { awk '/^VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 hwm_mib() { awk '/^VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }

@@ -36,8 +36,8 @@ VERDACCIO_VERSION=${VERDACCIO_VERSION:-6.8.0}   # 6.10 wants Node 22
 RESULTS_FILE=${RESULTS_FILE:-$HERE/last-packages.txt}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 
-log() { printf '[packages %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=packages
+. "$HERE/lib.sh"
 
 # --------------------------------------------------------------------------
 # Tools: Debian packages, then the peers from their registries.
@@ -48,13 +48,7 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v taskset >/dev/null || need_apt+=(util-linux)
 python3 -m venv --help >/dev/null 2>&1 || need_apt+=(python3-venv)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    command -v apt-get >/dev/null || die "missing ${need_apt[*]} and no apt-get"
-    log "installing ${need_apt[*]}"
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+apt_install "${need_apt[@]}"
 [ "$(nproc)" -ge 2 ] || die "needs two CPUs: one for the clients, one for the servers"
 
 mkdir -p "$PEERS_DIR"
@@ -85,14 +79,7 @@ esac
 
 CISTERN=${CISTERN_BIN:-}
 case " $PYPI_SYSTEMS $NPM_SYSTEMS " in *" cistern "*) RUN_CISTERN=1;; *) RUN_CISTERN=0;; esac
-if [ -z "$CISTERN" ] && [ "$RUN_CISTERN" = 1 ]; then
-    CISTERN=${CARGO_TARGET_DIR:-$REPO/target}/release/cistern
-    if [ ! -x "$CISTERN" ]; then
-        log "building cistern (release)"
-        (cd "$REPO" && cargo build --release -p cistern)
-    fi
-fi
-[ "$RUN_CISTERN" = 0 ] || [ -x "$CISTERN" ] || die "no cistern binary at $CISTERN"
+[ "$RUN_CISTERN" = 0 ] || find_cistern
 cistern_version() { if [ "$RUN_CISTERN" = 1 ]; then "$CISTERN" --version; else echo "cistern not run"; fi; }
 
 ON_SERVER=(taskset -c "$SERVER_CPU")
@@ -100,58 +87,11 @@ ON_LOAD=(taskset -c "$LOAD_CPU")
 
 # --------------------------------------------------------------------------
 # Work dir, ports, cleanup
-WORK=$(mktemp -d /tmp/cistern-packages.XXXXXX)
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-    done
-    if [ "$KEEP_WORKDIR" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+make_workdir
 
-read -r P_PYIDX P_PYFILES P_NPMREG P_NPMFILES P_PROXY < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(5):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
+read -r P_PYIDX P_PYFILES P_NPMREG P_NPMFILES P_PROXY < <(free_ports 5)
 log "work dir $WORK; upstream :$P_PYIDX (simple index) :$P_PYFILES (wheels) :$P_NPMREG (npm registry) :$P_NPMFILES (tarballs); proxy :$P_PROXY"
 
-wait_port() { # port pid
-    for _ in $(seq 600); do
-        kill -0 "$2" 2>/dev/null || die "process $2 for port $1 exited (see $WORK)"
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    die "nothing listens on port $1 after 60 s"
-}
-untrack() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-tree_pids() { local p=$1 c; echo "$p"; for c in $(pgrep -P "$p" || true); do tree_pids "$c"; done; }
-stop() { # pid: the process and its children (gunicorn's worker, npm's node)
-    local all p
-    all=$(tree_pids "$1")
-    for p in $all; do kill "$p" 2>/dev/null || true; done
-    for p in $all; do
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null || true
-    done
-    wait "$1" 2>/dev/null || true
-    untrack "$1"
-}
-# Resident memory of a process and its descendants, KiB.
-rss_kib() { local t=0 p v; for p in $(tree_pids "$1"); do v=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0); t=$((t + ${v:-0})); done; echo "$t"; }
 
 # --------------------------------------------------------------------------
 # Payloads, made here, offline: $PACKAGES projects of $VERSIONS versions.
@@ -415,7 +355,7 @@ start_origin() {
     "${ON_SERVER[@]}" /usr/sbin/nginx -c "$WORK/origin.conf" 2>>"$WORK/origin.error.log" &
     ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
     local p
-    for p in "$P_PYIDX" "$P_PYFILES" "$P_NPMREG" "$P_NPMFILES"; do wait_port "$p" "$ORIGIN_PID"; done
+    for p in "$P_PYIDX" "$P_PYFILES" "$P_NPMREG" "$P_NPMFILES"; do wait_port "$p" "$ORIGIN_PID" 60; done
 }
 start_origin
 origin_lines() { wc -l <"$WORK/origin.access.log"; }
@@ -441,7 +381,7 @@ start_proxpi() {
         "$PEERS_DIR/proxpi/bin/gunicorn" --bind "127.0.0.1:$P_PROXY" --threads 2 --no-control-socket proxpi.server:app \
         </dev/null >"$d/stderr.log" 2>&1 &
     PID=$!; PIDS+=("$PID"); URL="http://127.0.0.1:$P_PROXY/index/"
-    wait_port "$P_PROXY" "$PID"
+    wait_port "$P_PROXY" "$PID" 60
 }
 start_devpi() {
     local d="$WORK/devpi-$ROUND"; mkdir -p "$d"
@@ -450,7 +390,7 @@ start_devpi() {
     "${ON_SERVER[@]}" "$PEERS_DIR/devpi/bin/devpi-server" --serverdir "$d/server" --host 127.0.0.1 --port "$P_PROXY" \
         </dev/null >"$d/stderr.log" 2>&1 &
     PID=$!; PIDS+=("$PID")
-    wait_port "$P_PROXY" "$PID"
+    wait_port "$P_PROXY" "$PID" 60
     # A mirror index of the local simple index (devpi's own root/pypi names
     # pypi.org), made with devpi-client as its docs do.
     local c=("$PEERS_DIR/devpi/bin/devpi" --clientdir "$d/client")
@@ -484,7 +424,7 @@ EOF
     "${ON_SERVER[@]}" "$PEERS_DIR/verdaccio/node_modules/.bin/verdaccio" --config "$d/config.yaml" \
         --listen "127.0.0.1:$P_PROXY" </dev/null >"$d/stderr.log" 2>&1 &
     PID=$!; PIDS+=("$PID"); URL="http://127.0.0.1:$P_PROXY/"
-    wait_port "$P_PROXY" "$PID"
+    wait_port "$P_PROXY" "$PID" 60
 }
 start_cistern_pypi() {
     local d="$WORK/cistern-pypi-$ROUND"; mkdir -p "$d"
@@ -515,7 +455,7 @@ EOF
     "$CISTERN" check "$d/config.kdl" >/dev/null || die "cistern rejected its config"
     "${ON_SERVER[@]}" "$CISTERN" --config "$d/config.kdl" </dev/null 2>>"$d/stderr.log" >/dev/null &
     PID=$!; PIDS+=("$PID"); URL="http://127.0.0.1:$P_PROXY/pypi/simple/"
-    wait_port "$P_PROXY" "$PID"
+    wait_port "$P_PROXY" "$PID" 60
 }
 start_cistern_npm() {
     local d="$WORK/cistern-npm-$ROUND"; mkdir -p "$d"
@@ -543,7 +483,7 @@ EOF
     "$CISTERN" check "$d/config.kdl" >/dev/null || die "cistern rejected its config"
     "${ON_SERVER[@]}" "$CISTERN" --config "$d/config.kdl" </dev/null 2>>"$d/stderr.log" >/dev/null &
     PID=$!; PIDS+=("$PID"); URL="http://127.0.0.1:$P_PROXY/npm/"
-    wait_port "$P_PROXY" "$PID"
+    wait_port "$P_PROXY" "$PID" 60
 }
 
 # --------------------------------------------------------------------------
@@ -641,15 +581,7 @@ cargo_run() { # url dir
 }
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:] if x!='fail']; print(f'{statistics.median(v):.2f}' if v and len(v)==len(sys.argv)-1 else 'fail')" "$@"; }
 # CPU time (user + system) of a process and its descendants, ms.
-cpu_ms() {
-    local t=0 p v hz
-    hz=$(getconf CLK_TCK)
-    for p in $(tree_pids "$1"); do
-        v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
-        t=$((t + ${v:-0}))
-    done
-    echo $((t * 1000 / hz))
-}
+cpu_ms() { echo $(($(cpu_ticks "$1") * 1000 / TICK)); }
 max() { local m=0 v; for v in "$@"; do [ "$v" -gt "$m" ] && m=$v; done; echo "$m"; }
 
 declare -A R

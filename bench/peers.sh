@@ -22,8 +22,8 @@ SYSTEMS=${SYSTEMS:-"nginx varnish ats cistern"}
 RESULTS_FILE=${RESULTS_FILE:-$HERE/last-peers.txt}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 
-log() { printf '[peers %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=peers
+. "$HERE/lib.sh"
 
 # --------------------------------------------------------------------------
 # Tools (Debian packages)
@@ -34,80 +34,23 @@ command -v traffic_server >/dev/null || need_apt+=(trafficserver)
 command -v wrk >/dev/null || need_apt+=(wrk)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v taskset >/dev/null || need_apt+=(util-linux)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    command -v apt-get >/dev/null || die "missing ${need_apt[*]} and no apt-get"
-    log "installing ${need_apt[*]}"
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+apt_install "${need_apt[@]}"
 [ "$(nproc)" -ge 2 ] || die "needs two CPUs: one for the load, one for the server"
 
-CISTERN=${CISTERN_BIN:-}
-if [ -z "$CISTERN" ]; then
-    CISTERN=${CARGO_TARGET_DIR:-$REPO/target}/release/cistern
-    if [ ! -x "$CISTERN" ]; then
-        log "building cistern (release)"
-        (cd "$REPO" && cargo build --release -p cistern)
-    fi
-fi
-[ -x "$CISTERN" ] || die "no cistern binary at $CISTERN"
+find_cistern
 
 ON_SERVER=(taskset -c "$SERVER_CPU")
 ON_LOAD=(taskset -c "$LOAD_CPU")
 
 # --------------------------------------------------------------------------
 # Work dir, ports, cleanup
-WORK=$(mktemp -d /tmp/cistern-peers.XXXXXX)
+make_workdir
 # Varnish reads its VCL as its own unprivileged user.
 chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-    done
-    if [ "$KEEP_WORKDIR" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
-read -r P_ORIGIN P_PROXY < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(2):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
+read -r P_ORIGIN P_PROXY < <(free_ports 2)
 log "work dir $WORK; origin :$P_ORIGIN, proxy under test :$P_PROXY; load on CPU $LOAD_CPU, servers on CPU $SERVER_CPU"
 
-wait_port() { # port pid
-    for _ in $(seq 200); do
-        kill -0 "$2" 2>/dev/null || die "process $2 for port $1 exited (see $WORK)"
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    die "nothing listens on port $1 after 20 s"
-}
-untrack() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-stop() { # pid
-    kill "$1" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-    untrack "$1"
-}
-# Resident memory of a process and its descendants, KiB.
-tree_pids() { local p=$1 c; echo "$p"; for c in $(pgrep -P "$p" || true); do tree_pids "$c"; done; }
-rss_kib() { local t=0 p v; for p in $(tree_pids "$1"); do v=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0); t=$((t + ${v:-0})); done; echo "$t"; }
 
 # --------------------------------------------------------------------------
 # Payloads and the origin (nginx, one worker, on the server CPU)

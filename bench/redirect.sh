@@ -10,16 +10,12 @@ REPO=$(cd "$HERE/.." && pwd)
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 RESULTS_FILE=${RESULTS_FILE:-$HERE/last-redirect.txt}
-log() { printf '[redirect %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-CISTERN=${CISTERN_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/cistern}
-[ -x "$CISTERN" ] || (cd "$REPO" && cargo build --release -p cistern)
+LOG_TAG=redirect
+. "$HERE/lib.sh"
+find_cistern
 command -v wrk >/dev/null && [ -x /usr/sbin/nginx ] || die "needs wrk and nginx (apt-get install wrk nginx-light)"
-WORK=$(mktemp -d /tmp/cistern-redirect.XXXXXX)
-PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
-P=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; die "nothing on $1"; }
+make_workdir
+P=$(free_ports 1)
 cat >"$WORK/report.lua" <<'LUA'
 done = function(summary, latency, requests)
     io.write(string.format("BENCH %d %d %d %d\n", summary.requests, summary.duration,
@@ -55,15 +51,15 @@ mirror "vlc" mode="redirect" {
     upstream "http://mirror-b.invalid/vlc/"
 }
 KDL
-taskset -c 1 /usr/sbin/nginx -c "$WORK/nginx.conf" & PIDS+=($!); wait_port "$P"
+taskset -c 1 /usr/sbin/nginx -c "$WORK/nginx.conf" & PIDS+=($!); wait_port "$P" "${PIDS[-1]}" 10
 curl -s -o /dev/null -w '%{http_code}\n' "http://127.0.0.1:$P/vlc/3.0/vlc.dmg" | grep -q 302 || die "nginx gives no 302"
 {
     echo "Redirect mode per core, $(date -u +%Y-%m-%dT%H:%MZ), $("$CISTERN" --version); wrk -t1 -c$CONNS ${DURATION}s on CPU 0, server on CPU 1"
     run nginx "http://127.0.0.1:$P/vlc/3.0/vlc.dmg"
 } >"$RESULTS_FILE"
-kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; sleep 0.5
+stop "${PIDS[-1]}"; sleep 0.5
 # The access log stays on, at Cistern's default level.
-taskset -c 1 "$CISTERN" --config "$WORK/config.kdl" 2>"$WORK/cistern.log" & PIDS+=($!); wait_port "$P"
+taskset -c 1 "$CISTERN" --config "$WORK/config.kdl" 2>"$WORK/cistern.log" & PIDS+=($!); wait_port "$P" "${PIDS[-1]}" 10
 curl -s -o /dev/null -w '%{http_code}\n' "http://127.0.0.1:$P/vlc/3.0/vlc.dmg" | grep -q 302 || die "cistern gives no 302"
 run cistern "http://127.0.0.1:$P/vlc/3.0/vlc.dmg" >>"$RESULTS_FILE"
 cat "$RESULTS_FILE"

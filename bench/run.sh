@@ -19,8 +19,8 @@ POLICY_ROUNDS=${POLICY_ROUNDS:-3} # alternating no-policy / policy wrk runs
 RESULTS_FILE=${RESULTS_FILE:-$HERE/last-run.txt}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=bench
+. "$HERE/lib.sh"
 
 # --------------------------------------------------------------------------
 # Tools
@@ -29,81 +29,16 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 command -v wrk >/dev/null || need_apt+=(wrk)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3-minimal)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    command -v apt-get >/dev/null || die "missing ${need_apt[*]} and no apt-get"
-    for p in "${need_apt[@]}"; do
-        apt-cache policy "$p" | grep -q 'Candidate: (none)' && die "no apt candidate for $p"
-    done
-    log "installing ${need_apt[*]}"
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    # policy-rc.d-less systems would start the packaged nginx on :80; we never use it.
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+apt_install "${need_apt[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-CISTERN=${CISTERN_BIN:-}
-if [ -z "$CISTERN" ]; then
-    CISTERN=${CARGO_TARGET_DIR:-$REPO/target}/release/cistern
-    if [ ! -x "$CISTERN" ]; then
-        log "building cistern (release)"
-        (cd "$REPO" && cargo build --release -p cistern)
-    fi
-fi
-[ -x "$CISTERN" ] || die "no cistern binary at $CISTERN"
+find_cistern
 
 # --------------------------------------------------------------------------
 # Work dir, ports, cleanup
-WORK=$(mktemp -d /tmp/cistern-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-    done
-    if [ "$KEEP_WORKDIR" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-read -r P_ORIGIN P_NGINX P_CISTERN < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(3):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
+make_workdir
+read -r P_ORIGIN P_NGINX P_CISTERN < <(free_ports 3)
 log "work dir $WORK; ports origin=$P_ORIGIN nginx=$P_NGINX cistern=$P_CISTERN"
-
-wait_port() { # port, pid
-    for _ in $(seq 100); do
-        kill -0 "$2" 2>/dev/null || die "process $2 for port $1 exited (see $WORK/*.log)"
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    die "nothing listens on port $1 after 10 s"
-}
-
-# Forget a reaped process, so the EXIT trap never signals a reused pid.
-untrack() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-
-stop() { # pid
-    kill "$1" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-    untrack "$1"
-}
 
 # --------------------------------------------------------------------------
 # Payloads and origin
@@ -157,7 +92,7 @@ EOF
 "$NGINX" -t -q -c "$WORK/origin.conf" 2>>"$WORK/origin.error.log" || die "origin config rejected: $(cat "$WORK/origin.error.log")"
 "$NGINX" -c "$WORK/origin.conf" 2>>"$WORK/origin.error.log" &
 ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
-wait_port "$P_ORIGIN" "$ORIGIN_PID"
+wait_port "$P_ORIGIN" "$ORIGIN_PID" 10
 
 # --------------------------------------------------------------------------
 # The two proxies. Each start uses a fresh cache directory.
@@ -194,7 +129,7 @@ EOF
     mkdir -p "$WORK/nginx-$1.tmp"
     "$NGINX" -c "$dir/nginx.conf" 2>>"$dir/stderr.log" &
     NGINX_PID=$!; PIDS+=("$NGINX_PID")
-    wait_port "$P_NGINX" "$NGINX_PID"
+    wait_port "$P_NGINX" "$NGINX_PID" 10
 }
 
 start_cistern() { # tag [extra env] -> sets CISTERN_PID
@@ -226,7 +161,7 @@ EOF
     "$CISTERN" check "$dir/config.kdl" >/dev/null || die "cistern rejected its config"
     env ${2:-} "$CISTERN" --config "$dir/config.kdl" 2>>"$dir/stderr.log" &
     CISTERN_PID=$!; PIDS+=("$CISTERN_PID")
-    wait_port "$P_CISTERN" "$CISTERN_PID"
+    wait_port "$P_CISTERN" "$CISTERN_PID" 10
 }
 
 # Peak RSS: clear_refs 5 resets VmHWM, so each test's peak is its own.

@@ -23,8 +23,8 @@ RESULTS_FILE=${RESULTS_FILE:-$HERE/last-tls.txt}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 SITE=bench.test
 
-log() { printf '[tls %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=tls
+. "$HERE/lib.sh"
 
 # --------------------------------------------------------------------------
 # Tools (Debian packages)
@@ -35,78 +35,21 @@ command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v taskset >/dev/null || need_apt+=(util-linux)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    command -v apt-get >/dev/null || die "missing ${need_apt[*]} and no apt-get"
-    log "installing ${need_apt[*]}"
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
+apt_install "${need_apt[@]}"
 [ "$(nproc)" -ge 2 ] || die "needs two CPUs: one for the load, one for the server"
 
-CISTERN=${CISTERN_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/cistern}
-if [ ! -x "$CISTERN" ]; then
-    log "building cistern (release)"
-    (cd "$REPO" && cargo build --release -p cistern)
-fi
-[ -x "$CISTERN" ] || die "no cistern binary at $CISTERN"
+find_cistern
 
 ON_SERVER=(taskset -c "$SERVER_CPU")
 ON_LOAD=(taskset -c "$LOAD_CPU")
 
 # --------------------------------------------------------------------------
 # Work dir, ports, cleanup
-WORK=$(mktemp -d /tmp/cistern-tls.XXXXXX)
-PIDS=()
-cleanup() {
-    local rc=$?
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-    done
-    if [ "$KEEP_WORKDIR" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+make_workdir
 
-read -r P_ORIGIN P_PROXY < <(python3 - <<'EOF'
-import socket
-socks = []
-for _ in range(2):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
-print(*[s.getsockname()[1] for s in socks])
-EOF
-)
+read -r P_ORIGIN P_PROXY < <(free_ports 2)
 log "work dir $WORK; origin :$P_ORIGIN, server under test :$P_PROXY (https); load on CPU $LOAD_CPU, servers on CPU $SERVER_CPU"
 
-wait_port() { # port pid
-    for _ in $(seq 200); do
-        kill -0 "$2" 2>/dev/null || die "process $2 for port $1 exited (see $WORK)"
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    die "nothing listens on port $1 after 20 s"
-}
-untrack() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-stop() { # pid
-    kill "$1" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-    untrack "$1"
-}
-
-# CPU time (user + system, in clock ticks) of a process and its descendants:
-# what the server under test spent, whoever else shares its CPU.
-tree_pids() { local p=$1 c; echo "$p"; for c in $(pgrep -P "$p" || true); do tree_pids "$c"; done; }
-cpu_ticks() { local t=0 p v; for p in $(tree_pids "$1"); do v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0); t=$((t + ${v:-0})); done; echo "$t"; }
-TICK=$(getconf CLK_TCK)
 
 # --------------------------------------------------------------------------
 # One self-signed certificate (ECDSA P-256, the usual choice for TLS 1.3
