@@ -241,10 +241,7 @@ async fn apt_get_through_plain_mode_downloads_a_package_from_the_mirror_once() {
     let packages = format!("{DISTS}/main/binary-amd64/Packages");
 
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let port_s = port.to_string();
-    let args = ["-p", port_s.as_str(), "-r", "replica"];
-    let cistern = Cistern::spawn(dir.path(), port, dir.path().join("replica"), &args, &[]);
+    let cistern = Cistern::plain(dir.path(), &[]);
 
     for round in 1..=2 {
         let apt = Apt::new(
@@ -290,16 +287,7 @@ async fn apt_get_through_plain_mode_downloads_a_package_from_the_mirror_once() {
 
     // Without the package policies nothing says the .deb may be reused.
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let port_s = port.to_string();
-    let args = [
-        "-p",
-        port_s.as_str(),
-        "-r",
-        "replica",
-        "--no-package-policies",
-    ];
-    let cistern = Cistern::spawn(dir.path(), port, dir.path().join("replica"), &args, &[]);
+    let cistern = Cistern::plain(dir.path(), &["--no-package-policies"]);
     for round in 1..=2 {
         let apt = Apt::new(
             work.path().join(format!("bare{round}")),

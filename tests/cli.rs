@@ -196,10 +196,7 @@ async fn plain_mode_caches_packages_from_a_mirror_that_sends_no_validators() {
     let index = origin.url("/debian/dists/bookworm/InRelease");
 
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let port_s = port.to_string();
-    let args = ["-p", port_s.as_str(), "-r", "replica"];
-    let cistern = Cistern::spawn(dir.path(), port, dir.path().join("replica"), &args, &[]);
+    let cistern = Cistern::plain(dir.path(), &[]);
     let first = get(cistern.addr, &package).await;
     assert_eq!(first.bytes(), &deb);
     assert_eq!(first.header("cache-status"), "cistern; fwd=miss; stored");
@@ -215,16 +212,7 @@ async fn plain_mode_caches_packages_from_a_mirror_that_sends_no_validators() {
 
     // Without the package policies, nothing says the file may be reused.
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let port_s = port.to_string();
-    let args = [
-        "-p",
-        port_s.as_str(),
-        "-r",
-        "replica",
-        "--no-package-policies",
-    ];
-    let cistern = Cistern::spawn(dir.path(), port, dir.path().join("replica"), &args, &[]);
+    let cistern = Cistern::plain(dir.path(), &["--no-package-policies"]);
     get(cistern.addr, &package).await;
     let again = get(cistern.addr, &package).await;
     assert_eq!(again.bytes(), &deb);

@@ -630,6 +630,15 @@ impl Cistern {
         Self::spawn_env(dir, port, root, &["--config", "config.kdl"], &[], env)
     }
 
+    /// Starts plain mode (no config.kdl, HTTP Replicator's session):
+    /// `cistern -p PORT -r replica` in `dir`, then `extra` arguments.
+    pub fn plain(dir: &Path, extra: &[&str]) -> Cistern {
+        let port = free_port();
+        let port_s = port.to_string();
+        let args = ["-p", port_s.as_str(), "-r", "replica"];
+        Self::spawn(dir, port, dir.join("replica"), &args, extra)
+    }
+
     /// Starts the binary with `args` in `dir`, expecting it on `port`.
     pub fn spawn(dir: &Path, port: u16, root: PathBuf, args: &[&str], extra: &[&str]) -> Cistern {
         Self::spawn_env(dir, port, root, args, extra, &[])
