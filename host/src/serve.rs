@@ -59,6 +59,23 @@ pub struct FileSlice {
     pub end: u64,
 }
 
+/// The bytes of a response body that come from a file still filling, as
+/// `start..end`: [`respond`] attaches it (as an extension) to a response
+/// with a known length whose body follows the fill, so the fast lane can
+/// `sendfile` each part as the fill writes it, under the same rule as the
+/// body ([`readable`]). Whoever replaces such a body must remove it.
+#[derive(Clone)]
+pub struct FillSlice {
+    /// The fill's file.
+    pub file: Arc<File>,
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// The fill's progress.
+    pub progress: watch::Receiver<FillState>,
+}
+
 /// Why a replica could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -154,6 +171,7 @@ pub async fn respond(
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(send));
     }
 
+    let mut fill_slice = None;
     let (body, slice) = if method == Method::HEAD {
         (empty(), None)
     } else {
@@ -163,6 +181,12 @@ pub async fn respond(
                 replica_body(replica, store, start, end).await?
             }
             Source::Fill { head, progress } => {
+                fill_slice = end.map(|end| FillSlice {
+                    file: head.file.clone(),
+                    start,
+                    end,
+                    progress: progress.clone(),
+                });
                 (growing_body(head.file.clone(), start, end, progress), None)
             }
         }
@@ -171,6 +195,9 @@ pub async fn respond(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     if let Some(slice) = slice {
+        resp.extensions_mut().insert(slice);
+    }
+    if let Some(slice) = fill_slice {
         resp.extensions_mut().insert(slice);
     }
     Ok(resp)
@@ -537,21 +564,7 @@ fn growing_body(
             return None;
         }
         loop {
-            // What may be read now, and whether more can come.
-            let step = match &*r.progress.borrow_and_update() {
-                FillState::Streaming { head, written } => {
-                    // Hold back the last byte of a known length until commit.
-                    Ok((
-                        head.length
-                            .map_or(*written, |total| (*written).min(total.saturating_sub(1))),
-                        false,
-                    ))
-                }
-                FillState::Complete { replica, .. } => Ok((replica.meta.length, true)),
-                FillState::Unverified { length, .. } => Ok((*length, true)),
-                FillState::Failed(e) => Err(format!("upstream transfer failed: {e}")),
-                other => Err(format!("fill ended as {}", other.as_str())),
-            };
+            let step = readable(&r.progress.borrow_and_update());
             let (available, complete) = match step {
                 Ok(s) => s,
                 Err(message) => {
@@ -585,6 +598,24 @@ fn growing_body(
         }
     });
     StreamBody::new(stream).boxed_unsync()
+}
+
+/// How far a reader of a fill may read now, and whether the fill is done
+/// (no more bytes will come); `Err` says why the fill ended without its
+/// body. The last byte of a known length is held back until the commit,
+/// so a transfer that fails afterwards never looks complete to a client.
+pub fn readable(state: &FillState) -> Result<(u64, bool), String> {
+    match state {
+        FillState::Streaming { head, written } => Ok((
+            head.length
+                .map_or(*written, |total| (*written).min(total.saturating_sub(1))),
+            false,
+        )),
+        FillState::Complete { replica, .. } => Ok((replica.meta.length, true)),
+        FillState::Unverified { length, .. } => Ok((*length, true)),
+        FillState::Failed(e) => Err(format!("upstream transfer failed: {e}")),
+        other => Err(format!("fill ended as {}", other.as_str())),
+    }
 }
 
 /// The `Age` of a fill's response at `now`.
