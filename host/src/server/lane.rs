@@ -499,6 +499,58 @@ fn chunk_size(buf: &mut [u8; 18], len: usize) -> &[u8] {
     &buf[..n]
 }
 
+/// How long a `sendfile` step waits on the blocking pool for a full
+/// socket to take more before it leaves the wait to the reactor: a client
+/// that drains as fast as it is fed is served by one thread hop per
+/// [`SENDFILE_STEP`], not one per socket-full; a slower one holds no
+/// thread while it makes room.
+const SENDFILE_LINGER: rustix::time::Timespec = rustix::time::Timespec {
+    tv_sec: 0,
+    tv_nsec: 2_000_000,
+};
+
+/// How one [`send_step`] ended.
+enum StepEnd {
+    /// All the bytes asked for went.
+    Done,
+    /// The socket stayed full for [`SENDFILE_LINGER`].
+    Full,
+    /// The file ended first.
+    Short,
+}
+
+/// Runs on the blocking pool: `sendfile`s up to `want` bytes of `file`
+/// from `at`, waiting (at most [`SENDFILE_LINGER`] each time) for room
+/// when the socket is full. Says how many bytes went, and why it stopped.
+fn send_step(
+    socket: &OwnedFd,
+    file: &File,
+    at: u64,
+    want: usize,
+) -> (u64, Result<StepEnd, rustix::io::Errno>) {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let mut offset = at;
+    let mut sent = 0usize;
+    while sent < want {
+        match rustix::fs::sendfile(socket, file, Some(&mut offset), want - sent) {
+            Ok(0) => return (sent as u64, Ok(StepEnd::Short)),
+            Ok(n) => sent += n,
+            Err(rustix::io::Errno::AGAIN) => {
+                let mut fds = [PollFd::new(socket, PollFlags::OUT)];
+                match poll(&mut fds, Some(&SENDFILE_LINGER)) {
+                    Ok(0) => return (sent as u64, Ok(StepEnd::Full)),
+                    // Room, or an error `sendfile` will report.
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return (sent as u64, Err(e)),
+                }
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return (sent as u64, Err(e)),
+        }
+    }
+    (sent as u64, Ok(StepEnd::Done))
+}
+
 /// The socket's duplicate that `sendfile` writes to.
 type SendSocket = AsyncFd<Arc<OwnedFd>>;
 
@@ -667,16 +719,17 @@ impl Writer<'_> {
             };
             let want = ((to - at) as usize).min(SENDFILE_STEP);
             let (file, fd) = (file.clone(), Arc::clone(socket.get_ref()));
-            let step = tokio::task::spawn_blocking(move || {
-                let mut offset = at;
-                rustix::fs::sendfile(&*fd, &*file, Some(&mut offset), want)
-            })
-            .await;
+            let step = tokio::task::spawn_blocking(move || send_step(&fd, &file, at, want)).await;
             match step {
-                Ok(Ok(0)) => return (at - from, Err(SendFileError::Short)),
-                Ok(Ok(n)) => at += n as u64,
-                Ok(Err(rustix::io::Errno::AGAIN)) => ready.clear_ready(),
-                Ok(Err(e)) => return (at - from, Err(SendFileError::Io(e.into()))),
+                Ok((n, end)) => {
+                    at += n;
+                    match end {
+                        Ok(StepEnd::Done) => {}
+                        Ok(StepEnd::Full) => ready.clear_ready(),
+                        Ok(StepEnd::Short) => return (at - from, Err(SendFileError::Short)),
+                        Err(e) => return (at - from, Err(SendFileError::Io(e.into()))),
+                    }
+                }
                 Err(e) => return (at - from, Err(SendFileError::Io(io::Error::other(e)))),
             }
         }
