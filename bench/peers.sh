@@ -12,6 +12,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 
 DURATION=${DURATION:-10}          # seconds per wrk run
+RUNS=${RUNS:-3}                   # hot runs per object and system: median and spread
 CONNS=${CONNS:-64}                # wrk connections, small objects
 BIG_CONNS=${BIG_CONNS:-4}         # wrk connections, 256 MiB object
 COLD_CLIENTS=${COLD_CLIENTS:-50}  # simultaneous clients of the slow object
@@ -231,6 +232,8 @@ warm() { # sys path
         sleep 0.2
     done
 }
+median() { python3 -c "import sys, statistics; m = statistics.median(float(v) for v in sys.argv[1:]); print(f'{m:.0f}' if m >= 100 else f'{m:.2f}')" "$@"; }
+spread() { python3 -c "import sys; v=[float(x) for x in sys.argv[1:]]; f=lambda x: f'{x:g}'; print(f(min(v)) + '-' + f(max(v)))" "$@"; }
 declare -A R
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -244,17 +247,21 @@ for sys in $SYSTEMS; do
     base="http://127.0.0.1:$P_PROXY/m"
 
     wrk_run "$base/1k.bin" "$CONNS" 2 >/dev/null
-    log "$sys: hot 1 KiB"
-    line=$(wrk_run "$base/1k.bin" "$CONNS" "$DURATION"); check "$sys 1k" "$line"
-    R[${sys}_1k]=$(rps "$line"); R[${sys}_1k_p50]=$(ms p50_us "$line"); R[${sys}_1k_p99]=$(ms p99_us "$line")
-
-    log "$sys: hot 64 KiB"
-    line=$(wrk_run "$base/64k.bin" "$CONNS" "$DURATION"); check "$sys 64k" "$line"
-    R[${sys}_64k]=$(mbps "$line")
-
-    log "$sys: hot 256 MiB x $BIG_CONNS"
-    line=$(wrk_run "$base/256m.bin" "$BIG_CONNS" "$DURATION"); check "$sys 256m" "$line"
-    R[${sys}_256m]=$(mbps "$line")
+    declare -A runs=()
+    for run in $(seq "$RUNS"); do
+        log "$sys: hot 1 KiB, 64 KiB, 256 MiB x $BIG_CONNS (run $run of $RUNS)"
+        line=$(wrk_run "$base/1k.bin" "$CONNS" "$DURATION"); check "$sys 1k" "$line"
+        runs[1k]+="$(rps "$line") "; runs[1k_p50]+="$(ms p50_us "$line") "; runs[1k_p99]+="$(ms p99_us "$line") "
+        line=$(wrk_run "$base/64k.bin" "$CONNS" "$DURATION"); check "$sys 64k" "$line"
+        runs[64k]+="$(mbps "$line") "
+        line=$(wrk_run "$base/256m.bin" "$BIG_CONNS" "$DURATION"); check "$sys 256m" "$line"
+        runs[256m]+="$(mbps "$line") "
+    done
+    # The table shows each figure's median; the spread rows its runs.
+    for key in 1k 1k_p50 1k_p99 64k 256m; do
+        R[${sys}_$key]=$(median ${runs[$key]})
+        R[${sys}_${key}_spread]=$(spread ${runs[$key]})
+    done
     for obj in 1k.bin 64k.bin 256m.bin; do
         now=$(origin_count "/$obj")
         [ "$now" = "${before[$obj]}" ] || WARNINGS+=("$sys: the origin was asked for $obj $((now - before[$obj])) more times during the hot runs (not all hits)")
@@ -314,7 +321,7 @@ row() { # label key higher|lower
     echo "load on CPU $LOAD_CPU (wrk -t1, curl), each server and the origin on CPU $SERVER_CPU"
     echo "load average at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "versions: $(/usr/sbin/nginx -v 2>&1 | sed 's/.*\///'), varnish $(/usr/sbin/varnishd -V 2>&1 | sed -n 's/.*varnish-\([0-9.]*\).*/\1/p'), ATS $(traffic_server --version 2>/dev/null | sed -n 's/.*Server \([0-9.]*\).*/\1/p' | head -1), $("$CISTERN" --version)"
-    echo "knobs: DURATION=$DURATION CONNS=$CONNS BIG_CONNS=$BIG_CONNS COLD_CLIENTS=$COLD_CLIENTS SLOW_RATE=$SLOW_RATE"
+    echo "knobs: RUNS=$RUNS DURATION=$DURATION CONNS=$CONNS BIG_CONNS=$BIG_CONNS COLD_CLIENTS=$COLD_CLIENTS SLOW_RATE=$SLOW_RATE"
     echo
     printf '%-44s' "measure"; for s in $SYSTEMS; do printf ' %10s' "$s"; done; printf ' %12s\n' "cistern/best"
     row "hot 1 KiB, requests/s" 1k higher
@@ -326,6 +333,13 @@ row() { # label key higher|lower
     row "cold: wall time, s" cold_wall lower
     row "cold: slowest first byte, s" cold_ttfb lower
     row "RSS after the run, MiB" rss lower
+    if [ "$RUNS" -gt 1 ]; then
+        echo
+        echo "spread of the $RUNS hot runs (min-max; the table shows the median)"
+        for key in 1k 1k_p99 64k 256m; do
+            printf '%-44s' "$key"; for s in $SYSTEMS; do printf ' %10s' "${R[${s}_${key}_spread]:--}"; done; echo
+        done
+    fi
     for w in "${WARNINGS[@]}"; do echo "WARNING: $w"; done
 } | tee "$RESULTS_FILE"
 log "results written to $RESULTS_FILE"
