@@ -7,6 +7,7 @@
 //! return the ABI's negative codes; none of them traps.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -235,11 +236,32 @@ impl CallCtx {
 
 /// The deadline bookkeeping of the call in progress (see
 /// `instance::on_epoch`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct Clock {
+    /// When the call started (the hard wall cap counts from here).
     pub(crate) started: Instant,
-    pub(crate) cpu_mark: Option<u64>,
+    /// Wall time the guest ran in the slices that ended in a yield (time
+    /// spent waiting to be polled again is not counted).
+    pub(crate) ran: Duration,
+    /// CPU time counted since the guest ran half its deadline; `None`
+    /// before.
+    pub(crate) cpu_used: Option<Duration>,
+    /// Yields so far: the slice in progress started at `resume` when
+    /// non-zero, at `started` otherwise.
+    pub(crate) yields: u32,
     pub(crate) timed_out: bool,
+    /// Where the yield future notes when the guest was resumed: it runs
+    /// outside the store, which the call holds.
+    pub(crate) resume: Arc<Resume>,
+}
+
+/// When a yielded call was resumed, written by its yield future.
+#[derive(Debug, Default)]
+pub(crate) struct Resume {
+    /// Nanoseconds after [`Clock::started`].
+    pub(crate) at_ns: AtomicU64,
+    /// The resuming thread's CPU clock (nanoseconds), when CPU is counted.
+    pub(crate) cpu_ns: AtomicU64,
 }
 
 /// Caps the guest's linear memory and tables, and remembers a refusal so a
