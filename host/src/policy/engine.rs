@@ -17,7 +17,7 @@ use wasmtime::{
 };
 
 use super::abi::{self, CallCtx, Hook, HostState};
-use super::instance::{Policy, Settings, TICK};
+use super::instance::{Policy, Settings, TICK, block_on};
 use super::{
     ABI_VERSION, BodyOutcome, DirectResponse, Failure, MAX_MEMORY_LIMIT, MIN_ABI_VERSION,
     PolicyError, PolicyHost, PolicyStats, RequestOutcome, RequestView, ResponseDecision,
@@ -445,32 +445,6 @@ fn host_panicked(hook: Hook) {
         hook = hook.export(),
         "a policy hook panicked in the host; the request is refused"
     );
-}
-
-/// Runs a future to completion on the calling thread, parking it between
-/// polls. Hooks only ever wait for their own yield at a tick (which wakes
-/// at once), so this needs no runtime: it serves the load-time probe and
-/// the blocking [`PolicyChain::on_request`] and siblings.
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
-            return out;
-        }
-        std::thread::park();
-    }
 }
 
 fn denied() -> DirectResponse {

@@ -25,17 +25,18 @@
 //! all. None of this is on the common path: the callback, and with it
 //! every clock read beyond the call's start, runs only at a tick.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use wasmtime::{InstancePre, Store, Trap, TypedFunc, UpdateDeadline};
 
-use super::abi::{CallCtx, Clock, Hook, HostState, Limits, Resume};
+use super::abi::{CallCtx, Clock, Hook, HostState, Limits};
 use super::{Failure, PolicyStats};
 use crate::config::{Isolation, OnError};
 
@@ -63,12 +64,6 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Switch to make the epoch callback keep the worker instead of yielding
-/// (a guest then runs to its deadline on the worker, as a naive inline
-/// call would): for checking that the tests see the difference.
-#[cfg(test)]
-pub(crate) static NEVER_YIELD: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
 
 /// The epoch callback, at a tick while the guest runs: ends the slice in
 /// progress, decides whether the call is over budget (see the module
@@ -117,49 +112,83 @@ fn on_epoch(state: &mut HostState) -> UpdateDeadline {
         clock.timed_out = true;
         return UpdateDeadline::Interrupt;
     }
-    #[cfg(test)]
-    if NEVER_YIELD.load(Ordering::Relaxed) {
-        return UpdateDeadline::Continue(1);
-    }
     clock.yields += 1;
+    let started = clock.started;
+    let resume = Arc::clone(&clock.resume);
     UpdateDeadline::YieldCustom(
         1,
-        Box::pin(YieldOnce {
-            yielded: false,
-            started: clock.started,
-            count_cpu,
-            resume: Arc::clone(&clock.resume),
+        Box::pin(async move {
+            if BLOCKING.get() {
+                YieldOnce(false).await;
+            } else {
+                // Tokio defers the wake until the worker has run its other
+                // ready tasks and polled the I/O driver: a self-wake alone
+                // would queue the guest behind ready tasks only, and a few
+                // looping guests would keep I/O readiness waiting for up to
+                // the driver's polling interval (61 polls).
+                tokio::task::yield_now().await;
+            }
+            let at = nanos(started.elapsed());
+            resume.at_ns.store(at, Ordering::Relaxed);
+            if count_cpu {
+                let cpu = thread_cpu_ns().unwrap_or(0);
+                resume.cpu_ns.store(cpu, Ordering::Relaxed);
+            }
         }),
     )
 }
 
-/// Hands the worker back to the executor once, then notes when the guest
-/// resumes. The self-wake puts the task at the back of Tokio's run queue
-/// (a task woken while it runs is rescheduled as a yield), behind the
-/// worker's other tasks.
-struct YieldOnce {
-    yielded: bool,
-    started: Instant,
-    count_cpu: bool,
-    resume: Arc<Resume>,
+thread_local! {
+    /// This thread is in [`block_on`]: a yield must wake at once, not
+    /// wait for a Tokio scheduler that the blocked thread would be running.
+    static BLOCKING: Cell<bool> = const { Cell::new(false) };
 }
+
+/// Pending once, woken at once.
+struct YieldOnce(bool);
 
 impl Future for YieldOnce {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.yielded {
-            self.yielded = true;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+        if self.0 {
+            return Poll::Ready(());
         }
-        let at = nanos(self.started.elapsed());
-        self.resume.at_ns.store(at, Ordering::Relaxed);
-        if self.count_cpu {
-            let cpu = thread_cpu_ns().unwrap_or(0);
-            self.resume.cpu_ns.store(cpu, Ordering::Relaxed);
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Runs a future to completion on the calling thread, parking it between
+/// polls. Hooks only ever wait for their own yield at a tick, which wakes
+/// at once here, so this needs no runtime: it serves the load-time probe
+/// and the blocking `PolicyChain::on_request` and siblings (tests, tools).
+pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
         }
-        Poll::Ready(())
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BLOCKING.set(self.0);
+        }
+    }
+    let _reset = Reset(BLOCKING.replace(true));
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
     }
 }
 
