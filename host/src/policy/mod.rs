@@ -193,7 +193,7 @@ pub enum LimitVerdict {
 
 /// The host engines a policy may question. The proxy implements it over the
 /// replica store and the named limiters; calls must be quick and must not
-/// block on I/O (they run inside a hook, which holds a policy thread).
+/// block on I/O (they run inside a hook, on the request's async worker).
 pub trait PolicyHost: Send + Sync {
     /// The state of the replica for `key` (a cache key or an absolute URL).
     fn replica_state(&self, key: &str) -> ReplicaState;
