@@ -540,7 +540,8 @@ mirror "slow" {{ prefix "/slow/"; upstream "http://{o}/slow/"; policies "spin"; 
     let mut hits = 0;
     let mut slowest = std::time::Duration::ZERO;
     let mut last_hit = std::time::Duration::ZERO;
-    while slow.iter().any(|s| !s.is_finished()) && sent.elapsed() < std::time::Duration::from_secs(30)
+    while slow.iter().any(|s| !s.is_finished())
+        && sent.elapsed() < std::time::Duration::from_secs(30)
     {
         let started = std::time::Instant::now();
         let got = get(cistern.addr, "/fast/hit").await;

@@ -637,10 +637,7 @@ impl PolicyChain {
             // `on-error` applies, and refusing is the only safe answer.
             Err(_) => {
                 host_panicked(Hook::Request);
-                (
-                    RequestView::default(),
-                    RequestOutcome::Respond(denied()),
-                )
+                (RequestView::default(), RequestOutcome::Respond(denied()))
             }
         }
     }

@@ -64,7 +64,6 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-
 /// The epoch callback, at a tick while the guest runs: ends the slice in
 /// progress, decides whether the call is over budget (see the module
 /// docs), and otherwise yields to the executor until the next tick.
@@ -350,10 +349,14 @@ impl Policy {
             .await
             .map_err(|e| format!("cannot instantiate: {}", describe(&e, false)))?;
         self.arm(&mut slot.store);
-        let version = slot.version.call_async(&mut slot.store, ()).await.map_err(|e| {
-            let hit = slot.store.data().limits.hit;
-            format!("`cistern_abi_version` failed: {}", describe(&e, hit))
-        })?;
+        let version = slot
+            .version
+            .call_async(&mut slot.store, ())
+            .await
+            .map_err(|e| {
+                let hit = slot.store.data().limits.hit;
+                format!("`cistern_abi_version` failed: {}", describe(&e, hit))
+            })?;
         self.release(slot);
         Ok(version)
     }
