@@ -343,7 +343,9 @@ impl Proxy {
             let headers = std::mem::take(req.headers_mut());
             let view =
                 RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
-            let (mut view, outcome) = chain.run_on_request(&snap.policy_host, view).await;
+            // Boxed: the chain's future (hooks and their fiber calls) would
+            // otherwise make every request's future larger, and moved.
+            let (mut view, outcome) = Box::pin(chain.run_on_request(&snap.policy_host, view)).await;
             if let RequestOutcome::Respond(direct) = outcome {
                 return Answer::local(direct_response(direct));
             }
