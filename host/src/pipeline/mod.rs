@@ -343,9 +343,7 @@ impl Proxy {
             let headers = std::mem::take(req.headers_mut());
             let view =
                 RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
-            // Boxed: the chain's future (hooks and their fiber calls) would
-            // otherwise make every request's future larger, and moved.
-            let (mut view, outcome) = Box::pin(chain.run_on_request(&snap.policy_host, view)).await;
+            let (mut view, outcome) = chain.run_on_request(&snap.policy_host, view).await;
             if let RequestOutcome::Respond(direct) = outcome {
                 return Answer::local(direct_response(direct));
             }
