@@ -408,10 +408,10 @@ mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "echo"; }}
     assert_eq!(origin.seen().len(), 0, "the policy answered directly");
 }
 
-/// A policy hook that loops until its deadline holds one of the few policy
-/// threads, never a runtime worker: with the binary's runtime cut to ONE
-/// worker, hits on a route without policies are answered promptly the
-/// whole time it loops. Checked for a looping `on_request` (the hook runs
+/// A policy hook that loops until its deadline yields its runtime worker
+/// at every epoch tick: with the binary's runtime cut to ONE worker, hits
+/// on a route without policies are answered promptly the whole time it
+/// loops. Checked for a looping `on_request` (the hook runs
 /// before the lookup) and a looping `on_response` (it runs in the fill,
 /// once the upstream's head is in).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
