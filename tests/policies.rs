@@ -408,10 +408,10 @@ mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "echo"; }}
     assert_eq!(origin.seen().len(), 0, "the policy answered directly");
 }
 
-/// A policy hook that loops until its deadline holds one of the few policy
-/// threads, never a runtime worker: with the binary's runtime cut to ONE
-/// worker, hits on a route without policies are answered promptly the
-/// whole time it loops. Checked for a looping `on_request` (the hook runs
+/// A policy hook that loops until its deadline yields its runtime worker
+/// at every epoch tick: with the binary's runtime cut to ONE worker, hits
+/// on a route without policies are answered promptly the whole time it
+/// loops. Checked for a looping `on_request` (the hook runs
 /// before the lookup) and a looping `on_response` (it runs in the fill,
 /// once the upstream's head is in).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,7 +492,96 @@ mirror "slow" {{ prefix "/slow/"; upstream "http://{o}/slow/"; policies "spin"; 
     }
 }
 
-/// `on_response` runs on a policy thread now, for the fill (GET) and for
+/// Hooks run inline on the request's task and a guest still running at an
+/// epoch tick yields the worker: with the binary's runtime cut to ONE
+/// worker and three `on_request` hooks looping to their deadline at once
+/// (more than any fixed pool of policy threads on this machine, and each
+/// of which, called without yielding, would hold the only worker), hits on
+/// a route whose own policy runs a healthy `on_request` are all answered
+/// promptly, long before the loops end. The loops still time out: running
+/// time is counted, not the time spent waiting for the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looping_hooks_yield_the_only_worker_to_other_policy_requests() {
+    let origin = Origin::start().await;
+    origin.put("/fast/hit", Resource::new(pattern(5, 1024)));
+    for n in 0..3 {
+        origin.put(&format!("/slow/{n}"), Resource::new(pattern(6, 1024)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "spin" path="{spin}" deadline="1s"
+policy "quick" path="{quick}"
+mirror "fast" {{ prefix "/fast/"; upstream "http://{o}/fast/"; policies "quick"; }}
+mirror "slow" {{ prefix "/slow/"; upstream "http://{o}/slow/"; policies "spin"; }}
+"#,
+        spin = repo().join("tests/guests/loop.wat").display(),
+        quick = repo().join("tests/guests/healthy.wat").display(),
+        o = origin.addr
+    );
+    let cistern = Cistern::start_env(dir.path(), &config, &[("TOKIO_WORKER_THREADS", "1")]);
+    let primed = get(cistern.addr, "/fast/hit").await;
+    assert_eq!(primed.status, StatusCode::OK, "{}", cistern.log());
+
+    let addr = cistern.addr;
+    let sent = std::time::Instant::now();
+    let slow: Vec<_> = (0..3)
+        .map(|n| {
+            tokio::spawn(async move {
+                let got = get(addr, &format!("/slow/{n}")).await;
+                (got.status, sent.elapsed())
+            })
+        })
+        .collect();
+    // Give the three hooks time to start looping before the hits go.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut hits = 0;
+    let mut slowest = std::time::Duration::ZERO;
+    let mut last_hit = std::time::Duration::ZERO;
+    while slow.iter().any(|s| !s.is_finished())
+        && sent.elapsed() < std::time::Duration::from_secs(30)
+    {
+        let started = std::time::Instant::now();
+        let got = get(cistern.addr, "/fast/hit").await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.header("cache-status"), "cistern; hit");
+        last_hit = sent.elapsed();
+        hits += 1;
+    }
+    let mut first_done = std::time::Duration::MAX;
+    for s in slow {
+        let (status, took) = s.await.unwrap();
+        // on-error="pass": each request goes on as if the policy were absent.
+        assert_eq!(status, StatusCode::OK, "{}", cistern.log());
+        first_done = first_done.min(took);
+    }
+    eprintln!("{hits} hits, slowest {slowest:?}, the first loop ended after {first_done:?}");
+    assert!(
+        first_done >= std::time::Duration::from_millis(500),
+        "the hooks did not loop ({first_done:?})"
+    );
+    assert!(
+        slowest < std::time::Duration::from_millis(300),
+        "a hit through a healthy policy took {slowest:?} while three hooks looped on the only worker"
+    );
+    assert!(
+        hits >= 10,
+        "only {hits} hits (the last at {last_hit:?}) while the hooks looped for {first_done:?}"
+    );
+    cistern
+        .log_when("three timeouts", |log| {
+            log.lines()
+                .filter(|l| l.contains("policy failed") && l.contains(r#"kind="timeout""#))
+                .count()
+                >= 3
+        })
+        .await;
+}
+
+/// `on_response` runs in the request's task now, for the fill (GET) and for
 /// a pass-through (POST): a trapping hook still fails open (the upstream's
 /// answer, and a GET is stored) or closed (502) as `on-error` says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

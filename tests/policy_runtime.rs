@@ -7,7 +7,10 @@ mod policy_common;
 use std::time::Duration;
 
 use cistern::config::{Isolation, OnError};
-use cistern::policy::{PolicyError, ReplicaState, RequestOutcome, ResponseDecision, ResponseView};
+use cistern::policy::{
+    LimitVerdict, PolicyError, PolicyHost, ReplicaState, RequestOutcome, ResponseDecision,
+    ResponseView,
+};
 use http::{HeaderMap, StatusCode};
 use policy_common::{TestHost, built_guest, decl, engine, guest, header, request};
 
@@ -30,6 +33,40 @@ fn tour_decl() -> cistern::config::PolicyDecl {
         ("multi".into(), "b".into()),
     ];
     d
+}
+
+/// A panic in the host's side of a hook (a bug, here in `replica_state`)
+/// is caught in the request's own future, where hooks run: the request is
+/// refused with a 503 (no `on-error` applies to a host bug), and the same
+/// task goes on to run the chain again with a sound host.
+#[tokio::test(flavor = "current_thread")]
+async fn a_host_panic_in_a_hook_refuses_the_request_and_the_task_goes_on() {
+    struct Panicky;
+    impl PolicyHost for Panicky {
+        fn replica_state(&self, _: &str) -> ReplicaState {
+            panic!("a host bug");
+        }
+        fn url_by_sha256(&self, _: &[u8; 32]) -> Option<String> {
+            None
+        }
+        fn limiter_check(&self, _: &str, _: &str) -> Option<LimitVerdict> {
+            None
+        }
+    }
+    let set = engine().load(&[tour_decl()]).unwrap();
+    let chain = set.chain(&["tour".into()]).unwrap();
+    let url = "http://mirror.test/dir/file.deb?bypass=1";
+    let panicky: std::sync::Arc<dyn PolicyHost> = std::sync::Arc::new(Panicky);
+    let (_, outcome) = chain.run_on_request(&panicky, request(url, &[])).await;
+    let RequestOutcome::Respond(answer) = outcome else {
+        panic!("a host panic let the request through");
+    };
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    let (req, outcome) = chain
+        .run_on_request(&tour_host().shared(), request(url, &[]))
+        .await;
+    assert!(matches!(outcome, RequestOutcome::Continue));
+    assert_eq!(header(&req.headers, "x-method"), "GET");
 }
 
 #[test]

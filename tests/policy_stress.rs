@@ -163,3 +163,98 @@ fn a_busy_machine_does_not_time_out_healthy_policies() {
     assert_eq!(get("healthy").failures, 0);
     assert_eq!(get("loop").timeouts, 3);
 }
+
+/// Hooks run inline on the runtime and yield at each tick; the time a
+/// yielded call then waits for its worker is not counted against its
+/// deadline. On a current-thread runtime shared with three guests looping
+/// to a 300 ms deadline, a hook doing a few milliseconds of work under a
+/// 20 ms deadline yields at each tick during it and waits for the three
+/// loops' slices (about 6 ms) each time before it resumes: counted in wall
+/// time, or in the thread's CPU time across the waits (the loops' work),
+/// many of those calls would time out. None does, and the loops are still
+/// stopped at their deadline.
+#[test]
+fn a_busy_runtime_does_not_time_out_healthy_policies() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // work.wat's loop ten times over: a few milliseconds, so that most
+        // calls see a tick or two.
+        let dir = tempfile::tempdir().unwrap();
+        let wat = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests/work.wat"),
+        )
+        .unwrap()
+        .replace("(i32.const 300000)", "(i32.const 3000000)");
+        std::fs::write(dir.path().join("longer_work.wat"), wat).unwrap();
+        let mut work = decl(
+            "work",
+            cistern::config::PolicySource::File(dir.path().join("longer_work.wat")),
+        );
+        work.deadline = Duration::from_millis(20);
+        let mut looping = decl("loop", guest("loop.wat"));
+        looping.deadline = Duration::from_millis(300);
+        let set = engine().load(&[work, looping]).unwrap();
+        let host = TestHost::default().shared();
+        let loops = set.chain(&["loop".into()]).unwrap();
+        let started = Instant::now();
+        let loopers: Vec<_> = (0..3)
+            .map(|_| {
+                let (chain, host) = (loops.clone(), Arc::clone(&host));
+                tokio::spawn(async move {
+                    let (_, outcome) = chain
+                        .run_on_request(&host, request("http://mirror.test/", &[]))
+                        .await;
+                    (outcome, started.elapsed())
+                })
+            })
+            .collect();
+        let chain = set.chain(&["work".into()]).unwrap();
+        let mut calls = 0;
+        while loopers.iter().any(|l| !l.is_finished()) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the loops never stopped"
+            );
+            let (req, outcome) = chain
+                .run_on_request(&host, request("http://mirror.test/", &[]))
+                .await;
+            assert!(matches!(outcome, RequestOutcome::Continue));
+            assert_eq!(
+                header(&req.headers, "x-work"),
+                "done",
+                "a healthy call was stopped (after {calls} calls, {:?})",
+                started.elapsed()
+            );
+            calls += 1;
+            // Let the loops run between calls too.
+            tokio::task::yield_now().await;
+        }
+        for looper in loopers {
+            // on-error="pass": the loop's edits (none) are dropped, the
+            // request goes on.
+            let (outcome, took) = looper.await.unwrap();
+            assert!(matches!(outcome, RequestOutcome::Continue));
+            assert!(
+                took >= Duration::from_millis(150),
+                "a loop stopped after {took:?}"
+            );
+        }
+        let stats = set.stats();
+        let work = stats.iter().find(|s| s.name == "work").unwrap();
+        let looped = stats.iter().find(|s| s.name == "loop").unwrap();
+        assert_eq!(looped.timeouts, 3);
+        assert_eq!(work.failures, 0, "{work:?}");
+        assert!(
+            calls >= 20,
+            "only {calls} healthy calls while the loops ran"
+        );
+        eprintln!(
+            "{calls} healthy calls, slowest {:?}, the loops ran {:?}",
+            work.max_time,
+            started.elapsed()
+        );
+    });
+}

@@ -7,6 +7,7 @@
 //! return the ABI's negative codes; none of them traps.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -235,11 +236,32 @@ impl CallCtx {
 
 /// The deadline bookkeeping of the call in progress (see
 /// `instance::on_epoch`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct Clock {
+    /// When the call started (the hard wall cap counts from here).
     pub(crate) started: Instant,
-    pub(crate) cpu_mark: Option<u64>,
+    /// Wall time the guest ran in the slices that ended in a yield (time
+    /// spent waiting to be polled again is not counted).
+    pub(crate) ran: Duration,
+    /// CPU time counted since the guest ran half its deadline; `None`
+    /// before.
+    pub(crate) cpu_used: Option<Duration>,
+    /// Yields so far: the slice in progress started at `resume` when
+    /// non-zero, at `started` otherwise.
+    pub(crate) yields: u32,
     pub(crate) timed_out: bool,
+    /// Where the yield future notes when the guest was resumed: it runs
+    /// outside the store, which the call holds.
+    pub(crate) resume: Arc<Resume>,
+}
+
+/// When a yielded call was resumed, written by its yield future.
+#[derive(Debug, Default)]
+pub(crate) struct Resume {
+    /// Nanoseconds after [`Clock::started`].
+    pub(crate) at_ns: AtomicU64,
+    /// The resuming thread's CPU clock (nanoseconds), when CPU is counted.
+    pub(crate) cpu_ns: AtomicU64,
 }
 
 /// Caps the guest's linear memory and tables, and remembers a refusal so a
@@ -361,6 +383,33 @@ fn header_name(mem: &[u8], ptr: i32, len: i32) -> Result<HeaderName, i32> {
     HeaderName::from_bytes(read_bytes(mem, ptr, len)?).map_err(|_| ERR_INVALID)
 }
 
+/// `uri.to_string()` without the formatting machinery (a hook that reads
+/// the URL does so on every request): the same text as `Uri`'s `Display`.
+fn uri_text(uri: &Uri) -> String {
+    let scheme = uri.scheme_str();
+    let authority = uri.authority().map(|a| a.as_str());
+    let path = uri.path();
+    let query = uri.query();
+    let len = scheme.map_or(0, |s| s.len() + 3)
+        + authority.map_or(0, str::len)
+        + path.len()
+        + query.map_or(0, |q| q.len() + 1);
+    let mut text = String::with_capacity(len);
+    if let Some(scheme) = scheme {
+        text.push_str(scheme);
+        text.push_str("://");
+    }
+    if let Some(authority) = authority {
+        text.push_str(authority);
+    }
+    text.push_str(path);
+    if let Some(query) = query {
+        text.push('?');
+        text.push_str(query);
+    }
+    text
+}
+
 fn request_get(
     caller: &mut Caller<'_, HostState>,
     field: i32,
@@ -374,7 +423,7 @@ fn request_get(
     let value: &str = match field {
         FIELD_METHOD => req.method.as_str(),
         FIELD_URL => {
-            owned = req.url.to_string();
+            owned = uri_text(&req.url);
             &owned
         }
         FIELD_PATH => req.url.path(),
@@ -789,6 +838,22 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn the_url_field_is_the_uris_display_text() {
+        for url in [
+            "http://mirror.test/",
+            "http://mirror.test",
+            "https://user@mirror.test:8443/a/b%20c?x=1&y=%2F",
+            "http://[::1]:3142/debian/pool/main/h/hello_2.10.deb",
+            "http://m.test/?",
+            "/relative/path?q",
+            "*",
+        ] {
+            let uri: Uri = url.parse().unwrap();
+            assert_eq!(uri_text(&uri), uri.to_string(), "{url}");
+        }
+    }
 
     /// The host's side of every numbered constant of ABI.md, by the
     /// name the Rust SDK gives it.

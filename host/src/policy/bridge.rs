@@ -42,7 +42,7 @@ impl PolicyHost for ProxyPolicyHost {
         } else if self.engine.find(&key).is_some() || store.has_partial(&key) {
             // A fill under way, or an interrupted partial on disk (a cut
             // download, a crash) that a later fill resumes (ABI.md §11).
-            // Both answers come from memory: a hook holds a policy thread.
+            // Both answers come from memory: a hook holds its worker.
             ReplicaState::Partial
         } else {
             ReplicaState::Absent

@@ -3,9 +3,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::mem;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use sha2::{Digest, Sha256};
@@ -15,8 +17,7 @@ use wasmtime::{
 };
 
 use super::abi::{self, CallCtx, Hook, HostState};
-use super::instance::{Policy, Settings, TICK};
-use super::pool::PolicyThreads;
+use super::instance::{Policy, Settings, TICK, block_on};
 use super::{
     ABI_VERSION, BodyOutcome, DirectResponse, Failure, MAX_MEMORY_LIMIT, MIN_ABI_VERSION,
     PolicyError, PolicyHost, PolicyStats, RequestOutcome, RequestView, ResponseDecision,
@@ -41,6 +42,16 @@ const KEEP_RESIDENT: usize = 64 * 1024;
 /// shallow enough that runaway recursion traps long before the worker
 /// thread's 2 MiB stack is at risk.
 const MAX_WASM_STACK: usize = 512 * 1024;
+/// The fiber stack a call runs on: the wasm frames' [`MAX_WASM_STACK`]
+/// plus the host's own (host calls, the store's cache lookups), like a
+/// Tokio worker's 2 MiB.
+const ASYNC_STACK: usize = 2 * 1024 * 1024;
+/// Hook calls in flight at once, over every policy: each holds a fiber
+/// stack and an instance until it returns. Half the pool, so the probes of
+/// a reload and the idle instances always find room. A call past it waits
+/// (a hook that returns before a tick holds its permit for one poll, so
+/// only guests running for ticks ever make others wait).
+const MAX_CALLS: usize = POOL_INSTANCES as usize / 2;
 
 /// The one wasmtime engine of the process, its epoch ticker, and a cache of
 /// compiled modules keyed by content hash so a reload that does not change a
@@ -54,8 +65,8 @@ struct EngineInner {
     engine: Engine,
     linker: Linker<HostState>,
     modules: Mutex<HashMap<[u8; 32], Module>>,
-    /// Where every snapshot's hooks run.
-    threads: PolicyThreads,
+    /// Bounds the calls in flight (see [`MAX_CALLS`]).
+    calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -72,12 +83,14 @@ impl PolicyEngine {
         pool.total_core_instances(POOL_INSTANCES)
             .total_memories(POOL_INSTANCES)
             .total_tables(POOL_INSTANCES)
+            .total_stacks(POOL_INSTANCES)
             .max_memory_size(MAX_MEMORY_LIMIT as usize)
             .linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(KEEP_RESIDENT);
         let mut config = Config::new();
         config
             .epoch_interruption(true)
+            .async_stack_size(ASYNC_STACK)
             .max_wasm_stack(MAX_WASM_STACK)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         // The pool reserves address space for every slot up front (about a
@@ -118,7 +131,7 @@ impl PolicyEngine {
                 engine,
                 linker,
                 modules: Mutex::new(HashMap::new()),
-                threads: PolicyThreads::new(),
+                calls: Arc::new(tokio::sync::Semaphore::new(MAX_CALLS)),
             }),
         })
     }
@@ -187,8 +200,9 @@ impl PolicyEngine {
                     body: decl.body.clone(),
                 },
                 pre,
+                Arc::clone(&self.inner.calls),
             );
-            let version = policy.probe().map_err(abi_error)?;
+            let version = block_on(policy.probe()).map_err(abi_error)?;
             if !(MIN_ABI_VERSION..=ABI_VERSION).contains(&version) {
                 return Err(PolicyError::VersionMismatch {
                     policy: decl.name.clone(),
@@ -231,7 +245,6 @@ impl PolicyEngine {
             .retain(|hash, _| used.contains(hash));
         Ok(PolicySet {
             policies: Arc::new(policies),
-            threads: self.inner.threads.clone(),
         })
     }
 
@@ -350,7 +363,6 @@ fn check_exports(module: &Module) -> Result<(bool, bool, bool), String> {
 #[derive(Clone, Default)]
 pub struct PolicySet {
     policies: Arc<Vec<Arc<Policy>>>,
-    threads: PolicyThreads,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -382,7 +394,6 @@ impl PolicySet {
             has_on_response: chain.iter().any(|p| p.settings.has_on_response),
             has_on_body: chain.iter().any(|p| p.settings.has_on_body),
             policies: chain.into(),
-            threads: self.threads.clone(),
         })
     }
 
@@ -397,14 +408,13 @@ impl PolicySet {
 #[derive(Clone, Default)]
 pub struct PolicyChain {
     policies: Arc<[Arc<Policy>]>,
-    /// Some policy exports `on_request`: without one a request never
-    /// waits for a policy thread.
+    /// Some policy exports `on_request`: without one a request builds no
+    /// call context.
     has_on_request: bool,
     /// Some policy exports `on_response`.
     has_on_response: bool,
     /// Some policy exports `on_body` and declares `body-types`.
     has_on_body: bool,
-    threads: PolicyThreads,
 }
 
 impl std::fmt::Debug for PolicyChain {
@@ -427,6 +437,13 @@ fn log_failure(policy: &Policy, hook: Hook, failure: &Failure) {
         kind = failure.as_str(),
         on_error,
         "policy failed: {failure}"
+    );
+}
+
+fn host_panicked(hook: Hook) {
+    tracing::error!(
+        hook = hook.export(),
+        "a policy hook panicked in the host; the request is refused"
     );
 }
 
@@ -487,8 +504,8 @@ impl PolicyChain {
             .map(|p| &**p)
     }
 
-    /// [`PolicyChain::on_body`] on a policy thread (see
-    /// [`PolicyChain::run_on_request`]).
+    /// Runs `on_body` of the chain (see [`PolicyChain::on_body`]) in the
+    /// caller's future (see [`PolicyChain::run_on_request`]).
     pub async fn run_on_body(
         &self,
         host: &Arc<dyn PolicyHost>,
@@ -499,16 +516,16 @@ impl PolicyChain {
         if !self.has_on_body {
             return (req, BodyOutcome::Unchanged);
         }
-        let chain = self.clone();
-        let host = Arc::clone(host);
-        let ran = self
-            .threads
-            .run(move || {
-                let outcome = chain.on_body(&host, &mut req, &mut resp, body);
-                (req, outcome)
-            })
+        let ran = AssertUnwindSafe(self.body_chain(host, &mut req, &mut resp, body))
+            .catch_unwind()
             .await;
-        ran.unwrap_or_else(|_| (RequestView::default(), BodyOutcome::Deny))
+        match ran {
+            Ok(outcome) => (req, outcome),
+            Err(_) => {
+                host_panicked(Hook::Body);
+                (RequestView::default(), BodyOutcome::Deny)
+            }
+        }
     }
 
     /// Runs `on_body` of each policy whose `body-types` name the
@@ -516,7 +533,20 @@ impl PolicyChain {
     /// one left. A body over a policy's `body-max` skips that policy (and
     /// the log says so); a failed `pass` policy's replacement is discarded;
     /// a failed `deny` policy stops the chain with [`BodyOutcome::Deny`].
+    ///
+    /// Blocks the calling thread until the chain is done (for tests and
+    /// tools; the proxy awaits [`PolicyChain::run_on_body`]).
     pub fn on_body(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        req: &mut RequestView,
+        resp: &mut ResponseView,
+        body: Bytes,
+    ) -> BodyOutcome {
+        block_on(self.body_chain(host, req, resp, body))
+    }
+
+    async fn body_chain(
         &self,
         host: &Arc<dyn PolicyHost>,
         req: &mut RequestView,
@@ -557,7 +587,7 @@ impl PolicyChain {
             ctx.body_out_cap = usize::try_from(rule.max.saturating_mul(2))
                 .unwrap_or(usize::MAX)
                 .saturating_add(64 * 1024);
-            let (ctx, result) = policy.run(ctx);
+            let (ctx, result) = policy.run(ctx).await;
             *req = ctx.req;
             *resp = ctx.resp;
             match result {
@@ -582,10 +612,14 @@ impl PolicyChain {
         }
     }
 
-    /// [`PolicyChain::on_request`] on a policy thread, so a hook that runs
-    /// to its deadline holds no async worker; the request's task waits for
-    /// the whole chain at once. A chain without an `on_request` hook
-    /// returns at once, with no hand-off.
+    /// Runs the chain's `on_request` hooks (see
+    /// [`PolicyChain::on_request`]) in the caller's future. A hook that
+    /// returns before the next epoch tick is a plain call; one still
+    /// running at a tick yields the worker to the runtime's other tasks and
+    /// resumes when polled again, so a hook that runs to its deadline holds
+    /// no worker for more than about a tick. A chain without an
+    /// `on_request` hook returns at once. A panic in the host's side of a
+    /// hook (a bug) is caught here and refuses the request with a 503.
     pub async fn run_on_request(
         &self,
         host: &Arc<dyn PolicyHost>,
@@ -594,22 +628,23 @@ impl PolicyChain {
         if !self.has_on_request {
             return (req, RequestOutcome::Continue);
         }
-        let chain = self.clone();
-        let host = Arc::clone(host);
-        let ran = self
-            .threads
-            .run(move || {
-                let outcome = chain.on_request(&host, &mut req);
-                (req, outcome)
-            })
+        let ran = AssertUnwindSafe(self.request_chain(host, &mut req))
+            .catch_unwind()
             .await;
-        // A panic is a bug of the host, not a policy's failure: no
-        // `on-error` applies, and refusing is the only safe answer.
-        ran.unwrap_or_else(|_| (RequestView::default(), RequestOutcome::Respond(denied())))
+        match ran {
+            Ok(outcome) => (req, outcome),
+            // A panic is a bug of the host, not a policy's failure: no
+            // `on-error` applies, and refusing is the only safe answer.
+            Err(_) => {
+                host_panicked(Hook::Request);
+                (RequestView::default(), RequestOutcome::Respond(denied()))
+            }
+        }
     }
 
-    /// [`PolicyChain::on_response`] on a policy thread (see
-    /// [`PolicyChain::run_on_request`]); returns the views as the chain left
+    /// Runs the chain's `on_response` hooks (see
+    /// [`PolicyChain::on_response`]) in the caller's future, like
+    /// [`PolicyChain::run_on_request`]; returns the views as the chain left
     /// them and its decision.
     pub async fn run_on_response(
         &self,
@@ -620,30 +655,36 @@ impl PolicyChain {
         if !self.has_on_response {
             return (req, resp, ResponseDecision::default());
         }
-        let chain = self.clone();
-        let host = Arc::clone(host);
-        let ran = self
-            .threads
-            .run(move || {
-                let decision = chain.on_response(&host, &mut req, &mut resp);
-                (req, resp, decision)
-            })
+        let ran = AssertUnwindSafe(self.response_chain(host, &mut req, &mut resp))
+            .catch_unwind()
             .await;
-        ran.unwrap_or_else(|_| {
-            let deny = ResponseDecision {
-                deny: true,
-                ..ResponseDecision::default()
-            };
-            (RequestView::default(), ResponseView::default(), deny)
-        })
+        match ran {
+            Ok(decision) => (req, resp, decision),
+            Err(_) => {
+                host_panicked(Hook::Response);
+                let deny = ResponseDecision {
+                    deny: true,
+                    ..ResponseDecision::default()
+                };
+                (RequestView::default(), ResponseView::default(), deny)
+            }
+        }
     }
 
     /// Runs `on_request` of each policy in order, letting each edit `req`.
     /// Stops at the first direct answer (or at a failed `deny` policy,
-    /// answering 503). A failed `pass` policy's edits are discarded. Runs
-    /// on the calling thread: the proxy calls
-    /// [`PolicyChain::run_on_request`] instead.
+    /// answering 503). A failed `pass` policy's edits are discarded. Blocks
+    /// the calling thread until the chain is done (for tests and tools):
+    /// the proxy awaits [`PolicyChain::run_on_request`] instead.
     pub fn on_request(&self, host: &Arc<dyn PolicyHost>, req: &mut RequestView) -> RequestOutcome {
+        block_on(self.request_chain(host, req))
+    }
+
+    async fn request_chain(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        req: &mut RequestView,
+    ) -> RequestOutcome {
         for policy in self.policies.iter().filter(|p| p.settings.has_on_request) {
             let ctx = CallCtx::new(
                 Hook::Request,
@@ -651,7 +692,7 @@ impl PolicyChain {
                 mem::take(req),
                 ResponseView::default(),
             );
-            let (ctx, result) = policy.run(ctx);
+            let (ctx, result) = policy.run(ctx).await;
             match result {
                 Ok(()) => {
                     *req = ctx.req;
@@ -680,8 +721,19 @@ impl PolicyChain {
     /// Runs `on_response` of each policy in order, letting each edit `resp`
     /// and merging their cache decisions. `req` is only read; it is `&mut`
     /// so it can be lent to the guest without a copy. A failed `deny` policy
-    /// sets [`ResponseDecision::deny`] and stops the chain.
+    /// sets [`ResponseDecision::deny`] and stops the chain. Blocks the
+    /// calling thread (for tests and tools): the proxy awaits
+    /// [`PolicyChain::run_on_response`].
     pub fn on_response(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        req: &mut RequestView,
+        resp: &mut ResponseView,
+    ) -> ResponseDecision {
+        block_on(self.response_chain(host, req, resp))
+    }
+
+    async fn response_chain(
         &self,
         host: &Arc<dyn PolicyHost>,
         req: &mut RequestView,
@@ -695,7 +747,7 @@ impl PolicyChain {
                 mem::take(req),
                 mem::take(resp),
             );
-            let (ctx, result) = policy.run(ctx);
+            let (ctx, result) = policy.run(ctx).await;
             *req = ctx.req;
             match result {
                 Ok(()) => {

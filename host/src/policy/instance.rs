@@ -1,27 +1,47 @@
 //! One loaded policy: its pre-linked module, its idle instances, the
 //! deadline and memory cap of each call, and its counters.
 //!
+//! # Hooks run inline, a tick at a time
+//! A hook runs in the request's own future (`call_async`, on a fiber
+//! stack), not on a thread of its own: a hook that returns before the next
+//! epoch tick costs a plain call. One that is still running at a tick
+//! yields: the fiber suspends, the worker goes back to Tokio and its other
+//! connections, and the guest resumes when its task is polled again. So a
+//! guest never holds a worker for more than about one [`TICK`], however
+//! long its deadline.
+//!
 //! # Deadlines under load
-//! Epoch interruption counts wall time, and on a busy machine a healthy hook
-//! that costs a microsecond can be descheduled for tens of milliseconds. So
-//! the wall-clock deadline only *arms* the check: when half the deadline has
-//! passed, the epoch callback notes the thread's CPU time, and from then on
-//! the call is interrupted only once it has *used* the other half in CPU time
-//! (or after a hard wall cap of ten deadlines, at least one second). A
-//! runaway guest on an idle machine is stopped after about one deadline; a
-//! healthy one that lost the CPU is not stopped at all.
+//! The deadline counts the time the guest *runs*, not the time it waits to
+//! be polled again on a busy worker: the epoch callback adds up the slices
+//! between a resume and the next yield (a healthy 1 µs hook on a loaded
+//! runtime never gets near its deadline). And a slice of wall time may
+//! still be one in which the OS gave the thread no CPU, so the running
+//! time only *arms* the check: once the guest has run half its deadline,
+//! the callback counts the thread's CPU time of each further slice, and
+//! the call is interrupted once it has *used* the other half (or after a
+//! hard wall cap of ten deadlines from the start, at least one second,
+//! waits included). A runaway guest on an idle machine is stopped after
+//! about one deadline; a healthy one that lost the CPU is not stopped at
+//! all. None of this is on the common path: the callback, and with it
+//! every clock read beyond the call's start, runs only at a tick.
 
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
 use wasmtime::{InstancePre, Store, Trap, TypedFunc, UpdateDeadline};
 
 use super::abi::{CallCtx, Clock, Hook, HostState, Limits};
 use super::{Failure, PolicyStats};
 use crate::config::{Isolation, OnError};
 
-/// The epoch ticker's period: the resolution of deadlines.
+/// The epoch ticker's period: the resolution of deadlines, and about the
+/// longest a running guest holds a worker before it yields.
 pub(crate) const TICK: Duration = Duration::from_millis(2);
 
 /// How much a reused instance's memory may grow past its size after
@@ -29,16 +49,10 @@ pub(crate) const TICK: Duration = Duration::from_millis(2);
 /// behind for the next, and returns memory a burst made the guest allocate.
 pub(crate) const REUSE_GROWTH_ALLOWANCE: usize = 1024 * 1024;
 
-/// Epoch ticks that cover at least `d` from an arbitrary point in a tick.
-fn ticks(d: Duration) -> u64 {
-    let n = d.as_nanos().div_ceil(TICK.as_nanos());
-    u64::try_from(n).unwrap_or(u64::MAX / 2).saturating_add(1)
-}
-
 /// CPU time used by the calling thread, in nanoseconds (one
-/// `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`: a vDSO call, no file to read on
-/// the worker); `None` if the clock is unusable, which falls back to wall
-/// time.
+/// `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`, a real system call: only
+/// ever read at a tick); `None` if the clock is unusable, which falls back
+/// to running time.
 fn thread_cpu_ns() -> Option<u64> {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     let secs = u64::try_from(t.tv_sec).ok()?;
@@ -46,38 +60,134 @@ fn thread_cpu_ns() -> Option<u64> {
     Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
 }
 
-/// The epoch-deadline callback: decides whether a call that reached its
-/// armed deadline is really over budget (see the module docs).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The epoch callback, at a tick while the guest runs: ends the slice in
+/// progress, decides whether the call is over budget (see the module
+/// docs), and otherwise yields to the executor until the next tick.
 fn on_epoch(state: &mut HostState) -> UpdateDeadline {
-    let half = state.deadline / 2;
-    let elapsed = state.clock.started.elapsed();
-    let hard_cap = (state.deadline * 10).max(Duration::from_secs(1));
-    if elapsed >= hard_cap {
-        state.clock.timed_out = true;
+    let now = Instant::now();
+    let deadline = state.deadline;
+    let half = deadline / 2;
+    let clock = &mut state.clock;
+    let hard_cap = (deadline * 10).max(Duration::from_secs(1));
+    if now.saturating_duration_since(clock.started) >= hard_cap {
+        clock.timed_out = true;
         return UpdateDeadline::Interrupt;
     }
-    match (state.clock.cpu_mark, thread_cpu_ns()) {
-        (_, None) => {
-            if elapsed >= state.deadline {
-                state.clock.timed_out = true;
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Continue(ticks(state.deadline - elapsed))
+    let slice_start = if clock.yields == 0 {
+        clock.started
+    } else {
+        clock.started + Duration::from_nanos(clock.resume.at_ns.load(Ordering::Relaxed))
+    };
+    clock.ran += now.saturating_duration_since(slice_start);
+    let count_cpu = match clock.cpu_used {
+        Some(used) => match thread_cpu_ns() {
+            Some(cpu) => {
+                let slice = cpu.saturating_sub(clock.resume.cpu_ns.load(Ordering::Relaxed));
+                let used = used + Duration::from_nanos(slice);
+                if used >= half {
+                    clock.timed_out = true;
+                    return UpdateDeadline::Interrupt;
+                }
+                clock.cpu_used = Some(used);
+                true
             }
-        }
-        (None, Some(now)) => {
-            state.clock.cpu_mark = Some(now);
-            UpdateDeadline::Continue(ticks(half))
-        }
-        (Some(mark), Some(now)) => {
-            let used = Duration::from_nanos(now.saturating_sub(mark));
-            if used >= half {
-                state.clock.timed_out = true;
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Continue(ticks(half - used))
+            None => {
+                clock.cpu_used = None;
+                false
             }
+        },
+        None if clock.ran >= half && thread_cpu_ns().is_some() => {
+            clock.cpu_used = Some(Duration::ZERO);
+            true
         }
+        None => false,
+    };
+    if !count_cpu && clock.ran >= deadline {
+        // No CPU clock: running time alone.
+        clock.timed_out = true;
+        return UpdateDeadline::Interrupt;
+    }
+    clock.yields += 1;
+    let started = clock.started;
+    let resume = Arc::clone(&clock.resume);
+    UpdateDeadline::YieldCustom(
+        1,
+        Box::pin(async move {
+            if BLOCKING.get() {
+                YieldOnce(false).await;
+            } else {
+                // Tokio defers the wake until the worker has run its other
+                // ready tasks and polled the I/O driver: a self-wake alone
+                // would queue the guest behind ready tasks only, and a few
+                // looping guests would keep I/O readiness waiting for up to
+                // the driver's polling interval (61 polls).
+                tokio::task::yield_now().await;
+            }
+            let at = nanos(started.elapsed());
+            resume.at_ns.store(at, Ordering::Relaxed);
+            if count_cpu {
+                let cpu = thread_cpu_ns().unwrap_or(0);
+                resume.cpu_ns.store(cpu, Ordering::Relaxed);
+            }
+        }),
+    )
+}
+
+thread_local! {
+    /// This thread is in [`block_on`]: a yield must wake at once, not
+    /// wait for a Tokio scheduler that the blocked thread would be running.
+    static BLOCKING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Pending once, woken at once.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Runs a future to completion on the calling thread, parking it between
+/// polls. Hooks only ever wait for their own yield at a tick, which wakes
+/// at once here, so this needs no runtime: it serves the load-time probe
+/// and the blocking `PolicyChain::on_request` and siblings (tests, tools).
+pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BLOCKING.set(self.0);
+        }
+    }
+    let _reset = Reset(BLOCKING.replace(true));
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
     }
 }
 
@@ -126,6 +236,9 @@ pub(crate) struct Policy {
     pre: InstancePre<HostState>,
     idle: Mutex<Vec<Slot>>,
     idle_cap: usize,
+    /// Calls in flight over every policy of the engine: bounds the fiber
+    /// stacks and instances that guests yielding at ticks can hold.
+    calls: Arc<Semaphore>,
     counters: Counters,
 }
 
@@ -135,8 +248,13 @@ fn reason(error: &wasmtime::Error) -> String {
 
 impl Policy {
     /// A policy around a pre-linked module; no instance yet.
-    pub(crate) fn new(settings: Settings, pre: InstancePre<HostState>) -> Policy {
-        // One idle instance per policy thread is the steady state; twice
+    pub(crate) fn new(
+        settings: Settings,
+        pre: InstancePre<HostState>,
+        calls: Arc<Semaphore>,
+    ) -> Policy {
+        // One idle instance per core is the steady state (a hook that
+        // returns before a tick holds its instance for one poll); twice
         // that absorbs bursts without instantiating.
         let idle_cap = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         Policy {
@@ -144,22 +262,25 @@ impl Policy {
             pre,
             idle: Mutex::new(Vec::new()),
             idle_cap,
+            calls,
             counters: Counters::default(),
         }
     }
 
+    /// Starts a call's clock; the first callback comes at the next tick.
     fn arm(&self, store: &mut Store<HostState>) {
         let data = store.data_mut();
-        data.clock = Clock {
-            started: Instant::now(),
-            cpu_mark: None,
-            timed_out: false,
-        };
+        let clock = &mut data.clock;
+        clock.started = Instant::now();
+        clock.ran = Duration::ZERO;
+        clock.cpu_used = None;
+        clock.yields = 0;
+        clock.timed_out = false;
         data.limits.hit = false;
-        store.set_epoch_deadline(ticks(self.settings.deadline / 2));
+        store.set_epoch_deadline(1);
     }
 
-    fn instantiate(&self) -> wasmtime::Result<Slot> {
+    async fn instantiate(&self) -> wasmtime::Result<Slot> {
         let state = HostState {
             policy: Arc::clone(&self.settings.name),
             params: Arc::clone(&self.settings.params),
@@ -171,8 +292,11 @@ impl Policy {
             deadline: self.settings.deadline,
             clock: Clock {
                 started: Instant::now(),
-                cpu_mark: None,
+                ran: Duration::ZERO,
+                cpu_used: None,
+                yields: 0,
                 timed_out: false,
+                resume: Arc::default(),
             },
             call: None,
         };
@@ -181,13 +305,13 @@ impl Policy {
         store.epoch_deadline_callback(|mut ctx| Ok(on_epoch(ctx.data_mut())));
         // A start function or `_initialize` is guest code too: same deadline.
         self.arm(&mut store);
-        let instance = self.pre.instantiate(&mut store)?;
+        let instance = self.pre.instantiate_async(&mut store).await?;
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or_else(|| wasmtime::Error::msg("the module exports no memory named `memory`"))?;
         store.data_mut().memory = Some(memory);
         if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-            init.call(&mut store, ())?;
+            init.call_async(&mut store, ()).await?;
         }
         let version = instance.get_typed_func::<(), i32>(&mut store, "cistern_abi_version")?;
         let on_request = if self.settings.has_on_request {
@@ -219,15 +343,20 @@ impl Policy {
     /// Instantiates once and calls `cistern_abi_version`: proves at load time
     /// that the module links, starts within its limits and speaks our ABI.
     /// Returns the version it reports; the instance is kept for reuse.
-    pub(crate) fn probe(&self) -> Result<i32, String> {
+    pub(crate) async fn probe(&self) -> Result<i32, String> {
         let mut slot = self
             .instantiate()
+            .await
             .map_err(|e| format!("cannot instantiate: {}", describe(&e, false)))?;
         self.arm(&mut slot.store);
-        let version = slot.version.call(&mut slot.store, ()).map_err(|e| {
-            let hit = slot.store.data().limits.hit;
-            format!("`cistern_abi_version` failed: {}", describe(&e, hit))
-        })?;
+        let version = slot
+            .version
+            .call_async(&mut slot.store, ())
+            .await
+            .map_err(|e| {
+                let hit = slot.store.data().limits.hit;
+                format!("`cistern_abi_version` failed: {}", describe(&e, hit))
+            })?;
         self.release(slot);
         Ok(version)
     }
@@ -252,14 +381,24 @@ impl Policy {
 
     /// Runs one hook. The context comes back in every case; on failure the
     /// caller discards its effects.
-    pub(crate) fn run(&self, ctx: CallCtx) -> (CallCtx, Result<(), Failure>) {
+    pub(crate) async fn run(&self, ctx: CallCtx) -> (CallCtx, Result<(), Failure>) {
+        // Uncontended (every hook that returns before a tick), one atomic
+        // operation; a wait only when many guests are mid-call at once.
+        let _permit = match self.calls.try_acquire() {
+            Ok(permit) => Some(permit),
+            Err(_) => self.calls.acquire().await.ok(),
+        };
         let started = Instant::now();
         let hook = ctx.hook;
         let reused = match self.settings.isolation {
             Isolation::Reuse => self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop(),
             Isolation::Fresh => None,
         };
-        let mut slot = match reused.map_or_else(|| self.instantiate(), Ok) {
+        let slot = match reused {
+            Some(slot) => Ok(slot),
+            None => self.instantiate().await,
+        };
+        let mut slot = match slot {
             Ok(slot) => slot,
             Err(error) => {
                 let failure = Failure::Instantiate(describe(&error, false));
@@ -278,7 +417,7 @@ impl Policy {
         };
         self.arm(&mut slot.store);
         slot.store.data_mut().call = Some(ctx);
-        let result = func.call(&mut slot.store, ());
+        let result = func.call_async(&mut slot.store, ()).await;
         let data = slot.store.data_mut();
         let ctx = data
             .call

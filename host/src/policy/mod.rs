@@ -5,11 +5,13 @@
 //! snapshot into a [`PolicySet`] ([`PolicyEngine::load`] checks everything
 //! before anything goes live). A route asks the set for its ordered
 //! [`PolicyChain`] and runs [`PolicyChain::run_on_request`] and
-//! [`PolicyChain::run_on_response`]: each runs the whole chain on one of a
-//! few policy threads (`pool`), never on an async worker, so a hook that
-//! runs to its deadline stalls no other request. Hooks cost about a
-//! microsecond when instances are reused, and a deadline bounds a
-//! misbehaving one.
+//! [`PolicyChain::run_on_response`]: each runs the whole chain inline, in
+//! the request's own future (`call_async` on a fiber stack). A hook still
+//! running at an epoch tick yields the worker and resumes when polled
+//! again (`instance`), so a hook that runs to its deadline stalls no other
+//! request, and one that returns before a tick costs a plain call. Hooks
+//! cost about a microsecond when instances are reused, and a deadline
+//! bounds a misbehaving one.
 //!
 //! Guests are untrusted. Every pointer they pass is bounds-checked, every
 //! host cap is an error code, and their edits are buffered and applied only
@@ -21,7 +23,6 @@ mod abi;
 pub mod bridge;
 mod engine;
 mod instance;
-mod pool;
 
 pub use engine::{PolicyChain, PolicyEngine, PolicySet};
 
@@ -192,7 +193,7 @@ pub enum LimitVerdict {
 
 /// The host engines a policy may question. The proxy implements it over the
 /// replica store and the named limiters; calls must be quick and must not
-/// block on I/O (they run inside a hook, which holds a policy thread).
+/// block on I/O (they run inside a hook, on the request's async worker).
 pub trait PolicyHost: Send + Sync {
     /// The state of the replica for `key` (a cache key or an absolute URL).
     fn replica_state(&self, key: &str) -> ReplicaState;

@@ -3,8 +3,8 @@
 //! `cistern:limit:<limiter>:<window>:<key>`), windows aligned to the Unix
 //! epoch so every node agrees on them.
 //!
-//! A policy's `limiter_check` runs on a policy thread and must not wait
-//! for I/O, so the verdict is made here, at once, from this node's view of
+//! A policy's `limiter_check` runs inside a hook, on the request's worker,
+//! and must not wait for I/O, so the verdict is made here, at once, from this node's view of
 //! the window: the fleet's count as Redis last answered, plus what this
 //! node allowed since. Every allowed request wakes the flusher, which
 //! adds this node's new counts in one pipeline and reads back the totals.

@@ -16,8 +16,32 @@
 
 mod glob;
 
+use std::sync::OnceLock;
+
 use cistern_guest::{self as cistern, Level, Result, request};
 use glob::glob;
+
+/// The rules as (pattern, key template), read and split at the first call
+/// of each instance: an instance's parameters never change (a reload makes
+/// new instances), and reading them is two host calls and three
+/// allocations per request otherwise.
+static RULES: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+fn rules() -> Result<&'static [(String, String)]> {
+    if let Some(rules) = RULES.get() {
+        return Ok(rules);
+    }
+    let mut rules = Vec::new();
+    for rule in cistern::params("rule")? {
+        match rule.split_once(char::is_whitespace) {
+            Some((pattern, template)) => {
+                rules.push((pattern.to_owned(), template.trim().to_owned()));
+            }
+            None => cistern::log(Level::Warn, &format!("rule {rule:?} has no key template")),
+        }
+    }
+    Ok(RULES.get_or_init(|| rules))
+}
 
 fn expand(template: &str, captures: &[&str]) -> String {
     let mut key = String::with_capacity(template.len() + 32);
@@ -39,14 +63,10 @@ fn expand(template: &str, captures: &[&str]) -> String {
 
 fn on_request() -> Result<()> {
     let url = request::url()?;
-    for rule in cistern::params("rule")? {
-        let Some((pattern, template)) = rule.split_once(char::is_whitespace) else {
-            cistern::log(Level::Warn, &format!("rule {rule:?} has no key template"));
-            continue;
-        };
-        let mut captures = Vec::new();
+    let mut captures = Vec::new();
+    for (pattern, template) in rules()? {
         if glob(pattern, &url, &mut captures) {
-            return request::set_cache_key(&expand(template.trim(), &captures));
+            return request::set_cache_key(&expand(template, &captures));
         }
     }
     Ok(())
