@@ -492,6 +492,80 @@ mirror "slow" {{ prefix "/slow/"; upstream "http://{o}/slow/"; policies "spin"; 
     }
 }
 
+/// Voluntary context switches so far of `cistern`'s thread named `name`.
+fn thread_switches(cistern: &Cistern, name: &str) -> u64 {
+    let tasks = format!("/proc/{}/task", cistern.child.id());
+    for task in std::fs::read_dir(&tasks).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        return status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("voluntary_ctxt_switches in /proc/…/status");
+    }
+    panic!("no thread named {name} in {tasks}");
+}
+
+/// An idle Cistern is not woken 500 times a second by the policy engine's
+/// epoch ticker: after a spell without guest calls the ticker sleeps. The
+/// next hook wakes it, so a looping guest still meets its deadline after
+/// every idle spell instead of running forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_ticker_sleeps_while_no_policy_runs_and_wakes_for_the_next_hook() {
+    let origin = Origin::start().await;
+    origin.put("/slow/file", Resource::new(pattern(5, 1024)));
+    let dir = tempfile::tempdir().unwrap();
+    let spin = repo().join("tests/guests/loop.wat");
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "spin" path="{}" deadline="300ms"
+mirror "slow" {{ prefix "/slow/"; upstream "http://{o}/slow/"; policies "spin"; }}
+"#,
+        spin.display(),
+        o = origin.addr
+    );
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    for round in 1..=2 {
+        // Past the idle spell (100 ms), then one second of an idle process.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let before = thread_switches(&cistern, "cistern-epoch");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let woken = thread_switches(&cistern, "cistern-epoch") - before;
+        assert!(
+            woken <= 10,
+            "round {round}: the idle ticker woke {woken} times in a second"
+        );
+        let sent = std::time::Instant::now();
+        let got = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            get(cistern.addr, "/slow/file"),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: the looping hook never timed out"));
+        let took = sent.elapsed();
+        // on-error="pass": answered as if the policy were absent.
+        assert_eq!(got.status, StatusCode::OK, "{}", cistern.log());
+        assert!(
+            took >= std::time::Duration::from_millis(150),
+            "round {round}: the hook did not loop ({took:?})"
+        );
+    }
+    cistern
+        .log_when("two timeouts", |log| {
+            log.lines()
+                .filter(|l| l.contains("policy failed") && l.contains(r#"kind="timeout""#))
+                .count()
+                == 2
+        })
+        .await;
+}
+
 /// Hooks run inline on the request's task and a guest still running at an
 /// epoch tick yields the worker: with the binary's runtime cut to ONE
 /// worker and three `on_request` hooks looping to their deadline at once

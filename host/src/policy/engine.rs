@@ -17,7 +17,7 @@ use wasmtime::{
 };
 
 use super::abi::{self, CallCtx, Hook, HostState};
-use super::instance::{Policy, Settings, TICK, block_on};
+use super::instance::{Policy, Settings, TICK, Ticker, block_on, run_ticker};
 use super::{
     ABI_VERSION, BodyOutcome, DirectResponse, Failure, MAX_MEMORY_LIMIT, MIN_ABI_VERSION,
     PolicyError, PolicyHost, PolicyStats, RequestOutcome, RequestView, ResponseDecision,
@@ -67,6 +67,8 @@ struct EngineInner {
     modules: Mutex<HashMap<[u8; 32], Module>>,
     /// Bounds the calls in flight (see [`MAX_CALLS`]).
     calls: Arc<tokio::sync::Semaphore>,
+    /// The epoch ticker, asleep while no guest runs.
+    ticker: Arc<Ticker>,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -114,17 +116,11 @@ impl PolicyEngine {
         };
         let linker = abi::linker(&engine).map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
         let weak = engine.weak();
+        let ticker = Arc::new(Ticker::default());
+        let shared = Arc::clone(&ticker);
         std::thread::Builder::new()
             .name("cistern-epoch".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            })
+            .spawn(move || run_ticker(weak, shared))
             .map_err(|e| PolicyError::Engine(format!("cannot start the epoch ticker: {e}")))?;
         Ok(PolicyEngine {
             inner: Arc::new(EngineInner {
@@ -132,6 +128,7 @@ impl PolicyEngine {
                 linker,
                 modules: Mutex::new(HashMap::new()),
                 calls: Arc::new(tokio::sync::Semaphore::new(MAX_CALLS)),
+                ticker,
             }),
         })
     }
@@ -201,6 +198,7 @@ impl PolicyEngine {
                 },
                 pre,
                 Arc::clone(&self.inner.calls),
+                Arc::clone(&self.inner.ticker),
             );
             let version = block_on(policy.probe()).map_err(abi_error)?;
             if !(MIN_ABI_VERSION..=ABI_VERSION).contains(&version) {

@@ -28,8 +28,9 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::Thread;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,94 @@ use crate::config::{Isolation, OnError};
 /// The epoch ticker's period: the resolution of deadlines, and about the
 /// longest a running guest holds a worker before it yields.
 pub(crate) const TICK: Duration = Duration::from_millis(2);
+
+/// Ticks without a guest call after which the epoch ticker sleeps until
+/// the next one (about 100 ms): a process whose policies are idle, or that
+/// has none, is not woken 500 times a second.
+const IDLE_TICKS: u32 = 50;
+
+/// How often a sleeping ticker looks whether its engine is gone.
+const PARKED_CHECK: Duration = Duration::from_secs(1);
+
+/// The epoch ticker's state, shared between its thread and every policy,
+/// which holds a [`Ticking`] while guest code may run.
+#[derive(Default)]
+pub(crate) struct Ticker {
+    /// Guest calls in flight, yielded ones included: the ticker never
+    /// sleeps while there is one, or it would never be interrupted.
+    running: AtomicUsize,
+    /// A guest call started since the ticker last looked: back-to-back
+    /// short calls keep it awake instead of waking it each time.
+    active: AtomicBool,
+    /// The ticker is asleep, or about to be.
+    parked: AtomicBool,
+    thread: OnceLock<Thread>,
+}
+
+/// A guest call in flight, from before its first instruction to its end
+/// (or to the drop of its future); see [`Ticker::enter`].
+pub(crate) struct Ticking<'a>(&'a Ticker);
+
+impl Drop for Ticking<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Ticker {
+    /// Before a guest call: makes sure the epoch advances until the
+    /// returned guard is dropped. Three atomic operations while the ticker
+    /// runs; one `unpark` for the first call after an idle spell.
+    pub(crate) fn enter(&self) -> Ticking<'_> {
+        // SeqCst on both sides: either this sees `parked`, or the ticker
+        // sees `running` before it sleeps (see `run_ticker`).
+        self.running.fetch_add(1, Ordering::SeqCst);
+        self.active.store(true, Ordering::Relaxed);
+        if self.parked.load(Ordering::SeqCst)
+            && self.parked.swap(false, Ordering::SeqCst)
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+        Ticking(self)
+    }
+}
+
+/// The ticker thread's loop: advances `engine`'s epoch every [`TICK`] while
+/// guests run, sleeps after [`IDLE_TICKS`] without one, and ends once the
+/// engine is gone.
+pub(crate) fn run_ticker(engine: wasmtime::EngineWeak, ticker: Arc<Ticker>) {
+    let _ = ticker.thread.set(std::thread::current());
+    let mut idle = 0u32;
+    loop {
+        std::thread::sleep(TICK);
+        let Some(strong) = engine.upgrade() else { return };
+        strong.increment_epoch();
+        drop(strong);
+        let started = ticker.active.swap(false, Ordering::Relaxed);
+        if started || ticker.running.load(Ordering::SeqCst) > 0 {
+            idle = 0;
+            continue;
+        }
+        idle += 1;
+        if idle < IDLE_TICKS {
+            continue;
+        }
+        ticker.parked.store(true, Ordering::SeqCst);
+        if ticker.running.load(Ordering::SeqCst) > 0 {
+            // A call started meanwhile: keep ticking.
+            ticker.parked.store(false, Ordering::SeqCst);
+            continue;
+        }
+        while ticker.parked.load(Ordering::SeqCst) {
+            std::thread::park_timeout(PARKED_CHECK);
+            if engine.upgrade().is_none() {
+                return;
+            }
+        }
+        idle = 0;
+    }
+}
 
 /// How much a reused instance's memory may grow past its size after
 /// instantiation before it is replaced: bounds what one request can leave
@@ -239,6 +328,8 @@ pub(crate) struct Policy {
     /// Calls in flight over every policy of the engine: bounds the fiber
     /// stacks and instances that guests yielding at ticks can hold.
     calls: Arc<Semaphore>,
+    /// The engine's epoch ticker, woken before guest code runs.
+    ticker: Arc<Ticker>,
     counters: Counters,
 }
 
@@ -252,6 +343,7 @@ impl Policy {
         settings: Settings,
         pre: InstancePre<HostState>,
         calls: Arc<Semaphore>,
+        ticker: Arc<Ticker>,
     ) -> Policy {
         // One idle instance per core is the steady state (a hook that
         // returns before a tick holds its instance for one poll); twice
@@ -263,6 +355,7 @@ impl Policy {
             idle: Mutex::new(Vec::new()),
             idle_cap,
             calls,
+            ticker,
             counters: Counters::default(),
         }
     }
@@ -344,6 +437,7 @@ impl Policy {
     /// that the module links, starts within its limits and speaks our ABI.
     /// Returns the version it reports; the instance is kept for reuse.
     pub(crate) async fn probe(&self) -> Result<i32, String> {
+        let _ticking = self.ticker.enter();
         let mut slot = self
             .instantiate()
             .await
@@ -388,6 +482,8 @@ impl Policy {
             Ok(permit) => Some(permit),
             Err(_) => self.calls.acquire().await.ok(),
         };
+        // Instantiation runs guest code too (a start function).
+        let _ticking = self.ticker.enter();
         let started = Instant::now();
         let hook = ctx.hook;
         let reused = match self.settings.isolation {
