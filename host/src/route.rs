@@ -302,8 +302,8 @@ fn is_ours(
         "ftp" => 21,
         _ => 80,
     };
-    let port = authority.port_u16().unwrap_or(default_port);
-    crate::ours::names_listener(authority.host(), port, local, names)
+    let (host, port) = crate::request::host_port(authority);
+    crate::ours::names_listener(host, port.unwrap_or(default_port), local, names)
 }
 
 #[cfg(test)]

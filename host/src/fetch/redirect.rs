@@ -33,14 +33,61 @@ pub const BUILTIN_LOCAL: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Redirect {
     /// The built-in patterns, then the `serve-locally` ones.
-    local: Vec<String>,
+    local: Vec<Pattern>,
+}
+
+/// A file name pattern, sorted once by shape: every built-in one is a
+/// name, a prefix or a suffix, which a comparison of that many bytes
+/// decides where the general matcher walks the name.
+#[derive(Debug, Clone)]
+enum Pattern {
+    /// No wildcard: the name itself.
+    Exact(String),
+    /// `TEXT*`, no other wildcard.
+    Prefix(String),
+    /// `*TEXT`, no other wildcard.
+    Suffix(String),
+    /// Anything else, for [`glob`].
+    Glob(String),
+}
+
+impl Pattern {
+    fn new(pattern: &str) -> Pattern {
+        let wild = |s: &str| s.contains(['*', '?']);
+        if !wild(pattern) {
+            Pattern::Exact(pattern.to_owned())
+        } else if let Some(p) = pattern.strip_suffix('*')
+            && !wild(p)
+        {
+            Pattern::Prefix(p.to_owned())
+        } else if let Some(s) = pattern.strip_prefix('*')
+            && !wild(s)
+        {
+            Pattern::Suffix(s.to_owned())
+        } else {
+            Pattern::Glob(pattern.to_owned())
+        }
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Pattern::Exact(p) => name == p,
+            Pattern::Prefix(p) => name.starts_with(p.as_str()),
+            Pattern::Suffix(s) => name.ends_with(s.as_str()),
+            Pattern::Glob(p) => glob(p.as_bytes(), name.as_bytes()),
+        }
+    }
 }
 
 impl Redirect {
     /// From the mirror's validated config.
     pub fn new(config: &RedirectConfig) -> Redirect {
-        let mut local: Vec<String> = BUILTIN_LOCAL.iter().map(|p| (*p).to_owned()).collect();
-        local.extend(config.serve_locally.iter().cloned());
+        let local = BUILTIN_LOCAL
+            .iter()
+            .copied()
+            .chain(config.serve_locally.iter().map(String::as_str))
+            .map(Pattern::new)
+            .collect();
         Redirect { local }
     }
 
@@ -52,10 +99,12 @@ impl Redirect {
         if path.is_empty() || path.ends_with('/') {
             return true;
         }
-        let name = path.rsplit('/').next().unwrap_or(path);
-        self.local
+        let name = path
+            .as_bytes()
             .iter()
-            .any(|p| glob(p.as_bytes(), name.as_bytes()))
+            .rposition(|&b| b == b'/')
+            .map_or(path, |at| &path[at + 1..]);
+        self.local.iter().any(|p| p.matches(name))
     }
 }
 
@@ -106,8 +155,16 @@ mod tests {
             ("*a*b", "xaxxab", true),
             ("*a*b", "xaxxa", false),
             ("*", "", true),
+            ("*", "x", true),
+            ("a*", "a", true),
+            ("", "", true),
+            ("", "a", false),
+            ("**", "a", true),
+            ("*a?", "xab", true),
+            ("?b*", "ab", true),
         ] {
             assert_eq!(glob(p.as_bytes(), t.as_bytes()), m, "{p} ~ {t}");
+            assert_eq!(Pattern::new(p).matches(t), m, "{p} ~ {t}");
         }
     }
 

@@ -122,7 +122,9 @@ impl Proxy {
         }
         let order = set.redirect_order(path);
         let chosen = order.iter().position(|r| r.state == RankedState::Usable);
-        let target = format!("{path}{kept}");
+        let mut target = String::with_capacity(path.len() + kept.len());
+        target.push_str(path);
+        target.push_str(&kept);
         if let Some(at) = chosen {
             // Nothing may wait for the mirror here; whether it has the
             // file is learnt in the background, for the next client.
@@ -194,6 +196,9 @@ fn wants_json(headers: &HeaderMap) -> bool {
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
+        // Most clients send `*/*` or a browser's list: no `j`, no JSON,
+        // and no list to split.
+        .filter(|v| v.bytes().any(|b| b | 0x20 == b'j'))
         .flat_map(|v| v.split(','))
         .any(|item| {
             let mut parts = item.split(';');

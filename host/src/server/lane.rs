@@ -90,7 +90,14 @@ impl Connection {
         let mut out = Vec::with_capacity(1024);
         let mut scratch = vec![0u8; 4096];
         let mut served = false;
-        let mut deadline = Instant::from_std(self.first_by);
+        // One timer and one wait for the drain for the whole connection,
+        // not one of each per request: a timer pushed later is not moved
+        // in the wheel, and the wait stays registered with the phase, so
+        // waiting for the next request registers nothing.
+        let mut idle_timer =
+            std::pin::pin!(tokio::time::sleep_until(Instant::from_std(self.first_by)));
+        let mut phase = self.phase.clone();
+        let mut drained = std::pin::pin!(reached(&mut phase, Phase::Draining));
         loop {
             let (req, used, keep) = loop {
                 match parse(&buf) {
@@ -101,14 +108,14 @@ impl Connection {
                 }
                 tokio::select! {
                     biased;
-                    _ = tokio::time::sleep_until(deadline) => {
+                    _ = &mut idle_timer => {
                         if !served {
                             self.proxy.connections().closed_silent();
                         }
                         tracing::debug!(target: "cistern::server", client = %self.client, "no whole request head within the idle timeout; closing");
                         return Left::Closed;
                     }
-                    _ = reached(&mut self.phase, Phase::Draining) => return Left::Closed,
+                    _ = &mut drained => return Left::Closed,
                     r = read_some(stream, &mut buf, &mut scratch) => match r {
                         Ok(0) if buf.is_empty() => return Left::Closed,
                         // A head cut short: hyper says what it says of those.
@@ -122,7 +129,10 @@ impl Connection {
             served = true;
             let method = req.method().clone();
             let version = req.version();
-            let handled = self.proxy.handle(req, info);
+            // Pinned where it is built: the pipeline's future is large,
+            // and `select!` would otherwise move it (a `memcpy` of all of
+            // it) into its own state.
+            let handled = std::pin::pin!(self.proxy.handle(req, info));
             // `biased`, the work first: the phase is looked at only while
             // the work waits, so a prompt answer costs no random draw and
             // no waiter registered on the phase.
@@ -131,7 +141,7 @@ impl Connection {
                 resp = handled => resp,
                 _ = reached(&mut self.phase, Phase::Closed) => return Left::Closed,
             };
-            let written = write_response(
+            let written = std::pin::pin!(write_response(
                 &mut out,
                 resp,
                 &method,
@@ -142,7 +152,7 @@ impl Connection {
                     send,
                     permit: &self.permit,
                 },
-            );
+            ));
             let again = tokio::select! {
                 biased;
                 r = written => r,
@@ -155,7 +165,7 @@ impl Connection {
             if *self.phase.borrow() >= Phase::Draining {
                 return Left::Closed;
             }
-            deadline = Instant::now() + idle;
+            idle_timer.as_mut().reset(Instant::now() + idle);
         }
     }
 }
@@ -219,9 +229,11 @@ fn parse(buf: &BytesMut) -> Head {
     if buf.is_empty() {
         return Head::Partial;
     }
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    let used = match parsed.parse(buf) {
+    // Left uninitialised: httparse writes the fields it finds, and
+    // zeroing all 64 first cost more than parsing a short head.
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let used = match parsed.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Head::Partial,
         Err(_) => return Head::Theirs,
@@ -244,7 +256,13 @@ fn parse(buf: &BytesMut) -> Head {
     if !(target.starts_with('/') || target.contains("://")) {
         return Head::Theirs;
     }
-    let Ok(uri) = Uri::try_from(target) else {
+    // One copy of the head for everything the request keeps of it: its
+    // target and header values are slices of that copy, not one
+    // allocation each, and not slices of the connection's read buffer,
+    // which whatever outlives the request (a fill keeping its headers)
+    // would otherwise hold on to.
+    let copy = Bytes::copy_from_slice(&buf[..used]);
+    let Ok(uri) = Uri::from_maybe_shared(within(&copy, buf, target.as_bytes())) else {
         return Head::Theirs;
     };
     let mut req = Request::new(ClientBody::None);
@@ -268,7 +286,7 @@ fn parse(buf: &BytesMut) -> Head {
         {
             return Head::Theirs;
         }
-        let Ok(value) = HeaderValue::from_bytes(field.value) else {
+        let Ok(value) = HeaderValue::from_maybe_shared(within(&copy, buf, field.value)) else {
             return Head::Theirs;
         };
         if name == header::CONNECTION {
@@ -287,6 +305,13 @@ fn parse(buf: &BytesMut) -> Head {
         _ => KeepAlive::Yes,
     };
     Head::Ours(req, used, keep)
+}
+
+/// The bytes of `copy` where `part` is in `original`, of which `copy` is
+/// a copy of the start.
+fn within(copy: &Bytes, original: &[u8], part: &[u8]) -> Bytes {
+    let at = (part.as_ptr() as usize).wrapping_sub(original.as_ptr() as usize);
+    copy.slice(at..at + part.len())
 }
 
 /// How the body of an answer is framed on the wire.

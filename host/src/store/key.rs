@@ -16,7 +16,6 @@
 //!   climbs above `/`); an empty path becomes `/`;
 //! - an empty query (`?` alone) is dropped, a fragment never reaches a key.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
@@ -117,8 +116,8 @@ pub(crate) fn normalize(uri: &http::Uri) -> Result<String, PathError> {
         return Err(PathError::Scheme(scheme.to_ascii_lowercase()));
     };
     let authority = uri.authority().ok_or(PathError::NotAbsolute)?;
-    let host = authority.host();
-    let port = authority.port_u16().unwrap_or(default_port);
+    let (host, port) = crate::request::host_port(authority);
+    let port = port.unwrap_or(default_port);
     let path = uri.path();
     let query = uri.query().filter(|q| !q.is_empty());
 
@@ -130,10 +129,11 @@ pub(crate) fn normalize(uri: &http::Uri) -> Result<String, PathError> {
     key.push_str(scheme);
     key.push_str("://");
     let host_at = key.len();
-    key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+    key.push_str(host);
+    key[host_at..].make_ascii_lowercase();
     check_host(&key[host_at..])?;
-    // Writing to a String cannot fail.
-    let _ = write!(key, ":{port}");
+    key.push(':');
+    key.push_str(itoa::Buffer::new().format(port));
 
     let path_at = key.len();
     push_normalized_pct(&mut key, path, is_path_literal);
@@ -143,7 +143,10 @@ pub(crate) fn normalize(uri: &http::Uri) -> Result<String, PathError> {
         // Only `*` (OPTIONS) or an authority-form target lack the leading
         // slash; neither names a cacheable resource.
         return Err(PathError::NotAbsolute);
-    } else if key[path_at..].split('/').any(|s| s == "." || s == "..") {
+    } else if key.as_bytes()[path_at..].windows(2).any(|w| w == b"/.")
+        && key[path_at..].split('/').any(|s| s == "." || s == "..")
+    {
+        // (A dot segment follows a `/`: the path starts with one.)
         let resolved = remove_dot_segments(&key[path_at..]);
         key.truncate(path_at);
         key.push_str(&resolved);
