@@ -30,8 +30,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::Thread;
 use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
@@ -105,7 +105,9 @@ pub(crate) fn run_ticker(engine: wasmtime::EngineWeak, ticker: Arc<Ticker>) {
     let mut idle = 0u32;
     loop {
         std::thread::sleep(TICK);
-        let Some(strong) = engine.upgrade() else { return };
+        let Some(strong) = engine.upgrade() else {
+            return;
+        };
         strong.increment_epoch();
         drop(strong);
         let started = ticker.active.swap(false, Ordering::Relaxed);
