@@ -497,7 +497,10 @@ impl Connection {
             let req = req.map(ClientBody::Wire);
             let bodies = bodies.clone();
             async move {
-                let resp = proxy.handle(req, info).await;
+                let mut resp = proxy.handle(req, info).await;
+                // hyper polls the body; the slice's place among a fill's
+                // readers would count this reader twice while the head lives.
+                resp.extensions_mut().remove::<crate::serve::FillSlice>();
                 Ok::<_, Infallible>(resp.map(|b| {
                     if h2 {
                         bodies.watch(b)

@@ -63,6 +63,13 @@ impl LoggedBody {
         }
     }
 
+    /// The connection is about to send this body's bytes itself: drops
+    /// the body it wraps now, and with it what that holds (a reader's place
+    /// among a fill's readers, which the admin counts), keeping the record.
+    pub fn release_inner(&mut self) {
+        self.inner = crate::body::empty();
+    }
+
     /// The connection wrote this body's bytes itself (the fast lane's
     /// `sendfile`) rather than polling it: counts the `bytes` sent and logs
     /// the line as done, failed (the file was short) or aborted (the client

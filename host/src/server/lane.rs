@@ -337,7 +337,7 @@ async fn write_response(
     keep: KeepAlive,
     writer: Writer<'_>,
 ) -> io::Result<KeepAlive> {
-    let (parts, mut body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     let status = parts.status;
     let mut keep = keep;
     if let Some(v) = parts.headers.get(header::CONNECTION)
@@ -407,6 +407,12 @@ async fn write_response(
     }
     out.extend_from_slice(b"\r\n");
 
+    // Taken out at once: its receiver is a place among a fill's readers,
+    // which must not count this reader twice while the body streams.
+    let fill = parts.extensions.remove::<FillSlice>().filter(|fill| {
+        matches!(framing, Framing::Length(n) if fill.end - fill.start == n)
+            && *method == Method::GET
+    });
     match framing {
         Framing::None => {
             writer.write_all(&mut [IoSlice::new(out)]).await?;
@@ -422,10 +428,10 @@ async fn write_response(
                 let sent = writer.send_file(slice).await;
                 return sent_elsewhere(body, sent, keep);
             }
-            if let Some(fill) = parts.extensions.get::<FillSlice>()
-                && fill.end - fill.start == n
-                && *method == Method::GET
-            {
+            if let Some(fill) = fill {
+                // The slice's receiver is this reader's place among the
+                // fill's readers; the body's own would count it twice.
+                body.release_inner();
                 writer.write_head_more(out).await?;
                 let sent = writer.send_fill(fill).await;
                 return sent_elsewhere(body, sent, keep);
@@ -680,12 +686,12 @@ impl Writer<'_> {
     /// Sends a fill's `slice` as the fill writes it, under the rule its
     /// body follows ([`serve::readable`]): the last byte waits for the
     /// commit, and a fill that fails fails the transfer.
-    async fn send_fill(&self, slice: &FillSlice) -> (u64, Result<(), SendFileError>) {
+    async fn send_fill(&self, slice: FillSlice) -> (u64, Result<(), SendFileError>) {
         let socket = match self.socket() {
             Ok(socket) => socket,
             Err(e) => return (0, Err(SendFileError::Io(e))),
         };
-        let mut progress = slice.progress.clone();
+        let mut progress = slice.progress;
         let mut at = slice.start;
         loop {
             let step = serve::readable(&progress.borrow_and_update());
