@@ -11,6 +11,7 @@
 # Usage: bench/cpu.sh BINARY...   (ROUNDS=2 D=8s C=64 to change the knobs)
 # Needs wrk, nginx (the origin), curl, python3.
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [ $# -ge 1 ] || { echo "usage: $0 BINARY..." >&2; exit 1; }
 BINS=("$@")
 ROUNDS=${ROUNDS:-2}
@@ -19,48 +20,9 @@ C=${C:-64}
 TICK=$(getconf CLK_TCK)
 command -v wrk >/dev/null && [ -x /usr/sbin/nginx ] \
     || { echo "needs wrk and nginx (apt-get install wrk nginx-light)" >&2; exit 1; }
-WORK=$(mktemp -d /tmp/cistern-cpu.XXXXXX)
-PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
-read -r PO PC < <(python3 -c '
-import socket; s=[socket.socket() for _ in range(2)]
-[x.bind(("127.0.0.1",0)) for x in s]; print(*[x.getsockname()[1] for x in s])')
+. "$HERE/lib.sh"
+hit_bench_setup cpu
 wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on $1" >&2; exit 1; }
-mkdir -p "$WORK/www" "$WORK/n"
-head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
-cat >"$WORK/origin.conf" <<EOF
-daemon off; master_process off; worker_processes 1;
-pid $WORK/origin.pid; error_log $WORK/origin.err warn;
-events { worker_connections 1024; }
-http {
-  access_log off; default_type application/octet-stream;
-  client_body_temp_path $WORK/n/b; proxy_temp_path $WORK/n/p; fastcgi_temp_path $WORK/n/f; uwsgi_temp_path $WORK/n/u; scgi_temp_path $WORK/n/s;
-  server { listen 127.0.0.1:$PO; root $WORK/www; add_header Cache-Control "public, max-age=86400"; }
-}
-EOF
-cat >"$WORK/config.kdl" <<EOF
-listen "127.0.0.1:$PC"
-store {
-    root "$WORK/replica"
-}
-forward {
-    enabled #false
-}
-mirror "m" {
-    prefix "/m/"
-    upstream "http://127.0.0.1:$PO/"
-}
-mirror "p" {
-    prefix "/p/"
-    upstream "http://127.0.0.1:$PO/"
-    policies "store-id" "metalink" "distro"
-}
-policy "distro" path="builtin:distro"
-policy "store-id" path="builtin:store-id" {
-    param "rule" "http://*/* http://p.cistern/\$2"
-}
-policy "metalink" path="builtin:metalink"
-EOF
 taskset -c 1 /usr/sbin/nginx -c "$WORK/origin.conf" </dev/null >"$WORK/origin.log" 2>&1 & PIDS+=($!)
 wait_port "$PO"
 ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }

@@ -18,53 +18,9 @@ C=${C:-8}      # keep-alive connections, each with one request in flight
 [ -x "$CISTERN" ] || { echo "no cistern binary at $CISTERN (cargo build --release -p cistern)" >&2; exit 1; }
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null && [ -x /usr/sbin/nginx ] \
     || { echo "needs valgrind and nginx (apt-get install valgrind nginx-light)" >&2; exit 1; }
-WORK=$(mktemp -d /tmp/cistern-instructions.XXXXXX)
-PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
-read -r PO PC < <(python3 -c '
-import socket; s=[socket.socket() for _ in range(2)]
-[x.bind(("127.0.0.1",0)) for x in s]; print(*[x.getsockname()[1] for x in s])')
+. "$HERE/lib.sh"
+hit_bench_setup instructions
 wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on $1" >&2; exit 1; }
-mkdir -p "$WORK/www" "$WORK/n"
-head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
-cat >"$WORK/origin.conf" <<EOF
-daemon off; master_process off; worker_processes 1;
-pid $WORK/origin.pid; error_log $WORK/origin.err warn;
-events { worker_connections 1024; }
-http {
-  access_log off; default_type application/octet-stream;
-  client_body_temp_path $WORK/n/b; proxy_temp_path $WORK/n/p; fastcgi_temp_path $WORK/n/f; uwsgi_temp_path $WORK/n/u; scgi_temp_path $WORK/n/s;
-  server { listen 127.0.0.1:$PO; root $WORK/www; add_header Cache-Control "public, max-age=86400"; }
-}
-EOF
-cat >"$WORK/config.kdl" <<EOF
-listen "127.0.0.1:$PC"
-store {
-    root "$WORK/replica"
-}
-forward {
-    enabled #false
-}
-mirror "m" {
-    prefix "/m/"
-    upstream "http://127.0.0.1:$PO/"
-}
-mirror "p" {
-    prefix "/p/"
-    upstream "http://127.0.0.1:$PO/"
-    policies "store-id" "metalink" "distro"
-}
-mirror "vlc" mode="redirect" {
-    prefix "/vlc/"
-    upstream "http://mirror-a.invalid/vlc/" weight=3
-    upstream "http://mirror-b.invalid/vlc/"
-}
-policy "distro" path="builtin:distro"
-policy "store-id" path="builtin:store-id" {
-    param "rule" "http://*/* http://p.cistern/\$2"
-}
-policy "metalink" path="builtin:metalink"
-EOF
 # Exactly N GETs over C connections, in rounds: one request on each, then
 # each answer read whole; every status checked.
 cat >"$WORK/client.py" <<'EOF'

@@ -31,6 +31,12 @@
 #   rss_kib PID               resident memory of that tree, KiB.
 #   cpu_ticks PID             user + system CPU time of that tree, in clock
 #                             ticks of TICK per second (/proc/PID/stat).
+#   write_hit_configs PO PC   $WORK/origin.conf (nginx on PO) and
+#                             $WORK/config.kdl (Cistern on PC) of the hot-path
+#                             cases: a hit, a hit through policies, a redirect.
+#   hit_bench_setup NAME      WORK, PIDS and a kill-by-pid EXIT trap, ports PO
+#                             and PC, a 1 KiB object in $WORK/www and the two
+#                             configs above (bench/instructions.sh, cpu.sh).
 #
 # Scripts start processes as `cmd & PIDS+=($!)` and kill them only by pid.
 
@@ -151,4 +157,61 @@ cpu_ticks() { # pid
         t=$((t + ${v:-0}))
     done
     echo "$t"
+}
+
+# The origin (nginx serving $WORK/www with a day's max-age) on port $1 and a
+# Cistern config on port $2 in $WORK: mirror "m" (a plain hit), mirror "p"
+# (the same hit through the three built-in policies, a store-id rule that
+# matches) and mirror "vlc" in redirect mode (no mirror ever contacted).
+# bench/instructions.sh and bench/cpu.sh measure the same three cases.
+write_hit_configs() { # origin-port proxy-port
+    local PO=$1 PC=$2
+cat >"$WORK/origin.conf" <<EOF
+daemon off; master_process off; worker_processes 1;
+pid $WORK/origin.pid; error_log $WORK/origin.err warn;
+events { worker_connections 1024; }
+http {
+  access_log off; default_type application/octet-stream;
+  client_body_temp_path $WORK/n/b; proxy_temp_path $WORK/n/p; fastcgi_temp_path $WORK/n/f; uwsgi_temp_path $WORK/n/u; scgi_temp_path $WORK/n/s;
+  server { listen 127.0.0.1:$PO; root $WORK/www; add_header Cache-Control "public, max-age=86400"; }
+}
+EOF
+cat >"$WORK/config.kdl" <<EOF
+listen "127.0.0.1:$PC"
+store {
+    root "$WORK/replica"
+}
+forward {
+    enabled #false
+}
+mirror "m" {
+    prefix "/m/"
+    upstream "http://127.0.0.1:$PO/"
+}
+mirror "p" {
+    prefix "/p/"
+    upstream "http://127.0.0.1:$PO/"
+    policies "store-id" "metalink" "distro"
+}
+mirror "vlc" mode="redirect" {
+    prefix "/vlc/"
+    upstream "http://mirror-a.invalid/vlc/" weight=3
+    upstream "http://mirror-b.invalid/vlc/"
+}
+policy "distro" path="builtin:distro"
+policy "store-id" path="builtin:store-id" {
+    param "rule" "http://*/* http://p.cistern/\$2"
+}
+policy "metalink" path="builtin:metalink"
+EOF
+}
+
+hit_bench_setup() { # name
+    WORK=$(mktemp -d "/tmp/cistern-$1.XXXXXX")
+    PIDS=()
+    trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+    read -r PO PC < <(free_ports 2)
+    mkdir -p "$WORK/www" "$WORK/n"
+    head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
+    write_hit_configs "$PO" "$PC"
 }
