@@ -540,19 +540,26 @@ const SENDFILE_LINGER: rustix::time::Timespec = rustix::time::Timespec {
     tv_nsec: 2_000_000,
 };
 
+/// The longest a `sendfile` step keeps its blocking-pool thread: a client
+/// that takes a little at a time, but never enough to let the step finish,
+/// must not hold a thread that hits need for opening their files.
+const SENDFILE_STEP_TIME: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// How one [`send_step`] ended.
 enum StepEnd {
     /// All the bytes asked for went.
     Done,
-    /// The socket stayed full for [`SENDFILE_LINGER`].
+    /// The socket stayed full for [`SENDFILE_LINGER`], or was full when
+    /// the step had had its [`SENDFILE_STEP_TIME`].
     Full,
     /// The file ended first.
     Short,
 }
 
 /// Runs on the blocking pool: `sendfile`s up to `want` bytes of `file`
-/// from `at`, waiting (at most [`SENDFILE_LINGER`] each time) for room
-/// when the socket is full. Says how many bytes went, and why it stopped.
+/// from `at`, waiting (at most [`SENDFILE_LINGER`] each time, and for
+/// [`SENDFILE_STEP_TIME`] in all) for room when the socket is full. Says
+/// how many bytes went, and why it stopped.
 fn send_step(
     socket: &OwnedFd,
     file: &File,
@@ -562,11 +569,15 @@ fn send_step(
     use rustix::event::{PollFd, PollFlags, poll};
     let mut offset = at;
     let mut sent = 0usize;
+    let started = std::time::Instant::now();
     while sent < want {
         match rustix::fs::sendfile(socket, file, Some(&mut offset), want - sent) {
             Ok(0) => return (sent as u64, Ok(StepEnd::Short)),
             Ok(n) => sent += n,
             Err(rustix::io::Errno::AGAIN) => {
+                if started.elapsed() >= SENDFILE_STEP_TIME {
+                    return (sent as u64, Ok(StepEnd::Full));
+                }
                 let mut fds = [PollFd::new(socket, PollFlags::OUT)];
                 match poll(&mut fds, Some(&SENDFILE_LINGER)) {
                     Ok(0) => return (sent as u64, Ok(StepEnd::Full)),
