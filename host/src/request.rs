@@ -94,6 +94,35 @@ fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// Appends `uri` as its `Display` writes it, without the formatting
+/// machinery: the access log, the redirect `Location` and a guest reading
+/// the URL each do it on every request.
+pub fn push_uri(out: &mut String, uri: &http::Uri) {
+    if let Some(scheme) = uri.scheme_str() {
+        out.push_str(scheme);
+        out.push_str("://");
+    }
+    if let Some(authority) = uri.authority() {
+        out.push_str(authority.as_str());
+    }
+    out.push_str(uri.path());
+    if let Some(query) = uri.query() {
+        out.push('?');
+        out.push_str(query);
+    }
+}
+
+/// `uri.to_string()` by [`push_uri`], in a string of exactly its length.
+pub fn uri_text(uri: &http::Uri) -> String {
+    let len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| q.len() + 1);
+    let mut text = String::with_capacity(len);
+    push_uri(&mut text, uri);
+    text
+}
+
 /// `authority.host()` and `authority.port_u16()` at once, as `http`
 /// computes them, with byte scans instead of its `char` searches (the
 /// router and the cache key ask both of every request).
@@ -191,6 +220,26 @@ pub(crate) fn reg_name_symbol(b: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn uri_text_is_the_uris_display_text() {
+        for url in [
+            "http://mirror.test/",
+            "http://mirror.test",
+            "https://user@mirror.test:8443/a/b%20c?x=1&y=%2F",
+            "http://[::1]:3142/debian/pool/main/h/hello_2.10.deb",
+            "http://m.test/?",
+            "/relative/path?q",
+            "/a?b=c",
+            "*",
+        ] {
+            let uri: http::Uri = url.parse().unwrap();
+            assert_eq!(uri_text(&uri), uri.to_string(), "{url}");
+            let mut appended = String::from("> ");
+            push_uri(&mut appended, &uri);
+            assert_eq!(appended, format!("> {uri}"), "{url}");
+        }
+    }
     use super::*;
     use http_body_util::{Empty, Full};
 

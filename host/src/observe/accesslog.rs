@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use super::{CacheOutcome, Metrics};
 use crate::body::{BoxError, ProxyBody};
 use crate::credentials::Redacted;
+use crate::request::push_uri;
 
 /// The fields of one access-log line.
 #[derive(Debug)]
@@ -145,22 +146,6 @@ fn push_addr(out: &mut String, addr: SocketAddr) {
         SocketAddr::V6(_) => {
             let _ = write!(out, "{addr}");
         }
-    }
-}
-
-/// Appends `uri` as `Display` writes it.
-fn push_uri(out: &mut String, uri: &http::Uri) {
-    if let Some(scheme) = uri.scheme() {
-        out.push_str(scheme.as_str());
-        out.push_str("://");
-    }
-    if let Some(authority) = uri.authority() {
-        out.push_str(authority.as_str());
-    }
-    out.push_str(uri.path());
-    if let Some(query) = uri.query() {
-        out.push('?');
-        out.push_str(query);
     }
 }
 
@@ -389,12 +374,6 @@ mod tests {
             let mut s = String::new();
             push_addr(&mut s, addr);
             assert_eq!(s, addr.to_string());
-        }
-        for uri in ["/m/1k.bin", "/a?b=c", "http://h:81/x?y", "http://h", "*"] {
-            let uri: http::Uri = uri.parse().unwrap();
-            let mut s = String::new();
-            push_uri(&mut s, &uri);
-            assert_eq!(s, uri.to_string());
         }
         for (nanos, text) in [
             (0, "0.0"),

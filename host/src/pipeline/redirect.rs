@@ -150,7 +150,7 @@ impl Proxy {
                     up.base_str(),
                     path,
                 );
-                found(uri_text(&url))
+                found(crate::request::uri_text(&url))
             }
             (Form::Redirect, None) if order.iter().any(|r| r.state == RankedState::Missing) => {
                 body::text(
@@ -210,24 +210,6 @@ fn wants_json(headers: &HeaderMap) -> bool {
                         && p[2..].trim().parse::<f32>().is_ok_and(|q| q == 0.0)
                 })
         })
-}
-
-/// `url` as `Display` writes it, without the formatting machinery.
-fn uri_text(url: &http::Uri) -> String {
-    let mut out = String::with_capacity(64);
-    if let Some(scheme) = url.scheme() {
-        out.push_str(scheme.as_str());
-        out.push_str("://");
-    }
-    if let Some(authority) = url.authority() {
-        out.push_str(authority.as_str());
-    }
-    out.push_str(url.path());
-    if let Some(query) = url.query() {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
 }
 
 /// `302 Found` to `url`, with a tiny body for clients that show it.
@@ -355,17 +337,5 @@ mod tests {
         assert!(!wants_json(&accept("application/json;q=0")));
         assert!(!wants_json(&accept("text/html,*/*;q=0.8")));
         assert!(!wants_json(&HeaderMap::new()));
-    }
-
-    #[test]
-    fn uri_text_is_display() {
-        for url in [
-            "http://a.test/vlc/x.dmg",
-            "http://a.test:81/p?q=1",
-            "https://b/",
-        ] {
-            let uri: http::Uri = url.parse().unwrap();
-            assert_eq!(uri_text(&uri), uri.to_string());
-        }
     }
 }

@@ -383,33 +383,6 @@ fn header_name(mem: &[u8], ptr: i32, len: i32) -> Result<HeaderName, i32> {
     HeaderName::from_bytes(read_bytes(mem, ptr, len)?).map_err(|_| ERR_INVALID)
 }
 
-/// `uri.to_string()` without the formatting machinery (a hook that reads
-/// the URL does so on every request): the same text as `Uri`'s `Display`.
-fn uri_text(uri: &Uri) -> String {
-    let scheme = uri.scheme_str();
-    let authority = uri.authority().map(|a| a.as_str());
-    let path = uri.path();
-    let query = uri.query();
-    let len = scheme.map_or(0, |s| s.len() + 3)
-        + authority.map_or(0, str::len)
-        + path.len()
-        + query.map_or(0, |q| q.len() + 1);
-    let mut text = String::with_capacity(len);
-    if let Some(scheme) = scheme {
-        text.push_str(scheme);
-        text.push_str("://");
-    }
-    if let Some(authority) = authority {
-        text.push_str(authority);
-    }
-    text.push_str(path);
-    if let Some(query) = query {
-        text.push('?');
-        text.push_str(query);
-    }
-    text
-}
-
 fn request_get(
     caller: &mut Caller<'_, HostState>,
     field: i32,
@@ -423,7 +396,7 @@ fn request_get(
     let value: &str = match field {
         FIELD_METHOD => req.method.as_str(),
         FIELD_URL => {
-            owned = uri_text(&req.url);
+            owned = crate::request::uri_text(&req.url);
             &owned
         }
         FIELD_PATH => req.url.path(),
@@ -838,22 +811,6 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-
-    #[test]
-    fn the_url_field_is_the_uris_display_text() {
-        for url in [
-            "http://mirror.test/",
-            "http://mirror.test",
-            "https://user@mirror.test:8443/a/b%20c?x=1&y=%2F",
-            "http://[::1]:3142/debian/pool/main/h/hello_2.10.deb",
-            "http://m.test/?",
-            "/relative/path?q",
-            "*",
-        ] {
-            let uri: Uri = url.parse().unwrap();
-            assert_eq!(uri_text(&uri), uri.to_string(), "{url}");
-        }
-    }
 
     /// The host's side of every numbered constant of ABI.md, by the
     /// name the Rust SDK gives it.
