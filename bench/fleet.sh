@@ -48,22 +48,9 @@ mkdir -p "$WORK/www/o" "$WORK/www/l" "$WORK/origin.tmp"
 for i in $(seq 0 $((OBJECTS - 1))); do head -c $((OBJECT_KIB << 10)) /dev/urandom >"$WORK/www/o/$i.bin"; done
 for i in $(seq 0 $((LAT_OBJECTS - 1))); do head -c 1024 /dev/urandom >"$WORK/www/l/$i.bin"; done
 cat >"$WORK/origin.conf" <<EOF
-daemon off;
-master_process on;
-user root;
-worker_processes 1;
-pid $WORK/origin.pid;
-error_log $WORK/origin.error.log warn;
-events { worker_connections 4096; }
+$(nginx_main "$WORK/origin.pid" "$WORK/origin.error.log")
 http {
-    client_body_temp_path $WORK/origin.tmp/body;
-    proxy_temp_path $WORK/origin.tmp/proxy;
-    fastcgi_temp_path $WORK/origin.tmp/fastcgi;
-    uwsgi_temp_path $WORK/origin.tmp/uwsgi;
-    scgi_temp_path $WORK/origin.tmp/scgi;
-    sendfile on;
-    keepalive_requests 1000000;
-    default_type application/octet-stream;
+$(nginx_http_common "$WORK/origin.tmp")
     log_format counted '\$request_uri \$body_bytes_sent';
     access_log $WORK/origin.access.log counted;
     server {

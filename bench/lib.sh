@@ -31,6 +31,15 @@
 #   rss_kib PID               resident memory of that tree, KiB.
 #   cpu_ticks PID             user + system CPU time of that tree, in clock
 #                             ticks of TICK per second (/proc/PID/stat).
+#   nginx_main PIDFILE ERRLOG the main context of a one-worker nginx config
+#                             (daemon off, root, 4096 connections), to print
+#                             into a config's heredoc with $(...).
+#   nginx_http_common DIR     the http-context lines every bench nginx shares:
+#                             temp paths under DIR, sendfile, long keep-alive,
+#                             application/octet-stream.
+#   write_wrk_report FILE     a wrk Lua script whose summary is one line,
+#                             BENCH requests= bytes= duration_us= p50_us=
+#                             p99_us= errors= status_errors=.
 #   write_hit_configs PO PC   $WORK/origin.conf (nginx on PO) and
 #                             $WORK/config.kdl (Cistern on PC) of the hot-path
 #                             cases: a hit, a hit through policies, a redirect.
@@ -214,4 +223,43 @@ hit_bench_setup() { # name
     mkdir -p "$WORK/www" "$WORK/n"
     head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
     write_hit_configs "$PO" "$PC"
+}
+
+nginx_main() { # pid-file error-log
+    cat <<EOF
+daemon off;
+master_process on;
+user root;
+worker_processes 1;
+pid $1;
+error_log $2 warn;
+events { worker_connections 4096; }
+EOF
+}
+
+nginx_http_common() { # dir
+    cat <<EOF
+    client_body_temp_path $1/tmp-body;
+    proxy_temp_path $1/tmp-proxy;
+    fastcgi_temp_path $1/tmp-fastcgi;
+    uwsgi_temp_path $1/tmp-uwsgi;
+    scgi_temp_path $1/tmp-scgi;
+    sendfile on;
+    tcp_nopush off;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    default_type application/octet-stream;
+EOF
+}
+
+write_wrk_report() { # file
+    cat >"$1" <<'EOF'
+done = function(summary, latency, requests)
+    local e = summary.errors
+    io.write(string.format("BENCH requests=%d bytes=%d duration_us=%d p50_us=%d p99_us=%d errors=%d status_errors=%d\n",
+        summary.requests, summary.bytes, summary.duration,
+        latency:percentile(50), latency:percentile(99),
+        e.connect + e.read + e.write + e.timeout, e.status))
+end
+EOF
 }

@@ -52,13 +52,7 @@ head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
 for i in $(seq "$OBJECTS"); do head -c $((OBJECT_KIB << 10)) /dev/urandom >"$WORK/www/obj/$i.bin"; done
 (cd "$WORK/www/obj" && sha256sum ./*.bin) >"$WORK/sums.txt"
 cat >"$WORK/origin.conf" <<EOF
-daemon off;
-master_process on;
-user root;
-worker_processes 1;
-pid $WORK/origin.pid;
-error_log $WORK/origin.error.log warn;
-events { worker_connections 4096; }
+$(nginx_main "$WORK/origin.pid" "$WORK/origin.error.log")
 http {
     access_log off;
     client_body_temp_path $WORK/origin.tmp/b; proxy_temp_path $WORK/origin.tmp/p;

@@ -289,13 +289,7 @@ fi
 # tarballs immutable. nginx adds ETag and Last-Modified.
 mkdir -p "$WORK/origin.tmp"
 cat >"$WORK/origin.conf" <<EOF
-daemon off;
-master_process on;
-user root;
-worker_processes 1;
-pid $WORK/origin.pid;
-error_log $WORK/origin.error.log warn;
-events { worker_connections 4096; }
+$(nginx_main "$WORK/origin.pid" "$WORK/origin.error.log")
 http {
     client_body_temp_path $WORK/origin.tmp/body;
     proxy_temp_path $WORK/origin.tmp/proxy;

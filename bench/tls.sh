@@ -64,28 +64,8 @@ mkdir -p "$WORK/www" "$WORK/origin.tmp"
 head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
 head -c $((64 << 10)) /dev/urandom >"$WORK/www/64k.bin"
 
-nginx_http_common() { # dir
-    cat <<EOF
-    client_body_temp_path $1/tmp-body;
-    proxy_temp_path $1/tmp-proxy;
-    fastcgi_temp_path $1/tmp-fastcgi;
-    uwsgi_temp_path $1/tmp-uwsgi;
-    scgi_temp_path $1/tmp-scgi;
-    sendfile on;
-    tcp_nopush off;
-    keepalive_requests 1000000;
-    keepalive_timeout 60s;
-    default_type application/octet-stream;
-EOF
-}
 cat >"$WORK/origin.conf" <<EOF
-daemon off;
-master_process on;
-user root;
-worker_processes 1;
-pid $WORK/origin.pid;
-error_log $WORK/origin.error.log warn;
-events { worker_connections 4096; }
+$(nginx_main "$WORK/origin.pid" "$WORK/origin.error.log")
 http {
 $(nginx_http_common "$WORK/origin.tmp")
     log_format counted '\$request_uri';
@@ -108,13 +88,7 @@ origin_count() { grep -c "^$1\$" "$WORK/origin.access.log" || true; }
 start_nginx() {
     local d="$WORK/nginx"; mkdir -p "$d/cache"
     cat >"$d/nginx.conf" <<EOF
-daemon off;
-master_process on;
-user root;
-worker_processes 1;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 4096; }
+$(nginx_main "$d/nginx.pid" "$d/error.log")
 http {
 $(nginx_http_common "$d")
     access_log off;
@@ -167,15 +141,7 @@ EOF
 # --------------------------------------------------------------------------
 # Measurements
 WRK_LUA="$WORK/report.lua"
-cat >"$WRK_LUA" <<'EOF'
-done = function(summary, latency, requests)
-    local e = summary.errors
-    io.write(string.format("BENCH requests=%d bytes=%d duration_us=%d p50_us=%d p99_us=%d errors=%d status_errors=%d\n",
-        summary.requests, summary.bytes, summary.duration,
-        latency:percentile(50), latency:percentile(99),
-        e.connect + e.read + e.write + e.timeout, e.status))
-end
-EOF
+write_wrk_report "$WRK_LUA"
 wrk_run() { # url seconds
     local out
     out=$(timeout $(($2 + 30)) "${ON_LOAD[@]}" wrk -t1 -c"$CONNS" -d"$2s" --timeout 30s -s "$WRK_LUA" "$1" 2>&1) || die "wrk failed: $out"
