@@ -353,7 +353,10 @@ fn hostile_guests_fail_as_configured() {
 #[test]
 fn load_refuses_bad_modules_naming_policy_and_file() {
     let cases: Vec<(cistern::config::PolicyDecl, &str)> = vec![
-        (decl("future", guest("version3.wat")), "ABI version 3"),
+        (
+            decl("future", guest("version4.wat")),
+            "speaks versions 1 to 3",
+        ),
         (decl("importer", guest("unknown_import.wat")), "open_file"),
         (decl("missing", guest("does-not-exist.wasm")), "cannot read"),
         (

@@ -1,4 +1,4 @@
-/* Cistern policy ABI, version 2: the `cistern` import module for C guests.
+/* Cistern policy ABI, version 3: the `cistern` import module for C guests.
  *
  * The one written spec is guest-sdk/ABI.md; this header mirrors it. Build
  * with Debian's clang and lld, no libc needed:
@@ -17,7 +17,7 @@
 
 #include <stdint.h>
 
-#define CISTERN_ABI_VERSION 2
+#define CISTERN_ABI_VERSION 3
 
 #define CISTERN_IMPORT(name) __attribute__((import_module("cistern"), import_name(name)))
 #define CISTERN_EXPORT(name) __attribute__((export_name(name)))
@@ -101,6 +101,10 @@ CISTERN_IMPORT("body_get")
 int32_t cistern_body_get(char *out, int32_t out_cap);
 CISTERN_IMPORT("body_set")
 int32_t cistern_body_set(const char *body, int32_t body_len);
+/* Version 3, in `on_request` only: this call's effects may be reused for
+   `seconds` on requests with the same values of what it read (ABI.md §18). */
+CISTERN_IMPORT("reuse_outcome")
+int32_t cistern_reuse_outcome(int32_t seconds);
 
 /* Exports the version marker; use once per module. */
 #define CISTERN_POLICY_VERSION_EXPORT                                        \

@@ -325,6 +325,18 @@ pub mod request {
     pub fn remove_header(name: &str) -> Result<u32> {
         headers::remove(Target::Request, name)
     }
+
+    /// Promises that this `on_request` call's decision depends only on the
+    /// request values it read (fields, headers by name) and the policy's
+    /// parameters: for `max_age` (at least a second; a reload forgets
+    /// sooner) the host applies the same edits and answer to a request
+    /// with the same values without calling the hook. Logging is not
+    /// repeated. A call that asks the replica store or a limiter is never
+    /// reused (ABI.md §18).
+    pub fn reuse_outcome(max_age: std::time::Duration) -> Result<()> {
+        let seconds = i32::try_from(max_age.as_secs().max(1)).unwrap_or(i32::MAX);
+        check(unsafe { raw::reuse_outcome(seconds) }).map(drop)
+    }
 }
 
 /// The upstream response (`on_response`), or the direct answer's headers

@@ -72,10 +72,14 @@ unsafe extern "C" {
     pub fn body_get(out_ptr: *mut u8, out_cap: i32) -> i32;
     /// Version 2, `on_body` only: replaces the response body.
     pub fn body_set(ptr: *const u8, len: i32) -> i32;
+    /// Version 3, `on_request` only: this call's effects may be reused for
+    /// `seconds` on requests with the same values of what it read.
+    pub fn reuse_outcome(seconds: i32) -> i32;
 }
 
-/// The ABI version this SDK speaks (2: adds `on_body`).
-pub const ABI_VERSION: i32 = 2;
+/// The ABI version this SDK speaks (2 added `on_body`, 3
+/// `reuse_outcome`).
+pub const ABI_VERSION: i32 = 3;
 
 /// `request_get`: the method.
 pub const FIELD_METHOD: i32 = 0;

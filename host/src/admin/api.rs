@@ -460,6 +460,8 @@ pub struct Policy {
     pub memory_limits: u64,
     /// Calls whose hook returned an error code.
     pub guest_errors: u64,
+    /// `on_request` calls saved by a kept outcome (`reuse_outcome`).
+    pub reused: u64,
     /// Time in calls, seconds.
     pub total_secs: f64,
     /// Mean call time, seconds.
@@ -488,6 +490,7 @@ pub fn policies(snap: &Snapshot) -> Vec<Policy> {
             traps: p.traps,
             memory_limits: p.memory_limits,
             guest_errors: p.guest_errors,
+            reused: p.reused,
         })
         .collect()
 }

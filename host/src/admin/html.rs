@@ -329,19 +329,20 @@ pub fn overview(
         b.push_str(
             "<table><thead><tr><th>Policy</th><th class=\"num\">Calls</th><th class=\"num\">Traps</th>\
              <th class=\"num\">Timeouts</th><th class=\"num\">Memory limit</th><th class=\"num\">Guest errors</th>\
-             <th class=\"num\">Mean</th><th class=\"num\">Max</th></tr></thead><tbody>\n",
+             <th class=\"num\">Reused</th><th class=\"num\">Mean</th><th class=\"num\">Max</th></tr></thead><tbody>\n",
         );
         for p in policies {
             let _ = writeln!(
                 b,
                 "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.1} µs</td><td class=\"num\">{:.1} µs</td></tr>",
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.1} µs</td><td class=\"num\">{:.1} µs</td></tr>",
                 esc(&p.name),
                 p.calls,
                 p.traps,
                 p.timeouts,
                 p.memory_limits,
                 p.guest_errors,
+                p.reused,
                 p.mean_secs * 1e6,
                 p.max_secs * 1e6,
             );

@@ -340,6 +340,18 @@ impl Admin {
             }
         }
         w.family(
+            "cistern_policy_reused_total",
+            Kind::Counter,
+            "Policy on_request calls not made because a kept outcome applied (reuse_outcome).",
+        );
+        for p in &policies {
+            w.sample(
+                "cistern_policy_reused_total",
+                &[("policy", &p.name)],
+                p.reused,
+            );
+        }
+        w.family(
             "cistern_policy_call_seconds_total",
             Kind::Counter,
             "Time spent in policy hook calls.",

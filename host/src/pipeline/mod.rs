@@ -339,6 +339,7 @@ impl Proxy {
         let mut policy = None;
         let mut bypass = false;
         let mut store_id = None;
+        let mut parsed_key = None;
         if !chain.is_empty() {
             let headers = std::mem::take(req.headers_mut());
             let view =
@@ -355,7 +356,15 @@ impl Proxy {
             if let Some(up) = &view.upstream_url {
                 upstreams = Upstreams::Single(up.clone());
             }
-            store_id = view.cache_key.clone();
+            // A kept outcome carries its store-id parsed once.
+            parsed_key = view
+                .key_hint
+                .take()
+                .filter(|hint| view.cache_key.as_deref() == Some(hint.text.as_str()))
+                .and_then(|hint| hint.key.clone());
+            if parsed_key.is_none() {
+                store_id = view.cache_key.clone();
+            }
             bypass = view.bypass_cache;
             // A chain without `on_response` (store-id alone) needs no
             // response hook, nor the copy of the headers that makes one.
@@ -365,9 +374,12 @@ impl Proxy {
                 view,
             });
         }
-        let key = match store_id {
-            Some(id) => CacheKey::parse(&id).map_err(|e| format!("policy store-id {id:?}: {e}")),
-            None => CacheKey::from_uri(&key_url).map_err(|e| format!("bad URL: {e}")),
+        let key = match (parsed_key, store_id) {
+            (Some(key), _) => Ok(key),
+            (None, Some(id)) => {
+                CacheKey::parse(&id).map_err(|e| format!("policy store-id {id:?}: {e}"))
+            }
+            (None, None) => CacheKey::from_uri(&key_url).map_err(|e| format!("bad URL: {e}")),
         };
         match key {
             Ok(key) => {

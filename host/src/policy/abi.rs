@@ -15,6 +15,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode, Uri};
 use wasmtime::{Caller, Linker, Memory};
 
+use super::reuse::{Edit, Input, KeyHint, Original, Recording};
 use super::{LimitVerdict, MAX_DIRECT_BODY, PolicyHost, ReplicaState, RequestView, ResponseView};
 
 /// No such header, parameter, field value or digest.
@@ -117,6 +118,9 @@ pub(crate) struct CallCtx {
     pub(crate) body_out: Option<Vec<u8>>,
     /// `on_body`: the largest replacement `body_set` accepts.
     pub(crate) body_out_cap: usize,
+    /// What the call reads and edits of its request, for a policy that
+    /// may keep outcomes (it imports `reuse_outcome`, ABI version 3).
+    pub(crate) recording: Option<Box<Recording>>,
     budget: usize,
     log_lines: u32,
 }
@@ -133,6 +137,7 @@ pub(crate) struct RequestBackup {
 struct RequestFields {
     url: http::Uri,
     cache_key: Option<String>,
+    key_hint: Option<Arc<KeyHint>>,
     upstream_url: Option<http::Uri>,
     bypass_cache: bool,
 }
@@ -146,9 +151,24 @@ impl RequestBackup {
         if let Some(f) = self.fields {
             req.url = f.url;
             req.cache_key = f.cache_key;
+            req.key_hint = f.key_hint;
             req.upstream_url = f.upstream_url;
             req.bypass_cache = f.bypass_cache;
         }
+    }
+
+    /// The request as it was before the call that edited `req`.
+    pub(crate) fn original<'a>(&'a self, req: &'a RequestView) -> Original<'a> {
+        let mut original = Original::of(req);
+        if let Some(headers) = &self.headers {
+            original.headers = headers;
+        }
+        if let Some(f) = &self.fields {
+            original.url = &f.url;
+            original.cache_key = f.cache_key.as_deref();
+            original.upstream_url = f.upstream_url.as_ref();
+        }
+        original
     }
 }
 
@@ -173,6 +193,7 @@ impl CallCtx {
             body: Bytes::new(),
             body_out: None,
             body_out_cap: 0,
+            recording: None,
             budget: EDIT_BUDGET,
             log_lines: 0,
         }
@@ -198,11 +219,34 @@ impl CallCtx {
             self.req_backup.fields = Some(RequestFields {
                 url: self.req.url.clone(),
                 cache_key: self.req.cache_key.clone(),
+                key_hint: self.req.key_hint.clone(),
                 upstream_url: self.req.upstream_url.clone(),
                 bypass_cache: self.req.bypass_cache,
             });
         }
         &mut self.req
+    }
+
+    /// Notes a read of `input`, when the call is recorded.
+    fn read(&mut self, input: Input) {
+        if let Some(recording) = self.recording.as_mut() {
+            recording.reads.read(input);
+        }
+    }
+
+    /// Notes a read of state no outcome key holds (the replica store, a
+    /// limiter), when the call is recorded.
+    fn read_opaque(&mut self) {
+        if let Some(recording) = self.recording.as_mut() {
+            recording.reads.opaque();
+        }
+    }
+
+    /// Notes an edit of the request, when the call is recorded.
+    fn edited(&mut self, edit: impl FnOnce() -> Edit) {
+        if let Some(recording) = self.recording.as_mut() {
+            recording.edits.push(edit());
+        }
     }
 
     /// The headers a write to `target` changes in this hook.
@@ -391,6 +435,9 @@ fn request_get(
 ) -> Result<i32, i32> {
     let (mem, state) = split(caller)?;
     let call = state.call()?;
+    if (FIELD_METHOD..=FIELD_UPSTREAM_URL).contains(&field) {
+        call.read(Input::Field(field));
+    }
     let req = &call.req;
     let owned;
     let value: &str = match field {
@@ -440,11 +487,20 @@ fn request_set(
     match field {
         FIELD_URL => {
             let uri = parse_absolute(value)?;
+            call.edited(|| Edit::Url(uri.clone()));
             call.req_fields_mut().url = uri;
         }
         FIELD_CACHE_KEY => {
             let key = (!value.is_empty()).then(|| value.to_owned());
-            call.req_fields_mut().cache_key = key;
+            call.edited(|| {
+                Edit::CacheKey(
+                    key.clone()
+                        .map(|text| Arc::new(KeyHint { text, key: None })),
+                )
+            });
+            let req = call.req_fields_mut();
+            req.cache_key = key;
+            req.key_hint = None;
         }
         FIELD_UPSTREAM_URL => {
             let uri = if value.is_empty() {
@@ -452,6 +508,7 @@ fn request_set(
             } else {
                 Some(parse_absolute(value)?)
             };
+            call.edited(|| Edit::UpstreamUrl(uri.clone()));
             call.req_fields_mut().upstream_url = uri;
         }
         _ => return Err(ERR_INVALID),
@@ -477,7 +534,11 @@ fn header_get(
 ) -> Result<i32, i32> {
     let (mem, state) = split(caller)?;
     let name = header_name(mem, name.0, name.1)?;
-    let headers = state.call()?.headers(target)?;
+    let call = state.call()?;
+    if target == TARGET_REQUEST {
+        call.read(Input::Header(name.clone()));
+    }
+    let headers = call.headers(target)?;
     let index = usize::try_from(index).map_err(|_| ERR_INVALID)?;
     let value = headers
         .get_all(&name)
@@ -494,7 +555,11 @@ fn header_names(
     cap: i32,
 ) -> Result<i32, i32> {
     let (mem, state) = split(caller)?;
-    let headers = state.call()?.headers(target)?;
+    let call = state.call()?;
+    if target == TARGET_REQUEST {
+        call.read_opaque();
+    }
+    let headers = call.headers(target)?;
     let mut joined = Vec::with_capacity(headers.keys_len() * 16);
     for name in headers.keys() {
         joined.extend_from_slice(name.as_str().as_bytes());
@@ -516,6 +581,9 @@ fn header_write(
         HeaderValue::from_bytes(read_bytes(mem, value.0, value.1)?).map_err(|_| ERR_INVALID)?;
     let call = state.call()?;
     call.charge(name.as_str().len() + value.len() + 32)?;
+    if (target, call.hook) == (TARGET_REQUEST, Hook::Request) {
+        call.edited(|| Edit::SetHeader(name.clone(), value.clone(), append));
+    }
     let headers = call.headers_mut(target)?;
     if append {
         headers.append(name, value);
@@ -533,7 +601,11 @@ fn header_remove(
 ) -> Result<i32, i32> {
     let (mem, state) = split(caller)?;
     let name = header_name(mem, ptr, len)?;
-    let headers = state.call()?.headers_mut(target)?;
+    let call = state.call()?;
+    if (target, call.hook) == (TARGET_REQUEST, Hook::Request) {
+        call.edited(|| Edit::RemoveHeader(name.clone()));
+    }
+    let headers = call.headers_mut(target)?;
     let removed = match headers.entry(name) {
         http::header::Entry::Occupied(entry) => entry.remove_entry_mult().1.count(),
         http::header::Entry::Vacant(_) => 0,
@@ -549,7 +621,10 @@ fn cache_set(caller: &mut Caller<'_, HostState>, op: i32, value: i64) -> Result<
             .map_err(|_| ERR_INVALID)
     };
     match (call.hook, op) {
-        (Hook::Request, CACHE_UNCACHEABLE) => call.req_fields_mut().bypass_cache = true,
+        (Hook::Request, CACHE_UNCACHEABLE) => {
+            call.edited(|| Edit::Bypass);
+            call.req_fields_mut().bypass_cache = true;
+        }
         (Hook::Request, CACHE_TTL | CACHE_TTL_CAP | CACHE_IMMUTABLE) => return Err(ERR_WRONG_HOOK),
         (Hook::Response, CACHE_UNCACHEABLE) => call.cache.uncacheable = true,
         (Hook::Response, CACHE_TTL) => call.cache.ttl = Some(seconds()?),
@@ -594,6 +669,7 @@ fn replica_state(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Resu
     let (mem, state) = split(caller)?;
     let key = read_str(mem, ptr, len)?;
     let call = state.call()?;
+    call.read_opaque();
     Ok(match call.host.replica_state(key) {
         ReplicaState::Absent => REPLICA_ABSENT,
         ReplicaState::Partial => REPLICA_PARTIAL,
@@ -612,6 +688,7 @@ fn url_by_sha256(
         .try_into()
         .map_err(|_| ERR_INVALID)?;
     let call = state.call()?;
+    call.read_opaque();
     let url = call.host.url_by_sha256(&digest).ok_or(ERR_NOT_FOUND)?;
     Ok(write_out(mem, out, cap, url.as_bytes()))
 }
@@ -625,6 +702,7 @@ fn limiter_check(
     let name = read_str(mem, name.0, name.1)?;
     let key = read_str(mem, key.0, key.1)?;
     let call = state.call()?;
+    call.read_opaque();
     match call.host.limiter_check(name, key) {
         None => Err(ERR_UNKNOWN_LIMITER),
         Some(LimitVerdict::Allow) => Ok(0),
@@ -700,6 +778,24 @@ fn body_set(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> Result<i3
     let out = call.body_out.get_or_insert_with(Vec::new);
     out.clear();
     out.extend_from_slice(bytes);
+    Ok(0)
+}
+
+/// Declares that this `on_request` call's effects may be applied, without
+/// a call, to later requests with the same values of everything the call
+/// read, for `seconds` (ABI version 3).
+fn reuse_outcome(caller: &mut Caller<'_, HostState>, seconds: i32) -> Result<i32, i32> {
+    let call = caller.data_mut().call()?;
+    if call.hook != Hook::Request {
+        return Err(ERR_WRONG_HOOK);
+    }
+    let seconds = u64::try_from(seconds)
+        .ok()
+        .filter(|s| *s > 0)
+        .ok_or(ERR_INVALID)?;
+    if let Some(recording) = call.recording.as_mut() {
+        recording.reuse_for = Some(Duration::from_secs(seconds));
+    }
     Ok(0)
 }
 
@@ -802,6 +898,12 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         M,
         "body_set",
         |mut c: Caller<'_, HostState>, p: i32, n: i32| code(body_set(&mut c, p, n)),
+    )?;
+    // ABI version 3.
+    l.func_wrap(
+        M,
+        "reuse_outcome",
+        |mut c: Caller<'_, HostState>, s: i32| code(reuse_outcome(&mut c, s)),
     )?;
     Ok(l)
 }

@@ -18,6 +18,7 @@ use wasmtime::{
 
 use super::abi::{self, CallCtx, Hook, HostState};
 use super::instance::{Policy, Settings, TICK, Ticker, block_on, run_ticker};
+use super::reuse::Replayed;
 use super::{
     ABI_VERSION, BodyOutcome, DirectResponse, Failure, MAX_MEMORY_LIMIT, MIN_ABI_VERSION,
     PolicyError, PolicyHost, PolicyStats, RequestOutcome, RequestView, ResponseDecision,
@@ -177,6 +178,9 @@ impl PolicyEngine {
             };
             let (has_on_request, has_on_response, exports_on_body) =
                 check_exports(&module).map_err(abi_error)?;
+            let reuses_outcomes = module
+                .imports()
+                .any(|i| i.module() == "cistern" && i.name() == "reuse_outcome");
             let pre = self
                 .inner
                 .linker
@@ -195,6 +199,7 @@ impl PolicyEngine {
                     has_on_response,
                     has_on_body: exports_on_body && decl.body.is_some(),
                     body: decl.body.clone(),
+                    reuses_outcomes,
                 },
                 pre,
                 Arc::clone(&self.inner.calls),
@@ -208,6 +213,11 @@ impl PolicyEngine {
                     found: version,
                     expected: ABI_VERSION,
                 });
+            }
+            if reuses_outcomes && version < 3 {
+                return Err(abi_error(format!(
+                    "imports `reuse_outcome`, which ABI version {version} does not have; export `cistern_abi_version` returning 3"
+                )));
             }
             let body_error = |reason: &str| PolicyError::BodyHook {
                 policy: decl.name.clone(),
@@ -684,15 +694,42 @@ impl PolicyChain {
         req: &mut RequestView,
     ) -> RequestOutcome {
         for policy in self.policies.iter().filter(|p| p.settings.has_on_request) {
-            let ctx = CallCtx::new(
+            if let Some(memo) = &policy.memo {
+                match memo.replay(req) {
+                    Replayed::Miss => {}
+                    Replayed::Continue => {
+                        policy.note_reused();
+                        continue;
+                    }
+                    Replayed::Respond(status, headers, body) => {
+                        policy.note_reused();
+                        return RequestOutcome::Respond(DirectResponse {
+                            status,
+                            headers,
+                            body,
+                        });
+                    }
+                }
+            }
+            let mut ctx = CallCtx::new(
                 Hook::Request,
                 Arc::clone(host),
                 mem::take(req),
                 ResponseView::default(),
             );
-            let (ctx, result) = policy.run(ctx).await;
+            if policy.memo.is_some() {
+                ctx.recording = Some(Box::default());
+            }
+            let (mut ctx, result) = policy.run(ctx).await;
             match result {
                 Ok(()) => {
+                    if let (Some(memo), Some(recording)) = (&policy.memo, ctx.recording.take()) {
+                        let answer = ctx
+                            .answer
+                            .as_ref()
+                            .map(|(s, b)| (*s, &ctx.answer_headers, b));
+                        memo.keep(&ctx.req_backup.original(&ctx.req), *recording, answer);
+                    }
                     *req = ctx.req;
                     if let Some((status, body)) = ctx.answer {
                         return RequestOutcome::Respond(DirectResponse {

@@ -38,6 +38,7 @@ use tokio::sync::Semaphore;
 use wasmtime::{InstancePre, Store, Trap, TypedFunc, UpdateDeadline};
 
 use super::abi::{CallCtx, Clock, Hook, HostState, Limits};
+use super::reuse::OutcomeMemo;
 use super::{Failure, PolicyStats};
 use crate::config::{Isolation, OnError};
 
@@ -300,6 +301,7 @@ struct Counters {
     traps: AtomicU64,
     memory_limits: AtomicU64,
     guest_errors: AtomicU64,
+    reused: AtomicU64,
     total_ns: AtomicU64,
     max_ns: AtomicU64,
 }
@@ -319,6 +321,9 @@ pub(crate) struct Settings {
     pub(crate) has_on_body: bool,
     /// The responses `on_body` receives.
     pub(crate) body: Option<crate::config::BodyRule>,
+    /// Imports `reuse_outcome` (ABI version 3): its `on_request` calls
+    /// are recorded, and kept when they ask to be.
+    pub(crate) reuses_outcomes: bool,
 }
 
 /// A loaded policy.
@@ -333,6 +338,8 @@ pub(crate) struct Policy {
     /// The engine's epoch ticker, woken before guest code runs.
     ticker: Arc<Ticker>,
     counters: Counters,
+    /// Kept `on_request` outcomes, for a policy that may reuse them.
+    pub(crate) memo: Option<OutcomeMemo>,
 }
 
 fn reason(error: &wasmtime::Error) -> String {
@@ -352,6 +359,7 @@ impl Policy {
         // that absorbs bursts without instantiating.
         let idle_cap = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         Policy {
+            memo: settings.reuses_outcomes.then(OutcomeMemo::default),
             settings,
             pre,
             idle: Mutex::new(Vec::new()),
@@ -556,6 +564,11 @@ impl Policy {
     }
 
     /// A snapshot of the counters.
+    /// Counts an `on_request` answered from a kept outcome.
+    pub(crate) fn note_reused(&self) {
+        self.counters.reused.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn stats(&self) -> PolicyStats {
         let c = &self.counters;
         PolicyStats {
@@ -566,6 +579,7 @@ impl Policy {
             traps: c.traps.load(Ordering::Relaxed),
             memory_limits: c.memory_limits.load(Ordering::Relaxed),
             guest_errors: c.guest_errors.load(Ordering::Relaxed),
+            reused: c.reused.load(Ordering::Relaxed),
             total_time: Duration::from_nanos(c.total_ns.load(Ordering::Relaxed)),
             max_time: Duration::from_nanos(c.max_ns.load(Ordering::Relaxed)),
         }

@@ -1,5 +1,5 @@
 //! WebAssembly policies: the wasmtime runtime and the host side of the guest
-//! ABI (`guest-sdk/ABI.md`, version 1).
+//! ABI (`guest-sdk/ABI.md`, versions 1 to 3).
 //!
 //! One [`PolicyEngine`] per process compiles the policies of a config
 //! snapshot into a [`PolicySet`] ([`PolicyEngine::load`] checks everything
@@ -23,6 +23,7 @@ mod abi;
 pub mod bridge;
 mod engine;
 mod instance;
+mod reuse;
 
 pub use engine::{PolicyChain, PolicyEngine, PolicySet};
 
@@ -35,10 +36,11 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 
 /// The newest ABI version this host speaks; guests export the one they
 /// were built for as `cistern_abi_version`.
-pub const ABI_VERSION: i32 = 2;
+pub const ABI_VERSION: i32 = 3;
 
 /// The oldest ABI version this host still runs: version-1 guests work
-/// unchanged (version 2 only adds the opt-in `on_body` hook).
+/// unchanged (version 2 only adds the opt-in `on_body` hook, version 3
+/// `reuse_outcome`).
 pub const MIN_ABI_VERSION: i32 = 1;
 
 /// Largest body a policy may answer with directly.
@@ -68,6 +70,9 @@ pub struct RequestView {
     /// A policy asked to bypass the cache: neither serve from nor store into
     /// the replica.
     pub bypass_cache: bool,
+    /// `cache_key` already parsed, when a kept outcome set it: the proxy
+    /// uses it only while its text is still `cache_key`.
+    pub(crate) key_hint: Option<std::sync::Arc<reuse::KeyHint>>,
 }
 
 impl RequestView {
@@ -81,6 +86,7 @@ impl RequestView {
             cache_key: None,
             upstream_url: None,
             bypass_cache: false,
+            key_hint: None,
         }
     }
 }
@@ -221,6 +227,9 @@ pub struct PolicyStats {
     pub memory_limits: u64,
     /// Calls whose hook returned an error code.
     pub guest_errors: u64,
+    /// `on_request` calls not made because a kept outcome of an earlier
+    /// call applied (`reuse_outcome`, ABI version 3).
+    pub reused: u64,
     /// Total time spent in calls.
     pub total_time: Duration,
     /// The slowest call.

@@ -6,7 +6,8 @@
 //! matched as `$n` (`$1`…`$9`); each `*` takes the shortest run that lets
 //! the rest match. Rules are tried in file order; the first match sets the
 //! key, and a URL no rule matches keeps its own. Matching takes time linear
-//! in the URL however many `*` a rule has (see `glob`).
+//! in the URL however many `*` a rule has (see `glob`). The host keeps
+//! each URL's key (ABI §18, `reuse_outcome`), so a hot URL costs no call.
 //!
 //! ```kdl
 //! policy "store-id" path="builtin:store-id" {
@@ -17,6 +18,7 @@
 mod glob;
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use cistern_guest::{self as cistern, Level, Result, request};
 use glob::glob;
@@ -26,6 +28,9 @@ use glob::glob;
 /// new instances), and reading them is two host calls and three
 /// allocations per request otherwise.
 static RULES: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+/// How long the host may reuse a URL's key: as long as it likes.
+const KEEP: Duration = Duration::from_secs(365 * 86_400);
 
 fn rules() -> Result<&'static [(String, String)]> {
     if let Some(rules) = RULES.get() {
@@ -63,6 +68,10 @@ fn expand(template: &str, captures: &[&str]) -> String {
 
 fn on_request() -> Result<()> {
     let url = request::url()?;
+    // The key is a function of the URL and the rules alone: the host may
+    // apply it to the next request for this URL without calling again.
+    // Rules change only with a reload, which forgets every kept outcome.
+    request::reuse_outcome(KEEP)?;
     let mut captures = Vec::new();
     for (pattern, template) in rules()? {
         if glob(pattern, &url, &mut captures) {

@@ -1,0 +1,514 @@
+//! Kept outcomes of `on_request` calls (ABI version 3, `reuse_outcome`).
+//!
+//! A policy whose decision is a function of the request values it reads
+//! (store-id maps a URL to a key; a deny list maps a path to a 403) says so
+//! by calling `reuse_outcome` in its hook. The host records which request
+//! values the call read ([`Reads`]) and what it changed ([`Outcome`]), and
+//! keeps the pair in the policy's [`OutcomeMemo`]. A later request with the
+//! same values gets the same edits without a guest call: on a 1 KiB hit a
+//! call is a third of the work, a lookup a few hundred instructions.
+//!
+//! The record is sound because guests are deterministic functions of what
+//! they read (the ABI gives them no clock and no randomness) plus their
+//! parameters (fixed for the policy's life: a reload builds a new policy
+//! and a new memo). What a guest keeps in its own memory between calls is
+//! the one thing the host cannot see, so reuse is the guest's promise, not
+//! the host's guess. A call that asked the replica store or a rate limiter
+//! anything read state that changes by itself, and is never kept.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode, Uri};
+use lru::LruCache;
+
+use super::RequestView;
+use crate::store::CacheKey;
+
+/// Outcomes kept per policy: enough for the hot files of a mirror.
+const MAX_KEPT: usize = 4096;
+/// Bytes of keys and edits kept per policy, so long URLs cannot make the
+/// memo large: 4096 outcomes of typical package URLs take about 1 MiB.
+const MAX_KEPT_BYTES: usize = 4 * 1024 * 1024;
+/// Distinct sets of inputs one policy may read before new ones are not
+/// kept (a guest reads the same values for nearly every request).
+const MAX_SHAPES: usize = 8;
+/// One outcome's key and edits larger than this are not kept.
+const MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+/// A request value a call read, as the ABI names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Input {
+    /// A `request_get` field selector.
+    Field(i32),
+    /// Every value of a request header (`header_get(REQUEST, …)`).
+    Header(HeaderName),
+}
+
+/// What one call read of its request, in the order it first read it.
+#[derive(Debug, Default)]
+pub(crate) struct Reads {
+    inputs: Vec<Input>,
+    /// The call read something no key holds (the replica store, a limiter,
+    /// the list of header names): its outcome is never kept.
+    opaque: bool,
+}
+
+impl Reads {
+    /// Notes a read of `input`.
+    pub(crate) fn read(&mut self, input: Input) {
+        if !self.inputs.contains(&input) {
+            self.inputs.push(input);
+        }
+    }
+
+    /// Notes a read whose value no key can hold.
+    pub(crate) fn opaque(&mut self) {
+        self.opaque = true;
+    }
+}
+
+/// One edit of the request a call made, as the host applied it.
+#[derive(Debug, Clone)]
+pub(crate) enum Edit {
+    /// `request_set(URL, …)`.
+    Url(Uri),
+    /// `request_set(CACHE_KEY, …)`, with the key parsed when it was kept.
+    CacheKey(Option<Arc<KeyHint>>),
+    /// `request_set(UPSTREAM_URL, …)`.
+    UpstreamUrl(Option<Uri>),
+    /// `cache_set(UNCACHEABLE)`.
+    Bypass,
+    /// `header_set(REQUEST, …)` or `header_add`.
+    SetHeader(HeaderName, HeaderValue, bool),
+    /// `header_remove(REQUEST, …)`.
+    RemoveHeader(HeaderName),
+}
+
+/// A store-id as a policy set it and, when it is a valid key, parsed: the
+/// proxy skips the parse on a kept outcome when `text` is the view's key.
+#[derive(Debug)]
+pub(crate) struct KeyHint {
+    /// The key as the policy wrote it.
+    pub(crate) text: String,
+    /// [`CacheKey::parse`] of `text`, when it parses.
+    pub(crate) key: Option<CacheKey>,
+}
+
+/// What a kept call did: its request edits in order, and its direct answer.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    edits: Box<[Edit]>,
+    answer: Option<(StatusCode, HeaderMap, Bytes)>,
+    expires: Instant,
+}
+
+/// The edits of a call in progress of a policy that may reuse outcomes.
+#[derive(Debug, Default)]
+pub(crate) struct Recording {
+    pub(crate) reads: Reads,
+    pub(crate) edits: Vec<Edit>,
+    /// Set by `reuse_outcome`: how long the outcome may be reused.
+    pub(crate) reuse_for: Option<Duration>,
+}
+
+/// The request's values before a call's edits: the key of its outcome is
+/// made of these, at recording and at lookup alike.
+pub(crate) struct Original<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) url: &'a Uri,
+    pub(crate) cache_key: Option<&'a str>,
+    pub(crate) upstream_url: Option<&'a Uri>,
+    pub(crate) client: std::net::SocketAddr,
+    pub(crate) headers: &'a HeaderMap,
+}
+
+impl<'a> Original<'a> {
+    /// A request no call has edited yet.
+    pub(crate) fn of(view: &'a RequestView) -> Original<'a> {
+        Original {
+            method: &view.method,
+            url: &view.url,
+            cache_key: view.cache_key.as_deref(),
+            upstream_url: view.upstream_url.as_ref(),
+            client: view.client,
+            headers: &view.headers,
+        }
+    }
+}
+
+/// Field selectors of `request_get`, as ABI.md numbers them.
+mod field {
+    pub(super) const METHOD: i32 = 0;
+    pub(super) const URL: i32 = 1;
+    pub(super) const PATH: i32 = 2;
+    pub(super) const QUERY: i32 = 3;
+    pub(super) const HOST: i32 = 4;
+    pub(super) const CLIENT_ADDR: i32 = 5;
+    pub(super) const CLIENT_IP: i32 = 6;
+    pub(super) const CACHE_KEY: i32 = 7;
+    pub(super) const UPSTREAM_URL: i32 = 8;
+}
+
+/// Appends one value, length first, so no two lists of values encode
+/// alike; `None` (the field is absent) has its own marker.
+fn push_value(key: &mut Vec<u8>, value: Option<&[u8]>) {
+    match value {
+        Some(v) => {
+            key.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            key.extend_from_slice(v);
+        }
+        None => key.extend_from_slice(&u32::MAX.to_le_bytes()),
+    }
+}
+
+/// The key of `inputs` read from `req`, appended to `key`.
+fn push_key(key: &mut Vec<u8>, inputs: &[Input], req: &Original<'_>) {
+    let mut text = String::new();
+    for input in inputs {
+        match input {
+            Input::Field(f) => {
+                let value: Option<&[u8]> = match *f {
+                    field::METHOD => Some(req.method.as_str().as_bytes()),
+                    field::URL => {
+                        text.clear();
+                        crate::request::push_uri(&mut text, req.url);
+                        Some(text.as_bytes())
+                    }
+                    field::PATH => Some(req.url.path().as_bytes()),
+                    field::QUERY => req.url.query().map(str::as_bytes),
+                    field::HOST => req.url.authority().map(|a| a.as_str().as_bytes()),
+                    field::CLIENT_ADDR => {
+                        text = req.client.to_string();
+                        Some(text.as_bytes())
+                    }
+                    field::CLIENT_IP => {
+                        text = req.client.ip().to_string();
+                        Some(text.as_bytes())
+                    }
+                    field::CACHE_KEY => req.cache_key.map(str::as_bytes),
+                    field::UPSTREAM_URL => {
+                        let url = req.upstream_url.map(crate::request::uri_text);
+                        push_value(key, url.as_deref().map(str::as_bytes));
+                        continue;
+                    }
+                    // An unknown selector was answered ERR_INVALID: the same
+                    // for every request, nothing to key.
+                    _ => continue,
+                };
+                push_value(key, value);
+            }
+            Input::Header(name) => {
+                let values = req.headers.get_all(name);
+                let count = values.iter().count() as u32;
+                key.extend_from_slice(&count.to_le_bytes());
+                for value in values {
+                    push_value(key, Some(value.as_bytes()));
+                }
+            }
+        }
+    }
+}
+
+/// A policy's kept outcomes, shared by its instances.
+pub(crate) struct OutcomeMemo {
+    inner: Mutex<Kept>,
+}
+
+struct Kept {
+    /// The input lists calls have read, each keying its own outcomes by
+    /// its index (the first byte of a key).
+    shapes: Vec<Arc<[Input]>>,
+    outcomes: LruCache<Box<[u8]>, Arc<Outcome>>,
+    bytes: usize,
+    /// A buffer for lookup keys, kept to save an allocation per request.
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for OutcomeMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutcomeMemo").finish_non_exhaustive()
+    }
+}
+
+impl Default for OutcomeMemo {
+    fn default() -> OutcomeMemo {
+        OutcomeMemo {
+            inner: Mutex::new(Kept {
+                shapes: Vec::new(),
+                outcomes: LruCache::new(NonZeroUsize::new(MAX_KEPT).expect("MAX_KEPT > 0")),
+                bytes: 0,
+                scratch: Vec::new(),
+            }),
+        }
+    }
+}
+
+/// What [`OutcomeMemo::replay`] found.
+pub(crate) enum Replayed {
+    /// No kept outcome: call the guest.
+    Miss,
+    /// The edits were applied to the request; go on with the chain.
+    Continue,
+    /// The kept call answered directly.
+    Respond(StatusCode, HeaderMap, Bytes),
+}
+
+impl OutcomeMemo {
+    /// Applies the kept outcome for `req`, if there is one still fresh.
+    pub(crate) fn replay(&self, req: &mut RequestView) -> Replayed {
+        let outcome = {
+            let mut kept = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let Kept {
+                shapes,
+                outcomes,
+                scratch,
+                ..
+            } = &mut *kept;
+            let original = Original::of(req);
+            let mut found = None;
+            for (index, inputs) in shapes.iter().enumerate() {
+                scratch.clear();
+                scratch.push(index as u8);
+                push_key(scratch, inputs, &original);
+                if let Some(outcome) = outcomes.get(scratch.as_slice()) {
+                    found = Some(Arc::clone(outcome));
+                    break;
+                }
+            }
+            found
+        };
+        let Some(outcome) = outcome else {
+            return Replayed::Miss;
+        };
+        if outcome.expires <= Instant::now() {
+            return Replayed::Miss;
+        }
+        for edit in outcome.edits.iter() {
+            apply(req, edit);
+        }
+        match &outcome.answer {
+            Some((status, headers, body)) => {
+                Replayed::Respond(*status, headers.clone(), body.clone())
+            }
+            None => Replayed::Continue,
+        }
+    }
+
+    /// Keeps what a successful call did, if it asked for reuse and read
+    /// nothing opaque. `original` is its request before its edits.
+    pub(crate) fn keep(
+        &self,
+        original: &Original<'_>,
+        recording: Recording,
+        answer: Option<(StatusCode, &HeaderMap, &Bytes)>,
+    ) {
+        let Some(reuse_for) = recording.reuse_for else {
+            return;
+        };
+        if recording.reads.opaque {
+            return;
+        }
+        let expires = Instant::now()
+            .checked_add(reuse_for)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+        let edits: Box<[Edit]> = recording
+            .edits
+            .into_iter()
+            .map(|edit| match edit {
+                // Parse the key once here, not on every request it serves.
+                Edit::CacheKey(Some(hint)) if hint.key.is_none() => {
+                    let text = hint.text.clone();
+                    let key = CacheKey::parse(&text).ok();
+                    Edit::CacheKey(Some(Arc::new(KeyHint { text, key })))
+                }
+                other => other,
+            })
+            .collect();
+        let answer = answer.map(|(s, h, b)| (s, h.clone(), b.clone()));
+        let size = edits.iter().map(edit_bytes).sum::<usize>()
+            + answer.as_ref().map_or(0, |(_, h, b)| {
+                b.len()
+                    + h.iter()
+                        .map(|(n, v)| n.as_str().len() + v.len())
+                        .sum::<usize>()
+            });
+        let mut kept = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inputs = recording.reads.inputs;
+        let index = match kept.shapes.iter().position(|s| **s == *inputs) {
+            Some(index) => index,
+            None if kept.shapes.len() < MAX_SHAPES => {
+                kept.shapes.push(inputs.clone().into());
+                kept.shapes.len() - 1
+            }
+            None => return,
+        };
+        let mut key = vec![index as u8];
+        push_key(&mut key, &inputs, original);
+        let entry_bytes = key.len() + size;
+        if entry_bytes > MAX_ENTRY_BYTES {
+            return;
+        }
+        let outcome = Arc::new(Outcome {
+            edits,
+            answer,
+            expires,
+        });
+        if let Some((old_key, old)) = kept.outcomes.push(key.into_boxed_slice(), outcome) {
+            // `push` hands back the entry it replaced or evicted.
+            let freed = old_key.len() + outcome_bytes(&old);
+            kept.bytes = kept.bytes.saturating_sub(freed);
+        }
+        kept.bytes += entry_bytes;
+        while kept.bytes > MAX_KEPT_BYTES {
+            match kept.outcomes.pop_lru() {
+                Some((key, outcome)) => {
+                    let freed = key.len() + outcome_bytes(&outcome);
+                    kept.bytes = kept.bytes.saturating_sub(freed);
+                }
+                None => {
+                    kept.bytes = 0;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// How many outcomes are kept (for tests).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .outcomes
+            .len()
+    }
+}
+
+fn edit_bytes(edit: &Edit) -> usize {
+    32 + match edit {
+        Edit::Url(u) => u.to_string().len(),
+        Edit::CacheKey(Some(h)) => 2 * h.text.len(),
+        Edit::CacheKey(None) | Edit::Bypass => 0,
+        Edit::UpstreamUrl(u) => u.as_ref().map_or(0, |u| u.to_string().len()),
+        Edit::SetHeader(n, v, _) => n.as_str().len() + v.len(),
+        Edit::RemoveHeader(n) => n.as_str().len(),
+    }
+}
+
+fn outcome_bytes(outcome: &Outcome) -> usize {
+    outcome.edits.iter().map(edit_bytes).sum::<usize>()
+        + outcome.answer.as_ref().map_or(0, |(_, h, b)| {
+            b.len()
+                + h.iter()
+                    .map(|(n, v)| n.as_str().len() + v.len())
+                    .sum::<usize>()
+        })
+}
+
+/// Applies one kept edit as the ABI function that made it did.
+fn apply(req: &mut RequestView, edit: &Edit) {
+    match edit {
+        Edit::Url(url) => req.url = url.clone(),
+        Edit::CacheKey(hint) => {
+            req.cache_key = hint.as_ref().map(|h| h.text.clone());
+            req.key_hint = hint.clone();
+        }
+        Edit::UpstreamUrl(url) => req.upstream_url = url.clone(),
+        Edit::Bypass => req.bypass_cache = true,
+        Edit::SetHeader(name, value, append) => {
+            if *append {
+                req.headers.append(name.clone(), value.clone());
+            } else {
+                req.headers.insert(name.clone(), value.clone());
+            }
+        }
+        Edit::RemoveHeader(name) => {
+            req.headers.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use super::*;
+
+    fn view(url: &str, headers: &[(&'static str, &str)]) -> RequestView {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        RequestView::new(
+            Method::GET,
+            url.parse().unwrap(),
+            map,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
+        )
+    }
+
+    fn recording(inputs: Vec<Input>, edits: Vec<Edit>) -> Recording {
+        Recording {
+            reads: Reads {
+                inputs,
+                opaque: false,
+            },
+            edits,
+            reuse_for: Some(Duration::from_secs(60)),
+        }
+    }
+
+    #[test]
+    fn two_header_values_are_not_one_value_with_a_comma() {
+        let memo = OutcomeMemo::default();
+        let tenant = Input::Header(HeaderName::from_static("x-tenant"));
+        let one = view("http://m.test/a", &[("x-tenant", "a,b")]);
+        memo.keep(
+            &Original::of(&one),
+            recording(vec![tenant], vec![Edit::Bypass]),
+            None,
+        );
+        let mut two = view("http://m.test/a", &[("x-tenant", "a"), ("x-tenant", "b")]);
+        assert!(matches!(memo.replay(&mut two), Replayed::Miss));
+        let mut same = view("http://m.test/a", &[("x-tenant", "a,b")]);
+        assert!(matches!(memo.replay(&mut same), Replayed::Continue));
+        assert!(same.bypass_cache);
+    }
+
+    #[test]
+    fn long_urls_cannot_grow_the_memo_past_its_byte_cap() {
+        let memo = OutcomeMemo::default();
+        let long = "x".repeat(8 * 1024);
+        for i in 0..2000 {
+            let url = format!("http://m.test/{long}/{i}");
+            let req = view(&url, &[]);
+            let edit = Edit::Url(url.parse().unwrap());
+            memo.keep(
+                &Original::of(&req),
+                recording(vec![Input::Field(field::URL)], vec![edit]),
+                None,
+            );
+        }
+        let kept = memo.inner.lock().unwrap();
+        assert!(kept.bytes <= MAX_KEPT_BYTES, "{} bytes kept", kept.bytes);
+        assert!(kept.outcomes.len() < 2000);
+        assert!(kept.outcomes.len() > 100, "{} kept", kept.outcomes.len());
+    }
+
+    #[test]
+    fn an_opaque_call_or_one_that_did_not_ask_is_not_kept() {
+        let memo = OutcomeMemo::default();
+        let req = view("http://m.test/a", &[]);
+        let mut opaque = recording(vec![Input::Field(field::URL)], vec![]);
+        opaque.reads.opaque();
+        memo.keep(&Original::of(&req), opaque, None);
+        let mut unasked = recording(vec![Input::Field(field::URL)], vec![]);
+        unasked.reuse_for = None;
+        memo.keep(&Original::of(&req), unasked, None);
+        assert_eq!(memo.len(), 0);
+    }
+}

@@ -1,0 +1,235 @@
+//! Kept policy outcomes (ABI version 3, `reuse_outcome`) on real requests
+//! through the real binary: a policy that promises its decision depends
+//! only on what it read is called once per distinct value, its edits and
+//! answers still apply to every request, and a call that read something
+//! the host cannot key is always made again.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Cistern, Origin, Resource, free_port, get, pattern, request};
+use serde_json::Value;
+
+/// A WAT policy that answers every request with the number of calls it
+/// has had, as one character (`1`, `2`, …), after reading the URL, running
+/// `extra` (more reads) and promising reuse for `seconds`. The count lives
+/// in the guest's memory, which the host does not see: a reused outcome
+/// repeats the number of the call that made it.
+fn counting_policy(extra: &str, seconds: u32) -> String {
+    format!(
+        r#"(module
+  (import "cistern" "request_get" (func $request_get (param i32 i32 i32) (result i32)))
+  (import "cistern" "header_get" (func $header_get (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "cistern" "replica_state" (func $replica_state (param i32 i32) (result i32)))
+  (import "cistern" "reuse_outcome" (func $reuse_outcome (param i32) (result i32)))
+  (import "cistern" "header_set" (func $header_set (param i32 i32 i32 i32 i32) (result i32)))
+  (import "cistern" "respond" (func $respond (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $calls (mut i32) (i32.const 0))
+  (data (i32.const 0) "x-tenant")
+  (data (i32.const 16) "x-answered-by")
+  (data (i32.const 32) "counter")
+  (func (export "cistern_abi_version") (result i32) (i32.const 3))
+  (func (export "on_request") (result i32)
+    (drop (call $request_get (i32.const 1) (i32.const 1024) (i32.const 4096)))
+    {extra}
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (i32.store8 (i32.const 100) (i32.add (i32.const 48) (global.get $calls)))
+    (drop (call $reuse_outcome (i32.const {seconds})))
+    (drop (call $header_set (i32.const 1) (i32.const 16) (i32.const 13) (i32.const 32) (i32.const 7)))
+    (drop (call $respond (i32.const 200) (i32.const 100) (i32.const 1)))
+    (i32.const 0)))"#
+    )
+}
+
+/// Also reads every value of the request header `x-tenant`.
+const READ_TENANT: &str = "(drop (call $header_get (i32.const 0) (i32.const 0) (i32.const 8) (i32.const 0) (i32.const 512) (i32.const 256)))";
+/// Also asks the replica store about the key `x-tenant` (any text will do).
+const ASK_REPLICA: &str = "(drop (call $replica_state (i32.const 0) (i32.const 8)))";
+
+fn admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Starts Cistern with the policy `counter` (from `wat`) on every request,
+/// and the admin listener on `admin`.
+fn start(dir: &std::path::Path, wat: &str, admin: SocketAddr) -> Cistern {
+    std::fs::write(dir.join("counter.wat"), wat).unwrap();
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "counter" path="counter.wat"
+mirror "m" {{ prefix "/"; upstream "http://127.0.0.1:9/"; policies "counter"; }}
+admin {{ listen "{admin}"; }}
+"#
+    );
+    Cistern::start(dir, &config, &[])
+}
+
+/// The body of the answer to `GET target` with `headers`.
+async fn answer(cistern: &Cistern, target: &str, headers: &[(&str, &str)]) -> String {
+    let got = request(cistern.addr, "GET", target, headers).await;
+    assert_eq!(got.status, 200, "{target}: {}", cistern.log());
+    assert_eq!(
+        got.header("x-answered-by"),
+        "counter",
+        "the answer's headers are kept with it"
+    );
+    String::from_utf8(got.bytes().to_vec()).unwrap()
+}
+
+async fn policy_stats(admin: SocketAddr) -> Value {
+    let got = get(admin, "/api/policies").await;
+    assert_eq!(got.status, 200);
+    let all: Value = serde_json::from_slice(got.bytes()).unwrap();
+    all[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_promises_reuse_is_called_once_per_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let cistern = start(dir.path(), &counting_policy("", 3600), admin);
+    assert_eq!(answer(&cistern, "/a", &[]).await, "1");
+    assert_eq!(answer(&cistern, "/a", &[]).await, "1", "not called again");
+    assert_eq!(
+        answer(&cistern, "/b", &[]).await,
+        "2",
+        "a new URL is a call"
+    );
+    assert_eq!(answer(&cistern, "/a", &[]).await, "1");
+    assert_eq!(
+        answer(&cistern, "/a", &[("x-tenant", "blue")]).await,
+        "1",
+        "a header the policy never read does not matter"
+    );
+    let stats = policy_stats(admin).await;
+    assert_eq!(stats["calls"], 2, "{stats}");
+    assert_eq!(stats["reused"], 3, "{stats}");
+    let metrics = get(admin, "/metrics").await;
+    let page = String::from_utf8(metrics.bytes().to_vec()).unwrap();
+    assert!(
+        page.contains("cistern_policy_reused_total{policy=\"counter\"} 3"),
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_the_policy_read_is_part_of_what_must_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = start(
+        dir.path(),
+        &counting_policy(READ_TENANT, 3600),
+        admin_addr(),
+    );
+    let blue = [("x-tenant", "blue")];
+    let red = [("x-tenant", "red")];
+    assert_eq!(answer(&cistern, "/a", &blue).await, "1");
+    assert_eq!(answer(&cistern, "/a", &red).await, "2");
+    assert_eq!(
+        answer(&cistern, "/a", &[]).await,
+        "3",
+        "no header is a value too"
+    );
+    assert_eq!(answer(&cistern, "/a", &blue).await, "1");
+    assert_eq!(answer(&cistern, "/a", &red).await, "2");
+    assert_eq!(answer(&cistern, "/a", &[]).await, "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_asked_the_replica_store_is_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    let cistern = start(dir.path(), &counting_policy(ASK_REPLICA, 3600), admin);
+    for want in ["1", "2", "3"] {
+        assert_eq!(answer(&cistern, "/a", &[]).await, want);
+    }
+    assert_eq!(policy_stats(admin).await["reused"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_outcome_expires_after_the_seconds_the_policy_gave() {
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = start(dir.path(), &counting_policy("", 1), admin_addr());
+    assert_eq!(answer(&cistern, "/a", &[]).await, "1");
+    assert_eq!(answer(&cistern, "/a", &[]).await, "1");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(answer(&cistern, "/a", &[]).await, "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_id_keys_apply_without_a_call_and_still_share_one_replica() {
+    let origin = Origin::start().await;
+    let deb = pattern(3, 20_000);
+    for mirror in ["mirror-a", "mirror-b"] {
+        origin.put(
+            &format!("/{mirror}/pool/main/h/hello.deb"),
+            Resource::new(deb.clone()),
+        );
+    }
+    let admin = admin_addr();
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "store-id" path="builtin:store-id" {{
+    param "rule" "http://*/mirror-*/pool/* http://pool.cistern/pool/$3"
+}}
+mirror "a" {{ prefix "/a/"; upstream "http://{o}/mirror-a/"; policies "store-id"; }}
+mirror "b" {{ prefix "/b/"; upstream "http://{o}/mirror-b/"; policies "store-id"; }}
+admin {{ listen "{admin}"; }}
+"#,
+        o = origin.addr
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    for path in ["/a/pool/main/h/hello.deb", "/b/pool/main/h/hello.deb"] {
+        for _ in 0..3 {
+            let got = get(cistern.addr, path).await;
+            assert_eq!(got.bytes(), &deb, "{path}: {}", cistern.log());
+        }
+    }
+    let got = get(cistern.addr, "/b/pool/main/h/hello.deb").await;
+    assert_eq!(got.header("cache-status"), "cistern; hit");
+    assert_eq!(origin.hits("/mirror-a/pool/main/h/hello.deb"), 1);
+    assert_eq!(
+        origin.hits("/mirror-b/pool/main/h/hello.deb"),
+        0,
+        "the key set from a kept outcome is the same replica"
+    );
+    let stats = policy_stats(admin).await;
+    assert_eq!(stats["calls"], 2, "one call per URL: {stats}");
+    assert_eq!(stats["reused"], 5, "{stats}");
+}
+
+#[test]
+fn a_version_2_module_that_imports_reuse_outcome_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let wat = counting_policy("", 60).replace(
+        "(func (export \"cistern_abi_version\") (result i32) (i32.const 3))",
+        "(func (export \"cistern_abi_version\") (result i32) (i32.const 2))",
+    );
+    std::fs::write(dir.path().join("old.wat"), wat).unwrap();
+    std::fs::write(
+        dir.path().join("config.kdl"),
+        "listen \"127.0.0.1:0\"\nstore { root \"r\"; }\npolicy \"old\" path=\"old.wat\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["check", "config.kdl"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("old") && text.contains("`reuse_outcome`") && text.contains("returning 3"),
+        "{text}"
+    );
+}
