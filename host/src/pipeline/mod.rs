@@ -33,7 +33,7 @@ use crate::gate::ConnGate;
 use crate::observe::accesslog::{AccessRecord, LoggedBody};
 use crate::observe::{CacheOutcome, NoCacheReason};
 use crate::policy::bridge::PolicyHook;
-use crate::policy::{PolicyChain, PolicyEngine, PolicyHost, RequestOutcome, RequestView};
+use crate::policy::{PolicyChain, PolicyEngine, PolicyHost, RequestOutcome, RequestView, Reuse};
 use crate::route::Route;
 use crate::snapshot::Snapshot;
 use crate::store::CacheKey;
@@ -342,14 +342,22 @@ impl Proxy {
         let mut parsed_key = None;
         if !chain.is_empty() {
             let headers = std::mem::take(req.headers_mut());
-            let view =
+            let mut view =
                 RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
-            let (mut view, outcome) = chain.run_on_request(&snap.policy_host, view).await;
+            // Kept outcomes first, with no future at all; the calls, when
+            // some hook must run, in a boxed one, so this future stays the
+            // size it is without policies (it is moved on every request).
+            let (mut view, outcome) = match chain.reuse_on_request(&mut view) {
+                Reuse::Kept(outcome) => (view, outcome),
+                Reuse::From(i) => {
+                    Box::pin(chain.run_on_request_from(&snap.policy_host, view, i)).await
+                }
+            };
             if let RequestOutcome::Respond(direct) = outcome {
                 return Answer::local(direct_response(direct));
             }
             *req.headers_mut() = std::mem::take(&mut view.headers);
-            if view.url != key_url {
+            if !same_uri(&view.url, &key_url) {
                 key_url = view.url.clone();
                 upstreams = Upstreams::Single(view.url.clone());
             }
@@ -403,6 +411,23 @@ impl Proxy {
             Err(why) => Answer::local(body::text(StatusCode::BAD_REQUEST, why)),
         }
     }
+}
+
+/// Whether two URLs are equal, at once when one is a clone of the other
+/// (the URL no policy rewrote): `Uri`'s own comparison folds the case of
+/// scheme and host byte by byte.
+fn same_uri(a: &Uri, b: &Uri) -> bool {
+    fn shares(x: &str, y: &str) -> bool {
+        x.as_ptr() == y.as_ptr() && x.len() == y.len()
+    }
+    fn authority(u: &Uri) -> &str {
+        u.authority().map_or("", |a| a.as_str())
+    }
+    fn rest(u: &Uri) -> &str {
+        u.path_and_query().map_or("", |p| p.as_str())
+    }
+    (a.scheme() == b.scheme() && shares(authority(a), authority(b)) && shares(rest(a), rest(b)))
+        || a == b
 }
 
 /// What the route decided for a cacheable request, besides its key.
@@ -496,3 +521,17 @@ fn site_host(req: &Request<ClientBody>, site: &str) -> HeaderValue {
 
 /// How long to wait for in-flight requests on shutdown.
 pub const DRAIN: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::same_uri;
+
+    #[test]
+    fn a_url_is_the_same_as_its_clone_and_as_its_equal() {
+        let url: http::Uri = "http://m.test/a?b".parse().unwrap();
+        assert!(same_uri(&url, &url.clone()));
+        assert!(same_uri(&url, &"http://M.test/a?b".parse().unwrap()));
+        assert!(!same_uri(&url, &"http://m.test/a?c".parse().unwrap()));
+        assert!(!same_uri(&url, &"https://m.test/a?b".parse().unwrap()));
+    }
+}

@@ -22,7 +22,7 @@ use super::reuse::Replayed;
 use super::{
     ABI_VERSION, BodyOutcome, DirectResponse, Failure, MAX_MEMORY_LIMIT, MIN_ABI_VERSION,
     PolicyError, PolicyHost, PolicyStats, RequestOutcome, RequestView, ResponseDecision,
-    ResponseView,
+    ResponseView, Reuse,
 };
 use crate::config::{OnError, PolicyDecl, PolicySource};
 
@@ -650,6 +650,60 @@ impl PolicyChain {
         }
     }
 
+    /// Applies kept outcomes (`reuse_outcome`, ABI version 3) of the
+    /// chain's `on_request` hooks in order, without a call or a future:
+    /// `Kept(outcome)` when every hook's was kept (the whole chain is
+    /// done), `From(i)` when the `i`-th hook must run, for
+    /// [`PolicyChain::run_on_request_from`]. On a hit whose policies all
+    /// keep their outcomes this is the whole cost of the chain.
+    pub fn reuse_on_request(&self, req: &mut RequestView) -> Reuse {
+        if !self.has_on_request {
+            return Reuse::Kept(RequestOutcome::Continue);
+        }
+        for (i, policy) in self.policies.iter().enumerate() {
+            if !policy.settings.has_on_request {
+                continue;
+            }
+            let Some(memo) = &policy.memo else {
+                return Reuse::From(i);
+            };
+            match memo.replay(req) {
+                Replayed::Miss => return Reuse::From(i),
+                Replayed::Continue => policy.note_reused(),
+                Replayed::Respond(status, headers, body) => {
+                    policy.note_reused();
+                    return Reuse::Kept(RequestOutcome::Respond(DirectResponse {
+                        status,
+                        headers,
+                        body,
+                    }));
+                }
+            }
+        }
+        Reuse::Kept(RequestOutcome::Continue)
+    }
+
+    /// [`PolicyChain::run_on_request`] from the chain's `from`-th policy
+    /// on: the rest of a chain [`PolicyChain::reuse_on_request`] stopped
+    /// in.
+    pub async fn run_on_request_from(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        mut req: RequestView,
+        from: usize,
+    ) -> (RequestView, RequestOutcome) {
+        let ran = AssertUnwindSafe(self.request_chain_from(host, &mut req, from))
+            .catch_unwind()
+            .await;
+        match ran {
+            Ok(outcome) => (req, outcome),
+            Err(_) => {
+                host_panicked(Hook::Request);
+                (RequestView::default(), RequestOutcome::Respond(denied()))
+            }
+        }
+    }
+
     /// Runs the chain's `on_response` hooks (see
     /// [`PolicyChain::on_response`]) in the caller's future, like
     /// [`PolicyChain::run_on_request`]; returns the views as the chain left
@@ -693,7 +747,17 @@ impl PolicyChain {
         host: &Arc<dyn PolicyHost>,
         req: &mut RequestView,
     ) -> RequestOutcome {
-        for policy in self.policies.iter().filter(|p| p.settings.has_on_request) {
+        self.request_chain_from(host, req, 0).await
+    }
+
+    async fn request_chain_from(
+        &self,
+        host: &Arc<dyn PolicyHost>,
+        req: &mut RequestView,
+        from: usize,
+    ) -> RequestOutcome {
+        let rest = self.policies.get(from..).unwrap_or(&[]);
+        for policy in rest.iter().filter(|p| p.settings.has_on_request) {
             if let Some(memo) = &policy.memo {
                 match memo.replay(req) {
                     Replayed::Miss => {}

@@ -133,6 +133,17 @@ pub enum RequestOutcome {
     Respond(DirectResponse),
 }
 
+/// What [`PolicyChain::reuse_on_request`] could settle without a call.
+#[derive(Debug)]
+pub enum Reuse {
+    /// Every `on_request` hook's outcome was kept and applied: the chain
+    /// is done, with this decision.
+    Kept(RequestOutcome),
+    /// The chain's policy at this index must run (and those after it):
+    /// [`PolicyChain::run_on_request_from`].
+    From(usize),
+}
+
 /// A complete, small answer produced without going upstream.
 #[derive(Debug, Clone)]
 pub struct DirectResponse {
