@@ -22,8 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode};
-use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -266,18 +265,19 @@ pub(crate) fn spawn(
 /// the files: editors and `mv` replace a file with a new one, and a watch
 /// on the old inode would never fire again.
 struct Watch {
-    watcher: Option<Debouncer<RecommendedWatcher, RecommendedCache>>,
+    watcher: Option<RecommendedWatcher>,
     files: BTreeSet<PathBuf>,
     dirs: BTreeSet<PathBuf>,
 }
 
 impl Watch {
-    fn new(enabled: bool, events: mpsc::UnboundedSender<DebounceEventResult>) -> Watch {
+    fn new(enabled: bool, events: mpsc::UnboundedSender<notify::Result<Event>>) -> Watch {
         let watcher = if enabled {
-            // notify-debouncer-full batches an editor's burst of writes,
-            // renames and chmods into one delivery once the files have been
-            // quiet for DEBOUNCE.
-            match new_debouncer(DEBOUNCE, None, move |e| {
+            // Raw events, debounced by the reload task (`quiet`): the
+            // watcher's thread sleeps in the kernel until a file changes,
+            // where a debouncer thread would wake 20 times a second for
+            // the life of the process.
+            match notify::recommended_watcher(move |e| {
                 let _ = events.send(e);
             }) {
                 Ok(w) => Some(w),
@@ -328,21 +328,40 @@ impl Watch {
         self.files = files;
     }
 
-    /// Whether a debounced batch holds a change to a watched file (not a
-    /// read of one, and not another file in a watched directory).
-    fn concerns(&self, batch: &DebounceEventResult) -> bool {
-        let Ok(events) = batch else {
+    /// Whether an event is a change to a watched file (not a read of one,
+    /// and not another file in a watched directory).
+    fn concerns(&self, event: &notify::Result<Event>) -> bool {
+        let event = match event {
+            Ok(event) if !event.need_rescan() => event,
             // The watcher lost track (queue overflow): reload to be safe.
-            return true;
+            _ => return true,
         };
-        events.iter().any(|event| {
-            let change = match event.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                EventKind::Access(_) => false,
-                _ => true,
-            };
-            change && event.paths.iter().any(|p| self.files.contains(p))
-        })
+        let change = match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => false,
+            _ => true,
+        };
+        change && event.paths.iter().any(|p| self.files.contains(p))
+    }
+
+    /// Returns once no watched file has changed for [`DEBOUNCE`]: an
+    /// editor's save is a burst of writes, renames and chmods, and `cp`
+    /// writes in several steps. Events about other files in the watched
+    /// directories (a log written beside the config) do not hold it up.
+    async fn quiet(&self, events: &mut Events) {
+        let mut until = tokio::time::Instant::now() + DEBOUNCE;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return,
+                event = events.recv() => match event {
+                    Some(event) if self.concerns(&event) => {
+                        until = tokio::time::Instant::now() + DEBOUNCE;
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+            }
+        }
     }
 }
 
@@ -355,8 +374,8 @@ fn watched_files(source: &Path, config: Option<&Config>) -> BTreeSet<PathBuf> {
     files
 }
 
-/// A file watcher's debounced batches of events.
-type Events = mpsc::UnboundedReceiver<DebounceEventResult>;
+/// A file watcher's events.
+type Events = mpsc::UnboundedReceiver<notify::Result<Event>>;
 
 async fn run(
     engine: Engine,
@@ -377,10 +396,11 @@ async fn run(
                 continue;
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => Trigger::Signal,
-            Some(batch) = events.recv() => {
-                if !watch.concerns(&batch) {
+            Some(event) = events.recv() => {
+                if !watch.concerns(&event) {
                     continue;
                 }
+                watch.quiet(&mut events).await;
                 Trigger::Files
             }
         };

@@ -51,8 +51,11 @@ pub(crate) const TICK: Duration = Duration::from_millis(2);
 /// has none, is not woken 500 times a second.
 const IDLE_TICKS: u32 = 50;
 
-/// How often a sleeping ticker looks whether its engine is gone.
-const PARKED_CHECK: Duration = Duration::from_secs(1);
+/// How often a sleeping ticker looks whether its engine is gone. The
+/// first guest call wakes it at once; the look only ends the thread of an
+/// engine dropped while asleep (tests make many), so once a minute keeps
+/// an idle process from being woken every second for nothing.
+const PARKED_CHECK: Duration = Duration::from_secs(60);
 
 /// The epoch ticker's state, shared between its thread and every policy,
 /// which holds a [`Ticking`] while guest code may run.

@@ -122,7 +122,20 @@ pub(crate) async fn flush(
     let mut sent: HashMap<(String, String), u64> = HashMap::new();
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut target = inner.target.subscribe();
     loop {
+        if target.borrow_and_update().is_none() {
+            // No fleet configured: nothing to flush to, and no reason to
+            // wake an idle process every second. The growth so far goes
+            // with the first flush once a config names a Redis.
+            tokio::select! {
+                // The guard `wait_for` returns is not Send: not in the output.
+                () = async { let _ = target.wait_for(Option::is_some).await; } => {}
+                _ = shutdown.changed() => return,
+            }
+            tick.reset();
+            continue;
+        }
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
