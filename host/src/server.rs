@@ -497,7 +497,10 @@ impl Connection {
             let req = req.map(ClientBody::Wire);
             let bodies = bodies.clone();
             async move {
-                let mut resp = proxy.handle(req, info).await;
+                // Boxed: hyper moves this future into a task of its own per
+                // HTTP/2 stream, and the pipeline's state inline made every
+                // such move (and the spawn) copy kilobytes.
+                let mut resp = Box::pin(proxy.handle(req, info)).await;
                 // hyper polls the body; the slice's place among a fill's
                 // readers would count this reader twice while the head lives.
                 resp.extensions_mut().remove::<crate::serve::FillSlice>();
