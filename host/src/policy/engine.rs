@@ -631,23 +631,12 @@ impl PolicyChain {
     pub async fn run_on_request(
         &self,
         host: &Arc<dyn PolicyHost>,
-        mut req: RequestView,
+        req: RequestView,
     ) -> (RequestView, RequestOutcome) {
         if !self.has_on_request {
             return (req, RequestOutcome::Continue);
         }
-        let ran = AssertUnwindSafe(self.request_chain(host, &mut req))
-            .catch_unwind()
-            .await;
-        match ran {
-            Ok(outcome) => (req, outcome),
-            // A panic is a bug of the host, not a policy's failure: no
-            // `on-error` applies, and refusing is the only safe answer.
-            Err(_) => {
-                host_panicked(Hook::Request);
-                (RequestView::default(), RequestOutcome::Respond(denied()))
-            }
-        }
+        self.run_on_request_from(host, req, 0).await
     }
 
     /// Applies kept outcomes (`reuse_outcome`, ABI version 3) of the
@@ -697,6 +686,8 @@ impl PolicyChain {
             .await;
         match ran {
             Ok(outcome) => (req, outcome),
+            // A panic is a bug of the host, not a policy's failure: no
+            // `on-error` applies, and refusing is the only safe answer.
             Err(_) => {
                 host_panicked(Hook::Request);
                 (RequestView::default(), RequestOutcome::Respond(denied()))
