@@ -2,7 +2,8 @@
  * - requests under the `limited-prefix` parameter (default "/api/") are
  *   rate-limited per client by the `per-client` limiter: 429 + Retry-After;
  * - requests whose URL has a query bypass the cache;
- * - responses get `x-policy: c`.
+ * - responses get `x-policy: c`;
+ * - outside the prefix, the host may reuse a decision (reuse_outcome).
  */
 #include "cistern.h"
 
@@ -44,7 +45,14 @@ CISTERN_EXPORT("on_request") int32_t on_request(void) {
         prefix_len = 5;
         for (int32_t i = 0; i < 5; i++) prefix[i] = "/api/"[i];
     }
-    if (!starts_with(path, path_len, prefix, prefix_len)) return 0;
+    if (!starts_with(path, path_len, prefix, prefix_len)) {
+        /* Outside the prefix the decision depends only on the path and the
+         * query read above: the host may apply it to the next request with
+         * the same ones without calling (ABI version 3). Inside, the
+         * limiter is asked, and such a call is never reused. */
+        cistern_reuse_outcome(3600);
+        return 0;
+    }
 
     int32_t ip_len = cistern_request_get(CISTERN_FIELD_CLIENT_IP, client_ip, sizeof client_ip);
     if (ip_len < 0 || ip_len > (int32_t)sizeof client_ip) return 1;
