@@ -150,6 +150,27 @@ async fn a_call_that_asked_the_replica_store_is_made_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_fails_after_promising_reuse_is_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin_addr();
+    // The same policy, but its hook returns 1 (a failure) at the end: its
+    // answer is discarded (on-error="pass"), and so is the promise.
+    let failing = counting_policy("", 3600).replace(
+        "(drop (call $respond (i32.const 200) (i32.const 100) (i32.const 1)))\n    (i32.const 0)))",
+        "(drop (call $respond (i32.const 200) (i32.const 100) (i32.const 1)))\n    (i32.const 1)))",
+    );
+    assert_ne!(failing, counting_policy("", 3600));
+    let cistern = start(dir.path(), &failing, admin);
+    for _ in 0..3 {
+        let got = request(cistern.addr, "GET", "/a", &[]).await;
+        assert_ne!(got.status, 200, "the failed call's answer must not apply");
+    }
+    let stats = policy_stats(admin).await;
+    assert_eq!(stats["calls"], 3, "{stats}");
+    assert_eq!(stats["reused"], 0, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_outcome_expires_after_the_seconds_the_policy_gave() {
     let dir = tempfile::tempdir().unwrap();
     let cistern = start(dir.path(), &counting_policy("", 1), admin_addr());
