@@ -85,6 +85,20 @@ pub const MISSING_CAP: usize = 10_000;
 /// docs) a set sends per second of its clock; the rest wait for a later
 /// request of the same file.
 pub const CHECKS_PER_SECOND: u32 = 20;
+/// The longest rest [`MirrorSet::push_url`] joins without the `Uri`
+/// parser: far below `http`'s limit on a whole URI (64 KiB), so no base
+/// can take a joined one past it.
+const PLAIN_REST_MAX: usize = 8 * 1024;
+
+/// Whether `http` takes byte `b` as it is both in a URI's path and in its
+/// query: `!`, `$` to `;`, `=`, `?` to `_`, `a` to `z`, `|`, `~` (its
+/// path and query tables' common part, `?` included since it starts the
+/// query or belongs to it). Such a rest after a base parses to the same
+/// text.
+fn plain_url_byte(b: u8) -> bool {
+    matches!(b, b'!' | b'$'..=b';' | b'=' | b'?'..=b'_' | b'a'..=b'z' | b'|' | b'~')
+}
+
 /// Latencies below this count as this (see the module docs).
 const LATENCY_FLOOR_US: u64 = 50_000;
 /// The most halvings of a share for latency, and for errors.
@@ -442,6 +456,34 @@ impl MirrorSet {
         url.push_str(&rest);
         // From the String itself: `parse` would copy it into a new buffer.
         Ok(Uri::try_from(url)?)
+    }
+
+    /// Appends the text of [`MirrorSet::url`]`(index, rest)` to `out`, as
+    /// [`crate::request::uri_text`] would render that `Uri`, without
+    /// building it (a redirect's `Location` needs only the text). A rest
+    /// made only of bytes that `http` takes as they are in both a path
+    /// and a query is joined as it is; anything else (spaces, quotes,
+    /// braces, bytes above ASCII, a fragment, a very long rest) goes
+    /// through the `Uri` parser for its verdict and its rendering, so the
+    /// answer and the errors are the same as `url`'s. `out` is left as it
+    /// was on an error.
+    pub fn push_url(
+        &self,
+        index: usize,
+        rest: &str,
+        out: &mut String,
+    ) -> Result<(), MirrorPathError> {
+        let base = &self.upstreams[index].base_text;
+        let confined = confine(rest.trim_start_matches('/'), &self.prefix)?;
+        if confined.len() <= PLAIN_REST_MAX && confined.bytes().all(plain_url_byte) {
+            out.reserve(base.len() + confined.len());
+            out.push_str(base);
+            out.push_str(&confined);
+            return Ok(());
+        }
+        let url = self.url(index, rest)?;
+        crate::request::push_uri(out, &url);
+        Ok(())
     }
 
     /// The index of the upstream `url` was sent to (the longest base that
@@ -870,6 +912,47 @@ mod tests {
             "http://b.example/d/dists/InRelease?x=1"
         );
         assert_eq!(s.index_of(&s.url(1, "x").unwrap()), Some(1));
+    }
+
+    #[test]
+    fn url_text_is_the_parsed_urls_text() {
+        let s = set();
+        let long = "a".repeat(70_000);
+        for rest in [
+            "pool/x.deb",
+            "/pool/x.deb",
+            "dists/InRelease?x=1&y=%20z?w",
+            "pool/x/../y.deb?q=a/../b",
+            "a%2fb/./c",
+            "sp ace",
+            "quo\"te?q=\"",
+            "br{ace}s",
+            "caf\u{e9}.iso?\u{e9}",
+            "x#frag",
+            "x?y#frag",
+            "ctl\u{7f}",
+            "tick`<>^[]@:",
+            "",
+            long.as_str(),
+            "../secret",
+            "%2e%2e/secret",
+        ] {
+            for i in 0..2 {
+                let mut text = String::from("kept ");
+                let pushed = s.push_url(i, rest, &mut text);
+                match s.url(i, rest) {
+                    Ok(url) => {
+                        assert!(pushed.is_ok(), "{rest}");
+                        assert_eq!(text, format!("kept {url}"), "{rest}");
+                    }
+                    Err(e) => {
+                        let got = pushed.expect_err(rest);
+                        assert_eq!(got.to_string(), e.to_string(), "{rest}");
+                        assert_eq!(text, "kept ", "{rest}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -140,17 +140,20 @@ impl Proxy {
         let response = match (form, chosen) {
             (Form::Redirect, Some(at)) => {
                 let up = &set.upstreams[order[at].index];
-                let url = match set.url(order[at].index, &target) {
-                    Ok(url) => url,
-                    Err(e) => return bad(e),
-                };
+                // The body is `Found: URL`; `Location` is a slice of it.
+                let mut text =
+                    String::with_capacity(FOUND.len() + up.base_str().len() + target.len() + 1);
+                text.push_str(FOUND);
+                if let Err(e) = set.push_url(order[at].index, &target, &mut text) {
+                    return bad(e);
+                }
                 self.engine.metrics().redirects().record(
                     self.clock.now(),
                     &set.name,
                     up.base_str(),
                     path,
                 );
-                found(crate::request::uri_text(&url))
+                found(text)
             }
             (Form::Redirect, None) if order.iter().any(|r| r.state == RankedState::Missing) => {
                 body::text(
@@ -212,14 +215,24 @@ fn wants_json(headers: &HeaderMap) -> bool {
         })
 }
 
-/// `302 Found` to `url`, with a tiny body for clients that show it.
-fn found(url: String) -> Response<ProxyBody> {
-    let mut text = String::with_capacity(8 + url.len());
-    text.push_str("Found: ");
-    text.push_str(&url);
-    let mut resp = body::text(StatusCode::FOUND, text);
-    // The header takes the string's own buffer: no copy.
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(url)) {
+/// What a 302's body says before the URL.
+const FOUND: &str = "Found: ";
+
+/// `302 Found` to the URL in `text` (`Found: URL`), with that text as a
+/// tiny body for clients that show it.
+fn found(mut text: String) -> Response<ProxyBody> {
+    let end = text.len();
+    text.push('\n');
+    let text = bytes::Bytes::from(text);
+    // `Location` shares the body's buffer: no copy.
+    let location = HeaderValue::from_maybe_shared(text.slice(FOUND.len()..end));
+    let mut resp = Response::new(body::full(text));
+    *resp.status_mut() = StatusCode::FOUND;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = location {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
