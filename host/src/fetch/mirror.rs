@@ -99,6 +99,8 @@ fn plain_url_byte(b: u8) -> bool {
     matches!(b, b'!' | b'$'..=b';' | b'=' | b'?'..=b'_' | b'a'..=b'z' | b'|' | b'~')
 }
 
+/// Sets of up to this many upstreams weigh them without allocating.
+const INLINE_UPSTREAMS: usize = 8;
 /// Latencies below this count as this (see the module docs).
 const LATENCY_FLOOR_US: u64 = 50_000;
 /// The most halvings of a share for latency, and for errors.
@@ -196,6 +198,30 @@ pub struct Ranked {
     pub state: RankedState,
     /// Its share of new files now, 0 to 1 (0 while disabled).
     pub share: f64,
+}
+
+/// The hash of a file (the rest of a request below the prefix, without
+/// its query) that keys the set's 404 memory and its checks, and picks
+/// its upstream: a redirect computes it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileKey(u64);
+
+impl FileKey {
+    /// The key of `rest`.
+    pub fn of(rest: &str) -> FileKey {
+        FileKey(hash(rest.as_bytes()))
+    }
+}
+
+/// What a redirect of one file does ([`MirrorSet::redirect_choice`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Redirection {
+    /// Send the client to this upstream (index in [`MirrorSet::upstreams`]).
+    To(usize),
+    /// Every enabled upstream answered 404 for it recently.
+    Missing,
+    /// No upstream is enabled.
+    Down,
 }
 
 /// Whether a redirector may send a client to an upstream, best first.
@@ -498,31 +524,51 @@ impl MirrorSet {
     /// Each upstream's effective weight now, 0 when disabled (see the
     /// module docs for the formula).
     fn effective_weights(&self) -> Vec<f64> {
-        let healths: Vec<(bool, u32, Option<u64>)> = self
-            .upstreams
-            .iter()
-            .map(|u| {
-                let h = lock(&u.health);
-                (h.down.is_none(), h.strikes(), h.latency_us)
-            })
-            .collect();
+        self.with_weights(<[f64]>::to_vec)
+    }
+
+    /// Calls `f` with [`MirrorSet::effective_weights`], kept on the stack
+    /// for a set of up to [`INLINE_UPSTREAMS`] (a redirect asks on every
+    /// request).
+    fn with_weights<R>(&self, f: impl FnOnce(&[f64]) -> R) -> R {
+        let n = self.upstreams.len();
+        if n <= INLINE_UPSTREAMS {
+            let mut healths = [(false, 0, None); INLINE_UPSTREAMS];
+            let mut weights = [0.0; INLINE_UPSTREAMS];
+            self.weights_into(&mut healths[..n], &mut weights[..n]);
+            f(&weights[..n])
+        } else {
+            let mut healths = vec![(false, 0, None); n];
+            let mut weights = vec![0.0; n];
+            self.weights_into(&mut healths, &mut weights);
+            f(&weights)
+        }
+    }
+
+    /// Fills `out` (one slot per upstream) with the effective weights,
+    /// `healths` (as long) being room for what each health lock gave:
+    /// whether it is enabled, its strikes, its latency.
+    fn weights_into(&self, healths: &mut [(bool, u32, Option<u64>)], out: &mut [f64]) {
+        for (slot, u) in healths.iter_mut().zip(&self.upstreams) {
+            let h = lock(&u.health);
+            *slot = (h.down.is_none(), h.strikes(), h.latency_us);
+        }
         let min = healths
             .iter()
             .filter(|(enabled, _, _)| *enabled)
             .filter_map(|(_, _, l)| *l)
             .min()
             .unwrap_or(LATENCY_FLOOR_US);
-        self.upstreams
-            .iter()
-            .zip(&healths)
-            .map(|(u, &(enabled, failures, latency))| {
-                if !enabled {
-                    return 0.0;
-                }
+        for ((w, u), &(enabled, failures, latency)) in
+            out.iter_mut().zip(&self.upstreams).zip(healths.iter())
+        {
+            *w = if enabled {
                 let steps = latency_steps(latency, min) + failures.min(MAX_STEPS);
                 f64::from(u.weight) / f64::from(1u32 << steps)
-            })
-            .collect()
+            } else {
+                0.0
+            };
+        }
     }
 
     /// Upstreams in the order to try them for `rest` (the path below the
@@ -621,6 +667,44 @@ impl MirrorSet {
         out
     }
 
+    /// What a redirect of the file `file` does: the first `Usable`
+    /// upstream of [`MirrorSet::redirect_order`] (the enabled one with
+    /// the highest score among those not known to lack the file), else
+    /// whether some enabled one lacks it, found without ordering them
+    /// all: no allocation for a set of up to [`INLINE_UPSTREAMS`], and no
+    /// lookup in the 404 memory while it is empty.
+    pub fn redirect_choice(&self, file: FileKey) -> Redirection {
+        let now = self.now_ms();
+        self.with_weights(|weights| {
+            let missing = lock(&self.missing);
+            let lacks = |index: usize| {
+                !missing.is_empty() && missing.get(&(file.0, index)).is_some_and(|&t| t > now)
+            };
+            let mut best: Option<(usize, f64)> = None;
+            let mut lacking = false;
+            for (index, (u, &w)) in self.upstreams.iter().zip(weights).enumerate() {
+                if w <= 0.0 {
+                    continue;
+                }
+                if lacks(index) {
+                    lacking = true;
+                    continue;
+                }
+                let score = score(u.seed, file.0, w);
+                // Strictly higher: on a tie the first in config order
+                // wins, as in `rank`'s stable sort.
+                if best.is_none_or(|(_, top)| score.total_cmp(&top).is_gt()) {
+                    best = Some((index, score));
+                }
+            }
+            match best {
+                Some((index, _)) => Redirection::To(index),
+                None if lacking => Redirection::Missing,
+                None => Redirection::Down,
+            }
+        })
+    }
+
     /// How long until the first disabled upstream may be tried again (at
     /// least a second), for a `Retry-After` when none is enabled.
     pub fn retry_in(&self) -> Duration {
@@ -657,8 +741,14 @@ impl MirrorSet {
     /// 404 is remembered already, not twice within [`MISSING_FOR`], and at
     /// most [`CHECKS_PER_SECOND`] per second of the set's clock.
     pub fn claim_check(&self, index: usize, rest: &str) -> bool {
+        self.claim_check_of(index, FileKey::of(rest))
+    }
+
+    /// [`MirrorSet::claim_check`] for the file whose key the request has
+    /// already computed.
+    pub fn claim_check_of(&self, index: usize, file: FileKey) -> bool {
         let now = self.now_ms();
-        let key = (hash(rest.as_bytes()), index);
+        let key = (file.0, index);
         if lock(&self.missing).get(&key).is_some_and(|&t| t > now) {
             return false;
         }
@@ -868,24 +958,25 @@ mod tests {
     }
 
     fn set_on(clock: &Clock, health: HealthConfig) -> MirrorSet {
-        MirrorSet::new(
-            &MirrorConfig {
-                name: "debian".into(),
-                prefix: "/debian/".into(),
-                upstreams: vec![
-                    "http://a.example/debian/".parse().unwrap(),
-                    "http://b.example/d/".parse().unwrap(),
-                ],
-                policies: vec![],
-                stale: StaleRules::default(),
-                forwarded_for: ForwardedFor::Replace,
-                weights: vec![1, 1],
-                health,
-                query: crate::config::QueryMode::Ignore,
-                redirect: None,
-            },
-            clock,
-        )
+        MirrorSet::new(&config(health), clock)
+    }
+
+    fn config(health: HealthConfig) -> MirrorConfig {
+        MirrorConfig {
+            name: "debian".into(),
+            prefix: "/debian/".into(),
+            upstreams: vec![
+                "http://a.example/debian/".parse().unwrap(),
+                "http://b.example/d/".parse().unwrap(),
+            ],
+            policies: vec![],
+            stale: StaleRules::default(),
+            forwarded_for: ForwardedFor::Replace,
+            weights: vec![1, 1],
+            health,
+            query: crate::config::QueryMode::Ignore,
+            redirect: None,
+        }
     }
 
     fn first(s: &MirrorSet, rest: &str) -> usize {
@@ -1112,6 +1203,72 @@ mod tests {
             .find(|g| s.redirect_order(g)[0].index == 0)
             .unwrap();
         assert_eq!(s.order(&g)[0].index, 1, "its retry is still due");
+    }
+
+    #[test]
+    fn a_redirect_choice_is_the_first_usable_of_the_redirect_order() {
+        let clock = Clock::manual(SystemTime::now());
+        // Four mirrors, one weighted up.
+        let s = MirrorSet::new(
+            &MirrorConfig {
+                upstreams: ["http://a.example/", "http://b.example/d/"]
+                    .into_iter()
+                    .chain(["http://c.example/", "http://d.example/x/"])
+                    .map(|b| b.parse().unwrap())
+                    .collect(),
+                weights: vec![1, 1, 3, 1],
+                ..config(HealthConfig::default())
+            },
+            &clock,
+        );
+        let files: Vec<String> = (0..300).map(|n| format!("pool/h{n}.deb")).collect();
+        let expect = |s: &MirrorSet, f: &str| {
+            let order = s.redirect_order(f);
+            match order.iter().find(|r| r.state == RankedState::Usable) {
+                Some(r) => Redirection::To(r.index),
+                None if order.iter().any(|r| r.state == RankedState::Missing) => {
+                    Redirection::Missing
+                }
+                None => Redirection::Down,
+            }
+        };
+        let check = |s: &MirrorSet, what: &str| {
+            let mut seen = std::collections::HashSet::new();
+            for f in &files {
+                let got = s.redirect_choice(FileKey::of(f));
+                assert_eq!(got, expect(s, f), "{what}: {f}");
+                seen.insert(got);
+            }
+            seen
+        };
+        assert_eq!(check(&s, "all up").len(), 4, "each mirror chosen");
+        for f in files.iter().step_by(3) {
+            if let Redirection::To(i) = expect(&s, f) {
+                s.remember_missing(i, f);
+            }
+        }
+        for f in files.iter().step_by(7) {
+            for i in 0..4 {
+                s.remember_missing(i, f);
+            }
+        }
+        assert!(check(&s, "some missing").contains(&Redirection::Missing));
+        s.report(1, Outcome::Answered(Duration::from_millis(400)));
+        s.report(0, Outcome::Answered(Duration::from_millis(100)));
+        for _ in 0..3 {
+            s.report(2, Outcome::Failed("connection refused"));
+        }
+        check(&s, "one slow, one down");
+        for i in [0, 1, 3] {
+            for _ in 0..3 {
+                s.report(i, Outcome::Failed("connection refused"));
+            }
+        }
+        assert_eq!(check(&s, "all down").len(), 1);
+        assert_eq!(s.redirect_choice(FileKey::of("x")), Redirection::Down);
+        clock.advance(MISSING_FOR);
+        s.report(3, Outcome::Answered(Duration::from_millis(5)));
+        assert_eq!(check(&s, "forgotten, one back").len(), 1);
     }
 
     #[test]
