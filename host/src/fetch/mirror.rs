@@ -275,7 +275,7 @@ pub struct MirrorSet {
     epoch: Instant,
     /// (file hash, upstream index) → when its 404 is forgotten (ms after
     /// the epoch).
-    missing: Mutex<HashMap<(u64, usize), u64>>,
+    missing: Mutex<FileMap>,
     /// Background checks of redirected files (see the module docs).
     checks: Mutex<Checks>,
     /// Bumped whenever an upstream is disabled or re-enabled, so what is
@@ -288,6 +288,13 @@ pub struct MirrorSet {
     pub advertise: bool,
 }
 
+/// (file key, upstream index) → a time (ms after the set's epoch): the
+/// 404 memory and the checks' memory. Hashed with foldhash, seeded at
+/// random per map: a redirect looks one up on every request, where
+/// SipHash cost more than the rest of the claim; the key is a hash of a
+/// client's path, so the seed keeps clients from aiming collisions.
+type FileMap = HashMap<(u64, usize), u64, foldhash::fast::RandomState>;
+
 /// The background checks a redirecting set has sent: which (file,
 /// upstream) pairs, until when they are not checked again, and this
 /// second's count for the rate limit.
@@ -295,7 +302,7 @@ pub struct MirrorSet {
 struct Checks {
     /// (file hash, upstream index) → when it may be checked again (ms
     /// after the epoch).
-    until: HashMap<(u64, usize), u64>,
+    until: FileMap,
     /// The second of the set's clock `sent` counts in.
     second: u64,
     /// Checks sent in that second.
@@ -450,7 +457,7 @@ impl MirrorSet {
             redirect: config.redirect.as_ref().map(super::redirect::Redirect::new),
             clock: clock.clone(),
             epoch: clock.monotonic(),
-            missing: Mutex::new(HashMap::new()),
+            missing: Mutex::new(FileMap::default()),
             checks: Mutex::new(Checks::default()),
             generation: AtomicU64::new(0),
             advertise: true,
