@@ -157,6 +157,12 @@ async fn files_get_a_302_to_their_sticky_weighted_mirror_and_no_upstream_request
         assert_eq!(location, format!("{mirror}3.0/vlc-{i}.tar.xz"));
         assert_eq!(got.header("cache-control"), "no-store");
         assert_eq!(got.header("vary"), "accept");
+        // A tiny body for clients that show it, naming the same URL.
+        assert_eq!(got.header("content-type"), "text/plain; charset=utf-8");
+        assert_eq!(
+            got.body.as_deref(),
+            Ok(format!("Found: {location}\n").as_bytes())
+        );
         *to.entry(mirror.clone()).or_default() += 1;
         chosen.push(mirror);
         // The same file goes to the same mirror, HEAD as GET.

@@ -95,8 +95,8 @@ fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
 }
 
 /// Appends `uri` as its `Display` writes it, without the formatting
-/// machinery: the access log, the redirect `Location` and a guest reading
-/// the URL each do it on every request.
+/// machinery: a guest reading the URL does it on every request (the
+/// access log has a byte twin of it, `observe::accesslog::push_uri`).
 pub fn push_uri(out: &mut String, uri: &http::Uri) {
     if let Some(scheme) = uri.scheme_str() {
         out.push_str(scheme);

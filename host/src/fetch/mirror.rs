@@ -85,6 +85,22 @@ pub const MISSING_CAP: usize = 10_000;
 /// docs) a set sends per second of its clock; the rest wait for a later
 /// request of the same file.
 pub const CHECKS_PER_SECOND: u32 = 20;
+/// The longest rest [`MirrorSet::push_url`] joins without the `Uri`
+/// parser: far below `http`'s limit on a whole URI (64 KiB), so no base
+/// can take a joined one past it.
+const PLAIN_REST_MAX: usize = 8 * 1024;
+
+/// Whether `http` takes byte `b` as it is both in a URI's path and in its
+/// query: `!`, `$` to `;`, `=`, `?` to `_`, `a` to `z`, `|`, `~` (its
+/// path and query tables' common part, `?` included since it starts the
+/// query or belongs to it). Such a rest after a base parses to the same
+/// text.
+fn plain_url_byte(b: u8) -> bool {
+    matches!(b, b'!' | b'$'..=b';' | b'=' | b'?'..=b'_' | b'a'..=b'z' | b'|' | b'~')
+}
+
+/// Sets of up to this many upstreams weigh them without allocating.
+const INLINE_UPSTREAMS: usize = 8;
 /// Latencies below this count as this (see the module docs).
 const LATENCY_FLOOR_US: u64 = 50_000;
 /// The most halvings of a share for latency, and for errors.
@@ -184,6 +200,30 @@ pub struct Ranked {
     pub share: f64,
 }
 
+/// The hash of a file (the rest of a request below the prefix, without
+/// its query) that keys the set's 404 memory and its checks, and picks
+/// its upstream: a redirect computes it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileKey(u64);
+
+impl FileKey {
+    /// The key of `rest`.
+    pub fn of(rest: &str) -> FileKey {
+        FileKey(hash(rest.as_bytes()))
+    }
+}
+
+/// What a redirect of one file does ([`MirrorSet::redirect_choice`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Redirection {
+    /// Send the client to this upstream (index in [`MirrorSet::upstreams`]).
+    To(usize),
+    /// Every enabled upstream answered 404 for it recently.
+    Missing,
+    /// No upstream is enabled.
+    Down,
+}
+
 /// Whether a redirector may send a client to an upstream, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RankedState {
@@ -235,7 +275,7 @@ pub struct MirrorSet {
     epoch: Instant,
     /// (file hash, upstream index) → when its 404 is forgotten (ms after
     /// the epoch).
-    missing: Mutex<HashMap<(u64, usize), u64>>,
+    missing: Mutex<FileMap>,
     /// Background checks of redirected files (see the module docs).
     checks: Mutex<Checks>,
     /// Bumped whenever an upstream is disabled or re-enabled, so what is
@@ -248,6 +288,13 @@ pub struct MirrorSet {
     pub advertise: bool,
 }
 
+/// (file key, upstream index) → a time (ms after the set's epoch): the
+/// 404 memory and the checks' memory. Hashed with foldhash, seeded at
+/// random per map: a redirect looks one up on every request, where
+/// SipHash cost more than the rest of the claim; the key is a hash of a
+/// client's path, so the seed keeps clients from aiming collisions.
+type FileMap = HashMap<(u64, usize), u64, foldhash::fast::RandomState>;
+
 /// The background checks a redirecting set has sent: which (file,
 /// upstream) pairs, until when they are not checked again, and this
 /// second's count for the rate limit.
@@ -255,7 +302,7 @@ pub struct MirrorSet {
 struct Checks {
     /// (file hash, upstream index) → when it may be checked again (ms
     /// after the epoch).
-    until: HashMap<(u64, usize), u64>,
+    until: FileMap,
     /// The second of the set's clock `sent` counts in.
     second: u64,
     /// Checks sent in that second.
@@ -410,7 +457,7 @@ impl MirrorSet {
             redirect: config.redirect.as_ref().map(super::redirect::Redirect::new),
             clock: clock.clone(),
             epoch: clock.monotonic(),
-            missing: Mutex::new(HashMap::new()),
+            missing: Mutex::new(FileMap::default()),
             checks: Mutex::new(Checks::default()),
             generation: AtomicU64::new(0),
             advertise: true,
@@ -444,6 +491,34 @@ impl MirrorSet {
         Ok(Uri::try_from(url)?)
     }
 
+    /// Appends the text of [`MirrorSet::url`]`(index, rest)` to `out`, as
+    /// [`crate::request::uri_text`] would render that `Uri`, without
+    /// building it (a redirect's `Location` needs only the text). A rest
+    /// made only of bytes that `http` takes as they are in both a path
+    /// and a query is joined as it is; anything else (spaces, quotes,
+    /// braces, bytes above ASCII, a fragment, a very long rest) goes
+    /// through the `Uri` parser for its verdict and its rendering, so the
+    /// answer and the errors are the same as `url`'s. `out` is left as it
+    /// was on an error.
+    pub fn push_url(
+        &self,
+        index: usize,
+        rest: &str,
+        out: &mut String,
+    ) -> Result<(), MirrorPathError> {
+        let base = &self.upstreams[index].base_text;
+        let confined = confine(rest.trim_start_matches('/'), &self.prefix)?;
+        if confined.len() <= PLAIN_REST_MAX && confined.bytes().all(plain_url_byte) {
+            out.reserve(base.len() + confined.len());
+            out.push_str(base);
+            out.push_str(&confined);
+            return Ok(());
+        }
+        let url = self.url(index, rest)?;
+        crate::request::push_uri(out, &url);
+        Ok(())
+    }
+
     /// The index of the upstream `url` was sent to (the longest base that
     /// starts it).
     pub fn index_of(&self, url: &Uri) -> Option<usize> {
@@ -456,31 +531,51 @@ impl MirrorSet {
     /// Each upstream's effective weight now, 0 when disabled (see the
     /// module docs for the formula).
     fn effective_weights(&self) -> Vec<f64> {
-        let healths: Vec<(bool, u32, Option<u64>)> = self
-            .upstreams
-            .iter()
-            .map(|u| {
-                let h = lock(&u.health);
-                (h.down.is_none(), h.strikes(), h.latency_us)
-            })
-            .collect();
+        self.with_weights(<[f64]>::to_vec)
+    }
+
+    /// Calls `f` with [`MirrorSet::effective_weights`], kept on the stack
+    /// for a set of up to [`INLINE_UPSTREAMS`] (a redirect asks on every
+    /// request).
+    fn with_weights<R>(&self, f: impl FnOnce(&[f64]) -> R) -> R {
+        let n = self.upstreams.len();
+        if n <= INLINE_UPSTREAMS {
+            let mut healths = [(false, 0, None); INLINE_UPSTREAMS];
+            let mut weights = [0.0; INLINE_UPSTREAMS];
+            self.weights_into(&mut healths[..n], &mut weights[..n]);
+            f(&weights[..n])
+        } else {
+            let mut healths = vec![(false, 0, None); n];
+            let mut weights = vec![0.0; n];
+            self.weights_into(&mut healths, &mut weights);
+            f(&weights)
+        }
+    }
+
+    /// Fills `out` (one slot per upstream) with the effective weights,
+    /// `healths` (as long) being room for what each health lock gave:
+    /// whether it is enabled, its strikes, its latency.
+    fn weights_into(&self, healths: &mut [(bool, u32, Option<u64>)], out: &mut [f64]) {
+        for (slot, u) in healths.iter_mut().zip(&self.upstreams) {
+            let h = lock(&u.health);
+            *slot = (h.down.is_none(), h.strikes(), h.latency_us);
+        }
         let min = healths
             .iter()
             .filter(|(enabled, _, _)| *enabled)
             .filter_map(|(_, _, l)| *l)
             .min()
             .unwrap_or(LATENCY_FLOOR_US);
-        self.upstreams
-            .iter()
-            .zip(&healths)
-            .map(|(u, &(enabled, failures, latency))| {
-                if !enabled {
-                    return 0.0;
-                }
+        for ((w, u), &(enabled, failures, latency)) in
+            out.iter_mut().zip(&self.upstreams).zip(healths.iter())
+        {
+            *w = if enabled {
                 let steps = latency_steps(latency, min) + failures.min(MAX_STEPS);
                 f64::from(u.weight) / f64::from(1u32 << steps)
-            })
-            .collect()
+            } else {
+                0.0
+            };
+        }
     }
 
     /// Upstreams in the order to try them for `rest` (the path below the
@@ -579,6 +674,44 @@ impl MirrorSet {
         out
     }
 
+    /// What a redirect of the file `file` does: the first `Usable`
+    /// upstream of [`MirrorSet::redirect_order`] (the enabled one with
+    /// the highest score among those not known to lack the file), else
+    /// whether some enabled one lacks it, found without ordering them
+    /// all: no allocation for a set of up to [`INLINE_UPSTREAMS`], and no
+    /// lookup in the 404 memory while it is empty.
+    pub fn redirect_choice(&self, file: FileKey) -> Redirection {
+        let now = self.now_ms();
+        self.with_weights(|weights| {
+            let missing = lock(&self.missing);
+            let lacks = |index: usize| {
+                !missing.is_empty() && missing.get(&(file.0, index)).is_some_and(|&t| t > now)
+            };
+            let mut best: Option<(usize, f64)> = None;
+            let mut lacking = false;
+            for (index, (u, &w)) in self.upstreams.iter().zip(weights).enumerate() {
+                if w <= 0.0 {
+                    continue;
+                }
+                if lacks(index) {
+                    lacking = true;
+                    continue;
+                }
+                let score = score(u.seed, file.0, w);
+                // Strictly higher: on a tie the first in config order
+                // wins, as in `rank`'s stable sort.
+                if best.is_none_or(|(_, top)| score.total_cmp(&top).is_gt()) {
+                    best = Some((index, score));
+                }
+            }
+            match best {
+                Some((index, _)) => Redirection::To(index),
+                None if lacking => Redirection::Missing,
+                None => Redirection::Down,
+            }
+        })
+    }
+
     /// How long until the first disabled upstream may be tried again (at
     /// least a second), for a `Retry-After` when none is enabled.
     pub fn retry_in(&self) -> Duration {
@@ -615,8 +748,14 @@ impl MirrorSet {
     /// 404 is remembered already, not twice within [`MISSING_FOR`], and at
     /// most [`CHECKS_PER_SECOND`] per second of the set's clock.
     pub fn claim_check(&self, index: usize, rest: &str) -> bool {
+        self.claim_check_of(index, FileKey::of(rest))
+    }
+
+    /// [`MirrorSet::claim_check`] for the file whose key the request has
+    /// already computed.
+    pub fn claim_check_of(&self, index: usize, file: FileKey) -> bool {
         let now = self.now_ms();
-        let key = (hash(rest.as_bytes()), index);
+        let key = (file.0, index);
         if lock(&self.missing).get(&key).is_some_and(|&t| t > now) {
             return false;
         }
@@ -826,24 +965,25 @@ mod tests {
     }
 
     fn set_on(clock: &Clock, health: HealthConfig) -> MirrorSet {
-        MirrorSet::new(
-            &MirrorConfig {
-                name: "debian".into(),
-                prefix: "/debian/".into(),
-                upstreams: vec![
-                    "http://a.example/debian/".parse().unwrap(),
-                    "http://b.example/d/".parse().unwrap(),
-                ],
-                policies: vec![],
-                stale: StaleRules::default(),
-                forwarded_for: ForwardedFor::Replace,
-                weights: vec![1, 1],
-                health,
-                query: crate::config::QueryMode::Ignore,
-                redirect: None,
-            },
-            clock,
-        )
+        MirrorSet::new(&config(health), clock)
+    }
+
+    fn config(health: HealthConfig) -> MirrorConfig {
+        MirrorConfig {
+            name: "debian".into(),
+            prefix: "/debian/".into(),
+            upstreams: vec![
+                "http://a.example/debian/".parse().unwrap(),
+                "http://b.example/d/".parse().unwrap(),
+            ],
+            policies: vec![],
+            stale: StaleRules::default(),
+            forwarded_for: ForwardedFor::Replace,
+            weights: vec![1, 1],
+            health,
+            query: crate::config::QueryMode::Ignore,
+            redirect: None,
+        }
     }
 
     fn first(s: &MirrorSet, rest: &str) -> usize {
@@ -870,6 +1010,47 @@ mod tests {
             "http://b.example/d/dists/InRelease?x=1"
         );
         assert_eq!(s.index_of(&s.url(1, "x").unwrap()), Some(1));
+    }
+
+    #[test]
+    fn url_text_is_the_parsed_urls_text() {
+        let s = set();
+        let long = "a".repeat(70_000);
+        for rest in [
+            "pool/x.deb",
+            "/pool/x.deb",
+            "dists/InRelease?x=1&y=%20z?w",
+            "pool/x/../y.deb?q=a/../b",
+            "a%2fb/./c",
+            "sp ace",
+            "quo\"te?q=\"",
+            "br{ace}s",
+            "caf\u{e9}.iso?\u{e9}",
+            "x#frag",
+            "x?y#frag",
+            "ctl\u{7f}",
+            "tick`<>^[]@:",
+            "",
+            long.as_str(),
+            "../secret",
+            "%2e%2e/secret",
+        ] {
+            for i in 0..2 {
+                let mut text = String::from("kept ");
+                let pushed = s.push_url(i, rest, &mut text);
+                match s.url(i, rest) {
+                    Ok(url) => {
+                        assert!(pushed.is_ok(), "{rest}");
+                        assert_eq!(text, format!("kept {url}"), "{rest}");
+                    }
+                    Err(e) => {
+                        let got = pushed.expect_err(rest);
+                        assert_eq!(got.to_string(), e.to_string(), "{rest}");
+                        assert_eq!(text, "kept ", "{rest}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -1029,6 +1210,72 @@ mod tests {
             .find(|g| s.redirect_order(g)[0].index == 0)
             .unwrap();
         assert_eq!(s.order(&g)[0].index, 1, "its retry is still due");
+    }
+
+    #[test]
+    fn a_redirect_choice_is_the_first_usable_of_the_redirect_order() {
+        let clock = Clock::manual(SystemTime::now());
+        // Four mirrors, one weighted up.
+        let s = MirrorSet::new(
+            &MirrorConfig {
+                upstreams: ["http://a.example/", "http://b.example/d/"]
+                    .into_iter()
+                    .chain(["http://c.example/", "http://d.example/x/"])
+                    .map(|b| b.parse().unwrap())
+                    .collect(),
+                weights: vec![1, 1, 3, 1],
+                ..config(HealthConfig::default())
+            },
+            &clock,
+        );
+        let files: Vec<String> = (0..300).map(|n| format!("pool/h{n}.deb")).collect();
+        let expect = |s: &MirrorSet, f: &str| {
+            let order = s.redirect_order(f);
+            match order.iter().find(|r| r.state == RankedState::Usable) {
+                Some(r) => Redirection::To(r.index),
+                None if order.iter().any(|r| r.state == RankedState::Missing) => {
+                    Redirection::Missing
+                }
+                None => Redirection::Down,
+            }
+        };
+        let check = |s: &MirrorSet, what: &str| {
+            let mut seen = std::collections::HashSet::new();
+            for f in &files {
+                let got = s.redirect_choice(FileKey::of(f));
+                assert_eq!(got, expect(s, f), "{what}: {f}");
+                seen.insert(got);
+            }
+            seen
+        };
+        assert_eq!(check(&s, "all up").len(), 4, "each mirror chosen");
+        for f in files.iter().step_by(3) {
+            if let Redirection::To(i) = expect(&s, f) {
+                s.remember_missing(i, f);
+            }
+        }
+        for f in files.iter().step_by(7) {
+            for i in 0..4 {
+                s.remember_missing(i, f);
+            }
+        }
+        assert!(check(&s, "some missing").contains(&Redirection::Missing));
+        s.report(1, Outcome::Answered(Duration::from_millis(400)));
+        s.report(0, Outcome::Answered(Duration::from_millis(100)));
+        for _ in 0..3 {
+            s.report(2, Outcome::Failed("connection refused"));
+        }
+        check(&s, "one slow, one down");
+        for i in [0, 1, 3] {
+            for _ in 0..3 {
+                s.report(i, Outcome::Failed("connection refused"));
+            }
+        }
+        assert_eq!(check(&s, "all down").len(), 1);
+        assert_eq!(s.redirect_choice(FileKey::of("x")), Redirection::Down);
+        clock.advance(MISSING_FOR);
+        s.report(3, Outcome::Answered(Duration::from_millis(5)));
+        assert_eq!(check(&s, "forgotten, one back").len(), 1);
     }
 
     #[test]

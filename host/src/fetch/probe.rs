@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, Method};
 
 use super::failover::{build_request, empty_body};
-use super::mirror::MirrorSet;
+use super::mirror::{FileKey, MirrorSet};
 use super::{FetchEngine, Inner, error_chain};
 
 impl FetchEngine {
@@ -31,17 +31,25 @@ impl FetchEngine {
 
 impl FetchEngine {
     /// After a client was redirected to upstream `index` of `set` for
-    /// `rest` (the path below the prefix, the key of the set's 404 memory),
-    /// checks the file there in the background when the set claims a
-    /// check ([`MirrorSet::claim_check`]): a `HEAD` of `target` (`rest`
-    /// with the query the redirect kept) within the probe timeout. A 404
-    /// or 410 is remembered as that mirror's 404, so the next client goes
-    /// to another; anything else changes nothing (health is the probes'
-    /// and the proxied requests'). The client's answer never waits for it.
-    pub fn check_redirected(&self, set: &Arc<MirrorSet>, index: usize, rest: &str, target: &str) {
+    /// `rest` (the path below the prefix; `file` is its key in the set's
+    /// 404 memory), checks the file there in the background when the set
+    /// claims a check ([`MirrorSet::claim_check_of`]): a `HEAD` of
+    /// `target` (`rest` with the query the redirect kept) within the
+    /// probe timeout. A 404 or 410 is remembered as that mirror's 404, so
+    /// the next client goes to another; anything else changes nothing
+    /// (health is the probes' and the proxied requests'). The client's
+    /// answer never waits for it.
+    pub fn check_redirected(
+        &self,
+        set: &Arc<MirrorSet>,
+        index: usize,
+        file: FileKey,
+        rest: &str,
+        target: &str,
+    ) {
         // Claimed first: a file checked already costs two map lookups, no
         // URL and no task.
-        if !set.claim_check(index, rest) {
+        if !set.claim_check_of(index, file) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

@@ -3,7 +3,9 @@
 //! never sent to a mirror that may still have yesterday's copy.
 //!
 //! The choice of a mirror for the other files is the set's own
-//! ([`super::MirrorSet::redirect_order`]); the answers are the pipeline's.
+//! ([`super::MirrorSet::redirect_choice`] for a 302,
+//! [`super::MirrorSet::redirect_order`] for the listings); the answers
+//! are the pipeline's.
 
 use crate::config::RedirectConfig;
 

@@ -1,7 +1,7 @@
 //! One access-log line per request, written when the response body ends
 //! (or is abandoned), so the line tells the bytes really sent.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +15,6 @@ use http_body::{Body, Frame, SizeHint};
 use super::{CacheOutcome, Metrics};
 use crate::body::{BoxError, ProxyBody};
 use crate::credentials::Redacted;
-use crate::request::push_uri;
 
 /// The fields of one access-log line.
 #[derive(Debug)]
@@ -95,27 +94,28 @@ impl LoggedBody {
         } else {
             "aborted"
         };
-        // Written field by field: `format!` machinery (padding, `Display`
-        // of the address and the float) cost more than the rest of a hit.
-        let mut line = String::with_capacity(160);
+        // Written field by field, as bytes: `format!` machinery (padding,
+        // `Display` of the address and the float) cost more than the rest
+        // of a hit, and `String::push` encodes each `char`.
+        let mut line = Vec::with_capacity(160);
         push_timestamp(&mut line, SystemTime::now());
-        line.push_str("  INFO cistern::access: ");
+        line.extend_from_slice(b"  INFO cistern::access: ");
         push_addr(&mut line, r.client);
-        line.push(' ');
-        line.push_str(r.method.as_str());
-        line.push(' ');
+        line.push(b' ');
+        line.extend_from_slice(r.method.as_str().as_bytes());
+        line.push(b' ');
         push_uri(&mut line, &r.url);
-        line.push(' ');
+        line.push(b' ');
         let mut num = itoa::Buffer::new();
-        line.push_str(num.format(r.status.as_u16()));
-        line.push(' ');
-        line.push_str(num.format(self.bytes));
-        line.push(' ');
-        line.push_str(r.outcome.as_str());
-        line.push(' ');
+        line.extend_from_slice(num.format(r.status.as_u16()).as_bytes());
+        line.push(b' ');
+        line.extend_from_slice(num.format(self.bytes).as_bytes());
+        line.push(b' ');
+        line.extend_from_slice(r.outcome.as_str().as_bytes());
+        line.push(b' ');
         push_millis(&mut line, elapsed);
-        line.push_str("ms ");
-        line.push_str(end);
+        line.extend_from_slice(b"ms ");
+        line.extend_from_slice(end.as_bytes());
         if let Some((req, resp)) = &r.headers {
             let _ = write!(
                 line,
@@ -124,24 +124,41 @@ impl LoggedBody {
                 Redacted(resp)
             );
         }
-        line.push('\n');
+        line.push(b'\n');
         writer::send(line);
     }
 }
 
+/// Appends `uri` as its `Display` writes it: [`crate::request::push_uri`]
+/// for a line of bytes.
+fn push_uri(out: &mut Vec<u8>, uri: &http::Uri) {
+    if let Some(scheme) = uri.scheme_str() {
+        out.extend_from_slice(scheme.as_bytes());
+        out.extend_from_slice(b"://");
+    }
+    if let Some(authority) = uri.authority() {
+        out.extend_from_slice(authority.as_str().as_bytes());
+    }
+    out.extend_from_slice(uri.path().as_bytes());
+    if let Some(query) = uri.query() {
+        out.push(b'?');
+        out.extend_from_slice(query.as_bytes());
+    }
+}
+
 /// Appends `addr` as `Display` writes it.
-fn push_addr(out: &mut String, addr: SocketAddr) {
+fn push_addr(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr {
         SocketAddr::V4(v4) => {
             let mut num = itoa::Buffer::new();
             for (i, octet) in v4.ip().octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    out.push(b'.');
                 }
-                out.push_str(num.format(octet));
+                out.extend_from_slice(num.format(octet).as_bytes());
             }
-            out.push(':');
-            out.push_str(num.format(v4.port()));
+            out.push(b':');
+            out.extend_from_slice(num.format(v4.port()).as_bytes());
         }
         SocketAddr::V6(_) => {
             let _ = write!(out, "{addr}");
@@ -150,25 +167,54 @@ fn push_addr(out: &mut String, addr: SocketAddr) {
 }
 
 /// Appends `d` in milliseconds with one decimal, rounded to the nearest.
-fn push_millis(out: &mut String, d: std::time::Duration) {
+fn push_millis(out: &mut Vec<u8>, d: std::time::Duration) {
     let tenths = (d.as_nanos() + 50_000) / 100_000;
     let mut num = itoa::Buffer::new();
-    out.push_str(num.format(tenths / 10));
-    out.push('.');
-    out.push_str(num.format(tenths % 10));
+    out.extend_from_slice(num.format(tenths / 10).as_bytes());
+    out.push(b'.');
+    out.push(b'0' + (tenths % 10) as u8);
 }
 
-/// Appends `n` as two digits (`n < 100`).
-fn push_2(out: &mut String, n: u64) {
-    out.push(char::from(b'0' + (n / 10) as u8));
-    out.push(char::from(b'0' + (n % 10) as u8));
+/// `n` as two digits (`n < 100`).
+fn two(n: u64) -> [u8; 2] {
+    [b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]
+}
+
+/// The length of `YYYY-MM-DDTHH:MM:SS`.
+const SECONDS_LEN: usize = 19;
+
+thread_local! {
+    /// The last second a line of this thread was stamped in, and its
+    /// text: lines come many a second, the calendar changes once.
+    static LAST_SECOND: std::cell::Cell<(u64, [u8; SECONDS_LEN])> =
+        const { std::cell::Cell::new((u64::MAX, [0; SECONDS_LEN])) };
 }
 
 /// Appends an RFC 3339 UTC timestamp with microseconds, like the rest of
 /// the log.
-fn push_timestamp(out: &mut String, now: SystemTime) {
+fn push_timestamp(out: &mut Vec<u8>, now: SystemTime) {
     let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
+    let (cached, text) = LAST_SECOND.get();
+    if cached == secs {
+        out.extend_from_slice(&text);
+    } else {
+        let from = out.len();
+        push_seconds(out, secs);
+        if let Ok(text) = <[u8; SECONDS_LEN]>::try_from(&out[from..]) {
+            LAST_SECOND.set((secs, text));
+        }
+    }
+    let micros = u64::from(d.subsec_micros());
+    out.push(b'.');
+    out.extend_from_slice(&two(micros / 10_000));
+    out.extend_from_slice(&two(micros / 100 % 100));
+    out.extend_from_slice(&two(micros % 100));
+    out.push(b'Z');
+}
+
+/// Appends `YYYY-MM-DDTHH:MM:SS` of `secs` after 1970-01-01 UTC.
+fn push_seconds(out: &mut Vec<u8>, secs: u64) {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -182,27 +228,21 @@ fn push_timestamp(out: &mut String, now: SystemTime) {
     let year = yoe + era * 400 + i64::from(month <= 2);
     if (0..10_000).contains(&year) {
         let year = year as u64;
-        push_2(out, year / 100);
-        push_2(out, year % 100);
+        out.extend_from_slice(&two(year / 100));
+        out.extend_from_slice(&two(year % 100));
     } else {
         let _ = write!(out, "{year:04}");
     }
-    out.push('-');
-    push_2(out, month as u64);
-    out.push('-');
-    push_2(out, day as u64);
-    out.push('T');
-    push_2(out, rem / 3600);
-    out.push(':');
-    push_2(out, rem % 3600 / 60);
-    out.push(':');
-    push_2(out, rem % 60);
-    out.push('.');
-    let micros = u64::from(d.subsec_micros());
-    push_2(out, micros / 10_000);
-    push_2(out, micros / 100 % 100);
-    push_2(out, micros % 100);
-    out.push('Z');
+    out.push(b'-');
+    out.extend_from_slice(&two(month as u64));
+    out.push(b'-');
+    out.extend_from_slice(&two(day as u64));
+    out.push(b'T');
+    out.extend_from_slice(&two(rem / 3600));
+    out.push(b':');
+    out.extend_from_slice(&two(rem % 3600 / 60));
+    out.push(b':');
+    out.extend_from_slice(&two(rem % 60));
 }
 
 /// Access lines go to standard error through one writer thread: request
@@ -214,7 +254,7 @@ mod writer {
     use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
     enum Msg {
-        Line(String),
+        Line(Vec<u8>),
         Flush(SyncSender<()>),
     }
 
@@ -235,7 +275,7 @@ mod writer {
     }
 
     /// Queues one line.
-    pub fn send(line: String) {
+    pub fn send(line: Vec<u8>) {
         if sender().try_send(Msg::Line(line)).is_err() {
             DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -258,7 +298,7 @@ mod writer {
             let mut next = Some(first);
             while let Some(msg) = next {
                 match msg {
-                    Msg::Line(line) => batch.extend_from_slice(line.as_bytes()),
+                    Msg::Line(line) => batch.extend_from_slice(&line),
                     Msg::Flush(done) => waiting.push(done),
                 }
                 next = if batch.len() < 256 * 1024 {
@@ -351,15 +391,25 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc_3339_utc() {
-        let mut s = String::new();
-        push_timestamp(
-            &mut s,
-            UNIX_EPOCH + Duration::from_micros(1_795_779_371_123_456),
-        );
-        assert_eq!(s, "2026-11-27T11:36:11.123456Z");
-        let mut s = String::new();
-        push_timestamp(&mut s, UNIX_EPOCH + Duration::from_secs(951_782_400));
-        assert_eq!(s, "2000-02-29T00:00:00.000000Z");
+        let stamp = |micros: u64| {
+            let mut s = Vec::new();
+            push_timestamp(&mut s, UNIX_EPOCH + Duration::from_micros(micros));
+            String::from_utf8(s).unwrap()
+        };
+        // The same second again (from this thread's last one), the next
+        // one, back, and years outside four digits.
+        for (micros, text) in [
+            (1_795_779_371_123_456, "2026-11-27T11:36:11.123456Z"),
+            (1_795_779_371_999_999, "2026-11-27T11:36:11.999999Z"),
+            (1_795_779_372_000_001, "2026-11-27T11:36:12.000001Z"),
+            (1_795_779_371_000_000, "2026-11-27T11:36:11.000000Z"),
+            (951_782_400_000_000, "2000-02-29T00:00:00.000000Z"),
+            (253_402_300_800_000_000, "10000-01-01T00:00:00.000000Z"),
+            (253_402_300_800_000_007, "10000-01-01T00:00:00.000007Z"),
+            (951_782_400_000_010, "2000-02-29T00:00:00.000010Z"),
+        ] {
+            assert_eq!(stamp(micros), text);
+        }
     }
 
     #[test]
@@ -371,9 +421,9 @@ mod tests {
             "[fe80::1%2]:80",
         ] {
             let addr: SocketAddr = addr.parse().unwrap();
-            let mut s = String::new();
+            let mut s = Vec::new();
             push_addr(&mut s, addr);
-            assert_eq!(s, addr.to_string());
+            assert_eq!(s, addr.to_string().as_bytes());
         }
         for (nanos, text) in [
             (0, "0.0"),
@@ -382,9 +432,9 @@ mod tests {
             (16_234_000, "16.2"),
             (1_999_950_000, "2000.0"),
         ] {
-            let mut s = String::new();
+            let mut s = Vec::new();
             push_millis(&mut s, Duration::from_nanos(nanos));
-            assert_eq!(s, text);
+            assert_eq!(s, text.as_bytes());
         }
     }
 }

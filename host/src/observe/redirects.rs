@@ -10,13 +10,20 @@
 //! seen after the table filled) counts again from its next redirect.
 //!
 //! One short lock per redirect, never held across an `.await`; a file
-//! already tracked costs no allocation.
+//! already tracked costs no allocation. The maps hash with foldhash, not
+//! std's SipHash: a redirect looks up its mirror twice and its file once,
+//! and SipHash of those short names was most of the counters' cost. Its
+//! seed is random per map, so clients choosing file names cannot aim
+//! collisions at a day's table (which is bounded anyway).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde::Serialize;
+
+/// A map of these counters (see the module docs for the hasher).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// How many days of counts are kept, today included.
 pub const DAYS_KEPT: usize = 7;
@@ -34,14 +41,14 @@ struct Book {
     /// Oldest first; at most [`DAYS_KEPT`].
     days: VecDeque<Day>,
     /// Mirror set → upstream base → redirects since start.
-    totals: HashMap<String, Vec<(String, u64)>>,
+    totals: Map<String, Vec<(String, u64)>>,
 }
 
 #[derive(Debug)]
 struct Day {
     /// Days since 1970-01-01 (UTC).
     day: u64,
-    sets: HashMap<String, SetDay>,
+    sets: Map<String, SetDay>,
 }
 
 #[derive(Debug, Default)]
@@ -49,7 +56,7 @@ struct SetDay {
     /// Upstream bases in the order first seen that day, with their counts;
     /// files' counts are indexed by this order.
     upstreams: Vec<(String, u64)>,
-    files: HashMap<String, FileDay>,
+    files: Map<String, FileDay>,
     /// Redirects of files no longer (or not yet) in `files`.
     other_files: u64,
 }
@@ -130,7 +137,7 @@ impl RedirectCounts {
             if book.days.back().is_none_or(|d| d.day < today) {
                 book.days.push_back(Day {
                     day: today,
-                    sets: HashMap::new(),
+                    sets: Map::default(),
                 });
                 while book.days.len() > DAYS_KEPT {
                     book.days.pop_front();
@@ -222,7 +229,7 @@ fn bump(list: &mut Vec<(String, u64)>, upstream: &str) -> usize {
 }
 
 /// Drops the less-requested half of `files`, returning their redirects.
-fn halve(files: &mut HashMap<String, FileDay>) -> u64 {
+fn halve(files: &mut Map<String, FileDay>) -> u64 {
     let mut counts: Vec<u64> = files.values().map(|f| f.total).collect();
     let mid = counts.len() / 2;
     let (_, &mut cut, _) = counts.select_nth_unstable(mid);

@@ -28,7 +28,7 @@ use crate::body::html_escape as esc;
 use crate::body::{self, ProxyBody};
 use crate::config::QueryMode;
 use crate::fetch::MirrorSet;
-use crate::fetch::mirror::{Ranked, RankedState};
+use crate::fetch::mirror::{FileKey, Ranked, RankedState, Redirection};
 
 /// What a client asked a redirecting mirror for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,72 +120,84 @@ impl Proxy {
             kept.clear();
             self.engine.metrics().query_dropped();
         }
-        let order = set.redirect_order(path);
-        let chosen = order.iter().position(|r| r.state == RankedState::Usable);
+        let file = FileKey::of(path);
         let mut target = String::with_capacity(path.len() + kept.len());
         target.push_str(path);
         target.push_str(&kept);
-        if let Some(at) = chosen {
-            // Nothing may wait for the mirror here; whether it has the
-            // file is learnt in the background, for the next client.
-            self.engine
-                .check_redirected(set, order[at].index, path, &target);
-        }
         let bad = |e: crate::fetch::mirror::MirrorPathError| {
             Redirected::Answered(Answer::local(body::text(
                 StatusCode::BAD_REQUEST,
                 e.to_string(),
             )))
         };
-        let response = match (form, chosen) {
-            (Form::Redirect, Some(at)) => {
-                let up = &set.upstreams[order[at].index];
-                let url = match set.url(order[at].index, &target) {
-                    Ok(url) => url,
-                    Err(e) => return bad(e),
-                };
-                self.engine.metrics().redirects().record(
-                    self.clock.now(),
-                    &set.name,
-                    up.base_str(),
-                    path,
-                );
-                found(crate::request::uri_text(&url))
-            }
-            (Form::Redirect, None) if order.iter().any(|r| r.state == RankedState::Missing) => {
-                body::text(
+        let response = if form == Form::Redirect {
+            // The choice alone: the others' order is the listings'.
+            match set.redirect_choice(file) {
+                Redirection::To(index) => {
+                    self.check(set, index, file, path, &target);
+                    let up = &set.upstreams[index];
+                    // The body is `Found: URL`; `Location` is a slice of it.
+                    let mut text =
+                        String::with_capacity(FOUND.len() + up.base_str().len() + target.len() + 1);
+                    text.push_str(FOUND);
+                    if let Err(e) = set.push_url(index, &target, &mut text) {
+                        return bad(e);
+                    }
+                    self.engine.metrics().redirects().record(
+                        self.clock.now(),
+                        &set.name,
+                        up.base_str(),
+                        path,
+                    );
+                    found(text)
+                }
+                Redirection::Missing => body::text(
                     StatusCode::NOT_FOUND,
                     "no enabled mirror has this file (each answered 404 recently)",
-                )
-            }
-            (Form::Redirect, None) => {
-                let mut resp = body::text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no mirror is available: every one is disabled after failures",
-                );
-                resp.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(set.retry_in().as_secs()),
-                );
-                resp
-            }
-            (listing, _) => {
-                let urls: Vec<String> = match order
-                    .iter()
-                    .map(|r| set.url(r.index, &target).map(|u| u.to_string()))
-                    .collect()
-                {
-                    Ok(urls) => urls,
-                    Err(e) => return bad(e),
-                };
-                if listing == Form::Json {
-                    json(set, path, &order, &urls, chosen)
-                } else {
-                    mirror_list(set, path, &order, &urls, chosen)
+                ),
+                Redirection::Down => {
+                    let mut resp = body::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no mirror is available: every one is disabled after failures",
+                    );
+                    resp.headers_mut().insert(
+                        header::RETRY_AFTER,
+                        HeaderValue::from(set.retry_in().as_secs()),
+                    );
+                    resp
                 }
+            }
+        } else {
+            let order = set.redirect_order(path);
+            let chosen = order.iter().position(|r| r.state == RankedState::Usable);
+            if let Some(at) = chosen {
+                self.check(set, order[at].index, file, path, &target);
+            }
+            let urls: Vec<String> = match order
+                .iter()
+                .map(|r| set.url(r.index, &target).map(|u| u.to_string()))
+                .collect()
+            {
+                Ok(urls) => urls,
+                Err(e) => return bad(e),
+            };
+            if form == Form::Json {
+                json(set, path, &order, &urls, chosen)
+            } else {
+                mirror_list(set, path, &order, &urls, chosen)
             }
         };
         Redirected::Answered(Answer::local(vary(response)))
+    }
+}
+
+impl Proxy {
+    /// After choosing upstream `index` for `path` (whose key is `file`;
+    /// `target` is it with the query kept): nothing may wait for the
+    /// mirror here, so whether it has the file is learnt in the
+    /// background, for the next client.
+    fn check(&self, set: &Arc<MirrorSet>, index: usize, file: FileKey, path: &str, target: &str) {
+        self.engine.check_redirected(set, index, file, path, target);
     }
 }
 
@@ -212,14 +224,24 @@ fn wants_json(headers: &HeaderMap) -> bool {
         })
 }
 
-/// `302 Found` to `url`, with a tiny body for clients that show it.
-fn found(url: String) -> Response<ProxyBody> {
-    let mut text = String::with_capacity(8 + url.len());
-    text.push_str("Found: ");
-    text.push_str(&url);
-    let mut resp = body::text(StatusCode::FOUND, text);
-    // The header takes the string's own buffer: no copy.
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(url)) {
+/// What a 302's body says before the URL.
+const FOUND: &str = "Found: ";
+
+/// `302 Found` to the URL in `text` (`Found: URL`), with that text as a
+/// tiny body for clients that show it.
+fn found(mut text: String) -> Response<ProxyBody> {
+    let end = text.len();
+    text.push('\n');
+    let text = bytes::Bytes::from(text);
+    // `Location` shares the body's buffer: no copy.
+    let location = HeaderValue::from_maybe_shared(text.slice(FOUND.len()..end));
+    let mut resp = Response::new(body::full(text));
+    *resp.status_mut() = StatusCode::FOUND;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = location {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
