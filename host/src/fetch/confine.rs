@@ -42,6 +42,18 @@ pub fn confine<'a>(rest: &'a str, prefix: &str) -> Result<Cow<'a, str>, EscapeEr
         Some((p, q)) => (p, Some(q)),
         None => (rest, None),
     };
+    // A dot segment starts with `.` or with `%` (`%2e`), and without a
+    // `%` only `/` and `\` separate segments: a path with no `%` and no
+    // `.` starting a segment (most, `pool/x_1.0.deb`) has none, which one
+    // pass over its bytes tells.
+    let mut prev = b'/';
+    if path.bytes().all(|b| {
+        let plain = b != b'%' && !(b == b'.' && matches!(prev, b'/' | b'\\'));
+        prev = b;
+        plain
+    }) {
+        return Ok(Cow::Borrowed(rest));
+    }
     let escape = || EscapeError {
         prefix: prefix.to_owned(),
     };

@@ -20,6 +20,7 @@
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -121,9 +122,15 @@ impl Proxy {
             self.engine.metrics().query_dropped();
         }
         let file = FileKey::of(path);
-        let mut target = String::with_capacity(path.len() + kept.len());
-        target.push_str(path);
-        target.push_str(&kept);
+        // Most redirects keep no query: the path itself, not a copy.
+        let target: Cow<'_, str> = if kept.is_empty() {
+            Cow::Borrowed(path)
+        } else {
+            let mut t = String::with_capacity(path.len() + kept.len());
+            t.push_str(path);
+            t.push_str(&kept);
+            Cow::Owned(t)
+        };
         let bad = |e: crate::fetch::mirror::MirrorPathError| {
             Redirected::Answered(Answer::local(body::text(
                 StatusCode::BAD_REQUEST,
