@@ -5,7 +5,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::{Cistern, Origin, Resource, find_files, get, pattern, request};
+use common::{Cistern, Origin, Resource, find_files, get, pattern, request, run_to_end};
 use http::StatusCode;
 use sha2::{Digest, Sha256};
 
@@ -237,13 +237,9 @@ fn a_policy_that_does_not_load_stops_start_up_with_its_name() {
         "listen \"127.0.0.1:0\"\nstore { root \"r\"; }\npolicy \"broken\" path=\"broken.wat\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["--config", "config.kdl"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stderr);
+    let ran = run_to_end(dir.path(), &["--config", "config.kdl"]);
+    assert!(!ran.ok);
+    let text = ran.stderr;
     assert!(text.contains("broken"), "{text}");
 }
 

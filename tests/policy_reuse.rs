@@ -8,7 +8,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{Cistern, Origin, Resource, free_port, get, pattern, request};
+use common::{Cistern, Origin, Resource, free_port, get, pattern, request, run_to_end};
 use serde_json::Value;
 
 /// A WAT policy that answers every request with the number of calls it
@@ -238,17 +238,9 @@ fn a_version_2_module_that_imports_reuse_outcome_is_refused_at_load() {
         "listen \"127.0.0.1:0\"\nstore { root \"r\"; }\npolicy \"old\" path=\"old.wat\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
-        .args(["check", "config.kdl"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ran = run_to_end(dir.path(), &["check", "config.kdl"]);
+    assert!(!ran.ok);
+    let text = ran.stderr;
     assert!(
         text.contains("old") && text.contains("`reuse_outcome`") && text.contains("returning 3"),
         "{text}"

@@ -94,31 +94,46 @@ fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// The pieces `uri`'s `Display` writes, in order (empty where it has no
+/// scheme, authority or query): the one definition of a URL's text that
+/// [`push_uri`], [`push_uri_bytes`] and [`uri_len`] share.
+fn uri_parts(uri: &http::Uri) -> [&str; 6] {
+    let scheme = uri.scheme_str();
+    let query = uri.query();
+    [
+        scheme.unwrap_or(""),
+        if scheme.is_some() { "://" } else { "" },
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path(),
+        if query.is_some() { "?" } else { "" },
+        query.unwrap_or(""),
+    ]
+}
+
 /// Appends `uri` as its `Display` writes it, without the formatting
-/// machinery: a guest reading the URL does it on every request (the
-/// access log has a byte twin of it, `observe::accesslog::push_uri`).
+/// machinery: a guest reading the URL does it on every request.
 pub fn push_uri(out: &mut String, uri: &http::Uri) {
-    if let Some(scheme) = uri.scheme_str() {
-        out.push_str(scheme);
-        out.push_str("://");
+    for part in uri_parts(uri) {
+        out.push_str(part);
     }
-    if let Some(authority) = uri.authority() {
-        out.push_str(authority.as_str());
+}
+
+/// [`push_uri`] for bytes: the access log's line, a kept policy
+/// outcome's key.
+pub fn push_uri_bytes(out: &mut Vec<u8>, uri: &http::Uri) {
+    for part in uri_parts(uri) {
+        out.extend_from_slice(part.as_bytes());
     }
-    out.push_str(uri.path());
-    if let Some(query) = uri.query() {
-        out.push('?');
-        out.push_str(query);
-    }
+}
+
+/// The length of `uri`'s text.
+pub fn uri_len(uri: &http::Uri) -> usize {
+    uri_parts(uri).iter().map(|p| p.len()).sum()
 }
 
 /// `uri.to_string()` by [`push_uri`], in a string of exactly its length.
 pub fn uri_text(uri: &http::Uri) -> String {
-    let len = uri.scheme_str().map_or(0, |s| s.len() + 3)
-        + uri.authority().map_or(0, |a| a.as_str().len())
-        + uri.path().len()
-        + uri.query().map_or(0, |q| q.len() + 1);
-    let mut text = String::with_capacity(len);
+    let mut text = String::with_capacity(uri_len(uri));
     push_uri(&mut text, uri);
     text
 }

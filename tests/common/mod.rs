@@ -780,6 +780,30 @@ pub fn free_port() -> u16 {
     );
 }
 
+/// How a run of the binary to its end went: see [`run_to_end`].
+pub struct Ran {
+    /// It exited with status 0.
+    pub ok: bool,
+    /// What it wrote to stdout.
+    pub stdout: String,
+    /// What it wrote to stderr.
+    pub stderr: String,
+}
+
+/// Runs `cistern ARGS` in `dir` to its end (a refused config, `check`).
+pub fn run_to_end(dir: &Path, args: &[&str]) -> Ran {
+    let out = Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run cistern");
+    Ran {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// Every file under `root`, relative, sorted: what `find root -type f` shows.
 pub fn find_files(root: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {

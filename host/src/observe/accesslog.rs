@@ -104,7 +104,7 @@ impl LoggedBody {
         line.push(b' ');
         line.extend_from_slice(r.method.as_str().as_bytes());
         line.push(b' ');
-        push_uri(&mut line, &r.url);
+        crate::request::push_uri_bytes(&mut line, &r.url);
         line.push(b' ');
         let mut num = itoa::Buffer::new();
         line.extend_from_slice(num.format(r.status.as_u16()).as_bytes());
@@ -126,23 +126,6 @@ impl LoggedBody {
         }
         line.push(b'\n');
         writer::send(line);
-    }
-}
-
-/// Appends `uri` as its `Display` writes it: [`crate::request::push_uri`]
-/// for a line of bytes.
-fn push_uri(out: &mut Vec<u8>, uri: &http::Uri) {
-    if let Some(scheme) = uri.scheme_str() {
-        out.extend_from_slice(scheme.as_bytes());
-        out.extend_from_slice(b"://");
-    }
-    if let Some(authority) = uri.authority() {
-        out.extend_from_slice(authority.as_str().as_bytes());
-    }
-    out.extend_from_slice(uri.path().as_bytes());
-    if let Some(query) = uri.query() {
-        out.push(b'?');
-        out.extend_from_slice(query.as_bytes());
     }
 }
 

@@ -31,15 +31,15 @@ pub(crate) const ERR_TOO_LARGE: i32 = -5;
 /// No limiter of that name.
 pub(crate) const ERR_UNKNOWN_LIMITER: i32 = -6;
 
-const FIELD_METHOD: i32 = 0;
-const FIELD_URL: i32 = 1;
-const FIELD_PATH: i32 = 2;
-const FIELD_QUERY: i32 = 3;
-const FIELD_HOST: i32 = 4;
-const FIELD_CLIENT_ADDR: i32 = 5;
-const FIELD_CLIENT_IP: i32 = 6;
-const FIELD_CACHE_KEY: i32 = 7;
-const FIELD_UPSTREAM_URL: i32 = 8;
+pub(super) const FIELD_METHOD: i32 = 0;
+pub(super) const FIELD_URL: i32 = 1;
+pub(super) const FIELD_PATH: i32 = 2;
+pub(super) const FIELD_QUERY: i32 = 3;
+pub(super) const FIELD_HOST: i32 = 4;
+pub(super) const FIELD_CLIENT_ADDR: i32 = 5;
+pub(super) const FIELD_CLIENT_IP: i32 = 6;
+pub(super) const FIELD_CACHE_KEY: i32 = 7;
+pub(super) const FIELD_UPSTREAM_URL: i32 = 8;
 
 const TARGET_REQUEST: i32 = 0;
 const TARGET_RESPONSE: i32 = 1;

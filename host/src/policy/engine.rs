@@ -633,10 +633,11 @@ impl PolicyChain {
         host: &Arc<dyn PolicyHost>,
         req: RequestView,
     ) -> (RequestView, RequestOutcome) {
-        if !self.has_on_request {
-            return (req, RequestOutcome::Continue);
+        let mut req = req;
+        match self.reuse_on_request(&mut req) {
+            Reuse::Kept(outcome) => (req, outcome),
+            Reuse::From(i) => self.run_on_request_from(host, req, i).await,
         }
-        self.run_on_request_from(host, req, 0).await
     }
 
     /// Applies kept outcomes (`reuse_outcome`, ABI version 3) of the
@@ -649,7 +650,13 @@ impl PolicyChain {
         if !self.has_on_request {
             return Reuse::Kept(RequestOutcome::Continue);
         }
-        for (i, policy) in self.policies.iter().enumerate() {
+        self.reuse_from(0, req)
+    }
+
+    /// [`PolicyChain::reuse_on_request`] from the chain's `start`-th
+    /// policy on: the one place a kept outcome is applied.
+    fn reuse_from(&self, start: usize, req: &mut RequestView) -> Reuse {
+        for (i, policy) in self.policies.iter().enumerate().skip(start) {
             if !policy.settings.has_on_request {
                 continue;
             }
@@ -674,7 +681,8 @@ impl PolicyChain {
 
     /// [`PolicyChain::run_on_request`] from the chain's `from`-th policy
     /// on: the rest of a chain [`PolicyChain::reuse_on_request`] stopped
-    /// in.
+    /// in. That policy is called (its kept outcome, if any, was just
+    /// looked for); the ones after it are reused where they can be.
     pub async fn run_on_request_from(
         &self,
         host: &Arc<dyn PolicyHost>,
@@ -738,74 +746,83 @@ impl PolicyChain {
         host: &Arc<dyn PolicyHost>,
         req: &mut RequestView,
     ) -> RequestOutcome {
-        self.request_chain_from(host, req, 0).await
+        match self.reuse_on_request(req) {
+            Reuse::Kept(outcome) => outcome,
+            Reuse::From(i) => self.request_chain_from(host, req, i).await,
+        }
     }
 
+    /// Calls the `from`-th policy's `on_request`, then goes on with the
+    /// next one whose outcome was not kept, until the chain ends or one
+    /// answers.
     async fn request_chain_from(
         &self,
         host: &Arc<dyn PolicyHost>,
         req: &mut RequestView,
-        from: usize,
+        mut from: usize,
     ) -> RequestOutcome {
-        let rest = self.policies.get(from..).unwrap_or(&[]);
-        for policy in rest.iter().filter(|p| p.settings.has_on_request) {
-            if let Some(memo) = &policy.memo {
-                match memo.replay(req) {
-                    Replayed::Miss => {}
-                    Replayed::Continue => {
-                        policy.note_reused();
-                        continue;
-                    }
-                    Replayed::Respond(status, headers, body) => {
-                        policy.note_reused();
-                        return RequestOutcome::Respond(DirectResponse {
-                            status,
-                            headers,
-                            body,
-                        });
-                    }
-                }
+        while let Some(policy) = self.policies.get(from) {
+            if let Some(outcome) = Self::call_on_request(policy, host, req).await {
+                return outcome;
             }
-            let mut ctx = CallCtx::new(
-                Hook::Request,
-                Arc::clone(host),
-                mem::take(req),
-                ResponseView::default(),
-            );
-            if policy.memo.is_some() {
-                ctx.recording = Some(Box::default());
-            }
-            let (mut ctx, result) = policy.run(ctx).await;
-            match result {
-                Ok(()) => {
-                    if let (Some(memo), Some(recording)) = (&policy.memo, ctx.recording.take()) {
-                        let answer = ctx
-                            .answer
-                            .as_ref()
-                            .map(|(s, b)| (*s, &ctx.answer_headers, b));
-                        memo.keep(&ctx.req_backup.original(&ctx.req), *recording, answer);
-                    }
-                    *req = ctx.req;
-                    if let Some((status, body)) = ctx.answer {
-                        return RequestOutcome::Respond(DirectResponse {
-                            status,
-                            headers: ctx.answer_headers,
-                            body,
-                        });
-                    }
-                }
-                Err(failure) => {
-                    let mut restored = ctx.req;
-                    ctx.req_backup.restore(&mut restored);
-                    *req = restored;
-                    log_failure(policy, Hook::Request, &failure);
-                    if policy.settings.on_error == OnError::Deny {
-                        return RequestOutcome::Respond(denied());
-                    }
-                }
+            match self.reuse_from(from + 1, req) {
+                Reuse::Kept(outcome) => return outcome,
+                Reuse::From(next) => from = next,
             }
         }
         RequestOutcome::Continue
+    }
+
+    /// One policy's `on_request` call, its outcome kept when it asked:
+    /// `Some` when the chain stops here (a direct answer, or a failed
+    /// `deny` policy's 503).
+    async fn call_on_request(
+        policy: &Policy,
+        host: &Arc<dyn PolicyHost>,
+        req: &mut RequestView,
+    ) -> Option<RequestOutcome> {
+        if !policy.settings.has_on_request {
+            return None;
+        }
+        let mut ctx = CallCtx::new(
+            Hook::Request,
+            Arc::clone(host),
+            mem::take(req),
+            ResponseView::default(),
+        );
+        if policy.memo.is_some() {
+            ctx.recording = Some(Box::default());
+        }
+        let (mut ctx, result) = policy.run(ctx).await;
+        match result {
+            Ok(()) => {
+                if let (Some(memo), Some(recording)) = (&policy.memo, ctx.recording.take()) {
+                    let answer = ctx
+                        .answer
+                        .as_ref()
+                        .map(|(s, b)| (*s, &ctx.answer_headers, b));
+                    memo.keep(&ctx.req_backup.original(&ctx.req), *recording, answer);
+                }
+                *req = ctx.req;
+                if let Some((status, body)) = ctx.answer {
+                    return Some(RequestOutcome::Respond(DirectResponse {
+                        status,
+                        headers: ctx.answer_headers,
+                        body,
+                    }));
+                }
+            }
+            Err(failure) => {
+                let mut restored = ctx.req;
+                ctx.req_backup.restore(&mut restored);
+                *req = restored;
+                log_failure(policy, Hook::Request, &failure);
+                if policy.settings.on_error == OnError::Deny {
+                    return Some(RequestOutcome::Respond(denied()));
+                }
+            }
+        }
+        None
     }
 
     /// Runs `on_response` of each policy in order, letting each edit `resp`

@@ -26,6 +26,10 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use lru::LruCache;
 
 use super::RequestView;
+use super::abi::{
+    FIELD_CACHE_KEY, FIELD_CLIENT_ADDR, FIELD_CLIENT_IP, FIELD_HOST, FIELD_METHOD, FIELD_PATH,
+    FIELD_QUERY, FIELD_UPSTREAM_URL, FIELD_URL,
+};
 use crate::store::CacheKey;
 
 /// Outcomes kept per policy: enough for the hot files of a mirror.
@@ -140,19 +144,6 @@ impl<'a> Original<'a> {
     }
 }
 
-/// Field selectors of `request_get`, as ABI.md numbers them.
-mod field {
-    pub(super) const METHOD: i32 = 0;
-    pub(super) const URL: i32 = 1;
-    pub(super) const PATH: i32 = 2;
-    pub(super) const QUERY: i32 = 3;
-    pub(super) const HOST: i32 = 4;
-    pub(super) const CLIENT_ADDR: i32 = 5;
-    pub(super) const CLIENT_IP: i32 = 6;
-    pub(super) const CACHE_KEY: i32 = 7;
-    pub(super) const UPSTREAM_URL: i32 = 8;
-}
-
 /// Appends one value, length first, so no two lists of values encode
 /// alike; `None` (the field is absent) has its own marker.
 fn push_value(key: &mut Vec<u8>, value: Option<&[u8]>) {
@@ -169,25 +160,10 @@ fn push_value(key: &mut Vec<u8>, value: Option<&[u8]>) {
 /// nearly every lookup, and building it in a `String` first cost more
 /// than the rest of the lookup.
 fn push_uri_value(key: &mut Vec<u8>, uri: &Uri) {
-    let scheme = uri.scheme_str().unwrap_or("");
-    let authority = uri.authority().map_or("", |a| a.as_str());
-    let len = scheme.len()
-        + if uri.scheme_str().is_some() { 3 } else { 0 }
-        + authority.len()
-        + uri.path().len()
-        + uri.query().map_or(0, |q| q.len() + 1);
+    let len = crate::request::uri_len(uri);
     key.reserve(4 + len);
     key.extend_from_slice(&(len as u32).to_le_bytes());
-    if uri.scheme_str().is_some() {
-        key.extend_from_slice(scheme.as_bytes());
-        key.extend_from_slice(b"://");
-    }
-    key.extend_from_slice(authority.as_bytes());
-    key.extend_from_slice(uri.path().as_bytes());
-    if let Some(query) = uri.query() {
-        key.push(b'?');
-        key.extend_from_slice(query.as_bytes());
-    }
+    crate::request::push_uri_bytes(key, uri);
 }
 
 /// The key of `inputs` read from `req`, appended to `key`.
@@ -197,26 +173,28 @@ fn push_key(key: &mut Vec<u8>, inputs: &[Input], req: &Original<'_>) {
         match input {
             Input::Field(f) => {
                 let value: Option<&[u8]> = match *f {
-                    field::METHOD => Some(req.method.as_str().as_bytes()),
-                    field::URL => {
+                    FIELD_METHOD => Some(req.method.as_str().as_bytes()),
+                    FIELD_URL => {
                         push_uri_value(key, req.url);
                         continue;
                     }
-                    field::PATH => Some(req.url.path().as_bytes()),
-                    field::QUERY => req.url.query().map(str::as_bytes),
-                    field::HOST => req.url.authority().map(|a| a.as_str().as_bytes()),
-                    field::CLIENT_ADDR => {
+                    FIELD_PATH => Some(req.url.path().as_bytes()),
+                    FIELD_QUERY => req.url.query().map(str::as_bytes),
+                    FIELD_HOST => req.url.authority().map(|a| a.as_str().as_bytes()),
+                    FIELD_CLIENT_ADDR => {
                         text = req.client.to_string();
                         Some(text.as_bytes())
                     }
-                    field::CLIENT_IP => {
+                    FIELD_CLIENT_IP => {
                         text = req.client.ip().to_string();
                         Some(text.as_bytes())
                     }
-                    field::CACHE_KEY => req.cache_key.map(str::as_bytes),
-                    field::UPSTREAM_URL => {
-                        let url = req.upstream_url.map(crate::request::uri_text);
-                        push_value(key, url.as_deref().map(str::as_bytes));
+                    FIELD_CACHE_KEY => req.cache_key.map(str::as_bytes),
+                    FIELD_UPSTREAM_URL => {
+                        match req.upstream_url {
+                            Some(url) => push_uri_value(key, url),
+                            None => push_value(key, None),
+                        }
                         continue;
                     }
                     // An unknown selector was answered ERR_INVALID: the same
@@ -414,10 +392,10 @@ impl OutcomeMemo {
 
 fn edit_bytes(edit: &Edit) -> usize {
     32 + match edit {
-        Edit::Url(u) => u.to_string().len(),
+        Edit::Url(u) => crate::request::uri_len(u),
         Edit::CacheKey(Some(h)) => 2 * h.text.len(),
         Edit::CacheKey(None) | Edit::Bypass => 0,
-        Edit::UpstreamUrl(u) => u.as_ref().map_or(0, |u| u.to_string().len()),
+        Edit::UpstreamUrl(u) => u.as_ref().map_or(0, crate::request::uri_len),
         Edit::SetHeader(n, v, _) => n.as_str().len() + v.len(),
         Edit::RemoveHeader(n) => n.as_str().len(),
     }
@@ -529,7 +507,7 @@ mod tests {
             let edit = Edit::Url(url.parse().unwrap());
             memo.keep(
                 &Original::of(&req),
-                recording(vec![Input::Field(field::URL)], vec![edit]),
+                recording(vec![Input::Field(FIELD_URL)], vec![edit]),
                 None,
             );
         }
@@ -543,10 +521,10 @@ mod tests {
     fn an_opaque_call_or_one_that_did_not_ask_is_not_kept() {
         let memo = OutcomeMemo::default();
         let req = view("http://m.test/a", &[]);
-        let mut opaque = recording(vec![Input::Field(field::URL)], vec![]);
+        let mut opaque = recording(vec![Input::Field(FIELD_URL)], vec![]);
         opaque.reads.opaque();
         memo.keep(&Original::of(&req), opaque, None);
-        let mut unasked = recording(vec![Input::Field(field::URL)], vec![]);
+        let mut unasked = recording(vec![Input::Field(FIELD_URL)], vec![]);
         unasked.reuse_for = None;
         memo.keep(&Original::of(&req), unasked, None);
         assert_eq!(memo.len(), 0);
