@@ -97,6 +97,7 @@ fn check_host<B>(req: &Request<B>) -> Result<(), RequestError> {
 /// The pieces `uri`'s `Display` writes, in order (empty where it has no
 /// scheme, authority or query): the one definition of a URL's text that
 /// [`push_uri`], [`push_uri_bytes`] and [`uri_len`] share.
+#[inline]
 fn uri_parts(uri: &http::Uri) -> [&str; 6] {
     let scheme = uri.scheme_str();
     let query = uri.query();
@@ -121,7 +122,9 @@ pub fn push_uri(out: &mut String, uri: &http::Uri) {
 /// [`push_uri`] for bytes: the access log's line, a kept policy
 /// outcome's key.
 pub fn push_uri_bytes(out: &mut Vec<u8>, uri: &http::Uri) {
-    for part in uri_parts(uri) {
+    let parts = uri_parts(uri);
+    out.reserve(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
         out.extend_from_slice(part.as_bytes());
     }
 }
