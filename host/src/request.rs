@@ -167,6 +167,19 @@ pub fn host_port(authority: &http::uri::Authority) -> (&str, Option<u16>) {
     (host, port)
 }
 
+/// The host and port a request names: its URI's authority, else its
+/// `Host` (as [`check`] accepts it); `None` when neither names a host (no
+/// `Host`, an empty one, or one [`check`] refuses).
+pub fn target_host<B>(req: &Request<B>) -> Option<(&str, Option<u16>)> {
+    match req.uri().authority() {
+        Some(a) => Some(host_port(a)),
+        None => {
+            let (name, port) = split_host(req.headers().get(header::HOST)?)?;
+            (!name.is_empty()).then_some((name, port))
+        }
+    }
+}
+
 /// Splits a `Host` value into host and port (`uri-host [":" port]`, RFC
 /// 9110 §7.2), or `None` if it is not one. An empty value is valid (a
 /// target URI without authority) and gives an empty host.
@@ -279,6 +292,26 @@ mod tests {
             let a: http::uri::Authority = text.parse().unwrap();
             assert_eq!(host_port(&a), (a.host(), a.port_u16()), "{text}");
         }
+    }
+
+    #[test]
+    fn target_host_is_the_authority_else_the_host_header() {
+        let target = |uri: &str, hosts: &[&str]| {
+            let r = req(Version::HTTP_11, Method::GET, uri, hosts);
+            target_host(&r).map(|(h, p)| (h.to_owned(), p))
+        };
+        let named = |h: &str, p: Option<u16>| Some((h.to_owned(), p));
+        assert_eq!(target("/x", &["a.test"]), named("a.test", None));
+        assert_eq!(target("/x", &["A.Test:8080"]), named("A.Test", Some(8080)));
+        assert_eq!(target("/x", &["[::1]:443"]), named("[::1]", Some(443)));
+        assert_eq!(
+            target("http://b.test:81/x", &["a.test"]),
+            named("b.test", Some(81))
+        );
+        assert_eq!(target("/x", &[]), None);
+        assert_eq!(target("/x", &[""]), None);
+        assert_eq!(target("/x", &["u@a.test"]), None);
+        assert_eq!(target("/x", &["a.test:99999"]), None);
     }
 
     fn req(

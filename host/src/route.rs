@@ -152,25 +152,16 @@ impl Router {
         if req.method() == Method::CONNECT {
             return Route::Invalid("CONNECT is not served on a TLS site listener");
         }
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.host().to_owned())
-            .or_else(|| {
-                let h = req.headers().get(header::HOST)?.to_str().ok()?;
-                Some(h.parse::<Authority>().ok()?.host().to_owned())
-            });
+        // Site names are lowercase in the config: compared in place, the
+        // host costs no copy per request.
         let on_listener = |s: &&SiteRoute| s.listen.contains(&listener);
-        let site = match host {
-            Some(host) => {
-                let host = host.trim_end_matches('.').to_ascii_lowercase();
-                self.sites
-                    .iter()
-                    .filter(on_listener)
-                    .find(|s| s.name == host)
-            }
-            None => None,
-        };
+        let site = crate::request::target_host(req).and_then(|(host, _)| {
+            let host = host.trim_end_matches('.');
+            self.sites
+                .iter()
+                .filter(on_listener)
+                .find(|s| s.name.eq_ignore_ascii_case(host))
+        });
         let site = site.or_else(|| {
             self.default_site
                 .map(|i| &self.sites[i])
@@ -220,6 +211,12 @@ impl Router {
         // HTTP/2 always carries :authority; only HTTP/1 absolute-form means
         // "proxy this for me".
         let absolute_form = uri.authority().is_some() && req.version() != Version::HTTP_2;
+        // Whose name the request carries decides only a proxy's route: an
+        // origin-form request on a listener that forwards nothing
+        // transparently is ours whatever its Host says.
+        if !absolute_form && !self.forward.transparent {
+            return self.local_route(uri);
+        }
         let authority = match uri.authority() {
             Some(a) => Some(a.clone()),
             None => req
