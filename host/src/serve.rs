@@ -101,13 +101,16 @@ pub async fn respond(
     source: Source,
     age: Duration,
 ) -> Result<Response<ProxyBody>, ServeError> {
-    let (mut headers, length, stored_status) = match &source {
+    // `whole_said`: the headers already carry `Accept-Ranges` and the
+    // whole file's `Content-Length` (a 200 replica's, made once).
+    let (mut headers, length, stored_status, whole_said) = match &source {
         Source::Replica(r, _) => (
             r.served_headers.get_or_init(|| replica_headers(r)).clone(),
             Some(r.meta.length),
             StatusCode::from_u16(r.meta.status).unwrap_or(StatusCode::OK),
+            r.meta.status == 200,
         ),
-        Source::Fill { head, .. } => (head.headers.clone(), head.length, head.status),
+        Source::Fill { head, .. } => (head.headers.clone(), head.length, head.status, false),
     };
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
 
@@ -147,7 +150,9 @@ pub async fn respond(
     let mut status = StatusCode::OK;
     let (mut start, mut end) = (0u64, length);
     if let Some(len) = length {
-        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        if !whole_said {
+            headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        }
         match plan {
             Plan::Status(_) | Plan::Full => {}
             Plan::Range(a, b) => {
@@ -168,7 +173,9 @@ pub async fn respond(
             }
         }
         let send = end.unwrap_or(len) - start;
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(send));
+        if !(whole_said && send == len) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(send));
+        }
     }
 
     let mut fill_slice = None;
@@ -257,10 +264,19 @@ fn entity_tags_well_formed(value: &[u8]) -> bool {
 }
 
 /// The headers every answer from a complete replica carries: the stored
-/// ones plus, for a file (a 200), its digests (RFC 9530 and RFC 3230); a
-/// response kept aside is not the representation a digest names.
+/// ones plus, for a file (a 200), `Accept-Ranges`, its whole length and
+/// its digests (RFC 9530 and RFC 3230); a response kept aside is not the
+/// representation a digest names. Made once per replica.
 fn replica_headers(replica: &Replica) -> HeaderMap {
     let mut headers = replica.meta.header_map();
+    if replica.meta.status == 200 {
+        // What every whole answer from it says; a range replaces the length.
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        headers.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from(replica.meta.length),
+        );
+    }
     if replica.meta.in_tree()
         && let Ok(d) = hex::decode(&replica.meta.sha256)
         && d.len() == 32
