@@ -60,6 +60,7 @@ use http::Uri;
 
 use crate::clock::Clock;
 use crate::config::{ForwardedFor, HealthConfig, MirrorConfig, QueryMode, StaleRules};
+use crate::store::CacheKey;
 
 use super::confine::{EscapeError, confine};
 
@@ -286,6 +287,9 @@ pub struct MirrorSet {
     /// (Metalink): true for a `mirror` block, false for a site, whose
     /// upstreams are its private backends.
     pub advertise: bool,
+    /// The first upstream's key, which plain rests extend (see
+    /// [`MirrorSet::plain_key`]).
+    key_base: Option<crate::store::KeyBase>,
 }
 
 /// (file key, upstream index) → a time (ms after the set's epoch): the
@@ -461,6 +465,7 @@ impl MirrorSet {
             checks: Mutex::new(Checks::default()),
             generation: AtomicU64::new(0),
             advertise: true,
+            key_base: config.upstreams.first().and_then(crate::store::KeyBase::of),
         }
     }
 
@@ -489,6 +494,14 @@ impl MirrorSet {
         url.push_str(&rest);
         // From the String itself: `parse` would copy it into a new buffer.
         Ok(Uri::try_from(url)?)
+    }
+
+    /// The cache key of `rest` below the first upstream, as
+    /// `CacheKey::from_uri(&self.url(0, rest)?)` gives it, made without
+    /// the URL when `rest` is a plain path (see
+    /// [`crate::store::KeyBase::join`]); `None` otherwise.
+    pub fn plain_key(&self, rest: &str) -> Option<CacheKey> {
+        self.key_base.as_ref()?.join(rest)
     }
 
     /// Appends the text of [`MirrorSet::url`]`(index, rest)` to `out`, as
@@ -984,6 +997,61 @@ mod tests {
             query: crate::config::QueryMode::Ignore,
             redirect: None,
         }
+    }
+
+    /// A plain rest's key, made without a URL, is the key of the URL
+    /// `url` builds, for bases of every shape and every rest of up to three
+    /// pieces drawn from names, slashes, dots, escapes, queries and bytes
+    /// a URL or a key would rewrite; and anything else is left to the URL.
+    #[test]
+    fn a_plain_key_is_the_key_of_the_url() {
+        const PIECES: [&str; 16] = [
+            "a", "Z", "/", ".", "..", "-", "~", "%41", "%2e", "?", "q=1", "\\", " ", "é", "@", ":",
+        ];
+        let mut plain = 0;
+        for base in [
+            "http://A.Example/debian/",
+            "https://h.test:8443/x/y/",
+            "http://[::1]:8080/",
+            "http://h.test:80/m/",
+        ] {
+            let mut c = config(HealthConfig::default());
+            c.upstreams = vec![base.parse().unwrap()];
+            let s = MirrorSet::new(&c, &Clock::default());
+            for len in 0..=3u32 {
+                for n in 0..PIECES.len().pow(len) {
+                    let mut k = n;
+                    let mut rest = String::new();
+                    for _ in 0..len {
+                        rest.push_str(PIECES[k % PIECES.len()]);
+                        k /= PIECES.len();
+                    }
+                    let Some(key) = s.plain_key(&rest) else {
+                        continue;
+                    };
+                    plain += 1;
+                    let url = s
+                        .url(0, &rest)
+                        .unwrap_or_else(|e| panic!("{base} {rest:?}: {e}"));
+                    let by_url = CacheKey::from_uri(&url).unwrap();
+                    assert_eq!(key, by_url, "{base} {rest:?}");
+                }
+            }
+        }
+        assert!(plain > 4 * 1000, "{plain}");
+        // Bases a rest cannot simply follow take the URL's way.
+        for base in [
+            "http://h.test/m",
+            "http://h.test/%7Em/",
+            "http://h.test/a/../m/",
+        ] {
+            let mut c = config(HealthConfig::default());
+            c.upstreams = vec![base.parse().unwrap()];
+            let s = MirrorSet::new(&c, &Clock::default());
+            assert_eq!(s.plain_key("x"), None, "{base}");
+        }
+        assert_eq!(set().plain_key("pool/../x"), None);
+        assert_eq!(set().plain_key("a?b"), None);
     }
 
     fn first(s: &MirrorSet, rest: &str) -> usize {

@@ -305,10 +305,6 @@ impl Proxy {
         {
             return self.meta4(&req, &set, &file);
         }
-        let url = match set.url(0, &rest) {
-            Ok(url) => url,
-            Err(e) => return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string())),
-        };
         // Every mirror and site has an entry; the empty chain is a safe
         // default.
         let chain = chain.unwrap_or(&snap.no_policies);
@@ -316,6 +312,20 @@ impl Proxy {
             stale: set.stale,
             forwarded_for: set.forwarded_for,
             query_pass: set.query == QueryMode::Pass && rest.contains('?'),
+        };
+        // Without policies, which see the URL, a plain path's key is the
+        // upstream's with the path after it: no URL to build and parse.
+        if chain.is_empty()
+            && let Some(key) = set.plain_key(&rest)
+        {
+            let upstreams = Upstreams::Mirror { set, rest, host };
+            let peer_target = peer_target(&req, None, &upstreams, &conn, snap);
+            let route = rules.cache(upstreams, None, false, conn.client.ip(), peer_target);
+            return self.http(req, key, route, snap).await;
+        }
+        let url = match set.url(0, &rest) {
+            Ok(url) => url,
+            Err(e) => return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string())),
         };
         let upstreams = Upstreams::Mirror { set, rest, host };
         self.proxied(req, conn, url, upstreams, chain, rules, snap)
@@ -334,7 +344,7 @@ impl Proxy {
         rules: RouteRules,
         snap: &Snapshot,
     ) -> Answer {
-        let peer_target = peer_target(&req, &url, &upstreams, &conn, snap);
+        let peer_target = peer_target(&req, Some(&url), &upstreams, &conn, snap);
         let mut key_url = url;
         let mut policy = None;
         let mut bypass = false;
@@ -391,21 +401,7 @@ impl Proxy {
         };
         match key {
             Ok(key) => {
-                let bypass = if bypass {
-                    Some(NoCacheReason::PolicyBypass)
-                } else if rules.query_pass {
-                    Some(NoCacheReason::Query)
-                } else {
-                    None
-                };
-                let route = RouteCache {
-                    upstreams,
-                    policy,
-                    bypass,
-                    stale: rules.stale,
-                    forwarded: (rules.forwarded_for, conn.client.ip()),
-                    peer_target,
-                };
+                let route = rules.cache(upstreams, policy, bypass, conn.client.ip(), peer_target);
                 self.http(req, key, route, snap).await
             }
             Err(why) => Answer::local(body::text(StatusCode::BAD_REQUEST, why)),
@@ -455,7 +451,7 @@ struct RouteCache {
 /// owner: the one rule that keeps peer requests from looping.
 fn peer_target(
     req: &Request<ClientBody>,
-    url: &Uri,
+    url: Option<&Uri>,
     upstreams: &Upstreams,
     conn: &ConnInfo,
     snap: &Snapshot,
@@ -464,7 +460,7 @@ fn peer_target(
         return None;
     }
     match upstreams {
-        Upstreams::Single(_) => Some(url.to_string().into_boxed_str()),
+        Upstreams::Single(_) => url.map(|u| u.to_string().into_boxed_str()),
         Upstreams::Mirror { .. } => req.uri().path_and_query().map(|p| p.as_str().into()),
     }
 }
@@ -476,6 +472,35 @@ struct RouteRules {
     forwarded_for: ForwardedFor,
     /// The request has a query and its mirror passes such requests.
     query_pass: bool,
+}
+
+impl RouteRules {
+    /// What the cached path needs to serve a request of this route from
+    /// `upstreams`; `bypass`: a policy said not to cache it.
+    fn cache(
+        self,
+        upstreams: Upstreams,
+        policy: Option<PolicyRun>,
+        bypass: bool,
+        client: std::net::IpAddr,
+        peer_target: Option<Box<str>>,
+    ) -> RouteCache {
+        let bypass = if bypass {
+            Some(NoCacheReason::PolicyBypass)
+        } else if self.query_pass {
+            Some(NoCacheReason::Query)
+        } else {
+            None
+        };
+        RouteCache {
+            upstreams,
+            policy,
+            bypass,
+            stale: self.stale,
+            forwarded: (self.forwarded_for, client),
+            peer_target,
+        }
+    }
 }
 
 /// A chain that ran `on_request`, kept for `on_response` in case the

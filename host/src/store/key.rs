@@ -54,6 +54,52 @@ impl CacheKey {
     }
 }
 
+/// The key of a base URL (a mirror's upstream, ending in `/`) that plain
+/// rests extend without building and parsing a URL: see [`KeyBase::join`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBase(String);
+
+impl KeyBase {
+    /// The base's key, or `None` for a base whose path a rest could not
+    /// simply follow: one with a query, without a final `/`, or whose path
+    /// the key would rewrite (an escape, a dot segment).
+    pub fn of(base: &http::Uri) -> Option<KeyBase> {
+        let path = base.path();
+        if base.query().is_some() || !path.ends_with('/') || !is_plain_path(path) {
+            return None;
+        }
+        normalize(base).ok().map(KeyBase)
+    }
+
+    /// The key of the base joined with `rest` (leading `/`s dropped, as a
+    /// mirror joins it), when `rest` is a plain path: only bytes a key
+    /// keeps as they are (no `%`, no `?`, nothing to escape) and no dot
+    /// segment. Such a rest parses, joined to the base, to the same text,
+    /// and the key adds it unchanged. `None`: build the URL and take
+    /// [`CacheKey::from_uri`].
+    pub fn join(&self, rest: &str) -> Option<CacheKey> {
+        let rest = rest.trim_start_matches('/');
+        // A long rest is left to the URL parser's length limit.
+        if rest.len() > MAX_PLAIN_REST || !is_plain_path(rest) {
+            return None;
+        }
+        let mut key = String::with_capacity(self.0.len() + rest.len());
+        key.push_str(&self.0);
+        key.push_str(rest);
+        Some(CacheKey(key.into()))
+    }
+}
+
+/// The longest rest [`KeyBase::join`] takes; far below what `http`
+/// refuses as too long.
+const MAX_PLAIN_REST: usize = 8 * 1024;
+
+/// Whether `path` holds only bytes a key keeps literal and no `.` or `..`
+/// segment: its key is itself.
+fn is_plain_path(path: &str) -> bool {
+    path.bytes().all(is_path_literal) && !path.split('/').any(|s| s == "." || s == "..")
+}
+
 impl std::fmt::Display for CacheKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)

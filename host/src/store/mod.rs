@@ -91,7 +91,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use key::CacheKey;
+pub use key::{CacheKey, KeyBase};
 pub use meta::{FileStamp, META_VERSION, ObjectMeta, PartialMeta};
 pub use partial::PartialFile;
 pub use path::{PathError, ReplicaPath};
