@@ -5,7 +5,9 @@
 mod common;
 
 use base64::Engine as _;
-use common::{Cistern, Origin, Resource, find_files, get, pattern, request, run_to_end};
+use common::{
+    Cistern, Origin, Resource, find_files, get, pattern, request, run_to_end, store_id_mirrors,
+};
 use http::StatusCode;
 use sha2::{Digest, Sha256};
 
@@ -25,18 +27,7 @@ async fn store_id_collapses_the_same_file_on_two_mirrors_into_one_replica() {
         "/mirror-b/pool/main/h/hello.deb",
         Resource::new(deb.clone()),
     );
-    let config = format!(
-        r#"
-listen "127.0.0.1:{{PORT}}"
-store {{ root "{{ROOT}}"; }}
-policy "store-id" path="builtin:store-id" {{
-    param "rule" "http://*/mirror-*/pool/* http://pool.cistern/pool/$3"
-}}
-mirror "a" {{ prefix "/a/"; upstream "http://{o}/mirror-a/"; policies "store-id"; }}
-mirror "b" {{ prefix "/b/"; upstream "http://{o}/mirror-b/"; policies "store-id"; }}
-"#,
-        o = origin.addr
-    );
+    let config = store_id_mirrors(origin.addr, "");
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &config, &[]);
     let a = get(cistern.addr, "/a/pool/main/h/hello.deb").await;

@@ -8,7 +8,9 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{Cistern, Origin, Resource, free_port, get, pattern, request, run_to_end};
+use common::{
+    Cistern, Origin, Resource, free_port, get, pattern, request, run_to_end, store_id_mirrors,
+};
 use serde_json::Value;
 
 /// A WAT policy that answers every request with the number of calls it
@@ -191,19 +193,7 @@ async fn store_id_keys_apply_without_a_call_and_still_share_one_replica() {
         );
     }
     let admin = admin_addr();
-    let config = format!(
-        r#"
-listen "127.0.0.1:{{PORT}}"
-store {{ root "{{ROOT}}"; }}
-policy "store-id" path="builtin:store-id" {{
-    param "rule" "http://*/mirror-*/pool/* http://pool.cistern/pool/$3"
-}}
-mirror "a" {{ prefix "/a/"; upstream "http://{o}/mirror-a/"; policies "store-id"; }}
-mirror "b" {{ prefix "/b/"; upstream "http://{o}/mirror-b/"; policies "store-id"; }}
-admin {{ listen "{admin}"; }}
-"#,
-        o = origin.addr
-    );
+    let config = store_id_mirrors(origin.addr, &format!(r#"admin {{ listen "{admin}"; }}"#));
     let dir = tempfile::tempdir().unwrap();
     let cistern = Cistern::start(dir.path(), &config, &[]);
     for path in ["/a/pool/main/h/hello.deb", "/b/pool/main/h/hello.deb"] {

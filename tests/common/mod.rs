@@ -747,6 +747,25 @@ mirror "files" {{
     )
 }
 
+/// A config with two mirrors, `/a/` and `/b/`, of `origin`'s
+/// `/mirror-a/` and `/mirror-b/`, whose `pool/` files the `store-id`
+/// policy keys as one (`http://pool.cistern/pool/...`); `extra` is added
+/// at the end (an admin listener).
+pub fn store_id_mirrors(origin: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "store-id" path="builtin:store-id" {{
+    param "rule" "http://*/mirror-*/pool/* http://pool.cistern/pool/$3"
+}}
+mirror "a" {{ prefix "/a/"; upstream "http://{origin}/mirror-a/"; policies "store-id"; }}
+mirror "b" {{ prefix "/b/"; upstream "http://{origin}/mirror-b/"; policies "store-id"; }}
+{extra}
+"#
+    )
+}
+
 /// A free TCP port on loopback, never the same one twice in a test process.
 ///
 /// Asking the kernel for port 0 and letting go of it is not enough: two calls
