@@ -28,7 +28,11 @@ type Content = (Digest, (u64, u64));
 
 #[derive(Debug, Default)]
 struct Maps {
-    by_key: HashMap<CacheKey, Arc<Replica>>,
+    /// Hashed with foldhash, seeded at random per index: every request
+    /// looks its key up here, where SipHash cost as much as the lookup
+    /// around it; keys name clients' URLs, so the seed keeps clients from
+    /// aiming collisions.
+    by_key: HashMap<CacheKey, Arc<Replica>, foldhash::fast::RandomState>,
     by_digest: HashMap<Digest, Vec<CacheKey>>,
     /// Relative replica path (as in the metadata) → the key stored there.
     by_path: HashMap<String, CacheKey>,
