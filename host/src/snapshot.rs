@@ -14,6 +14,10 @@ use crate::policy::{PolicyChain, PolicyEngine, PolicyError, PolicyHost, PolicySe
 use crate::route::Router;
 use crate::tls::{CertTable, TlsError};
 
+/// Policy chains by mirror or site name. The names are the config's, not a
+/// client's, and every request looks one up: foldhash, not SipHash.
+pub(crate) type Chains = HashMap<String, PolicyChain, foldhash::fast::RandomState>;
+
 /// Everything derived from one configuration; swapped whole on reload so a
 /// request finishes on the snapshot it started with.
 pub struct Snapshot {
@@ -31,9 +35,9 @@ pub struct Snapshot {
     pub policies: PolicySet,
     pub(crate) forward_chain: PolicyChain,
     /// Policy chains of the mirrors, by mirror name.
-    pub(crate) mirror_chains: HashMap<String, PolicyChain>,
+    pub(crate) mirror_chains: Chains,
     /// Policy chains of the sites, by site name.
-    pub(crate) site_chains: HashMap<String, PolicyChain>,
+    pub(crate) site_chains: Chains,
     /// The sites' certificates, picked by SNI on TLS listeners.
     pub certs: CertTable,
     pub(crate) no_policies: PolicyChain,
@@ -66,11 +70,11 @@ impl Snapshot {
         let certs = CertTable::load(&config, std::time::SystemTime::now())?;
         let policies = policy_engine.load(&config.policies)?;
         let forward_chain = policies.chain(&config.forward.policies)?;
-        let mut mirror_chains = HashMap::new();
+        let mut mirror_chains = Chains::default();
         for m in &config.mirrors {
             mirror_chains.insert(m.name.clone(), policies.chain(&m.policies)?);
         }
-        let mut site_chains = HashMap::new();
+        let mut site_chains = Chains::default();
         for site in &config.sites {
             site_chains.insert(site.name.clone(), policies.chain(&site.policies)?);
         }
