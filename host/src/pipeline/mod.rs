@@ -357,10 +357,16 @@ impl Proxy {
             // Kept outcomes first, with no future at all; the calls, when
             // some hook must run, in a boxed one, so this future stays the
             // size it is without policies (it is moved on every request).
-            let (mut view, outcome) = match chain.reuse_on_request(&mut view) {
-                Reuse::Kept(outcome) => (view, outcome),
+            // A kept outcome leaves the view where it is: moving it in and
+            // out of a tuple cost two copies of it per request.
+            let outcome = match chain.reuse_on_request(&mut view) {
+                Reuse::Kept(outcome) => outcome,
                 Reuse::From(i) => {
-                    Box::pin(chain.run_on_request_from(&snap.policy_host, view, i)).await
+                    let lent = std::mem::take(&mut view);
+                    let (back, outcome) =
+                        Box::pin(chain.run_on_request_from(&snap.policy_host, lent, i)).await;
+                    view = back;
+                    outcome
                 }
             };
             if let RequestOutcome::Respond(direct) = outcome {
