@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
@@ -96,15 +96,33 @@ impl LoggedBody {
         };
         // Written field by field, as bytes: `format!` machinery (padding,
         // `Display` of the address and the float) cost more than the rest
-        // of a hit, and `String::push` encodes each `char`.
-        let mut line = Vec::with_capacity(160);
-        push_timestamp(&mut line, SystemTime::now());
+        // of a hit, and `String::push` encodes each `char`. Into a buffer
+        // this thread keeps, so a line allocates nothing.
+        LINE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                self.push_line(&mut line, &r, elapsed, end);
+                writer::send(&line);
+                // A line with `-v`'s headers can be large; keep no more.
+                line.shrink_to(4096);
+            }
+            Err(_) => {
+                let mut line = Vec::with_capacity(160);
+                self.push_line(&mut line, &r, elapsed, end);
+                writer::send(&line);
+            }
+        });
+    }
+
+    /// Appends the access line of `r` to `line`.
+    fn push_line(&self, line: &mut Vec<u8>, r: &AccessRecord, elapsed: Duration, end: &str) {
+        push_timestamp(line, SystemTime::now());
         line.extend_from_slice(b"  INFO cistern::access: ");
-        push_addr(&mut line, r.client);
+        push_addr(line, r.client);
         line.push(b' ');
         line.extend_from_slice(r.method.as_str().as_bytes());
         line.push(b' ');
-        crate::request::push_uri_bytes(&mut line, &r.url);
+        crate::request::push_uri_bytes(line, &r.url);
         line.push(b' ');
         let mut num = itoa::Buffer::new();
         line.extend_from_slice(num.format(r.status.as_u16()).as_bytes());
@@ -113,7 +131,7 @@ impl LoggedBody {
         line.push(b' ');
         line.extend_from_slice(r.outcome.as_str().as_bytes());
         line.push(b' ');
-        push_millis(&mut line, elapsed);
+        push_millis(line, elapsed);
         line.extend_from_slice(b"ms ");
         line.extend_from_slice(end.as_bytes());
         if let Some((req, resp)) = &r.headers {
@@ -125,7 +143,6 @@ impl LoggedBody {
             );
         }
         line.push(b'\n');
-        writer::send(line);
     }
 }
 
@@ -167,6 +184,9 @@ fn two(n: u64) -> [u8; 2] {
 const SECONDS_LEN: usize = 19;
 
 thread_local! {
+    /// This thread's line being written: its capacity is kept from one
+    /// request to the next.
+    static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The last second a line of this thread was stamped in, and its
     /// text: lines come many a second, the calendar changes once.
     static LAST_SECOND: std::cell::Cell<(u64, [u8; SECONDS_LEN])> =
@@ -230,67 +250,102 @@ fn push_seconds(out: &mut Vec<u8>, secs: u64) {
 
 /// Access lines go to standard error through one writer thread: request
 /// threads never wait on the write, and lines that arrive together are
-/// written with one system call.
+/// written with one system call. A line is appended to one shared buffer
+/// under a short lock, not sent as its own allocation: a line allocated
+/// on a request thread and freed on the writer's cost more than the
+/// rest of writing it.
 mod writer {
     use std::io::Write;
-    use std::sync::OnceLock;
-    use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+    use std::sync::mpsc::{SyncSender, sync_channel};
+    use std::sync::{Condvar, Mutex, MutexGuard, Once, PoisonError};
 
-    enum Msg {
-        Line(Vec<u8>),
-        Flush(SyncSender<()>),
+    /// Bytes waiting beyond this are dropped, line by line (and counted in
+    /// the next batch): a stalled log must not stall the proxy or grow
+    /// without bound.
+    const MAX_PENDING: usize = 8 * 1024 * 1024;
+    /// A batch buffer larger than this after a burst is given back.
+    const KEEP_CAPACITY: usize = 1024 * 1024;
+
+    /// What the request threads left for the writer.
+    struct Pending {
+        /// Whole lines, in the order they were logged.
+        bytes: Vec<u8>,
+        /// Lines dropped since the last batch.
+        dropped: u64,
+        /// Callers of [`flush`] waiting for the next write.
+        flushes: Vec<SyncSender<()>>,
+        /// The writer waits on [`WAKE`] for the first line.
+        idle: bool,
     }
 
-    /// Lines waiting beyond this are dropped (and counted in the next
-    /// batch): a stalled log must not stall the proxy or grow without bound.
-    const QUEUE: usize = 65_536;
+    static PENDING: Mutex<Pending> = Mutex::new(Pending {
+        bytes: Vec::new(),
+        dropped: 0,
+        flushes: Vec::new(),
+        idle: false,
+    });
+    static WAKE: Condvar = Condvar::new();
+    static STARTED: Once = Once::new();
 
-    fn sender() -> &'static SyncSender<Msg> {
-        static TX: OnceLock<SyncSender<Msg>> = OnceLock::new();
-        TX.get_or_init(|| {
-            let (tx, rx) = sync_channel(QUEUE);
+    fn pending() -> MutexGuard<'static, Pending> {
+        STARTED.call_once(|| {
             std::thread::Builder::new()
                 .name("cistern-access-log".into())
-                .spawn(move || run(rx))
+                .spawn(run)
                 .expect("spawn the access-log writer");
-            tx
-        })
+        });
+        // A panic while holding the lock leaves whole lines behind it.
+        PENDING.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Queues one line.
-    pub fn send(line: Vec<u8>) {
-        if sender().try_send(Msg::Line(line)).is_err() {
-            DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    pub fn send(line: &[u8]) {
+        let wake = {
+            let mut p = pending();
+            if p.bytes.len() + line.len() > MAX_PENDING {
+                p.dropped += 1;
+                return;
+            }
+            p.bytes.extend_from_slice(line);
+            std::mem::take(&mut p.idle)
+        };
+        if wake {
+            WAKE.notify_one();
         }
     }
-
-    static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
     /// Waits until every line queued so far is written.
     pub fn flush() {
         let (tx, rx) = sync_channel(1);
-        if sender().send(Msg::Flush(tx)).is_ok() {
-            let _ = rx.recv();
+        let wake = {
+            let mut p = pending();
+            p.flushes.push(tx);
+            std::mem::take(&mut p.idle)
+        };
+        if wake {
+            WAKE.notify_one();
         }
+        let _ = rx.recv();
     }
 
-    fn run(rx: Receiver<Msg>) {
+    fn run() {
+        // Two buffers trade places: the request threads fill one while
+        // this thread writes the other.
         let mut batch = Vec::with_capacity(64 * 1024);
-        while let Ok(first) = rx.recv() {
-            let mut waiting = Vec::new();
-            let mut next = Some(first);
-            while let Some(msg) = next {
-                match msg {
-                    Msg::Line(line) => batch.extend_from_slice(&line),
-                    Msg::Flush(done) => waiting.push(done),
+        loop {
+            let (dropped, flushes) = {
+                let mut p = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
+                while p.bytes.is_empty() && p.flushes.is_empty() && p.dropped == 0 {
+                    p.idle = true;
+                    p = WAKE.wait(p).unwrap_or_else(PoisonError::into_inner);
                 }
-                next = if batch.len() < 256 * 1024 {
-                    rx.try_recv().ok()
-                } else {
-                    None
-                };
-            }
-            let dropped = DROPPED.swap(0, std::sync::atomic::Ordering::Relaxed);
+                p.idle = false;
+                std::mem::swap(&mut p.bytes, &mut batch);
+                (
+                    std::mem::take(&mut p.dropped),
+                    std::mem::take(&mut p.flushes),
+                )
+            };
             if dropped > 0 {
                 batch.extend_from_slice(
                     format!("cistern: {dropped} access-log lines dropped (log writer too slow)\n")
@@ -302,8 +357,11 @@ mod writer {
             let _ = err.flush();
             drop(err);
             batch.clear();
-            let flushed = !waiting.is_empty();
-            for done in waiting {
+            if batch.capacity() > KEEP_CAPACITY {
+                batch = Vec::with_capacity(64 * 1024);
+            }
+            let flushed = !flushes.is_empty();
+            for done in flushes {
                 let _ = done.send(());
             }
             // Waking this thread for every line would cost a context switch
