@@ -352,3 +352,32 @@ async fn twenty_reloads_under_load_fail_no_request() {
     assert_eq!(running.reload_status().generation, 11);
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_a_config_nested_thousands_deep_keeps_the_proxy_serving() {
+    let origin = Origin::start().await;
+    origin.put("/a/f", Resource::new(pattern(7, 1000)));
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = Cistern::start(dir.path(), &mirrors(&origin, &["a"], &["{PORT}"]), &[]);
+    assert_eq!(get(cistern.addr, "/a/f").await.status, 200);
+
+    // The reload parses on a blocking thread, whose stack is smaller than
+    // the main thread's: 3 000 levels are far past what it holds.
+    let port = cistern.addr.port();
+    let deep = format!(
+        "listen \"127.0.0.1:{port}\"\nstore {{\n    root \"{{ROOT}}\"\n}}\na {}{}\n",
+        "{ a ".repeat(3000),
+        "}".repeat(3000)
+    );
+    write_config(dir.path(), &deep);
+    eventually("the refused reload in the log", WAIT, || {
+        let log = cistern.log();
+        async move { log.contains("still serving generation 1").then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        get(cistern.addr, "/a/f").await.status,
+        200,
+        "the old config keeps serving"
+    );
+}
