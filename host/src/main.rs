@@ -117,6 +117,9 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(run(config, &cli));
+    // The log is written by its own thread: what was logged, a reason not
+    // to start among it, goes out before the process does.
+    cistern::observe::accesslog::flush();
     if let Some(pid) = &cli.pid {
         let _ = std::fs::remove_file(pid);
     }
@@ -304,7 +307,9 @@ fn init_logging(cli: &Cli) {
     let filter = EnvFilter::try_from_env("CISTERN_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Through one bounded buffer and a writer thread: a full pipe on
+        // stderr must not block the thread that logs.
+        .with_writer(cistern::observe::accesslog::LogLines)
         .with_ansi(cli.daemon.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
@@ -337,10 +342,13 @@ async fn run(config: Config, cli: &Cli) -> ExitCode {
         }
     };
     tracing::info!("cistern ready (config: {source})");
+    // Out before anything else happens: whoever watches the log for
+    // these two lines reads them when they are true.
+    cistern::observe::accesslog::flush();
     wait_for_signal().await;
     tracing::info!("shutting down");
-    running.shutdown().await;
     cistern::observe::accesslog::flush();
+    running.shutdown().await;
     ExitCode::SUCCESS
 }
 

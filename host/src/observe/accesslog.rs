@@ -248,8 +248,9 @@ fn push_seconds(out: &mut Vec<u8>, secs: u64) {
     out.extend_from_slice(&two(rem % 60));
 }
 
-/// Access lines go to standard error through one writer thread: request
-/// threads never wait on the write, and lines that arrive together are
+/// Access lines (and `tracing`'s, through [`LogLines`]) go to standard
+/// error through one writer thread: request threads never wait on the
+/// write, and lines that arrive together are
 /// written with one system call. A line is appended to one shared buffer
 /// under a short lock, not sent as its own allocation: a line allocated
 /// on a request thread and freed on the writer's cost more than the
@@ -265,6 +266,8 @@ mod writer {
     const MAX_PENDING: usize = 8 * 1024 * 1024;
     /// A batch buffer larger than this after a burst is given back.
     const KEEP_CAPACITY: usize = 1024 * 1024;
+    /// The longest [`flush`] waits for the writer.
+    const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
     /// What the request threads left for the writer.
     struct Pending {
@@ -314,7 +317,9 @@ mod writer {
         }
     }
 
-    /// Waits until every line queued so far is written.
+    /// Waits until every line queued so far is written, for at most
+    /// [`FLUSH_WAIT`]: standard error stuck on a full pipe must not keep
+    /// the process from exiting.
     pub fn flush() {
         let (tx, rx) = sync_channel(1);
         let wake = {
@@ -325,7 +330,7 @@ mod writer {
         if wake {
             WAKE.notify_one();
         }
-        let _ = rx.recv();
+        let _ = rx.recv_timeout(FLUSH_WAIT);
     }
 
     fn run() {
@@ -348,7 +353,7 @@ mod writer {
             };
             if dropped > 0 {
                 batch.extend_from_slice(
-                    format!("cistern: {dropped} access-log lines dropped (log writer too slow)\n")
+                    format!("cistern: {dropped} log lines dropped (log writer too slow)\n")
                         .as_bytes(),
                 );
             }
@@ -374,9 +379,49 @@ mod writer {
     }
 }
 
-/// Waits until every access line logged so far is written (shutdown).
+/// Waits until every line logged so far is written (shutdown), for a few
+/// seconds at most.
 pub fn flush() {
     writer::flush();
+}
+
+/// The writer of the process's log for `tracing`: its events go through
+/// the access log's buffer and writer thread, so a standard error stuck
+/// on a full pipe (a log collector that stopped reading) stalls no
+/// request thread; beyond the buffer's bound, lines are dropped and
+/// counted, as access lines are. The two kinds keep their order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogLines;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogLines {
+    type Writer = EventText;
+
+    fn make_writer(&'a self) -> EventText {
+        EventText(Vec::new())
+    }
+}
+
+/// One event's text, queued whole once the formatter is done with it.
+#[derive(Debug)]
+pub struct EventText(Vec<u8>);
+
+impl std::io::Write for EventText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventText {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            writer::send(&self.0);
+        }
+    }
 }
 
 impl Body for LoggedBody {
