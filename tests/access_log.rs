@@ -20,9 +20,33 @@ const REQUESTS: usize = 3_000;
 /// `tracing` line written from a request thread.
 const MISS_EVERY: usize = 4;
 
+/// The process under test, killed when the test ends, failed or not, so
+/// a failing test leaves no Cistern holding its ports.
+struct Unread(Child);
+
+impl std::ops::Deref for Unread {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Unread {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the real binary on `origin`'s files with its standard error
 /// piped to us and not read.
-fn start_unread(origin: &Origin, dir: &std::path::Path) -> (Child, SocketAddr) {
+fn start_unread(origin: &Origin, dir: &std::path::Path) -> (Unread, SocketAddr) {
     let port = free_port();
     let root = dir.join("replica");
     let config = files_mirror(origin)
@@ -37,6 +61,7 @@ fn start_unread(origin: &Origin, dir: &std::path::Path) -> (Child, SocketAddr) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start cistern");
+    let child = Unread(child);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(addr).is_err() {
