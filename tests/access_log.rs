@@ -93,21 +93,10 @@ async fn requests(addr: SocketAddr, n: usize) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_log_nobody_reads_stalls_no_request_and_loses_no_line() {
-    let origin = Origin::start().await;
-    origin.put("/pub/small.txt", Resource::new(pattern(7, 300)));
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = start_unread(&origin, dir.path());
-
-    // Every request is answered although the log's pipe filled long ago.
-    requests(addr, REQUESTS).await;
-
-    // Read again: every request's line is there, and every miss's reason,
-    // none dropped (the backlog is far below the writer's bound). The
-    // reader stops at the last line, or at the end of the pipe once the
-    // process is killed.
-    let misses = REQUESTS.div_ceil(MISS_EVERY);
+/// Reads the process's standard error until `done` holds for what came,
+/// for a minute at most; then kills it, which ends the pipe for a reader
+/// still waiting.
+async fn read_log_until(mut child: Unread, done: fn(&str) -> bool) -> String {
     let mut stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -118,23 +107,41 @@ async fn a_log_nobody_reads_stalls_no_request_and_loses_no_line() {
                 Ok(0) | Err(_) => break,
                 Ok(n) => text.extend_from_slice(&buf[..n]),
             }
-            let log = String::from_utf8_lossy(&text);
-            if log.matches("cistern::access:").count() >= REQUESTS
-                && log.matches("not stored").count() >= misses
-            {
+            if done(&String::from_utf8_lossy(&text)) {
                 break;
             }
         }
         let _ = tx.send(String::from_utf8_lossy(&text).into_owned());
     });
-    let log = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let log = rx.recv_timeout(Duration::from_secs(60));
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
         log.unwrap_or_else(|_| rx.recv().unwrap_or_default())
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_nobody_reads_stalls_no_request_and_loses_no_line() {
+    let origin = Origin::start().await;
+    origin.put("/pub/small.txt", Resource::new(pattern(7, 300)));
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr) = start_unread(&origin, dir.path());
+
+    // Every request is answered although the log's pipe filled long ago.
+    requests(addr, REQUESTS).await;
+
+    // Read again: every request's line is there, and every miss's reason,
+    // none dropped (the backlog is far below the writer's bound). The
+    // reader stops at the last line, or at the end of the pipe once the
+    // process is killed.
+    const MISSED: usize = REQUESTS.div_ceil(MISS_EVERY);
+    let log = read_log_until(child, |log| {
+        log.matches("cistern::access:").count() >= REQUESTS
+            && log.matches("not stored").count() >= MISSED
+    })
+    .await;
     assert_eq!(
         log.matches("cistern::access:").count(),
         REQUESTS,
@@ -142,7 +149,7 @@ async fn a_log_nobody_reads_stalls_no_request_and_loses_no_line() {
     );
     assert_eq!(
         log.matches("not stored").count(),
-        misses,
+        MISSED,
         "the fetch's own lines too"
     );
     assert!(!log.contains("lines dropped"), "no line was dropped");
@@ -182,16 +189,29 @@ async fn a_process_whose_log_nobody_reads_still_stops_on_sigterm() {
     assert!(status.success(), "a clean exit: {status}");
 }
 
+/// Requests of the drop test, each for a missing file.
+const MISSES: usize = 1_000;
+
+/// The lines of a miss the log holds, and those it says it dropped.
+fn accounted(log: &str) -> (usize, usize) {
+    let dropped: usize = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("cistern: "))
+        .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
+        .sum();
+    let written = log.matches("cistern::access:").count() + log.matches("not stored").count();
+    (written, dropped)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_beyond_the_bound_are_dropped_and_counted() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = start_unread(&origin, dir.path());
+    let (child, addr) = start_unread(&origin, dir.path());
 
     // Misses with 4 KiB paths: each logs an access line and the fetch's
     // reason, about 12 KiB, so 1 000 of them are past the writer's 8 MiB
     // bound while nobody reads.
-    const MISSES: usize = 1_000;
     let deep = format!("{}/", "d".repeat(200)).repeat(20);
     let answered = tokio::time::timeout(Duration::from_secs(60), async {
         for i in 0..MISSES {
@@ -203,40 +223,11 @@ async fn lines_beyond_the_bound_are_dropped_and_counted() {
     assert!(answered.is_ok(), "requests stalled behind a full log");
 
     // Every line is either written or counted as dropped.
-    let mut stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let accounted = |log: &str| {
-        let dropped: usize = log
-            .lines()
-            .filter_map(|l| l.strip_prefix("cistern: "))
-            .filter_map(|l| l.split(' ').next()?.parse::<usize>().ok())
-            .sum();
-        let written = log.matches("cistern::access:").count() + log.matches("not stored").count();
-        (written, dropped)
-    };
-    std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let mut buf = [0u8; 64 * 1024];
-        loop {
-            match stderr.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => text.extend_from_slice(&buf[..n]),
-            }
-            let (written, dropped) = accounted(&String::from_utf8_lossy(&text));
-            if written + dropped >= 2 * MISSES {
-                break;
-            }
-        }
-        let _ = tx.send(String::from_utf8_lossy(&text).into_owned());
-    });
-    let log = tokio::task::spawn_blocking(move || {
-        let log = rx.recv_timeout(Duration::from_secs(60));
-        let _ = child.kill();
-        let _ = child.wait();
-        log.unwrap_or_else(|_| rx.recv().unwrap_or_default())
+    let log = read_log_until(child, |log| {
+        let (written, dropped) = accounted(log);
+        written + dropped >= 2 * MISSES
     })
-    .await
-    .unwrap();
+    .await;
     let (written, dropped) = accounted(&log);
     assert!(
         log.contains("log lines dropped (log writer too slow)"),

@@ -67,16 +67,18 @@ const MIN_STACK: usize = 8 * 1024 * 1024;
 pub(super) fn parse(text: &str, name: &Path, check_files: bool) -> Result<Config, ConfigError> {
     // Every open block starts at a `{`, so their count bounds the depth
     // whatever the strings and comments around them.
-    let mut braces = text.match_indices('{');
-    if let Some((at, _)) = braces.nth(MAX_BRACES) {
-        let problem = Problem::new(
-            text,
-            (at, 1).into(),
-            format!("more than {MAX_BRACES} `{{`: no config nests or holds that many"),
-        );
-        return Err(invalid(text, name, vec![problem]));
+    let mut count = 0;
+    for (at, _) in text.match_indices('{') {
+        count += 1;
+        if count > MAX_BRACES {
+            let problem = Problem::new(
+                text,
+                (at, 1).into(),
+                format!("more than {MAX_BRACES} `{{`: no config nests or holds that many"),
+            );
+            return Err(invalid(text, name, vec![problem]));
+        }
     }
-    let count = text.bytes().filter(|&b| b == b'{').count();
     if count <= BRACES_ON_CALLER {
         return parse_here(text, name, check_files);
     }

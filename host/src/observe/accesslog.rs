@@ -98,19 +98,17 @@ impl LoggedBody {
         // `Display` of the address and the float) cost more than the rest
         // of a hit, and `String::push` encodes each `char`. Into a buffer
         // this thread keeps, so a line allocates nothing.
-        LINE.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut line) => {
-                line.clear();
-                self.push_line(&mut line, &r, elapsed, end);
-                writer::send(&line);
-                // A line with `-v`'s headers can be large; keep no more.
-                line.shrink_to(4096);
-            }
-            Err(_) => {
-                let mut line = Vec::with_capacity(160);
-                self.push_line(&mut line, &r, elapsed, end);
-                writer::send(&line);
-            }
+        LINE.with(|cell| {
+            // Borrowed already only if a line were written while writing
+            // one; then a buffer of its own.
+            let mut kept = cell.try_borrow_mut().ok();
+            let mut own = Vec::new();
+            let line = kept.as_deref_mut().unwrap_or(&mut own);
+            line.clear();
+            self.push_line(line, &r, elapsed, end);
+            writer::send(line);
+            // A line with `-v`'s headers can be large; keep no more.
+            line.shrink_to(4096);
         });
     }
 
@@ -250,11 +248,10 @@ fn push_seconds(out: &mut Vec<u8>, secs: u64) {
 
 /// Access lines (and `tracing`'s, through [`LogLines`]) go to standard
 /// error through one writer thread: request threads never wait on the
-/// write, and lines that arrive together are
-/// written with one system call. A line is appended to one shared buffer
-/// under a short lock, not sent as its own allocation: a line allocated
-/// on a request thread and freed on the writer's cost more than the
-/// rest of writing it.
+/// write, and lines that arrive together are written with one system
+/// call. A line is appended to one shared buffer under a short lock, not
+/// sent as its own allocation: a line allocated on a request thread and
+/// freed on the writer's cost more than the rest of writing it.
 mod writer {
     use std::io::Write;
     use std::sync::mpsc::{SyncSender, sync_channel};
@@ -293,9 +290,9 @@ mod writer {
     fn pending() -> MutexGuard<'static, Pending> {
         STARTED.call_once(|| {
             std::thread::Builder::new()
-                .name("cistern-access-log".into())
+                .name("cistern-log".into())
                 .spawn(run)
-                .expect("spawn the access-log writer");
+                .expect("spawn the log writer");
         });
         // A panic while holding the lock leaves whole lines behind it.
         PENDING.lock().unwrap_or_else(PoisonError::into_inner)
