@@ -135,9 +135,11 @@ async fn a_header_the_policy_read_is_part_of_what_must_match() {
         "3",
         "no header is a value too"
     );
-    assert_eq!(answer(&cistern, "/a", &blue).await, "1");
-    assert_eq!(answer(&cistern, "/a", &red).await, "2");
-    assert_eq!(answer(&cistern, "/a", &[]).await, "3");
+    for _ in 0..3 {
+        assert_eq!(answer(&cistern, "/a", &blue).await, "1");
+        assert_eq!(answer(&cistern, "/a", &red).await, "2");
+        assert_eq!(answer(&cistern, "/a", &[]).await, "3");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,9 +178,13 @@ async fn a_call_that_fails_after_promising_reuse_is_not_kept() {
 async fn a_kept_outcome_expires_after_the_seconds_the_policy_gave() {
     let dir = tempfile::tempdir().unwrap();
     let cistern = start(dir.path(), &counting_policy("", 1), admin_addr());
-    assert_eq!(answer(&cistern, "/a", &[]).await, "1");
-    assert_eq!(answer(&cistern, "/a", &[]).await, "1");
+    // The second answer is made of the kept outcome, the third of the
+    // chain's kept decision: both expire with the outcome.
+    for _ in 0..3 {
+        assert_eq!(answer(&cistern, "/a", &[]).await, "1");
+    }
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(answer(&cistern, "/a", &[]).await, "2");
     assert_eq!(answer(&cistern, "/a", &[]).await, "2");
 }
 
@@ -213,6 +219,121 @@ async fn store_id_keys_apply_without_a_call_and_still_share_one_replica() {
     let stats = policy_stats(admin).await;
     assert_eq!(stats["calls"], 2, "one call per URL: {stats}");
     assert_eq!(stats["reused"], 5, "{stats}");
+}
+
+/// A policy that tags every request (`x-tag: kept`, a request header)
+/// after reading its URL, and promises reuse for an hour.
+const TAG: &str = r#"(module
+  (import "cistern" "request_get" (func $request_get (param i32 i32 i32) (result i32)))
+  (import "cistern" "reuse_outcome" (func $reuse_outcome (param i32) (result i32)))
+  (import "cistern" "header_set" (func $header_set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x-tag")
+  (data (i32.const 16) "kept")
+  (func (export "cistern_abi_version") (result i32) (i32.const 3))
+  (func (export "on_request") (result i32)
+    (drop (call $request_get (i32.const 1) (i32.const 1024) (i32.const 4096)))
+    (drop (call $reuse_outcome (i32.const 3600)))
+    (drop (call $header_set (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 16) (i32.const 4)))
+    (i32.const 0)))"#;
+
+/// A response hook that shows what it saw of the request: its URL, its
+/// client's IP and its `x-tag`, as the response headers `x-seen-url`,
+/// `x-seen-client` and `x-seen-tag`.
+const ECHO: &str = r#"(module
+  (import "cistern" "request_get" (func $request_get (param i32 i32 i32) (result i32)))
+  (import "cistern" "header_get" (func $header_get (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "cistern" "header_set" (func $header_set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x-seen-url")
+  (data (i32.const 16) "x-seen-client")
+  (data (i32.const 32) "x-tag")
+  (data (i32.const 48) "x-seen-tag")
+  (func (export "cistern_abi_version") (result i32) (i32.const 3))
+  (func (export "on_response") (result i32)
+    (local $n i32)
+    (local.set $n (call $request_get (i32.const 1) (i32.const 1024) (i32.const 4096)))
+    (drop (call $header_set (i32.const 1) (i32.const 0) (i32.const 10) (i32.const 1024) (local.get $n)))
+    (local.set $n (call $request_get (i32.const 6) (i32.const 1024) (i32.const 4096)))
+    (drop (call $header_set (i32.const 1) (i32.const 16) (i32.const 13) (i32.const 1024) (local.get $n)))
+    (local.set $n (call $header_get (i32.const 0) (i32.const 32) (i32.const 5) (i32.const 0) (i32.const 1024) (i32.const 4096)))
+    (drop (call $header_set (i32.const 1) (i32.const 48) (i32.const 10) (i32.const 1024) (local.get $n)))
+    (i32.const 0)))"#;
+
+/// `GET target` from the loopback address `client` (any 127.x.y.z).
+async fn get_from(client: [u8; 4], proxy: SocketAddr, target: &str) -> common::Got {
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((client, 0))).unwrap();
+    let stream = socket.connect(proxy).await.expect("connect to cistern");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(target)
+        .header("host", proxy.to_string())
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    common::read(sender.send_request(req).await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_kept_whole_still_edits_each_request_and_shows_it_to_on_response() {
+    let origin = Origin::start().await;
+    // Never stored: every request is a miss, and `on_response` runs.
+    origin.put(
+        "/f",
+        Resource::new(pattern(5, 100)).header("cache-control", "no-store"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tag.wat"), TAG).unwrap();
+    std::fs::write(dir.path().join("echo.wat"), ECHO).unwrap();
+    let admin = admin_addr();
+    let config = format!(
+        r#"
+listen "127.0.0.1:{{PORT}}"
+store {{ root "{{ROOT}}"; }}
+policy "tag" path="tag.wat"
+policy "echo" path="echo.wat"
+mirror "m" {{ prefix "/"; upstream "http://{}/"; policies "tag" "echo"; }}
+admin {{ listen "{admin}"; }}
+"#,
+        origin.addr
+    );
+    let cistern = Cistern::start(dir.path(), &config, &[]);
+    // The first request calls `tag`; the second is made of its kept
+    // outcome; from the third on, the chain's kept decision applies.
+    for (i, client) in [
+        [127, 0, 0, 2],
+        [127, 0, 0, 2],
+        [127, 0, 0, 2],
+        [127, 0, 0, 3],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let got = get_from(client, cistern.addr, "/f").await;
+        assert_eq!(got.status, 200, "request {i}: {}", cistern.log());
+        assert_eq!(got.header("x-seen-url"), origin.url("/f"), "request {i}");
+        assert_eq!(
+            got.header("x-seen-client"),
+            std::net::IpAddr::from(client).to_string(),
+            "request {i}: on_response sees this request's client"
+        );
+        assert_eq!(got.header("x-seen-tag"), "kept", "request {i}");
+    }
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 4);
+    for (i, req) in seen.iter().enumerate() {
+        assert_eq!(req.headers["x-tag"], "kept", "upstream request {i}");
+    }
+    let got = get(admin, "/api/policies").await;
+    let all: Value = serde_json::from_slice(got.bytes()).unwrap();
+    let tag = &all[0];
+    assert_eq!(tag["name"], "tag", "{all}");
+    assert_eq!(tag["calls"], 1, "{tag}");
+    assert_eq!(tag["reused"], 3, "{tag}");
 }
 
 #[test]

@@ -33,7 +33,10 @@ use crate::gate::ConnGate;
 use crate::observe::accesslog::{AccessRecord, LoggedBody};
 use crate::observe::{CacheOutcome, NoCacheReason};
 use crate::policy::bridge::PolicyHook;
-use crate::policy::{PolicyChain, PolicyEngine, PolicyHost, RequestOutcome, RequestView, Reuse};
+use crate::policy::{
+    ChainTrace, KeptChain, KeptDecision, KeptRequest, PolicyChain, PolicyEngine, PolicyHost,
+    RequestOutcome, RequestView, Reuse,
+};
 use crate::route::Route;
 use crate::snapshot::Snapshot;
 use crate::store::CacheKey;
@@ -282,7 +285,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn mirrored(
         &self,
-        req: Request<ClientBody>,
+        mut req: Request<ClientBody>,
         conn: ConnInfo,
         set: Arc<MirrorSet>,
         rest: String,
@@ -323,6 +326,29 @@ impl Proxy {
             let route = rules.cache(upstreams, None, false, conn.client.ip(), peer_target);
             return self.http(req, key, route, snap).await;
         }
+        // A chain that kept its whole decision for this path applies it
+        // as it is: no URL to build, no view, no lookup per policy.
+        if let Some(kept) = chain.kept_whole(req.method(), &rest) {
+            let upstreams = Upstreams::Mirror { set, rest, host };
+            let peer_target = peer_target(&req, None, &upstreams, &conn, snap);
+            let request = match &kept.decision {
+                KeptDecision::Respond(direct) => {
+                    return Answer::local(direct_response(direct.clone()));
+                }
+                KeptDecision::Proceed(request) => Arc::clone(request),
+            };
+            let (key, route) = kept_route(
+                &kept,
+                request,
+                &mut req,
+                upstreams,
+                chain,
+                rules,
+                (&conn, peer_target),
+                snap,
+            );
+            return self.http(req, key, route, snap).await;
+        }
         let url = match set.url(0, &rest) {
             Ok(url) => url,
             Err(e) => return Answer::local(body::text(StatusCode::BAD_REQUEST, e.to_string())),
@@ -350,18 +376,27 @@ impl Proxy {
         let mut bypass = false;
         let mut store_id = None;
         let mut parsed_key = None;
+        // The URL the chain sent the fetch to instead, and the chain's
+        // decision to keep whole when it came from kept outcomes alone.
+        let mut fetch_from = None;
+        let mut keep = None;
         if !chain.is_empty() {
             let headers = std::mem::take(req.headers_mut());
             let mut view =
                 RequestView::new(req.method().clone(), key_url.clone(), headers, conn.client);
+            // A mirror's URL is a function of its path: a decision made of
+            // outcomes keyed by the URL alone is one of the path.
+            let mut trace = (matches!(upstreams, Upstreams::Mirror { .. }) && chain.keeps_whole())
+                .then(ChainTrace::default);
             // Kept outcomes first, with no future at all; the calls, when
             // some hook must run, in a boxed one, so this future stays the
             // size it is without policies (it is moved on every request).
             // A kept outcome leaves the view where it is: moving it in and
             // out of a tuple cost two copies of it per request.
-            let outcome = match chain.reuse_on_request(&mut view) {
+            let outcome = match chain.reuse_on_request(&mut view, trace.as_mut()) {
                 Reuse::Kept(outcome) => outcome,
                 Reuse::From(i) => {
+                    trace = None;
                     let lent = std::mem::take(&mut view);
                     let (back, outcome) =
                         Box::pin(chain.run_on_request_from(&snap.policy_host, lent, i)).await;
@@ -370,16 +405,22 @@ impl Proxy {
                 }
             };
             if let RequestOutcome::Respond(direct) = outcome {
+                if let (Some(trace), Upstreams::Mirror { rest, .. }) = (trace, &upstreams) {
+                    let decision = KeptDecision::Respond(direct.clone());
+                    chain.keep_whole(req.method(), rest, trace, decision);
+                }
                 return Answer::local(direct_response(direct));
             }
             *req.headers_mut() = std::mem::take(&mut view.headers);
-            if !same_uri(&view.url, &key_url) {
+            let url_changed = !same_uri(&view.url, &key_url);
+            if url_changed {
                 key_url = view.url.clone();
-                upstreams = Upstreams::Single(view.url.clone());
+                fetch_from = Some(view.url.clone());
             }
             if let Some(up) = &view.upstream_url {
-                upstreams = Upstreams::Single(up.clone());
+                fetch_from = Some(up.clone());
             }
+            keep = trace.map(|trace| (trace, view.clone(), url_changed));
             // A kept outcome carries its store-id parsed once.
             parsed_key = view
                 .key_hint
@@ -395,7 +436,7 @@ impl Proxy {
             policy = (chain.has_on_response() || chain.has_on_body()).then(|| PolicyRun {
                 chain: chain.clone(),
                 host: snap.policy_host.clone(),
-                view,
+                view: RanView::Built(Box::new(view)),
             });
         }
         let key = match (parsed_key, store_id) {
@@ -407,12 +448,59 @@ impl Proxy {
         };
         match key {
             Ok(key) => {
+                if let (Some((trace, view, url_changed)), Upstreams::Mirror { rest, .. }) =
+                    (keep, &upstreams)
+                {
+                    let request = KeptRequest {
+                        view,
+                        key: key.clone(),
+                        url_changed,
+                    };
+                    let decision = KeptDecision::Proceed(Arc::new(request));
+                    chain.keep_whole(req.method(), rest, trace, decision);
+                }
+                if let Some(url) = fetch_from {
+                    upstreams = Upstreams::Single(url);
+                }
                 let route = rules.cache(upstreams, policy, bypass, conn.client.ip(), peer_target);
                 self.http(req, key, route, snap).await
             }
             Err(why) => Answer::local(body::text(StatusCode::BAD_REQUEST, why)),
         }
     }
+}
+
+/// The key and route of a request a chain's kept whole decision
+/// (`kept`, whose request is `request`) settles: its header edits made on
+/// `req`, its fetch sent where the chain sent it, and its view kept for
+/// `on_response` on a miss.
+#[allow(clippy::too_many_arguments)]
+fn kept_route(
+    kept: &KeptChain,
+    request: Arc<KeptRequest>,
+    req: &mut Request<ClientBody>,
+    upstreams: Upstreams,
+    chain: &PolicyChain,
+    rules: RouteRules,
+    (conn, peer_target): (&ConnInfo, Option<Box<str>>),
+    snap: &Snapshot,
+) -> (CacheKey, RouteCache) {
+    kept.edit_headers(req.headers_mut());
+    let view = &request.view;
+    let upstreams = match (&view.upstream_url, request.url_changed) {
+        (Some(up), _) => Upstreams::Single(up.clone()),
+        (None, true) => Upstreams::Single(view.url.clone()),
+        (None, false) => upstreams,
+    };
+    let bypass = view.bypass_cache;
+    let key = request.key.clone();
+    let policy = (chain.has_on_response() || chain.has_on_body()).then(|| PolicyRun {
+        chain: chain.clone(),
+        host: snap.policy_host.clone(),
+        view: RanView::Kept(request, conn.client),
+    });
+    let route = rules.cache(upstreams, policy, bypass, conn.client.ip(), peer_target);
+    (key, route)
 }
 
 /// Whether two URLs are equal, at once when one is a clone of the other
@@ -516,13 +604,29 @@ struct PolicyRun {
     host: Arc<dyn PolicyHost>,
     /// The request as the chain left it, without its headers (they went back
     /// to the request).
-    view: RequestView,
+    view: RanView,
+}
+
+/// The request a chain left, as [`PolicyRun`] holds it.
+enum RanView {
+    /// Made for this request (boxed: the kept decision's path, the
+    /// common one, moves the small variant).
+    Built(Box<RequestView>),
+    /// A kept whole decision's, shared until a miss needs its own copy,
+    /// with this request's client.
+    Kept(Arc<KeptRequest>, SocketAddr),
 }
 
 impl PolicyRun {
     /// The response hook for a request with `headers`.
     fn hook(self, headers: &HeaderMap) -> Arc<dyn HeadHook> {
-        let mut view = self.view;
+        let mut view = match self.view {
+            RanView::Built(view) => *view,
+            RanView::Kept(request, client) => RequestView {
+                client,
+                ..request.view.clone()
+            },
+        };
         view.headers = headers.clone();
         Arc::new(PolicyHook::new(self.chain, self.host, view))
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::{CONTENT_TYPE, HeaderValue};
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 use sha2::{Digest, Sha256};
 use wasmtime::{
     Config, Engine, ExternType, InstanceAllocationStrategy, Linker, Module,
@@ -18,7 +18,7 @@ use wasmtime::{
 
 use super::abi::{self, CallCtx, Hook, HostState};
 use super::instance::{Policy, Settings, TICK, Ticker, block_on, run_ticker};
-use super::reuse::Replayed;
+use super::reuse::{ChainMemo, ChainTrace, KeptChain, KeptDecision, Replayed};
 use super::{
     ABI_VERSION, BodyOutcome, DirectResponse, Failure, MAX_MEMORY_LIMIT, MIN_ABI_VERSION,
     PolicyError, PolicyHost, PolicyStats, RequestOutcome, RequestView, ResponseDecision,
@@ -397,7 +397,13 @@ impl PolicySet {
                     .ok_or_else(|| PolicyError::Unknown(name.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let on_request = || chain.iter().filter(|p| p.settings.has_on_request);
+        // A chain whose every request hook may keep its outcomes may keep
+        // its whole decision.
+        let whole = (on_request().next().is_some() && on_request().all(|p| p.memo.is_some()))
+            .then(|| Arc::new(ChainMemo::default()));
         Ok(PolicyChain {
+            whole,
             has_on_request: chain.iter().any(|p| p.settings.has_on_request),
             has_on_response: chain.iter().any(|p| p.settings.has_on_response),
             has_on_body: chain.iter().any(|p| p.settings.has_on_body),
@@ -416,6 +422,9 @@ impl PolicySet {
 #[derive(Clone, Default)]
 pub struct PolicyChain {
     policies: Arc<[Arc<Policy>]>,
+    /// The chain's kept whole decisions, when every `on_request` hook may
+    /// keep its outcomes.
+    whole: Option<Arc<ChainMemo>>,
     /// Some policy exports `on_request`: without one a request builds no
     /// call context.
     has_on_request: bool,
@@ -620,6 +629,42 @@ impl PolicyChain {
         }
     }
 
+    /// Whether the chain may keep its whole decision for a path of its
+    /// route: a caller whose URL is a function of the path passes a
+    /// [`ChainTrace`] to [`PolicyChain::reuse_on_request`].
+    pub fn keeps_whole(&self) -> bool {
+        self.whole.as_ref().is_some_and(|w| w.is_on())
+    }
+
+    /// The chain's kept whole decision for `method` and `rest` (the path
+    /// below the route), counted as a reuse by each policy it stands for.
+    pub fn kept_whole(&self, method: &Method, rest: &str) -> Option<Arc<KeptChain>> {
+        let kept = self.whole.as_ref()?.get(method, rest)?;
+        for policy in self
+            .policies
+            .iter()
+            .filter(|p| p.settings.has_on_request)
+            .take(kept.reused)
+        {
+            policy.note_reused();
+        }
+        Some(kept)
+    }
+
+    /// Keeps `decision`, reached from kept outcomes alone as `trace` saw
+    /// them, for `method` and `rest` (see [`PolicyChain::kept_whole`]).
+    pub fn keep_whole(
+        &self,
+        method: &Method,
+        rest: &str,
+        trace: ChainTrace,
+        decision: KeptDecision,
+    ) {
+        if let Some(whole) = &self.whole {
+            whole.keep(method, rest, trace, decision);
+        }
+    }
+
     /// Runs the chain's `on_request` hooks (see
     /// [`PolicyChain::on_request`]) in the caller's future. A hook that
     /// returns before the next epoch tick is a plain call; one still
@@ -634,7 +679,7 @@ impl PolicyChain {
         req: RequestView,
     ) -> (RequestView, RequestOutcome) {
         let mut req = req;
-        match self.reuse_on_request(&mut req) {
+        match self.reuse_on_request(&mut req, None) {
             Reuse::Kept(outcome) => (req, outcome),
             Reuse::From(i) => self.run_on_request_from(host, req, i).await,
         }
@@ -645,17 +690,24 @@ impl PolicyChain {
     /// `Kept(outcome)` when every hook's was kept (the whole chain is
     /// done), `From(i)` when the `i`-th hook must run, for
     /// [`PolicyChain::run_on_request_from`]. On a hit whose policies all
-    /// keep their outcomes this is the whole cost of the chain.
-    pub fn reuse_on_request(&self, req: &mut RequestView) -> Reuse {
+    /// keep their outcomes this is the whole cost of the chain. `trace`
+    /// collects what a `Kept` result may be kept as, for
+    /// [`PolicyChain::keep_whole`].
+    pub fn reuse_on_request(&self, req: &mut RequestView, trace: Option<&mut ChainTrace>) -> Reuse {
         if !self.has_on_request {
             return Reuse::Kept(RequestOutcome::Continue);
         }
-        self.reuse_from(0, req)
+        self.reuse_from(0, req, trace)
     }
 
     /// [`PolicyChain::reuse_on_request`] from the chain's `start`-th
     /// policy on: the one place a kept outcome is applied.
-    fn reuse_from(&self, start: usize, req: &mut RequestView) -> Reuse {
+    fn reuse_from(
+        &self,
+        start: usize,
+        req: &mut RequestView,
+        mut trace: Option<&mut ChainTrace>,
+    ) -> Reuse {
         for (i, policy) in self.policies.iter().enumerate().skip(start) {
             if !policy.settings.has_on_request {
                 continue;
@@ -663,7 +715,7 @@ impl PolicyChain {
             let Some(memo) = &policy.memo else {
                 return Reuse::From(i);
             };
-            match memo.replay(req) {
+            match memo.replay(req, trace.as_deref_mut()) {
                 Replayed::Miss => return Reuse::From(i),
                 Replayed::Continue => policy.note_reused(),
                 Replayed::Respond(status, headers, body) => {
@@ -746,7 +798,7 @@ impl PolicyChain {
         host: &Arc<dyn PolicyHost>,
         req: &mut RequestView,
     ) -> RequestOutcome {
-        match self.reuse_on_request(req) {
+        match self.reuse_on_request(req, None) {
             Reuse::Kept(outcome) => outcome,
             Reuse::From(i) => self.request_chain_from(host, req, i).await,
         }
@@ -765,7 +817,7 @@ impl PolicyChain {
             if let Some(outcome) = Self::call_on_request(policy, host, req).await {
                 return outcome;
             }
-            match self.reuse_from(from + 1, req) {
+            match self.reuse_from(from + 1, req, None) {
                 Reuse::Kept(outcome) => return outcome,
                 Reuse::From(next) => from = next,
             }

@@ -26,6 +26,7 @@ mod instance;
 mod reuse;
 
 pub use engine::{PolicyChain, PolicyEngine, PolicySet};
+pub use reuse::{ChainTrace, KeptChain, KeptDecision, KeptRequest};
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};

@@ -17,6 +17,7 @@
 //! anything read state that changes by itself, and is never kept.
 
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,11 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri};
 use lru::LruCache;
 
-use super::RequestView;
 use super::abi::{
     FIELD_CACHE_KEY, FIELD_CLIENT_ADDR, FIELD_CLIENT_IP, FIELD_HOST, FIELD_METHOD, FIELD_PATH,
     FIELD_QUERY, FIELD_UPSTREAM_URL, FIELD_URL,
 };
+use super::{DirectResponse, RequestView};
 use crate::store::CacheKey;
 
 /// Outcomes kept per policy: enough for the hot files of a mirror.
@@ -50,6 +51,19 @@ pub(crate) enum Input {
     Field(i32),
     /// Every value of a request header (`header_get(REQUEST, …)`).
     Header(HeaderName),
+}
+
+impl Input {
+    /// Whether the value is the same for every request of one method and
+    /// URL: the URL's parts, the method, and what earlier policies made
+    /// of them (their outcomes were kept for that URL too). A header or
+    /// the client's address is not.
+    fn is_of_the_url(&self) -> bool {
+        match self {
+            Input::Field(f) => *f != FIELD_CLIENT_ADDR && *f != FIELD_CLIENT_IP,
+            Input::Header(_) => false,
+        }
+    }
 }
 
 /// What one call read of its request, in the order it first read it.
@@ -224,10 +238,55 @@ struct Kept {
     /// The input lists calls have read, each keying its own outcomes by
     /// its index (the first byte of a key).
     shapes: Vec<Arc<[Input]>>,
-    outcomes: LruCache<Box<[u8]>, Arc<Outcome>>,
-    bytes: usize,
+    outcomes: Bounded<Outcome>,
     /// A buffer for lookup keys, kept to save an allocation per request.
     scratch: Vec<u8>,
+}
+
+/// Kept values by key, the least recently used dropped first beyond
+/// [`MAX_KEPT`] entries or [`MAX_KEPT_BYTES`] of keys and values, so
+/// neither many keys nor long ones can make a memo large.
+struct Bounded<V> {
+    entries: LruCache<Box<[u8]>, (Arc<V>, usize)>,
+    /// The sizes of the entries, each as given to [`Bounded::push`].
+    bytes: usize,
+}
+
+impl<V> Bounded<V> {
+    fn new() -> Bounded<V> {
+        Bounded {
+            // Sparse: a memo that never keeps anything costs nothing.
+            entries: LruCache::sparse(NonZeroUsize::new(MAX_KEPT).expect("MAX_KEPT > 0")),
+            bytes: 0,
+        }
+    }
+
+    fn get(&mut self, key: &[u8]) -> Option<&Arc<V>> {
+        self.entries.get(key).map(|(value, _)| value)
+    }
+
+    /// Keeps `value` under `key`, counting `size` bytes for both.
+    fn push(&mut self, key: Box<[u8]>, value: Arc<V>, size: usize) {
+        if let Some((_, (_, old))) = self.entries.push(key, (value, size)) {
+            // `push` hands back the entry it replaced or evicted.
+            self.bytes = self.bytes.saturating_sub(old);
+        }
+        self.bytes += size;
+        while self.bytes > MAX_KEPT_BYTES {
+            match self.entries.pop_lru() {
+                Some((_, (_, old))) => self.bytes = self.bytes.saturating_sub(old),
+                None => {
+                    self.bytes = 0;
+                    break;
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
 }
 
 impl std::fmt::Debug for OutcomeMemo {
@@ -241,8 +300,7 @@ impl Default for OutcomeMemo {
         OutcomeMemo {
             inner: Mutex::new(Kept {
                 shapes: Vec::new(),
-                outcomes: LruCache::new(NonZeroUsize::new(MAX_KEPT).expect("MAX_KEPT > 0")),
-                bytes: 0,
+                outcomes: Bounded::new(),
                 scratch: Vec::new(),
             }),
         }
@@ -260,9 +318,10 @@ pub(crate) enum Replayed {
 }
 
 impl OutcomeMemo {
-    /// Applies the kept outcome for `req`, if there is one still fresh.
-    pub(crate) fn replay(&self, req: &mut RequestView) -> Replayed {
-        let outcome = {
+    /// Applies the kept outcome for `req`, if there is one still fresh;
+    /// notes it in `trace` when the chain may keep its whole decision.
+    pub(crate) fn replay(&self, req: &mut RequestView, trace: Option<&mut ChainTrace>) -> Replayed {
+        let found = {
             let mut kept = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             let Kept {
                 shapes,
@@ -277,17 +336,27 @@ impl OutcomeMemo {
                 scratch.push(index as u8);
                 push_key(scratch, inputs, &original);
                 if let Some(outcome) = outcomes.get(scratch.as_slice()) {
-                    found = Some(Arc::clone(outcome));
+                    found = Some((Arc::clone(outcome), index));
                     break;
                 }
             }
-            found
+            found.map(|(outcome, index)| {
+                let by_url = shapes[index].iter().all(Input::is_of_the_url);
+                (outcome, by_url)
+            })
         };
-        let Some(outcome) = outcome else {
+        let Some((outcome, by_url)) = found else {
             return Replayed::Miss;
         };
         if outcome.expires <= Instant::now() {
             return Replayed::Miss;
+        }
+        if let Some(trace) = trace {
+            if by_url {
+                trace.applied.push(Arc::clone(&outcome));
+            } else {
+                trace.beyond_url = true;
+            }
         }
         for edit in outcome.edits.iter() {
             apply(req, edit);
@@ -359,24 +428,8 @@ impl OutcomeMemo {
             answer,
             expires,
         });
-        if let Some((old_key, old)) = kept.outcomes.push(key.into_boxed_slice(), outcome) {
-            // `push` hands back the entry it replaced or evicted.
-            let freed = old_key.len() + outcome_bytes(&old);
-            kept.bytes = kept.bytes.saturating_sub(freed);
-        }
-        kept.bytes += entry_bytes;
-        while kept.bytes > MAX_KEPT_BYTES {
-            match kept.outcomes.pop_lru() {
-                Some((key, outcome)) => {
-                    let freed = key.len() + outcome_bytes(&outcome);
-                    kept.bytes = kept.bytes.saturating_sub(freed);
-                }
-                None => {
-                    kept.bytes = 0;
-                    break;
-                }
-            }
-        }
+        kept.outcomes
+            .push(key.into_boxed_slice(), outcome, entry_bytes);
     }
 
     /// How many outcomes are kept (for tests).
@@ -401,16 +454,6 @@ fn edit_bytes(edit: &Edit) -> usize {
     }
 }
 
-fn outcome_bytes(outcome: &Outcome) -> usize {
-    outcome.edits.iter().map(edit_bytes).sum::<usize>()
-        + outcome.answer.as_ref().map_or(0, |(_, h, b)| {
-            b.len()
-                + h.iter()
-                    .map(|(n, v)| n.as_str().len() + v.len())
-                    .sum::<usize>()
-        })
-}
-
 /// Applies one kept edit as the ABI function that made it did.
 fn apply(req: &mut RequestView, edit: &Edit) {
     match edit {
@@ -421,16 +464,217 @@ fn apply(req: &mut RequestView, edit: &Edit) {
         }
         Edit::UpstreamUrl(url) => req.upstream_url = url.clone(),
         Edit::Bypass => req.bypass_cache = true,
-        Edit::SetHeader(name, value, append) => {
-            if *append {
-                req.headers.append(name.clone(), value.clone());
-            } else {
-                req.headers.insert(name.clone(), value.clone());
-            }
+        Edit::SetHeader(..) | Edit::RemoveHeader(_) => edit_header(&mut req.headers, edit),
+    }
+}
+
+/// Applies a kept header edit; any other edit is not one of the headers.
+fn edit_header(headers: &mut HeaderMap, edit: &Edit) {
+    match edit {
+        Edit::SetHeader(name, value, true) => {
+            headers.append(name.clone(), value.clone());
+        }
+        Edit::SetHeader(name, value, false) => {
+            headers.insert(name.clone(), value.clone());
         }
         Edit::RemoveHeader(name) => {
-            req.headers.remove(name);
+            headers.remove(name);
         }
+        _ => {}
+    }
+}
+
+/// What the kept outcomes applied to one request add up to, collected
+/// by [`OutcomeMemo::replay`] while a chain that may keep its whole
+/// decision runs from kept outcomes alone.
+#[derive(Debug, Default)]
+pub struct ChainTrace {
+    /// The outcomes applied, in chain order.
+    applied: Vec<Arc<Outcome>>,
+    /// An applied outcome was keyed by more than the method and the URL.
+    beyond_url: bool,
+}
+
+/// A chain's whole decision for one method and path of its route
+/// ([`ChainMemo`]): what its kept outcomes did, applied without building
+/// the request the policies see.
+#[derive(Debug)]
+pub struct KeptChain {
+    /// What the chain decided, with what the route made of it.
+    pub decision: KeptDecision,
+    /// The chain's edits of the request headers, in order.
+    header_edits: Box<[Edit]>,
+    /// How many of the chain's `on_request` policies it stands for, from
+    /// the first (each counts a reuse when it applies).
+    pub(crate) reused: usize,
+    expires: Instant,
+}
+
+/// What a [`KeptChain`] decided.
+#[derive(Debug)]
+pub enum KeptDecision {
+    /// A policy answered the request itself.
+    Respond(DirectResponse),
+    /// The request goes on as the chain left it.
+    Proceed(Arc<KeptRequest>),
+}
+
+/// A request as a chain left it, for [`KeptDecision::Proceed`].
+#[derive(Debug)]
+pub struct KeptRequest {
+    /// The request as the policies left it, without its headers (each
+    /// request brings its own): what `on_response` sees on a miss.
+    pub view: RequestView,
+    /// The replica key the route made of `view`.
+    pub key: CacheKey,
+    /// The chain rewrote the URL: the route fetches `view.url`.
+    pub url_changed: bool,
+}
+
+impl KeptChain {
+    /// Applies the chain's header edits to one request's headers.
+    pub fn edit_headers(&self, headers: &mut HeaderMap) {
+        for edit in self.header_edits.iter() {
+            edit_header(headers, edit);
+        }
+    }
+}
+
+/// A chain's kept whole decisions, keyed by method and the path below the
+/// route (a mirror's `rest`): the route's URL is a function of that path,
+/// so when every policy's applied outcome was keyed by the URL alone, the
+/// chain's decision is one too. On a hit this is the chain's whole cost:
+/// one lookup, instead of building the URL, the view and a lookup per
+/// policy.
+pub(crate) struct ChainMemo {
+    inner: Mutex<KeptChains>,
+    /// Some outcome of the chain was keyed by a header or the client: its
+    /// decisions are not kept as a whole (each policy's still are).
+    off: AtomicBool,
+}
+
+struct KeptChains {
+    entries: Bounded<KeptChain>,
+    /// A buffer for lookup keys, kept to save an allocation per request.
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for ChainMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainMemo").finish_non_exhaustive()
+    }
+}
+
+impl Default for ChainMemo {
+    fn default() -> ChainMemo {
+        ChainMemo {
+            inner: Mutex::new(KeptChains {
+                entries: Bounded::new(),
+                scratch: Vec::new(),
+            }),
+            off: AtomicBool::new(false),
+        }
+    }
+}
+
+fn chain_key(key: &mut Vec<u8>, method: &Method, rest: &str) {
+    key.extend_from_slice(method.as_str().as_bytes());
+    key.push(b' ');
+    key.extend_from_slice(rest.as_bytes());
+}
+
+impl ChainMemo {
+    /// Whether the chain's decisions may be kept whole.
+    pub(crate) fn is_on(&self) -> bool {
+        !self.off.load(Ordering::Relaxed)
+    }
+
+    /// The kept decision for `method` and `rest`, while it is fresh.
+    pub(crate) fn get(&self, method: &Method, rest: &str) -> Option<Arc<KeptChain>> {
+        if !self.is_on() {
+            return None;
+        }
+        let kept = {
+            let mut kept = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let KeptChains {
+                entries, scratch, ..
+            } = &mut *kept;
+            scratch.clear();
+            chain_key(scratch, method, rest);
+            Arc::clone(entries.get(scratch.as_slice())?)
+        };
+        (kept.expires > Instant::now()).then_some(kept)
+    }
+
+    /// Keeps the decision a chain reached from kept outcomes alone
+    /// (`trace`) for `method` and `rest`; a trace that met an outcome keyed
+    /// beyond the URL turns whole-chain keeping off for good.
+    pub(crate) fn keep(
+        &self,
+        method: &Method,
+        rest: &str,
+        trace: ChainTrace,
+        decision: KeptDecision,
+    ) {
+        if trace.beyond_url {
+            self.off.store(true, Ordering::Relaxed);
+            return;
+        }
+        let Some(expires) = trace.applied.iter().map(|o| o.expires).min() else {
+            return;
+        };
+        let header_edits: Box<[Edit]> = trace
+            .applied
+            .iter()
+            .flat_map(|o| o.edits.iter())
+            .filter(|e| matches!(e, Edit::SetHeader(..) | Edit::RemoveHeader(_)))
+            .cloned()
+            .collect();
+        let mut key = Vec::new();
+        chain_key(&mut key, method, rest);
+        let size = key.len()
+            + header_edits.iter().map(edit_bytes).sum::<usize>()
+            + match &decision {
+                KeptDecision::Respond(d) => {
+                    d.body.len()
+                        + d.headers
+                            .iter()
+                            .map(|(n, v)| n.as_str().len() + v.len())
+                            .sum::<usize>()
+                }
+                KeptDecision::Proceed(kept) => {
+                    let view = &kept.view;
+                    crate::request::uri_len(&view.url)
+                        + view
+                            .upstream_url
+                            .as_ref()
+                            .map_or(0, crate::request::uri_len)
+                        + view.cache_key.as_ref().map_or(0, String::len)
+                        + kept.key.as_str().len()
+                }
+            }
+            + 256;
+        if size > MAX_ENTRY_BYTES {
+            return;
+        }
+        let kept = Arc::new(KeptChain {
+            decision,
+            header_edits,
+            reused: trace.applied.len(),
+            expires,
+        });
+        let mut chains = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        chains.entries.push(key.into_boxed_slice(), kept, size);
+    }
+
+    /// How many decisions are kept (for tests).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .len()
     }
 }
 
@@ -475,9 +719,9 @@ mod tests {
             None,
         );
         let mut two = view("http://m.test/a", &[("x-tenant", "a"), ("x-tenant", "b")]);
-        assert!(matches!(memo.replay(&mut two), Replayed::Miss));
+        assert!(matches!(memo.replay(&mut two, None), Replayed::Miss));
         let mut same = view("http://m.test/a", &[("x-tenant", "a,b")]);
-        assert!(matches!(memo.replay(&mut same), Replayed::Continue));
+        assert!(matches!(memo.replay(&mut same, None), Replayed::Continue));
         assert!(same.bypass_cache);
     }
 
@@ -512,9 +756,76 @@ mod tests {
             );
         }
         let kept = memo.inner.lock().unwrap();
-        assert!(kept.bytes <= MAX_KEPT_BYTES, "{} bytes kept", kept.bytes);
+        let bytes = kept.outcomes.bytes;
+        assert!(bytes <= MAX_KEPT_BYTES, "{bytes} bytes kept");
         assert!(kept.outcomes.len() < 2000);
         assert!(kept.outcomes.len() > 100, "{} kept", kept.outcomes.len());
+    }
+
+    fn answer() -> KeptDecision {
+        KeptDecision::Respond(DirectResponse {
+            status: StatusCode::FORBIDDEN,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"no"),
+        })
+    }
+
+    fn traced(seconds: u64, beyond_url: bool) -> ChainTrace {
+        let outcome = Outcome {
+            edits: Box::new([]),
+            answer: None,
+            expires: Instant::now() + Duration::from_secs(seconds),
+        };
+        ChainTrace {
+            applied: vec![Arc::new(outcome)],
+            beyond_url,
+        }
+    }
+
+    #[test]
+    fn a_chain_decision_is_kept_per_method_and_path_until_it_expires() {
+        let memo = ChainMemo::default();
+        memo.keep(&Method::GET, "/a", traced(60, false), answer());
+        memo.keep(&Method::GET, "/b", traced(0, false), answer());
+        assert!(memo.get(&Method::GET, "/a").is_some());
+        assert!(
+            memo.get(&Method::HEAD, "/a").is_none(),
+            "the method is part of it"
+        );
+        assert!(memo.get(&Method::GET, "/b").is_none(), "expired");
+        assert!(memo.get(&Method::GET, "/c").is_none());
+    }
+
+    #[test]
+    fn an_outcome_keyed_beyond_the_url_turns_whole_keeping_off() {
+        let memo = ChainMemo::default();
+        memo.keep(&Method::GET, "/a", traced(60, false), answer());
+        assert!(memo.is_on());
+        memo.keep(&Method::GET, "/b", traced(60, true), answer());
+        assert!(!memo.is_on());
+        assert!(
+            memo.get(&Method::GET, "/a").is_none(),
+            "nothing applies once off"
+        );
+    }
+
+    #[test]
+    fn long_paths_cannot_grow_the_chain_memo_past_its_byte_cap() {
+        let memo = ChainMemo::default();
+        let long = "x".repeat(8 * 1024);
+        for i in 0..2000 {
+            memo.keep(
+                &Method::GET,
+                &format!("/{long}/{i}"),
+                traced(60, false),
+                answer(),
+            );
+        }
+        let bytes = memo.inner.lock().unwrap().entries.bytes;
+        assert!(bytes <= MAX_KEPT_BYTES, "{bytes} bytes kept");
+        assert!(memo.len() < 2000);
+        assert!(memo.len() > 100, "{} kept", memo.len());
+        assert!(memo.get(&Method::GET, &format!("/{long}/1999")).is_some());
     }
 
     #[test]
