@@ -58,8 +58,17 @@ curl -s -o /dev/null -w '%{http_code}\n' "http://127.0.0.1:$P/vlc/3.0/vlc.dmg" |
     run nginx "http://127.0.0.1:$P/vlc/3.0/vlc.dmg"
 } >"$RESULTS_FILE"
 stop "${PIDS[-1]}"; sleep 0.5
-# The access log stays on, at Cistern's default level.
-taskset -c 1 "$CISTERN" --config "$WORK/config.kdl" 2>"$WORK/cistern.log" & PIDS+=($!); wait_port "$P" "${PIDS[-1]}" 10
-curl -s -o /dev/null -w '%{http_code}\n' "http://127.0.0.1:$P/vlc/3.0/vlc.dmg" | grep -q 302 || die "cistern gives no 302"
-run cistern "http://127.0.0.1:$P/vlc/3.0/vlc.dmg" >>"$RESULTS_FILE"
+# First with the access log on, at Cistern's default level; then with
+# it off, as nginx's is here (`access_log off`).
+for mode in cistern cistern-nolog; do
+    log=info
+    [ "$mode" = cistern ] || log=info,cistern::access=off
+    CISTERN_LOG=$log taskset -c 1 "$CISTERN" --config "$WORK/config.kdl" 2>"$WORK/$mode.log" & PIDS+=($!); wait_port "$P" "${PIDS[-1]}" 10
+    curl -s -o /dev/null -w '%{http_code}\n' "http://127.0.0.1:$P/vlc/3.0/vlc.dmg" | grep -q 302 || die "cistern gives no 302"
+    run "$mode" "http://127.0.0.1:$P/vlc/3.0/vlc.dmg" >>"$RESULTS_FILE"
+    stop "${PIDS[-1]}"; sleep 0.5
+done
+# A log that is off must be off: the run above wrote no access line.
+! grep -q 'vlc.dmg' "$WORK/cistern-nolog.log" || die "the access log was not off"
+grep -q 'vlc.dmg' "$WORK/cistern.log" || die "the access log was not on"
 cat "$RESULTS_FILE"
