@@ -189,6 +189,44 @@ async fn a_kept_outcome_expires_after_the_seconds_the_policy_gave() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_forgets_the_kept_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let cistern = start(dir.path(), &counting_policy("", 3600), admin_addr());
+    // The third answer is the chain's kept decision.
+    for _ in 0..3 {
+        assert_eq!(answer(&cistern, "/a", &[]).await, "1");
+    }
+    // The same policy counting from `@`: its first call answers `A`.
+    let edited = counting_policy("", 3600).replace("(i32.const 48)", "(i32.const 64)");
+    assert_ne!(edited, counting_policy("", 3600));
+    let wat = dir.path().join("counter.wat");
+    std::fs::write(wat.with_extension("tmp"), edited).unwrap();
+    std::fs::rename(wat.with_extension("tmp"), &wat).unwrap();
+    // Touch the config too, for a watcher that only follows it.
+    let config = dir.path().join("config.kdl");
+    let text = std::fs::read_to_string(&config).unwrap() + "// edited\n";
+    std::fs::write(config.with_extension("tmp"), text).unwrap();
+    std::fs::rename(config.with_extension("tmp"), &config).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let got = answer(&cistern, "/a", &[]).await;
+        if got == "A" {
+            break;
+        }
+        assert_eq!(got, "1", "before the reload: {}", cistern.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reloaded policy never answered: {}",
+            cistern.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(answer(&cistern, "/a", &[]).await, "A", "kept again, anew");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_id_keys_apply_without_a_call_and_still_share_one_replica() {
     let origin = Origin::start().await;
     let deb = pattern(3, 20_000);
