@@ -5,13 +5,16 @@
 //! the host cannot key is always made again.
 
 mod common;
+mod tls_common;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::{
     Cistern, Origin, Resource, free_port, get, pattern, request, run_to_end, store_id_mirrors,
 };
 use serde_json::Value;
+use tls_common::{eventually, replace_file};
 
 /// A WAT policy that answers every request with the number of calls it
 /// has had, as one character (`1`, `2`, …), after reading the URL, running
@@ -183,7 +186,7 @@ async fn a_kept_outcome_expires_after_the_seconds_the_policy_gave() {
     for _ in 0..3 {
         assert_eq!(answer(&cistern, "/a", &[]).await, "1");
     }
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(answer(&cistern, "/a", &[]).await, "2");
     assert_eq!(answer(&cistern, "/a", &[]).await, "2");
 }
@@ -199,28 +202,21 @@ async fn a_reload_forgets_the_kept_decisions() {
     // The same policy counting from `@`: its first call answers `A`.
     let edited = counting_policy("", 3600).replace("(i32.const 48)", "(i32.const 64)");
     assert_ne!(edited, counting_policy("", 3600));
-    let wat = dir.path().join("counter.wat");
-    std::fs::write(wat.with_extension("tmp"), edited).unwrap();
-    std::fs::rename(wat.with_extension("tmp"), &wat).unwrap();
-    // Touch the config too, for a watcher that only follows it.
-    let config = dir.path().join("config.kdl");
-    let text = std::fs::read_to_string(&config).unwrap() + "// edited\n";
-    std::fs::write(config.with_extension("tmp"), text).unwrap();
-    std::fs::rename(config.with_extension("tmp"), &config).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let got = answer(&cistern, "/a", &[]).await;
-        if got == "A" {
-            break;
-        }
-        assert_eq!(got, "1", "before the reload: {}", cistern.log());
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the reloaded policy never answered: {}",
-            cistern.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    // Policy modules are watched like the config: replacing it reloads.
+    replace_file(&dir.path().join("counter.wat"), edited.as_bytes());
+    eventually(
+        "the reloaded policy's answer",
+        Duration::from_secs(20),
+        || {
+            let cistern = &cistern;
+            async move {
+                let got = answer(cistern, "/a", &[]).await;
+                assert!(got == "1" || got == "A", "before or after: {got}");
+                (got == "A").then_some(())
+            }
+        },
+    )
+    .await;
     for _ in 0..3 {
         assert_eq!(answer(&cistern, "/a", &[]).await, "A", "kept again, anew");
     }
@@ -260,20 +256,29 @@ async fn store_id_keys_apply_without_a_call_and_still_share_one_replica() {
 }
 
 /// A policy that tags every request (`x-tag: kept`, a request header)
-/// after reading its URL, and promises reuse for an hour.
-const TAG: &str = r#"(module
+/// and sends its fetch to `upstream` (`UPSTREAM_URL`) after reading its
+/// URL, and promises reuse for an hour.
+fn tag(upstream: &str) -> String {
+    format!(
+        r#"(module
   (import "cistern" "request_get" (func $request_get (param i32 i32 i32) (result i32)))
+  (import "cistern" "request_set" (func $request_set (param i32 i32 i32) (result i32)))
   (import "cistern" "reuse_outcome" (func $reuse_outcome (param i32) (result i32)))
   (import "cistern" "header_set" (func $header_set (param i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
   (data (i32.const 0) "x-tag")
   (data (i32.const 16) "kept")
+  (data (i32.const 64) "{upstream}")
   (func (export "cistern_abi_version") (result i32) (i32.const 3))
   (func (export "on_request") (result i32)
     (drop (call $request_get (i32.const 1) (i32.const 1024) (i32.const 4096)))
     (drop (call $reuse_outcome (i32.const 3600)))
     (drop (call $header_set (i32.const 0) (i32.const 0) (i32.const 5) (i32.const 16) (i32.const 4)))
-    (i32.const 0)))"#;
+    (if (call $request_set (i32.const 8) (i32.const 64) (i32.const {len})) (then unreachable))
+    (i32.const 0)))"#,
+        len = upstream.len()
+    )
+}
 
 /// A response hook that shows what it saw of the request: its URL, its
 /// client's IP and its `x-tag`, as the response headers `x-seen-url`,
@@ -317,15 +322,16 @@ async fn get_from(client: [u8; 4], proxy: SocketAddr, target: &str) -> common::G
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chain_kept_whole_still_edits_each_request_and_shows_it_to_on_response() {
+async fn a_chain_kept_whole_still_edits_and_sends_each_request_and_shows_it_to_on_response() {
     let origin = Origin::start().await;
     // Never stored: every request is a miss, and `on_response` runs.
+    // `tag` fetches `/f` from `/g`.
     origin.put(
-        "/f",
+        "/g",
         Resource::new(pattern(5, 100)).header("cache-control", "no-store"),
     );
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tag.wat"), TAG).unwrap();
+    std::fs::write(dir.path().join("tag.wat"), tag(&origin.url("/g"))).unwrap();
     std::fs::write(dir.path().join("echo.wat"), ECHO).unwrap();
     let admin = admin_addr();
     let config = format!(
@@ -364,6 +370,10 @@ admin {{ listen "{admin}"; }}
     let seen = origin.seen();
     assert_eq!(seen.len(), 4);
     for (i, req) in seen.iter().enumerate() {
+        assert_eq!(
+            req.path, "/g",
+            "upstream request {i} goes where `tag` sent it"
+        );
         assert_eq!(req.headers["x-tag"], "kept", "upstream request {i}");
     }
     let got = get(admin, "/api/policies").await;

@@ -329,23 +329,15 @@ impl Proxy {
         // A chain that kept its whole decision for this path applies it
         // as it is: no URL to build, no view, no lookup per policy.
         if let Some(kept) = chain.kept_whole(req.method(), &rest) {
-            let upstreams = Upstreams::Mirror { set, rest, host };
-            let peer_target = peer_target(&req, None, &upstreams, &conn, snap);
             let request = match &kept.decision {
                 KeptDecision::Respond(direct) => {
                     return Answer::local(direct_response(direct.clone()));
                 }
                 KeptDecision::Proceed(request) => Arc::clone(request),
             };
+            let upstreams = Upstreams::Mirror { set, rest, host };
             let (key, route) = kept_route(
-                &kept,
-                request,
-                &mut req,
-                upstreams,
-                chain,
-                rules,
-                (&conn, peer_target),
-                snap,
+                &kept, request, &mut req, upstreams, chain, rules, &conn, snap,
             );
             return self.http(req, key, route, snap).await;
         }
@@ -412,15 +404,13 @@ impl Proxy {
                 return Answer::local(direct_response(direct));
             }
             *req.headers_mut() = std::mem::take(&mut view.headers);
-            let url_changed = !same_uri(&view.url, &key_url);
-            if url_changed {
+            if !same_uri(&view.url, &key_url) {
                 key_url = view.url.clone();
                 fetch_from = Some(view.url.clone());
             }
             if let Some(up) = &view.upstream_url {
                 fetch_from = Some(up.clone());
             }
-            keep = trace.map(|trace| (trace, view.clone(), url_changed));
             // A kept outcome carries its store-id parsed once.
             parsed_key = view
                 .key_hint
@@ -431,12 +421,13 @@ impl Proxy {
                 store_id = view.cache_key.clone();
             }
             bypass = view.bypass_cache;
+            keep = trace.map(|trace| (trace, view.clone()));
             // A chain without `on_response` (store-id alone) needs no
             // response hook, nor the copy of the headers that makes one.
             policy = (chain.has_on_response() || chain.has_on_body()).then(|| PolicyRun {
                 chain: chain.clone(),
                 host: snap.policy_host.clone(),
-                view: RanView::Built(Box::new(view)),
+                view: RanView::Built(view),
             });
         }
         let key = match (parsed_key, store_id) {
@@ -448,13 +439,11 @@ impl Proxy {
         };
         match key {
             Ok(key) => {
-                if let (Some((trace, view, url_changed)), Upstreams::Mirror { rest, .. }) =
-                    (keep, &upstreams)
-                {
+                if let (Some((trace, view)), Upstreams::Mirror { rest, .. }) = (keep, &upstreams) {
                     let request = KeptRequest {
                         view,
                         key: key.clone(),
-                        url_changed,
+                        fetch_from: fetch_from.clone(),
                     };
                     let decision = KeptDecision::Proceed(Arc::new(request));
                     chain.keep_whole(req.method(), rest, trace, decision);
@@ -470,10 +459,10 @@ impl Proxy {
     }
 }
 
-/// The key and route of a request a chain's kept whole decision
-/// (`kept`, whose request is `request`) settles: its header edits made on
-/// `req`, its fetch sent where the chain sent it, and its view kept for
-/// `on_response` on a miss.
+/// The key and route of a request for a mirror's `upstreams` that a
+/// chain's kept whole decision (`kept`, whose request is `request`)
+/// settles: its header edits made on `req`, its fetch sent where the
+/// chain sent it, and its view kept for `on_response` on a miss.
 #[allow(clippy::too_many_arguments)]
 fn kept_route(
     kept: &KeptChain,
@@ -482,17 +471,17 @@ fn kept_route(
     upstreams: Upstreams,
     chain: &PolicyChain,
     rules: RouteRules,
-    (conn, peer_target): (&ConnInfo, Option<Box<str>>),
+    conn: &ConnInfo,
     snap: &Snapshot,
 ) -> (CacheKey, RouteCache) {
+    // Of the mirror's path, as `proxied` asks before the policies run.
+    let peer_target = peer_target(req, None, &upstreams, conn, snap);
     kept.edit_headers(req.headers_mut());
-    let view = &request.view;
-    let upstreams = match (&view.upstream_url, request.url_changed) {
-        (Some(up), _) => Upstreams::Single(up.clone()),
-        (None, true) => Upstreams::Single(view.url.clone()),
-        (None, false) => upstreams,
+    let upstreams = match &request.fetch_from {
+        Some(url) => Upstreams::Single(url.clone()),
+        None => upstreams,
     };
-    let bypass = view.bypass_cache;
+    let bypass = request.view.bypass_cache;
     let key = request.key.clone();
     let policy = (chain.has_on_response() || chain.has_on_body()).then(|| PolicyRun {
         chain: chain.clone(),
@@ -608,10 +597,12 @@ struct PolicyRun {
 }
 
 /// The request a chain left, as [`PolicyRun`] holds it.
+// Not boxed: a box would be an allocation per request on the path that
+// builds its view, and `PolicyRun` was as large before `Kept` was added.
+#[allow(clippy::large_enum_variant)]
 enum RanView {
-    /// Made for this request (boxed: the kept decision's path, the
-    /// common one, moves the small variant).
-    Built(Box<RequestView>),
+    /// Made for this request.
+    Built(RequestView),
     /// A kept whole decision's, shared until a miss needs its own copy,
     /// with this request's client.
     Kept(Arc<KeptRequest>, SocketAddr),
@@ -621,7 +612,7 @@ impl PolicyRun {
     /// The response hook for a request with `headers`.
     fn hook(self, headers: &HeaderMap) -> Arc<dyn HeadHook> {
         let mut view = match self.view {
-            RanView::Built(view) => *view,
+            RanView::Built(view) => view,
             RanView::Kept(request, client) => RequestView {
                 client,
                 ..request.view.clone()

@@ -401,12 +401,7 @@ impl OutcomeMemo {
             .collect();
         let answer = answer.map(|(s, h, b)| (s, h.clone(), b.clone()));
         let size = edits.iter().map(edit_bytes).sum::<usize>()
-            + answer.as_ref().map_or(0, |(_, h, b)| {
-                b.len()
-                    + h.iter()
-                        .map(|(n, v)| n.as_str().len() + v.len())
-                        .sum::<usize>()
-            });
+            + answer.as_ref().map_or(0, |(_, h, b)| answer_bytes(h, b));
         let mut kept = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inputs = recording.reads.inputs;
         let index = match kept.shapes.iter().position(|s| **s == *inputs) {
@@ -452,6 +447,15 @@ fn edit_bytes(edit: &Edit) -> usize {
         Edit::SetHeader(n, v, _) => n.as_str().len() + v.len(),
         Edit::RemoveHeader(n) => n.as_str().len(),
     }
+}
+
+/// The bytes a kept direct answer holds: its body and its headers.
+fn answer_bytes(headers: &HeaderMap, body: &Bytes) -> usize {
+    body.len()
+        + headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum::<usize>()
 }
 
 /// Applies one kept edit as the ABI function that made it did.
@@ -527,8 +531,9 @@ pub struct KeptRequest {
     pub view: RequestView,
     /// The replica key the route made of `view`.
     pub key: CacheKey,
-    /// The chain rewrote the URL: the route fetches `view.url`.
-    pub url_changed: bool,
+    /// Where the route fetches from instead of its upstreams, when the
+    /// chain rewrote the URL or set an upstream URL.
+    pub fetch_from: Option<Uri>,
 }
 
 impl KeptChain {
@@ -596,9 +601,7 @@ impl ChainMemo {
         }
         let kept = {
             let mut kept = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let KeptChains {
-                entries, scratch, ..
-            } = &mut *kept;
+            let KeptChains { entries, scratch } = &mut *kept;
             scratch.clear();
             chain_key(scratch, method, rest);
             Arc::clone(entries.get(scratch.as_slice())?)
@@ -635,13 +638,7 @@ impl ChainMemo {
         let size = key.len()
             + header_edits.iter().map(edit_bytes).sum::<usize>()
             + match &decision {
-                KeptDecision::Respond(d) => {
-                    d.body.len()
-                        + d.headers
-                            .iter()
-                            .map(|(n, v)| n.as_str().len() + v.len())
-                            .sum::<usize>()
-                }
+                KeptDecision::Respond(d) => answer_bytes(&d.headers, &d.body),
                 KeptDecision::Proceed(kept) => {
                     let view = &kept.view;
                     crate::request::uri_len(&view.url)
@@ -651,6 +648,7 @@ impl ChainMemo {
                             .map_or(0, crate::request::uri_len)
                         + view.cache_key.as_ref().map_or(0, String::len)
                         + kept.key.as_str().len()
+                        + kept.fetch_from.as_ref().map_or(0, crate::request::uri_len)
                 }
             }
             + 256;
